@@ -1,0 +1,1 @@
+"""kvq Triton kernels (imported as ``kvq_kernels``)."""
