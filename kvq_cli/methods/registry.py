@@ -57,3 +57,40 @@ def method_from_config(config: dict[str, Any]) -> KVMethod:
 def _load_builtin() -> None:
     # Importing the package registers the built-in methods.
     from . import builtin  # noqa: F401
+
+
+def parse_spec(spec: str, defaults: dict[str, Any] | None = None) -> KVMethod:
+    """Build a method from ``NAME``, ``NAME<bits>`` (``kivi2``, ``int4``) or ``NAME:key=value,...``.
+
+    ``defaults`` (e.g. the CLI's ``--bits``) fill options the spec does not set, where the method has them.
+    """
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    stripped = name.rstrip("0123456789")
+    if stripped != name and stripped in available():
+        name, options["bits"] = stripped, int(name[len(stripped):])
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise KvqError(f"method option {item!r} in {spec!r} is not key=value")
+        options[key.strip().replace("-", "_")] = _parse_value(value.strip())
+    cls = get_method_class(name)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key, value in (defaults or {}).items():
+        if value is not None and key in known:
+            options.setdefault(key, value)
+    return make_method(name, **options)
+
+
+def _parse_value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    for kind in (int, float):
+        try:
+            return kind(text.rstrip("%")) / (100 if text.endswith("%") else 1) if kind is float else kind(text)
+        except ValueError:
+            continue
+    return text

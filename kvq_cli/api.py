@@ -1,0 +1,119 @@
+"""The library API behind the CLI: each function returns data and never prints (progress goes to a callback)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from . import artifact as artifact_io
+from .accounting import avg_bits
+from .data import load_text, tokenize, windows
+from .errors import KvqError
+from .hf_attention import KVGeometry, geometry_from_config
+from .methods import KVMethod
+from .models import load_config, load_model, load_tokenizer, resolve_model
+from .perplexity import Configuration, evaluate
+
+Progress = Callable[[str, int, int], Callable[[int], None]]
+"""``progress(description, total, unit_total)`` returns an ``advance(n)`` callback."""
+
+
+def _no_progress(description: str, total: int, _units: int = 0) -> Callable[[int], None]:
+    return lambda n: None
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise KvqError("--device cuda asked for, but no CUDA GPU is available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise KvqError(f"--device must be auto, cpu or cuda, not {device!r}")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``auto``: float32 (exact reference numbers; the models we evaluate are small enough)."""
+    if dtype == "auto":
+        return "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise KvqError(f"--dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+    return dtype
+
+
+def load_artifact(path: str, geom: KVGeometry) -> artifact_io.Artifact:
+    """Load an artifact and check it belongs to a model of this geometry."""
+    art = artifact_io.load(path)
+    art.check_model(geom)
+    return art
+
+
+def configuration_for(method: KVMethod, geom: KVGeometry, seqlen: int, states=None, source: str = "",
+                      with_residual: bool = False) -> Configuration:
+    """A table row for a method (tuning-free ones need no states)."""
+    if method.needs_calibration and states is None:
+        raise KvqError(f"method {method.name} needs calibration: run `kvq calibrate` and pass --artifact")
+    state_bits = sum(method.state_bits(s) for s in states) if states else 0
+    bits = avg_bits(method, geom, seqlen, state_bits, with_residual=with_residual)
+    return Configuration(method.label, method, states, bits, source)
+
+
+def eval_ppl(
+    model: str | None = None,
+    dataset: str = "wikitext2",
+    data_dir: str | None = None,
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_size: int = 1,
+    artifacts: Sequence[str] = (),
+    methods: Sequence[KVMethod] = (),
+    mode: str = "simulated",
+    progress: Progress = _no_progress,
+) -> dict[str, Any]:
+    """Perplexity of the baseline and of every configuration (artifacts first, then methods, in order)."""
+    if mode != "simulated":
+        raise KvqError(f"--mode {mode} is not available yet: only 'simulated' is implemented")
+    if seqlen < 2:
+        raise KvqError("--seqlen must be at least 2")
+    if max_windows is not None and max_windows < 1:
+        raise KvqError("--max-windows must be at least 1")
+    device = resolve_device(device)
+    source = resolve_model(model)
+    geom = geometry_from_config(load_config(source))
+    if geom.max_positions and seqlen > geom.max_positions:
+        raise KvqError(f"--seqlen {seqlen} is beyond the model's {geom.max_positions} positions")
+    configs = []
+    for path in artifacts:
+        art = load_artifact(path, geom)
+        configs.append(configuration_for(art.method, geom, seqlen, art.states or None, path))
+    for method in methods:
+        configs.append(configuration_for(method, geom, seqlen, None, "--method"))
+    ids = tokenize(load_text(dataset, data_dir), load_tokenizer(source))
+    wins = windows(ids, seqlen, max_windows)
+    net = load_model(source, resolve_dtype(dtype, device), device)
+    start = time.perf_counter()
+    advance = progress("perplexity", wins.shape[0] * (len(configs) + 1), 0)
+    results = evaluate(net, wins, configs, batch_size=batch_size, device=device, progress=advance)
+    return {
+        "model": source.name,
+        "dataset": dataset,
+        "seqlen": seqlen,
+        "windows": int(wins.shape[0]),
+        "tokens": int(wins.numel()),
+        "mode": mode,
+        "device": _device_name(device),
+        "dtype": resolve_dtype(dtype, device),
+        "seconds": round(time.perf_counter() - start, 2),
+        "results": results,
+    }
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return "cpu"

