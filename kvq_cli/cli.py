@@ -29,13 +29,16 @@ ModelOpt = Annotated[
 DatasetOpt = Annotated[
     str,
     typer.Option(
-        "--dataset", "-d",
+        "--dataset",
+        "-d",
         help="wikitext2 (test), wikitext2-valid, shakespeare, war-and-peace, pg19, c4, or a path to a text file.",
     ),
 ]
 DataDirOpt = Annotated[
     str | None,
-    typer.Option("--data-dir", help="Folder with local corpus copies (default: $KVQ_DATA_DIR); looked at before the hub."),
+    typer.Option(
+        "--data-dir", help="Folder with local corpus copies (default: $KVQ_DATA_DIR); looked at before the hub."
+    ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (float32), float32, bfloat16 or float16.")]
@@ -74,8 +77,13 @@ def progress_factory(progress: Progress):
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TimeRemainingColumn(), console=err, transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
     )
 
 
@@ -95,8 +103,12 @@ def _results_table(title: str, rows: list[dict[str, Any]]) -> Table:
     for r in rows:
         delta = (r["perplexity"] / base - 1) * 100
         table.add_row(
-            r["name"], f"{r['avg_bits']:.2f}", f"{r['perplexity']:.4f}", "" if r is rows[0] else f"{delta:+.2f}%",
-            f"{r['kl_divergence']:.5f}", f"{r['top1_agreement'] * 100:.2f}%",
+            r["name"],
+            f"{r['avg_bits']:.2f}",
+            f"{r['perplexity']:.4f}",
+            "" if r is rows[0] else f"{delta:+.2f}%",
+            f"{r['kl_divergence']:.5f}",
+            f"{r['top1_agreement'] * 100:.2f}%",
         )
     return table
 
@@ -143,9 +155,18 @@ def eval_ppl(
     methods = [parse_spec(spec, defaults) for spec in method or []]
     with _progress() as progress:
         result = api.eval_ppl(
-            model=model, dataset=dataset, data_dir=data_dir, seqlen=seqlen, max_windows=max_windows,
-            device=device, dtype=dtype, batch_size=batch_size, artifacts=artifact or [], methods=methods,
-            mode=mode, progress=progress_factory(progress),
+            model=model,
+            dataset=dataset,
+            data_dir=data_dir,
+            seqlen=seqlen,
+            max_windows=max_windows,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            artifacts=artifact or [],
+            methods=methods,
+            mode=mode,
+            progress=progress_factory(progress),
         )
     if json_out:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")

@@ -49,7 +49,13 @@ def geometry_from_config(config) -> KVGeometry:
     theta = theta or getattr(cfg, "rope_theta", None) or 10000.0
     arch = (getattr(cfg, "architectures", None) or [cfg.model_type])[0]
     return KVGeometry(
-        cfg.num_hidden_layers, kv_heads, head_dim, heads, float(theta), getattr(cfg, "max_position_embeddings", None), arch
+        cfg.num_hidden_layers,
+        kv_heads,
+        head_dim,
+        heads,
+        float(theta),
+        getattr(cfg, "max_position_embeddings", None),
+        arch,
     )
 
 

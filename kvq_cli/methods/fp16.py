@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
-
 import torch
+from torch import Tensor
 
 from .base import Encoded, KVMethod, State
 from .registry import register

