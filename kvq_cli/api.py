@@ -51,8 +51,9 @@ def load_artifact(path: str, geom: KVGeometry) -> artifact_io.Artifact:
     return art
 
 
-def configuration_for(method: KVMethod, geom: KVGeometry, seqlen: int, states=None, source: str = "",
-                      with_residual: bool = False) -> Configuration:
+def configuration_for(
+    method: KVMethod, geom: KVGeometry, seqlen: int, states=None, source: str = "", with_residual: bool = False
+) -> Configuration:
     """A table row for a method (tuning-free ones need no states)."""
     if method.needs_calibration and states is None:
         raise KvqError(f"method {method.name} needs calibration: run `kvq calibrate` and pass --artifact")
@@ -110,6 +111,67 @@ def eval_ppl(
         "dtype": resolve_dtype(dtype, device),
         "seconds": round(time.perf_counter() - start, 2),
         "results": results,
+    }
+
+
+def calibrate(
+    method: KVMethod,
+    out: str,
+    model: str | None = None,
+    dataset: str = "wikitext2-valid",
+    data_dir: str | None = None,
+    samples: int = 16,
+    seqlen: int = 2048,
+    seed: int = 0,
+    max_tokens: int = 16384,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: Progress = _no_progress,
+) -> dict[str, Any]:
+    """Fit ``method`` on calibration text and write its artifact to ``out`` (atomically).
+
+    Tuning-free methods get a configuration-only artifact without loading the model's weights.
+    """
+    from .calibration.capture import capture, sample_windows
+
+    if samples < 1 or seqlen < 2:
+        raise KvqError("--samples must be >= 1 and --seqlen >= 2")
+    if not str(out).endswith(".safetensors"):
+        raise KvqError(f"--out must name a .safetensors file, not {out!r}")
+    device = resolve_device(device)
+    source = resolve_model(model)
+    geom = geometry_from_config(load_config(source))
+    if geom.max_positions and seqlen > geom.max_positions:
+        raise KvqError(f"--seqlen {seqlen} is beyond the model's {geom.max_positions} positions")
+    start = time.perf_counter()
+    calibration: dict[str, Any] = {"dataset": dataset, "samples": samples, "seqlen": seqlen, "seed": seed}
+    states: list = [{} for _ in range(geom.layers)]
+    if method.needs_calibration:
+        ids = tokenize(load_text(dataset, data_dir), load_tokenizer(source))
+        windows_ = sample_windows(ids, samples, seqlen, seed)
+        net = load_model(source, resolve_dtype(dtype, device), device)
+        stats = capture(net, windows_.to(device), method, max_tokens, seed, progress("capture", samples))
+        del net
+        advance = progress("fit", geom.layers)
+        states = []
+        for layer in stats:
+            states.append({k: v.cpu() for k, v in method.fit(layer).items()})
+            advance(1)
+        calibration["tokens"] = stats[0].tokens
+    else:
+        calibration = {"dataset": None, "note": "tuning-free: configuration only"}
+    calibration["seconds"] = round(time.perf_counter() - start, 2)
+    calibration["device"] = _device_name(device)
+    art = artifact_io.Artifact(method, states, artifact_io.fingerprint(geom), calibration)
+    path = artifact_io.save(art, out)
+    return {
+        "artifact": str(path),
+        "method": method.config(),
+        "name": method.label,
+        "model": source.name,
+        "layers": geom.layers,
+        "avg_bits": avg_bits(method, geom, seqlen, art.state_bits(), with_residual=False),
+        "calibration": calibration,
     }
 
 

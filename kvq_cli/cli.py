@@ -21,7 +21,7 @@ app = typer.Typer(
     add_completion=False,
 )
 err = Console(stderr=True)
-out = Console()
+console = Console()
 
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="Local HF folder, .gguf file, hub id, or built-in alias (smollm2-135m).")
@@ -175,7 +175,93 @@ def eval_ppl(
         f"{result['model']} on {result['dataset']}: {result['windows']} windows x {result['seqlen']} tokens "
         f"({result['mode']}, {result['dtype']}, {result['device']})"
     )
-    out.print(_results_table(title, result["results"]))
+    console.print(_results_table(title, result["results"]))
+
+
+@app.command()
+@user_errors
+def calibrate(
+    method: Annotated[
+        str, typer.Option("--method", help="kvquant, kivi, int, nf, fp16 (or NAME:key=value,...).")
+    ] = "kvquant",
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="Artifact to write (.safetensors).")
+    ] = "kvq-artifact.safetensors",
+    model: ModelOpt = "smollm2-135m",
+    dataset: DatasetOpt = "wikitext2-valid",
+    data_dir: DataDirOpt = None,
+    samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 16,
+    seqlen: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 2048,
+    bits: Annotated[int | None, typer.Option(help="Bits per element (kvquant 1-4, kivi 2/4, int 2-8, nf 2-4).")] = None,
+    outliers: Annotated[
+        float | None, typer.Option(help="kvquant: fraction kept as sparse fp16 outliers (0, 0.001, 0.01).")
+    ] = None,
+    sink: Annotated[int | None, typer.Option(help="First tokens kept in full precision (kvquant default 1).")] = None,
+    group: Annotated[int | None, typer.Option(help="kivi: group size (tokens for keys, channels for values).")] = None,
+    residual: Annotated[int | None, typer.Option(help="kivi: newest tokens kept in full precision.")] = None,
+    per_channel: Annotated[bool | None, typer.Option("--per-channel/--per-token", help="kvquant: key axis.")] = None,
+    pre_rope: Annotated[
+        bool | None, typer.Option("--pre-rope/--post-rope", help="kvquant: quantize keys before RoPE.")
+    ] = None,
+    nuq: Annotated[bool | None, typer.Option("--nuq/--uniform", help="kvquant: k-means codebook or uniform.")] = None,
+    fisher: Annotated[
+        bool | None, typer.Option("--fisher/--no-fisher", help="kvquant: Fisher-weighted k-means.")
+    ] = None,
+    qnorm: Annotated[bool | None, typer.Option("--qnorm/--no-qnorm", help="kvquant: Q-Norm of centroids.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for sampling windows and k-means.")] = 0,
+    max_tokens: Annotated[int, typer.Option(help="Token vectors kept per layer for codebook fitting.")] = 16384,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Fit a method's per-layer codebooks and outlier thresholds on sample text; write one artifact.
+
+    Example: kvq calibrate --method kvquant --bits 3 --outliers 0.01 --data-dir ../shared/data --out kvq3.safetensors
+    """
+    from . import api
+    from .methods import parse_spec
+
+    options = _method_defaults(
+        bits=bits,
+        outliers=outliers,
+        sink=sink,
+        group=group,
+        residual=residual,
+        per_channel=per_channel,
+        pre_rope=pre_rope,
+        nuq=nuq,
+        fisher=fisher,
+        qnorm=qnorm,
+    )
+    spec = parse_spec(method, {})
+    known = set(spec.config())
+    refused = sorted(k for k in options if k not in known)
+    if refused:
+        raise KvqError(f"method {spec.name} does not take --{refused[0].replace('_', '-')}")
+    spec = parse_spec(method + ("," if ":" in method else ":") + ",".join(f"{k}={v}" for k, v in options.items()))
+    with _progress() as progress:
+        result = api.calibrate(
+            spec,
+            out,
+            model=model,
+            dataset=dataset,
+            data_dir=data_dir,
+            samples=samples,
+            seqlen=seqlen,
+            seed=seed,
+            max_tokens=max_tokens,
+            device=device,
+            dtype=dtype,
+            progress=progress_factory(progress),
+        )
+    if json_out:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return
+    cal = result["calibration"]
+    console.print(
+        f"wrote [bold]{result['artifact']}[/]: {result['name']} for {result['model']} "
+        f"({result['layers']} layers, {result['avg_bits']:.2f} avg bits at {seqlen} tokens, {cal['seconds']} s)"
+    )
 
 
 def main() -> None:

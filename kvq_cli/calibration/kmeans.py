@@ -42,8 +42,9 @@ def weighted_kmeans(
     iters : int
         Maximum Lloyd iterations (stops early once assignments no longer change).
     seed : int
-        Seed of the initialization (k-means++ on a subsample; for d == 1 the first run starts from
-        weighted quantiles, which needs no randomness).
+        Seed of the initialization (weighted k-means++ on a subsample). For d == 1 the first run needs no
+        randomness: it starts from the optimal partition over up to 1024 equal-count bins (exact for
+        N <= 1024), found by dynamic programming.
     init : Tensor, optional
         ``(k, d)`` or ``(G, k, d)`` starting centroids for the first run.
     n_init : int
@@ -58,15 +59,20 @@ def weighted_kmeans(
     xb, wb, squeeze = _batched(x, weights)
     if k < 1:
         raise ValueError("k must be >= 1")
+    one_d = xb.shape[-1] == 1
+    if one_d:  # sort once: the 1-D init and iterations work on sorted points
+        order = xb[..., 0].argsort(dim=1)  # (G, N)
+        xb, wb = xb.gather(1, order[..., None]), wb.gather(1, order)
     best, best_sse = None, None
     for run in range(max(1, n_init)):
+        c0 = None
         if run == 0 and init is not None:
             c0 = init.to(xb.device, torch.float32).reshape(-1, k, xb.shape[-1]).expand(xb.shape[0], -1, -1).clone()
-        elif run == 0 and xb.shape[-1] == 1:
-            c0 = _quantile_init(xb[..., 0], wb, k)[..., None]  # (G, k, 1)
-        else:
-            c0 = _kmeanspp_init(xb, wb, k, seed + run)
-        c = _lloyd_1d(xb[..., 0], wb, c0[..., 0], iters)[..., None] if xb.shape[-1] == 1 else _lloyd(xb, wb, c0, iters)
+        elif run == 0 and one_d:
+            c0 = _dp_init_1d(xb[..., 0], wb, k)
+        if c0 is None:
+            c0 = _kmeanspp_init(xb, wb, k, seed + run)  # (G, k, d)
+        c = _lloyd_1d(xb[..., 0], wb, c0[..., 0], iters)[..., None] if one_d else _lloyd(xb, wb, c0, iters)
         if n_init <= 1:
             best = c
             break
@@ -157,22 +163,53 @@ def _sweep(x: Tensor, c: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor, Tens
     return idx, dist, sums, wsum
 
 
-def _quantile_init(xs: Tensor, w: Tensor, k: int) -> Tensor:
-    """Weighted quantiles ``(i + 1/2) / k`` of 1-D points ``xs (G, N)``: ``(G, k)``."""
-    order = xs.argsort(dim=1)
-    xsorted, ws = xs.gather(1, order), w.gather(1, order)
-    cw = ws.double().cumsum(1)
-    targets = (torch.arange(k, device=xs.device, dtype=torch.float64) + 0.5) / k * cw[:, -1:]  # (G, k)
-    pos = torch.searchsorted(cw, targets).clamp_max(xs.shape[1] - 1)
-    return xsorted.gather(1, pos)
+def _dp_init_1d(xs: Tensor, w: Tensor, k: int, max_bins: int = 1024) -> Tensor | None:
+    """Optimal 1-D start: the best weighted partition of sorted ``xs, w (G, N)`` into k contiguous segments.
+
+    Segment edges are restricted to those of B equal-count bins (B = N when N is small: then the partition is
+    the exact optimum, which is a Lloyd fixed point). Dynamic programme over prefix sums, ``(G, B+1, B+1)``
+    costs. Returns the segment means ``(G, k, 1)``, or None when k > B.
+    """
+    G, N = xs.shape
+    B = min(N, max_bins, max(k, int((CHUNK_ELEMS // G) ** 0.5)))
+    if k > B:
+        return None
+    edges = torch.linspace(0, N, B + 1, device=xs.device).round().long()  # (B + 1,) bin edges in points
+    zero = torch.zeros(G, 1, dtype=torch.float64, device=xs.device)
+    xd, wd = xs.double(), w.double()
+    pw, ps, pq = (torch.cat([zero, v.cumsum(1)], 1)[:, edges] for v in (wd, wd * xd, wd * xd * xd))  # (G, B + 1)
+    W = pw[:, None, :] - pw[:, :, None]  # (G, B + 1, B + 1): [a, b] = weight of bins a .. b - 1
+    S = ps[:, None, :] - ps[:, :, None]
+    cost = ((pq[:, None, :] - pq[:, :, None]) - S * S / W.clamp_min(1e-300)).clamp_min(0)
+    idx = torch.arange(B + 1, device=xs.device)
+    cost = cost.masked_fill(idx[:, None] >= idx[None, :], float("inf"))  # segments need a < b
+    dp, back = cost[:, 0], []  # dp[b]: best cost of bins [0, b) in j + 1 segments
+    for _ in range(1, k):
+        m = (dp[:, :, None] + cost).min(1)  # over the last segment's start a
+        dp = m.values
+        back.append(m.indices)
+    bounds = [torch.full((G,), B, device=xs.device)]
+    for arg in reversed(back):
+        bounds.append(arg.gather(1, bounds[-1][:, None])[:, 0])
+    bounds.append(torch.zeros(G, dtype=torch.long, device=xs.device))
+    b = torch.stack(bounds[::-1], 1)  # (G, k + 1) segment edges in bins
+    wsum = pw.gather(1, b[:, 1:]) - pw.gather(1, b[:, :-1])
+    mean = (ps.gather(1, b[:, 1:]) - ps.gather(1, b[:, :-1])) / wsum.clamp_min(1e-300)
+    first = xs.gather(1, edges[b[:, :-1]])  # zero-weight segment: its first point
+    return torch.where(wsum > 0, mean, first.double()).float()[..., None]
 
 
 def _kmeanspp_init(x: Tensor, w: Tensor, k: int, seed: int, max_sample: int = 1 << 15) -> Tensor:
-    """Weighted k-means++ on a seeded subsample of at most ``max(max_sample, 8k)`` points: ``(G, k, d)``."""
+    """Weighted k-means++ on a seeded subsample of at most ``max(max_sample, 8k)`` points: ``(G, k, d)``.
+
+    The random draws (subsample, one uniform per centroid) depend only on N, k and the seed, so a problem
+    gets the same start alone or in a batch.
+    """
     G, N, d = x.shape
     gen = torch.Generator(device=x.device).manual_seed(seed)
     n = min(N, max(max_sample, 8 * k))
     sub = torch.randperm(N, generator=gen, device=x.device)[:n] if n < N else torch.arange(N, device=x.device)
+    u = torch.rand(k, generator=gen, device=x.device, dtype=torch.float64)
     xs, ws = x[:, sub], w[:, sub]  # (G, n, d), (G, n)
     rows = torch.arange(G, device=x.device)
     c = torch.empty(G, k, d, device=x.device)
@@ -180,7 +217,8 @@ def _kmeanspp_init(x: Tensor, w: Tensor, k: int, seed: int, max_sample: int = 1 
     p = ws
     for j in range(k):
         p = torch.where(p.sum(1, keepdim=True) > 0, p, torch.ones_like(p))  # all covered: any point
-        pick = torch.multinomial(p, 1, generator=gen)[:, 0]  # (G,)
+        cdf = p.double().cumsum(1)  # (G, n)
+        pick = torch.searchsorted(cdf, u[j] * cdf[:, -1:], right=True).clamp_max(n - 1)[:, 0]  # (G,)
         c[:, j] = xs[rows, pick]
         d2 = torch.minimum(d2, ((xs - c[:, j : j + 1]) ** 2).sum(-1))
         p = ws * d2
@@ -207,10 +245,8 @@ def _lloyd(x: Tensor, w: Tensor, c: Tensor, iters: int) -> Tensor:
 
 
 def _lloyd_1d(xs: Tensor, w: Tensor, c: Tensor, iters: int) -> Tensor:
-    """1-D Lloyd on sorted points with prefix sums (no distance matrix): ``xs, w (G, N)``, ``c (G, k)``."""
+    """1-D Lloyd with prefix sums (no distance matrix): ``xs, w (G, N)`` sorted along N, ``c (G, k)``."""
     G, N = xs.shape
-    order = xs.argsort(dim=1)
-    xs, w = xs.gather(1, order), w.gather(1, order)  # (G, N) sorted
     zero = torch.zeros(G, 1, dtype=torch.float64, device=xs.device)
     cw = torch.cat([zero, w.double().cumsum(1)], 1)  # (G, N + 1)
     cwx = torch.cat([zero, (w.double() * xs.double()).cumsum(1)], 1)

@@ -1,0 +1,322 @@
+"""Triton bit packing and fused quantize-and-append for the packed KV cache.
+
+The memory layout is the one described in ``kvq_kernels.reference`` (read its docstring first): codes are
+packed per token-head row of ``D*b/8`` bytes (``uint8``), planes [1] / [2] / [2, 1] / [4] for b = 1..4,
+adjacent codes inside a byte (LSB first), so each half of the head is a contiguous byte range of every
+plane. Everything here matches the references exactly (``torch.equal``) under ``TRITON_INTERPRET=1``;
+the divisions use ``div_rn`` (IEEE round-to-nearest) so that the GPU agrees as well.
+
+Public functions:
+    pack_codes(codes, bits) -> packed            codes ``(..., D)`` integer -> ``uint8 (..., D*bits/8)``
+    unpack_codes(packed, bits, head_dim) -> codes
+    quantize_append_kvquant(cache, k, v, offset)  pre-RoPE keys + values ``(B, H, Tn, D)`` -> cache rows
+    quantize_append_kivi(cache, k, v, offset)     post-RoPE keys + values, offset a multiple of 32
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .reference import (
+    KIVI_KEY_GROUP,
+    KIVICache,
+    KVQuantCache,
+    check_head_dim,
+    codebook_midpoints,
+    packed_bytes,
+    value_group,
+)
+
+
+# ----------------------------------------------------------------------------------------------- jit helpers
+@triton.jit
+def _pack_plane(part, P: tl.constexpr, R: tl.constexpr, W: tl.constexpr):
+    """``part (R, W * 8/P)`` P-bit codes -> ``(R, W)`` int32 bytes (adjacent codes, LSB first)."""
+    N: tl.constexpr = 8 // P
+    x = tl.reshape(part, (R, W, N))
+    sh = tl.arange(0, N) * P
+    return tl.sum(x << sh[None, None, :], axis=2)
+
+
+@triton.jit
+def _store_codes(out_ptr, row_off, rmask, codes, BITS: tl.constexpr, D: tl.constexpr, R: tl.constexpr):
+    """Pack ``codes (R, D)`` int32 and store the row bytes at ``out_ptr + row_off (R,)``."""
+    if BITS == 3:
+        c2 = tl.arange(0, D // 4)
+        p2 = _pack_plane(codes & 3, 2, R, D // 4)
+        tl.store(out_ptr + row_off[:, None] + c2[None, :], p2.to(tl.uint8), mask=rmask[:, None])
+        c1 = tl.arange(0, D // 8)
+        p1 = _pack_plane((codes >> 2) & 1, 1, R, D // 8)
+        tl.store(out_ptr + row_off[:, None] + D // 4 + c1[None, :], p1.to(tl.uint8), mask=rmask[:, None])
+    else:
+        W: tl.constexpr = D * BITS // 8
+        cw = tl.arange(0, W)
+        p = _pack_plane(codes, BITS, R, W)
+        tl.store(out_ptr + row_off[:, None] + cw[None, :], p.to(tl.uint8), mask=rmask[:, None])
+
+
+@triton.jit
+def _expand_plane(b, P: tl.constexpr, R: tl.constexpr, W: tl.constexpr):
+    """``b (R, W)`` int32 bytes of a P-bit plane -> ``(R, W * 8/P)`` codes, via register-local joins."""
+    if P == 4:
+        x = tl.join(b & 15, b >> 4)
+    elif P == 2:
+        x = tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6))
+    else:
+        x = tl.join(
+            tl.join(tl.join(b & 1, (b >> 4) & 1), tl.join((b >> 2) & 1, (b >> 6) & 1)),
+            tl.join(tl.join((b >> 1) & 1, (b >> 5) & 1), tl.join((b >> 3) & 1, b >> 7)),
+        )
+    return tl.reshape(x, (R, W * 8 // P))
+
+
+@triton.jit
+def _load_codes_half(row_ptr, rmask, HIDX: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, R: tl.constexpr):
+    """Codes of channels ``[HIDX*D/2, (HIDX+1)*D/2)`` of ``R`` packed rows (``row_ptr (R,)``) -> int32 (R, D/2)."""
+    HALF: tl.constexpr = D // 2
+    if BITS == 3:
+        W2: tl.constexpr = HALF // 4
+        W1: tl.constexpr = HALF // 8
+        c2 = tl.arange(0, W2)
+        c1 = tl.arange(0, W1)
+        b2 = tl.load(row_ptr[:, None] + HIDX * W2 + c2[None, :], mask=rmask[:, None], other=0).to(tl.int32)
+        b1 = tl.load(row_ptr[:, None] + D // 4 + HIDX * W1 + c1[None, :], mask=rmask[:, None], other=0).to(tl.int32)
+        return _expand_plane(b2, 2, R, W2) | (_expand_plane(b1, 1, R, W1) << 2)
+    else:
+        W: tl.constexpr = HALF * BITS // 8
+        cw = tl.arange(0, W)
+        bb = tl.load(row_ptr[:, None] + HIDX * W + cw[None, :], mask=rmask[:, None], other=0).to(tl.int32)
+        return _expand_plane(bb, BITS, R, W)
+
+
+@triton.jit
+def _nearest(x, MID, NM: tl.constexpr):
+    """Count of codebook midpoints strictly below ``x`` (= nearest centroid of a sorted codebook)."""
+    code = tl.zeros(x.shape, dtype=tl.int32)
+    for j in tl.static_range(NM):
+        code += (x > tl.load(MID + j)).to(tl.int32)
+    return code
+
+
+# ----------------------------------------------------------------------------------------------- pack / unpack
+@triton.jit
+def _pack_kernel(C, P, n_rows, BITS: tl.constexpr, D: tl.constexpr, NB: tl.constexpr, BLOCK_R: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = r < n_rows
+    c = tl.arange(0, D)
+    codes = tl.load(C + r.to(tl.int64)[:, None] * D + c[None, :], mask=rmask[:, None], other=0).to(tl.int32)
+    _store_codes(P, r.to(tl.int64) * NB, rmask, codes, BITS, D, BLOCK_R)
+
+
+@triton.jit
+def _unpack_kernel(P, C, n_rows, BITS: tl.constexpr, D: tl.constexpr, NB: tl.constexpr, BLOCK_R: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = r < n_rows
+    HALF: tl.constexpr = D // 2
+    ch = tl.arange(0, HALF)
+    rp = P + r.to(tl.int64) * NB
+    out = C + r.to(tl.int64)[:, None] * D + ch[None, :]
+    c0 = _load_codes_half(rp, rmask, 0, BITS, D, BLOCK_R)
+    tl.store(out, c0.to(tl.uint8), mask=rmask[:, None])
+    c1 = _load_codes_half(rp, rmask, 1, BITS, D, BLOCK_R)
+    tl.store(out + HALF, c1.to(tl.uint8), mask=rmask[:, None])
+
+
+def pack_codes(codes: Tensor, bits: int, block_rows: int = 64) -> Tensor:
+    """``codes (..., D)`` (values in ``[0, 2^bits)``) -> ``uint8 (..., D*bits/8)`` (Triton)."""
+    d = codes.shape[-1]
+    nb = packed_bytes(d, bits)
+    c = codes.reshape(-1, d).to(torch.uint8).contiguous()
+    out = torch.empty(c.shape[0], nb, dtype=torch.uint8, device=codes.device)
+    if c.shape[0]:
+        _pack_kernel[(triton.cdiv(c.shape[0], block_rows),)](c, out, c.shape[0], bits, d, nb, block_rows)
+    return out.reshape(*codes.shape[:-1], nb)
+
+
+def unpack_codes(packed: Tensor, bits: int, head_dim: int, block_rows: int = 64) -> Tensor:
+    """Inverse of ``pack_codes`` (Triton): ``uint8 (..., D*bits/8)`` -> ``uint8 (..., D)``."""
+    nb = packed_bytes(head_dim, bits)
+    if packed.shape[-1] != nb:
+        raise ValueError(f"expected {nb} bytes per row, got {packed.shape[-1]}")
+    p = packed.reshape(-1, nb).contiguous()
+    out = torch.empty(p.shape[0], head_dim, dtype=torch.uint8, device=packed.device)
+    if p.shape[0]:
+        _unpack_kernel[(triton.cdiv(p.shape[0], block_rows),)](p, out, p.shape[0], bits, head_dim, nb, block_rows)
+    return out.reshape(*packed.shape[:-1], head_dim)
+
+
+# ----------------------------------------------------------------------------------------------- kvquant append
+@triton.jit
+def _kvq_append_kernel(
+    K, V, skb, skh, skt, svb, svh, svt,
+    LO, HI, MIDK, MIDV,
+    KP, KOI, KOV, VP, VMIN, VSC, VOI, VOV,
+    H, Tn, Tmax, offset,
+    D: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr, NOK: tl.constexpr, NOV: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rmask = t < Tn
+    c = tl.arange(0, D)
+    row = pid_bh.to(tl.int64) * Tmax + offset + t
+    NBK: tl.constexpr = D * BITS_K // 8
+    NBV: tl.constexpr = D * BITS_V // 8
+
+    # ---- keys: per-channel thresholds, outliers beyond them, NUQ codes of the clamped normalized value
+    k = tl.load(K + b * skb + h * skh + t[:, None] * skt + c[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    lo = tl.load(LO + h * D + c)[None, :]
+    hi = tl.load(HI + h * D + c)[None, :]
+    rng = hi - lo
+    e = tl.math.div_rn(tl.maximum(tl.maximum(k - hi, lo - k), 0.0), rng)
+    for s in tl.static_range(NOK):
+        j = tl.argmax(e, axis=1)
+        best = tl.max(e, axis=1)
+        ok = best > 0
+        hit = c[None, :] == j[:, None]
+        val = tl.sum(tl.where(hit, k, 0.0), axis=1)
+        tl.store(KOI + row * NOK + s, tl.where(ok, j, -1).to(tl.int16), mask=rmask)
+        tl.store(KOV + row * NOK + s, tl.where(ok, val, 0.0).to(tl.float16), mask=rmask)
+        e = tl.where(hit, -float("inf"), e)
+    x = tl.math.div_rn(2 * (k - lo), rng) - 1
+    x = tl.minimum(tl.maximum(x, -1.0), 1.0)
+    _store_codes(KP, row * NBK, rmask, _nearest(x, MIDK, (1 << BITS_K) - 1), BITS_K, D, BLOCK_T)
+
+    # ---- values: per-token top/bottom outliers, min/range of the rest (fp16), NUQ codes
+    v = tl.load(V + b * svb + h * svh + t[:, None] * svt + c[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    taken = tl.zeros((BLOCK_T, D), dtype=tl.int1)
+    work = v
+    for s in tl.static_range(NOV // 2):
+        j = tl.argmax(work, axis=1)
+        hit = c[None, :] == j[:, None]
+        tl.store(VOI + row * NOV + s, j.to(tl.int16), mask=rmask)
+        tl.store(VOV + row * NOV + s, tl.sum(tl.where(hit, v, 0.0), axis=1).to(tl.float16), mask=rmask)
+        taken = taken | hit
+        work = tl.where(hit, -float("inf"), work)
+    work = tl.where(taken, float("inf"), v)
+    for s in tl.static_range(NOV // 2):
+        j = tl.argmin(work, axis=1)
+        hit = c[None, :] == j[:, None]
+        tl.store(VOI + row * NOV + NOV // 2 + s, j.to(tl.int16), mask=rmask)
+        tl.store(VOV + row * NOV + NOV // 2 + s, tl.sum(tl.where(hit, v, 0.0), axis=1).to(tl.float16), mask=rmask)
+        taken = taken | hit
+        work = tl.where(hit, float("inf"), work)
+    vmin = tl.min(tl.where(taken, float("inf"), v), axis=1)
+    vmax = tl.max(tl.where(taken, -float("inf"), v), axis=1)
+    vmin16 = vmin.to(tl.float16)
+    vsc16 = (vmax - vmin).to(tl.float16)
+    tl.store(VMIN + row, vmin16, mask=rmask)
+    tl.store(VSC + row, vsc16, mask=rmask)
+    mn = vmin16.to(tl.float32)[:, None]
+    sc = vsc16.to(tl.float32)[:, None]
+    x = tl.math.div_rn(2 * (v - mn), tl.where(sc > 0, sc, 1.0)) - 1
+    x = tl.minimum(tl.maximum(x, -1.0), 1.0)
+    _store_codes(VP, row * NBV, rmask, _nearest(x, MIDV, (1 << BITS_V) - 1), BITS_V, D, BLOCK_T)
+
+
+def quantize_append_kvquant(cache: KVQuantCache, k: Tensor, v: Tensor, offset: int, block_t: int = 16,
+                            num_warps: int = 4) -> None:
+    """Quantize pre-RoPE keys ``k`` and values ``v`` ``(B, H, Tn, D)`` into ``cache``'s packed buffers at token
+    ``offset`` (fused: normalization, outlier selection, nearest centroid, packing). Does not change
+    ``cache.n_packed``; the caller advances it."""
+    b, h, tn, d = k.shape
+    tmax = cache.k_packed.shape[2]
+    if offset + tn > tmax:
+        raise ValueError(f"append of {tn} tokens at {offset} overflows {tmax}")
+    check_head_dim(d, cache.bits_k)
+    check_head_dim(d, cache.bits_v)
+    nok, nov = cache.k_oidx.shape[-1], cache.v_oidx.shape[-1]
+    if nov % 2:
+        raise ValueError("value outlier slots come in pairs (largest, smallest)")
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    midk = codebook_midpoints(cache.ck).contiguous()
+    midv = codebook_midpoints(cache.cv).contiguous()
+    grid = (b * h, triton.cdiv(tn, block_t))
+    _kvq_append_kernel[grid](
+        k, v, *k.stride()[:3], *v.stride()[:3],
+        cache.lo, cache.hi, midk, midv,
+        cache.k_packed, cache.k_oidx, cache.k_oval, cache.v_packed, cache.v_min, cache.v_scale, cache.v_oidx,
+        cache.v_oval,
+        h, tn, tmax, offset,
+        D=d, BITS_K=cache.bits_k, BITS_V=cache.bits_v, NOK=nok, NOV=nov, BLOCK_T=block_t, num_warps=num_warps,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- kivi append
+@triton.jit
+def _kivi_append_kernel(
+    K, V, skb, skh, skt, svb, svh, svt,
+    KP, KS, KZ, VP, VS, VZ,
+    H, Tn, Tmax, NGmax, offset,
+    D: tl.constexpr, BITS: tl.constexpr, KG: tl.constexpr, VG: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    gi = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    t = gi * KG + tl.arange(0, KG)
+    rmask = t < Tn
+    c = tl.arange(0, D)
+    row = pid_bh.to(tl.int64) * Tmax + offset + t
+    NB: tl.constexpr = D * BITS // 8
+    NL: tl.constexpr = (1 << BITS) - 1
+
+    # ---- keys: one group of KG tokens, per channel
+    k = tl.load(K + b * skb + h * skh + t[:, None] * skt + c[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    mn = tl.min(tl.where(rmask[:, None], k, float("inf")), axis=0)
+    mx = tl.max(tl.where(rmask[:, None], k, -float("inf")), axis=0)
+    z16 = mn.to(tl.float16)
+    s16 = tl.math.div_rn(mx - mn, NL * 1.0).to(tl.float16)
+    grow = pid_bh.to(tl.int64) * NGmax + offset // KG + gi
+    tl.store(KS + grow * D + c, s16)
+    tl.store(KZ + grow * D + c, z16)
+    z = z16.to(tl.float32)[None, :]
+    sc = s16.to(tl.float32)[None, :]
+    q = tl.floor(tl.math.div_rn(k - z, tl.where(sc > 0, sc, 1.0)) + 0.5)
+    codes = tl.minimum(tl.maximum(q, 0.0), NL * 1.0).to(tl.int32)
+    _store_codes(KP, row * NB, rmask, codes, BITS, D, KG)
+
+    # ---- values: per token, groups of VG channels
+    NVG: tl.constexpr = D // VG
+    v = tl.load(V + b * svb + h * svh + t[:, None] * svt + c[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    v3 = tl.reshape(v, (KG, NVG, VG))
+    vmn = tl.min(v3, axis=2)
+    vmx = tl.max(v3, axis=2)
+    vz16 = vmn.to(tl.float16)
+    vs16 = tl.math.div_rn(vmx - vmn, NL * 1.0).to(tl.float16)
+    cg = tl.arange(0, NVG)
+    tl.store(VS + row[:, None] * NVG + cg[None, :], vs16, mask=rmask[:, None])
+    tl.store(VZ + row[:, None] * NVG + cg[None, :], vz16, mask=rmask[:, None])
+    vz = vz16.to(tl.float32)[:, :, None]
+    vs = vs16.to(tl.float32)[:, :, None]
+    q3 = tl.floor(tl.math.div_rn(v3 - vz, tl.where(vs > 0, vs, 1.0)) + 0.5)
+    vcodes = tl.reshape(tl.minimum(tl.maximum(q3, 0.0), NL * 1.0).to(tl.int32), (KG, D))
+    _store_codes(VP, row * NB, rmask, vcodes, BITS, D, KG)
+
+
+def quantize_append_kivi(cache: KIVICache, k: Tensor, v: Tensor, offset: int, num_warps: int = 4) -> None:
+    """Quantize post-RoPE keys and values ``(B, H, Tn, D)`` into ``cache`` at token ``offset`` (a multiple of 32;
+    keys get one scale/zero per channel per group of 32 tokens, a partial last group its own). Does not
+    change ``cache.n_packed``."""
+    b, h, tn, d = k.shape
+    tmax = cache.k_packed.shape[2]
+    if offset % KIVI_KEY_GROUP:
+        raise ValueError("kivi keys are appended a whole group of 32 tokens at a time")
+    if offset + tn > tmax:
+        raise ValueError(f"append of {tn} tokens at {offset} overflows {tmax}")
+    check_head_dim(d, cache.bits)
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    grid = (b * h, triton.cdiv(tn, KIVI_KEY_GROUP))
+    _kivi_append_kernel[grid](
+        k, v, *k.stride()[:3], *v.stride()[:3],
+        cache.k_packed, cache.k_scale, cache.k_zero, cache.v_packed, cache.v_scale, cache.v_zero,
+        h, tn, tmax, cache.k_scale.shape[2], offset,
+        D=d, BITS=cache.bits, KG=KIVI_KEY_GROUP, VG=value_group(d), num_warps=num_warps,
+    )

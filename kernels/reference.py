@@ -1,0 +1,490 @@
+"""Readable PyTorch references for the bit-packed quantized KV cache (the Triton kernels must match them).
+
+Layout (one attention layer; B batch, H KV heads, G query heads per KV head, D head_dim, bits b):
+
+Bit packing (``pack_codes`` / ``unpack_codes``)
+    The D codes of one token-head occupy exactly ``D * b / 8`` bytes (``uint8``). A code of b bits is split
+    into *planes*: b=1 -> [1], b=2 -> [2], b=3 -> [2, 1] (low 2 bits, then bit 2), b=4 -> [4]. A plane of
+    p bits stores ``n = 8 / p`` codes per byte, adjacent: byte j of the plane holds codes ``j*n + s`` at
+    bit offset ``s*p`` (s = 0..n-1, LSB first). A row is the concatenation of its planes' bytes. Each
+    half of the head (channels ``[0, D/2)`` and ``[D/2, D)``) therefore sits in its own contiguous byte
+    range of every plane, which the decode kernel uses to apply RoPE's rotate_half without shuffles.
+    Requirements: ``D`` a power of two, ``D/2 * p`` a multiple of 8 for every plane (D >= 16 for odd b).
+
+KVQuant flavour (``KVQuantCache``; keys pre-RoPE per channel, values per token, NUQ codebooks)
+    k_packed ``uint8 (B, H, Tmax, D*bk/8)``; k_oidx ``int16 (B, H, Tmax, NOK)`` channel of each key outlier
+    slot (-1 = unused); k_oval ``float16 (B, H, Tmax, NOK)`` its pre-RoPE value.
+    v_packed ``uint8 (B, H, Tmax, D*bv/8)``; v_min, v_scale ``float16 (B, H, Tmax)``;
+    v_oidx ``int16 (B, H, Tmax, NOV)``; v_oval ``float16 (B, H, Tmax, NOV)``.
+    lo, hi ``float32 (H, D)``; ck ``float32 (2^bk,)``, cv ``float32 (2^bv,)`` sorted codebooks in [-1, 1].
+    Key outliers: entries outside ``[lo, hi]``; the NOK with the largest exceedance ``max(k-hi, lo-k)/(hi-lo)``
+    are kept (the rest are clamped, i.e. quantized at the clipped range: a per-token cap).
+    Value outliers: the ``NOV/2`` largest and ``NOV/2`` smallest entries of each token (KVQuant's per-token
+    top-k); v_min / v_scale are the min / (max - min) of the remaining entries, rounded to fp16, and the
+    codes are computed from the rounded fp16 statistics. Outliers replace the dequantized entry (keys:
+    before RoPE).
+    Codes: ``x = clamp(2*(k-lo)/(hi-lo) - 1, -1, 1)``; code = number of codebook midpoints
+    ``(c[j] + c[j+1]) / 2`` strictly below x (= the nearest centroid, the lower one on an exact tie).
+
+KIVI flavour (``KIVICache``; keys post-RoPE per channel, grouped along tokens; values per token)
+    k_packed ``uint8 (B, H, Tmax, D*b/8)``; k_scale, k_zero ``float16 (B, H, ceil(Tmax/32), D)`` per group of
+    32 consecutive tokens (a partial last group uses the tokens it has).
+    v_packed ``uint8 (B, H, Tmax, D*b/8)``; v_scale, v_zero ``float16 (B, H, Tmax, D/VG)``, VG = min(32, D).
+    zero = min, scale = (max - min) / (2^b - 1) (fp16), code = clamp(floor((x - zero)/scale + 0.5), 0, 2^b-1)
+    from the fp16 statistics (scale 0 -> code 0); dequant ``zero + code * scale``.
+
+Full-precision segments (both flavours): ``sink_k, sink_v (B, H, S, D)`` and ``res_k, res_v (B, H, Rmax, D)``
+    fp16; kvquant keys are pre-RoPE there too. Token positions are implied: sink ``[0, S)``, packed
+    ``[S, S + n_packed)``, residual ``[S + n_packed, S + n_packed + n_res)``. The packed buffers hold
+    ``n_packed`` valid tokens (same for every batch row).
+
+Decode attention: q ``(B, H*G, D)`` (post-RoPE, query head i reads KV head ``i // G``); output
+``(B, H*G, D)`` = softmax(q . k * sm_scale) v over sink + packed + residual, keys RoPE'd at their own
+position (HF rotate_half convention, ``inv_freq[i] = theta^(-2i/D)``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+KIVI_KEY_GROUP = 32
+
+
+# ----------------------------------------------------------------------------------------------- packing
+def planes(bits: int) -> list[int]:
+    """Bit planes of a ``bits``-bit code, low bits first."""
+    if bits not in (1, 2, 3, 4):
+        raise ValueError(f"bits must be 1..4, not {bits}")
+    return {1: [1], 2: [2], 3: [2, 1], 4: [4]}[bits]
+
+
+def packed_bytes(head_dim: int, bits: int) -> int:
+    """Bytes one token-head's codes occupy."""
+    check_head_dim(head_dim, bits)
+    return head_dim * bits // 8
+
+
+def check_head_dim(head_dim: int, bits: int) -> None:
+    if head_dim < 2 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two, not {head_dim}")
+    for p in planes(bits):
+        if (head_dim // 2 * p) % 8:
+            raise ValueError(f"head_dim {head_dim} cannot hold {bits}-bit codes per half without waste")
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """``codes (..., D)`` integers in ``[0, 2^bits)`` -> ``uint8 (..., D*bits/8)``."""
+    d = codes.shape[-1]
+    check_head_dim(d, bits)
+    c = codes.to(torch.int32)
+    out, low = [], 0
+    for p in planes(bits):
+        n = 8 // p
+        part = ((c >> low) & ((1 << p) - 1)).reshape(*c.shape[:-1], d // n, n)
+        shifts = torch.arange(n, device=c.device, dtype=torch.int32) * p
+        out.append((part << shifts).sum(-1))
+        low += p
+    return torch.cat(out, -1).to(torch.uint8)
+
+
+def unpack_codes(packed: Tensor, bits: int, head_dim: int) -> Tensor:
+    """Inverse of ``pack_codes``: ``uint8 (..., D*bits/8)`` -> ``uint8 (..., D)``."""
+    check_head_dim(head_dim, bits)
+    b = packed.to(torch.int32)
+    codes = torch.zeros(*b.shape[:-1], head_dim, dtype=torch.int32, device=b.device)
+    col, low = 0, 0
+    for p in planes(bits):
+        n = 8 // p
+        w = head_dim // n
+        shifts = torch.arange(n, device=b.device, dtype=torch.int32) * p
+        part = (b[..., col : col + w, None] >> shifts) & ((1 << p) - 1)
+        codes |= part.reshape(*b.shape[:-1], head_dim) << low
+        col += w
+        low += p
+    return codes.to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------- RoPE
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> Tensor:
+    """HF's ``inv_freq`` (float32, ``(D/2,)``)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+
+
+def apply_rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """HF rotate_half RoPE of ``x (..., T, D)`` at integer ``positions (T,)``; float32 angles."""
+    d = x.shape[-1]
+    freqs = positions.to(torch.float32)[:, None] * rope_inv_freq(d, theta, x.device)[None, :]
+    emb = torch.cat([freqs, freqs], -1)
+    cos, sin = emb.cos(), emb.sin()
+    xf = x.to(torch.float32)
+    rot = torch.cat([-xf[..., d // 2 :], xf[..., : d // 2]], -1)
+    return xf * cos + rot * sin
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def codebook_midpoints(codebook: Tensor) -> Tensor:
+    cb = codebook.to(torch.float32)
+    return (cb[:-1] + cb[1:]) / 2
+
+
+def nearest_code(x: Tensor, codebook: Tensor) -> Tensor:
+    """Index of the nearest centroid of a sorted codebook (count of midpoints strictly below x)."""
+    mids = codebook_midpoints(codebook).to(x.device)
+    return (x[..., None] > mids).sum(-1).to(torch.uint8)
+
+
+def _top_slots(score: Tensor, n: int, largest: bool, valid_if_positive: bool = False):
+    """Iterative arg-max (first index on ties) ``n`` times over the last dim; returns idx, taken mask."""
+    work = score.clone()
+    fill = -math.inf if largest else math.inf
+    idx_list = []
+    taken = torch.zeros_like(score, dtype=torch.bool)
+    for _ in range(n):
+        j = work.argmax(-1) if largest else work.argmin(-1)
+        best = work.gather(-1, j[..., None])[..., 0]
+        ok = best > 0 if valid_if_positive else torch.ones_like(best, dtype=torch.bool)
+        idx_list.append(torch.where(ok, j, torch.full_like(j, -1)))
+        hit = torch.nn.functional.one_hot(j, score.shape[-1]).bool() & ok[..., None]
+        taken |= hit
+        work = work.masked_fill(torch.nn.functional.one_hot(j, score.shape[-1]).bool(), fill)
+    if not idx_list:
+        return torch.zeros(*score.shape[:-1], 0, dtype=torch.int64, device=score.device), taken
+    return torch.stack(idx_list, -1), taken
+
+
+def _gather_slots(x: Tensor, idx: Tensor) -> Tensor:
+    return x.gather(-1, idx.clamp(min=0))
+
+
+def _scatter_slots(xhat: Tensor, idx: Tensor, val: Tensor) -> Tensor:
+    """Replace ``xhat[..., idx]`` by ``val`` where ``idx >= 0``."""
+    out = xhat.clone()
+    for s in range(idx.shape[-1]):
+        i = idx[..., s].long()
+        ok = i >= 0
+        cur = out.gather(-1, i.clamp(min=0)[..., None])[..., 0]
+        new = torch.where(ok, val[..., s].to(out.dtype), cur)
+        out.scatter_(-1, i.clamp(min=0)[..., None], new[..., None])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- kvquant
+def quantize_keys_kvquant(k: Tensor, lo: Tensor, hi: Tensor, ck: Tensor, bits: int, n_outliers: int):
+    """Pre-RoPE keys ``(B, H, T, D)`` -> (k_packed uint8, k_oidx int16, k_oval fp16)."""
+    kf = k.to(torch.float32)
+    lo_, hi_ = lo.to(torch.float32)[:, None, :], hi.to(torch.float32)[:, None, :]
+    rng = hi_ - lo_
+    exceed = torch.clamp(torch.maximum(kf - hi_, lo_ - kf), min=0) / rng
+    idx, _ = _top_slots(exceed, n_outliers, largest=True, valid_if_positive=True)
+    oval = torch.where(idx >= 0, _gather_slots(kf, idx), torch.zeros((), device=k.device)).to(torch.float16)
+    x = torch.clamp(2 * (kf - lo_) / rng - 1, -1, 1)
+    codes = nearest_code(x, ck)
+    return pack_codes(codes, bits), idx.to(torch.int16), oval
+
+
+def dequantize_keys_kvquant(k_packed, k_oidx, k_oval, lo, hi, ck, bits: int, head_dim: int) -> Tensor:
+    """-> pre-RoPE keys float32 ``(B, H, T, D)`` (outliers restored)."""
+    codes = unpack_codes(k_packed, bits, head_dim).long()
+    lo_, hi_ = lo.to(torch.float32)[:, None, :], hi.to(torch.float32)[:, None, :]
+    khat = lo_ + (ck.to(torch.float32)[codes] + 1) / 2 * (hi_ - lo_)
+    return _scatter_slots(khat, k_oidx, k_oval.to(torch.float32))
+
+
+def quantize_values_nuq(v: Tensor, cv: Tensor, bits: int, n_outliers: int):
+    """Values ``(B, H, T, D)`` -> (v_packed, v_min fp16, v_scale fp16, v_oidx int16, v_oval fp16).
+
+    ``n_outliers`` must be even: half of the slots take the largest entries, half the smallest.
+    """
+    if n_outliers % 2:
+        raise ValueError("value outlier slots come in pairs (largest, smallest)")
+    vf = v.to(torch.float32)
+    half = n_outliers // 2
+    idx_hi, taken_hi = _top_slots(vf, half, largest=True)
+    idx_lo, taken_lo = _top_slots(vf.masked_fill(taken_hi, math.inf), half, largest=False)
+    idx = torch.cat([idx_hi, idx_lo], -1)
+    taken = taken_hi | taken_lo
+    vmin = vf.masked_fill(taken, math.inf).amin(-1)
+    vmax = vf.masked_fill(taken, -math.inf).amax(-1)
+    vmin16, vscale16 = vmin.to(torch.float16), (vmax - vmin).to(torch.float16)
+    mn, sc = vmin16.to(torch.float32)[..., None], vscale16.to(torch.float32)[..., None]
+    x = torch.clamp(2 * (vf - mn) / torch.where(sc > 0, sc, torch.ones_like(sc)) - 1, -1, 1)
+    codes = nearest_code(x, cv)
+    oval = _gather_slots(vf, idx).to(torch.float16)
+    return pack_codes(codes, bits), vmin16, vscale16, idx.to(torch.int16), oval
+
+
+def dequantize_values_nuq(v_packed, v_min, v_scale, v_oidx, v_oval, cv, bits: int, head_dim: int) -> Tensor:
+    codes = unpack_codes(v_packed, bits, head_dim).long()
+    mn, sc = v_min.to(torch.float32)[..., None], v_scale.to(torch.float32)[..., None]
+    vhat = mn + (cv.to(torch.float32)[codes] + 1) / 2 * sc
+    return _scatter_slots(vhat, v_oidx, v_oval.to(torch.float32))
+
+
+# ----------------------------------------------------------------------------------------------- kivi
+def _uniform_codes(x: Tensor, zero16: Tensor, scale16: Tensor, bits: int) -> Tensor:
+    z, s = zero16.to(torch.float32), scale16.to(torch.float32)
+    q = torch.floor((x - z) / torch.where(s > 0, s, torch.ones_like(s)) + 0.5)
+    return torch.clamp(q, 0, (1 << bits) - 1).to(torch.uint8)
+
+
+def quantize_keys_kivi(k: Tensor, bits: int, group: int = KIVI_KEY_GROUP):
+    """Post-RoPE keys ``(B, H, T, D)`` -> (k_packed, k_scale fp16, k_zero fp16) with ``(B, H, ceil(T/group), D)``
+    statistics (per channel, per group of ``group`` tokens; a partial last group uses its own tokens)."""
+    b, h, t, d = k.shape
+    kf = k.to(torch.float32)
+    ng = -(-t // group)
+    pad = ng * group - t
+    kp = torch.nn.functional.pad(kf, (0, 0, 0, pad))
+    valid = torch.arange(ng * group, device=k.device) < t
+    kg = kp.reshape(b, h, ng, group, d)
+    vg = valid.reshape(ng, group)[None, None, :, :, None]
+    mn = kg.masked_fill(~vg, math.inf).amin(3)
+    mx = kg.masked_fill(~vg, -math.inf).amax(3)
+    zero16, scale16 = mn.to(torch.float16), ((mx - mn) / ((1 << bits) - 1)).to(torch.float16)
+    zt = zero16.repeat_interleave(group, 2)[:, :, :t]
+    st = scale16.repeat_interleave(group, 2)[:, :, :t]
+    codes = _uniform_codes(kf, zt, st, bits)
+    return pack_codes(codes, bits), scale16, zero16
+
+
+def dequantize_keys_kivi(k_packed, k_scale, k_zero, bits: int, head_dim: int, group: int = KIVI_KEY_GROUP):
+    codes = unpack_codes(k_packed, bits, head_dim).to(torch.float32)
+    t = codes.shape[2]
+    st = k_scale.to(torch.float32).repeat_interleave(group, 2)[:, :, :t]
+    zt = k_zero.to(torch.float32).repeat_interleave(group, 2)[:, :, :t]
+    return zt + codes * st
+
+
+def value_group(head_dim: int) -> int:
+    return min(32, head_dim)
+
+
+def quantize_values_kivi(v: Tensor, bits: int):
+    """Values ``(B, H, T, D)`` -> (v_packed, v_scale fp16, v_zero fp16) with ``(B, H, T, D/VG)`` statistics."""
+    b, h, t, d = v.shape
+    vg = value_group(d)
+    vf = v.to(torch.float32).reshape(b, h, t, d // vg, vg)
+    mn, mx = vf.amin(-1), vf.amax(-1)
+    zero16, scale16 = mn.to(torch.float16), ((mx - mn) / ((1 << bits) - 1)).to(torch.float16)
+    codes = _uniform_codes(vf, zero16[..., None], scale16[..., None], bits).reshape(b, h, t, d)
+    return pack_codes(codes, bits), scale16, zero16
+
+
+def dequantize_values_kivi(v_packed, v_scale, v_zero, bits: int, head_dim: int) -> Tensor:
+    codes = unpack_codes(v_packed, bits, head_dim).to(torch.float32)
+    vg = value_group(head_dim)
+    s = v_scale.to(torch.float32).repeat_interleave(vg, -1)
+    z = v_zero.to(torch.float32).repeat_interleave(vg, -1)
+    return z + codes * s
+
+
+# ----------------------------------------------------------------------------------------------- caches
+@dataclass
+class KVQuantCache:
+    """One layer of the kvquant-flavour packed cache (see the module docstring for shapes)."""
+
+    k_packed: Tensor
+    k_oidx: Tensor
+    k_oval: Tensor
+    v_packed: Tensor
+    v_min: Tensor
+    v_scale: Tensor
+    v_oidx: Tensor
+    v_oval: Tensor
+    lo: Tensor
+    hi: Tensor
+    ck: Tensor
+    cv: Tensor
+    sink_k: Tensor
+    sink_v: Tensor
+    res_k: Tensor
+    res_v: Tensor
+    bits_k: int
+    bits_v: int
+    n_packed: int = 0
+    n_res: int = 0
+    rope_theta: float = 10000.0
+
+    @classmethod
+    def empty(cls, batch, heads, head_dim, max_tokens, bits_k, bits_v, lo, hi, ck, cv, n_outliers_k=0,
+              n_outliers_v=0, n_sink=0, max_res=0, rope_theta=10000.0, device=None) -> KVQuantCache:
+        dev = device if device is not None else lo.device
+        bh = (batch, heads, max_tokens)
+        return cls(
+            k_packed=torch.zeros(*bh, packed_bytes(head_dim, bits_k), dtype=torch.uint8, device=dev),
+            k_oidx=torch.full((*bh, n_outliers_k), -1, dtype=torch.int16, device=dev),
+            k_oval=torch.zeros(*bh, n_outliers_k, dtype=torch.float16, device=dev),
+            v_packed=torch.zeros(*bh, packed_bytes(head_dim, bits_v), dtype=torch.uint8, device=dev),
+            v_min=torch.zeros(bh, dtype=torch.float16, device=dev),
+            v_scale=torch.zeros(bh, dtype=torch.float16, device=dev),
+            v_oidx=torch.full((*bh, n_outliers_v), -1, dtype=torch.int16, device=dev),
+            v_oval=torch.zeros(*bh, n_outliers_v, dtype=torch.float16, device=dev),
+            lo=lo.to(dev, torch.float32).contiguous(), hi=hi.to(dev, torch.float32).contiguous(),
+            ck=ck.to(dev, torch.float32).contiguous(), cv=cv.to(dev, torch.float32).contiguous(),
+            sink_k=torch.zeros(batch, heads, n_sink, head_dim, dtype=torch.float16, device=dev),
+            sink_v=torch.zeros(batch, heads, n_sink, head_dim, dtype=torch.float16, device=dev),
+            res_k=torch.zeros(batch, heads, max_res, head_dim, dtype=torch.float16, device=dev),
+            res_v=torch.zeros(batch, heads, max_res, head_dim, dtype=torch.float16, device=dev),
+            bits_k=bits_k, bits_v=bits_v, rope_theta=rope_theta,
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.lo.shape[-1]
+
+    @property
+    def n_sink(self) -> int:
+        return self.sink_k.shape[2]
+
+    def compressed_bytes(self) -> int:
+        """Bytes attention reads from the packed segment plus the fp16 segments (codebooks ignored)."""
+        t = self.n_packed
+        per_tok = sum(x[:, :, :t].numel() * x.element_size() for x in (
+            self.k_packed, self.k_oidx, self.k_oval, self.v_packed, self.v_min, self.v_scale, self.v_oidx,
+            self.v_oval))
+        fp = (self.sink_k.numel() * 2 + self.res_k[:, :, : self.n_res].numel()) * 2
+        return per_tok + fp
+
+
+@dataclass
+class KIVICache:
+    """One layer of the kivi-flavour packed cache (see the module docstring for shapes)."""
+
+    k_packed: Tensor
+    k_scale: Tensor
+    k_zero: Tensor
+    v_packed: Tensor
+    v_scale: Tensor
+    v_zero: Tensor
+    sink_k: Tensor
+    sink_v: Tensor
+    res_k: Tensor
+    res_v: Tensor
+    bits: int
+    n_packed: int = 0
+    n_res: int = 0
+
+    @classmethod
+    def empty(cls, batch, heads, head_dim, max_tokens, bits, n_sink=0, max_res=0, device=None) -> KIVICache:
+        bh = (batch, heads, max_tokens)
+        ng = -(-max_tokens // KIVI_KEY_GROUP)
+        nvg = head_dim // value_group(head_dim)
+        f16 = dict(dtype=torch.float16, device=device)
+        return cls(
+            k_packed=torch.zeros(*bh, packed_bytes(head_dim, bits), dtype=torch.uint8, device=device),
+            k_scale=torch.zeros(batch, heads, ng, head_dim, **f16),
+            k_zero=torch.zeros(batch, heads, ng, head_dim, **f16),
+            v_packed=torch.zeros(*bh, packed_bytes(head_dim, bits), dtype=torch.uint8, device=device),
+            v_scale=torch.zeros(*bh, nvg, **f16),
+            v_zero=torch.zeros(*bh, nvg, **f16),
+            sink_k=torch.zeros(batch, heads, n_sink, head_dim, **f16),
+            sink_v=torch.zeros(batch, heads, n_sink, head_dim, **f16),
+            res_k=torch.zeros(batch, heads, max_res, head_dim, **f16),
+            res_v=torch.zeros(batch, heads, max_res, head_dim, **f16),
+            bits=bits,
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.k_packed.shape[-1] * 8 // self.bits
+
+    @property
+    def n_sink(self) -> int:
+        return self.sink_k.shape[2]
+
+    def compressed_bytes(self) -> int:
+        t = self.n_packed
+        ng = -(-t // KIVI_KEY_GROUP)
+        per = sum(x[:, :, :t].numel() * x.element_size() for x in (self.k_packed, self.v_packed, self.v_scale,
+                                                                    self.v_zero))
+        per += sum(x[:, :, :ng].numel() * x.element_size() for x in (self.k_scale, self.k_zero))
+        fp = (self.sink_k.numel() * 2 + self.res_k[:, :, : self.n_res].numel()) * 2
+        return per + fp
+
+
+# ----------------------------------------------------------------------------------------------- dequant + attention
+def dequantize_kvquant_cache(cache: KVQuantCache) -> tuple[Tensor, Tensor]:
+    """-> (keys post-RoPE, values), float32 ``(B, H, S + n_packed + n_res, D)``."""
+    d, t = cache.head_dim, cache.n_packed
+    kq = dequantize_keys_kvquant(cache.k_packed[:, :, :t], cache.k_oidx[:, :, :t], cache.k_oval[:, :, :t],
+                                 cache.lo, cache.hi, cache.ck, cache.bits_k, d)
+    vq = dequantize_values_nuq(cache.v_packed[:, :, :t], cache.v_min[:, :, :t], cache.v_scale[:, :, :t],
+                               cache.v_oidx[:, :, :t], cache.v_oval[:, :, :t], cache.cv, cache.bits_v, d)
+    k = torch.cat([cache.sink_k.float(), kq, cache.res_k[:, :, : cache.n_res].float()], 2)
+    v = torch.cat([cache.sink_v.float(), vq, cache.res_v[:, :, : cache.n_res].float()], 2)
+    pos = torch.arange(k.shape[2], device=k.device)
+    return apply_rope(k, pos, cache.rope_theta), v
+
+
+def dequantize_kivi_cache(cache: KIVICache) -> tuple[Tensor, Tensor]:
+    d, t = cache.head_dim, cache.n_packed
+    ng = -(-t // KIVI_KEY_GROUP)
+    kq = dequantize_keys_kivi(cache.k_packed[:, :, :t], cache.k_scale[:, :, :ng], cache.k_zero[:, :, :ng],
+                              cache.bits, d)
+    vq = dequantize_values_kivi(cache.v_packed[:, :, :t], cache.v_scale[:, :, :t], cache.v_zero[:, :, :t],
+                                cache.bits, d)
+    k = torch.cat([cache.sink_k.float(), kq, cache.res_k[:, :, : cache.n_res].float()], 2)
+    v = torch.cat([cache.sink_v.float(), vq, cache.res_v[:, :, : cache.n_res].float()], 2)
+    return k, v
+
+
+def attention_ref(q: Tensor, k: Tensor, v: Tensor, sm_scale: float | None = None) -> Tensor:
+    """Plain decode attention: q ``(B, H*G, D)``, k/v ``(B, H, T, D)`` (keys already RoPE'd) -> float32."""
+    b, hq, d = q.shape
+    h = k.shape[1]
+    g = hq // h
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    qf = q.to(torch.float32).reshape(b, h, g, d)
+    s = torch.einsum("bhgd,bhtd->bhgt", qf, k.to(torch.float32)) * scale
+    p = torch.softmax(s, -1)
+    return torch.einsum("bhgt,bhtd->bhgd", p, v.to(torch.float32)).reshape(b, hq, d)
+
+
+def decode_attention_kvquant_ref(q: Tensor, cache: KVQuantCache, sm_scale: float | None = None) -> Tensor:
+    k, v = dequantize_kvquant_cache(cache)
+    return attention_ref(q, k, v, sm_scale).to(q.dtype)
+
+
+def decode_attention_kivi_ref(q: Tensor, cache: KIVICache, sm_scale: float | None = None) -> Tensor:
+    k, v = dequantize_kivi_cache(cache)
+    return attention_ref(q, k, v, sm_scale).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- append (reference)
+def append_kvquant_ref(cache: KVQuantCache, k: Tensor, v: Tensor, offset: int, n_outliers_k=None, n_outliers_v=None):
+    """Quantize ``k`` (pre-RoPE) and ``v`` ``(B, H, Tn, D)`` into the packed buffers at ``offset`` (in place)."""
+    tn = k.shape[2]
+    nok = cache.k_oidx.shape[-1] if n_outliers_k is None else n_outliers_k
+    nov = cache.v_oidx.shape[-1] if n_outliers_v is None else n_outliers_v
+    kp, koi, kov = quantize_keys_kvquant(k, cache.lo, cache.hi, cache.ck, cache.bits_k, nok)
+    vp, vmn, vsc, voi, vov = quantize_values_nuq(v, cache.cv, cache.bits_v, nov)
+    sl = slice(offset, offset + tn)
+    cache.k_packed[:, :, sl] = kp
+    cache.k_oidx[:, :, sl] = koi
+    cache.k_oval[:, :, sl] = kov
+    cache.v_packed[:, :, sl] = vp
+    cache.v_min[:, :, sl] = vmn
+    cache.v_scale[:, :, sl] = vsc
+    cache.v_oidx[:, :, sl] = voi
+    cache.v_oval[:, :, sl] = vov
+
+
+def append_kivi_ref(cache: KIVICache, k: Tensor, v: Tensor, offset: int):
+    """Quantize ``k`` (post-RoPE) and ``v`` ``(B, H, Tn, D)`` at ``offset`` (a multiple of 32) in place."""
+    if offset % KIVI_KEY_GROUP:
+        raise ValueError("kivi keys are appended a whole group of 32 tokens at a time")
+    tn = k.shape[2]
+    kp, ks, kz = quantize_keys_kivi(k, cache.bits)
+    vp, vs, vz = quantize_values_kivi(v, cache.bits)
+    sl = slice(offset, offset + tn)
+    g0 = offset // KIVI_KEY_GROUP
+    cache.k_packed[:, :, sl] = kp
+    cache.k_scale[:, :, g0 : g0 + ks.shape[2]] = ks
+    cache.k_zero[:, :, g0 : g0 + ks.shape[2]] = kz
+    cache.v_packed[:, :, sl] = vp
+    cache.v_scale[:, :, sl] = vs
+    cache.v_zero[:, :, sl] = vz

@@ -1,0 +1,167 @@
+"""Capture calibration statistics of every layer's keys and values, with their Fisher information.
+
+One forward (and, when the method needs Fisher information, one backward) pass per calibration
+sample. Hooks keep, per layer:
+
+* a random subsample of token vectors of K and V ``(N, H, D)`` and their squared gradients (the
+  Fisher information: squared gradient of the LM loss with respect to the k_proj / v_proj outputs,
+  or the post-RoPE keys when the method quantizes keys after RoPE);
+* exact per-channel key thresholds over *all* tokens: a streaming top-k of the largest and smallest
+  values per channel, so the ``key_outlier_fraction / 2`` quantiles on each side are exact.
+
+Only the subsample and the top-k trackers are held: never every layer's full activations. The first
+``method.sink`` tokens of each sample are left out (the cache keeps them in full precision).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..hf_attention import attached, attention_layers, kvq_attention, pre_rope_module, split_heads
+from ..methods.base import KVMethod, LayerCalibration
+
+
+@dataclass
+class _LayerStats:
+    keep: int  # k+1 extremes tracked per side
+    keys: list[Tensor] = field(default_factory=list)
+    values: list[Tensor] = field(default_factory=list)
+    key_fisher: list[Tensor] = field(default_factory=list)
+    value_fisher: list[Tensor] = field(default_factory=list)
+    top: Tensor | None = None  # (keep, H, D) largest key values seen
+    bottom: Tensor | None = None  # (keep, H, D) smallest key values seen
+    tokens: int = 0
+
+    def track(self, k: Tensor) -> None:
+        """Merge one sample's keys ``(H, T, D)`` into the per-channel extremes."""
+        x = k.detach().float().transpose(0, 1)  # (T, H, D)
+        top = x if self.top is None else torch.cat([self.top, x])
+        bottom = x if self.bottom is None else torch.cat([self.bottom, x])
+        n = min(self.keep, top.shape[0])
+        self.top = top.topk(n, dim=0).values
+        self.bottom = (-bottom).topk(n, dim=0).values.neg()
+        self.tokens += x.shape[0]
+
+    def result(self, fisher: bool) -> LayerCalibration:
+        cat = lambda xs: torch.cat(xs) if xs else None  # noqa: E731
+        hi = self.top[-1] if self.top is not None else None
+        lo = self.bottom[-1] if self.bottom is not None else None
+        return LayerCalibration(
+            keys=cat(self.keys),
+            values=cat(self.values),
+            key_fisher=cat(self.key_fisher) if fisher else None,
+            value_fisher=cat(self.value_fisher) if fisher else None,
+            key_lo=lo,
+            key_hi=hi,
+            tokens=self.tokens,
+        )
+
+
+def capture(
+    model: nn.Module,
+    samples: Tensor,
+    method: KVMethod,
+    max_tokens: int = 16384,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> list[LayerCalibration]:
+    """Calibration statistics per layer from ``samples`` ``(S, T)`` token ids (already on the model's device).
+
+    ``max_tokens``: token vectors kept per layer for codebook fitting (spread evenly over samples).
+    """
+    layers = attention_layers(model)
+    n_samples, seqlen = samples.shape
+    sink = min(method.sink, seqlen - 1)
+    usable = seqlen - sink
+    total = n_samples * usable
+    keep = math.ceil(method.key_outlier_fraction / 2 * total) + 1
+    stats = [_LayerStats(keep) for _ in layers]
+    per_sample = min(usable, math.ceil(max_tokens / n_samples))
+    fisher = method.needs_fisher
+    gen = torch.Generator().manual_seed(seed)
+    pick: dict[str, Tensor] = {}
+
+    def record(store: list[Tensor], grads: list[Tensor], out: Tensor, heads: Callable[[Tensor], Tensor]) -> None:
+        """Keep the picked tokens of ``heads(out)`` ``(1, H, T, D)`` and, on backward, their squared gradients.
+
+        ``out`` is the tensor the model goes on computing with (its gradient hook fires); ``heads`` views it
+        (or its gradient) per head.
+        """
+        idx = pick["idx"].to(out.device)
+        store.append(heads(out.detach())[0, :, idx].transpose(0, 1).float())  # (n, H, D)
+        if fisher and out.requires_grad:
+            out.register_hook(lambda g: grads.append(heads(g.detach())[0, :, idx].transpose(0, 1).float().square()))
+
+    def on_keys(st: _LayerStats, out: Tensor, heads: Callable[[Tensor], Tensor]) -> None:
+        st.track(heads(out.detach())[0, :, sink:])
+        record(st.keys, st.key_fisher, out, heads)
+
+    handles = []
+    for attn, st in zip(layers, stats, strict=True):
+
+        def heads(t: Tensor, d=attn.head_dim) -> Tensor:
+            return split_heads(t, d)
+
+        handles.append(
+            attn.v_proj.register_forward_hook(
+                lambda m, i, out, st=st, heads=heads: record(st.values, st.value_fisher, out, heads)
+            )
+        )
+        if method.keys_pre_rope:
+            handles.append(
+                pre_rope_module(attn).register_forward_hook(
+                    lambda m, i, out, st=st, heads=heads: on_keys(st, out, heads)
+                )
+            )
+
+    def post_rope(module, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        if not method.keys_pre_rope:
+            on_keys(module._kvq_stats, key, lambda t: t)
+        return key, value
+
+    embed = model.get_input_embeddings()
+    if fisher:  # gradients flow to activations only, never accumulate in weights
+        handles.append(embed.register_forward_hook(lambda m, i, out: out.requires_grad_()))
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        with (
+            kvq_attention(model),
+            attached(layers, "_kvq_stats", stats),
+            attached(layers, "_kvq_transform", [post_rope] * len(layers)),
+        ):
+            for ids in samples:
+                pick["idx"] = sink + torch.randperm(usable, generator=gen)[:per_sample].sort().values
+                with torch.set_grad_enabled(fisher):
+                    out = model(ids[None], labels=ids[None] if fisher else None, use_cache=False)
+                    if fisher:
+                        out.loss.backward()
+                del out
+                if progress:
+                    progress(1)
+    finally:
+        for h in handles:
+            h.remove()
+        for p, r in zip(model.parameters(), requires, strict=True):
+            p.requires_grad_(r)
+    return [st.result(fisher) for st in stats]
+
+
+def sample_windows(ids: Tensor, samples: int, seqlen: int, seed: int = 0) -> Tensor:
+    """``samples`` random non-overlapping windows ``(S, seqlen)`` of the token ids (seeded)."""
+    from ..errors import KvqError
+
+    available = ids.numel() // seqlen
+    if available < samples:
+        raise KvqError(
+            f"calibration text has {ids.numel()} tokens: too little for --samples {samples} x --seqlen {seqlen}"
+            f" ({samples * seqlen} tokens needed)"
+        )
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:samples].sort().values
+    return torch.stack([ids[i * seqlen : (i + 1) * seqlen] for i in order.tolist()])
