@@ -1,1 +1,29 @@
 """kvq Triton kernels (imported as ``kvq_kernels``)."""
+
+from .reference import KIVICache, KVQuantCache
+
+__all__ = [
+    "KIVICache",
+    "KVQuantCache",
+    "decode_attention_kivi",
+    "decode_attention_kvquant",
+    "dequantize_packed_kivi",
+    "dequantize_packed_kvquant",
+    "pack_codes",
+    "quantize_append_kivi",
+    "quantize_append_kvquant",
+    "unpack_codes",
+]
+
+
+def __getattr__(name):  # Triton is optional: import the kernels lazily
+    if name in ("pack_codes", "unpack_codes", "quantize_append_kivi", "quantize_append_kvquant"):
+        from . import pack
+
+        return getattr(pack, name)
+    if name in ("decode_attention_kivi", "decode_attention_kvquant", "dequantize_packed_kivi",
+                "dequantize_packed_kvquant"):
+        from . import decode_attention
+
+        return getattr(decode_attention, name)
+    raise AttributeError(name)

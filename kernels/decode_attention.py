@@ -13,6 +13,8 @@ max / sum / unnormalized output (log2 domain); a reduce kernel merges them.
 Public functions:
     decode_attention_kvquant(q, cache, sm_scale=None, num_splits=None, block_n=None, num_warps=None) -> out
     decode_attention_kivi(q, cache, sm_scale=None, num_splits=None, block_n=None, num_warps=None) -> out
+    dequantize_packed_kvquant(cache, out_k, out_v, offset=0)   packed segment -> fp16 (keys RoPE'd)
+    dequantize_packed_kivi(cache, out_k, out_v, offset=0)      (the "dequantize, then SDPA" path)
 """
 
 from __future__ import annotations
@@ -385,3 +387,107 @@ def decode_attention_kivi(q: Tensor, cache: KIVICache, sm_scale: float | None = 
         num_warps=num_warps,
     )
     return _finish(q, h, g, gp, d, nsp, mp, lp, ap, torch.empty_like(q))
+
+
+# ----------------------------------------------------------------------------------------------- dequantize
+@triton.jit
+def _kvquant_dequant_kernel(
+    KP, KOI, KOV, KA, KSC, CK, VP, VMIN, VSC, VOI, VOV, CV, INVF, OK, OV, sob, soh, sot,
+    H, Tmax, n_packed, n_sink, offset,
+    D: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr, NOK: tl.constexpr, NOV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    HALF: tl.constexpr = D // 2
+    ch = tl.arange(0, HALF)
+    t = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    valid = t < n_packed
+    row = pid_bh.to(tl.int64) * Tmax + t
+    kp = KP + row * (D * BITS_K // 8)
+    k1 = tl.load(KA + h * D + ch)[None, :] + tl.load(KSC + h * D + ch)[None, :] * tl.load(
+        CK + _load_codes_half(kp, valid, 0, BITS_K, D, BLOCK_N))
+    k2 = tl.load(KA + h * D + HALF + ch)[None, :] + tl.load(KSC + h * D + HALF + ch)[None, :] * tl.load(
+        CK + _load_codes_half(kp, valid, 1, BITS_K, D, BLOCK_N))
+    k1, k2 = _replace_slots(k1, k2, KOI, KOV, row, valid, NOK, HALF)
+    ang = (n_sink + t).to(tl.float32)[:, None] * tl.load(INVF + ch)[None, :]
+    cs = tl.cos(ang)
+    sn = tl.sin(ang)
+    hs = 0.5 * tl.load(VSC + row, mask=valid, other=0.0).to(tl.float32)
+    mn = tl.load(VMIN + row, mask=valid, other=0.0).to(tl.float32) + hs
+    vp = VP + row * (D * BITS_V // 8)
+    v1 = mn[:, None] + hs[:, None] * tl.load(CV + _load_codes_half(vp, valid, 0, BITS_V, D, BLOCK_N))
+    v2 = mn[:, None] + hs[:, None] * tl.load(CV + _load_codes_half(vp, valid, 1, BITS_V, D, BLOCK_N))
+    v1, v2 = _replace_slots(v1, v2, VOI, VOV, row, valid, NOV, HALF)
+    o = b * sob + h * soh + (offset + t).to(tl.int64)[:, None] * sot + ch[None, :]
+    tl.store(OK + o, (k1 * cs - k2 * sn).to(OK.dtype.element_ty), mask=valid[:, None])
+    tl.store(OK + o + HALF, (k2 * cs + k1 * sn).to(OK.dtype.element_ty), mask=valid[:, None])
+    tl.store(OV + o, v1.to(OV.dtype.element_ty), mask=valid[:, None])
+    tl.store(OV + o + HALF, v2.to(OV.dtype.element_ty), mask=valid[:, None])
+
+
+@triton.jit
+def _kivi_dequant_kernel(
+    KP, KS, KZ, VP, VS, VZ, OK, OV, sob, soh, sot,
+    H, Tmax, NGmax, n_packed, offset,
+    D: tl.constexpr, BITS: tl.constexpr, KG: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    HALF: tl.constexpr = D // 2
+    ch = tl.arange(0, HALF)
+    t = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    valid = t < n_packed
+    row = pid_bh.to(tl.int64) * Tmax + t
+    NB: tl.constexpr = D * BITS // 8
+    o = b * sob + h * soh + (offset + t).to(tl.int64)[:, None] * sot + ch[None, :]
+    goff = (pid_bh.to(tl.int64) * NGmax + t // KG)[:, None] * D + ch[None, :]
+    soff = row[:, None] * (D // VG) + ch[None, :] // VG
+    for hh in tl.static_range(2):
+        kc = _load_codes_half(KP + row * NB, valid, hh, BITS, D, BLOCK_N).to(tl.float32)
+        k = tl.load(KZ + goff + hh * HALF, mask=valid[:, None], other=0.0).to(tl.float32) + kc * tl.load(
+            KS + goff + hh * HALF, mask=valid[:, None], other=0.0).to(tl.float32)
+        tl.store(OK + o + hh * HALF, k.to(OK.dtype.element_ty), mask=valid[:, None])
+        vc = _load_codes_half(VP + row * NB, valid, hh, BITS, D, BLOCK_N).to(tl.float32)
+        so = soff + (hh * HALF) // VG
+        v = tl.load(VZ + so, mask=valid[:, None], other=0.0).to(tl.float32) + vc * tl.load(
+            VS + so, mask=valid[:, None], other=0.0).to(tl.float32)
+        tl.store(OV + o + hh * HALF, v.to(OV.dtype.element_ty), mask=valid[:, None])
+
+
+def dequantize_packed_kvquant(cache: KVQuantCache, out_k: Tensor, out_v: Tensor, offset: int = 0,
+                              block_n: int = 32) -> None:
+    """Write the packed segment, dequantized (keys with outliers, RoPE'd at positions ``n_sink + i``), into
+    ``out_k / out_v (B, H, >= offset + n_packed, D)`` at token ``offset``."""
+    b, h, tmax, _ = cache.k_packed.shape
+    d = cache.head_dim
+    if cache.n_packed == 0:
+        return
+    grid = (b * h, triton.cdiv(cache.n_packed, block_n))
+    _kvquant_dequant_kernel[grid](
+        cache.k_packed, cache.k_oidx, cache.k_oval, ((cache.lo + cache.hi) / 2).contiguous(),
+        ((cache.hi - cache.lo) / 2).contiguous(), cache.ck, cache.v_packed, cache.v_min, cache.v_scale,
+        cache.v_oidx, cache.v_oval, cache.cv, rope_inv_freq(d, cache.rope_theta, out_k.device), out_k, out_v,
+        out_k.stride(0), out_k.stride(1), out_k.stride(2), h, tmax, cache.n_packed, cache.n_sink, offset,
+        D=d, BITS_K=cache.bits_k, BITS_V=cache.bits_v, NOK=cache.k_oidx.shape[-1], NOV=cache.v_oidx.shape[-1],
+        BLOCK_N=block_n,
+    )
+
+
+def dequantize_packed_kivi(cache: KIVICache, out_k: Tensor, out_v: Tensor, offset: int = 0,
+                           block_n: int = 32) -> None:
+    """Write the packed segment, dequantized, into ``out_k / out_v (B, H, >= offset + n_packed, D)``."""
+    b, h, tmax, _ = cache.k_packed.shape
+    d = cache.head_dim
+    if cache.n_packed == 0:
+        return
+    if out_k.stride() != out_v.stride():
+        raise ValueError("out_k and out_v must share strides")
+    grid = (b * h, triton.cdiv(cache.n_packed, block_n))
+    _kivi_dequant_kernel[grid](
+        cache.k_packed, cache.k_scale, cache.k_zero, cache.v_packed, cache.v_scale, cache.v_zero, out_k, out_v,
+        out_k.stride(0), out_k.stride(1), out_k.stride(2), h, tmax, cache.k_scale.shape[2], cache.n_packed,
+        offset, D=d, BITS=cache.bits, KG=KIVI_KEY_GROUP, VG=value_group(d), BLOCK_N=block_n,
+    )

@@ -141,7 +141,7 @@ def calibrate(
     device = resolve_device(device)
     source = resolve_model(model)
     geom = geometry_from_config(load_config(source))
-    if geom.max_positions and seqlen > geom.max_positions:
+    if method.needs_calibration and geom.max_positions and seqlen > geom.max_positions:
         raise KvqError(f"--seqlen {seqlen} is beyond the model's {geom.max_positions} positions")
     start = time.perf_counter()
     calibration: dict[str, Any] = {"dataset": dataset, "samples": samples, "seqlen": seqlen, "seed": seed}

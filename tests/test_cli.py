@@ -62,3 +62,51 @@ def test_text_too_short(tiny_model_dir, tmp_path):
     short.write_text("just a few words")
     res = run("eval-ppl", "--model", tiny_model_dir, "--dataset", short, "--seqlen", 256)
     assert res.exit_code == 2 and "too short" in res.output
+
+
+def test_calibrate_then_evaluate(tiny_model_dir, tiny_text_file, tmp_path):
+    art = tmp_path / "kvq2.safetensors"
+    res = run("calibrate", "--model", tiny_model_dir, "--dataset", tiny_text_file, "--samples", 3, "--seqlen", 48,
+              "--method", "kvquant", "--bits", 2, "--outliers", 0.01, "--out", art, "--json")
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["name"] == "kvquant-2b-1%" and info["layers"] == 2 and art.is_file()
+    tuning_free = tmp_path / "kivi.safetensors"
+    res = run("calibrate", "--model", tiny_model_dir, "--method", "kivi", "--bits", 4, "--out", tuning_free)
+    assert res.exit_code == 0, res.output
+    res = run("eval-ppl", "--model", tiny_model_dir, "--dataset", tiny_text_file, "--seqlen", 64, "--max-windows", 2,
+              "--artifact", art, "--artifact", tuning_free, "--method", "int4", "--json")
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["results"]
+    assert [r["name"] for r in rows] == ["baseline", "kvquant-2b-1%", "kivi-4b", "int-4b"]
+    assert all(r["kl_divergence"] > 0 for r in rows[1:])
+    assert 2 < rows[1]["avg_bits"] < 8  # 2-bit codes + outliers (>= 1 per value vector) + scales at head_dim 16
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--method", "kvquant", "--bits", 5], "supports bits"),
+        (["--method", "kivi", "--bits", 3], "supports bits"),
+        (["--method", "kivi", "--outliers", 0.01], "does not take --outliers"),
+        (["--samples", 1000], "too little"),
+        (["--out", "x.pt"], ".safetensors"),
+    ],
+)
+def test_calibrate_refusals(tiny_model_dir, tiny_text_file, tmp_path, extra, message):
+    out = ["--out", tmp_path / "a.safetensors"] if "--out" not in extra else []
+    res = run("calibrate", "--model", tiny_model_dir, "--dataset", tiny_text_file, "--seqlen", 64, *out, *extra)
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_artifact_for_another_model(tiny_model_dir, tiny_text_file, tmp_path):
+    from conftest import tiny_model
+
+    other = tmp_path / "other-model"
+    tiny_model("llama", num_hidden_layers=3).save_pretrained(other)
+    art = tmp_path / "other.safetensors"
+    assert run("calibrate", "--model", other, "--method", "int", "--bits", 4, "--out", art).exit_code == 0
+    res = run("eval-ppl", "--model", tiny_model_dir, "--dataset", tiny_text_file, "--seqlen", 64, "--artifact", art)
+    assert res.exit_code == 2 and "another model" in res.output

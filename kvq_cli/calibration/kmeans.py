@@ -43,8 +43,8 @@ def weighted_kmeans(
         Maximum Lloyd iterations (stops early once assignments no longer change).
     seed : int
         Seed of the initialization (weighted k-means++ on a subsample). For d == 1 the first run needs no
-        randomness: it starts from the optimal partition over up to 1024 equal-count bins (exact for
-        N <= 1024), found by dynamic programming.
+        randomness: it starts from the optimal partition over up to 256 equal-count bins (exact for
+        N <= 256), found by dynamic programming.
     init : Tensor, optional
         ``(k, d)`` or ``(G, k, d)`` starting centroids for the first run.
     n_init : int
@@ -141,7 +141,7 @@ def _batched(x: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor, str]:
 
 def _sweep(x: Tensor, c: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One chunked pass: nearest index and squared distance ``(G, N)``; with weights also the weighted
-    cluster sums ``(G, k, d)`` and cluster weights ``(G, k)`` (float64; empty tensors without weights)."""
+    cluster sums ``(G, k, d)`` and cluster weights ``(G, k)`` (float64; left at zero without weights)."""
     G, N, d = x.shape
     k = c.shape[1]
     chunk = max(1, CHUNK_ELEMS // max(1, G * k))
@@ -163,7 +163,7 @@ def _sweep(x: Tensor, c: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor, Tens
     return idx, dist, sums, wsum
 
 
-def _dp_init_1d(xs: Tensor, w: Tensor, k: int, max_bins: int = 1024) -> Tensor | None:
+def _dp_init_1d(xs: Tensor, w: Tensor, k: int, max_bins: int = 256) -> Tensor | None:
     """Optimal 1-D start: the best weighted partition of sorted ``xs, w (G, N)`` into k contiguous segments.
 
     Segment edges are restricted to those of B equal-count bins (B = N when N is small: then the partition is

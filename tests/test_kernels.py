@@ -1,0 +1,247 @@
+"""Triton kernels of ``kvq_kernels`` against their PyTorch references (CPU: Triton's interpreter).
+
+Codes, packing and every stored statistic must match exactly; attention within 2e-3 relative (float32).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first triton import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from kvq_kernels import reference as ref  # noqa: E402
+from kvq_kernels.decode_attention import (  # noqa: E402
+    decode_attention_kivi,
+    decode_attention_kvquant,
+    dequantize_packed_kivi,
+    dequantize_packed_kvquant,
+)
+from kvq_kernels.pack import (  # noqa: E402
+    pack_codes,
+    quantize_append_kivi,
+    quantize_append_kvquant,
+    unpack_codes,
+)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ATTN_RTOL = 2e-3
+B, H = 2, 2
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def _randn(gen, *shape, scale=1.0):
+    return (torch.randn(*shape, generator=gen) * scale).to(DEV)
+
+
+def _codebook(gen, bits):
+    return torch.sort(torch.rand(1 << bits, generator=gen) * 2 - 1).values.to(DEV)
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _kvquant_cache(gen, d, bits_k, bits_v, t, n_sink, n_res, tmax=64, nok=2, nov=2, fill="ref"):
+    lo = (-1 - torch.rand(H, d, generator=gen)).to(DEV)
+    hi = (1 + torch.rand(H, d, generator=gen)).to(DEV)
+    c = ref.KVQuantCache.empty(B, H, d, tmax, bits_k, bits_v, lo, hi, _codebook(gen, bits_k), _codebook(gen, bits_v),
+                               n_outliers_k=nok, n_outliers_v=nov, n_sink=n_sink, max_res=16, rope_theta=500.0)
+    if t:
+        k, v = _randn(gen, B, H, t, d, scale=1.3), _randn(gen, B, H, t, d)
+        (ref.append_kvquant_ref if fill == "ref" else quantize_append_kvquant)(c, k, v, 0)
+    c.n_packed = t
+    c.sink_k.copy_(_randn(gen, B, H, n_sink, d))
+    c.sink_v.copy_(_randn(gen, B, H, n_sink, d))
+    c.res_k[:, :, :n_res] = _randn(gen, B, H, n_res, d).half()
+    c.res_v[:, :, :n_res] = _randn(gen, B, H, n_res, d).half()
+    c.n_res = n_res
+    return c
+
+
+def _kivi_cache(gen, d, bits, t, n_sink, n_res, tmax=64):
+    c = ref.KIVICache.empty(B, H, d, tmax, bits, n_sink=n_sink, max_res=16, device=DEV)
+    if t:
+        ref.append_kivi_ref(c, _randn(gen, B, H, t, d), _randn(gen, B, H, t, d), 0)
+    c.n_packed = t
+    c.sink_k.copy_(_randn(gen, B, H, n_sink, d))
+    c.sink_v.copy_(_randn(gen, B, H, n_sink, d))
+    c.res_k[:, :, :n_res] = _randn(gen, B, H, n_res, d).half()
+    c.res_v[:, :, :n_res] = _randn(gen, B, H, n_res, d).half()
+    c.n_res = n_res
+    return c
+
+
+# ----------------------------------------------------------------------------------------------- references
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_reference_pack_is_exact_and_dense(bits):
+    gen = _gen(bits)
+    for d in (16, 32, 128):
+        codes = torch.randint(0, 1 << bits, (3, 5, d), generator=gen, dtype=torch.uint8)
+        packed = ref.pack_codes(codes, bits)
+        assert packed.dtype == torch.uint8 and packed.shape[-1] * 8 == d * bits
+        assert torch.equal(ref.unpack_codes(packed, bits, d), codes)
+    # bit layout: plane bytes hold adjacent codes LSB first
+    if bits == 2:
+        assert ref.pack_codes(torch.tensor([[1, 2, 3, 0] * 4]), 2)[0, 0].item() == 1 | 2 << 2 | 3 << 4
+
+
+def test_reference_rope_matches_complex_rotation():
+    gen = _gen(11)
+    d, t = 16, 9
+    x = torch.randn(t, d, generator=gen)
+    pos = torch.arange(100, 100 + t)
+    got = ref.apply_rope(x, pos, 10000.0)
+    inv = 1.0 / (10000.0 ** (torch.arange(d // 2, dtype=torch.float64) * 2 / d))
+    z = torch.complex(x[:, : d // 2].double(), x[:, d // 2 :].double()) * torch.exp(1j * pos[:, None].double() * inv)
+    want = torch.cat([z.real, z.imag], -1)
+    assert torch.allclose(got.double(), want, atol=1e-4)
+
+
+def test_reference_quantizers_roundtrip():
+    gen = _gen(12)
+    d, t = 32, 40
+    k = torch.randn(B, H, t, d, generator=gen) * 1.5
+    lo, hi = -torch.ones(H, d), torch.ones(H, d)
+    ck = torch.linspace(-1, 1, 16)
+    kp, oi, ov = ref.quantize_keys_kvquant(k, lo, hi, ck, 4, 3)
+    kh = ref.dequantize_keys_kvquant(kp, oi, ov, lo, hi, ck, 4, d)
+    outside = ((k < lo[:, None]) | (k > hi[:, None])).sum(-1)
+    assert torch.equal((oi >= 0).sum(-1), outside.clamp(max=3))
+    inside = (k >= -1) & (k <= 1)
+    assert (kh - k)[inside].abs().max() <= 1 / 15 + 1e-6  # half a step of a 16-level uniform codebook
+    v = torch.randn(B, H, t, d, generator=gen)
+    vp, mn, sc, voi, vov = ref.quantize_values_nuq(v, ck, 4, 2)
+    vh = ref.dequantize_values_nuq(vp, mn, sc, voi, vov, ck, 4, d)
+    assert torch.equal(voi[..., 0].long(), v.argmax(-1)) and torch.equal(voi[..., 1].long(), v.argmin(-1))
+    assert (vh - v).abs().max() <= sc.float().max() / 30 + 2e-3
+    kp, ks, kz = ref.quantize_keys_kivi(k, 2)
+    assert ks.shape == (B, H, 2, d)
+    assert (ref.dequantize_keys_kivi(kp, ks, kz, 2, d) - k).abs().max() <= ks.float().max() / 2 + 5e-3
+    vp, vs, vz = ref.quantize_values_kivi(v, 2)
+    assert (ref.dequantize_values_kivi(vp, vs, vz, 2, d) - v).abs().max() <= vs.float().max() / 2 + 5e-3
+
+
+@pytest.mark.parametrize("gqa", [1, 3])
+def test_reference_decode_attention_matches_sdpa(gqa):
+    gen = _gen(13 + gqa)
+    d = 32
+    c = _kvquant_cache(gen, d, 3, 2, t=21, n_sink=2, n_res=5)
+    q = _randn(gen, B, H * gqa, d)
+    k, v = ref.dequantize_kvquant_cache(c)
+    pos = torch.arange(k.shape[2], device=k.device)
+    assert torch.allclose(k[:, :, :2], ref.apply_rope(c.sink_k.float(), pos[:2], 500.0))
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None].float(), k.repeat_interleave(gqa, 1), v.repeat_interleave(gqa, 1))[:, :, 0]
+    assert _rel(ref.decode_attention_kvquant_ref(q, c), want) < 1e-5
+    kc = _kivi_cache(gen, d, 2, t=37, n_sink=0, n_res=4)
+    k, v = ref.dequantize_kivi_cache(kc)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None].float(), k.repeat_interleave(gqa, 1), v.repeat_interleave(gqa, 1))[:, :, 0]
+    assert _rel(ref.decode_attention_kivi_ref(q, kc), want) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------- triton: packing
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_pack_unpack_kernels_exact(bits):
+    gen = _gen(20 + bits)
+    for d in (16, 32):
+        codes = torch.randint(0, 1 << bits, (B, H, 37, d), generator=gen, dtype=torch.uint8).to(DEV)
+        packed = pack_codes(codes, bits)
+        assert torch.equal(packed, ref.pack_codes(codes, bits))
+        assert torch.equal(unpack_codes(packed, bits, d), codes)
+
+
+@pytest.mark.parametrize("bits_k,bits_v,d", [(1, 3, 16), (2, 2, 32), (3, 1, 32), (4, 4, 16)])
+def test_quantize_append_kvquant_exact(bits_k, bits_v, d):
+    gen = _gen(30 + bits_k)
+    t, off = 37, 5
+    c1 = _kvquant_cache(gen, d, bits_k, bits_v, 0, 0, 0, tmax=48, nok=3, nov=2)
+    c2 = ref.KVQuantCache(**{f: (x.clone() if torch.is_tensor(x) else x) for f, x in vars(c1).items()})
+    k, v = _randn(gen, B, H, t, d, scale=1.5), _randn(gen, B, H, t, d)
+    k[0, 0, 3, :] = 0.5  # a token with no key outlier
+    ref.append_kvquant_ref(c1, k, v, off)
+    quantize_append_kvquant(c2, k, v, off)
+    for f in ("k_packed", "k_oidx", "k_oval", "v_packed", "v_min", "v_scale", "v_oidx", "v_oval"):
+        assert torch.equal(getattr(c1, f), getattr(c2, f)), f
+    assert (c1.k_oidx[:, :, off : off + t] >= 0).any() and (c1.k_oidx[0, 0, off + 3] == -1).all()
+
+
+@pytest.mark.parametrize("bits,d", [(1, 32), (2, 16), (3, 32), (4, 32)])
+def test_quantize_append_kivi_exact(bits, d):
+    gen = _gen(40 + bits)
+    c1 = ref.KIVICache.empty(B, H, d, 96, bits, device=DEV)
+    c2 = ref.KIVICache.empty(B, H, d, 96, bits, device=DEV)
+    k, v = _randn(gen, B, H, 45, d), _randn(gen, B, H, 45, d)
+    for c, fn in ((c1, ref.append_kivi_ref), (c2, quantize_append_kivi)):
+        fn(c, k, v, 32)
+    for f in ("k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero"):
+        assert torch.equal(getattr(c1, f), getattr(c2, f)), f
+
+
+# ----------------------------------------------------------------------------------------------- triton: attention
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("gqa", [1, 3])
+def test_decode_attention_kvquant(bits, gqa):
+    gen = _gen(50 + 4 * bits + gqa)
+    d = 32 if bits % 2 else 16
+    c = _kvquant_cache(gen, d, bits, 5 - bits, t=45, n_sink=3, n_res=7, fill="triton")
+    q = _randn(gen, B, H * gqa, d)
+    want = ref.decode_attention_kvquant_ref(q, c)
+    got = decode_attention_kvquant(q, c, num_splits=3, block_n=8)
+    assert got.shape == q.shape and torch.isfinite(got).all()
+    assert _rel(got, want) < ATTN_RTOL
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("gqa", [1, 3])
+def test_decode_attention_kivi(bits, gqa):
+    gen = _gen(70 + 4 * bits + gqa)
+    d = 16 if bits % 2 == 0 else 32
+    c = _kivi_cache(gen, d, bits, t=45, n_sink=1 if gqa == 3 else 0, n_res=5)
+    q = _randn(gen, B, H * gqa, d)
+    want = ref.decode_attention_kivi_ref(q, c)
+    got = decode_attention_kivi(q, c, num_splits=2, block_n=16)
+    assert _rel(got, want) < ATTN_RTOL
+
+
+def test_decode_attention_edge_segments():
+    """Only fp16 tokens (nothing packed yet), and only packed tokens (no sink, no residual)."""
+    gen = _gen(90)
+    d = 16
+    q = _randn(gen, B, H, d)
+    c = _kvquant_cache(gen, d, 2, 2, t=0, n_sink=2, n_res=3)
+    assert _rel(decode_attention_kvquant(q, c), ref.decode_attention_kvquant_ref(q, c)) < ATTN_RTOL
+    c = _kvquant_cache(gen, d, 4, 4, t=19, n_sink=0, n_res=0, nok=0, nov=0)
+    assert _rel(decode_attention_kvquant(q, c, block_n=16), ref.decode_attention_kvquant_ref(q, c)) < ATTN_RTOL
+    kc = _kivi_cache(gen, d, 4, t=0, n_sink=0, n_res=6)
+    assert _rel(decode_attention_kivi(q, kc), ref.decode_attention_kivi_ref(q, kc)) < ATTN_RTOL
+    # the softmax scale is honoured
+    kc = _kivi_cache(gen, d, 4, t=33, n_sink=0, n_res=2)
+    s = 0.5 / math.sqrt(d)
+    assert _rel(decode_attention_kivi(q, kc, sm_scale=s), ref.decode_attention_kivi_ref(q, kc, sm_scale=s)) < ATTN_RTOL
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_dequantize_packed_kernels(bits):
+    gen = _gen(100 + bits)
+    d, t = 32, 41
+    c = _kvquant_cache(gen, d, bits, bits, t=t, n_sink=2, n_res=0)
+    k, v = ref.dequantize_kvquant_cache(c)
+    ok, ov = torch.zeros(B, H, t + 2, d, device=DEV), torch.zeros(B, H, t + 2, d, device=DEV)
+    dequantize_packed_kvquant(c, ok, ov, offset=2)
+    assert _rel(ok[:, :, 2:], k[:, :, 2:]) < 1e-5 and _rel(ov[:, :, 2:], v[:, :, 2:]) < 1e-6
+    kc = _kivi_cache(gen, d, bits, t=t, n_sink=0, n_res=0)
+    k, v = ref.dequantize_kivi_cache(kc)
+    ok, ov = torch.zeros(B, H, t, d, device=DEV), torch.zeros(B, H, t, d, device=DEV)
+    dequantize_packed_kivi(kc, ok, ov)
+    assert torch.allclose(ok, k, atol=1e-5) and torch.allclose(ov, v, atol=1e-5)
