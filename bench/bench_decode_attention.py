@@ -149,6 +149,14 @@ def tune(configs):
             best[(name, g)] = k
             rows.append((model, name, {f"{a}/{b}": round(t * 1e3, 1) for (a, b), t in times.items()}, k))
             del cache
+    for model, (h, g, d) in MODELS.items():  # what the fixed outlier slots cost
+        for name in ("kvquant-4b-1%", "kvquant-2b-1%"):
+            cfg = dict(METHODS[name], nok=0, nov=0)
+            cache = random_kvquant(1, h, d, 131072, cfg)
+            q = torch.randn(1, h * g, d, device=DEV, dtype=torch.float16)
+            bn, nw = best[(name, g)]
+            t0 = bench(functools.partial(decode_attention_kvquant, q, cache, block_n=bn, num_warps=nw))
+            rows.append((model, name.replace("1%", "0%"), {f"{bn}/{nw}": round(t0 * 1e3, 1)}, (bn, nw)))
     for r in rows:
         print(f"tune {r[0]:10s} {r[1]:14s} us by block_n/warps: {r[2]} -> {r[3]}")
     return best

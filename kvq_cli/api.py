@@ -179,3 +179,47 @@ def _device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     return "cpu"
+
+
+def estimate_memory(
+    model: str,
+    context: str | int = "128K",
+    batch: int = 1,
+    methods: Sequence[KVMethod] = (),
+    artifacts: Sequence[str] = (),
+    weights_dtype: str = "bf16",
+    gpu: str | None = None,
+    budget: str | int | None = None,
+    gpus: int = 1,
+    plot: str | None = None,
+) -> dict[str, Any]:
+    """KV cache, weights and workspace memory of each configuration (fp16 first) against a GPU budget.
+
+    ``model`` is a preset (``kvq_cli.presets.MODEL_PRESETS``) or anything the model resolver takes (only
+    its configuration is read). No methods and no artifacts: fp16, kivi2, kivi4, kvquant 4/3/2-bit-1%.
+    With ``plot``, also writes a PNG of memory against context. Formulas: ``kvq_cli.memory``.
+    """
+    from . import memory
+
+    if gpu is not None and budget is not None:
+        raise KvqError("give --gpu or --budget, not both")
+    tokens = memory.parse_context(context)
+    budget_bytes = memory.parse_budget(budget) if budget is not None else None
+    shape = memory.resolve_shape(model)
+    entries = []
+    for path in artifacts:
+        art = load_artifact(path, shape.geometry())
+        entries.append(memory.Entry(art.method.label, art.method, art.state_bits()))
+    chosen = list(methods) if methods or artifacts else memory.default_methods()
+    entries += [memory.Entry.from_method(m, shape) for m in chosen]
+    plot_path = memory.check_plot_path(plot) if plot else None
+    result = memory.estimate(shape, entries, tokens, batch, weights_dtype, budget_bytes, gpus, gpu)
+    if plot_path is not None:
+        from .plotting import memory_plot
+
+        longest = max([tokens] + [r["max_context"] for r in result["results"]])
+        weights = result["results"][0]["weights_bytes"]
+        curves = memory.curves(shape, entries, batch, weights, min(4 * longest, memory.MAX_SEARCH))
+        title = f"{shape.name}, batch {batch}, weights {weights_dtype}"
+        result["plot"] = str(memory_plot(plot_path, curves, result["budget_bytes"], title, tokens))
+    return result

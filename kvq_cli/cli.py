@@ -264,6 +264,100 @@ def calibrate(
     )
 
 
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):,.2f} GiB"
+
+
+def _tokens(n: int) -> str:
+    """``131072`` -> ``128K``, ``1048576`` -> ``1M``, ``134486`` -> ``131.3K`` (K = 1024, M = 1024^2)."""
+    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size:
+            return f"{n // size:,}{unit}" if n % size == 0 else f"{n / size:,.{1 if unit == 'K' else 2}f}{unit}"
+    return f"{n:,}"
+
+
+@app.command("estimate-memory")
+@user_errors
+def estimate_memory(
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model", "-m", help="A preset (llama-2-7b, llama-3-8b, mistral-7b, qwen2.5-7b, smollm2-135m, ...) "
+            "or a local HF folder, .gguf file or hub id: only its configuration is read."
+        ),
+    ] = "smollm2-135m",
+    context: Annotated[
+        str, typer.Option("--context", "-c", help="Tokens per sequence: 131072, 128K, 1M, 10M.")
+    ] = "128K",
+    batch: Annotated[int, typer.Option(help="Sequences held at once.")] = 1,
+    method: Annotated[
+        list[str] | None,
+        typer.Option("--method", help="A configuration (repeatable): kivi2, int4, kvquant:bits=2,outliers=0.01, ..."),
+    ] = None,
+    artifact: Annotated[
+        list[str] | None, typer.Option("--artifact", "-a", help="A calibrated artifact (repeatable).")
+    ] = None,
+    weights_dtype: Annotated[str, typer.Option(help="Weights: bf16, fp16, int8 or int4.")] = "bf16",
+    gpu: Annotated[
+        str | None,
+        typer.Option(help="h100-80gb (default), a100-80gb, a100-40gb, h200, l40s, a6000, rtx4090, rtx3090."),
+    ] = None,
+    budget: Annotated[
+        str | None, typer.Option(help="Memory per GPU instead of --gpu: 80GiB (2^30) or 80GB (1e9).")
+    ] = None,
+    gpus: Annotated[int, typer.Option(help="GPUs: multiplies the budget (weights split evenly).")] = 1,
+    plot: Annotated[str | None, typer.Option(help="Also write a PNG of memory against context.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Memory of the KV cache (fp16 and each configuration), weights and workspace against a GPU budget.
+
+    Computed from the configuration (no weights are read) with the same bit accounting as evaluation.
+    Example: kvq estimate-memory --model llama-2-7b --context 1M --gpu a100-80gb --method kvquant:bits=2,outliers=0.01
+    """
+    from . import api
+    from .methods import parse_spec
+
+    methods = [parse_spec(spec) for spec in method or []]
+    result = api.estimate_memory(
+        model=model, context=context, batch=batch, methods=methods, artifacts=artifact or [],
+        weights_dtype=weights_dtype, gpu=gpu, budget=budget, gpus=gpus, plot=plot,
+    )
+    for note in result["notes"]:
+        err.print(f"[yellow]kvq: note:[/] {note}", highlight=False, soft_wrap=True)
+    if json_out:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return
+    where = result["gpu"] or "budget"
+    where = f"{where} {_gib(result['budget_bytes'] / result['gpus'])}" + (f" x {gpus}" if gpus > 1 else "")
+    title = (
+        f"{result['model']} ({result['params'] / 1e9:.2f}B params, {weights_dtype}): "
+        f"{_tokens(result['context'])} tokens x batch {batch} on {where}"
+    )
+    caption = (
+        f"KV, weights, total in GiB; total = KV + weights + {_gib(result['allowance_bytes'])} for activations "
+        "and workspace; max ctx: the longest context that fits (computed, not measured)"
+    )
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    cols = ("configuration", "avg bits", "KiB/tok", "KV", "weights", "total", "fits", "max ctx")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "configuration" else "right", no_wrap=col == "configuration")
+    gib = 1 << 30
+    for r in result["results"]:
+        table.add_row(
+            r["name"],
+            f"{r['avg_bits']:.2f}",
+            f"{r['kv_bytes_per_token'] / 1024:,.1f}",
+            f"{r['kv_bytes'] / gib:,.2f}",
+            f"{r['weights_bytes'] / gib:,.2f}",
+            f"{r['total_bytes'] / gib:,.2f}",
+            "yes" if r["fits"] else "[red]no[/]",
+            _tokens(r["max_context"]),
+        )
+    console.print(table)
+    if "plot" in result:
+        console.print(f"wrote [bold]{result['plot']}[/]")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -18,7 +18,7 @@ def optimal_1d_sse(x: torch.Tensor, w: torch.Tensor, k: int) -> float:
     best = float("inf")
     for cuts in itertools.combinations(range(1, len(xs)), k - 1):
         sse = 0.0
-        for a, b in zip((0, *cuts), (*cuts, len(xs))):
+        for a, b in zip((0, *cuts), (*cuts, len(xs)), strict=True):
             mean = (ws[a:b] * xs[a:b]).sum() / ws[a:b].sum()
             sse += float((ws[a:b] * (xs[a:b] - mean) ** 2).sum())
         best = min(best, sse)

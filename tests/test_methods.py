@@ -70,6 +70,8 @@ def test_round_trip_and_bits(name: str, opts: dict) -> None:
     per_token = (method.encoded_bits(enc_k) + method.encoded_bits(enc_v)) / (2 * 256)
     assert per_token == pytest.approx(method.bits_per_token(H, D), rel=0.02)
     assert method_from_config(method.config()) == method
+    if hasattr(method, "state_bits_estimate"):
+        assert method.state_bits_estimate(H, D) == method.state_bits(state)
 
 
 BOUND_4BIT = {"int": 0.2, "nf": 0.2, "kivi": 0.12, "kvquant": 0.25}
@@ -111,7 +113,8 @@ def test_encoded_bits_hand_count() -> None:
     lo, hi = s["key_lo"][None, :, None, :], s["key_hi"][None, :, None, :]
     n_key_outliers = int(((k < lo) | (k > hi)).sum())
     assert m.encoded_bits(m.encode_keys(k, s)) == n_vec * D * 3 + 32 * n_key_outliers
-    assert m.encoded_bits(m.encode_values(v, s)) == n_vec * (D * 3 + 32 + 2 * 1 * 32)  # n = round(0.32) -> 1
+    n_tok = 1  # outliers per side of a token's H*D = 128 values: max(1, round(0.01 * 128 / 2))
+    assert m.encoded_bits(m.encode_values(v, s)) == n_vec * (D * 3 + 32) + B * T * 2 * n_tok * 32
     m, s = build("fp16")
     assert m.encoded_bits(m.encode_keys(k, s)) == n_vec * D * 16
 
@@ -128,15 +131,20 @@ def test_kivi_error_within_half_step(bits: int) -> None:
     assert ((method.decode_values(ev, state) - v).abs() <= step / 2 * (1 + 1e-3) + 1e-6).all()
 
 
-@pytest.mark.parametrize(("fraction", "n"), [(0.01, 1), (0.1, 3)])
+@pytest.mark.parametrize(("fraction", "n"), [(0.01, 1), (0.1, 6)])
 def test_kvquant_value_outliers_are_exact_top_k(fraction: float, n: int) -> None:
+    """Per token, over all KV heads: the n largest and n smallest of its H*D values (KVQuant's top-k)."""
     method, state = build("kvquant", bits=2, outliers=fraction)
     v = heavy((2, H, 50, D), seed=13)
     enc = method.encode_values(v, state)
-    assert (enc["outlier_mask"].sum(-1) == 2 * n).all()
-    srt = v.sort(-1).values
+    assert (enc["outlier_mask"].sum((1, 3)) == 2 * n).all()  # (B, T)
+    rows = v.permute(0, 2, 1, 3).reshape(2, 50, H * D)  # (B, T, H*D)
+    kept_rows = enc["outlier_mask"].permute(0, 2, 1, 3).reshape(2, 50, H * D)
+    assert torch.equal(
+        rows[kept_rows].sort().values,
+        torch.cat([rows.sort(-1).values[..., :n], rows.sort(-1).values[..., -n:]], -1).flatten().sort().values,
+    )
     kept = enc["outlier_mask"]
-    assert torch.equal(v[kept].sort().values, torch.cat([srt[..., :n], srt[..., -n:]], -1).flatten().sort().values)
     assert torch.equal(method.decode_values(enc, state)[kept], v[kept].half().float())
 
 

@@ -171,7 +171,7 @@ def _dp_init_1d(xs: Tensor, w: Tensor, k: int, max_bins: int = 256) -> Tensor | 
     costs. Returns the segment means ``(G, k, 1)``, or None when k > B.
     """
     G, N = xs.shape
-    B = min(N, max_bins, max(k, int((CHUNK_ELEMS // G) ** 0.5)))
+    B = min(N, max_bins, max(k, int((CHUNK_ELEMS // (4 * G)) ** 0.5)))  # G * B^2 <= CHUNK_ELEMS / 4
     if k > B:
         return None
     edges = torch.linspace(0, N, B + 1, device=xs.device).round().long()  # (B + 1,) bin edges in points
@@ -203,13 +203,13 @@ def _kmeanspp_init(x: Tensor, w: Tensor, k: int, seed: int, max_sample: int = 1 
     """Weighted k-means++ on a seeded subsample of at most ``max(max_sample, 8k)`` points: ``(G, k, d)``.
 
     The random draws (subsample, one uniform per centroid) depend only on N, k and the seed, so a problem
-    gets the same start alone or in a batch.
+    gets the same start alone or in a batch, on any device.
     """
     G, N, d = x.shape
-    gen = torch.Generator(device=x.device).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same start on every device
     n = min(N, max(max_sample, 8 * k))
-    sub = torch.randperm(N, generator=gen, device=x.device)[:n] if n < N else torch.arange(N, device=x.device)
-    u = torch.rand(k, generator=gen, device=x.device, dtype=torch.float64)
+    sub = (torch.randperm(N, generator=gen)[:n] if n < N else torch.arange(N)).to(x.device)
+    u = torch.rand(k, generator=gen, dtype=torch.float64).to(x.device)
     xs, ws = x[:, sub], w[:, sub]  # (G, n, d), (G, n)
     rows = torch.arange(G, device=x.device)
     c = torch.empty(G, k, d, device=x.device)

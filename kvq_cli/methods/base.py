@@ -143,6 +143,10 @@ class KVMethod:
         """Bits of one layer's state (codebooks, thresholds), stored once per layer."""
         return sum(t.numel() * FP16_BITS for t in state.values())
 
+    def state_bits_estimate(self, kv_heads: int, head_dim: int) -> int:
+        """``state_bits`` of one layer as the configuration implies it, without calibration (0: no state)."""
+        return 0
+
 
 def as_float(x: Tensor) -> Tensor:
     """float32 view of a tensor for quantization arithmetic."""

@@ -2,8 +2,9 @@
 
 KVQuant (arXiv 2401.18079). Keys are normalized per channel to [-1, 1] with thresholds calibrated
 offline (entries beyond them are sparse fp16 outliers); values (and keys with ``per_channel=False``)
-are normalized per token with the vector's own range after setting aside its ``n`` largest and ``n``
-smallest entries (``n = max(1, round(outliers * D / 2))``). One non-uniform codebook of ``2^bits``
+are normalized per (token, head) vector with the range of its inliers, after setting aside the ``n``
+largest and ``n`` smallest entries of the token over all KV heads (``n = max(1, round(outliers * H * D / 2))``,
+KVQuant's per-token top-k). One non-uniform codebook of ``2^bits``
 levels per layer for K and one for V, fitted by 1-D k-means over normalized calibration entries
 weighted by their Fisher information, then shifted/rescaled by Q-Norm. Each switch turns one ingredient
 off for ablations. The first ``sink`` tokens stay in fp16 (handled by the caller).
@@ -27,14 +28,15 @@ from .quant_ops import (
     denormalize,
     fp16_ceil,
     fp16_floor,
+    masked_vector_normalize,
     nearest_code,
     normalize,
     outliers_per_side,
     packed_bits,
     q_norm,
     restore_outliers,
+    token_outlier_mask,
     uniform_codebook,
-    vector_normalize,
     with_outliers,
 )
 from .registry import register
@@ -108,21 +110,20 @@ class KVQuant(KVMethod):
     def fit(self, calib: LayerCalibration) -> State:
         """Thresholds (per-channel keys) and the K and V codebooks from ``(N, H, D)`` calibration samples."""
         keys, values = as_float(calib.keys), as_float(calib.values)
-        n_out = outliers_per_side(self.outliers, keys.shape[-1])
         state: State = {}
         if self.per_channel:
             if calib.key_lo is not None and calib.key_hi is not None:
                 lo, hi = calib.key_lo, calib.key_hi
             else:
                 lo, hi = channel_thresholds(keys, self.outliers)
-            state["key_lo"] = fp16_floor(lo).float()  # (H, D), stored fp16: rounded outward
-            state["key_hi"] = fp16_ceil(hi).float()
+            state["key_lo"] = fp16_floor(lo.to(keys.device)).float()  # (H, D), stored fp16: rounded outward
+            state["key_hi"] = fp16_ceil(hi.to(keys.device)).float()
             y = normalize(keys, state["key_lo"], state["key_hi"])  # (N, H, D)
             mask = (keys < state["key_lo"]) | (keys > state["key_hi"]) if self.outliers > 0 else None
         else:
-            y, _, _, mask = vector_normalize(keys, n_out)  # (N, H, D)
+            y, mask = self._normalize_samples(keys)
         state["key_codebook"] = self._fit_codebook(y, mask, calib.key_fisher)
-        y, _, _, mask = vector_normalize(values, n_out)  # (N, H, D)
+        y, mask = self._normalize_samples(values)
         state["value_codebook"] = self._fit_codebook(y, mask, calib.value_fisher)
         return state
 
@@ -136,8 +137,8 @@ class KVQuant(KVMethod):
         pts = y[keep]  # (M,)
         w = fisher.float()[keep] if self.fisher and fisher is not None else None  # (M,)
         if pts.numel() > MAX_KMEANS_POINTS:
-            gen = torch.Generator(device=pts.device).manual_seed(self.seed)
-            sub = torch.randperm(pts.numel(), generator=gen, device=pts.device)[:MAX_KMEANS_POINTS]
+            gen = torch.Generator().manual_seed(self.seed)  # CPU draws: the same subsample on every device
+            sub = torch.randperm(pts.numel(), generator=gen)[:MAX_KMEANS_POINTS].to(pts.device)
             pts, w = pts[sub], None if w is None else w[sub]
         c = weighted_kmeans(pts, 1 << self.bits, w, iters=self.kmeans_iters, seed=self.seed)  # (2^bits,)
         if self.qnorm:
@@ -171,9 +172,19 @@ class KVQuant(KVMethod):
     def decode_values(self, enc: Encoded, state: State) -> Tensor:
         return self._decode_vectors(enc, state["value_codebook"].to(enc["codes"].device))
 
+    def _normalize_samples(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Calibration samples ``(N, H, D)`` normalized as ``_encode_vectors`` would: ``y`` and outlier mask."""
+        xt = x.transpose(0, 1)[None]  # (1, H, N, D)
+        mask = token_outlier_mask(xt, outliers_per_side(self.outliers, x.shape[1] * x.shape[2]))
+        y, _, _ = masked_vector_normalize(xt, mask)
+        back = (lambda t: t[0].transpose(0, 1))  # noqa: E731 - (1, H, N, D) -> (N, H, D)
+        return back(y), None if mask is None else back(mask)
+
     def _encode_vectors(self, x: Tensor, codebook: Tensor) -> Encoded:
-        """Per-vector normalization with top-k outliers: ``x (B, H, T, D)``."""
-        y, scale, zero, mask = vector_normalize(x, outliers_per_side(self.outliers, x.shape[-1]))
+        """Per-vector normalization after KVQuant's per-token top-k outliers: ``x (B, H, T, D)``."""
+        b, h, t, d = x.shape
+        mask = token_outlier_mask(x, outliers_per_side(self.outliers, h * d))
+        y, scale, zero = masked_vector_normalize(x, mask)
         return with_outliers({"codes": nearest_code(y, codebook), "scale": scale, "zero": zero}, x, mask)
 
     def _decode_vectors(self, enc: Encoded, codebook: Tensor) -> Tensor:
@@ -185,8 +196,12 @@ class KVQuant(KVMethod):
     def encoded_bits(self, enc: Encoded) -> int:
         return packed_bits(enc, self.bits)
 
+    def state_bits_estimate(self, kv_heads: int, head_dim: int) -> int:
+        """Two ``2^bits`` codebooks, plus ``key_lo``/``key_hi`` ``(H, D)`` when per channel, in fp16."""
+        return FP16_BITS * (2 * (1 << self.bits) + (2 * kv_heads * head_dim if self.per_channel else 0))
+
     def bits_per_token(self, kv_heads: int, head_dim: int) -> float:
-        n_out = outliers_per_side(self.outliers, head_dim)
-        per_vector = head_dim * self.bits + 2 * FP16_BITS + 2 * n_out * OUTLIER_BITS  # codes, scale, zero, outliers
-        key = head_dim * (self.bits + self.outliers * OUTLIER_BITS) if self.per_channel else per_vector
-        return float(kv_heads * (key + per_vector))
+        token_outliers = 2 * outliers_per_side(self.outliers, kv_heads * head_dim) * OUTLIER_BITS
+        per_token = kv_heads * (head_dim * self.bits + 2 * FP16_BITS) + token_outliers  # codes, scale, zero, outliers
+        key = kv_heads * head_dim * (self.bits + self.outliers * OUTLIER_BITS) if self.per_channel else per_token
+        return float(key + per_token)

@@ -171,6 +171,40 @@ def vector_normalize(x: Tensor, n_out: int) -> tuple[Tensor, Tensor, Tensor, Ten
     return normalize(x, zero.float(), zero.float() + scale.float()), scale, zero, mask
 
 
+def token_outlier_mask(x: Tensor, n_out: int) -> Tensor | None:
+    """KVQuant's per-token outliers: the ``n_out`` largest and smallest entries of each token over all heads.
+
+    ``x (B, H, T, D)`` -> bool mask of the same shape with exactly ``2 n_out`` entries per token (None at 0).
+    """
+    if n_out <= 0:
+        return None
+    b, h, t, d = x.shape
+    row = x.float().permute(0, 2, 1, 3).reshape(b, t, h * d)  # (B, T, H*D)
+    mask = torch.zeros_like(row, dtype=torch.bool)
+    mask.scatter_(-1, row.topk(n_out, dim=-1).indices, True)
+    mask.scatter_(-1, row.topk(n_out, dim=-1, largest=False).indices, True)
+    return mask.view(b, t, h, d).permute(0, 2, 1, 3)
+
+
+def masked_vector_normalize(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-vector normalization ``x (..., D)`` over the entries outside ``mask`` (all entries when None).
+
+    Returns ``y`` float32 in [-1, 1] and ``scale``, ``zero`` float16 ``(..., 1)`` (rounded outward).
+    """
+    x = x.float()
+    if mask is None:
+        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    else:
+        lo = x.masked_fill(mask, float("inf")).amin(-1, keepdim=True)
+        hi = x.masked_fill(mask, float("-inf")).amax(-1, keepdim=True)
+        empty = torch.isinf(lo)  # a vector whose entries are all outliers keeps its own range
+        lo = torch.where(empty, x.amin(-1, keepdim=True), lo)
+        hi = torch.where(empty, x.amax(-1, keepdim=True), hi)
+    zero = fp16_floor(lo)
+    scale = fp16_ceil(hi - zero.float())
+    return normalize(x, zero.float(), zero.float() + scale.float()), scale, zero
+
+
 def channel_thresholds(x: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
     """Per-channel ``fraction / 2`` lower and upper quantiles (linear interpolation) over the first axis.
 

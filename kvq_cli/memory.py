@@ -1,0 +1,222 @@
+"""Memory estimates: KV cache, weights and a workspace allowance against a GPU budget (no weights read).
+
+The KV arithmetic is the runtime's own (``kvq_cli.accounting.cache_bits``, residual window and sink in
+16 bits, per-layer state once). The rest, stated so every number can be checked by hand:
+
+* weights = parameter count (from the shapes) x bytes per parameter (bf16/fp16 2, int8 1, int4 0.5;
+  nominal: no quantization scales);
+* allowance for activations and workspace = 1 GiB (CUDA context, allocator slack, kernels' workspace)
+  + batch x chunk x (4 x vocab + 2 x (4 x hidden + 2 x intermediate)) bytes, with
+  chunk = min(4096, context): the fp32 logits and a few bf16 hidden/MLP buffers of one prefill chunk;
+* total = KV + weights + allowance; it fits when total <= budget (x ``gpus``; weights split evenly).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .accounting import avg_bits, cache_bits
+from .errors import KvqError
+from .methods import KVMethod, parse_spec
+from .methods.base import FP16_BITS
+from .presets import GPU_PRESETS, MODEL_PRESETS, ModelShape, shape_from_config
+
+GiB = 1 << 30
+PREFILL_CHUNK = 4096
+FIXED_ALLOWANCE = GiB
+WEIGHT_BYTES: dict[str, float] = {"bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
+DEFAULT_METHODS = ("fp16", "kivi2", "kivi4", "kvquant:bits=4,outliers=0.01", "kvquant:bits=3,outliers=0.01",
+                   "kvquant:bits=2,outliers=0.01")
+#: Largest context the solver looks at (2^40 tokens).
+MAX_SEARCH = 1 << 40
+
+_SIZE = re.compile(r"^\s*([+-]?\d+(?:\.\d*)?|[+-]?\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+_CONTEXT_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def _parse(text: str, units: dict[str, int], what: str, examples: str) -> int:
+    m = _SIZE.match(str(text))
+    if not m or m.group(2).lower() not in units:
+        raise KvqError(f"cannot read {what} {text!r}: write e.g. {examples}")
+    value = round(float(m.group(1)) * units[m.group(2).lower()])
+    if value <= 0:
+        raise KvqError(f"{what} must be positive, not {text!r}")
+    return value
+
+
+def parse_context(text: str | int) -> int:
+    """Tokens from ``131072``, ``128K``/``128k`` (x 1024), ``1M``/``1.5M`` (x 1024^2) or ``1G``."""
+    return _parse(str(text), _CONTEXT_UNITS, "context", "131072, 128K, 1M or 10M")
+
+
+def parse_budget(text: str | int) -> int:
+    """Bytes from ``80GiB`` (2^30), ``80GB`` (1e9), ``512MiB``, ``1.5TB`` or a plain number of bytes."""
+    return _parse(str(text), _BYTE_UNITS, "budget", "80GiB (x 2^30) or 80GB (x 10^9)")
+
+
+def gpu_bytes(name: str) -> int:
+    key = name.lower()
+    if key not in GPU_PRESETS:
+        raise KvqError(f"unknown GPU {name!r}; known: {', '.join(GPU_PRESETS)} (or give --budget, e.g. 80GiB)")
+    return GPU_PRESETS[key]
+
+
+def resolve_shape(spec: str) -> ModelShape:
+    """A preset's shapes, else the configuration of anything the model resolver takes (never weights)."""
+    from .models import load_config, resolve_model
+
+    if spec.lower() in MODEL_PRESETS:
+        return MODEL_PRESETS[spec.lower()]
+    try:
+        source = resolve_model(spec)
+    except KvqError as exc:
+        raise KvqError(f"{exc}; presets for estimates: {', '.join(MODEL_PRESETS)}") from None
+    return shape_from_config(load_config(source), source.name)
+
+
+def state_bits_estimate(method: KVMethod, kv_heads: int, head_dim: int) -> int:
+    """One layer's state bits from the configuration: the method's own ``state_bits_estimate`` where it
+    overrides the base (0), else for kvquant key_lo/key_hi (2 H D fp16, per-channel keys only) plus the
+    K and V codebooks (2 x 2^bits fp16)."""
+    if type(method).state_bits_estimate is not KVMethod.state_bits_estimate or method.name != "kvquant":
+        return method.state_bits_estimate(kv_heads, head_dim)
+    thresholds = 2 * kv_heads * head_dim if getattr(method, "per_channel", True) else 0
+    return FP16_BITS * (thresholds + 2 * (1 << method.bits))
+
+
+@dataclass
+class Entry:
+    """One configuration to estimate: a label, its method, and the bits of all layers' state."""
+
+    name: str
+    method: KVMethod
+    state_bits: int
+
+    @classmethod
+    def from_method(cls, method: KVMethod, shape: ModelShape) -> Entry:
+        """State estimated from the configuration (``state_bits_estimate``), for every layer."""
+        return cls(method.label, method, shape.layers * state_bits_estimate(method, shape.kv_heads, shape.head_dim))
+
+
+def kv_bytes(entry: Entry, shape: ModelShape, tokens: int, batch: int = 1) -> float:
+    """Bytes of the KV cache at run time (residual window and sink in 16 bits), ``batch`` sequences."""
+    return cache_bits(entry.method, shape.geometry(), tokens, entry.state_bits, with_residual=True, batch=batch) / 8
+
+
+def weights_bytes(shape: ModelShape, dtype: str = "bf16") -> float:
+    if dtype not in WEIGHT_BYTES:
+        raise KvqError(f"--weights-dtype must be one of {', '.join(WEIGHT_BYTES)}, not {dtype!r}")
+    return shape.params * WEIGHT_BYTES[dtype]
+
+
+def allowance_bytes(shape: ModelShape, tokens: int, batch: int = 1) -> int:
+    """1 GiB + batch x min(4096, tokens) x (4 vocab + 2 (4 hidden + 2 intermediate)) bytes."""
+    per_token = 4 * shape.vocab + 2 * (4 * shape.hidden + 2 * shape.intermediate)
+    return FIXED_ALLOWANCE + batch * min(PREFILL_CHUNK, tokens) * per_token
+
+
+def total_bytes(entry: Entry, shape: ModelShape, tokens: int, batch: int, weights: float) -> float:
+    return kv_bytes(entry, shape, tokens, batch) + weights + allowance_bytes(shape, tokens, batch)
+
+
+def max_context(entry: Entry, shape: ModelShape, batch: int, weights: float, budget: float) -> int:
+    """Largest context whose total fits ``budget`` (0 when not even one token does); totals grow with context."""
+    if total_bytes(entry, shape, 1, batch, weights) > budget:
+        return 0
+    lo, hi = 1, MAX_SEARCH
+    if total_bytes(entry, shape, hi, batch, weights) <= budget:
+        return hi
+    while hi - lo > 1:  # total(lo) <= budget < total(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if total_bytes(entry, shape, mid, batch, weights) <= budget else (lo, mid)
+    return lo
+
+
+def default_methods() -> list[KVMethod]:
+    return [parse_spec(s) for s in DEFAULT_METHODS]
+
+
+def with_fp16_first(entries: Sequence[Entry], shape: ModelShape) -> list[Entry]:
+    """The fp16 reference first (added when missing), then the others in order."""
+    rest = [e for e in entries if e.method.name != "fp16" or getattr(e.method, "pre_rope", False)]
+    return [Entry.from_method(parse_spec("fp16"), shape), *rest]
+
+
+def estimate(
+    shape: ModelShape,
+    entries: Sequence[Entry],
+    context: int,
+    batch: int = 1,
+    weights_dtype: str = "bf16",
+    budget: int | None = None,
+    gpus: int = 1,
+    gpu: str | None = None,
+) -> dict[str, Any]:
+    """The estimate as JSON-able data: one result per entry (fp16 first), against ``budget x gpus``."""
+    if context < 1:
+        raise KvqError(f"context must be positive, not {context}")
+    if batch < 1:
+        raise KvqError(f"--batch must be at least 1, not {batch}")
+    if gpus < 1:
+        raise KvqError(f"--gpus must be at least 1, not {gpus}")
+    if budget is None:
+        gpu = gpu or "h100-80gb"
+        budget = gpu_bytes(gpu)
+    total_budget = budget * gpus
+    weights = weights_bytes(shape, weights_dtype)
+    geom = shape.geometry()
+    notes = []
+    if shape.max_positions and context > shape.max_positions:
+        notes.append(f"context {context:,} is beyond {shape.name}'s {shape.max_positions:,} positions: "
+                     "the numbers are memory arithmetic only")
+    results = []
+    for e in with_fp16_first(entries, shape):
+        kv = kv_bytes(e, shape, context, batch)
+        total = total_bytes(e, shape, context, batch, weights)
+        results.append({
+            "name": e.name,
+            "avg_bits": avg_bits(e.method, geom, context, e.state_bits, with_residual=True),
+            "kv_bytes_per_token": kv / (batch * context),
+            "kv_bytes": kv,
+            "weights_bytes": weights,
+            "total_bytes": total,
+            "fits": total <= total_budget,
+            "max_context": max_context(e, shape, batch, weights, total_budget),
+        })
+    return {
+        "model": shape.name,
+        "context": context,
+        "batch": batch,
+        "budget_bytes": total_budget,
+        "gpu": gpu,
+        "gpus": gpus,
+        "weights_dtype": weights_dtype,
+        "params": shape.params,
+        "max_positions": shape.max_positions,
+        "allowance_bytes": allowance_bytes(shape, context, batch),
+        "notes": notes,
+        "results": results,
+    }
+
+
+def curves(shape: ModelShape, entries: Sequence[Entry], batch: int, weights: float, up_to: int,
+           points: int = 120) -> dict[str, tuple[list[int], list[float]]]:
+    """Total bytes against context (log-spaced from 1K to ``up_to``) per entry, fp16 first."""
+    lo = 1024
+    hi = max(up_to, 2 * lo)
+    xs = sorted({round(lo * (hi / lo) ** (i / (points - 1))) for i in range(points)})
+    return {e.name: (xs, [total_bytes(e, shape, x, batch, weights) for x in xs])
+            for e in with_fp16_first(entries, shape)}
+
+
+def check_plot_path(path: str) -> Path:
+    out = Path(path).expanduser()
+    if not out.parent.is_dir():
+        raise KvqError(f"--plot {path}: folder {out.parent} does not exist")
+    return out

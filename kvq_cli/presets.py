@@ -1,0 +1,118 @@
+"""Offline shapes of common models and memory sizes of common GPUs, for ``kvq estimate-memory``.
+
+A ``ModelShape`` is what a memory estimate needs from a model: the KV geometry (layers, KV heads,
+head_dim) and the shapes that give the parameter count of a dense Llama-like decoder (gated MLP,
+RMSNorm, optional q/k/v biases). Preset shapes are copied from each model's published ``config.json``;
+parameter counts are computed from them (tests check them against the published counts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import KvqError
+from .hf_attention import KVGeometry, text_config
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Shapes of a dense decoder-only transformer with a gated MLP (Llama, Mistral, Qwen2, SmolLM2)."""
+
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied_embeddings: bool
+    max_positions: int | None
+    rope_theta: float = 10000.0
+    qkv_bias: bool = False
+    architecture: str = "LlamaForCausalLM"
+
+    @property
+    def params(self) -> int:
+        """Parameter count: embeddings (+ LM head unless tied), attention, gated MLP, RMSNorm weights."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        attn = self.hidden * (2 * q + 2 * kv) + (q + 2 * kv if self.qkv_bias else 0)  # q, k, v, o (+ biases)
+        layer = attn + 3 * self.hidden * self.intermediate + 2 * self.hidden  # + gate/up/down, 2 norms
+        head = 0 if self.tied_embeddings else self.vocab * self.hidden
+        return self.vocab * self.hidden + head + self.layers * layer + self.hidden  # + final norm
+
+    def geometry(self) -> KVGeometry:
+        return KVGeometry(self.layers, self.kv_heads, self.head_dim, self.heads, self.rope_theta,
+                          self.max_positions, self.architecture)
+
+
+def _preset(name, layers, hidden, heads, kv_heads, intermediate, vocab, tied, positions, theta, **kw) -> ModelShape:
+    return ModelShape(name, layers, hidden, heads, kv_heads, hidden // heads, intermediate, vocab, tied, positions,
+                      float(theta), **kw)
+
+
+#: name -> shapes (from the models' config.json files).
+MODEL_PRESETS: dict[str, ModelShape] = {
+    p.name: p
+    for p in (
+        _preset("llama-7b", 32, 4096, 32, 32, 11008, 32000, False, 2048, 10000),
+        _preset("llama-2-7b", 32, 4096, 32, 32, 11008, 32000, False, 4096, 10000),
+        _preset("llama-2-13b", 40, 5120, 40, 40, 13824, 32000, False, 4096, 10000),
+        _preset("llama-2-70b", 80, 8192, 64, 8, 28672, 32000, False, 4096, 10000),
+        _preset("llama-3-8b", 32, 4096, 32, 8, 14336, 128256, False, 8192, 500000),
+        _preset("llama-3.1-8b", 32, 4096, 32, 8, 14336, 128256, False, 131072, 500000),
+        _preset("llama-3-70b", 80, 8192, 64, 8, 28672, 128256, False, 8192, 500000),
+        _preset("llama-3.1-70b", 80, 8192, 64, 8, 28672, 128256, False, 131072, 500000),
+        _preset("mistral-7b", 32, 4096, 32, 8, 14336, 32768, False, 32768, 1000000,
+                architecture="MistralForCausalLM"),  # v0.3 (no sliding window)
+        _preset("qwen2.5-7b", 28, 3584, 28, 4, 18944, 152064, False, 131072, 1000000, qkv_bias=True,
+                architecture="Qwen2ForCausalLM"),
+        _preset("smollm2-135m", 30, 576, 9, 3, 1536, 49152, True, 8192, 100000),
+    )
+}
+
+#: GPU name -> memory in bytes (the card's nominal size: GiB as sold, except the H200's 141 GB).
+GPU_PRESETS: dict[str, int] = {
+    "h100-80gb": 80 * GiB,
+    "a100-80gb": 80 * GiB,
+    "a100-40gb": 40 * GiB,
+    "h200": 141 * 10**9,
+    "l40s": 48 * GiB,
+    "a6000": 48 * GiB,
+    "rtx4090": 24 * GiB,
+    "rtx3090": 24 * GiB,
+}
+
+
+def shape_from_config(config, name: str) -> ModelShape:
+    """A ``ModelShape`` from a Hugging Face config; one ``KvqError`` line naming what is missing."""
+    cfg = text_config(config)
+    need = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+    missing = [k for k in need if getattr(cfg, k, None) is None]
+    if missing:
+        raise KvqError(f"the configuration of {name} has no {', '.join(missing)}: memory cannot be estimated")
+    heads = cfg.num_attention_heads
+    bias = getattr(cfg, "attention_bias", None)
+    theta = None
+    rope = getattr(cfg, "rope_parameters", None)
+    if isinstance(rope, dict):
+        theta = rope.get("rope_theta")
+    arch = (getattr(cfg, "architectures", None) or [getattr(cfg, "model_type", "unknown")])[0]
+    tied = getattr(config, "tie_word_embeddings", None)
+    return ModelShape(
+        name=name,
+        layers=cfg.num_hidden_layers,
+        hidden=cfg.hidden_size,
+        heads=heads,
+        kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        intermediate=cfg.intermediate_size,
+        vocab=cfg.vocab_size,
+        tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False) if tied is None else tied),
+        max_positions=getattr(cfg, "max_position_embeddings", None),
+        rope_theta=float(theta or getattr(cfg, "rope_theta", None) or 10000.0),
+        qkv_bias=bool(getattr(cfg, "model_type", "") == "qwen2" if bias is None else bias),
+        architecture=arch,
+    )
