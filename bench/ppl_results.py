@@ -124,8 +124,9 @@ def render(doc: dict) -> str:
     parts = []
     for key, res in doc["results"].items():
         for sub, r in ({key: res} if "results" in res else res).items():
-            parts.append(f"### {sub}: {r['model']}, {r['dataset'] if '/' not in r['dataset'] else Path(r['dataset']).name}"
-                         f", {r['windows']} windows x {r['seqlen']} tokens, {r['mode']}, {r['dtype']}, {r['device']}")
+            dataset = Path(r["dataset"]).name
+            parts.append(f"### {sub}: {r['model']}, {dataset}, {r['windows']} windows x {r['seqlen']} tokens, "
+                         f"{r['mode']}, {r['dtype']}, {r['device']}")
             parts.append(table(r, r.get("labels")))
     return "\n\n".join(parts)
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from kvq_cli import artifact as artifact_io
 from kvq_cli.calibration.capture import capture, sample_windows
 from kvq_cli.errors import KvqError

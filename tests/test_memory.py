@@ -172,10 +172,10 @@ def test_llama_7b_kvquant_2bit_no_outliers_1m():
 def test_mha_kvquant_outliers_sink_batch():
     shape = MODEL_PRESETS["llama-2-7b"]  # MHA: 32 KV heads
     L, H, D, T, B = 32, 32, 128, 4096, 2
-    n_out = 1  # max(1, round(0.01 * 128 / 2))
-    key = D * (3 + 0.01 * 32)  # per-channel codes + 1% sparse outliers (fp16 value + 16-bit position)
-    value = D * 3 + 2 * 16 + 2 * n_out * 32  # per-token codes, scale + zero, top/bottom outliers
-    per_layer_seq = 1 * 2 * H * D * 16 + (T - 1) * H * (key + value)  # 1 sink token in fp16
+    n_out = 20  # per token over all KV heads: max(1, round(0.01 * H * D / 2))
+    key = H * D * (3 + 0.01 * 32)  # per-channel codes + 1% sparse outliers (fp16 value + 16-bit position)
+    value = H * (D * 3 + 2 * 16) + 2 * n_out * 32  # codes, scale + zero per head vector, top/bottom outliers
+    per_layer_seq = 1 * 2 * H * D * 16 + (T - 1) * (key + value)  # 1 sink token in fp16
     state = L * 16 * (2 * H * D + 2 * 8)
     expected = (B * L * per_layer_seq + state) / 8
     assert memory.kv_bytes(entry("kvquant:bits=3,outliers=0.01", shape), shape, T, B) == pytest.approx(expected)
