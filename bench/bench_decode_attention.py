@@ -145,18 +145,22 @@ def tune(configs):
                     times[(bn, nw)] = bench(functools.partial(fn, q, cache, block_n=bn, num_warps=nw))
                 except Exception as e:  # noqa: BLE001 - a config may not compile (resources)
                     print(f"tune {model} {name} {bn}/{nw}: {type(e).__name__}: {str(e)[:120]}", file=sys.stderr)
+            if not times:
+                continue
             k = min(times, key=times.get)
             best[(name, g)] = k
             rows.append((model, name, {f"{a}/{b}": round(t * 1e3, 1) for (a, b), t in times.items()}, k))
+            print(f"tune {model:10s} {name:14s} us by block_n/warps: {rows[-1][2]}", flush=True)
             del cache
     for model, (h, g, d) in MODELS.items():  # what the fixed outlier slots cost
         for name in ("kvquant-4b-1%", "kvquant-2b-1%"):
             cfg = dict(METHODS[name], nok=0, nov=0)
             cache = random_kvquant(1, h, d, 131072, cfg)
             q = torch.randn(1, h * g, d, device=DEV, dtype=torch.float16)
-            bn, nw = best[(name, g)]
+            bn, nw = best.get((name, g), (None, None))
             t0 = bench(functools.partial(decode_attention_kvquant, q, cache, block_n=bn, num_warps=nw))
             rows.append((model, name.replace("1%", "0%"), {f"{bn}/{nw}": round(t0 * 1e3, 1)}, (bn, nw)))
+            print(f"tune {model:10s} {name} without outlier slots: {t0 * 1e3:.1f} us", flush=True)
     for r in rows:
         print(f"tune {r[0]:10s} {r[1]:14s} us by block_n/warps: {r[2]} -> {r[3]}")
     return best

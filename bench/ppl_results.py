@@ -87,17 +87,25 @@ def main() -> None:
     parts = args.only or ["main", "ablation", "shift"]
     tmp = Path(tempfile.mkdtemp(prefix="kvq-results-"))
     doc: dict = {"command": "python " + " ".join(sys.argv), "git": _git(), "results": {}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every part, so a cut-off run keeps what it measured
+        out.with_suffix(".json").write_text(json.dumps(doc, indent=2))
+
     if "main" in parts:
         print("main table", flush=True)
         arts = [calibrate({"bits": b, "outliers": o}, tmp / f"kvq{b}-{o}.safetensors", args)
                 for b in KVQ_BITS for o in (0.0, 0.01)]
         doc["results"]["main"] = evaluate("wikitext2", arts, MAIN_METHODS, args)
+        save()
     if "ablation" in parts:
         print("ablation", flush=True)
         arts = [calibrate({"bits": 3, "outliers": 0.01, **o}, tmp / f"abl{i}.safetensors", args)
                 for i, o in enumerate(ABLATION.values())]
         doc["results"]["ablation"] = evaluate("wikitext2", arts, [], args)
         doc["results"]["ablation"]["labels"] = ["fp16 baseline", *ABLATION]
+        save()
     if "shift" in parts:
         print("calibration shift", flush=True)
         text = (Path(args.data_dir) / "tiny-shakespeare.txt").read_text()
@@ -113,10 +121,9 @@ def main() -> None:
             res["labels"] = ["fp16 baseline", f"kvquant-{bits}b-1% calibrated on WikiText-2 valid",
                              f"kvquant-{bits}b-1% calibrated on Shakespeare (first half)"]
             shift[f"{bits}b"] = res
-        doc["results"]["shift"] = shift
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(doc, indent=2))
+            doc["results"]["shift"] = shift
+            save()
+    out.with_suffix(".md").write_text(render(doc) + "\n")
     print(render(doc))
 
 

@@ -146,40 +146,43 @@ def _kvquant_split_kernel(
     l = tl.zeros((GP,), tl.float32)
     acc1 = tl.zeros((GP, HALF), tl.float32)
     acc2 = tl.zeros((GP, HALF), tl.float32)
-    if sp < NSP - 1:
-        NBK: tl.constexpr = D * BITS_K // 8
-        NBV: tl.constexpr = D * BITS_V // 8
-        a1 = tl.load(KA + h * D + ch)[None, :]
-        a2 = tl.load(KA + h * D + HALF + ch)[None, :]
-        s1 = tl.load(KSC + h * D + ch)[None, :]
-        s2 = tl.load(KSC + h * D + HALF + ch)[None, :]
-        start = sp * tokens_per_split
-        end = tl.minimum(start + tokens_per_split, n_packed)
-        for t0 in range(start, end, BLOCK_N):
-            t = t0 + tl.arange(0, BLOCK_N)
-            valid = t < end
-            row = pid_bh.to(tl.int64) * Tmax + t
-            # keys: codes -> codebook -> per-channel affine -> outliers -> RoPE(j) ; query rotated by -p0
-            kp = KP + row * NBK
-            k1 = a1 + s1 * tl.load(CK + _load_codes_half(kp, valid, 0, BITS_K, D, BLOCK_N))
-            k2 = a2 + s2 * tl.load(CK + _load_codes_half(kp, valid, 1, BITS_K, D, BLOCK_N))
-            k1, k2 = _replace_slots(k1, k2, KOI, KOV, row, valid, NOK, HALF)
-            qr1, qr2 = _rotate_query(q1, q2, INVF, n_sink + t0, HALF)
-            s = _scores(qr1, qr2, k1 * cj - k2 * sj, k2 * cj + k1 * sj)
-            s = tl.where(valid[None, :], s, -float("inf"))
-            # values: codes -> codebook -> per-token min/scale -> outliers
-            hs = 0.5 * tl.load(VSC + row, mask=valid, other=0.0).to(tl.float32)
-            mn = tl.load(VMIN + row, mask=valid, other=0.0).to(tl.float32) + hs
-            vp = VP + row * NBV
-            v1 = mn[:, None] + hs[:, None] * tl.load(CV + _load_codes_half(vp, valid, 0, BITS_V, D, BLOCK_N))
-            v2 = mn[:, None] + hs[:, None] * tl.load(CV + _load_codes_half(vp, valid, 1, BITS_V, D, BLOCK_N))
-            v1, v2 = _replace_slots(v1, v2, VOI, VOV, row, valid, NOV, HALF)
-            m, l, acc1, acc2 = _online(s, v1, v2, m, l, acc1, acc2)
-    else:
-        m, l, acc1, acc2 = _fp16_segment(q1, q2, SK, SV, b * ssb + h * ssh, n_sink, 0, cj, sj, INVF,
-                                         m, l, acc1, acc2, True, D, BLOCK_N)
-        m, l, acc1, acc2 = _fp16_segment(q1, q2, RK, RV, b * srb + h * srh, n_res, n_sink + n_packed, cj, sj,
-                                         INVF, m, l, acc1, acc2, True, D, BLOCK_N)
+    # the last program (sp == NSP - 1) has an empty packed range and does the fp16 segments; no
+    # branch on sp (Triton 3.6 mis-compiles the GQA variant of the if/else form)
+    last = sp == NSP - 1
+    NBK: tl.constexpr = D * BITS_K // 8
+    NBV: tl.constexpr = D * BITS_V // 8
+    a1 = tl.load(KA + h * D + ch)[None, :]
+    a2 = tl.load(KA + h * D + HALF + ch)[None, :]
+    s1 = tl.load(KSC + h * D + ch)[None, :]
+    s2 = tl.load(KSC + h * D + HALF + ch)[None, :]
+    start = sp * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, n_packed)
+    for t0 in range(start, end, BLOCK_N):
+        t = t0 + tl.arange(0, BLOCK_N)
+        valid = t < end
+        row = pid_bh.to(tl.int64) * Tmax + t
+        # keys: codes -> codebook -> per-channel affine -> outliers -> RoPE(j) ; query rotated by -p0
+        kp = KP + row * NBK
+        k1 = a1 + s1 * tl.load(CK + _load_codes_half(kp, valid, 0, BITS_K, D, BLOCK_N))
+        k2 = a2 + s2 * tl.load(CK + _load_codes_half(kp, valid, 1, BITS_K, D, BLOCK_N))
+        k1, k2 = _replace_slots(k1, k2, KOI, KOV, row, valid, NOK, HALF)
+        qr1, qr2 = _rotate_query(q1, q2, INVF, n_sink + t0, HALF)
+        s = _scores(qr1, qr2, k1 * cj - k2 * sj, k2 * cj + k1 * sj)
+        s = tl.where(valid[None, :], s, -float("inf"))
+        # values: codes -> codebook -> per-token min/scale -> outliers
+        hs = 0.5 * tl.load(VSC + row, mask=valid, other=0.0).to(tl.float32)
+        mn = tl.load(VMIN + row, mask=valid, other=0.0).to(tl.float32) + hs
+        vp = VP + row * NBV
+        v1 = mn[:, None] + hs[:, None] * tl.load(CV + _load_codes_half(vp, valid, 0, BITS_V, D, BLOCK_N))
+        v2 = mn[:, None] + hs[:, None] * tl.load(CV + _load_codes_half(vp, valid, 1, BITS_V, D, BLOCK_N))
+        v1, v2 = _replace_slots(v1, v2, VOI, VOV, row, valid, NOV, HALF)
+        m, l, acc1, acc2 = _online(s, v1, v2, m, l, acc1, acc2)
+    n_s = tl.where(last, n_sink, 0)
+    n_r = tl.where(last, n_res, 0)
+    m, l, acc1, acc2 = _fp16_segment(q1, q2, SK, SV, b * ssb + h * ssh, n_s, 0, cj, sj, INVF,
+                                     m, l, acc1, acc2, True, D, BLOCK_N)
+    m, l, acc1, acc2 = _fp16_segment(q1, q2, RK, RV, b * srb + h * srh, n_r, n_sink + n_packed, cj, sj,
+                                     INVF, m, l, acc1, acc2, True, D, BLOCK_N)
     _store_partial(MP, LP, AP, pid_bh, sp, NSP, m, l, acc1, acc2, GP, D)
 
 
@@ -205,56 +208,59 @@ def _kivi_split_kernel(
     l = tl.zeros((GP,), tl.float32)
     acc1 = tl.zeros((GP, HALF), tl.float32)
     acc2 = tl.zeros((GP, HALF), tl.float32)
-    if sp < NSP - 1:
-        NB: tl.constexpr = D * BITS // 8
-        NVG: tl.constexpr = D // VG
-        start = sp * tokens_per_split
-        end = tl.minimum(start + tokens_per_split, n_packed)
-        for t0 in range(start, end, BLOCK_N):
-            t = t0 + tl.arange(0, BLOCK_N)
-            valid = t < end
-            row = pid_bh.to(tl.int64) * Tmax + t
-            # keys: per-channel scale/zero of the token's group of KG tokens
-            grow = pid_bh.to(tl.int64) * NGmax + t // KG
-            goff = grow[:, None] * D + ch[None, :]
-            kp = KP + row * NB
-            c1 = _load_codes_half(kp, valid, 0, BITS, D, BLOCK_N).to(tl.float32)
-            c2 = _load_codes_half(kp, valid, 1, BITS, D, BLOCK_N).to(tl.float32)
-            k1 = tl.load(KZ + goff, mask=valid[:, None], other=0.0).to(tl.float32) + c1 * tl.load(
-                KS + goff, mask=valid[:, None], other=0.0).to(tl.float32)
-            k2 = tl.load(KZ + goff + HALF, mask=valid[:, None], other=0.0).to(tl.float32) + c2 * tl.load(
-                KS + goff + HALF, mask=valid[:, None], other=0.0).to(tl.float32)
-            s = _scores(q1, q2, k1, k2)
-            s = tl.where(valid[None, :], s, -float("inf"))
-            # values: per-token scale/zero of each group of VG channels
-            vp = VP + row * NB
-            d1 = _load_codes_half(vp, valid, 0, BITS, D, BLOCK_N).to(tl.float32)
-            d2 = _load_codes_half(vp, valid, 1, BITS, D, BLOCK_N).to(tl.float32)
-            if VG >= HALF:
-                gz1 = tl.load(VZ + row * NVG + 0, mask=valid, other=0.0).to(tl.float32)
-                gs1 = tl.load(VS + row * NVG + 0, mask=valid, other=0.0).to(tl.float32)
-                gz2 = tl.load(VZ + row * NVG + HALF // VG, mask=valid, other=0.0).to(tl.float32)
-                gs2 = tl.load(VS + row * NVG + HALF // VG, mask=valid, other=0.0).to(tl.float32)
-                v1 = gz1[:, None] + d1 * gs1[:, None]
-                v2 = gz2[:, None] + d2 * gs2[:, None]
-            else:
-                NGH: tl.constexpr = HALF // VG
-                cg = tl.arange(0, NGH)
-                soff = row[:, None] * NVG + cg[None, :]
-                gz1 = tl.load(VZ + soff, mask=valid[:, None], other=0.0).to(tl.float32)
-                gs1 = tl.load(VS + soff, mask=valid[:, None], other=0.0).to(tl.float32)
-                gz2 = tl.load(VZ + soff + NGH, mask=valid[:, None], other=0.0).to(tl.float32)
-                gs2 = tl.load(VS + soff + NGH, mask=valid[:, None], other=0.0).to(tl.float32)
-                v1 = tl.reshape(gz1[:, :, None] + tl.reshape(d1, (BLOCK_N, NGH, VG)) * gs1[:, :, None],
-                                (BLOCK_N, HALF))
-                v2 = tl.reshape(gz2[:, :, None] + tl.reshape(d2, (BLOCK_N, NGH, VG)) * gs2[:, :, None],
-                                (BLOCK_N, HALF))
-            m, l, acc1, acc2 = _online(s, v1, v2, m, l, acc1, acc2)
-    else:
-        m, l, acc1, acc2 = _fp16_segment(q1, q2, SK, SV, b * ssb + h * ssh, n_sink, 0, q1, q1, Q,
-                                         m, l, acc1, acc2, False, D, BLOCK_N)
-        m, l, acc1, acc2 = _fp16_segment(q1, q2, RK, RV, b * srb + h * srh, n_res, 0, q1, q1, Q,
-                                         m, l, acc1, acc2, False, D, BLOCK_N)
+    # the last program (sp == NSP - 1) has an empty packed range and does the fp16 segments; no
+    # branch on sp (Triton 3.6 mis-compiles the GQA variant of the if/else form)
+    last = sp == NSP - 1
+    NB: tl.constexpr = D * BITS // 8
+    NVG: tl.constexpr = D // VG
+    start = sp * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, n_packed)
+    for t0 in range(start, end, BLOCK_N):
+        t = t0 + tl.arange(0, BLOCK_N)
+        valid = t < end
+        row = pid_bh.to(tl.int64) * Tmax + t
+        # keys: per-channel scale/zero of the token's group of KG tokens
+        grow = pid_bh.to(tl.int64) * NGmax + t // KG
+        goff = grow[:, None] * D + ch[None, :]
+        kp = KP + row * NB
+        c1 = _load_codes_half(kp, valid, 0, BITS, D, BLOCK_N).to(tl.float32)
+        c2 = _load_codes_half(kp, valid, 1, BITS, D, BLOCK_N).to(tl.float32)
+        k1 = tl.load(KZ + goff, mask=valid[:, None], other=0.0).to(tl.float32) + c1 * tl.load(
+            KS + goff, mask=valid[:, None], other=0.0).to(tl.float32)
+        k2 = tl.load(KZ + goff + HALF, mask=valid[:, None], other=0.0).to(tl.float32) + c2 * tl.load(
+            KS + goff + HALF, mask=valid[:, None], other=0.0).to(tl.float32)
+        s = _scores(q1, q2, k1, k2)
+        s = tl.where(valid[None, :], s, -float("inf"))
+        # values: per-token scale/zero of each group of VG channels
+        vp = VP + row * NB
+        d1 = _load_codes_half(vp, valid, 0, BITS, D, BLOCK_N).to(tl.float32)
+        d2 = _load_codes_half(vp, valid, 1, BITS, D, BLOCK_N).to(tl.float32)
+        if VG >= HALF:
+            gz1 = tl.load(VZ + row * NVG + 0, mask=valid, other=0.0).to(tl.float32)
+            gs1 = tl.load(VS + row * NVG + 0, mask=valid, other=0.0).to(tl.float32)
+            gz2 = tl.load(VZ + row * NVG + HALF // VG, mask=valid, other=0.0).to(tl.float32)
+            gs2 = tl.load(VS + row * NVG + HALF // VG, mask=valid, other=0.0).to(tl.float32)
+            v1 = gz1[:, None] + d1 * gs1[:, None]
+            v2 = gz2[:, None] + d2 * gs2[:, None]
+        else:
+            NGH: tl.constexpr = HALF // VG
+            cg = tl.arange(0, NGH)
+            soff = row[:, None] * NVG + cg[None, :]
+            gz1 = tl.load(VZ + soff, mask=valid[:, None], other=0.0).to(tl.float32)
+            gs1 = tl.load(VS + soff, mask=valid[:, None], other=0.0).to(tl.float32)
+            gz2 = tl.load(VZ + soff + NGH, mask=valid[:, None], other=0.0).to(tl.float32)
+            gs2 = tl.load(VS + soff + NGH, mask=valid[:, None], other=0.0).to(tl.float32)
+            v1 = tl.reshape(gz1[:, :, None] + tl.reshape(d1, (BLOCK_N, NGH, VG)) * gs1[:, :, None],
+                            (BLOCK_N, HALF))
+            v2 = tl.reshape(gz2[:, :, None] + tl.reshape(d2, (BLOCK_N, NGH, VG)) * gs2[:, :, None],
+                            (BLOCK_N, HALF))
+        m, l, acc1, acc2 = _online(s, v1, v2, m, l, acc1, acc2)
+    n_s = tl.where(last, n_sink, 0)
+    n_r = tl.where(last, n_res, 0)
+    m, l, acc1, acc2 = _fp16_segment(q1, q2, SK, SV, b * ssb + h * ssh, n_s, 0, q1, q1, Q,
+                                     m, l, acc1, acc2, False, D, BLOCK_N)
+    m, l, acc1, acc2 = _fp16_segment(q1, q2, RK, RV, b * srb + h * srh, n_r, 0, q1, q1, Q,
+                                     m, l, acc1, acc2, False, D, BLOCK_N)
     _store_partial(MP, LP, AP, pid_bh, sp, NSP, m, l, acc1, acc2, GP, D)
 
 
