@@ -1,0 +1,263 @@
+"""Bit-packed storage of one layer's keys or values (one *stream*): fp16 sink, packed history, fp16 residual.
+
+A stream holds tokens in position order: ``[0, S)`` the fp16 sink, ``[S, S + n)`` the quantized history,
+``[S + n, S + n + r)`` the fp16 residual window. New tokens go to the sink until it is full, then to the
+residual; tokens leave the residual oldest first, ``step`` at a time (1 = token by token; KIVI keys: a whole
+group), while it holds more than ``window`` tokens. Leaving tokens are encoded by the method itself
+(``encode_keys`` / ``encode_values``) and the encoding is stored packed:
+
+* ``codes`` uint8 one per element -> ``pack_codes`` at ``bits`` (1-4 bits: ``D * bits / 8`` bytes per
+  token-head); 8-bit codes are kept as bytes; the fp16 method's ``data`` is kept as fp16.
+* ``scale`` / ``zero`` fp16 as the method returns them: per token ``(B, H, T, g)`` or, with ``step > 1``,
+  per group of ``step`` tokens ``(B, H, T / step, g)``.
+* ``outlier_mask`` + ``outlier_values`` -> ``SparseOutliers`` (fp16 value + int16 position each).
+
+``read(a, b)`` hands a block back to the method's ``decode_*`` (so stored and simulated numbers agree).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import KvqError
+from ..methods.base import Encoded, KVMethod, State
+
+#: Positions of sparse outliers are 16-bit offsets inside a group of tokens (all batch rows and heads).
+POSITIONS = 1 << 16
+
+
+class Grow:
+    """A tensor growing along dim 2 (``(B, H, n, ...)``), with amortized doubling or a fixed capacity."""
+
+    def __init__(self, like: Tensor, capacity: int | None = None):
+        self.fixed = capacity is not None
+        cap = capacity if capacity is not None else max(16, like.shape[2])
+        self.buf = like.new_zeros(*like.shape[:2], cap, *like.shape[3:])
+        self.n = 0
+
+    def append(self, x: Tensor) -> None:
+        need = self.n + x.shape[2]
+        if need > self.buf.shape[2]:
+            if self.fixed:
+                raise KvqError(f"the cache is full ({self.buf.shape[2]} tokens): load it with a larger max_tokens")
+            bigger = self.buf.new_zeros(*self.buf.shape[:2], max(need, 2 * self.buf.shape[2]), *self.buf.shape[3:])
+            bigger[:, :, : self.n] = self.buf[:, :, : self.n]
+            self.buf = bigger
+        self.buf[:, :, self.n : need] = x
+        self.n = need
+
+    def view(self, a: int = 0, b: int | None = None) -> Tensor:
+        return self.buf[:, :, a : self.n if b is None else b]
+
+    def drop_front(self, m: int) -> None:
+        """Remove the first ``m`` entries (the residual window's oldest tokens)."""
+        rest = self.buf[:, :, m : self.n].clone()
+        self.buf[:, :, : rest.shape[2]] = rest
+        self.n -= m
+
+    def nbytes(self, allocated: bool = False) -> int:
+        per = self.buf[:, :, :1].numel() * self.buf.element_size()
+        return per * (self.buf.shape[2] if allocated else self.n)
+
+
+class SparseOutliers:
+    """Outliers of a ``(B, H, T, D)`` stream as a flat list: fp16 ``values`` and int16 ``positions``.
+
+    Tokens are split in groups of ``gt = 65536 // (B*H*D)`` tokens; an entry's position is its offset
+    ``((b * gt + t % gt) * H + h) * D + d`` inside its group (stored minus 32768 in an int16), entries are
+    ordered by group, and ``counts`` (int32, one per group) says how many each group has. Storage:
+    32 bits per outlier (as ``OUTLIER_BITS`` charges) plus 32 bits per group of ``gt`` tokens.
+    """
+
+    def __init__(self, batch: int, heads: int, head_dim: int, device):
+        per_token = batch * heads * head_dim
+        if per_token > POSITIONS:
+            raise KvqError(f"batch {batch} x {heads} KV heads x head_dim {head_dim} is too large for 16-bit outlier "
+                           "positions: use a smaller batch_size")
+        self.shape = (batch, heads, head_dim)
+        self.gt = POSITIONS // per_token
+        self.values = torch.zeros(0, dtype=torch.float16, device=device)
+        self.positions = torch.zeros(0, dtype=torch.int16, device=device)
+        self.counts = torch.zeros(0, dtype=torch.int32, device=device)
+        self.n = 0  # tokens
+
+    def append(self, mask: Tensor, values: Tensor) -> None:
+        """Add tokens ``[n, n + T)``: ``mask`` bool and ``values`` fp16 ``(B, H, T, D)``."""
+        b, h, t, d = mask.shape
+        m = mask.permute(2, 0, 1, 3)  # (T, B, H, D): entries come out ordered by token, i.e. by group
+        idx = m.nonzero()  # (N, 4): t, b, h, d
+        tok = idx[:, 0] + self.n
+        local = ((idx[:, 1] * self.gt + tok % self.gt) * h + idx[:, 2]) * d + idx[:, 3]
+        self.values = torch.cat([self.values, values.permute(2, 0, 1, 3)[m].half()])
+        self.positions = torch.cat([self.positions, (local - POSITIONS // 2).to(torch.int16)])
+        groups = -(-(self.n + t) // self.gt)
+        counts = torch.zeros(groups, dtype=torch.int32, device=mask.device)
+        counts[: self.counts.numel()] = self.counts
+        counts.index_add_(0, tok // self.gt, torch.ones_like(tok, dtype=torch.int32))
+        self.counts, self.n = counts, self.n + t
+
+    def read(self, a: int, b: int) -> tuple[Tensor, Tensor]:
+        """Dense ``outlier_mask`` bool and ``outlier_values`` fp16 ``(B, H, b - a, D)`` of tokens ``[a, b)``."""
+        bs, hs, ds = self.shape
+        mask = torch.zeros(bs, hs, b - a, ds, dtype=torch.bool, device=self.values.device)
+        vals = torch.zeros(bs, hs, b - a, ds, dtype=torch.float16, device=self.values.device)
+        g0, g1 = a // self.gt, -(-b // self.gt)
+        ends = self.counts.long().cumsum(0)
+        start = int(ends[g0 - 1]) if g0 > 0 else 0
+        stop = int(ends[g1 - 1])
+        local = self.positions[start:stop].long() + POSITIONS // 2  # (N,)
+        group = torch.repeat_interleave(torch.arange(g0, g1, device=local.device), self.counts[g0:g1].long())
+        d, rest = local % ds, local // ds
+        h, rest = rest % hs, rest // hs
+        tok, row = group * self.gt + rest % self.gt, rest // self.gt
+        keep = (tok >= a) & (tok < b)
+        at = (row[keep], h[keep], tok[keep] - a, d[keep])
+        mask[at] = True
+        vals[at] = self.values[start:stop][keep]
+        return mask, vals
+
+    def nbytes(self) -> int:
+        return self.values.numel() * 2 + self.positions.numel() * 2 + self.counts.numel() * 4
+
+
+class PackedStore:
+    """The quantized history of one stream: packed codes, fp16 statistics, sparse outliers.
+
+    ``step`` tokens share one set of group statistics (1: per token). ``capacity`` fixes the size.
+    """
+
+    def __init__(self, method: KVMethod, is_key: bool, step: int, capacity: int | None):
+        self.method, self.is_key, self.step, self.capacity = method, is_key, step, capacity
+        self.fields: dict[str, Grow] = {}
+        self.outliers: SparseOutliers | None = None
+        self.n = 0
+        self.head_dim = 0
+
+    def _pack(self, codes: Tensor) -> Tensor:
+        bits = self.method.bits
+        if bits > 4:
+            return codes  # 8-bit codes: one byte each already
+        from kvq_kernels.reference import pack_codes
+
+        return pack_codes(codes, bits)  # (B, H, T, D * bits / 8)
+
+    def _unpack(self, packed: Tensor) -> Tensor:
+        bits = self.method.bits
+        if bits > 4:
+            return packed
+        from kvq_kernels.reference import unpack_codes
+
+        return unpack_codes(packed, bits, self.head_dim)  # (B, H, T, D)
+
+    def append(self, enc: Encoded) -> None:
+        """Store the encoding of ``T`` new tokens (``T`` a multiple of ``step``)."""
+        stored = {k: v for k, v in enc.items() if k not in ("outlier_mask", "outlier_values")}
+        if "codes" in stored:
+            self.head_dim = stored["codes"].shape[-1]
+            stored["codes"] = self._pack(stored["codes"])
+        unknown = set(stored) - {"codes", "data", "scale", "zero"}
+        if unknown or not ({"codes", "data"} & set(stored)):
+            raise KvqError(f"method {self.method.name}: the runtime cannot store encodings with {sorted(enc)}")
+        t = next(iter(v for k, v in stored.items() if k in ("codes", "data"))).shape[2]
+        for name, x in stored.items():
+            if name not in self.fields:
+                cap = None if self.capacity is None else -(-self.capacity // (1 if name in ("codes", "data") else
+                                                                                self.step))
+                self.fields[name] = Grow(x, cap)
+            self.fields[name].append(x)
+        if "outlier_mask" in enc:
+            if self.outliers is None:
+                self.outliers = SparseOutliers(*enc["outlier_mask"].shape[:2], enc["outlier_mask"].shape[3],
+                                               enc["outlier_mask"].device)
+                self.outliers.n = self.n
+            self.outliers.append(enc["outlier_mask"], enc["outlier_values"])
+        elif self.outliers is not None:  # keep token numbering aligned
+            self.outliers.n += t
+        self.n += t
+
+    def read(self, a: int, b: int) -> Encoded:
+        """The encoding of stored tokens ``[a, b)`` (``a`` a multiple of ``step``; ``b`` too unless it is ``n``)."""
+        enc: Encoded = {}
+        for name, f in self.fields.items():
+            per = 1 if name in ("codes", "data") else self.step
+            enc[name] = f.view(a // per, -(-b // per))
+        if "codes" in enc:
+            enc["codes"] = self._unpack(enc["codes"])
+        if self.outliers is not None:
+            enc["outlier_mask"], enc["outlier_values"] = self.outliers.read(a, b)
+        return enc
+
+    def decode(self, a: int, b: int, state: State) -> Tensor:
+        """Dequantized tokens ``[a, b)``: float32 ``(B, H, b - a, D)``, by the method's own decode."""
+        enc = self.read(a, b)
+        return (self.method.decode_keys if self.is_key else self.method.decode_values)(enc, state)
+
+    def nbytes(self, allocated: bool = False) -> int:
+        total = sum(f.nbytes(allocated) for f in self.fields.values())
+        return total + (self.outliers.nbytes() if self.outliers is not None else 0)
+
+
+class Stream:
+    """One layer's keys or values: fp16 sink ``(B, H, S, D)``, packed history, fp16 residual ``(B, H, r, D)``.
+
+    ``window``: residual tokens kept in fp16 (the method's ``residual``); ``step``: tokens quantized
+    together when they leave it (KIVI keys: ``group``; else 1).
+    """
+
+    def __init__(self, method: KVMethod, is_key: bool, sink: int, window: int, step: int, capacity: int | None):
+        self.sink_size, self.window, self.step = sink, window, step
+        self.packed = PackedStore(method, is_key, step, capacity)
+        self.capacity = capacity
+        self.sink: Grow | None = None
+        self.residual: Grow | None = None
+
+    def __len__(self) -> int:
+        return (self.sink.n if self.sink else 0) + self.packed.n + (self.residual.n if self.residual else 0)
+
+    def append(self, x: Tensor, state: State, encode) -> None:
+        """Append ``x (B, H, T, D)``; tokens leaving the residual window are encoded by ``encode(x, state)``."""
+        if self.capacity is not None and len(self) + x.shape[2] > self.capacity:
+            raise KvqError(f"the cache is full ({self.capacity} tokens): load it with a larger max_tokens")
+        x16 = x.to(torch.float16)
+        if self.sink is None:
+            self.sink = Grow(x16[:, :, :0], self.sink_size)
+            self.residual = Grow(x16[:, :, :0])
+        take = min(self.sink_size - self.sink.n, x.shape[2])
+        if take > 0:
+            self.sink.append(x16[:, :, :take])
+        rest = x[:, :, take:]
+        r = self.residual.n + rest.shape[2]
+        over = r - self.window
+        if over <= 0:
+            leave = 0
+        elif self.step == 1:
+            leave = over
+        else:  # KIVI keys: whole groups, as few as bring the window back under its size
+            leave = min(-(-over // self.step), r // self.step) * self.step
+        if leave == 0:
+            if rest.shape[2]:
+                self.residual.append(rest.to(torch.float16))
+            return
+        # leaving: the oldest ``leave`` of residual + new tokens (new ones quantized from full precision,
+        # those that waited in the window from their fp16 copy)
+        seq = torch.cat([self.residual.view().to(x.dtype), rest], 2)  # (B, H, r, D)
+        self.packed.append(encode(seq[:, :, :leave], state))
+        self.residual.drop_front(self.residual.n)
+        self.residual.append(seq[:, :, leave:].to(torch.float16))
+
+    def read(self, a: int, b: int, state: State) -> Tensor:
+        """Tokens ``[a, b)`` as float32 ``(B, H, b - a, D)``, dequantizing only the packed part inside."""
+        s, n = self.sink.n, self.packed.n
+        parts = []
+        if a < s:
+            parts.append(self.sink.view(a, min(b, s)).float())
+        if b > s and a < s + n:
+            parts.append(self.packed.decode(max(a, s) - s, min(b, s + n) - s, state))
+        if b > s + n:
+            parts.append(self.residual.view(max(a, s + n) - s - n, b - s - n).float())
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+
+    def nbytes(self, allocated: bool = False) -> int:
+        fp = sum(g.nbytes(allocated) for g in (self.sink, self.residual) if g is not None)
+        return fp + self.packed.nbytes(allocated)
