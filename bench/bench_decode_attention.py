@@ -86,12 +86,26 @@ def random_kivi(b, h, d, t, cfg):
     return c
 
 
+BROKEN: set = set()  # (method, G) that failed to compile or to match the reference
+
+
 def correctness() -> list[str]:
     """Kernels vs references at one small shape on the GPU."""
     notes = []
+    for (name, cfg), g in [(x, g) for x in METHODS.items() for g in (1, 4)]:
+        try:
+            notes += _check_one(name, cfg, g)
+        except Exception as e:  # noqa: BLE001 - report and skip that variant
+            BROKEN.add((name, g))
+            notes.append(f"{name} G={g}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    return notes
+
+
+def _check_one(name, cfg, g) -> list[str]:
+    notes = []
     gen = torch.Generator(device="cpu").manual_seed(0)
-    b, h, g, d, t = 2, 4, 4, 128, 301
-    for name, cfg in METHODS.items():
+    b, h, d, t = 2, 4, 128, 301
+    for _ in range(1):
         k = (torch.randn(b, h, t, d, generator=gen) * 1.3).to(DEV)
         v = torch.randn(b, h, t, d, generator=gen).to(DEV)
         q = torch.randn(b, h * g, d, generator=gen).to(DEV)
@@ -118,9 +132,9 @@ def correctness() -> list[str]:
                 notes.append(f"{name}: append field {f} differs in {(a != e).sum().item()} of {a.numel()} entries")
         c2.n_packed = t
         err = ((att(q, c2).float() - att_ref(q, c2).float()).norm() / att_ref(q, c2).float().norm()).item()
-        notes.append(f"{name}: decode attention rel. error vs reference {err:.2e}")
+        notes.append(f"{name} G={g}: decode attention rel. error vs reference {err:.2e}")
         if not err < 2e-3:
-            raise SystemExit(f"correctness check failed: {notes[-1]}")
+            raise RuntimeError(f"correctness check failed: {notes[-1]}")
     return notes
 
 
@@ -172,7 +186,7 @@ def run(contexts, batches, best, bw_copy):
         for b in batches:
             for t in contexts:
                 fp16_bytes = 2 * b * h * t * d * 2
-                if fp16_bytes > 36e9:
+                if fp16_bytes > 36e9 or (b > 1 and t > 131072):
                     continue
                 kbuf = torch.randn(b, h, t, d, device=DEV, dtype=torch.float16)
                 vbuf = torch.randn(b, h, t, d, device=DEV, dtype=torch.float16)
@@ -182,6 +196,8 @@ def run(contexts, batches, best, bw_copy):
                 row = dict(model=model, batch=b, context=t, fp16_kv_bytes=fp16_bytes, sdpa_ms=sdpa_ms,
                            sdpa_gbs=fp16_bytes / sdpa_ms / 1e6, methods={})
                 for name, cfg in METHODS.items():
+                    if (name, g) in BROKEN:
+                        continue
                     kv = cfg["kind"] == "kvquant"
                     cache = (random_kvquant if kv else random_kivi)(b, h, d, t, cfg)
                     bn, nw = best.get((name, g), (None, None))
@@ -222,10 +238,13 @@ def table(results, bw_copy) -> str:
     for r in results:
         cells = []
         for n in names:
+            if n not in r["methods"]:
+                cells.append("n/a")
+                continue
             m = r["methods"][n]
             cells.append(f"{m['ms'] * 1e3:.0f} ({m['speedup_sdpa']:.2f}x, {m['speedup_deq']:.2f}x, "
                          f"{100 * m['frac_copy_bw']:.0f}%)")
-        app = r["methods"][names[0]]["append_ms"] * 1e3
+        app = r["methods"][names[0]]["append_ms"] * 1e3 if names[0] in r["methods"] else float("nan")
         lines.append(f"| {r['model']} | {r['batch']} | {r['context'] // 1024}K | {r['sdpa_ms'] * 1e3:.0f} | "
                      + " | ".join(cells) + f" | {app:.1f} |")
     lines.append(f"\ncopy bandwidth (read+write): {bw_copy:.0f} GB/s")
@@ -255,7 +274,7 @@ def main():
     elif args.quick:
         contexts = [4096, 131072]
     else:
-        contexts = [4096, 16384, 65536, 131072, 524288, 1048576]
+        contexts = [4096, 32768, 131072, 1048576]
     results = run(contexts, [1, 8], best, bw)
     md = table(results, bw)
     print(md)

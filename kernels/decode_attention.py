@@ -34,20 +34,28 @@ LOG2E = 1.4426950408889634
 
 # ----------------------------------------------------------------------------------------------- jit helpers
 @triton.jit
-def _scores(q1, q2, k1, k2):
-    """``q (GP, HALF)`` x ``k (N, HALF)`` halves -> ``(GP, N)``."""
-    return tl.sum(q1[:, None, :] * k1[None, :, :], axis=2) + tl.sum(q2[:, None, :] * k2[None, :, :], axis=2)
+def _scores(q1, q2, k1, k2, GP: tl.constexpr):
+    """``q (GP, HALF)`` x ``k (N, HALF)`` halves -> ``(GP, N)`` (2-D arithmetic when GP == 1)."""
+    if GP == 1:
+        return tl.sum(q1 * k1 + q2 * k2, axis=1)[None, :]
+    else:
+        return tl.sum(q1[:, None, :] * k1[None, :, :], axis=2) + tl.sum(q2[:, None, :] * k2[None, :, :], axis=2)
 
 
 @triton.jit
-def _online(s, v1, v2, m, l, acc1, acc2):
+def _online(s, v1, v2, m, l, acc1, acc2, GP: tl.constexpr):
     """Online-softmax update with log2-domain scores ``s (GP, N)`` (masked entries -inf)."""
     m_new = tl.maximum(m, tl.max(s, axis=1))
     alpha = tl.exp2(m - m_new)
     p = tl.exp2(s - m_new[:, None])
     l = l * alpha + tl.sum(p, axis=1)
-    acc1 = acc1 * alpha[:, None] + tl.sum(p[:, :, None] * v1[None, :, :], axis=1)
-    acc2 = acc2 * alpha[:, None] + tl.sum(p[:, :, None] * v2[None, :, :], axis=1)
+    if GP == 1:
+        pn = tl.sum(p, axis=0)[:, None]
+        acc1 = acc1 * alpha[:, None] + tl.sum(pn * v1, axis=0)[None, :]
+        acc2 = acc2 * alpha[:, None] + tl.sum(pn * v2, axis=0)[None, :]
+    else:
+        acc1 = acc1 * alpha[:, None] + tl.sum(p[:, :, None] * v1[None, :, :], axis=1)
+        acc2 = acc2 * alpha[:, None] + tl.sum(p[:, :, None] * v2[None, :, :], axis=1)
     return m_new, l, acc1, acc2
 
 
@@ -74,7 +82,7 @@ def _replace_slots(x1, x2, OI, OV, row, valid, NO: tl.constexpr, HALF: tl.conste
 
 @triton.jit
 def _fp16_segment(q1, q2, K, V, base, n, pos0, cj, sj, INVF, m, l, acc1, acc2,
-                  ROPE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+                  ROPE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, GP: tl.constexpr):
     """Attend over ``n`` fp16 tokens at ``K/V + base`` (rows of D), positions ``pos0 + i``."""
     HALF: tl.constexpr = D // 2
     ch = tl.arange(0, HALF)
@@ -88,11 +96,11 @@ def _fp16_segment(q1, q2, K, V, base, n, pos0, cj, sj, INVF, m, l, acc1, acc2,
         v2 = tl.load(V + off + HALF, mask=valid[:, None], other=0.0).to(tl.float32)
         if ROPE:
             qr1, qr2 = _rotate_query(q1, q2, INVF, pos0 + t0, HALF)
-            s = _scores(qr1, qr2, k1 * cj - k2 * sj, k2 * cj + k1 * sj)
-        else:
-            s = _scores(q1, q2, k1, k2)
+            s = _scores(qr1, qr2, k1 * cj - k2 * sj, k2 * cj + k1 * sj, GP)
+        else:  # q made loop-variant (+ 0 * t0): works around a Triton 3.6 layout-pass bug (GQA, two loops)
+            s = _scores(q1 + 0.0 * t0, q2 + 0.0 * t0, k1, k2, GP)
         s = tl.where(valid[None, :], s, -float("inf"))
-        m, l, acc1, acc2 = _online(s, v1, v2, m, l, acc1, acc2)
+        m, l, acc1, acc2 = _online(s, v1, v2, m, l, acc1, acc2, GP)
     return m, l, acc1, acc2
 
 
@@ -167,7 +175,7 @@ def _kvquant_split_kernel(
         k2 = a2 + s2 * tl.load(CK + _load_codes_half(kp, valid, 1, BITS_K, D, BLOCK_N))
         k1, k2 = _replace_slots(k1, k2, KOI, KOV, row, valid, NOK, HALF)
         qr1, qr2 = _rotate_query(q1, q2, INVF, n_sink + t0, HALF)
-        s = _scores(qr1, qr2, k1 * cj - k2 * sj, k2 * cj + k1 * sj)
+        s = _scores(qr1, qr2, k1 * cj - k2 * sj, k2 * cj + k1 * sj, GP)
         s = tl.where(valid[None, :], s, -float("inf"))
         # values: codes -> codebook -> per-token min/scale -> outliers
         hs = 0.5 * tl.load(VSC + row, mask=valid, other=0.0).to(tl.float32)
@@ -176,13 +184,13 @@ def _kvquant_split_kernel(
         v1 = mn[:, None] + hs[:, None] * tl.load(CV + _load_codes_half(vp, valid, 0, BITS_V, D, BLOCK_N))
         v2 = mn[:, None] + hs[:, None] * tl.load(CV + _load_codes_half(vp, valid, 1, BITS_V, D, BLOCK_N))
         v1, v2 = _replace_slots(v1, v2, VOI, VOV, row, valid, NOV, HALF)
-        m, l, acc1, acc2 = _online(s, v1, v2, m, l, acc1, acc2)
+        m, l, acc1, acc2 = _online(s, v1, v2, m, l, acc1, acc2, GP)
     n_s = tl.where(last, n_sink, 0)
     n_r = tl.where(last, n_res, 0)
-    m, l, acc1, acc2 = _fp16_segment(q1, q2, SK, SV, b * ssb + h * ssh, n_s, 0, cj, sj, INVF,
-                                     m, l, acc1, acc2, True, D, BLOCK_N)
-    m, l, acc1, acc2 = _fp16_segment(q1, q2, RK, RV, b * srb + h * srh, n_r, n_sink + n_packed, cj, sj,
-                                     INVF, m, l, acc1, acc2, True, D, BLOCK_N)
+    m, l, acc1, acc2 = _fp16_segment(q1, q2, SK, SV, b.to(tl.int64) * ssb + h * ssh, n_s, 0, cj, sj, INVF,
+                                     m, l, acc1, acc2, True, D, BLOCK_N, GP)
+    m, l, acc1, acc2 = _fp16_segment(q1, q2, RK, RV, b.to(tl.int64) * srb + h * srh, n_r, n_sink + n_packed, cj, sj,
+                                     INVF, m, l, acc1, acc2, True, D, BLOCK_N, GP)
     _store_partial(MP, LP, AP, pid_bh, sp, NSP, m, l, acc1, acc2, GP, D)
 
 
@@ -229,38 +237,25 @@ def _kivi_split_kernel(
             KS + goff, mask=valid[:, None], other=0.0).to(tl.float32)
         k2 = tl.load(KZ + goff + HALF, mask=valid[:, None], other=0.0).to(tl.float32) + c2 * tl.load(
             KS + goff + HALF, mask=valid[:, None], other=0.0).to(tl.float32)
-        s = _scores(q1, q2, k1, k2)
+        s = _scores(q1, q2, k1, k2, GP)
         s = tl.where(valid[None, :], s, -float("inf"))
         # values: per-token scale/zero of each group of VG channels
         vp = VP + row * NB
         d1 = _load_codes_half(vp, valid, 0, BITS, D, BLOCK_N).to(tl.float32)
         d2 = _load_codes_half(vp, valid, 1, BITS, D, BLOCK_N).to(tl.float32)
-        if VG >= HALF:
-            gz1 = tl.load(VZ + row * NVG + 0, mask=valid, other=0.0).to(tl.float32)
-            gs1 = tl.load(VS + row * NVG + 0, mask=valid, other=0.0).to(tl.float32)
-            gz2 = tl.load(VZ + row * NVG + HALF // VG, mask=valid, other=0.0).to(tl.float32)
-            gs2 = tl.load(VS + row * NVG + HALF // VG, mask=valid, other=0.0).to(tl.float32)
-            v1 = gz1[:, None] + d1 * gs1[:, None]
-            v2 = gz2[:, None] + d2 * gs2[:, None]
-        else:
-            NGH: tl.constexpr = HALF // VG
-            cg = tl.arange(0, NGH)
-            soff = row[:, None] * NVG + cg[None, :]
-            gz1 = tl.load(VZ + soff, mask=valid[:, None], other=0.0).to(tl.float32)
-            gs1 = tl.load(VS + soff, mask=valid[:, None], other=0.0).to(tl.float32)
-            gz2 = tl.load(VZ + soff + NGH, mask=valid[:, None], other=0.0).to(tl.float32)
-            gs2 = tl.load(VS + soff + NGH, mask=valid[:, None], other=0.0).to(tl.float32)
-            v1 = tl.reshape(gz1[:, :, None] + tl.reshape(d1, (BLOCK_N, NGH, VG)) * gs1[:, :, None],
-                            (BLOCK_N, HALF))
-            v2 = tl.reshape(gz2[:, :, None] + tl.reshape(d2, (BLOCK_N, NGH, VG)) * gs2[:, :, None],
-                            (BLOCK_N, HALF))
-        m, l, acc1, acc2 = _online(s, v1, v2, m, l, acc1, acc2)
+        soff = row[:, None] * NVG + ch[None, :] // VG
+        v1 = tl.load(VZ + soff, mask=valid[:, None], other=0.0).to(tl.float32) + d1 * tl.load(
+            VS + soff, mask=valid[:, None], other=0.0).to(tl.float32)
+        soff = soff + HALF // VG
+        v2 = tl.load(VZ + soff, mask=valid[:, None], other=0.0).to(tl.float32) + d2 * tl.load(
+            VS + soff, mask=valid[:, None], other=0.0).to(tl.float32)
+        m, l, acc1, acc2 = _online(s, v1, v2, m, l, acc1, acc2, GP)
     n_s = tl.where(last, n_sink, 0)
     n_r = tl.where(last, n_res, 0)
-    m, l, acc1, acc2 = _fp16_segment(q1, q2, SK, SV, b * ssb + h * ssh, n_s, 0, q1, q1, Q,
-                                     m, l, acc1, acc2, False, D, BLOCK_N)
-    m, l, acc1, acc2 = _fp16_segment(q1, q2, RK, RV, b * srb + h * srh, n_r, 0, q1, q1, Q,
-                                     m, l, acc1, acc2, False, D, BLOCK_N)
+    m, l, acc1, acc2 = _fp16_segment(q1, q2, SK, SV, b.to(tl.int64) * ssb + h * ssh, n_s, 0, q1, q1, Q,
+                                     m, l, acc1, acc2, False, D, BLOCK_N, GP)
+    m, l, acc1, acc2 = _fp16_segment(q1, q2, RK, RV, b.to(tl.int64) * srb + h * srh, n_r, 0, q1, q1, Q,
+                                     m, l, acc1, acc2, False, D, BLOCK_N, GP)
     _store_partial(MP, LP, AP, pid_bh, sp, NSP, m, l, acc1, acc2, GP, D)
 
 
@@ -307,10 +302,10 @@ def _plan(q: Tensor, heads: int, n_packed: int, block_n: int, num_splits: int | 
 
 
 def _default_block(gp: int, d: int, block_n: int | None, num_warps: int | None) -> tuple[int, int]:
-    if block_n is None:
-        block_n = max(16, min(64, 2048 // (gp * d // 2)))
+    if block_n is None:  # H100 timings (bench): 64/8 best for MHA, 16/4 for 4 query heads per KV head
+        block_n = 64 if gp == 1 else max(16, min(64, 1024 // (gp * d // 2)))
     if num_warps is None:
-        num_warps = 4
+        num_warps = 8 if block_n * d >= 8192 else 4
     return block_n, num_warps
 
 
@@ -426,7 +421,7 @@ def _kvquant_dequant_kernel(
     v1 = mn[:, None] + hs[:, None] * tl.load(CV + _load_codes_half(vp, valid, 0, BITS_V, D, BLOCK_N))
     v2 = mn[:, None] + hs[:, None] * tl.load(CV + _load_codes_half(vp, valid, 1, BITS_V, D, BLOCK_N))
     v1, v2 = _replace_slots(v1, v2, VOI, VOV, row, valid, NOV, HALF)
-    o = b * sob + h * soh + (offset + t).to(tl.int64)[:, None] * sot + ch[None, :]
+    o = b.to(tl.int64) * sob + h.to(tl.int64) * soh + (offset + t).to(tl.int64)[:, None] * sot + ch[None, :]
     tl.store(OK + o, (k1 * cs - k2 * sn).to(OK.dtype.element_ty), mask=valid[:, None])
     tl.store(OK + o + HALF, (k2 * cs + k1 * sn).to(OK.dtype.element_ty), mask=valid[:, None])
     tl.store(OV + o, v1.to(OV.dtype.element_ty), mask=valid[:, None])
@@ -448,7 +443,7 @@ def _kivi_dequant_kernel(
     valid = t < n_packed
     row = pid_bh.to(tl.int64) * Tmax + t
     NB: tl.constexpr = D * BITS // 8
-    o = b * sob + h * soh + (offset + t).to(tl.int64)[:, None] * sot + ch[None, :]
+    o = b.to(tl.int64) * sob + h.to(tl.int64) * soh + (offset + t).to(tl.int64)[:, None] * sot + ch[None, :]
     goff = (pid_bh.to(tl.int64) * NGmax + t // KG)[:, None] * D + ch[None, :]
     soff = row[:, None] * (D // VG) + ch[None, :] // VG
     for hh in tl.static_range(2):

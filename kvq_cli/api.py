@@ -75,10 +75,19 @@ def eval_ppl(
     methods: Sequence[KVMethod] = (),
     mode: str = "simulated",
     progress: Progress = _no_progress,
+    chunk: int = 128,
 ) -> dict[str, Any]:
-    """Perplexity of the baseline and of every configuration (artifacts first, then methods, in order)."""
-    if mode != "simulated":
-        raise KvqError(f"--mode {mode} is not available yet: only 'simulated' is implemented")
+    """Perplexity of the baseline and of every configuration (artifacts first, then methods, in order).
+
+    ``mode="streaming"`` feeds each window ``chunk`` tokens at a time through the packed runtime cache.
+    """
+    # -- runtime issue: streaming mode --
+    if mode not in ("simulated", "streaming"):
+        raise KvqError(f"--mode must be simulated or streaming, not {mode!r}")
+    if chunk < 1:
+        raise KvqError("--chunk must be at least 1")
+    streaming = mode == "streaming"
+    # -- end runtime issue --
     if seqlen < 2:
         raise KvqError("--seqlen must be at least 2")
     if max_windows is not None and max_windows < 1:
@@ -91,15 +100,17 @@ def eval_ppl(
     configs = []
     for path in artifacts:
         art = load_artifact(path, geom)
-        configs.append(configuration_for(art.method, geom, seqlen, art.states or None, path))
+        configs.append(configuration_for(art.method, geom, seqlen, art.states or None, path, streaming))
     for method in methods:
-        configs.append(configuration_for(method, geom, seqlen, None, "--method"))
+        configs.append(configuration_for(method, geom, seqlen, None, "--method", streaming))
     ids = tokenize(load_text(dataset, data_dir), load_tokenizer(source))
     wins = windows(ids, seqlen, max_windows)
     net = load_model(source, resolve_dtype(dtype, device), device)
     start = time.perf_counter()
     advance = progress("perplexity", wins.shape[0] * (len(configs) + 1), 0)
-    results = evaluate(net, wins, configs, batch_size=batch_size, device=device, progress=advance)
+    results = evaluate(net, wins, configs, batch_size=batch_size, device=device, progress=advance, mode=mode,
+                       chunk=chunk)
+    extra = {"chunk": chunk} if streaming else {}
     return {
         "model": source.name,
         "dataset": dataset,
@@ -111,6 +122,7 @@ def eval_ppl(
         "dtype": resolve_dtype(dtype, device),
         "seconds": round(time.perf_counter() - start, 2),
         "results": results,
+        **extra,
     }
 
 

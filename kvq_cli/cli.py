@@ -138,7 +138,12 @@ def eval_ppl(
     ] = None,
     bits: Annotated[int | None, typer.Option(help="Default bit width for --method entries that set none.")] = None,
     group: Annotated[int | None, typer.Option(help="Default KIVI group size for --method entries.")] = None,
-    mode: Annotated[str, typer.Option(help="simulated: one pass, every K/V quantized.")] = "simulated",
+    mode: Annotated[
+        str,
+        typer.Option(help="simulated: one pass, every K/V quantized; streaming: chunks through the packed cache "
+                     "(residual windows as in generation)."),
+    ] = "simulated",
+    chunk: Annotated[int, typer.Option(help="Tokens per forward pass in --mode streaming.")] = 128,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 1,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -166,6 +171,7 @@ def eval_ppl(
             artifacts=artifact or [],
             methods=methods,
             mode=mode,
+            chunk=chunk,
             progress=progress_factory(progress),
         )
     if json_out:

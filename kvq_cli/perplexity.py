@@ -46,14 +46,32 @@ def _context(model: nn.Module, config: Configuration):
     return simulated(model, config.method, config.states)
 
 
+# ---- forward by mode (runtime issue): simulated = one pass; streaming = chunks through the packed cache ----
+MODES = ("simulated", "streaming")
+
+
+def _logits(model: nn.Module, ids: Tensor, config: Configuration, mode: str, chunk: int) -> Tensor:
+    """Logits ``(b, T, V)`` of one configuration on ``ids (b, T)`` in ``mode`` (the baseline: one plain pass)."""
+    if config.method is not None and mode == "streaming":
+        from .runtime.stream import streaming_logits
+
+        return streaming_logits(model, ids, config.method, config.states, chunk)
+    with _context(model, config):
+        return model(ids, use_cache=False).logits
+# ---- end forward by mode ----
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, windows: Tensor, configs: list[Configuration], batch_size: int = 1,
-             device: str | torch.device = "cpu", progress: Callable[[int], None] | None = None) -> list[dict]:
+             device: str | torch.device = "cpu", progress: Callable[[int], None] | None = None,
+             mode: str = "simulated", chunk: int = 128) -> list[dict]:
     """Evaluate the baseline and each configuration on ``windows`` ``(W, T)``.
 
     Returns one dict per configuration, baseline first: ``name``, ``perplexity``, ``avg_bits``,
     ``kl_divergence`` (nats per token, baseline 0), ``top1_agreement`` (fraction, baseline 1).
     ``progress(n)`` is called after each forward pass with the number of windows it covered.
+    ``mode``: ``simulated`` (one pass, every K/V quantize-dequantized) or ``streaming`` (each window fed
+    ``chunk`` tokens at a time through the packed ``KVQCache``, residual windows included).
     """
     everything = [Configuration("baseline")] + list(configs)
     totals = [_Totals() for _ in everything]
@@ -62,8 +80,7 @@ def evaluate(model: nn.Module, windows: Tensor, configs: list[Configuration], ba
         targets = ids[:, 1:]
         base_logp = None
         for config, tot in zip(everything, totals, strict=True):
-            with _context(model, config):
-                logits = model(ids, use_cache=False).logits[:, :-1].float()  # (b, T-1, V)
+            logits = _logits(model, ids, config, mode, chunk)[:, :-1].float()  # (b, T-1, V)
             logp = torch.log_softmax(logits, dim=-1)
             del logits
             tot.nll += -logp.gather(-1, targets.unsqueeze(-1)).double().sum().item()

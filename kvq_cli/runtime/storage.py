@@ -68,6 +68,12 @@ class SparseOutliers:
     ``((b * gt + t % gt) * H + h) * D + d`` inside its group (stored minus 32768 in an int16), entries are
     ordered by group, and ``counts`` (int32, one per group) says how many each group has. Storage:
     32 bits per outlier (as ``OUTLIER_BITS`` charges) plus 32 bits per group of ``gt`` tokens.
+
+    Every outlier the method marks is kept (no fixed slots, so decoding equals the method's). Value outliers
+    are exactly ``2n`` per token, as the accounting charges; key outliers are the entries beyond the
+    calibrated thresholds, as many as the data has, while ``accounting.cache_bits`` charges the nominal
+    fraction: the two agree when the data's rate is the calibrated one, and ``nbytes`` always reports the
+    truth (``tests/test_runtime.py`` reconciles the difference exactly).
     """
 
     def __init__(self, batch: int, heads: int, head_dim: int, device):
@@ -77,8 +83,8 @@ class SparseOutliers:
                            "positions: use a smaller batch_size")
         self.shape = (batch, heads, head_dim)
         self.gt = POSITIONS // per_token
-        self.values = torch.zeros(0, dtype=torch.float16, device=device)
-        self.positions = torch.zeros(0, dtype=torch.int16, device=device)
+        self._values = Grow(torch.zeros(1, 1, 0, dtype=torch.float16, device=device))  # (1, 1, N), amortized
+        self._positions = Grow(torch.zeros(1, 1, 0, dtype=torch.int16, device=device))
         self.counts = torch.zeros(0, dtype=torch.int32, device=device)
         self.n = 0  # tokens
 
@@ -89,19 +95,29 @@ class SparseOutliers:
         idx = m.nonzero()  # (N, 4): t, b, h, d
         tok = idx[:, 0] + self.n
         local = ((idx[:, 1] * self.gt + tok % self.gt) * h + idx[:, 2]) * d + idx[:, 3]
-        self.values = torch.cat([self.values, values.permute(2, 0, 1, 3)[m].half()])
-        self.positions = torch.cat([self.positions, (local - POSITIONS // 2).to(torch.int16)])
+        self._values.append(values.permute(2, 0, 1, 3)[m].half()[None, None])
+        self._positions.append((local - POSITIONS // 2).to(torch.int16)[None, None])
         groups = -(-(self.n + t) // self.gt)
         counts = torch.zeros(groups, dtype=torch.int32, device=mask.device)
         counts[: self.counts.numel()] = self.counts
         counts.index_add_(0, tok // self.gt, torch.ones_like(tok, dtype=torch.int32))
         self.counts, self.n = counts, self.n + t
 
+    @property
+    def values(self) -> Tensor:
+        """fp16 ``(N,)`` outlier values, ordered by group."""
+        return self._values.view()[0, 0]
+
+    @property
+    def positions(self) -> Tensor:
+        """int16 ``(N,)`` offsets inside their group, minus 32768."""
+        return self._positions.view()[0, 0]
+
     def read(self, a: int, b: int) -> tuple[Tensor, Tensor]:
         """Dense ``outlier_mask`` bool and ``outlier_values`` fp16 ``(B, H, b - a, D)`` of tokens ``[a, b)``."""
         bs, hs, ds = self.shape
-        mask = torch.zeros(bs, hs, b - a, ds, dtype=torch.bool, device=self.values.device)
-        vals = torch.zeros(bs, hs, b - a, ds, dtype=torch.float16, device=self.values.device)
+        mask = torch.zeros(bs, hs, b - a, ds, dtype=torch.bool, device=self.counts.device)
+        vals = torch.zeros(bs, hs, b - a, ds, dtype=torch.float16, device=self.counts.device)
         g0, g1 = a // self.gt, -(-b // self.gt)
         ends = self.counts.long().cumsum(0)
         start = int(ends[g0 - 1]) if g0 > 0 else 0
@@ -117,8 +133,8 @@ class SparseOutliers:
         vals[at] = self.values[start:stop][keep]
         return mask, vals
 
-    def nbytes(self) -> int:
-        return self.values.numel() * 2 + self.positions.numel() * 2 + self.counts.numel() * 4
+    def nbytes(self, allocated: bool = False) -> int:
+        return self._values.nbytes(allocated) + self._positions.nbytes(allocated) + self.counts.numel() * 4
 
 
 class PackedStore:
@@ -195,14 +211,17 @@ class PackedStore:
 
     def nbytes(self, allocated: bool = False) -> int:
         total = sum(f.nbytes(allocated) for f in self.fields.values())
-        return total + (self.outliers.nbytes() if self.outliers is not None else 0)
+        return total + (self.outliers.nbytes(allocated) if self.outliers is not None else 0)
 
 
 class Stream:
     """One layer's keys or values: fp16 sink ``(B, H, S, D)``, packed history, fp16 residual ``(B, H, r, D)``.
 
     ``window``: residual tokens kept in fp16 (the method's ``residual``); ``step``: tokens quantized
-    together when they leave it (KIVI keys: ``group``; else 1).
+    together when they leave it (KIVI keys: ``group``; else 1). KIVI's key window therefore holds between
+    ``window - group + 1`` and ``window`` tokens (fewer than ``group`` when ``window < group``), its value
+    window exactly ``window``; the accounting charges ``window`` for both, which is exact when
+    ``tokens - sink - window`` is a multiple of ``group``.
     """
 
     def __init__(self, method: KVMethod, is_key: bool, sink: int, window: int, step: int, capacity: int | None):

@@ -1,0 +1,281 @@
+"""``KVQCache``: a transformers ``Cache`` whose layers keep keys and values bit-packed (see ``storage``).
+
+Per layer: a key ``Stream`` and a value ``Stream`` (fp16 sink, packed history, fp16 residual window)
+and the method's layer state (codebooks, thresholds) in fp16 when it is exactly representable there.
+``update()`` quantizes and appends the new tokens and returns them unchanged; the bound attention
+modules then attend over the packed cache (``attention.packed_attention``). Keys of pre-RoPE methods are
+captured by a forward hook on ``pre_rope_module(attn)`` and rotated at attention time at their own
+position with the model's rotary embedding.
+
+Usage: ``cache = kvq_cli.load_cache(artifact, model)``, then ``model.generate(ids, past_key_values=cache)``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .. import artifact as artifact_io
+from ..errors import KvqError
+from ..hf_attention import (
+    ATTN_NAME,
+    _register,
+    attention_layers,
+    geometry_from_config,
+    pre_rope_module,
+    split_heads,
+    text_config,
+)
+from ..methods.base import KVMethod, State
+from .attention import DEFAULT_BLOCK, Rope, block_bounds, blockwise_attention, packed_attention
+from .kernel_path import kernel_decode, kernels_available
+from .storage import Stream
+
+#: Methods whose encodings the runtime stores (per-token codes and statistics; KIVI's token groups).
+SUPPORTED = ("fp16", "int", "nf", "kvquant", "kivi")
+
+
+def _fp16_state(state: State, device) -> State:
+    """Layer state kept in fp16 where that is exact (codebooks, fp16-rounded thresholds), else float32."""
+    out = {}
+    for name, t in state.items():
+        t = t.to(device)
+        out[name] = t.half() if torch.equal(t.float().half().float(), t.float()) else t.float()
+    return out
+
+
+class KVQLayer(CacheLayerMixin):
+    """One attention layer's packed cache; ``update`` appends ``(B, H, T, D)`` keys and values."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, method: KVMethod, state: State, index: int, batch: int, max_tokens: int | None,
+                 rope: Rope | None, block: int):
+        super().__init__()
+        self.method, self.index, self.batch, self.max_tokens = method, index, batch, max_tokens
+        self.rope, self.state16 = rope, state
+        self.step = method.group if method.name == "kivi" else 1
+        self.block = max(self.step, block - block % self.step)  # packed-key groups never straddle blocks
+        self.window_limit: int | None = None  # the model's sliding window, beyond which we refuse to go
+        self.rope_theta = 10000.0  # the config's theta: the Triton path checks the model's RoPE against it
+        #: Triton decode path: None = on CUDA where the layout is exact, True = wherever exact, False = never.
+        self.use_kernel: bool | None = None
+        self.attn: nn.Module | None = None
+        self.pre_rope_key: Tensor | None = None  # set by the bound forward hook
+        self.reset()
+
+    # ---- the transformers layer interface ------------------------------------------------------
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Quantize and append ``(B, H, T, D)`` keys (post-RoPE) and values; returns them unchanged."""
+        if self.attn is None or getattr(self.attn, "_kvq_layer", None) is not self:
+            raise KvqError("this KVQCache is not bound to the model: call cache.bind(model) (or load_cache again)")
+        if key_states.shape[0] != self.batch:
+            raise KvqError(f"the cache was loaded for batch_size {self.batch}, not {key_states.shape[0]} (beam search "
+                           "and num_return_sequences are not supported)")
+        if self.window_limit is not None and self.length + key_states.shape[2] > self.window_limit:
+            raise KvqError(f"sequence longer than the model's sliding window ({self.window_limit}): the kvq cache "
+                           "runs full attention only")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys = key_states
+        if self.method.keys_pre_rope:
+            if self.pre_rope_key is None:
+                raise KvqError("pre-RoPE keys were not captured: bind the cache to this model")
+            keys, self.pre_rope_key = self.pre_rope_key, None
+        state = self.state()
+        self.keys_stream.append(keys, state, self.method.encode_keys)
+        self.values_stream.append(value_states, state, self.method.encode_values)
+        self.length += key_states.shape[2]
+        self.pending = key_states.shape[2]
+        return key_states, value_states
+
+    def get_seq_length(self, *args) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length, *args) -> tuple[int, int]:
+        q = query_length if isinstance(query_length, int) else int(query_length.shape[0])
+        return self.length + q, 0
+
+    def get_max_length(self) -> int:
+        return -1 if self.max_tokens is None else self.max_tokens
+
+    get_max_cache_shape = get_max_length
+
+    def reset(self) -> None:
+        m = self.method
+        self.keys_stream = Stream(m, True, m.sink, m.residual, self.step, self.max_tokens)
+        self.values_stream = Stream(m, False, m.sink, m.residual, 1, self.max_tokens)
+        self.length = self.pending = 0
+        self.is_initialized = False
+
+    def _refuse(self, *args, **kwargs) -> None:
+        raise KvqError("the kvq cache supports greedy/sampled generation only (no beam search, cropping or "
+                       "batch reordering)")
+
+    reorder_cache = crop = batch_repeat_interleave = batch_select_indices = _refuse
+
+    def offload(self) -> None:  # the packed cache stays where it is
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+    # ---- kvq ------------------------------------------------------------------------------------
+    def state(self) -> State:
+        return {k: v.float() for k, v in self.state16.items()}
+
+    def read(self, a: int, b: int, state: State | None = None) -> tuple[Tensor, Tensor]:
+        """Keys (post-RoPE) and values of positions ``[a, b)``: float32 ``(B, H, b - a, D)`` each."""
+        state = self.state() if state is None else state
+        k = self.keys_stream.read(a, b, state)
+        if self.method.keys_pre_rope:
+            k = self.rope.apply(k, torch.arange(a, b, device=k.device))
+        return k, self.values_stream.read(a, b, state)
+
+    def attend(self, query: Tensor, scaling: float) -> Tensor:
+        """Attention of ``query (B, Hq, Tq, D)`` (the newest ``Tq`` positions) over the cache: float32.
+
+        One query token on CUDA: the Triton decode kernel where its layout is exact (``kernel_path``); else
+        the blockwise reference."""
+        use = self.use_kernel if self.use_kernel is not None else kernels_available(query.device)
+        if use and query.shape[2] == 1:
+            out = kernel_decode(self, query, scaling)
+            if out is not None:
+                return out
+        state = self.state()
+        bounds = block_bounds(self.length, min(self.method.sink, self.length), self.block)
+        return blockwise_attention(query, lambda a, b: self.read(a, b, state), self.length, scaling, bounds)
+
+    def nbytes(self, allocated: bool = False) -> int:
+        state = sum(t.numel() * t.element_size() for t in self.state16.values())
+        return self.keys_stream.nbytes(allocated) + self.values_stream.nbytes(allocated) + state
+
+
+class KVQCache(Cache):
+    """A packed quantized KV cache for one model (one ``KVQLayer`` per attention layer)."""
+
+    def __init__(self, layers: list[KVQLayer], method: KVMethod, kv_heads: int, head_dim: int):
+        super().__init__(layers=layers)
+        self.method, self.kv_heads, self.head_dim = method, kv_heads, head_dim
+        self._handles: list = []
+        self._model: nn.Module | None = None
+        self._previous_attn: str | None = None
+
+    def bind(self, model: nn.Module) -> KVQCache:
+        """Route ``model``'s attention through this cache (and capture its pre-RoPE keys when needed)."""
+        bound = getattr(model, "_kvq_bound_cache", None)
+        if bound is not None:
+            bound.unbind()
+        attns = attention_layers(model)
+        for attn, layer in zip(attns, self.layers, strict=True):
+            attn._kvq_layer, attn._kvq_attention, layer.attn = layer, packed_attention, attn
+            if self.method.keys_pre_rope:
+                def hook(_mod, _inp, out, layer=layer, attn=attn):
+                    layer.pre_rope_key = split_heads(out, attn.head_dim)  # (B, H, T, D)
+
+                self._handles.append(pre_rope_module(attn).register_forward_hook(hook))
+        self._handles.append(model.register_forward_pre_hook(self._check_inputs, with_kwargs=True))
+        _register()
+        self._previous_attn = model.config._attn_implementation
+        model.set_attn_implementation(ATTN_NAME)
+        self._model, model._kvq_bound_cache = model, self
+        return self
+
+    def _check_inputs(self, _model, args, kwargs) -> None:
+        """Forward pre-hook: refuse padded batches (the registered attention gets no mask from transformers)."""
+        if kwargs.get("past_key_values") is not self:
+            return
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2 and not bool(mask.bool().all()):
+            raise KvqError("the kvq cache runs plain causal attention only: padded batches (attention_mask with "
+                           "padding) are not supported; generate each sequence on its own")
+
+    def unbind(self) -> None:
+        """Undo ``bind``: hooks removed, the model's previous attention implementation restored."""
+        model, self._model = self._model, None
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if model is None:
+            return
+        for attn in attention_layers(model):
+            for name in ("_kvq_layer", "_kvq_attention"):
+                if hasattr(attn, name):
+                    delattr(attn, name)
+        model.set_attn_implementation(self._previous_attn)
+        model._kvq_bound_cache = None
+
+    def nbytes(self, allocated: bool = False) -> int:
+        """Bytes the cache holds: packed codes, fp16 scales/zeros, outliers (value + int16 position, plus one
+        int32 count per group of tokens), fp16 sink and residual tokens and the per-layer state.
+        ``allocated``: the buffers' capacity instead of their filled part."""
+        return sum(layer.nbytes(allocated) for layer in self.layers)
+
+    def avg_bits(self) -> float:
+        """``8 * nbytes()`` per cached K/V element (the quantity ``kvq_cli.accounting.avg_bits`` estimates)."""
+        layer = self.layers[0]
+        elements = len(self.layers) * 2 * layer.batch * self.kv_heads * self.head_dim * layer.length
+        return 8 * self.nbytes() / elements if elements else math.nan
+
+
+def _method_and_states(source, geom) -> tuple[KVMethod, list[State] | None]:
+    if isinstance(source, KVMethod):
+        return source, None
+    if isinstance(source, tuple):  # (method, per-layer states), as the evaluation holds them
+        return source[0], source[1] or None
+    art = source if isinstance(source, artifact_io.Artifact) else artifact_io.load(Path(source))
+    art.check_model(geom)
+    return art.method, art.states or None
+
+
+def load_cache(artifact_or_path, model: nn.Module, batch_size: int = 1, max_tokens: int | None = None,
+               block: int = DEFAULT_BLOCK) -> KVQCache:
+    """A packed cache for ``model`` from an artifact (path or ``Artifact``), a tuning-free ``KVMethod`` or a
+    ``(method, states)`` pair, bound to the model: pass it as ``past_key_values`` to ``model(...)`` or
+    ``model.generate(...)``. Refuses (``KvqError``) models without full causal attention and RoPE where
+    needed, padded batches (at the first forward) and head sizes the bit packing cannot hold.
+
+    ``max_tokens`` preallocates (and caps) every buffer; ``block``: tokens dequantized at once by attention.
+    """
+    geom = geometry_from_config(model.config)
+    method, states = _method_and_states(artifact_or_path, geom)
+    method.validate()
+    if method.name not in SUPPORTED:
+        raise KvqError(f"the runtime cache supports {', '.join(SUPPORTED)}, not {method.name}")
+    if method.needs_calibration and states is None:
+        raise KvqError(f"method {method.name} needs calibration: pass its artifact from `kvq calibrate`")
+    cfg = text_config(model.config)
+    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise KvqError(f"{geom.architecture}: layer types {sorted(kinds)}; the kvq cache supports full attention only")
+    if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
+        raise KvqError("batch_size and max_tokens must be >= 1")
+    if method.bits <= 4:
+        from kvq_kernels.reference import check_head_dim
+
+        try:
+            check_head_dim(geom.head_dim, method.bits)
+        except ValueError as exc:
+            raise KvqError(f"the packed cache cannot hold this model's keys: {exc}") from None
+    attns = attention_layers(model)
+    states = states if states is not None else [{} for _ in attns]
+    if len(states) != len(attns):
+        raise KvqError(f"the artifact has {len(states)} layer states for {len(attns)} layers")
+    rope = Rope.of(model) if method.keys_pre_rope else None
+    device = attns[0].k_proj.weight.device
+    layers = [KVQLayer(method, _fp16_state(s, device), i, batch_size, max_tokens, rope, block)
+              for i, s in enumerate(states)]
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    for layer in layers:
+        layer.window_limit, layer.rope_theta = window, geom.rope_theta
+    return KVQCache(layers, method, geom.kv_heads, geom.head_dim).bind(model)

@@ -1,0 +1,93 @@
+"""The fast path: ``kvq_kernels``' Triton decode attention over the cache's own buffers (zero-copy views).
+
+Used for a single query token when the kernels' fixed layout (``kvq_kernels.reference``) represents the
+layer's configuration exactly; ``KVQLayer.attend`` falls back to the blockwise PyTorch reference
+(``attention.blockwise_attention``) otherwise. Exactly representable:
+
+* kvquant: per-channel pre-RoPE keys, no sparse outliers (the kernel's fixed outlier slots differ from
+  KVQuant's per-token top-k over all heads), the model's RoPE equal to the default ``theta``-based one;
+* kivi: ``group == 32`` (the kernel's key group; value groups ``min(32, D)`` then match), and as many
+  packed keys as packed values (keys leave the residual window a group at a time, values one by one).
+
+Both need K and V buffers of equal capacity and strides (always so with ``max_tokens``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .storage import Stream
+
+
+def _same_layout(*tensors: Tensor) -> bool:
+    """Contiguous ``(B, H, capacity, ...)`` buffers of one capacity (the kernels index them by ``capacity``)."""
+    return all(t.is_contiguous() and t.shape[:3] == tensors[0].shape[:3] for t in tensors)
+
+
+def _segments(ks: Stream, vs: Stream) -> dict | None:
+    """The fp16 sink and residual buffers, when K and V agree on counts and layout."""
+    if ks.packed.n != vs.packed.n or ks.residual.n != vs.residual.n or ks.sink.n != ks.sink_size:
+        return None
+    if not (_same_layout(ks.sink.buf, vs.sink.buf) and _same_layout(ks.residual.buf, vs.residual.buf)):
+        return None
+    return dict(sink_k=ks.sink.buf, sink_v=vs.sink.buf, res_k=ks.residual.buf, res_v=vs.residual.buf,
+                n_packed=ks.packed.n, n_res=ks.residual.n)
+
+
+def kernel_cache(layer):
+    """A ``KVQuantCache`` / ``KIVICache`` viewing ``layer``'s buffers, or None where the layout cannot hold it."""
+    from kvq_kernels.reference import KIVICache, KVQuantCache, rope_inv_freq
+
+    m, ks, vs = layer.method, layer.keys_stream, layer.values_stream
+    if ks.sink is None or "codes" not in ks.packed.fields or "codes" not in vs.packed.fields:
+        return None
+    seg = _segments(ks, vs)
+    kf, vf = ks.packed.fields, vs.packed.fields
+    if seg is None or not _same_layout(kf["codes"].buf, vf["codes"].buf, vf["scale"].buf, vf["zero"].buf):
+        return None
+    b, h = kf["codes"].buf.shape[:2]
+    if m.name == "kvquant":
+        if not (m.per_channel and m.pre_rope and m.outliers == 0) or layer.rope is None:
+            return None
+        rope = layer.rope.module
+        d = ks.packed.head_dim
+        default = rope_inv_freq(d, layer.rope_theta, rope.inv_freq.device)
+        if float(getattr(rope, "attention_scaling", 1.0)) != 1.0 or not torch.equal(rope.inv_freq.float(), default):
+            return None
+        state, cap = layer.state(), kf["codes"].buf.shape[2]
+        no_idx = torch.empty(b, h, cap, 0, dtype=torch.int16, device=kf["codes"].buf.device)
+        no_val = torch.empty(b, h, cap, 0, dtype=torch.float16, device=kf["codes"].buf.device)
+        return KVQuantCache(
+            k_packed=kf["codes"].buf, k_oidx=no_idx, k_oval=no_val, v_packed=vf["codes"].buf,
+            v_min=vf["zero"].buf.squeeze(-1), v_scale=vf["scale"].buf.squeeze(-1), v_oidx=no_idx, v_oval=no_val,
+            lo=state["key_lo"], hi=state["key_hi"], ck=state["key_codebook"], cv=state["value_codebook"],
+            bits_k=m.bits, bits_v=m.bits, rope_theta=layer.rope_theta, **seg)
+    if m.name == "kivi" and m.group == 32:
+        return KIVICache(k_packed=kf["codes"].buf, k_scale=kf["scale"].buf, k_zero=kf["zero"].buf,
+                         v_packed=vf["codes"].buf, v_scale=vf["scale"].buf, v_zero=vf["zero"].buf, bits=m.bits,
+                         **seg)
+    return None
+
+
+def kernels_available(device: torch.device) -> bool:
+    """Triton importable and a CUDA device (the interpreter is for tests, which force ``use_kernel``)."""
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def kernel_decode(layer, query: Tensor, scaling: float) -> Tensor | None:
+    """Triton decode attention of ``query (B, Hq, 1, D)`` over ``layer``: float32 ``(B, Hq, 1, D)``, or None."""
+    cache = kernel_cache(layer)
+    if cache is None:
+        return None
+    from kvq_kernels.decode_attention import decode_attention_kivi, decode_attention_kvquant
+
+    fn = decode_attention_kvquant if layer.method.name == "kvquant" else decode_attention_kivi
+    q = query[:, :, 0].contiguous()  # (B, Hq, D)
+    return fn(q, cache, sm_scale=scaling).float()[:, :, None]  # (B, Hq, 1, D)
