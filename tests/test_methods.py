@@ -249,3 +249,22 @@ def test_labels() -> None:
     assert make_method("int", bits=4).label == "int-4b"
     assert make_method("nf", bits=3).label == "nf-3b"
     assert make_method("kivi", bits=2).residual == 128 and make_method("kvquant").sink == 1
+
+
+def test_kvquant_head_codebooks_fit_each_head() -> None:
+    """One codebook per KV head: (H, 2^b) state, and no worse than one shared codebook on heads that differ."""
+    g = torch.Generator().manual_seed(21)
+    n, h, d = 3000, 3, 32
+    keys = torch.randn(n, h, d, generator=g) * torch.tensor([0.2, 1.0, 5.0])[None, :, None]
+    skew = torch.randn(n, h, d, generator=g).pow(torch.tensor([1.0, 3.0, 1.0])[None, :, None].expand(n, h, d))
+    values = torch.where(torch.arange(h)[None, :, None] == 1, skew, keys)  # one head heavy-tailed
+    calib = LayerCalibration(keys, values, torch.ones_like(keys), torch.ones_like(values))
+    errs = {}
+    for per_head in (False, True):
+        m = make_method("kvquant", bits=2, head_codebooks=per_head)
+        state = m.fit(calib)
+        assert state["value_codebook"].shape == ((h, 4) if per_head else (4,))
+        assert m.state_bits(state) == m.state_bits_estimate(h, d)
+        v = values[:400].transpose(0, 1)[None]  # (1, H, T, D)
+        errs[per_head] = (m.fake_quant_values(v, state) - v).norm() / v.norm()
+    assert errs[True] <= errs[False] * 1.001

@@ -9,7 +9,9 @@ levels per layer for K and one for V, fitted by 1-D k-means over normalized cali
 weighted by their Fisher information, then shifted/rescaled by Q-Norm. Each switch turns one ingredient
 off for ablations. The first ``sink`` tokens stay in fp16 (handled by the caller).
 
-Layer state: ``key_codebook``, ``value_codebook`` ``(2^bits,)`` sorted in [-1, 1]; with
+With ``head_codebooks`` (not in the paper; off by default) each KV head gets its own codebooks.
+
+Layer state: ``key_codebook``, ``value_codebook`` ``(2^bits,)`` (``(H, 2^bits)`` per head) sorted in [-1, 1]; with
 ``per_channel`` also ``key_lo``, ``key_hi`` ``(H, D)``.
 """
 
@@ -28,8 +30,9 @@ from .quant_ops import (
     denormalize,
     fp16_ceil,
     fp16_floor,
+    lookup_heads,
     masked_vector_normalize,
-    nearest_code,
+    nearest_code_heads,
     normalize,
     outliers_per_side,
     packed_bits,
@@ -69,6 +72,7 @@ class KVQuant(KVMethod):
     qnorm: bool = True
     kmeans_iters: int = 50
     seed: int = 0
+    head_codebooks: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -91,6 +95,8 @@ class KVQuant(KVMethod):
             parts.append("post-rope")
         if not self.per_channel:
             parts.append("per-token")
+        if self.head_codebooks:
+            parts.append("head-cb")
         if not self.nuq:
             parts.append("uniform")
         else:
@@ -128,9 +134,16 @@ class KVQuant(KVMethod):
         return state
 
     def _fit_codebook(self, y: Tensor, mask: Tensor | None, fisher: Tensor | None) -> Tensor:
-        """``(2^bits,)`` codebook from normalized entries ``y (N, H, D)`` (outliers in ``mask`` dropped)."""
+        """``(2^bits,)`` codebook (``(H, 2^bits)`` with head_codebooks) from normalized ``y (N, H, D)``."""
         if not self.nuq:
             return uniform_codebook(self.bits).to(y.device)
+        if self.head_codebooks:
+            part = (lambda t, h: None if t is None else t[:, h : h + 1])  # noqa: E731 - (N, 1, D)
+            return torch.stack([self._fit_one(part(y, h), part(mask, h), part(fisher, h)) for h in range(y.shape[1])])
+        return self._fit_one(y, mask, fisher)
+
+    def _fit_one(self, y: Tensor, mask: Tensor | None, fisher: Tensor | None) -> Tensor:
+        """One ``(2^bits,)`` codebook from the normalized entries ``y`` (outliers in ``mask`` dropped)."""
         if self.fisher and fisher is None:
             raise KvqError("kvquant with fisher=True needs Fisher information in the calibration (or fisher=False)")
         keep = torch.ones_like(y, dtype=torch.bool) if mask is None else ~mask
@@ -153,7 +166,7 @@ class KVQuant(KVMethod):
             return self._encode_vectors(x, codebook)
         lo = state["key_lo"].to(x.device)[None, :, None, :]  # (1, H, 1, D)
         hi = state["key_hi"].to(x.device)[None, :, None, :]
-        enc = {"codes": nearest_code(normalize(x, lo, hi), codebook)}  # (B, H, T, D)
+        enc = {"codes": nearest_code_heads(normalize(x, lo, hi), codebook)}  # (B, H, T, D)
         return with_outliers(enc, x, (x < lo) | (x > hi) if self.outliers > 0 else None)
 
     def decode_keys(self, enc: Encoded, state: State) -> Tensor:
@@ -162,7 +175,7 @@ class KVQuant(KVMethod):
             return self._decode_vectors(enc, codebook)
         lo = state["key_lo"].to(codebook.device)[None, :, None, :]  # (1, H, 1, D)
         hi = state["key_hi"].to(codebook.device)[None, :, None, :]
-        return restore_outliers(denormalize(codebook[enc["codes"].long()], lo, hi), enc)
+        return restore_outliers(denormalize(lookup_heads(codebook, enc["codes"]), lo, hi), enc)
 
     # ---- values --------------------------------------------------------------------------------
     def encode_values(self, v: Tensor, state: State) -> Encoded:
@@ -185,11 +198,11 @@ class KVQuant(KVMethod):
         b, h, t, d = x.shape
         mask = token_outlier_mask(x, outliers_per_side(self.outliers, h * d))
         y, scale, zero = masked_vector_normalize(x, mask)
-        return with_outliers({"codes": nearest_code(y, codebook), "scale": scale, "zero": zero}, x, mask)
+        return with_outliers({"codes": nearest_code_heads(y, codebook), "scale": scale, "zero": zero}, x, mask)
 
     def _decode_vectors(self, enc: Encoded, codebook: Tensor) -> Tensor:
         zero = enc["zero"].float()  # (B, H, T, 1)
-        x = denormalize(codebook[enc["codes"].long()], zero, zero + enc["scale"].float())  # (B, H, T, D)
+        x = denormalize(lookup_heads(codebook, enc["codes"]), zero, zero + enc["scale"].float())  # (B, H, T, D)
         return restore_outliers(x, enc)
 
     # ---- bit accounting ------------------------------------------------------------------------
@@ -197,8 +210,9 @@ class KVQuant(KVMethod):
         return packed_bits(enc, self.bits)
 
     def state_bits_estimate(self, kv_heads: int, head_dim: int) -> int:
-        """Two ``2^bits`` codebooks, plus ``key_lo``/``key_hi`` ``(H, D)`` when per channel, in fp16."""
-        return FP16_BITS * (2 * (1 << self.bits) + (2 * kv_heads * head_dim if self.per_channel else 0))
+        """Two ``2^bits`` codebooks (per head with head_codebooks), plus ``key_lo``/``key_hi`` ``(H, D)``, in fp16."""
+        books = 2 * (1 << self.bits) * (kv_heads if self.head_codebooks and self.nuq else 1)
+        return FP16_BITS * (books + (2 * kv_heads * head_dim if self.per_channel else 0))
 
     def bits_per_token(self, kv_heads: int, head_dim: int) -> float:
         token_outliers = 2 * outliers_per_side(self.outliers, kv_heads * head_dim) * OUTLIER_BITS

@@ -117,6 +117,21 @@ def nearest_code(y: Tensor, codebook: Tensor) -> Tensor:
     return torch.bucketize(y.contiguous(), mids).to(torch.uint8)
 
 
+def nearest_code_heads(y: Tensor, codebook: Tensor) -> Tensor:
+    """``nearest_code`` with a codebook ``(K,)`` shared by all heads or ``(H, K)`` one per head (axis 1 of y)."""
+    if codebook.dim() == 1:
+        return nearest_code(y, codebook)
+    return torch.stack([nearest_code(y.select(1, h), codebook[h]) for h in range(codebook.shape[0])], dim=1)
+
+
+def lookup_heads(codebook: Tensor, codes: Tensor) -> Tensor:
+    """Centroids of ``codes`` (head axis 1) in a codebook ``(K,)`` or ``(H, K)``."""
+    if codebook.dim() == 1:
+        return codebook[codes.long()]
+    heads = torch.arange(codebook.shape[0], device=codes.device).view(1, -1, *([1] * (codes.dim() - 2)))
+    return codebook[heads, codes.long()]
+
+
 # ---- normalization to [-1, 1] and outliers -------------------------------------------------------
 
 
