@@ -82,7 +82,7 @@ def main() -> None:
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default="docs/results/ppl-smollm2")
-    p.add_argument("--only", choices=["main", "ablation", "shift"], action="append")
+    p.add_argument("--only", choices=["main", "ablation", "shift", "extras"], action="append")
     args = p.parse_args()
     parts = args.only or ["main", "ablation", "shift"]
     tmp = Path(tempfile.mkdtemp(prefix="kvq-results-"))
@@ -105,6 +105,12 @@ def main() -> None:
                 for i, o in enumerate(ABLATION.values())]
         doc["results"]["ablation"] = evaluate("wikitext2", arts, [], args)
         doc["results"]["ablation"]["labels"] = ["fp16 baseline", *ABLATION]
+        save()
+    if "extras" in parts:  # beyond the paper: one codebook per KV head
+        print("extras", flush=True)
+        arts = [calibrate({"bits": b, "outliers": 0.01, "head_codebooks": True}, tmp / f"hc{b}.safetensors", args)
+                for b in (4, 3, 2)]
+        doc["results"]["extras"] = evaluate("wikitext2", arts, [], args)
         save()
     if "shift" in parts:
         print("calibration shift", flush=True)
