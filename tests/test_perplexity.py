@@ -95,3 +95,36 @@ def test_quantization_changes_the_output():
 
     base, q = evaluate(model, _windows(), [Configuration("zero-v", Zero(False))])
     assert q["kl_divergence"] > 1e-3
+
+
+def test_pre_rope_fp16_then_rope_gives_the_models_own_keys():
+    """Quantizing pre-RoPE keys at 16 bits, then RoPE, gives the keys attention would see unquantized."""
+    model = tiny_model("llama")
+    ids = _windows(1, 30)
+    seen = {}
+
+    class Record(_Spy):
+        def fake_quant_keys(self, k, state):
+            return make_method("fp16", pre_rope=True).fake_quant_keys(k, state)
+
+    def grab(tag):
+        def transform(module, key, value):
+            if module.layer_idx == 0:  # layer 0: its input is not affected by quantization upstream
+                seen[tag] = key.detach().clone()
+            return key, value
+
+        return transform
+
+    from kvq_cli.hf_attention import attached, kvq_attention
+
+    layers = attention_layers(model)
+    with torch.no_grad(), kvq_attention(model), attached(layers, "_kvq_transform", [grab("plain")] * len(layers)):
+        model(ids)
+    method = Record(True)
+    with torch.no_grad(), simulated(model, method, None):
+        # simulated() installs its own transform; read the post-RoPE keys through a wrapper
+        inner = layers[0]._kvq_transform
+        layers[0]._kvq_transform = lambda m, k, v: (seen.__setitem__("quant", k.detach().clone()), inner(m, k, v))[1]
+        model(ids)
+    torch.testing.assert_close(seen["quant"], seen["plain"], rtol=1e-3, atol=1e-3)  # fp16 rounding only
+    assert not torch.equal(seen["quant"], seen["plain"])  # it did go through 16-bit storage

@@ -5,7 +5,8 @@ layer's configuration exactly; ``KVQLayer.attend`` falls back to the blockwise P
 (``attention.blockwise_attention``) otherwise. Exactly representable:
 
 * kvquant: per-channel pre-RoPE keys, no sparse outliers (the kernel's fixed outlier slots differ from
-  KVQuant's per-token top-k over all heads), the model's RoPE equal to the default ``theta``-based one;
+  KVQuant's per-token top-k over all heads), one codebook per layer (not ``head_codebooks``), the model's
+  RoPE equal to the default ``theta``-based one;
 * kivi: ``group == 32`` (the kernel's key group; value groups ``min(32, D)`` then match), and as many
   packed keys as packed values (keys leave the residual window a group at a time, values one by one).
 
@@ -50,6 +51,8 @@ def kernel_cache(layer):
     if m.name == "kvquant":
         if not (m.per_channel and m.pre_rope and m.outliers == 0) or layer.rope is None:
             return None
+        if any(layer.state16[name].dim() != 1 for name in ("key_codebook", "value_codebook")):
+            return None  # per-head codebooks (head_codebooks): the kernels take one codebook per layer
         rope = layer.rope.module
         d = ks.packed.head_dim
         default = rope_inv_freq(d, layer.rope_theta, rope.inv_freq.device)
