@@ -35,11 +35,8 @@ LOG2E = 1.4426950408889634
 # ----------------------------------------------------------------------------------------------- jit helpers
 @triton.jit
 def _scores(q1, q2, k1, k2, GP: tl.constexpr):
-    """``q (GP, HALF)`` x ``k (N, HALF)`` halves -> ``(GP, N)`` (2-D arithmetic when GP == 1)."""
-    if GP == 1:
-        return tl.sum(q1 * k1 + q2 * k2, axis=1)[None, :]
-    else:
-        return tl.sum(q1[:, None, :] * k1[None, :, :], axis=2) + tl.sum(q2[:, None, :] * k2[None, :, :], axis=2)
+    """``q (GP, HALF)`` x ``k (N, HALF)`` halves -> ``(GP, N)``."""
+    return tl.sum(q1[:, None, :] * k1[None, :, :], axis=2) + tl.sum(q2[:, None, :] * k2[None, :, :], axis=2)
 
 
 @triton.jit
@@ -49,13 +46,8 @@ def _online(s, v1, v2, m, l, acc1, acc2, GP: tl.constexpr):
     alpha = tl.exp2(m - m_new)
     p = tl.exp2(s - m_new[:, None])
     l = l * alpha + tl.sum(p, axis=1)
-    if GP == 1:
-        pn = tl.sum(p, axis=0)[:, None]
-        acc1 = acc1 * alpha[:, None] + tl.sum(pn * v1, axis=0)[None, :]
-        acc2 = acc2 * alpha[:, None] + tl.sum(pn * v2, axis=0)[None, :]
-    else:
-        acc1 = acc1 * alpha[:, None] + tl.sum(p[:, :, None] * v1[None, :, :], axis=1)
-        acc2 = acc2 * alpha[:, None] + tl.sum(p[:, :, None] * v2[None, :, :], axis=1)
+    acc1 = acc1 * alpha[:, None] + tl.sum(p[:, :, None] * v1[None, :, :], axis=1)
+    acc2 = acc2 * alpha[:, None] + tl.sum(p[:, :, None] * v2[None, :, :], axis=1)
     return m_new, l, acc1, acc2
 
 
@@ -243,12 +235,25 @@ def _kivi_split_kernel(
         vp = VP + row * NB
         d1 = _load_codes_half(vp, valid, 0, BITS, D, BLOCK_N).to(tl.float32)
         d2 = _load_codes_half(vp, valid, 1, BITS, D, BLOCK_N).to(tl.float32)
-        soff = row[:, None] * NVG + ch[None, :] // VG
-        v1 = tl.load(VZ + soff, mask=valid[:, None], other=0.0).to(tl.float32) + d1 * tl.load(
-            VS + soff, mask=valid[:, None], other=0.0).to(tl.float32)
-        soff = soff + HALF // VG
-        v2 = tl.load(VZ + soff, mask=valid[:, None], other=0.0).to(tl.float32) + d2 * tl.load(
-            VS + soff, mask=valid[:, None], other=0.0).to(tl.float32)
+        if VG >= HALF:  # each half lies in one channel group
+            gz1 = tl.load(VZ + row * NVG + 0, mask=valid, other=0.0).to(tl.float32)
+            gs1 = tl.load(VS + row * NVG + 0, mask=valid, other=0.0).to(tl.float32)
+            gz2 = tl.load(VZ + row * NVG + HALF // VG, mask=valid, other=0.0).to(tl.float32)
+            gs2 = tl.load(VS + row * NVG + HALF // VG, mask=valid, other=0.0).to(tl.float32)
+            v1 = gz1[:, None] + d1 * gs1[:, None]
+            v2 = gz2[:, None] + d2 * gs2[:, None]
+        else:  # (N, groups, VG) view: one scale/zero load per group, broadcast over its channels
+            NGH: tl.constexpr = HALF // VG
+            cg = tl.arange(0, NGH)
+            soff = row[:, None] * NVG + cg[None, :]
+            gz1 = tl.load(VZ + soff, mask=valid[:, None], other=0.0).to(tl.float32)
+            gs1 = tl.load(VS + soff, mask=valid[:, None], other=0.0).to(tl.float32)
+            gz2 = tl.load(VZ + soff + NGH, mask=valid[:, None], other=0.0).to(tl.float32)
+            gs2 = tl.load(VS + soff + NGH, mask=valid[:, None], other=0.0).to(tl.float32)
+            v1 = tl.reshape(gz1[:, :, None] + tl.reshape(d1, (BLOCK_N, NGH, VG)) * gs1[:, :, None],
+                            (BLOCK_N, HALF))
+            v2 = tl.reshape(gz2[:, :, None] + tl.reshape(d2, (BLOCK_N, NGH, VG)) * gs2[:, :, None],
+                            (BLOCK_N, HALF))
         m, l, acc1, acc2 = _online(s, v1, v2, m, l, acc1, acc2, GP)
     n_s = tl.where(last, n_sink, 0)
     n_r = tl.where(last, n_res, 0)

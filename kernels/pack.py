@@ -59,21 +59,40 @@ def _store_codes(out_ptr, row_off, rmask, codes, BITS: tl.constexpr, D: tl.const
 
 
 @triton.jit
+def _expand_plane(b, P: tl.constexpr, R: tl.constexpr, W: tl.constexpr):
+    """``b (R, W)`` int32 bytes of a P-bit plane -> ``(R, W * 8/P)`` codes, via register-local joins."""
+    if P == 4:
+        x = tl.join(b & 15, b >> 4)
+    elif P == 2:
+        x = tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6))
+    else:
+        x = tl.join(
+            tl.join(tl.join(b & 1, (b >> 4) & 1), tl.join((b >> 2) & 1, (b >> 6) & 1)),
+            tl.join(tl.join((b >> 1) & 1, (b >> 5) & 1), tl.join((b >> 3) & 1, b >> 7)),
+        )
+    return tl.reshape(x, (R, W * 8 // P))
+
+
+@triton.jit
 def _load_codes_half(row_ptr, rmask, HIDX: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, R: tl.constexpr):
     """Codes of channels ``[HIDX*D/2, (HIDX+1)*D/2)`` of ``R`` packed rows (``row_ptr (R,)``) -> int32 (R, D/2).
 
-    Each element loads its own byte (L1 hits; no join/reshape, so the tile keeps the plain blocked layout
-    that the arithmetic around it uses)."""
+    One vector load of the half's bytes per plane, then shifts/masks expanded with ``tl.join`` (register
+    local). On the H100 this was 1.5-2.2x faster than loading one byte per code (see the results doc)."""
     HALF: tl.constexpr = D // 2
-    ch = HIDX * HALF + tl.arange(0, HALF)
     if BITS == 3:
-        b2 = tl.load(row_ptr[:, None] + (ch // 4)[None, :], mask=rmask[:, None], other=0).to(tl.int32)
-        b1 = tl.load(row_ptr[:, None] + D // 4 + (ch // 8)[None, :], mask=rmask[:, None], other=0).to(tl.int32)
-        return ((b2 >> ((ch % 4) * 2)[None, :]) & 3) | (((b1 >> (ch % 8)[None, :]) & 1) << 2)
+        W2: tl.constexpr = HALF // 4
+        W1: tl.constexpr = HALF // 8
+        c2 = tl.arange(0, W2)
+        c1 = tl.arange(0, W1)
+        b2 = tl.load(row_ptr[:, None] + HIDX * W2 + c2[None, :], mask=rmask[:, None], other=0).to(tl.int32)
+        b1 = tl.load(row_ptr[:, None] + D // 4 + HIDX * W1 + c1[None, :], mask=rmask[:, None], other=0).to(tl.int32)
+        return _expand_plane(b2, 2, R, W2) | (_expand_plane(b1, 1, R, W1) << 2)
     else:
-        N: tl.constexpr = 8 // BITS
-        bb = tl.load(row_ptr[:, None] + (ch // N)[None, :], mask=rmask[:, None], other=0).to(tl.int32)
-        return (bb >> ((ch % N) * BITS)[None, :]) & ((1 << BITS) - 1)
+        W: tl.constexpr = HALF * BITS // 8
+        cw = tl.arange(0, W)
+        bb = tl.load(row_ptr[:, None] + HIDX * W + cw[None, :], mask=rmask[:, None], other=0).to(tl.int32)
+        return _expand_plane(bb, BITS, R, W)
 
 
 @triton.jit

@@ -253,7 +253,7 @@ def test_streaming_cli(tiny_model_dir, tiny_text_file):
 
 
 def kernel_vs_reference(device: str, hidden: int = 64) -> list[tuple[float, int]]:
-    """Decode 25 tokens after a 41-token prompt (batch 3, MQA) with the Triton path forced on and off, for
+    """Decode 7 tokens after a 59-token prompt (batch 3, MQA) with the Triton path forced on and off, for
     kvquant-3b (no outliers) and kivi-2b (group 32, residual 32): per method, the largest logit difference
     and how many layer-steps the kernel served. Used by the interpreter test and the CUDA test."""
     import kvq_cli.runtime.cache as runtime_cache
@@ -274,8 +274,8 @@ def kernel_vs_reference(device: str, hidden: int = 64) -> list[tuple[float, int]
                 for layer in cache.layers:
                     layer.use_kernel = use
                 with torch.no_grad():
-                    model(ids[:, :41], past_key_values=cache)
-                    steps = [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(41, 66)]
+                    model(ids[:, :59], past_key_values=cache)
+                    steps = [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(59, 66)]
                 logits.append(torch.cat(steps, 1))
                 cache.unbind()
             results.append(((logits[0] - logits[1]).abs().max().item(), sum(u is not None for u in used)))
@@ -287,7 +287,7 @@ def kernel_vs_reference(device: str, hidden: int = 64) -> list[tuple[float, int]
 
 def _check_kernel_results(results) -> None:
     (kvq_diff, kvq_used), (kivi_diff, kivi_used) = results
-    assert kvq_used == 2 * 25 and kivi_used == 2  # layers x decode steps; kivi: at 64 tokens only
+    assert kvq_used == 2 * 7 and kivi_used == 2  # layers x decode steps; kivi: at 64 tokens only
     assert kvq_diff < 1e-4 and kivi_diff < 1e-4
 
 

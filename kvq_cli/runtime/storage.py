@@ -28,11 +28,12 @@ POSITIONS = 1 << 16
 
 
 class Grow:
-    """A tensor growing along dim 2 (``(B, H, n, ...)``), with amortized doubling or a fixed capacity."""
+    """A tensor growing along dim 2 (``(B, H, n, ...)``): a fixed capacity, or a power of two >= 16 that
+    doubles (so buffers holding as many entries have the same capacity, as the Triton path needs)."""
 
     def __init__(self, like: Tensor, capacity: int | None = None):
         self.fixed = capacity is not None
-        cap = capacity if capacity is not None else max(16, like.shape[2])
+        cap = capacity if capacity is not None else _pow2(like.shape[2])
         self.buf = like.new_zeros(*like.shape[:2], cap, *like.shape[3:])
         self.n = 0
 
@@ -41,7 +42,7 @@ class Grow:
         if need > self.buf.shape[2]:
             if self.fixed:
                 raise KvqError(f"the cache is full ({self.buf.shape[2]} tokens): load it with a larger max_tokens")
-            bigger = self.buf.new_zeros(*self.buf.shape[:2], max(need, 2 * self.buf.shape[2]), *self.buf.shape[3:])
+            bigger = self.buf.new_zeros(*self.buf.shape[:2], _pow2(need), *self.buf.shape[3:])
             bigger[:, :, : self.n] = self.buf[:, :, : self.n]
             self.buf = bigger
         self.buf[:, :, self.n : need] = x
@@ -59,6 +60,10 @@ class Grow:
     def nbytes(self, allocated: bool = False) -> int:
         per = self.buf[:, :, :1].numel() * self.buf.element_size()
         return per * (self.buf.shape[2] if allocated else self.n)
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << max(n - 1, 0).bit_length())
 
 
 class SparseOutliers:
