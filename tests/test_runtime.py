@@ -130,7 +130,10 @@ def test_blockwise_attention_equals_dense(name, block):
     layer = cache.layers[1]
     k, v = layer.read(0, 53)  # the whole layer, dequantized: only for the reference
     q = torch.randn(2, 4, 9, 16, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(layer.attend(q, 0.25), dense_attention(q, k, v, 0.25), rtol=1e-5, atol=1e-5)
+    dense = dense_attention(q, k, v, 0.25)
+    torch.testing.assert_close(layer.attend(q, 0.25), dense, rtol=1e-5, atol=1e-5)
+    layer.query_tile = 4  # queries in tiles of 4 (9 = 4 + 4 + 1)
+    torch.testing.assert_close(layer.attend(q, 0.25), dense, rtol=1e-5, atol=1e-5)
 
 
 def test_no_full_length_dequantization():

@@ -19,6 +19,8 @@ from ..errors import KvqError
 
 #: Tokens dequantized at once by the reference path.
 DEFAULT_BLOCK = 2048
+#: Queries attended at once (a long prefill goes tile by tile: scores are at most QUERY_TILE x block).
+QUERY_TILE = 1024
 
 Reader = Callable[[int, int], tuple[Tensor, Tensor]]
 """``read(a, b)`` -> keys (post-RoPE) and values of positions ``[a, b)``, float32 ``(B, Hkv, b - a, D)``."""

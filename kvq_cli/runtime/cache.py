@@ -31,7 +31,7 @@ from ..hf_attention import (
     text_config,
 )
 from ..methods.base import KVMethod, State
-from .attention import DEFAULT_BLOCK, Rope, block_bounds, blockwise_attention, packed_attention
+from .attention import DEFAULT_BLOCK, QUERY_TILE, Rope, block_bounds, blockwise_attention, packed_attention
 from .kernel_path import kernel_decode, kernels_available
 from .storage import Stream
 
@@ -62,6 +62,7 @@ class KVQLayer(CacheLayerMixin):
         self.rope, self.state16 = rope, state
         self.step = method.group if method.name == "kivi" else 1
         self.block = max(self.step, block - block % self.step)  # packed-key groups never straddle blocks
+        self.query_tile = QUERY_TILE  # queries attended at once (bounds the score tile of a long prefill)
         self.window_limit: int | None = None  # the model's sliding window, beyond which we refuse to go
         self.rope_theta = 10000.0  # the config's theta: the Triton path checks the model's RoPE against it
         #: Triton decode path: None = on CUDA where the layout is exact, True = wherever exact, False = never.
@@ -152,9 +153,17 @@ class KVQLayer(CacheLayerMixin):
             out = kernel_decode(self, query, scaling)
             if out is not None:
                 return out
-        state = self.state()
-        bounds = block_bounds(self.length, min(self.method.sink, self.length), self.block)
-        return blockwise_attention(query, lambda a, b: self.read(a, b, state), self.length, scaling, bounds)
+        state, tq, outs = self.state(), query.shape[2], []
+
+        def read(a: int, b: int) -> tuple[Tensor, Tensor]:
+            return self.read(a, b, state)
+
+        for s in range(0, tq, self.query_tile):  # query tiles: each reads only the keys it can see
+            e = min(s + self.query_tile, tq)
+            end = self.length - tq + e  # one past the tile's last query position
+            bounds = block_bounds(end, min(self.method.sink, end), self.block)
+            outs.append(blockwise_attention(query[:, :, s:e], read, end, scaling, bounds))  # (B, Hq, e - s, D)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
 
     def nbytes(self, allocated: bool = False) -> int:
         state = sum(t.numel() * t.element_size() for t in self.state16.values())
