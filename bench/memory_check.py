@@ -101,13 +101,14 @@ def main() -> None:
            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(doc, indent=2))
-    print("| method | context | cache bytes (measured) | KV predicted | error | peak allocated | total predicted | error |")
+    print("| method | context | cache bytes | KV predicted | error | peak allocated | total predicted | error |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    gib = 2**30
     for r in rows:
         te = f"{r['total_error'] * 100:+.1f}%" if r["total_error"] is not None else "n/a"
-        print(f"| {r['name']} | {r['context']:,} | {r['cache_nbytes'] / 2**30:.3f} GiB | {r['predicted_kv'] / 2**30:.3f} GiB "
-              f"| {r['kv_error'] * 100:+.2f}% | {r['peak_bytes'] / 2**30:.2f} GiB | {r['predicted_total'] / 2**30:.2f} GiB "
-              f"| {te} |")
+        print(f"| {r['name']} | {r['context']:,} | {r['cache_nbytes'] / gib:.3f} GiB | {r['predicted_kv'] / gib:.3f} GiB"
+              f" | {r['kv_error'] * 100:+.2f}% | {r['peak_bytes'] / gib:.2f} GiB | {r['predicted_total'] / gib:.2f} GiB"
+              f" | {te} |")
 
 
 if __name__ == "__main__":
