@@ -106,7 +106,8 @@ def main() -> None:
     gib = 2**30
     for r in rows:
         te = f"{r['total_error'] * 100:+.1f}%" if r["total_error"] is not None else "n/a"
-        print(f"| {r['name']} | {r['context']:,} | {r['cache_nbytes'] / gib:.3f} GiB | {r['predicted_kv'] / gib:.3f} GiB"
+        print(f"| {r['name']} | {r['context']:,} | {r['cache_nbytes'] / gib:.3f} GiB | {r['predicted_kv'] / gib:.3f}"
+              f" GiB"
               f" | {r['kv_error'] * 100:+.2f}% | {r['peak_bytes'] / gib:.2f} GiB | {r['predicted_total'] / gib:.2f} GiB"
               f" | {te} |")
 
