@@ -106,10 +106,11 @@ def main() -> None:
         doc["results"]["ablation"] = evaluate("wikitext2", arts, [], args)
         doc["results"]["ablation"]["labels"] = ["fp16 baseline", *ABLATION]
         save()
-    if "extras" in parts:  # beyond the paper: one codebook per KV head
+    if "extras" in parts:  # per-token value ranges over all heads (KVQuant's, fewer bits); per-head codebooks
         print("extras", flush=True)
-        arts = [calibrate({"bits": b, "outliers": 0.01, "head_codebooks": True}, tmp / f"hc{b}.safetensors", args)
-                for b in (4, 3, 2)]
+        variants = [{"token_scales": True}, {"head_codebooks": True}, {"token_scales": True, "head_codebooks": True}]
+        arts = [calibrate({"bits": b, "outliers": 0.01, **v}, tmp / f"x{b}-{i}.safetensors", args)
+                for i, v in enumerate(variants) for b in (4, 3, 2)]
         doc["results"]["extras"] = evaluate("wikitext2", arts, [], args)
         save()
     if "shift" in parts:

@@ -268,3 +268,17 @@ def test_kvquant_head_codebooks_fit_each_head() -> None:
         v = values[:400].transpose(0, 1)[None]  # (1, H, T, D)
         errs[per_head] = (m.fake_quant_values(v, state) - v).norm() / v.norm()
     assert errs[True] <= errs[False] * 1.001
+
+
+def test_kvquant_token_scales_share_one_range_per_token() -> None:
+    """token_scales: one fp16 scale/zero per token over all KV heads (KVQuant's per-token), bits counted exactly."""
+    m, s = build("kvquant", bits=3, outliers=0.01, token_scales=True)
+    v = heavy((2, H, 40, D), seed=31)
+    enc = m.encode_values(v, s)
+    assert enc["scale"].shape == (2, 1, 40, 1) and enc["zero"].shape == (2, 1, 40, 1)
+    assert m.encoded_bits(enc) == 2 * H * 40 * D * 3 + 2 * 40 * 32 + int(enc["outlier_mask"].sum()) * 32
+    rel = (m.fake_quant_values(v, s) - v).norm() / v.norm()
+    assert rel < 0.25
+    k = make_keys(2, 40, seed=32)
+    per_token_bits = (m.encoded_bits(m.encode_keys(k, s)) + m.encoded_bits(enc)) / 80
+    assert per_token_bits == pytest.approx(m.bits_per_token(H, D), rel=0.02)

@@ -73,6 +73,7 @@ class KVQuant(KVMethod):
     kmeans_iters: int = 50
     seed: int = 0
     head_codebooks: bool = False
+    token_scales: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -97,6 +98,8 @@ class KVQuant(KVMethod):
             parts.append("per-token")
         if self.head_codebooks:
             parts.append("head-cb")
+        if self.token_scales:
+            parts.append("token-scales")
         if not self.nuq:
             parts.append("uniform")
         else:
@@ -189,7 +192,7 @@ class KVQuant(KVMethod):
         """Calibration samples ``(N, H, D)`` normalized as ``_encode_vectors`` would: ``y`` and outlier mask."""
         xt = x.transpose(0, 1)[None]  # (1, H, N, D)
         mask = token_outlier_mask(xt, outliers_per_side(self.outliers, x.shape[1] * x.shape[2]))
-        y, _, _ = masked_vector_normalize(xt, mask)
+        y, _, _ = self._normalize(xt, mask)
         back = (lambda t: t[0].transpose(0, 1))  # noqa: E731 - (1, H, N, D) -> (N, H, D)
         return back(y), None if mask is None else back(mask)
 
@@ -197,11 +200,22 @@ class KVQuant(KVMethod):
         """Per-vector normalization after KVQuant's per-token top-k outliers: ``x (B, H, T, D)``."""
         b, h, t, d = x.shape
         mask = token_outlier_mask(x, outliers_per_side(self.outliers, h * d))
-        y, scale, zero = masked_vector_normalize(x, mask)
+        y, scale, zero = self._normalize(x, mask)
         return with_outliers({"codes": nearest_code_heads(y, codebook), "scale": scale, "zero": zero}, x, mask)
 
+    def _normalize(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """``x (B, H, T, D)`` -> ``y`` in [-1, 1], ``scale``/``zero`` ``(B, H, T, 1)``, or ``(B, 1, T, 1)`` with
+        ``token_scales`` (one range per token over all KV heads, as KVQuant: fewer bits, coarser)."""
+        if not self.token_scales:
+            return masked_vector_normalize(x, mask)
+        b, h, t, d = x.shape
+        rows = (lambda z: z.permute(0, 2, 1, 3).reshape(b, t, h * d))  # noqa: E731 - (B, H, T, D) -> (B, T, H*D)
+        y, scale, zero = masked_vector_normalize(rows(x), None if mask is None else rows(mask))
+        y = y.view(b, t, h, d).permute(0, 2, 1, 3)  # (B, H, T, D)
+        return y, scale.view(b, 1, t, 1), zero.view(b, 1, t, 1)
+
     def _decode_vectors(self, enc: Encoded, codebook: Tensor) -> Tensor:
-        zero = enc["zero"].float()  # (B, H, T, 1)
+        zero = enc["zero"].float()  # (B, H, T, 1), or (B, 1, T, 1) with token_scales
         x = denormalize(lookup_heads(codebook, enc["codes"]), zero, zero + enc["scale"].float())  # (B, H, T, D)
         return restore_outliers(x, enc)
 
@@ -216,6 +230,7 @@ class KVQuant(KVMethod):
 
     def bits_per_token(self, kv_heads: int, head_dim: int) -> float:
         token_outliers = 2 * outliers_per_side(self.outliers, kv_heads * head_dim) * OUTLIER_BITS
-        per_token = kv_heads * (head_dim * self.bits + 2 * FP16_BITS) + token_outliers  # codes, scale, zero, outliers
+        scales = 2 * FP16_BITS * (1 if self.token_scales else kv_heads)  # one scale + zero per token or per head
+        per_token = kv_heads * head_dim * self.bits + scales + token_outliers  # codes, scale, zero, outliers
         key = kv_heads * head_dim * (self.bits + self.outliers * OUTLIER_BITS) if self.per_channel else per_token
         return float(key + per_token)
