@@ -1,11 +1,12 @@
-"""Predicted (``kvq estimate-memory``) against measured GPU memory of the runtime cache, at several contexts.
+"""The runtime end to end: predicted against measured memory, and decode speed against the 16-bit cache.
 
-A model with a preset's real shapes and random weights (bf16) is prefilled through the packed cache
-(``kvq_cli.load_cache``) in chunks, then decodes one token; the peak of ``torch.cuda.max_memory_allocated``
-is compared with estimate-memory's prediction (KV + weights + allowance) and the cache's own
-``nbytes()`` with the predicted KV bytes.
+A model with a preset's real shapes and random weights (bf16; said so in every report) is prefilled
+through the packed cache (``kvq_cli.load_cache``) in chunks, then decodes ``--decode`` tokens. Reported
+per method and context: the peak of ``torch.cuda.max_memory_allocated`` against estimate-memory's
+prediction (KV + weights + allowance), the cache's own ``nbytes()`` against the predicted KV bytes, and
+decode tokens/s beside transformers' 16-bit ``DynamicCache`` measured in the same run ("fp16" rows).
 
-    python bench/memory_check.py --model llama-3.2-1b --contexts 8K,32K,128K --out docs/results/memory-check.json
+    python bench/memory_check.py --model llama-3-8b --contexts 32K,128K --out docs/results/runtime-e2e.json
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvq_cli import api, load_cache  # noqa: E402
 from kvq_cli.memory import parse_context  # noqa: E402
-from kvq_cli.methods import LayerCalibration, parse_spec  # noqa: E402
+from kvq_cli.methods import parse_spec  # noqa: E402
 from kvq_cli.presets import MODEL_PRESETS  # noqa: E402
 
 
@@ -42,33 +43,49 @@ def build_model(name: str, device: str):
     return model.eval()
 
 
-def synthetic_states(method, model, layers: int):
-    """Fit the method on random calibration vectors (memory does not depend on the codebooks' values)."""
+def calibrated_states(method, model, device: str, samples: int = 2, seqlen: int = 1024):
+    """Calibrate on random token ids through the real capture path, so outlier thresholds fit this model."""
     if not method.needs_calibration:
         return None
-    cfg = model.config
-    g = torch.Generator().manual_seed(0)
-    shape = (4096, cfg.num_key_value_heads, cfg.head_dim)
-    calib = LayerCalibration(torch.randn(shape, generator=g), torch.randn(shape, generator=g),
-                             torch.ones(shape), torch.ones(shape))
-    state = method.fit(calib)
-    return [state for _ in range(layers)]
+    from kvq_cli.calibration.capture import capture
+
+    ids = torch.randint(0, model.config.vocab_size, (samples, seqlen), generator=torch.Generator().manual_seed(0))
+    return [method.fit(layer) for layer in capture(model, ids.to(device), method, max_tokens=4096)]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 @torch.no_grad()
-def measure(model, method, states, context: int, chunk: int, device: str) -> dict:
+def measure(model, method, states, context: int, chunk: int, decode: int, device: str) -> dict:
+    """Prefill ``context`` random tokens in chunks, then time ``decode`` greedy steps (method None: fp16)."""
+    from transformers import DynamicCache
+
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    cache = load_cache((method, states), model, max_tokens=context + 8)
+    cache = DynamicCache() if method is None else load_cache((method, states), model, max_tokens=context + decode + 8)
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
     start = time.perf_counter()
     for a in range(0, context, chunk):
         out = model(ids[:, a : a + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    model(out.logits.argmax(-1), past_key_values=cache, use_cache=True, logits_to_keep=1)
-    seconds = time.perf_counter() - start
+    _sync(device)
+    prefill = time.perf_counter() - start
+    token = out.logits.argmax(-1)
+    model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)  # warm-up step
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(decode):
+        token = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+    _sync(device)
+    step = (time.perf_counter() - start) / max(decode, 1)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
-    result = {"context": context, "cache_nbytes": cache.nbytes(), "peak_bytes": peak, "seconds": round(seconds, 1)}
+    nbytes = cache.nbytes() if method is not None else sum(
+        t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    result = {"context": context, "cache_nbytes": nbytes, "peak_bytes": peak, "prefill_s": round(prefill, 2),
+              "decode_tokens_per_s": round(1 / step, 2)}
     del cache, out
     return result
 
@@ -79,16 +96,22 @@ def main() -> None:
     p.add_argument("--contexts", default="8K,32K,128K")
     p.add_argument("--method", action="append", help="method specs (default: kvquant 2-bit-1%% and kivi2)")
     p.add_argument("--chunk", type=int, default=4096)
+    p.add_argument("--decode", type=int, default=8, help="timed decode steps")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(args.model, device)
     rows = []
-    for spec in args.method or ["kvquant:bits=2,outliers=0.01", "kivi2"]:
+    for spec in args.method or ["fp16", "kvquant:bits=2,outliers=0.01", "kivi2"]:
         method = parse_spec(spec)
-        states = synthetic_states(method, model, model.config.num_hidden_layers)
+        states = calibrated_states(method, model, device)
         for ctx in [parse_context(c) for c in args.contexts.split(",")]:
-            m = measure(model, method, states, ctx, args.chunk, device)
+            try:
+                m = measure(model, None if spec == "fp16" else method, states, ctx, args.chunk, args.decode, device)
+            except torch.cuda.OutOfMemoryError:
+                print(json.dumps({"name": method.label, "context": ctx, "oom": True}), flush=True)
+                torch.cuda.empty_cache()
+                continue
             est = api.estimate_memory(args.model, context=ctx, methods=[method], gpu="h100-80gb")
             row = next(r for r in est["results"] if r["name"] == method.label)
             m.update(name=method.label, predicted_total=row["total_bytes"], predicted_kv=row["kv_bytes"],
@@ -101,15 +124,16 @@ def main() -> None:
            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(doc, indent=2))
-    print("| method | context | cache bytes | KV predicted | error | peak allocated | total predicted | error |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| method | context | cache bytes | KV predicted | error | peak allocated | total predicted | error "
+          "| decode tok/s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     gib = 2**30
     for r in rows:
         te = f"{r['total_error'] * 100:+.1f}%" if r["total_error"] is not None else "n/a"
         print(f"| {r['name']} | {r['context']:,} | {r['cache_nbytes'] / gib:.3f} GiB | {r['predicted_kv'] / gib:.3f}"
               f" GiB"
               f" | {r['kv_error'] * 100:+.2f}% | {r['peak_bytes'] / gib:.2f} GiB | {r['predicted_total'] / gib:.2f} GiB"
-              f" | {te} |")
+              f" | {te} | {r['decode_tokens_per_s']} |")
 
 
 if __name__ == "__main__":
