@@ -51,11 +51,12 @@ def calibrate(options: dict, out: Path, args, dataset: str = "wikitext2-valid") 
     return str(out)
 
 
-def evaluate(dataset: str, artifacts: list[str], methods: list[str], args) -> dict:
+def evaluate(dataset: str, artifacts: list[str], methods: list[str], args, mode: str = "simulated",
+             max_windows: int | None = None) -> dict:
     t = time.perf_counter()
     res = api.eval_ppl(model=args.model, dataset=dataset, data_dir=args.data_dir, seqlen=args.seqlen,
-                       max_windows=args.max_windows, batch_size=args.batch_size, artifacts=artifacts,
-                       methods=[parse_spec(m) for m in methods])
+                       max_windows=max_windows or args.max_windows, batch_size=args.batch_size, artifacts=artifacts,
+                       methods=[parse_spec(m) for m in methods], mode=mode, chunk=args.chunk)
     print(f"  evaluated {len(artifacts) + len(methods)} configurations in {time.perf_counter() - t:.0f} s", flush=True)
     return res
 
@@ -82,7 +83,9 @@ def main() -> None:
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default="docs/results/ppl-smollm2")
-    p.add_argument("--only", choices=["main", "ablation", "shift", "extras"], action="append")
+    p.add_argument("--only", choices=["main", "ablation", "shift", "extras", "streaming"], action="append")
+    p.add_argument("--chunk", type=int, default=128, help="streaming: tokens per chunk")
+    p.add_argument("--streaming-windows", type=int, default=32, help="streaming: windows evaluated")
     args = p.parse_args()
     parts = args.only or ["main", "ablation", "shift"]
     tmp = Path(tempfile.mkdtemp(prefix="kvq-results-"))
@@ -113,6 +116,14 @@ def main() -> None:
                 for i, v in enumerate(variants) for b in (4, 3, 2)]
         doc["results"]["extras"] = evaluate("wikitext2", arts, [], args)
         save()
+    if "streaming" in parts:  # the packed runtime cache, chunk by chunk, beside simulated on the same windows
+        print("streaming", flush=True)
+        arts = [calibrate({"bits": b, "outliers": 0.01}, tmp / f"s{b}.safetensors", args) for b in (4, 3, 2)]
+        methods = ["kivi4", "kivi2", "int4"]
+        for mode in ("simulated", "streaming"):
+            doc["results"][mode + "-side-by-side"] = evaluate("wikitext2", arts, methods, args, mode,
+                                                              args.streaming_windows)
+            save()
     if "shift" in parts:
         print("calibration shift", flush=True)
         text = (Path(args.data_dir) / "tiny-shakespeare.txt").read_text()
