@@ -340,8 +340,9 @@ def estimate_memory(
         f"{_tokens(result['context'])} tokens x batch {batch} on {where}"
     )
     caption = (
-        f"KV, weights, total in GiB; total = KV + weights + {_gib(result['allowance_bytes'])} for activations "
-        "and workspace; max ctx: the longest context that fits (computed, not measured)"
+        f"KV, weights, total in GiB; total = KV + weights + allowance (1 GiB CUDA context + activations of one "
+        f"4K prefill chunk: {_gib(result['allowance_bytes'])} for fp16); max ctx: the longest context that fits "
+        "(computed, not measured)"
     )
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     cols = ("configuration", "avg bits", "KiB/tok", "KV", "weights", "total", "fits", "max ctx")

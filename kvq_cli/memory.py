@@ -5,9 +5,16 @@ The KV arithmetic is the runtime's own (``kvq_cli.accounting.cache_bits``, resid
 
 * weights = parameter count (from the shapes) x bytes per parameter (bf16/fp16 2, int8 1, int4 0.5;
   nominal: no quantization scales);
-* allowance for activations and workspace = 1 GiB (CUDA context, allocator slack, kernels' workspace)
-  + batch x chunk x (4 x vocab + 2 x (4 x hidden + 2 x intermediate)) bytes, with
-  chunk = min(4096, context): the fp32 logits and a few bf16 hidden/MLP buffers of one prefill chunk;
+* allowance = 1 GiB (CUDA context and allocator slack, which ``torch.cuda.max_memory_allocated`` does
+  not see) + the activations of one prefill chunk of ``chunk = min(4096, context)`` tokens (logits only
+  for the last token), all bf16:
+    - hidden/MLP buffers: batch x chunk x (4 hidden + 2 intermediate) x 2 bytes;
+    - the chunk's causal mask over the context: batch x chunk x context x 2 bytes;
+    - attention workspace: for fp16 (transformers' DynamicCache with SDPA) one layer's K/V repeated to
+      the query heads plus the concatenation copy, batch x context x 2 (q_heads + kv_heads) x head_dim x 2
+      bytes; for the packed kvq cache the scores of one query tile (1024) against one dequantized block
+      (2048 tokens), batch x 1024 x q_heads x 2048 x 4 x 2 bytes.
+  (Refined against measurements on an H100: ``docs/results/memory-check.md``.)
 * total = KV + weights + allowance; it fits when total <= budget (x ``gpus``; weights split evenly).
 """
 
@@ -27,7 +34,10 @@ from .presets import GPU_PRESETS, MODEL_PRESETS, ModelShape, shape_from_config
 
 GiB = 1 << 30
 PREFILL_CHUNK = 4096
-FIXED_ALLOWANCE = GiB
+#: CUDA context and allocator slack: counted in the total, invisible to torch.cuda.max_memory_allocated.
+CONTEXT_OVERHEAD = GiB
+#: The packed cache's blockwise attention (kvq_cli/runtime/attention.py): query tile x history block.
+QUERY_TILE, KV_BLOCK = 1024, 2048
 WEIGHT_BYTES: dict[str, float] = {"bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 DEFAULT_METHODS = ("fp16", "kivi2", "kivi4", "kvquant:bits=4,outliers=0.01", "kvquant:bits=3,outliers=0.01",
                    "kvquant:bits=2,outliers=0.01")
@@ -115,14 +125,25 @@ def weights_bytes(shape: ModelShape, dtype: str = "bf16") -> float:
     return shape.params * WEIGHT_BYTES[dtype]
 
 
-def allowance_bytes(shape: ModelShape, tokens: int, batch: int = 1) -> int:
-    """1 GiB + batch x min(4096, tokens) x (4 vocab + 2 (4 hidden + 2 intermediate)) bytes."""
-    per_token = 4 * shape.vocab + 2 * (4 * shape.hidden + 2 * shape.intermediate)
-    return FIXED_ALLOWANCE + batch * min(PREFILL_CHUNK, tokens) * per_token
+def activation_bytes(shape: ModelShape, tokens: int, batch: int = 1, method: KVMethod | None = None) -> int:
+    """Allocator bytes beyond weights and KV at the peak of a chunked prefill (module docstring)."""
+    chunk = min(PREFILL_CHUNK, tokens)
+    hidden = batch * chunk * (4 * shape.hidden + 2 * shape.intermediate) * 2
+    mask = batch * chunk * tokens * 2
+    if method is None or method.name == "fp16":
+        attention = batch * tokens * 2 * (shape.heads + shape.kv_heads) * shape.head_dim * 2
+    else:
+        attention = batch * min(QUERY_TILE, chunk) * shape.heads * min(KV_BLOCK, tokens) * 4 * 2
+    return hidden + mask + attention
+
+
+def allowance_bytes(shape: ModelShape, tokens: int, batch: int = 1, method: KVMethod | None = None) -> int:
+    """CUDA context (1 GiB) + ``activation_bytes``."""
+    return CONTEXT_OVERHEAD + activation_bytes(shape, tokens, batch, method)
 
 
 def total_bytes(entry: Entry, shape: ModelShape, tokens: int, batch: int, weights: float) -> float:
-    return kv_bytes(entry, shape, tokens, batch) + weights + allowance_bytes(shape, tokens, batch)
+    return kv_bytes(entry, shape, tokens, batch) + weights + allowance_bytes(shape, tokens, batch, entry.method)
 
 
 def max_context(entry: Entry, shape: ModelShape, batch: int, weights: float, budget: float) -> int:
@@ -186,6 +207,7 @@ def estimate(
             "kv_bytes": kv,
             "weights_bytes": weights,
             "total_bytes": total,
+            "allowance_bytes": allowance_bytes(shape, context, batch, e.method),
             "fits": total <= total_budget,
             "max_context": max_context(e, shape, batch, weights, total_budget),
         })
@@ -199,7 +221,7 @@ def estimate(
         "weights_dtype": weights_dtype,
         "params": shape.params,
         "max_positions": shape.max_positions,
-        "allowance_bytes": allowance_bytes(shape, context, batch),
+        "allowance_bytes": results[0]["allowance_bytes"],  # fp16's; each result has its own
         "notes": notes,
         "results": results,
     }

@@ -215,10 +215,15 @@ def test_kvquant_state_estimate_matches_a_fit(per_channel):
 
 
 def test_allowance_formula():
-    shape = MODEL_PRESETS["llama-3-8b"]
-    per_token = 4 * 128256 + 2 * (4 * 4096 + 2 * 14336)
-    assert memory.allowance_bytes(shape, 1 << 20) == GiB + 4096 * per_token
-    assert memory.allowance_bytes(shape, 100, batch=2) == GiB + 2 * 100 * per_token
+    shape = MODEL_PRESETS["llama-3-8b"]  # 32 q heads, 8 KV heads, head_dim 128
+    hidden = 2 * (4 * 4096 + 2 * 14336)  # bytes per chunk token
+    ctx = 1 << 20
+    fp16 = GiB + 4096 * hidden + 4096 * ctx * 2 + ctx * 2 * (32 + 8) * 128 * 2
+    assert memory.allowance_bytes(shape, ctx) == fp16
+    packed = GiB + 4096 * hidden + 4096 * ctx * 2 + 1024 * 32 * 2048 * 8
+    assert memory.allowance_bytes(shape, ctx, method=parse_spec("kivi2")) == packed
+    small = GiB + 2 * (100 * hidden + 100 * 100 * 2 + 100 * 32 * 100 * 8)
+    assert memory.allowance_bytes(shape, 100, batch=2, method=parse_spec("kivi2")) == small
 
 
 def test_weights_bytes():
@@ -241,9 +246,11 @@ def test_estimate_fp16_first_and_max_context():
         m = r["max_context"]
         assert memory.total_bytes(e, shape, m, 1, weights) <= 80 * GiB < memory.total_bytes(e, shape, m + 1, 1, weights)
         assert r["fits"] == (est["context"] <= m)
-        assert r["total_bytes"] == pytest.approx(r["kv_bytes"] + r["weights_bytes"] + est["allowance_bytes"])
-    fixed = weights + memory.allowance_bytes(shape, 4096)  # closed form for fp16 beyond one chunk
-    assert est["results"][0]["max_context"] == math.floor((80 * GiB - fixed) / (2 * 32 * 32 * 128 * 2))
+        assert r["total_bytes"] == pytest.approx(r["kv_bytes"] + r["weights_bytes"] + r["allowance_bytes"])
+    # closed form for fp16 beyond one chunk: total = fixed + per_token x context
+    fixed = weights + GiB + 4096 * 2 * (4 * 4096 + 2 * 11008)
+    per_token = 2 * 32 * 32 * 128 * 2 + 4096 * 2 + 2 * (32 + 32) * 128 * 2  # KV + mask row + attention workspace
+    assert est["results"][0]["max_context"] == math.floor((80 * GiB - fixed) / per_token)
     assert est["results"][0]["kv_bytes_per_token"] == 512 * 1024
     assert est["notes"] and "4,096 positions" in est["notes"][0]
 
@@ -288,7 +295,8 @@ def test_cli_json_schema():
     doc = json.loads(res.stdout)
     assert {"model", "context", "batch", "budget_bytes", "results"} <= set(doc)
     assert (doc["model"], doc["context"], doc["batch"], doc["budget_bytes"]) == ("llama-3-8b", 1 << 20, 2, 160e9)
-    keys = {"name", "avg_bits", "kv_bytes_per_token", "kv_bytes", "weights_bytes", "total_bytes", "fits", "max_context"}
+    keys = {"name", "avg_bits", "kv_bytes_per_token", "kv_bytes", "weights_bytes", "total_bytes", "fits", "max_context",
+            "allowance_bytes"}  # the keys, plus each row's allowance
     assert [set(r) for r in doc["results"]] == [keys, keys]
     assert [r["name"] for r in doc["results"]] == ["fp16", "kvquant-2b-1%"]
     assert doc["results"][0]["kv_bytes"] == 2 * 32 * 2 * 8 * 128 * 2 * (1 << 20)  # batch 2, GQA 8 KV heads
