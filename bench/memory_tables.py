@@ -27,7 +27,8 @@ def section(model: str, context: str) -> str:
         f"`kvq estimate-memory --model {model} --context {context} --gpu h100-80gb`"
         " (add `--json` for the exact bytes)",
         "", f"Parameters {est['params']:,}.", "",
-        "| configuration | avg bits | KV KiB/token | KV GiB | weights GiB | allowance GiB | total GiB | fits | max context |",
+        "| configuration | avg bits | KV KiB/token | KV GiB | weights GiB | allowance GiB | total GiB | fits "
+        "| max context |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: |",
     ]
     for r in est["results"]:
