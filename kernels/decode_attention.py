@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .pack import _load_codes_half
-from .reference import KIVI_KEY_GROUP, KIVICache, KVQuantCache, rope_inv_freq, value_group
+from .reference import KIVI_KEY_GROUP, KIVICache, KVQuantCache, value_group
 
 LOG2E = 1.4426950408889634
 
@@ -351,7 +351,7 @@ def decode_attention_kvquant(q: Tensor, cache: KVQuantCache, sm_scale: float | N
     scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
     ka = ((cache.lo + cache.hi) / 2).contiguous()
     ksc = ((cache.hi - cache.lo) / 2).contiguous()
-    invf = rope_inv_freq(d, cache.rope_theta, q.device)
+    invf = cache.rope_frequencies(q.device)
     sk, rk = cache.sink_k, cache.res_k
     for x in (cache.sink_k, cache.sink_v, cache.res_k, cache.res_v):
         if not x.is_contiguous():
@@ -475,7 +475,7 @@ def dequantize_packed_kvquant(cache: KVQuantCache, out_k: Tensor, out_v: Tensor,
     _kvquant_dequant_kernel[grid](
         cache.k_packed, cache.k_oidx, cache.k_oval, ((cache.lo + cache.hi) / 2).contiguous(),
         ((cache.hi - cache.lo) / 2).contiguous(), cache.ck, cache.v_packed, cache.v_min, cache.v_scale,
-        cache.v_oidx, cache.v_oval, cache.cv, rope_inv_freq(d, cache.rope_theta, out_k.device), out_k, out_v,
+        cache.v_oidx, cache.v_oval, cache.cv, cache.rope_frequencies(out_k.device), out_k, out_v,
         out_k.stride(0), out_k.stride(1), out_k.stride(2), h, tmax, cache.n_packed, cache.n_sink, offset,
         D=d, BITS_K=cache.bits_k, BITS_V=cache.bits_v, NOK=cache.k_oidx.shape[-1], NOV=cache.v_oidx.shape[-1],
         BLOCK_N=block_n,

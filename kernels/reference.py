@@ -114,10 +114,13 @@ def rope_inv_freq(head_dim: int, theta: float, device=None) -> Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
 
 
-def apply_rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
-    """HF rotate_half RoPE of ``x (..., T, D)`` at integer ``positions (T,)``; float32 angles."""
+def apply_rope(x: Tensor, positions: Tensor, theta: float, inv_freq: Tensor | None = None) -> Tensor:
+    """HF rotate_half RoPE of ``x (..., T, D)`` at integer ``positions (T,)``; float32 angles.
+
+    ``inv_freq (D/2,)``: the model's own frequencies; None computes them from ``theta``."""
     d = x.shape[-1]
-    freqs = positions.to(torch.float32)[:, None] * rope_inv_freq(d, theta, x.device)[None, :]
+    invf = rope_inv_freq(d, theta, x.device) if inv_freq is None else inv_freq.to(x.device, torch.float32)
+    freqs = positions.to(torch.float32)[:, None] * invf[None, :]
     emb = torch.cat([freqs, freqs], -1)
     cos, sin = emb.cos(), emb.sin()
     xf = x.to(torch.float32)
@@ -308,6 +311,14 @@ class KVQuantCache:
     n_packed: int = 0
     n_res: int = 0
     rope_theta: float = 10000.0
+    #: The model's own RoPE inverse frequencies ``(D/2,)`` float32; None: computed from ``rope_theta``.
+    inv_freq: Tensor | None = None
+
+    def rope_frequencies(self, device) -> Tensor:
+        """``inv_freq`` the kernels rotate keys with (the model's own when given, so they match it bit for bit)."""
+        if self.inv_freq is not None:
+            return self.inv_freq.to(device, torch.float32).contiguous()
+        return rope_inv_freq(self.head_dim, self.rope_theta, device)
 
     @classmethod
     def empty(cls, batch, heads, head_dim, max_tokens, bits_k, bits_v, lo, hi, ck, cv, n_outliers_k=0,
@@ -417,7 +428,7 @@ def dequantize_kvquant_cache(cache: KVQuantCache) -> tuple[Tensor, Tensor]:
     k = torch.cat([cache.sink_k.float(), kq, cache.res_k[:, :, : cache.n_res].float()], 2)
     v = torch.cat([cache.sink_v.float(), vq, cache.res_v[:, :, : cache.n_res].float()], 2)
     pos = torch.arange(k.shape[2], device=k.device)
-    return apply_rope(k, pos, cache.rope_theta), v
+    return apply_rope(k, pos, cache.rope_theta, cache.inv_freq), v
 
 
 def dequantize_kivi_cache(cache: KIVICache) -> tuple[Tensor, Tensor]:

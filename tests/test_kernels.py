@@ -202,6 +202,19 @@ def test_decode_attention_kvquant(bits, gqa):
     assert _rel(got, want) < ATTN_RTOL
 
 
+def test_decode_attention_kvquant_models_own_inv_freq():
+    """Keys are rotated with the model's own inv_freq when the cache carries one (scaled RoPE variants)."""
+    import dataclasses
+
+    gen = _gen(61)
+    c = _kvquant_cache(gen, 16, 2, 2, t=37, n_sink=2, n_res=3, fill="triton")
+    q = _randn(gen, B, H, 16)
+    scaled = dataclasses.replace(c, inv_freq=ref.rope_inv_freq(16, c.rope_theta) * 0.25)
+    want = ref.decode_attention_kvquant_ref(q, scaled)
+    assert _rel(want, ref.decode_attention_kvquant_ref(q, c)) > 1e-3  # the frequencies matter
+    assert _rel(decode_attention_kvquant(q, scaled, num_splits=2, block_n=8), want) < ATTN_RTOL
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("gqa", [1, 3])
 def test_decode_attention_kivi(bits, gqa):

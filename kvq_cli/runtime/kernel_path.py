@@ -5,8 +5,8 @@ layer's configuration exactly; ``KVQLayer.attend`` falls back to the blockwise P
 (``attention.blockwise_attention``) otherwise. Exactly representable:
 
 * kvquant: per-channel pre-RoPE keys, no sparse outliers (the kernel's fixed outlier slots differ from
-  KVQuant's per-token top-k over all heads), one codebook per layer (not ``head_codebooks``), the model's
-  RoPE equal to the default ``theta``-based one;
+  KVQuant's per-token top-k over all heads), one codebook per layer (not ``head_codebooks``), a RoPE
+  without attention scaling (the kernels rotate with the model's own ``inv_freq``, passed to them);
 * kivi: ``group == 32`` (the kernel's key group; value groups ``min(32, D)`` then match), and as many
   packed keys as packed values (keys leave the residual window a group at a time, values one by one).
 
@@ -38,7 +38,7 @@ def _segments(ks: Stream, vs: Stream) -> dict | None:
 
 def kernel_cache(layer):
     """A ``KVQuantCache`` / ``KIVICache`` viewing ``layer``'s buffers, or None where the layout cannot hold it."""
-    from kvq_kernels.reference import KIVICache, KVQuantCache, rope_inv_freq
+    from kvq_kernels.reference import KIVICache, KVQuantCache
 
     m, ks, vs = layer.method, layer.keys_stream, layer.values_stream
     if ks.sink is None or "codes" not in ks.packed.fields or "codes" not in vs.packed.fields:
@@ -54,10 +54,8 @@ def kernel_cache(layer):
         if any(layer.state16[name].dim() != 1 for name in ("key_codebook", "value_codebook")):
             return None  # per-head codebooks (head_codebooks): the kernels take one codebook per layer
         rope = layer.rope.module
-        d = ks.packed.head_dim
-        default = rope_inv_freq(d, layer.rope_theta, rope.inv_freq.device)
-        if float(getattr(rope, "attention_scaling", 1.0)) != 1.0 or not torch.equal(rope.inv_freq.float(), default):
-            return None
+        if float(getattr(rope, "attention_scaling", 1.0)) != 1.0:
+            return None  # the kernels rotate with inv_freq only
         state, cap = layer.state(), kf["codes"].buf.shape[2]
         no_idx = torch.empty(b, h, cap, 0, dtype=torch.int16, device=kf["codes"].buf.device)
         no_val = torch.empty(b, h, cap, 0, dtype=torch.float16, device=kf["codes"].buf.device)
@@ -65,7 +63,7 @@ def kernel_cache(layer):
             k_packed=kf["codes"].buf, k_oidx=no_idx, k_oval=no_val, v_packed=vf["codes"].buf,
             v_min=vf["zero"].buf.squeeze(-1), v_scale=vf["scale"].buf.squeeze(-1), v_oidx=no_idx, v_oval=no_val,
             lo=state["key_lo"], hi=state["key_hi"], ck=state["key_codebook"], cv=state["value_codebook"],
-            bits_k=m.bits, bits_v=m.bits, rope_theta=layer.rope_theta, **seg)
+            bits_k=m.bits, bits_v=m.bits, rope_theta=layer.rope_theta, inv_freq=rope.inv_freq.float(), **seg)
     if m.name == "kivi" and m.group == 32:
         return KIVICache(k_packed=kf["codes"].buf, k_scale=kf["scale"].buf, k_zero=kf["zero"].buf,
                          v_packed=vf["codes"].buf, v_scale=vf["scale"].buf, v_zero=vf["zero"].buf, bits=m.bits,
