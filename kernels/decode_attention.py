@@ -336,19 +336,26 @@ def _check_q(q: Tensor, heads: int, d: int) -> int:
     return q.shape[1] // heads
 
 
-def decode_attention_kvquant(q: Tensor, cache: KVQuantCache, sm_scale: float | None = None,
-                             num_splits: int | None = None, block_n: int | None = None,
-                             num_warps: int | None = None) -> Tensor:
-    """Decode attention of post-RoPE ``q (B, H*G, D)`` over a ``KVQuantCache`` -> ``(B, H*G, D)`` in q's dtype."""
+def _launch_plan(q: Tensor, cache, sm_scale, num_splits, block_n, num_warps):
+    """Shapes, block sizes, the split-K plan, partial-result buffers and the log2-domain score scale."""
     b, h, tmax, _ = cache.k_packed.shape
     d = cache.head_dim
     g = _check_q(q, h, d)
     gp = triton.next_power_of_2(g)
     block_n, num_warps = _default_block(gp, d, block_n, num_warps)
     per, nsplit = _plan(q, h, cache.n_packed, block_n, num_splits)
-    nsp = nsplit + 1
+    nsp = nsplit + 1  # the last split does the fp16 sink and residual segments
     mp, lp, ap = _partials(q, h, nsp, gp, d)
     scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
+    return b, h, tmax, d, g, gp, block_n, num_warps, per, nsp, mp, lp, ap, scale
+
+
+def decode_attention_kvquant(q: Tensor, cache: KVQuantCache, sm_scale: float | None = None,
+                             num_splits: int | None = None, block_n: int | None = None,
+                             num_warps: int | None = None) -> Tensor:
+    """Decode attention of post-RoPE ``q (B, H*G, D)`` over a ``KVQuantCache`` -> ``(B, H*G, D)`` in q's dtype."""
+    b, h, tmax, d, g, gp, block_n, num_warps, per, nsp, mp, lp, ap, scale = _launch_plan(
+        q, cache, sm_scale, num_splits, block_n, num_warps)
     ka = ((cache.lo + cache.hi) / 2).contiguous()
     ksc = ((cache.hi - cache.lo) / 2).contiguous()
     invf = cache.rope_frequencies(q.device)
@@ -373,15 +380,8 @@ def decode_attention_kivi(q: Tensor, cache: KIVICache, sm_scale: float | None = 
                           num_splits: int | None = None, block_n: int | None = None,
                           num_warps: int | None = None) -> Tensor:
     """Decode attention of post-RoPE ``q (B, H*G, D)`` over a ``KIVICache`` -> ``(B, H*G, D)`` in q's dtype."""
-    b, h, tmax, _ = cache.k_packed.shape
-    d = cache.head_dim
-    g = _check_q(q, h, d)
-    gp = triton.next_power_of_2(g)
-    block_n, num_warps = _default_block(gp, d, block_n, num_warps)
-    per, nsplit = _plan(q, h, cache.n_packed, block_n, num_splits)
-    nsp = nsplit + 1
-    mp, lp, ap = _partials(q, h, nsp, gp, d)
-    scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
+    b, h, tmax, d, g, gp, block_n, num_warps, per, nsp, mp, lp, ap, scale = _launch_plan(
+        q, cache, sm_scale, num_splits, block_n, num_warps)
     sk, rk = cache.sink_k, cache.res_k
     _kivi_split_kernel[(b * h, nsp)](
         q, q.stride(0), q.stride(1),
