@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor, nn
 
 from .hf_attention import attached, attention_layers, kvq_attention, merge_heads, pre_rope_module, split_heads
@@ -23,13 +24,8 @@ def _quantize_tail(x: Tensor, sink: int, fn) -> Tensor:
         return fn(x)
     if x.shape[2] <= sink:
         return x
-    return x.clone().index_copy_(2, _arange(x, sink), fn(x[:, :, sink:]))
-
-
-def _arange(x: Tensor, start: int) -> Tensor:
-    import torch
-
-    return torch.arange(start, x.shape[2], device=x.device)
+    tail = torch.arange(sink, x.shape[2], device=x.device)
+    return x.clone().index_copy_(2, tail, fn(x[:, :, sink:]))
 
 
 @contextlib.contextmanager
