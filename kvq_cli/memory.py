@@ -9,11 +9,12 @@ The KV arithmetic is the runtime's own (``kvq_cli.accounting.cache_bits``, resid
   not see) + the activations of one prefill chunk of ``chunk = min(4096, context)`` tokens (logits only
   for the last token), all bf16:
     - hidden/MLP buffers: batch x chunk x (4 hidden + 2 intermediate) x 2 bytes;
-    - the chunk's causal mask over the context: batch x chunk x context x 2 bytes;
-    - attention workspace: for fp16 (transformers' DynamicCache with SDPA) one layer's K/V repeated to
-      the query heads plus the concatenation copy, batch x context x 2 (q_heads + kv_heads) x head_dim x 2
-      bytes; for the packed kvq cache the scores of one query tile (1024) against one dequantized block
-      (2048 tokens), batch x 1024 x q_heads x 2048 x 4 x 2 bytes.
+    - fp16 (transformers' DynamicCache with SDPA): the chunk's causal mask over the context, batch x chunk
+      x context x 2 bytes, and one layer's K/V repeated to the query heads plus the concatenation copy,
+      batch x context x 2 (q_heads + kv_heads) x head_dim x 2 bytes;
+    - the packed kvq cache (no mask: its attention is causal by construction): four fp32 temporaries of
+      one query tile's (1024) scores against one dequantized block (2048 tokens), batch x 1024 x q_heads
+      x 2048 x 4 x 4 bytes, independent of the context.
   (Refined against measurements on an H100: ``docs/results/memory-check.md``.)
 * total = KV + weights + allowance; it fits when total <= budget (x ``gpus``; weights split evenly).
 """
@@ -129,12 +130,11 @@ def activation_bytes(shape: ModelShape, tokens: int, batch: int = 1, method: KVM
     """Allocator bytes beyond weights and KV at the peak of a chunked prefill (module docstring)."""
     chunk = min(PREFILL_CHUNK, tokens)
     hidden = batch * chunk * (4 * shape.hidden + 2 * shape.intermediate) * 2
-    mask = batch * chunk * tokens * 2
-    if method is None or method.name == "fp16":
-        attention = batch * tokens * 2 * (shape.heads + shape.kv_heads) * shape.head_dim * 2
-    else:
-        attention = batch * min(QUERY_TILE, chunk) * shape.heads * min(KV_BLOCK, tokens) * 4 * 2
-    return hidden + mask + attention
+    if method is None or method.name == "fp16":  # SDPA gets a materialized causal mask and repeated K/V
+        mask = batch * chunk * tokens * 2
+        return hidden + mask + batch * tokens * 2 * (shape.heads + shape.kv_heads) * shape.head_dim * 2
+    # the kvq attention gets no mask (it is causal by construction); four fp32 score-sized temporaries
+    return hidden + batch * min(QUERY_TILE, chunk) * shape.heads * min(KV_BLOCK, tokens) * 4 * 4
 
 
 def allowance_bytes(shape: ModelShape, tokens: int, batch: int = 1, method: KVMethod | None = None) -> int:

@@ -220,9 +220,10 @@ def test_allowance_formula():
     ctx = 1 << 20
     fp16 = GiB + 4096 * hidden + 4096 * ctx * 2 + ctx * 2 * (32 + 8) * 128 * 2
     assert memory.allowance_bytes(shape, ctx) == fp16
-    packed = GiB + 4096 * hidden + 4096 * ctx * 2 + 1024 * 32 * 2048 * 8
+    packed = GiB + 4096 * hidden + 1024 * 32 * 2048 * 16  # no mask; independent of the context
     assert memory.allowance_bytes(shape, ctx, method=parse_spec("kivi2")) == packed
-    small = GiB + 2 * (100 * hidden + 100 * 100 * 2 + 100 * 32 * 100 * 8)
+    assert memory.allowance_bytes(shape, 8 * ctx, method=parse_spec("kivi2")) == packed
+    small = GiB + 2 * (100 * hidden + 100 * 32 * 100 * 16)
     assert memory.allowance_bytes(shape, 100, batch=2, method=parse_spec("kivi2")) == small
 
 
