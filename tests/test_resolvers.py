@@ -73,3 +73,16 @@ def test_windows():
     assert windows(ids, 3, max_windows=2).shape == (2, 3)
     with pytest.raises(KvqError, match="too short"):
         windows(ids, 11)
+
+
+@pytest.mark.parametrize("name", ["pg19", "c4"])
+def test_hub_only_corpora_refused_offline(name, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(KvqError, match="offline"):
+        load_text(name, None)
+
+
+def test_local_only_corpus_needs_data_dir(monkeypatch):
+    monkeypatch.delenv("KVQ_DATA_DIR", raising=False)
+    with pytest.raises(KvqError, match="--data-dir"):
+        load_text("shakespeare", None)
