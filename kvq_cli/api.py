@@ -15,7 +15,7 @@ from .errors import KvqError
 from .hf_attention import KVGeometry, geometry_from_config
 from .methods import KVMethod
 from .models import load_config, load_model, load_tokenizer, resolve_model
-from .perplexity import Configuration, evaluate
+from .perplexity import MODES, Configuration, evaluate
 
 Progress = Callable[[str, int, int], Callable[[int], None]]
 """``progress(description, total, unit_total)`` returns an ``advance(n)`` callback."""
@@ -81,13 +81,11 @@ def eval_ppl(
 
     ``mode="streaming"`` feeds each window ``chunk`` tokens at a time through the packed runtime cache.
     """
-    # -- runtime issue: streaming mode --
-    if mode not in ("simulated", "streaming"):
+    if mode not in MODES:
         raise KvqError(f"--mode must be simulated or streaming, not {mode!r}")
     if chunk < 1:
         raise KvqError("--chunk must be at least 1")
     streaming = mode == "streaming"
-    # -- end runtime issue --
     if seqlen < 2:
         raise KvqError("--seqlen must be at least 2")
     if max_windows is not None and max_windows < 1:

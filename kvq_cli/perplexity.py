@@ -46,7 +46,7 @@ def _context(model: nn.Module, config: Configuration):
     return simulated(model, config.method, config.states)
 
 
-# ---- forward by mode (runtime issue): simulated = one pass; streaming = chunks through the packed cache ----
+# ---- forward by mode: simulated = one pass; streaming = chunks through the packed cache ----
 MODES = ("simulated", "streaming")
 
 
