@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +37,6 @@ class _Totals:
     kl: float = 0.0
     agree: int = 0
     tokens: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _context(model: nn.Module, config: Configuration):
@@ -58,7 +57,6 @@ def _logits(model: nn.Module, ids: Tensor, config: Configuration, mode: str, chu
         return streaming_logits(model, ids, config.method, config.states, chunk)
     with _context(model, config):
         return model(ids, use_cache=False).logits
-# ---- end forward by mode ----
 
 
 @torch.inference_mode()
