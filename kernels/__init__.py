@@ -10,6 +10,7 @@ __all__ = [
     "dequantize_packed_kivi",
     "dequantize_packed_kvquant",
     "pack_codes",
+    "prefill_attention_kvquant",
     "quantize_append_kivi",
     "quantize_append_kvquant",
     "unpack_codes",
@@ -26,4 +27,8 @@ def __getattr__(name):  # Triton is optional: import the kernels lazily
         from . import decode_attention
 
         return getattr(decode_attention, name)
+    if name == "prefill_attention_kvquant":
+        from . import prefill_attention
+
+        return prefill_attention.prefill_attention_kvquant
     raise AttributeError(name)

@@ -258,3 +258,51 @@ def test_dequantize_packed_kernels(bits):
     ok, ov = torch.zeros(B, H, t, d, device=DEV), torch.zeros(B, H, t, d, device=DEV)
     dequantize_packed_kivi(kc, ok, ov)
     assert torch.allclose(ok, k, atol=1e-5) and torch.allclose(ov, v, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- chunked prefill
+@pytest.mark.parametrize("bits,gqa,tq", [(2, 1, 21), (3, 3, 16), (4, 2, 9)])
+def test_prefill_attention_kvquant(bits, gqa, tq):
+    """A chunk of queries over sink + packed + residual + itself (causal) equals the dense reference."""
+    from kvq_kernels.prefill_attention import prefill_attention_kvquant, prefill_attention_kvquant_ref
+
+    gen = _gen(120 + 7 * bits + gqa)
+    d = 32
+    c = _kvquant_cache(gen, d, bits, bits, t=37, n_sink=2, n_res=5, fill="triton")
+    q = _randn(gen, B, H * gqa, tq, d)
+    k_new, v_new = _randn(gen, B, H, tq, d), _randn(gen, B, H, tq, d)
+    want = prefill_attention_kvquant_ref(q, c, k_new, v_new)
+    got = prefill_attention_kvquant(q, c, k_new, v_new, block_m=16, block_n=16)
+    assert got.shape == q.shape and torch.isfinite(got).all()
+    assert _rel(got, want) < ATTN_RTOL
+
+
+
+def test_prefill_reference_with_one_token_is_decode_attention():
+    """Independent check of the prefill reference: a one-token chunk equals decode attention over the cache
+    with that token appended to the fp16 residual (pre-RoPE there, rotated by the decode reference)."""
+    from kvq_kernels.prefill_attention import prefill_attention_kvquant_ref
+
+    gen = _gen(150)
+    c = _kvquant_cache(gen, 32, 3, 3, t=20, n_sink=1, n_res=4)
+    pos = c.n_sink + c.n_packed + c.n_res
+    k_pre = _randn(gen, B, H, 1, 32).half().float()  # representable in the fp16 residual
+    v_new = _randn(gen, B, H, 1, 32).half().float()
+    k_new = ref.apply_rope(k_pre, torch.tensor([pos], device=DEV), c.rope_theta)
+    q = _randn(gen, B, H * 2, 1, 32)
+    got = prefill_attention_kvquant_ref(q, c, k_new, v_new)[:, :, 0]
+    c.res_k[:, :, c.n_res] = k_pre[:, :, 0].half()
+    c.res_v[:, :, c.n_res] = v_new[:, :, 0].half()
+    c.n_res += 1
+    torch.testing.assert_close(got, ref.decode_attention_kvquant_ref(q[:, :, 0], c), rtol=1e-4, atol=1e-5)
+
+
+def test_prefill_attention_empty_history():
+    """Nothing cached yet (the first chunk): plain causal attention over the chunk."""
+    from kvq_kernels.prefill_attention import prefill_attention_kvquant, prefill_attention_kvquant_ref
+
+    gen = _gen(140)
+    c = _kvquant_cache(gen, 32, 2, 2, t=0, n_sink=0, n_res=0)
+    q, k_new, v_new = _randn(gen, B, H, 19, 32), _randn(gen, B, H, 19, 32), _randn(gen, B, H, 19, 32)
+    want = prefill_attention_kvquant_ref(q, c, k_new, v_new)
+    assert _rel(prefill_attention_kvquant(q, c, k_new, v_new), want) < ATTN_RTOL
