@@ -233,3 +233,20 @@ def estimate_memory(
         title = f"{shape.name}, batch {batch}, weights {weights_dtype}"
         result["plot"] = str(memory_plot(plot_path, curves, result["budget_bytes"], title, tokens))
     return result
+
+
+def list_methods() -> list[dict[str, Any]]:
+    """Every registered method: name, supported bits, whether it needs calibration, options and defaults."""
+    import dataclasses
+    import sys
+
+    from .methods import available, get_method_class
+
+    out = []
+    for name in available():
+        cls = get_method_class(name)
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        options = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        out.append({"name": name, "bits": list(cls.supported_bits), "needs_calibration": cls.needs_calibration,
+                    "options": options, "summary": doc[0] if doc else ""})
+    return out

@@ -10,8 +10,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
+from . import render
 from .errors import KvqError
 
 app = typer.Typer(
@@ -87,30 +87,24 @@ def _progress() -> Progress:
     )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        console.print(f"kvq {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     """kvq: calibrate, evaluate and run quantized KV caches (KVQuant, KIVI, CQ, MILLION, baselines).
 
     Start with `kvq eval-ppl --help`; every command takes --model (default: the built-in smollm2-135m).
     """
-
-
-def _results_table(title: str, rows: list[dict[str, Any]]) -> Table:
-    table = Table(title=title, title_justify="left")
-    for col in ("configuration", "avg bits", "perplexity", "Δ ppl", "KL (nats)", "top-1"):
-        table.add_column(col, justify="left" if col == "configuration" else "right")
-    base = rows[0]["perplexity"]
-    for r in rows:
-        delta = (r["perplexity"] / base - 1) * 100
-        table.add_row(
-            r["name"],
-            f"{r['avg_bits']:.2f}",
-            f"{r['perplexity']:.4f}",
-            "" if r is rows[0] else f"{delta:+.2f}%",
-            f"{r['kl_divergence']:.5f}",
-            f"{r['top1_agreement'] * 100:.2f}%",
-        )
-    return table
 
 
 def _method_defaults(**options: Any) -> dict[str, Any]:
@@ -181,7 +175,7 @@ def eval_ppl(
         f"{result['model']} on {result['dataset']}: {result['windows']} windows x {result['seqlen']} tokens "
         f"({result['mode']}, {result['dtype']}, {result['device']})"
     )
-    console.print(_results_table(title, result["results"]))
+    console.print(render.results_table(title, result["results"]))
 
 
 @app.command()
@@ -270,18 +264,6 @@ def calibrate(
     )
 
 
-def _gib(n: float) -> str:
-    return f"{n / (1 << 30):,.2f} GiB"
-
-
-def _tokens(n: int) -> str:
-    """``131072`` -> ``128K``, ``1048576`` -> ``1M``, ``134486`` -> ``131.3K`` (K = 1024, M = 1024^2)."""
-    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
-        if n >= size:
-            return f"{n // size:,}{unit}" if n % size == 0 else f"{n / size:,.{1 if unit == 'K' else 2}f}{unit}"
-    return f"{n:,}"
-
-
 @app.command("estimate-memory")
 @user_errors
 def estimate_memory(
@@ -333,36 +315,22 @@ def estimate_memory(
     if json_out:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return
-    where = result["gpu"] or "budget"
-    where = f"{where} {_gib(result['budget_bytes'] / result['gpus'])}" + (f" x {gpus}" if gpus > 1 else "")
-    title = (
-        f"{result['model']} ({result['params'] / 1e9:.2f}B params, {weights_dtype}): "
-        f"{_tokens(result['context'])} tokens x batch {batch} on {where}"
-    )
-    caption = (
-        f"KV, weights, total in GiB; total = KV + weights + allowance (1 GiB CUDA context + activations of one "
-        f"4K prefill chunk: {_gib(result['allowance_bytes'])} for fp16); max ctx: the longest context that fits "
-        "(computed, not measured)"
-    )
-    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
-    cols = ("configuration", "avg bits", "KiB/tok", "KV", "weights", "total", "fits", "max ctx")
-    for col in cols:
-        table.add_column(col, justify="left" if col == "configuration" else "right", no_wrap=col == "configuration")
-    gib = 1 << 30
-    for r in result["results"]:
-        table.add_row(
-            r["name"],
-            f"{r['avg_bits']:.2f}",
-            f"{r['kv_bytes_per_token'] / 1024:,.1f}",
-            f"{r['kv_bytes'] / gib:,.2f}",
-            f"{r['weights_bytes'] / gib:,.2f}",
-            f"{r['total_bytes'] / gib:,.2f}",
-            "yes" if r["fits"] else "[red]no[/]",
-            _tokens(r["max_context"]),
-        )
-    console.print(table)
+    console.print(render.memory_table(result, weights_dtype, batch, gpus))
     if "plot" in result:
         console.print(f"wrote [bold]{result['plot']}[/]")
+
+
+@app.command("methods")
+@user_errors
+def methods(json_out: JsonOpt = False) -> None:
+    """List the quantization methods, their bit widths and options (what --method and calibrate accept)."""
+    from . import api
+
+    rows = api.list_methods()
+    if json_out:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    console.print(render.methods_table(rows))
 
 
 def main() -> None:

@@ -110,3 +110,15 @@ def test_artifact_for_another_model(tiny_model_dir, tiny_text_file, tmp_path):
     assert run("calibrate", "--model", other, "--method", "int", "--bits", 4, "--out", art).exit_code == 0
     res = run("eval-ppl", "--model", tiny_model_dir, "--dataset", tiny_text_file, "--seqlen", 64, "--artifact", art)
     assert res.exit_code == 2 and "another model" in res.output
+
+
+def test_methods_and_version():
+    res = run("methods", "--json")
+    assert res.exit_code == 0
+    rows = {m["name"]: m for m in json.loads(res.stdout)}
+    assert {"fp16", "int", "nf", "kivi", "kvquant"} <= set(rows)
+    assert rows["kvquant"]["needs_calibration"] and rows["kvquant"]["bits"] == [1, 2, 3, 4]
+    assert rows["kivi"]["options"]["group"] == 32 and rows["kivi"]["summary"]
+    assert "kvquant" in run("methods").output
+    res = run("--version")
+    assert res.exit_code == 0 and res.output.startswith("kvq ")

@@ -1,0 +1,82 @@
+"""Rich tables for the CLI (rendering only: every number comes from ``kvq_cli.api``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+
+def results_table(title: str, rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in ("configuration", "avg bits", "perplexity", "Δ ppl", "KL (nats)", "top-1"):
+        table.add_column(col, justify="left" if col == "configuration" else "right")
+    base = rows[0]["perplexity"]
+    for r in rows:
+        delta = (r["perplexity"] / base - 1) * 100
+        table.add_row(
+            r["name"],
+            f"{r['avg_bits']:.2f}",
+            f"{r['perplexity']:.4f}",
+            "" if r is rows[0] else f"{delta:+.2f}%",
+            f"{r['kl_divergence']:.5f}",
+            f"{r['top1_agreement'] * 100:.2f}%",
+        )
+    return table
+
+
+def gib(n: float) -> str:
+    return f"{n / (1 << 30):,.2f} GiB"
+
+
+def tokens(n: int) -> str:
+    """``131072`` -> ``128K``, ``1048576`` -> ``1M``, ``134486`` -> ``131.3K`` (K = 1024, M = 1024^2)."""
+    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size:
+            return f"{n // size:,}{unit}" if n % size == 0 else f"{n / size:,.{1 if unit == 'K' else 2}f}{unit}"
+    return f"{n:,}"
+
+
+def memory_table(result: dict[str, Any], weights_dtype: str, batch: int, gpus: int) -> Table:
+    """The estimate-memory table (GiB), fp16 first."""
+    where = result["gpu"] or "budget"
+    where = f"{where} {gib(result['budget_bytes'] / result['gpus'])}" + (f" x {gpus}" if gpus > 1 else "")
+    title = (
+        f"{result['model']} ({result['params'] / 1e9:.2f}B params, {weights_dtype}): "
+        f"{tokens(result['context'])} tokens x batch {batch} on {where}"
+    )
+    caption = (
+        f"KV, weights, total in GiB; total = KV + weights + allowance (1 GiB CUDA context + activations of one "
+        f"4K prefill chunk: {gib(result['allowance_bytes'])} for fp16); max ctx: the longest context that fits "
+        "(computed, not measured)"
+    )
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    cols = ("configuration", "avg bits", "KiB/tok", "KV", "weights", "total", "fits", "max ctx")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "configuration" else "right", no_wrap=col == "configuration")
+    g = 1 << 30
+    for r in result["results"]:
+        table.add_row(
+            r["name"],
+            f"{r['avg_bits']:.2f}",
+            f"{r['kv_bytes_per_token'] / 1024:,.1f}",
+            f"{r['kv_bytes'] / g:,.2f}",
+            f"{r['weights_bytes'] / g:,.2f}",
+            f"{r['total_bytes'] / g:,.2f}",
+            "yes" if r["fits"] else "[red]no[/]",
+            tokens(r["max_context"]),
+        )
+    return table
+
+
+def methods_table(methods: list[dict[str, Any]]) -> Table:
+    """``kvq methods``: one row per registered method."""
+    table = Table(title="KV-cache quantization methods (use with --method NAME:key=value,... or kvq calibrate)",
+                  title_justify="left")
+    for col in ("method", "bits", "calibrate", "options (defaults)", "what"):
+        table.add_column(col)
+    for m in methods:
+        opts = ", ".join(f"{k}={v}" for k, v in m["options"].items())
+        table.add_row(m["name"], "/".join(map(str, m["bits"])), "yes" if m["needs_calibration"] else "no", opts,
+                      m["summary"])
+    return table
