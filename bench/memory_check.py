@@ -58,15 +58,29 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-@torch.no_grad()
-def measure(model, method, states, context: int, chunk: int, decode: int, device: str) -> dict:
-    """Prefill ``context`` random tokens in chunks, then time ``decode`` greedy steps (method None: fp16)."""
+#: transformers' own quantized caches, compared where their backend package is installed (quanto, hqq).
+HF_CACHES = {"hf-quanto4": ("quanto", 4), "hf-quanto2": ("quanto", 2), "hf-hqq4": ("hqq", 4), "hf-hqq2": ("hqq", 2)}
+
+
+def make_cache(model, method, states, spec: str, tokens: int):
+    """The cache to measure: DynamicCache (fp16), transformers' QuantizedCache (hf-*), or kvq's packed cache."""
     from transformers import DynamicCache
 
+    if spec in HF_CACHES:
+        from transformers import QuantizedCache
+
+        backend, nbits = HF_CACHES[spec]
+        return QuantizedCache(backend=backend, config=model.config, nbits=nbits)
+    return DynamicCache() if method is None else load_cache((method, states), model, max_tokens=tokens)
+
+
+@torch.no_grad()
+def measure(model, method, states, context: int, chunk: int, decode: int, device: str, spec: str = "") -> dict:
+    """Prefill ``context`` random tokens in chunks, then time ``decode`` greedy steps (method None: fp16)."""
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    cache = DynamicCache() if method is None else load_cache((method, states), model, max_tokens=context + decode + 8)
+    cache = make_cache(model, method, states, spec, context + decode + 8)
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
     start = time.perf_counter()
     for a in range(0, context, chunk):
@@ -82,8 +96,8 @@ def measure(model, method, states, context: int, chunk: int, decode: int, device
     _sync(device)
     step = (time.perf_counter() - start) / max(decode, 1)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
-    nbytes = cache.nbytes() if method is not None else sum(
-        t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    nbytes = cache.nbytes() if hasattr(cache, "nbytes") else sum(
+        t.numel() * t.element_size() for layer in cache.layers for t in vars(layer).values() if torch.is_tensor(t))
     result = {"context": context, "cache_nbytes": nbytes, "peak_bytes": peak, "prefill_s": round(prefill, 2),
               "decode_tokens_per_s": round(1 / step, 2)}
     del cache, out
@@ -94,15 +108,26 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3.2-1b", help="a preset name (random weights with its shapes)")
     p.add_argument("--contexts", default="8K,32K,128K")
-    p.add_argument("--method", action="append", help="method specs (default: kvquant 2-bit-1%% and kivi2)")
+    p.add_argument("--method", action="append",
+                   help="method specs (default: fp16, kvquant 2-bit-1%%, kivi2); also " + ", ".join(HF_CACHES))
     p.add_argument("--chunk", type=int, default=4096)
     p.add_argument("--decode", type=int, default=8, help="timed decode steps")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(args.model, device)
-    rows = []
+    rows, extra = [], []
     for spec in args.method or ["fp16", "kvquant:bits=2,outliers=0.01", "kivi2"]:
+        if spec in HF_CACHES:  # transformers' QuantizedCache: measured only (no kvq accounting for it)
+            for ctx in [parse_context(c) for c in args.contexts.split(",")]:
+                try:
+                    m = measure(model, None, None, ctx, args.chunk, args.decode, device, spec)
+                except (ImportError, ValueError, torch.cuda.OutOfMemoryError) as exc:
+                    print(json.dumps({"name": spec, "context": ctx, "skipped": str(exc)[:200]}), flush=True)
+                    continue
+                print(json.dumps({"name": spec, **m}), flush=True)
+                extra.append({"name": spec, **m})
+            continue
         method = parse_spec(spec)
         states = calibrated_states(method, model, device)
         for ctx in [parse_context(c) for c in args.contexts.split(",")]:
@@ -123,7 +148,8 @@ def main() -> None:
             rows.append(m)
             print(json.dumps(m), flush=True)
     doc = {"command": "python " + " ".join(sys.argv), "model": f"{args.model} shapes, random weights (bf16)",
-           "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows}
+           "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows,
+           "transformers_quantized_cache": extra}
     if args.out:
         Path(args.out).write_text(json.dumps(doc, indent=2))
     print("| method | context | cache bytes | KV predicted | error | peak allocated | predicted allocated | error "
