@@ -49,6 +49,24 @@ def _rotate(k1, k2, pos, INVF, HALF: tl.constexpr):
 
 
 @triton.jit
+def _fp16_segment(q1, q2, K, V, base, n, pos0, INVF, all_q, m, l, acc1, acc2, D: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Attend over ``n`` fp16 tokens at ``K/V + base`` (rows of D, pre-RoPE keys at positions ``pos0 + t``)."""
+    HALF: tl.constexpr = D // 2
+    ch = tl.arange(0, HALF)
+    for t0 in range(0, n, BLOCK_N):
+        t = t0 + tl.arange(0, BLOCK_N)
+        tv = t < n
+        off = base + t.to(tl.int64)[:, None] * D + ch[None, :]
+        k1, k2 = _rotate(tl.load(K + off, mask=tv[:, None], other=0.0).to(tl.float32),
+                         tl.load(K + off + HALF, mask=tv[:, None], other=0.0).to(tl.float32), pos0 + t, INVF, HALF)
+        v1 = tl.load(V + off, mask=tv[:, None], other=0.0).to(tl.float32)
+        v2 = tl.load(V + off + HALF, mask=tv[:, None], other=0.0).to(tl.float32)
+        m, l, acc1, acc2 = _step(q1, q2, k1, k2, v1, v2, all_q & tv[None, :], m, l, acc1, acc2)
+    return m, l, acc1, acc2
+
+
+@triton.jit
 def _kvquant_prefill_kernel(
     Q, KN, VN, O, sq_b, sq_h, sq_t, sn_b, sn_h, sn_t, so_b, so_h, so_t,
     KP, KOI, KOV, KA, KSC, CK, VP, VMIN, VSC, VOI, VOV, CV,
@@ -75,16 +93,8 @@ def _kvquant_prefill_kernel(
     acc2 = tl.zeros((BLOCK_M, HALF), tl.float32)
     all_q = qmask[:, None]
     # fp16 sink, pre-RoPE keys at positions [0, n_sink)
-    base = b.to(tl.int64) * ss_b + h * ss_h
-    for t0 in range(0, n_sink, BLOCK_N):
-        t = t0 + tl.arange(0, BLOCK_N)
-        tv = t < n_sink
-        off = base + t.to(tl.int64)[:, None] * D + ch[None, :]
-        k1, k2 = _rotate(tl.load(SK + off, mask=tv[:, None], other=0.0).to(tl.float32),
-                         tl.load(SK + off + HALF, mask=tv[:, None], other=0.0).to(tl.float32), t, INVF, HALF)
-        v1 = tl.load(SV + off, mask=tv[:, None], other=0.0).to(tl.float32)
-        v2 = tl.load(SV + off + HALF, mask=tv[:, None], other=0.0).to(tl.float32)
-        m, l, acc1, acc2 = _step(q1, q2, k1, k2, v1, v2, all_q & tv[None, :], m, l, acc1, acc2)
+    m, l, acc1, acc2 = _fp16_segment(q1, q2, SK, SV, b.to(tl.int64) * ss_b + h * ss_h, n_sink, 0, INVF, all_q,
+                                     m, l, acc1, acc2, D, BLOCK_N)
     # packed history at positions [n_sink, n_sink + n_packed)
     NBK: tl.constexpr = D * BITS_K // 8
     NBV: tl.constexpr = D * BITS_V // 8
@@ -110,17 +120,8 @@ def _kvquant_prefill_kernel(
         v1, v2 = _replace_slots(v1, v2, VOI, VOV, row, tv, NOV, HALF)
         m, l, acc1, acc2 = _step(q1, q2, k1, k2, v1, v2, all_q & tv[None, :], m, l, acc1, acc2)
     # fp16 residual, pre-RoPE keys at positions [n_sink + n_packed, P)
-    base = b.to(tl.int64) * sr_b + h * sr_h
-    for t0 in range(0, n_res, BLOCK_N):
-        t = t0 + tl.arange(0, BLOCK_N)
-        tv = t < n_res
-        off = base + t.to(tl.int64)[:, None] * D + ch[None, :]
-        k1, k2 = _rotate(tl.load(RK + off, mask=tv[:, None], other=0.0).to(tl.float32),
-                         tl.load(RK + off + HALF, mask=tv[:, None], other=0.0).to(tl.float32),
-                         n_sink + n_packed + t, INVF, HALF)
-        v1 = tl.load(RV + off, mask=tv[:, None], other=0.0).to(tl.float32)
-        v2 = tl.load(RV + off + HALF, mask=tv[:, None], other=0.0).to(tl.float32)
-        m, l, acc1, acc2 = _step(q1, q2, k1, k2, v1, v2, all_q & tv[None, :], m, l, acc1, acc2)
+    m, l, acc1, acc2 = _fp16_segment(q1, q2, RK, RV, b.to(tl.int64) * sr_b + h * sr_h, n_res, n_sink + n_packed,
+                                     INVF, all_q, m, l, acc1, acc2, D, BLOCK_N)
     # the current chunk, post-RoPE, full precision, causal (key j <= query i); only blocks up to this query block
     base = b.to(tl.int64) * sn_b + h * sn_h
     for t0 in range(0, (mb + 1) * BLOCK_M, BLOCK_N):
