@@ -64,7 +64,7 @@ class KVQLayer(CacheLayerMixin):
         self.block = max(self.step, block - block % self.step)  # packed-key groups never straddle blocks
         self.query_tile = QUERY_TILE  # queries attended at once (bounds the score tile of a long prefill)
         self.window_limit: int | None = None  # the model's sliding window, beyond which we refuse to go
-        self.rope_theta = 10000.0  # the config's theta: the Triton path checks the model's RoPE against it
+        self.rope_theta = 10000.0  # the config's theta (the Triton path is given the model's own inv_freq)
         #: Triton decode path: None = on CUDA where the layout is exact, True = wherever exact, False = never.
         self.use_kernel: bool | None = None
         self.attn: nn.Module | None = None
