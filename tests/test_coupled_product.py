@@ -1,0 +1,254 @@
+"""Coupled Quantization (``cq``) and MILLION product quantization (``pq``): codebooks, bits, scores, evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from kvq_cli.calibration import weighted_kmeans
+from kvq_cli.calibration.capture import capture
+from kvq_cli.errors import KvqError
+from kvq_cli.methods import LayerCalibration, available, make_method, method_from_config
+from kvq_cli.methods.base import OUTLIER_BITS
+from kvq_cli.perplexity import Configuration, evaluate
+
+H, D = 2, 16
+N_CALIB = 2048
+
+
+def correlated(n: int, seed: int, heads: int = H, dim: int = D) -> torch.Tensor:
+    """``(n, heads, dim)`` vectors with coupled channels: one latent per group of 4 channels (random loadings)
+    plus ``z @ A``, a weaker random mixing of all channels."""
+    fixed = torch.Generator().manual_seed(100)
+    mix = torch.randn(heads, dim, dim, generator=fixed) / math.sqrt(dim)
+    load = torch.randn(heads, dim, generator=fixed)
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(n, heads, dim // 4, generator=g).repeat_interleave(4, dim=-1) * load
+    return latent + 0.3 * torch.einsum("nhd,hde->nhe", torch.randn(n, heads, dim, generator=g), mix)
+
+
+def calibration(n: int = N_CALIB, fisher: bool = True) -> LayerCalibration:
+    keys, values = correlated(n, 1), correlated(n, 2)
+    g = torch.Generator().manual_seed(3)
+    kf, vf = (torch.rand(n, H, D, generator=g) + 0.01 for _ in range(2)) if fisher else (None, None)
+    return LayerCalibration(keys, values, kf, vf, tokens=n)
+
+
+def as_bhtd(x: torch.Tensor) -> torch.Tensor:
+    """``(N, H, D)`` -> ``(1, H, N, D)``."""
+    return x.transpose(0, 1)[None]
+
+
+def rel_err(x: torch.Tensor, y: torch.Tensor) -> float:
+    return ((x - y).norm() / x.norm()).item()
+
+
+def round_trip(method, state, x: torch.Tensor) -> float:
+    """Relative error of the keys and values round trips of ``x (B, H, T, D)``."""
+    k = method.decode_keys(method.encode_keys(x, state), state)
+    v = method.decode_values(method.encode_values(x, state), state)
+    return (rel_err(x, k) + rel_err(x, v)) / 2
+
+
+def fitted(name: str, calib: LayerCalibration | None = None, **opts):
+    method = make_method(name, kmeans_iters=15, **opts)
+    return method, method.fit(calib or calibration())
+
+
+TEST = as_bhtd(correlated(512, 7))
+
+
+# ---- round trips ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "opts"), [("cq", {"channels": 2}), ("pq", {"subspaces": 8})])
+def test_error_decreases_with_bits(name, opts):
+    errors = []
+    for bits in (2, 4, 6):
+        method, state = fitted(name, bits=bits, **opts)
+        enc = method.encode_keys(TEST, state)
+        assert enc["codes"].dtype == torch.int16
+        out = method.decode_keys(enc, state)
+        assert out.shape == TEST.shape and out.dtype == torch.float32
+        errors.append(round_trip(method, state, TEST))
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.2
+
+
+def test_cq_one_channel_is_per_channel_scalar_kmeans():
+    calib = calibration(fisher=False)
+    method, state = fitted("cq", calib, bits=3, channels=1, fisher=False)
+    assert state["key_codebook"].shape == (H, D, 8, 1)
+    out = method.decode_keys(method.encode_keys(TEST, state), state)
+    # reference: 1-D k-means per channel of head 0, nearest-level quantization
+    ref = torch.empty(TEST.shape[2], D)
+    for ch in range(D):
+        levels = weighted_kmeans(calib.keys[:, 0, ch], 8, iters=15)
+        ref[:, ch] = levels[(TEST[0, 0, :, ch, None] - levels).abs().argmin(-1)]
+    assert rel_err(TEST[0, 0], out[0, 0]) == pytest.approx(rel_err(TEST[0, 0], ref), rel=0.05)
+    # each channel's codebook is sorted 1-D levels (the scalar k-means solution)
+    torch.testing.assert_close(state["key_codebook"][0, 0, :, 0], weighted_kmeans(calib.keys[:, 0, 0], 8, iters=15),
+                               rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize(("coupled", "scalar"), [((2, 8), (1, 4)), ((4, 8), (1, 2))])
+def test_coupled_channels_beat_scalar_at_equal_bits(coupled, scalar):
+    """The paper's point: at equal bits per channel, coupling channels of correlated data lowers the error."""
+    (c1, b1), (c2, b2) = coupled, scalar
+    assert b1 / c1 == b2 / c2
+    m1, s1 = fitted("cq", channels=c1, bits=b1)
+    m2, s2 = fitted("cq", channels=c2, bits=b2)
+    assert m1.bits_per_token(H, D) == m2.bits_per_token(H, D)
+    assert round_trip(m1, s1, TEST) < 0.8 * round_trip(m2, s2, TEST)
+
+
+def test_fisher_weighting_pulls_centroids():
+    """Vectors with heavy Fisher weight (a rare, larger-magnitude cluster) are served better when weighted."""
+    n = N_CALIB
+    keys = correlated(n, 1)
+    heavy = torch.zeros(n, dtype=torch.bool)
+    heavy[: n // 20] = True
+    keys[heavy] = keys[heavy] * 4 + 3
+    fisher = torch.where(heavy[:, None, None], 1000.0, 1.0).expand(n, H, D).clone()
+    calib = LayerCalibration(keys, keys.clone(), fisher, fisher.clone(), tokens=n)
+    x = as_bhtd(keys[heavy])
+    errs = {}
+    for use in (True, False):
+        method, state = fitted("cq", calib, bits=3, channels=4, fisher=use)
+        errs[use] = rel_err(x, method.decode_keys(method.encode_keys(x, state), state))
+    assert errs[True] < 0.8 * errs[False]
+    assert make_method("cq").needs_fisher and not make_method("cq", fisher=False).needs_fisher
+    assert not make_method("pq").needs_fisher
+
+
+def test_missing_fisher_falls_back_to_unweighted():
+    m1, s1 = fitted("cq", calibration(fisher=False), bits=4, fisher=True)
+    m2, s2 = fitted("cq", calibration(fisher=False), bits=4, fisher=False)
+    torch.testing.assert_close(s1["key_codebook"], s2["key_codebook"])
+
+
+def test_fewer_vectors_than_centroids():
+    method, state = fitted("cq", calibration(n=20), bits=6, channels=2)
+    assert state["key_codebook"].shape == (H, D // 2, 64, 2)
+    x = as_bhtd(calibration(n=20).keys)
+    assert rel_err(x, method.decode_keys(method.encode_keys(x, state), state)) < 1e-5  # every point a centroid
+    method, state = fitted("pq", calibration(n=10), bits=6)
+    assert state["key_codebook"].shape == (D // 2, 64, 2)
+
+
+# ---- bits ------------------------------------------------------------------------------------------------
+
+
+def test_cq_bits_hand_count_and_outliers():
+    x = as_bhtd(correlated(10, 9)).repeat(2, 1, 1, 1)  # (B=2, H, T=10, D)
+    method, state = fitted("cq", bits=6, channels=4)
+    enc = method.encode_keys(x, state)
+    assert enc["codes"].shape == (2, H, 10, D // 4)
+    assert method.encoded_bits(enc) == 2 * H * 10 * (D // 4) * 6
+    assert method.bits_per_token(H, D) == 2 * H * (D // 4) * 6
+    assert method.state_bits_estimate(H, D) == method.state_bits(state) == 16 * 2 * H * (D // 4) * 64 * 4
+
+    method, state = fitted("cq", bits=6, channels=4, outliers=0.1)  # round(0.1 * 32 / 2) = 2 per side
+    enc_k, enc_v = method.encode_keys(x, state), method.encode_values(x, state)
+    assert int(enc_k["outlier_mask"].sum()) == 2 * 10 * 4
+    assert method.encoded_bits(enc_k) == 2 * H * 10 * (D // 4) * 6 + 2 * 10 * 4 * OUTLIER_BITS
+    per_token = (method.encoded_bits(enc_k) + method.encoded_bits(enc_v)) / (2 * 10)
+    assert per_token == method.bits_per_token(H, D)
+    # outliers come back exactly (fp16), and the round trip improves
+    out = method.decode_keys(enc_k, state)
+    torch.testing.assert_close(out[enc_k["outlier_mask"]], x[enc_k["outlier_mask"]].half().float())
+    plain, pstate = fitted("cq", bits=6, channels=4)
+    assert rel_err(x, out) < rel_err(x, plain.decode_keys(plain.encode_keys(x, pstate), pstate))
+
+
+def test_pq_bits_hand_count():
+    x = as_bhtd(correlated(12, 9)).repeat(3, 1, 1, 1)  # (B=3, H, T=12, D)
+    method, state = fitted("pq", bits=5, subspaces=4)
+    assert state["key_codebook"].shape == (4, 32, D // 4)
+    enc_k, enc_v = method.encode_keys(x, state), method.encode_values(x, state)
+    assert enc_k["codes"].shape == (3, H, 12, 4)
+    assert method.encoded_bits(enc_k) == 3 * H * 12 * 4 * 5
+    per_token = (method.encoded_bits(enc_k) + method.encoded_bits(enc_v)) / (3 * 12)
+    assert per_token == method.bits_per_token(H, D) == 2 * H * 4 * 5
+    assert method.state_bits_estimate(H, D) == method.state_bits(state)
+    default, _ = fitted("pq", bits=8)
+    assert default.bits_per_token(H, D) == 2 * H * (D // 2) * 8  # 4 bits per element
+
+
+# ---- validation, labels, registry ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cq", "pq"])
+@pytest.mark.parametrize("bits", [0, 13])
+def test_validate_refuses_bits(name, bits):
+    with pytest.raises(KvqError, match="bits"):
+        make_method(name, bits=bits)
+
+
+def test_validate_refuses_bad_groups():
+    with pytest.raises(KvqError, match="channels"):
+        make_method("cq", channels=0)
+    with pytest.raises(KvqError, match="outliers"):
+        make_method("cq", outliers=0.5)
+    with pytest.raises(KvqError, match="subspaces"):
+        make_method("pq", subspaces=-1)
+    with pytest.raises(KvqError, match="divide head_dim"):
+        make_method("cq", channels=3).fit(calibration())
+    with pytest.raises(KvqError, match="divide head_dim"):
+        make_method("pq", subspaces=3).fit(calibration())
+    method, state = fitted("cq", bits=2, channels=4)
+    with pytest.raises(KvqError, match="divide head_dim"):
+        make_method("cq", bits=2, channels=3).encode_keys(TEST, state)
+
+
+def test_labels_registry_and_config():
+    assert {"cq", "pq"} <= set(available())
+    assert make_method("cq", channels=4, bits=8).label == "cq-4c8b"
+    assert make_method("cq", channels=8, bits=10, outliers=0.01, pre_rope=False, fisher=False).label == (
+        "cq-8c10b-1%-post-rope-no-fisher"
+    )
+    assert make_method("pq", subspaces=32, bits=8).label == "pq-m32x8b"
+    assert make_method("pq").label == "pq-d2x8b"
+    assert make_method("cq").keys_pre_rope and not make_method("cq", pre_rope=False).keys_pre_rope
+    assert not make_method("pq").keys_pre_rope and make_method("pq").residual == 128
+    for method in (make_method("cq", channels=2, outliers=0.01), make_method("pq", subspaces=4)):
+        assert method_from_config(method.config()) == method
+
+
+# ---- MILLION's lookup-table scores ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("subspaces", [0, 4])
+def test_pq_lookup_scores_match_dense_scores_gqa(subspaces):
+    method, state = fitted("pq", bits=5, subspaces=subspaces)
+    keys = as_bhtd(correlated(40, 11)).repeat(2, 1, 1, 1)  # (B=2, H, Tk=40, D)
+    enc = method.encode_keys(keys, state)
+    q = torch.randn(2, 2 * H, 7, D, generator=torch.Generator().manual_seed(12))  # Hq = 2H
+    scores = method.lookup_scores(q, enc, state)
+    assert scores.shape == (2, 2 * H, 7, 40)
+    dense = q @ method.decode_keys(enc, state).repeat_interleave(2, dim=1).transpose(-1, -2)
+    assert ((scores - dense).norm() / dense.norm()).item() < 1e-4
+    torch.testing.assert_close(scores, dense, rtol=1e-4, atol=1e-4)
+
+
+# ---- end to end on a tiny model ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", [{"name": "cq", "channels": 4, "bits": 5},
+                                  {"name": "cq", "channels": 2, "bits": 4, "outliers": 0.05},
+                                  {"name": "pq", "bits": 4, "residual": 0}])
+def test_evaluate_on_tiny_model(spec):
+    opts = dict(spec)
+    model = tiny_model("llama")
+    method = make_method(opts.pop("name"), kmeans_iters=10, **opts)
+    ids = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(5))
+    stats = capture(model, ids, method, max_tokens=64)
+    assert (stats[0].key_fisher is not None) == method.needs_fisher
+    states = [method.fit(s) for s in stats]
+    windows = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(6))
+    base, row = evaluate(model, windows, [Configuration(method.label, method, states)])
+    assert math.isfinite(row["perplexity"]) and math.isfinite(row["kl_divergence"]) and row["kl_divergence"] > 0
+    assert math.isfinite(base["perplexity"]) and base["kl_divergence"] == 0
