@@ -83,7 +83,7 @@ def main() -> None:
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default="docs/results/ppl-smollm2")
-    p.add_argument("--only", choices=["main", "ablation", "shift", "extras", "streaming"], action="append")
+    p.add_argument("--only", choices=["main", "ablation", "shift", "extras", "streaming", "cq"], action="append")
     p.add_argument("--chunk", type=int, default=128, help="streaming: tokens per chunk")
     p.add_argument("--streaming-windows", type=int, default=32, help="streaming: windows evaluated")
     args = p.parse_args()
@@ -124,6 +124,21 @@ def main() -> None:
             doc["results"][mode + "-side-by-side"] = evaluate("wikitext2", arts, methods, args, mode,
                                                               args.streaming_windows)
             save()
+    if "cq" in parts:  # coupled and product quantization beside kvquant at similar bits (calibrated the same way)
+        print("cq/pq", flush=True)
+        specs = ["cq:channels=2,bits=8", "cq:channels=4,bits=8", "cq:channels=8,bits=8", "cq:channels=8,bits=10",
+                 "cq:channels=8,bits=8,outliers=0.01", "pq:bits=8", "pq:bits=8,subspaces=16",
+                 "kvquant:bits=4,outliers=0.01", "kvquant:bits=2,outliers=0.01", "kvquant:bits=1,outliers=0.01"]
+        arts = []
+        for i, spec in enumerate(specs):
+            method = parse_spec(spec)
+            out = tmp / f"cq{i}.safetensors"
+            info = api.calibrate(method, str(out), model=args.model, dataset="wikitext2-valid", data_dir=args.data_dir,
+                                 samples=args.samples, seqlen=args.seqlen)
+            print(f"  calibrated {info['name']} in {info['calibration']['seconds']} s", flush=True)
+            arts.append(str(out))
+        doc["results"]["cq"] = evaluate("wikitext2", arts, [], args)
+        save()
     if "shift" in parts:
         print("calibration shift", flush=True)
         text = (Path(args.data_dir) / "tiny-shakespeare.txt").read_text()
