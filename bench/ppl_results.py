@@ -43,8 +43,9 @@ def spec(options: dict) -> str:
     return "kvquant:" + ",".join(f"{k}={v}" for k, v in options.items())
 
 
-def calibrate(options: dict, out: Path, args, dataset: str = "wikitext2-valid") -> str:
-    method = parse_spec(spec(options))
+def calibrate(options: dict | str, out: Path, args, dataset: str = "wikitext2-valid") -> str:
+    """Calibrate kvquant ``options`` (or any method spec string) into ``out``."""
+    method = parse_spec(options if isinstance(options, str) else spec(options))
     info = api.calibrate(method, str(out), model=args.model, dataset=dataset, data_dir=args.data_dir,
                          samples=args.samples, seqlen=args.seqlen)
     print(f"  calibrated {info['name']} on {dataset} in {info['calibration']['seconds']} s", flush=True)
@@ -129,14 +130,7 @@ def main() -> None:
         specs = ["cq:channels=2,bits=8", "cq:channels=4,bits=8", "cq:channels=8,bits=8", "cq:channels=8,bits=10",
                  "cq:channels=8,bits=8,outliers=0.01", "pq:bits=8", "pq:bits=8,subspaces=16",
                  "kvquant:bits=4,outliers=0.01", "kvquant:bits=2,outliers=0.01", "kvquant:bits=1,outliers=0.01"]
-        arts = []
-        for i, spec in enumerate(specs):
-            method = parse_spec(spec)
-            out = tmp / f"cq{i}.safetensors"
-            info = api.calibrate(method, str(out), model=args.model, dataset="wikitext2-valid", data_dir=args.data_dir,
-                                 samples=args.samples, seqlen=args.seqlen)
-            print(f"  calibrated {info['name']} in {info['calibration']['seconds']} s", flush=True)
-            arts.append(str(out))
+        arts = [calibrate(s, tmp / f"cq{i}.safetensors", args) for i, s in enumerate(specs)]
         doc["results"]["cq"] = evaluate("wikitext2", arts, [], args)
         save()
     if "shift" in parts:
