@@ -51,6 +51,16 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def _fill_fp16_segments(c, gen, d, n_sink, n_res):
+    """Random fp16 sink and residual tokens for a packed cache of either flavour."""
+    c.sink_k.copy_(_randn(gen, B, H, n_sink, d))
+    c.sink_v.copy_(_randn(gen, B, H, n_sink, d))
+    c.res_k[:, :, :n_res] = _randn(gen, B, H, n_res, d).half()
+    c.res_v[:, :, :n_res] = _randn(gen, B, H, n_res, d).half()
+    c.n_res = n_res
+    return c
+
+
 def _kvquant_cache(gen, d, bits_k, bits_v, t, n_sink, n_res, tmax=64, nok=2, nov=2, fill="ref"):
     lo = (-1 - torch.rand(H, d, generator=gen)).to(DEV)
     hi = (1 + torch.rand(H, d, generator=gen)).to(DEV)
@@ -60,12 +70,7 @@ def _kvquant_cache(gen, d, bits_k, bits_v, t, n_sink, n_res, tmax=64, nok=2, nov
         k, v = _randn(gen, B, H, t, d, scale=1.3), _randn(gen, B, H, t, d)
         (ref.append_kvquant_ref if fill == "ref" else quantize_append_kvquant)(c, k, v, 0)
     c.n_packed = t
-    c.sink_k.copy_(_randn(gen, B, H, n_sink, d))
-    c.sink_v.copy_(_randn(gen, B, H, n_sink, d))
-    c.res_k[:, :, :n_res] = _randn(gen, B, H, n_res, d).half()
-    c.res_v[:, :, :n_res] = _randn(gen, B, H, n_res, d).half()
-    c.n_res = n_res
-    return c
+    return _fill_fp16_segments(c, gen, d, n_sink, n_res)
 
 
 def _kivi_cache(gen, d, bits, t, n_sink, n_res, tmax=64):
@@ -73,12 +78,7 @@ def _kivi_cache(gen, d, bits, t, n_sink, n_res, tmax=64):
     if t:
         ref.append_kivi_ref(c, _randn(gen, B, H, t, d), _randn(gen, B, H, t, d), 0)
     c.n_packed = t
-    c.sink_k.copy_(_randn(gen, B, H, n_sink, d))
-    c.sink_v.copy_(_randn(gen, B, H, n_sink, d))
-    c.res_k[:, :, :n_res] = _randn(gen, B, H, n_res, d).half()
-    c.res_v[:, :, :n_res] = _randn(gen, B, H, n_res, d).half()
-    c.n_res = n_res
-    return c
+    return _fill_fp16_segments(c, gen, d, n_sink, n_res)
 
 
 # ----------------------------------------------------------------------------------------------- references
