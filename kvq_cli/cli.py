@@ -65,12 +65,19 @@ def user_errors(fn):
     return wrapper
 
 
-def progress_factory(progress: Progress):
-    """Adapter from the API's progress callback protocol to a rich progress bar."""
+def progress_factory(progress: Progress, stop_when_done: bool = False):
+    """Adapter from the API's progress callback protocol to a rich progress bar (``stop_when_done``: stop the
+    live display once the task completes, e.g. before generated text streams to the terminal)."""
 
     def make(description: str, total: int, _units: int = 0):
         task = progress.add_task(description, total=total)
-        return lambda n: progress.advance(task, n)
+
+        def advance(n: int) -> None:
+            progress.advance(task, n)
+            if stop_when_done and progress.tasks[task].finished:
+                progress.stop()
+
+        return advance
 
     return make
 
@@ -318,6 +325,74 @@ def estimate_memory(
     console.print(render.memory_table(result, weights_dtype, batch, gpus))
     if "plot" in result:
         console.print(f"wrote [bold]{result['plot']}[/]")
+
+
+@app.command()
+@user_errors
+def generate(
+    model: ModelOpt = "smollm2-135m",
+    artifact: Annotated[str | None, typer.Option("--artifact", "-a", help="A calibrated artifact.")] = None,
+    method: Annotated[
+        str | None,
+        typer.Option("--method", help="A tuning-free configuration instead of --artifact: kivi2, int4, fp16, ... "
+                     "Neither: the 16-bit DynamicCache baseline."),
+    ] = None,
+    prompt_file: Annotated[str | None, typer.Option("--prompt-file", "-f", help="Prompt text file.")] = None,
+    haystack: Annotated[
+        bool,
+        typer.Option("--haystack", help="A passkey-retrieval prompt (War and Peace filler); the answer is checked."),
+    ] = False,
+    context: Annotated[
+        str | None,
+        typer.Option("--context", "-c", help="Prompt length in tokens (8K, 128K, 1M): the file repeated or cut, "
+                     "or the haystack's size."),
+    ] = None,
+    depth: Annotated[float, typer.Option(help="Where the pass key sits in the haystack, 0 (start) to 1 (end).")] = 0.5,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (greedy; stops at end of sequence).")] = 32,
+    chunk: Annotated[int, typer.Option(help="Prompt tokens per prefill forward pass.")] = 4096,
+    seed: Annotated[int, typer.Option(help="Seed of the pass key and haystack (random prompts too).")] = 0,
+    filler: Annotated[
+        str, typer.Option(help="The haystack's text: war-and-peace, shakespeare, wikitext2 or a text file.")
+    ] = "war-and-peace",
+    data_dir: DataDirOpt = None,
+    kernels: Annotated[
+        bool | None, typer.Option("--kernels/--no-kernels", help="Triton decode kernels (default: on CUDA).")
+    ] = None,
+    device: DeviceOpt = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), float32, "
+                                       "bfloat16 or float16.")] = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Generate from a long prompt through the packed quantized cache, with a memory pre-flight and a summary.
+
+    The prompt is prefilled --chunk tokens at a time (history dequantized block by block, never whole), then
+    decoded greedily; the summary gives prefill and decode tokens/s, peak memory, cache bytes and average bits
+    beside estimate-memory's prediction. --model random:<preset> (e.g. random:llama-3.2-1b) runs a model of
+    that shape with random weights on random token ids.
+
+    Example: kvq generate --method kivi4 --haystack --context 4K --depth 0.25 --data-dir ../shared/data
+    """
+    from .generate import generate as run_generate
+    from .methods import parse_spec
+
+    spec = parse_spec(method) if method else None
+    streaming = not json_out
+    with _progress() as progress:
+        result = run_generate(
+            model=model, artifact=artifact, method=spec, prompt_file=prompt_file, haystack=haystack,
+            context=context, depth=depth, max_new_tokens=max_new_tokens, chunk=chunk, seed=seed, device=device,
+            dtype=dtype, data_dir=data_dir, filler=filler, use_kernels=kernels,
+            progress=progress_factory(progress, stop_when_done=True),
+            on_text=(lambda piece: console.print(piece, end="", highlight=False, markup=False)) if streaming
+            else (lambda piece: None),
+        )
+    for note in result["notes"]:
+        err.print(f"[yellow]kvq: note:[/] {note}", highlight=False, soft_wrap=True)
+    if json_out:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return
+    console.print()
+    console.print(render.generation_table(result))
 
 
 @app.command("methods")

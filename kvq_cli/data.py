@@ -58,13 +58,13 @@ def load_text(dataset: str, data_dir_arg: str | None = None) -> str:
         path = Path(dataset).expanduser()
         if not path.is_file():
             raise KvqError(f"dataset {dataset!r} is neither a known name ({', '.join(CORPORA)}) nor a text file")
-        return _read(path)
+        return read_text_file(path)
     corpus = CORPORA[dataset]
     root = data_dir(data_dir_arg)
     if corpus.local and root is not None:
         local = root / corpus.local
         if local.is_file():
-            return _read(local)
+            return read_text_file(local)
         if data_dir_arg:
             raise KvqError(f"dataset {dataset!r}: {local} not found under --data-dir {root}")
     if corpus.hub is None:
@@ -75,7 +75,8 @@ def load_text(dataset: str, data_dir_arg: str | None = None) -> str:
     return _from_hub(dataset, corpus)
 
 
-def _read(path: Path) -> str:
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file; unreadable or empty files get one `KvqError` line."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

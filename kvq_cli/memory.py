@@ -12,10 +12,13 @@ The KV arithmetic is the runtime's own (``kvq_cli.accounting.cache_bits``, resid
     - fp16 (transformers' DynamicCache with SDPA): the chunk's causal mask over the context, batch x chunk
       x context x 2 bytes, and one layer's K/V repeated to the query heads plus the concatenation copy,
       batch x context x 2 (q_heads + kv_heads) x head_dim x 2 bytes;
-    - the packed kvq cache (no mask: its attention is causal by construction): four fp32 temporaries of
-      one query tile's (1024) scores against one dequantized block (2048 tokens), batch x 1024 x q_heads
-      x 2048 x 4 x 4 bytes, independent of the context.
-  (Refined against measurements on an H100: ``docs/results/memory-check.md``.)
+    - the packed kvq cache (no mask: its attention is causal by construction), its GPU prefill
+      (``runtime.prefill``): one history block of L tokens (``history_block``: L x q_heads x head_dim
+      <= 2^26) dequantized, 4 x batch x kv_heads x L x head_dim x 4 bytes (fp32 K and V and their
+      temporaries), repeated to the query heads in bf16, 2 x batch x q_heads x L x head_dim x 2 bytes,
+      and four fp32 partial outputs of the chunk, 4 x batch x q_heads x chunk x head_dim x 4 bytes;
+      independent of the context.
+  (Checked against measurements on an H100: ``docs/results/memory-check.md``, ``generate-long-context.md``.)
 * total = KV + weights + allowance; it fits when total <= budget (x ``gpus``; weights split evenly).
 """
 
@@ -37,9 +40,7 @@ GiB = 1 << 30
 PREFILL_CHUNK = 4096
 #: CUDA context and allocator slack: counted in the total, invisible to torch.cuda.max_memory_allocated.
 CONTEXT_OVERHEAD = GiB
-#: The packed cache's blockwise attention (kvq_cli/runtime/attention.py): query tile x history block.
-QUERY_TILE, KV_BLOCK = 1024, 2048
-WEIGHT_BYTES: dict[str, float] = {"bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
+WEIGHT_BYTES: dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 DEFAULT_METHODS = ("fp16", "kivi2", "kivi4", "kvquant:bits=4,outliers=0.01", "kvquant:bits=3,outliers=0.01",
                    "kvquant:bits=2,outliers=0.01")
 #: Largest context the solver looks at (2^40 tokens).
@@ -126,36 +127,50 @@ def weights_bytes(shape: ModelShape, dtype: str = "bf16") -> float:
     return shape.params * WEIGHT_BYTES[dtype]
 
 
-def activation_bytes(shape: ModelShape, tokens: int, batch: int = 1, method: KVMethod | None = None) -> int:
+def activation_bytes(shape: ModelShape, tokens: int, batch: int = 1, method: KVMethod | None = None,
+                     chunk: int = PREFILL_CHUNK) -> int:
     """Allocator bytes beyond weights and KV at the peak of a chunked prefill (module docstring)."""
-    chunk = min(PREFILL_CHUNK, tokens)
+    from .runtime.prefill import history_block
+
+    chunk = min(chunk, tokens)
     hidden = batch * chunk * (4 * shape.hidden + 2 * shape.intermediate) * 2
     if method is None or method.name == "fp16":  # SDPA gets a materialized causal mask and repeated K/V
         mask = batch * chunk * tokens * 2
         return hidden + mask + batch * tokens * 2 * (shape.heads + shape.kv_heads) * shape.head_dim * 2
-    # the kvq attention gets no mask (it is causal by construction); four fp32 score-sized temporaries
-    return hidden + batch * min(QUERY_TILE, chunk) * shape.heads * min(KV_BLOCK, tokens) * 4 * 4
+    # the packed cache's prefill: one history block of L tokens dequantized (fp32 K and V with as many
+    # temporaries), repeated to the query heads in bf16, and four fp32 chunk-sized partial outputs
+    block = min(history_block(batch, shape.heads, shape.head_dim), tokens)
+    dequant = 4 * batch * shape.kv_heads * block * shape.head_dim * 4
+    repeated = 2 * batch * shape.heads * block * shape.head_dim * 2
+    partials = 4 * batch * shape.heads * chunk * shape.head_dim * 4
+    return hidden + dequant + repeated + partials
 
 
-def allowance_bytes(shape: ModelShape, tokens: int, batch: int = 1, method: KVMethod | None = None) -> int:
+def allowance_bytes(shape: ModelShape, tokens: int, batch: int = 1, method: KVMethod | None = None,
+                    chunk: int = PREFILL_CHUNK) -> int:
     """CUDA context (1 GiB) + ``activation_bytes``."""
-    return CONTEXT_OVERHEAD + activation_bytes(shape, tokens, batch, method)
+    return CONTEXT_OVERHEAD + activation_bytes(shape, tokens, batch, method, chunk)
 
 
-def total_bytes(entry: Entry, shape: ModelShape, tokens: int, batch: int, weights: float) -> float:
-    return kv_bytes(entry, shape, tokens, batch) + weights + allowance_bytes(shape, tokens, batch, entry.method)
+def total_bytes(entry: Entry, shape: ModelShape, tokens: int, batch: int, weights: float,
+                chunk: int = PREFILL_CHUNK) -> float:
+    return kv_bytes(entry, shape, tokens, batch) + weights + allowance_bytes(shape, tokens, batch, entry.method, chunk)
 
 
-def max_context(entry: Entry, shape: ModelShape, batch: int, weights: float, budget: float) -> int:
+def max_context(entry: Entry, shape: ModelShape, batch: int, weights: float, budget: float,
+                chunk: int = PREFILL_CHUNK) -> int:
     """Largest context whose total fits ``budget`` (0 when not even one token does); totals grow with context."""
-    if total_bytes(entry, shape, 1, batch, weights) > budget:
+    def total(t: int) -> float:
+        return total_bytes(entry, shape, t, batch, weights, chunk)
+
+    if total(1) > budget:
         return 0
     lo, hi = 1, MAX_SEARCH
-    if total_bytes(entry, shape, hi, batch, weights) <= budget:
+    if total(hi) <= budget:
         return hi
     while hi - lo > 1:  # total(lo) <= budget < total(hi)
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if total_bytes(entry, shape, mid, batch, weights) <= budget else (lo, mid)
+        lo, hi = (mid, hi) if total(mid) <= budget else (lo, mid)
     return lo
 
 

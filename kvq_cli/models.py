@@ -53,6 +53,7 @@ class ModelSource:
     name: str
     path: str
     gguf_file: str | None = None
+    random: str | None = None  # ``random:<preset>``: a preset's shapes with random weights (no tokenizer)
 
     def load_kwargs(self) -> dict[str, Any]:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
@@ -61,6 +62,13 @@ class ModelSource:
 def resolve_model(spec: str | None) -> ModelSource:
     """Turn ``--model`` into a loadable source; may download and convert the built-in alias once."""
     spec = spec or DEFAULT_MODEL
+    if spec.startswith("random:"):
+        from .presets import MODEL_PRESETS
+
+        preset = spec.split(":", 1)[1].lower()
+        if preset not in MODEL_PRESETS:
+            raise KvqError(f"unknown preset {preset!r} in {spec!r}: random:<preset> takes {', '.join(MODEL_PRESETS)}")
+        return ModelSource(spec, "", random=preset)
     if spec in ALIASES:
         return ModelSource(spec, str(_alias_folder(spec)))
     path = Path(spec).expanduser()
@@ -83,6 +91,10 @@ def load_config(source: ModelSource):
     """The model's ``PretrainedConfig`` (no weights are read)."""
     from transformers import AutoConfig
 
+    if source.random:
+        from .presets import MODEL_PRESETS, config_for
+
+        return config_for(MODEL_PRESETS[source.random], max_positions=1 << 24)
     return _hub_call(lambda: AutoConfig.from_pretrained(source.path, **source.load_kwargs()), source.name)
 
 
@@ -92,6 +104,11 @@ def load_model(source: ModelSource, dtype: str = "float32", device: str = "cpu",
     from transformers import AutoModelForCausalLM
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if source.random:  # random weights, made on the target device (seeded: the same model every time)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(load_config(source), dtype=torch_dtype)
+        return model.eval()
     model = _hub_call(
         lambda: AutoModelForCausalLM.from_pretrained(
             source.path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **source.load_kwargs()
@@ -106,6 +123,8 @@ def load_tokenizer(source: ModelSource):
     """The model's tokenizer."""
     from transformers import AutoTokenizer
 
+    if source.random:
+        raise KvqError(f"{source.name} has random weights and no tokenizer: it takes token ids, not text")
     return _hub_call(lambda: AutoTokenizer.from_pretrained(source.path, **source.load_kwargs()), source.name)
 
 

@@ -117,3 +117,24 @@ def shape_from_config(config, name: str) -> ModelShape:
         qkv_bias=bool(getattr(cfg, "model_type", "") == "qwen2" if bias is None else bias),
         architecture=arch,
     )
+
+
+def config_for(shape: ModelShape, max_positions: int | None = None):
+    """A transformers config with ``shape``'s sizes (default RoPE with its theta, no rope scaling), for
+    random-weight models of that shape (``--model random:<preset>``)."""
+    from transformers import AutoConfig
+
+    model_type = {"MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}.get(shape.architecture, "llama")
+    kwargs = dict(
+        hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
+        vocab_size=shape.vocab, tie_word_embeddings=shape.tied_embeddings, rope_theta=shape.rope_theta,
+        max_position_embeddings=max_positions or shape.max_positions or 4096,
+    )
+    if model_type == "llama":
+        kwargs["attention_bias"] = shape.qkv_bias
+    if model_type == "mistral":
+        kwargs["sliding_window"] = None
+    config = AutoConfig.for_model(model_type, **kwargs)
+    config.architectures = [shape.architecture]
+    return config

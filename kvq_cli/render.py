@@ -80,3 +80,26 @@ def methods_table(methods: list[dict[str, Any]]) -> Table:
         table.add_row(m["name"], "/".join(map(str, m["bits"])), "yes" if m["needs_calibration"] else "no", opts,
                       m["summary"])
     return table
+
+
+def generation_table(r: dict[str, Any]) -> Table:
+    """The summary of ``kvq generate``: speeds, memory beside the estimate, and the pass key if any."""
+    gib = 1 << 30
+    table = Table(title=f"{r['model']}, {r['configuration']} ({r['dtype']}, {r['device']})", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("", justify="right")
+    decode = r["decode_tokens_per_s"]
+    rows = [
+        ("prompt tokens", f"{r['prompt_tokens']:,}"),
+        ("prefill", f"{r['prefill_tokens_per_s']:,.0f} tokens/s ({r['prefill_seconds']:.1f} s)"),
+        ("decode", "n/a (one token)" if decode is None else f"{decode:,.2f} tokens/s ({r['new_tokens']} tokens)"),
+        ("peak memory", f"{r['peak_memory_bytes'] / gib:.2f} GiB (estimated {r['estimated_bytes'] / gib:.2f} GiB)"),
+        ("cache", f"{r['cache_bytes'] / gib:.3f} GiB, {r['avg_bits']:.2f} bits/element "
+                  f"(estimated {r['estimated_kv_bytes'] / gib:.3f} GiB)"),
+    ]
+    if "passkey" in r:
+        verdict = "[green]correct[/]" if r["passkey_correct"] else "[red]wrong[/]"
+        rows.append(("pass key", f"{r['passkey']} -> {r['passkey_answer']} {verdict}"))
+    for k, v in rows:
+        table.add_row(k, v)
+    return table

@@ -220,11 +220,13 @@ def test_allowance_formula():
     ctx = 1 << 20
     fp16 = GiB + 4096 * hidden + 4096 * ctx * 2 + ctx * 2 * (32 + 8) * 128 * 2
     assert memory.allowance_bytes(shape, ctx) == fp16
-    packed = GiB + 4096 * hidden + 1024 * 32 * 2048 * 16  # no mask; independent of the context
-    assert memory.allowance_bytes(shape, ctx, method=parse_spec("kivi2")) == packed
-    assert memory.allowance_bytes(shape, 8 * ctx, method=parse_spec("kivi2")) == packed
-    small = GiB + 2 * (100 * hidden + 100 * 32 * 100 * 16)
+    block = 16384  # history tokens per prefill block: 32 q heads x 128 x L = 2^26
+    packed = GiB + 4096 * hidden + 4 * 8 * block * 128 * 4 + 2 * 32 * block * 128 * 2 + 4 * 32 * 4096 * 128 * 4
+    assert memory.allowance_bytes(shape, ctx, method=parse_spec("kivi2")) == packed  # no mask
+    assert memory.allowance_bytes(shape, 8 * ctx, method=parse_spec("kivi2")) == packed  # independent of context
+    small = GiB + 2 * 100 * hidden + 2 * (4 * 8 * 100 * 128 * 4 + 2 * 32 * 100 * 128 * 2 + 4 * 32 * 100 * 128 * 4)
     assert memory.allowance_bytes(shape, 100, batch=2, method=parse_spec("kivi2")) == small
+    assert memory.allowance_bytes(shape, ctx, method=parse_spec("kivi2"), chunk=512) < packed
 
 
 def test_weights_bytes():

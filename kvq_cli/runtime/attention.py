@@ -121,8 +121,9 @@ def check_causal(mask: Tensor | None, total: int, tq: int) -> None:
 def packed_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
     """Set as ``module._kvq_attention`` on bound layers: attention over the layer's packed cache.
 
-    ``query (B, Hq, Tq, D)``; ``key``/``value`` are the chunk ``update()`` just stored (not used: the chunk is
-    read back from the cache, quantized as stored). Returns ``(B, Tq, Hq, D)`` in the query's dtype and
+    ``query (B, Hq, Tq, D)``; ``key``/``value`` are the chunk ``update()`` just stored, post-RoPE and in full
+    precision: a prefill chunk attends to them as they are (``KVQLayer.attend``), the history as stored.
+    Returns ``(B, Tq, Hq, D)`` in the query's dtype and
     ``None`` weights, as transformers' attention functions. Forwards run with another cache (or none)
     fall back to SDPA.
     """
@@ -136,5 +137,5 @@ def packed_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     if layer.index == 0:
         check_causal(attention_mask, total, query.shape[2])
     scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or 1.0 / math.sqrt(query.shape[-1])
-    out = layer.attend(query, float(scaling))  # (B, Hq, Tq, D)
+    out = layer.attend(query, float(scaling), (key, value))  # (B, Hq, Tq, D)
     return out.transpose(1, 2).contiguous().to(query.dtype), None

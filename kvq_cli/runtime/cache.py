@@ -33,10 +33,13 @@ from ..hf_attention import (
 from ..methods.base import KVMethod, State
 from .attention import DEFAULT_BLOCK, QUERY_TILE, Rope, block_bounds, blockwise_attention, packed_attention
 from .kernel_path import kernel_decode, kernels_available
+from .prefill import chunked_prefill, flash_available, history_block
 from .storage import Stream
 
 #: Methods whose encodings the runtime stores (per-token codes and statistics; KIVI's token groups).
-SUPPORTED = ("fp16", "int", "nf", "kvquant", "kivi")
+SUPPORTED = ("fp16", "int", "nf", "kvquant", "kivi", "cq", "pq")
+#: Methods with vector-quantization codes (one code per channel group / subspace, stored as bit-stream rows).
+VECTOR_CODES = ("cq", "pq")
 
 
 def _fp16_state(state: State, device) -> State:
@@ -63,6 +66,11 @@ class KVQLayer(CacheLayerMixin):
         self.step = method.group if method.name == "kivi" else 1
         self.block = max(self.step, block - block % self.step)  # packed-key groups never straddle blocks
         self.query_tile = QUERY_TILE  # queries attended at once (bounds the score tile of a long prefill)
+        self.decode_block = self.block  # tokens dequantized at once for one decode query (set by load_cache)
+        self.prefill_block = self.block  # history tokens per FlashAttention call of a prefill (set by load_cache)
+        self.full_chunk = True  # a prefill chunk attends to itself in full precision (else as stored)
+        #: FlashAttention prefill over dequantized history blocks: None = where available, True/False = force.
+        self.prefill_fast: bool | None = None
         self.window_limit: int | None = None  # the model's sliding window, beyond which we refuse to go
         self.rope_theta = 10000.0  # the config's theta (the Triton path is given the model's own inv_freq)
         #: Triton decode path: None = on CUDA where the layout is exact, True = wherever exact, False = never.
@@ -143,25 +151,42 @@ class KVQLayer(CacheLayerMixin):
             k = self.rope.apply(k, torch.arange(a, b, device=k.device))
         return k, self.values_stream.read(a, b, state)
 
-    def attend(self, query: Tensor, scaling: float) -> Tensor:
+    def attend(self, query: Tensor, scaling: float, chunk: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Attention of ``query (B, Hq, Tq, D)`` (the newest ``Tq`` positions) over the cache: float32.
 
-        One query token on CUDA: the Triton decode kernel where its layout is exact (``kernel_path``); else
-        the blockwise reference."""
+        ``chunk``: the newest ``Tq`` keys (post-RoPE) and values ``(B, Hkv, Tq, D)`` as the model computed
+        them. A prefill chunk (``Tq > 1``) attends to them in full precision when ``full_chunk`` (the
+        default), else to them as stored; a single decode token attends to everything as stored.
+        One query token on CUDA: the Triton decode kernel where its layout is exact (``kernel_path``).
+        A prefill chunk with fp16/bf16 queries on CUDA: FlashAttention over dequantized history blocks
+        (``prefill.chunked_prefill``). Otherwise the blockwise PyTorch reference."""
+        tq = query.shape[2]
         use = self.use_kernel if self.use_kernel is not None else kernels_available(query.device)
-        if use and query.shape[2] == 1:
+        if use and tq == 1:
             out = kernel_decode(self, query, scaling)
             if out is not None:
                 return out
-        state, tq, outs = self.state(), query.shape[2], []
+        state, outs = self.state(), []
+        hist = self.length - tq  # positions before the chunk
+        full = chunk is not None and tq > 1 and self.full_chunk
 
         def read(a: int, b: int) -> tuple[Tensor, Tensor]:
+            if full and b > hist:  # the chunk itself, full precision (blocks never straddle ``hist``)
+                return chunk[0][:, :, a - hist : b - hist].float(), chunk[1][:, :, a - hist : b - hist].float()
             return self.read(a, b, state)
 
+        if full and (self.prefill_fast if self.prefill_fast is not None else flash_available(query)):
+            bounds = block_bounds(hist, min(self.method.sink, hist), self.prefill_block)
+            return chunked_prefill(query, read, bounds, chunk[0], chunk[1], scaling)
+        block = self.block if tq > 1 else self.decode_block
         for s in range(0, tq, self.query_tile):  # query tiles: each reads only the keys it can see
             e = min(s + self.query_tile, tq)
-            end = self.length - tq + e  # one past the tile's last query position
-            bounds = block_bounds(end, min(self.method.sink, end), self.block)
+            end = hist + e  # one past the tile's last query position
+            if full:  # history blocks, then the chunk's own blocks
+                bounds = block_bounds(hist, min(self.method.sink, hist), block)
+                bounds += [(a, min(a + block, end)) for a in range(hist, end, block)]
+            else:
+                bounds = block_bounds(end, min(self.method.sink, end), block)
             outs.append(blockwise_attention(query[:, :, s:e], read, end, scaling, bounds))  # (B, Hq, e - s, D)
         return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
 
@@ -248,13 +273,15 @@ def _method_and_states(source, geom) -> tuple[KVMethod, list[State] | None]:
 
 
 def load_cache(artifact_or_path, model: nn.Module, batch_size: int = 1, max_tokens: int | None = None,
-               block: int = DEFAULT_BLOCK) -> KVQCache:
+               block: int = DEFAULT_BLOCK, full_chunk: bool = True) -> KVQCache:
     """A packed cache for ``model`` from an artifact (path or ``Artifact``), a tuning-free ``KVMethod`` or a
     ``(method, states)`` pair, bound to the model: pass it as ``past_key_values`` to ``model(...)`` or
     ``model.generate(...)``. Refuses (``KvqError``) models without full causal attention and RoPE where
     needed, padded batches (at the first forward) and head sizes the bit packing cannot hold.
 
     ``max_tokens`` preallocates (and caps) every buffer; ``block``: tokens dequantized at once by attention.
+    ``full_chunk``: a prefill chunk attends to its own keys and values in full precision (as generation does;
+    False: as stored, i.e. exactly what simulated quantization computes).
     """
     geom = geometry_from_config(model.config)
     method, states = _method_and_states(artifact_or_path, geom)
@@ -269,7 +296,9 @@ def load_cache(artifact_or_path, model: nn.Module, batch_size: int = 1, max_toke
         raise KvqError(f"{geom.architecture}: layer types {sorted(kinds)}; the kvq cache supports full attention only")
     if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
         raise KvqError("batch_size and max_tokens must be >= 1")
-    if method.bits <= 4:
+    if method.name in VECTOR_CODES:
+        method.bits_per_token(geom.kv_heads, geom.head_dim)  # KvqError when c / M does not divide head_dim
+    elif method.bits <= 4:
         from kvq_kernels.reference import check_head_dim
 
         try:
@@ -285,6 +314,10 @@ def load_cache(artifact_or_path, model: nn.Module, batch_size: int = 1, max_toke
     layers = [KVQLayer(method, _fp16_state(s, device), i, batch_size, max_tokens, rope, block)
               for i, s in enumerate(states)]
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    step = layers[0].step if layers else 1
+    decode_block = history_block(batch_size, geom.kv_heads, geom.head_dim, step, quarter=True)
+    prefill_block = history_block(batch_size, geom.q_heads, geom.head_dim, step)
     for layer in layers:
-        layer.window_limit, layer.rope_theta = window, geom.rope_theta
+        layer.window_limit, layer.rope_theta, layer.full_chunk = window, geom.rope_theta, full_chunk
+        layer.decode_block, layer.prefill_block = max(layer.block, decode_block), prefill_block
     return KVQCache(layers, method, geom.kv_heads, geom.head_dim).bind(model)

@@ -12,15 +12,16 @@ from .cache import load_cache
 
 @torch.inference_mode()
 def streaming_logits(model: nn.Module, ids: Tensor, method: KVMethod, states: list[State] | None,
-                     chunk: int = 128) -> Tensor:
+                     chunk: int = 128, full_chunk: bool = True) -> Tensor:
     """Logits ``(B, T, V)`` of ``ids (B, T)`` fed ``chunk`` tokens at a time through a ``KVQCache``.
 
-    Residual windows, sinks and online outliers behave exactly as in generation.
+    Residual windows, sinks and online outliers behave exactly as in generation (each chunk attends to
+    itself in full precision; ``full_chunk=False``: as stored, as simulated quantization does).
     """
     if chunk < 1:
         raise KvqError("--chunk must be at least 1")
     b, t = ids.shape
-    cache = load_cache((method, states), model, batch_size=b, max_tokens=t)
+    cache = load_cache((method, states), model, batch_size=b, max_tokens=t, full_chunk=full_chunk)
     try:
         logits = [model(ids[:, s : s + chunk], past_key_values=cache, use_cache=True).logits
                   for s in range(0, t, chunk)]  # each (B, chunk, V)

@@ -1,0 +1,272 @@
+"""Long-context generation: a chunked prefill through the cache, then greedy decoding, timed.
+
+``run`` is the loop (model, cache, prompt ids); ``preflight`` is estimate-memory's arithmetic applied to the
+model, configuration and device before anything is allocated. ``kvq_cli.api.generate`` puts them together.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import memory
+from .errors import KvqError
+from .presets import ModelShape
+
+
+def device_budget(device: str) -> tuple[int, str]:
+    """Memory of the device (bytes) and its name: the GPU's total memory, or the machine's RAM."""
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        return int(props.total_memory), props.name
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "cpu"
+
+
+def preflight(shape: ModelShape, entry: memory.Entry, tokens: int, weights_dtype: str, budget: int, where: str,
+              chunk: int) -> dict[str, Any]:
+    """Estimated bytes of ``tokens`` with ``entry``; refuses (``KvqError``) when they exceed ``budget``,
+    naming the largest context that fits with this configuration and the configuration that fits most."""
+    weights = memory.weights_bytes(shape, weights_dtype)
+    total = memory.total_bytes(entry, shape, tokens, 1, weights, chunk)
+    if total <= budget:
+        return {"estimated_bytes": total, "kv_bytes": memory.kv_bytes(entry, shape, tokens)}
+    mine = memory.max_context(entry, shape, 1, weights, budget, chunk)
+    others = [memory.Entry.from_method(m, shape) for m in memory.default_methods()]
+    best = max(others, key=lambda e: memory.max_context(e, shape, 1, weights, budget, chunk))
+    most = memory.max_context(best, shape, 1, weights, budget, chunk)
+    gib = 1 << 30
+    raise KvqError(
+        f"{tokens:,} tokens do not fit on {where} ({budget / gib:.1f} GiB): {entry.name} needs an estimated "
+        f"{total / gib:.1f} GiB; the largest context that fits is {mine:,} tokens with {entry.name}, "
+        f"{most:,} with {best.name} (kvq estimate-memory shows the arithmetic)")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes allocated by torch on the GPU since the last reset; on the CPU the process's peak RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@torch.inference_mode()
+def run(net: nn.Module, cache, ids: Tensor, max_new_tokens: int, chunk: int, eos: set[int],
+        advance: Callable[[int], None] = lambda n: None, on_token: Callable[[int], None] = lambda t: None
+        ) -> dict[str, Any]:
+    """Prefill ``ids (1, N)`` ``chunk`` tokens at a time into ``cache`` (a ``KVQCache`` or a transformers
+    ``DynamicCache``), then decode greedily up to ``max_new_tokens`` (stopping at an ``eos`` id).
+
+    ``advance(n)`` after each prefill chunk, ``on_token(id)`` after each new token. Returns the new token ids
+    and timings (prefill and decode separately; the first new token comes from the prefill's logits)."""
+    device = ids.device
+    n = ids.shape[1]
+    _sync(device)
+    start = time.perf_counter()
+    logits = None
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        logits = net(input_ids=ids[:, s:e], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        advance(e - s)
+    token = int(logits[0, -1].argmax())
+    _sync(device)
+    prefill_s = time.perf_counter() - start
+    new = [token]
+    on_token(token)
+    start = time.perf_counter()
+    steps = 0
+    while len(new) < max_new_tokens and token not in eos:
+        step = torch.tensor([[token]], device=device)
+        logits = net(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        token = int(logits[0, -1].argmax())  # the sync that makes the step's time real
+        new.append(token)
+        steps += 1
+        on_token(token)
+    decode_s = time.perf_counter() - start
+    return {
+        "new_ids": new,
+        "prefill_seconds": prefill_s,
+        "decode_seconds": decode_s,
+        "decode_steps": steps,
+        "prefill_tokens_per_s": n / prefill_s if prefill_s > 0 else float("inf"),
+        "decode_tokens_per_s": steps / decode_s if steps and decode_s > 0 else None,
+    }
+
+
+def _cache_bytes(cache) -> int:
+    """Bytes held by a ``KVQCache`` (``nbytes``) or a transformers cache (its key/value tensors)."""
+    if hasattr(cache, "nbytes"):
+        return int(cache.nbytes())
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            total += t.numel() * t.element_size() if isinstance(t, Tensor) else 0
+    return total
+
+
+def _eos_ids(net: nn.Module, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(net, "generation_config", None), tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        ids |= set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    return ids
+
+
+def generate(
+    model: str | None = None,
+    artifact: str | None = None,
+    method=None,
+    prompt_file: str | None = None,
+    haystack: bool = False,
+    context: str | int | None = None,
+    depth: float = 0.5,
+    max_new_tokens: int = 32,
+    chunk: int = 4096,
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str = "auto",
+    data_dir: str | None = None,
+    filler: str = "war-and-peace",
+    use_kernels: bool | None = None,
+    progress=None,
+    on_text: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
+    """Prefill a prompt through the packed cache of ``artifact`` (or the tuning-free ``method``; neither: the
+    16-bit ``DynamicCache`` baseline) in chunks, then generate greedily; returns the summary ``kvq generate
+    --json`` prints. ``use_kernels``: the Triton decode path (None: on CUDA where exact)."""
+    from .api import load_artifact, resolve_device
+    from .data import load_text
+    from .hf_attention import geometry_from_config
+    from .models import load_config, load_model, load_tokenizer, resolve_model
+    from .presets import shape_from_config
+    from .prompts import file_prompt, haystack_prompt, passkey_answer, random_prompt
+
+    if max_new_tokens < 1 or chunk < 1:
+        raise KvqError("--max-new-tokens and --chunk must be at least 1")
+    if artifact and method is not None:
+        raise KvqError("give --artifact or --method, not both")
+    if haystack and prompt_file:
+        raise KvqError("give --prompt-file or --haystack, not both")
+    device = resolve_device(device)
+    dtype = ("bfloat16" if device.startswith("cuda") else "float32") if dtype == "auto" else dtype
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise KvqError(f"--dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+    tokens = memory.parse_context(context) if context is not None else None
+    source = resolve_model(model)
+    config = load_config(source)
+    geom = geometry_from_config(config)
+    shape = shape_from_config(config, source.name)
+    states = None
+    if artifact:
+        art = load_artifact(artifact, geom)
+        method, states = art.method, art.states or None
+        entry = memory.Entry(art.method.label, art.method, art.state_bits())
+    elif method is not None:
+        if method.needs_calibration:
+            raise KvqError(f"method {method.name} needs calibration: run `kvq calibrate` and pass --artifact")
+        entry = memory.Entry.from_method(method, shape)
+    else:
+        from .methods import parse_spec
+
+        entry = memory.Entry("fp16 (DynamicCache)", parse_spec("fp16"), 0)
+    budget, where = device_budget(device)
+    weights_dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
+
+    def check(prompt_tokens: int) -> dict[str, Any]:
+        return preflight(shape, entry, prompt_tokens + max_new_tokens, weights_dtype, budget, where, chunk)
+
+    plan = check(tokens) if tokens is not None else None  # before building a prompt that cannot fit
+    # the prompt
+    if source.random:
+        if haystack or prompt_file:
+            raise KvqError(f"{source.name} has random weights and no tokenizer: give --context only (random ids)")
+        if tokens is None:
+            raise KvqError("a random-weight model needs --context (its prompt is that many random token ids)")
+        tokenizer, prompt = None, random_prompt(shape.vocab, tokens, seed)
+    else:
+        tokenizer = load_tokenizer(source)
+        if haystack:
+            if tokens is None:
+                raise KvqError("--haystack needs --context (the prompt's length in tokens)")
+            prompt = haystack_prompt(tokenizer, load_text(filler, data_dir), tokens, depth, seed)
+        elif prompt_file:
+            from .data import read_text_file
+
+            prompt = file_prompt(tokenizer, read_text_file(Path(prompt_file).expanduser()), tokens)
+        else:
+            raise KvqError("give --prompt-file F or --haystack (with --context N)")
+    n = prompt.ids.shape[1]
+    notes = []
+    if geom.max_positions and n + max_new_tokens > geom.max_positions and not source.random:
+        notes.append(f"{n + max_new_tokens:,} tokens are beyond the model's {geom.max_positions:,} positions")
+    plan = plan or check(n)
+    # run
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    net = load_model(source, dtype, device)
+    if method is None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=net.config)
+    else:
+        from .runtime import load_cache
+
+        cache = load_cache((method, states), net, batch_size=1, max_tokens=n + max_new_tokens)
+        for layer in cache.layers:
+            layer.use_kernel = use_kernels
+    ids, shown = [], [""]
+
+    def on_token(t: int) -> None:
+        ids.append(t)
+        if tokenizer is not None:
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            on_text(text[len(shown[0]):])
+            shown[0] = text
+
+    advance = progress("prefill", n, 0) if progress else (lambda k: None)
+    try:
+        out = run(net, cache, prompt.ids.to(dev), max_new_tokens, chunk, _eos_ids(net, tokenizer), advance, on_token)
+    finally:
+        if hasattr(cache, "unbind"):
+            cache.unbind()
+    text = shown[0] if tokenizer is not None else " ".join(map(str, out["new_ids"]))
+    cache_bytes = _cache_bytes(cache)
+    elements = 2 * shape.layers * shape.kv_heads * shape.head_dim * (n + out["decode_steps"])
+    result = {
+        "model": source.name,
+        "configuration": entry.name,
+        "device": where,
+        "dtype": dtype,
+        "prompt_tokens": n,
+        "new_tokens": len(out["new_ids"]),
+        "generated_text": text,
+        "prefill_tokens_per_s": out["prefill_tokens_per_s"],
+        "decode_tokens_per_s": out["decode_tokens_per_s"],
+        "prefill_seconds": out["prefill_seconds"],
+        "decode_seconds": out["decode_seconds"],
+        "peak_memory_bytes": peak_memory(dev),
+        "cache_bytes": cache_bytes,
+        "avg_bits": 8 * cache_bytes / elements,
+        "estimated_bytes": plan["estimated_bytes"],
+        "estimated_kv_bytes": plan["kv_bytes"],
+        "budget_bytes": budget,
+        "chunk": chunk,
+        "notes": notes,
+    }
+    if prompt.passkey is not None:
+        answer = passkey_answer(text)
+        result.update(passkey=prompt.passkey, passkey_answer=answer, passkey_correct=answer == prompt.passkey,
+                      depth=prompt.depth, seed=seed)
+    return result
