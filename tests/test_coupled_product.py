@@ -134,7 +134,8 @@ def test_fewer_vectors_than_centroids():
     method, state = fitted("cq", calibration(n=20), bits=6, channels=2)
     assert state["key_codebook"].shape == (H, D // 2, 64, 2)
     x = as_bhtd(calibration(n=20).keys)
-    assert rel_err(x, method.decode_keys(method.encode_keys(x, state), state)) < 1e-5  # every point a centroid
+    # every point a centroid, up to the codebooks' fp16 rounding (relative error <= 2^-11 per entry)
+    assert rel_err(x, method.decode_keys(method.encode_keys(x, state), state)) <= 2**-11
     method, state = fitted("pq", calibration(n=10), bits=6)
     assert state["key_codebook"].shape == (D // 2, 64, 2)
 

@@ -244,6 +244,44 @@ def test_decode_attention_edge_segments():
     assert _rel(decode_attention_kivi(q, kc, sm_scale=s), ref.decode_attention_kivi_ref(q, kc, sm_scale=s)) < ATTN_RTOL
 
 
+@pytest.mark.parametrize("gqa", [1, 2])
+def test_decode_attention_kvquant_long_sink_and_offsets(gqa):
+    """A sink longer than a block, a packed segment that ends mid-block (the residual's rotation offset), value
+    outlier slots off (the one-row path then folds the per-token value affine map into its accumulators)."""
+    gen = _gen(160 + gqa)
+    d = 32
+    c = _kvquant_cache(gen, d, 2, 3, t=29, n_sink=11, n_res=6, nok=1, nov=0, fill="triton")
+    q = _randn(gen, B, H * gqa, d)
+    want = ref.decode_attention_kvquant_ref(q, c)
+    for bn in (8, 16):
+        assert _rel(decode_attention_kvquant(q, c, num_splits=3, block_n=bn), want) < ATTN_RTOL
+
+
+@pytest.mark.parametrize("gqa", [1, 2])
+def test_decode_attention_kivi_value_groups(gqa):
+    """D=128: four value groups of 32 channels, two per half (the per-group broadcast of scales and zeros)."""
+    gen = _gen(170 + gqa)
+    c = _kivi_cache(gen, 128, 2, t=40, n_sink=1, n_res=3)
+    q = _randn(gen, B, H * gqa, 128)
+    want = ref.decode_attention_kivi_ref(q, c)
+    assert _rel(decode_attention_kivi(q, c, num_splits=2), want) < ATTN_RTOL
+
+
+def test_rope_block_table_exact_and_cached():
+    from kvq_kernels.decode_attention import rope_block_table
+
+    invf = ref.rope_inv_freq(16, 10000.0, DEV)
+    tab = rope_block_table(invf, 32, 5)
+    assert tab.shape[0] == 2 and tab.shape[1] >= 5 and tab.shape[2] == 8
+    ang = (torch.arange(tab.shape[1], dtype=torch.float64, device=DEV) * 32)[:, None] * invf.double()
+    assert torch.allclose(tab[0].double(), ang.cos(), atol=1e-7) and torch.allclose(tab[1].double(), ang.sin(), atol=1e-7)
+    assert rope_block_table(invf, 32, 3) is tab  # cached for the same frequencies
+    assert rope_block_table(invf, 32, 4 * tab.shape[1]).shape[1] >= 4 * tab.shape[1]  # grows
+    invf.mul_(0.5)  # changed in place: rebuilt
+    again = rope_block_table(invf, 32, 5)
+    assert torch.allclose(again[0, 1].double(), (32 * invf.double()).cos(), atol=1e-7)
+
+
 @pytest.mark.parametrize("bits", [2, 3])
 def test_dequantize_packed_kernels(bits):
     gen = _gen(100 + bits)

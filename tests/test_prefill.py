@@ -95,3 +95,17 @@ def test_fast_prefill_path_equals_reference(spec):
     # merge or block would be off by O(0.1)
     torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=1e-4 if spec == "kvquant" else 5e-3)
     assert math.isfinite(float(logits[True].abs().max()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention with log-sum-exp runs on CUDA only")
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_lse_attention_matches_reference_on_cuda(causal):
+    from kvq_cli.runtime.prefill import lse_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(2, 8, 77, 64, device="cuda", generator=gen).bfloat16()
+    k, v = (torch.randn(2, 2, 77, 64, device="cuda", generator=gen).bfloat16() for _ in range(2))
+    out, lse = lse_attention(q, k, v, 0.125, causal)
+    want, want_lse = lse_attention_ref(q, k, v, 0.125, causal)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=2e-2)  # bf16 inputs, fp32 accumulation
+    torch.testing.assert_close(out, want, rtol=0, atol=2e-2)

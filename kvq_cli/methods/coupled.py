@@ -16,7 +16,8 @@ When a calibration set has fewer vectors than ``2^b`` centroids, the vectors are
 so the weighted problem is unchanged) until there are at least ``2^b``; surplus centroids then duplicate
 points, which is harmless.
 
-Layer state: ``key_codebook``, ``value_codebook`` float32 ``(H, D / c, 2^b, c)``.
+Layer state: ``key_codebook``, ``value_codebook`` float32 ``(H, D / c, 2^b, c)``, rounded to fp16 values (the
+runtime cache stores them in fp16, as ``state_bits`` charges).
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class CoupledQuantization(KVMethod):
         if self.fisher and fisher is not None:
             w = fisher.float().to(x.device).reshape(n, h, g, c).sum(-1).permute(1, 2, 0).reshape(h * g, n)
         books = fit_codebooks(pts, 1 << self.bits, w, self.kmeans_iters, self.seed)  # (H*G, K, c)
-        return books.reshape(h, g, 1 << self.bits, c).contiguous()
+        return books.reshape(h, g, 1 << self.bits, c).half().float().contiguous()  # stored fp16, as charged
 
     # ---- encode / decode -----------------------------------------------------------------------
     def _encode(self, x: Tensor, codebook: Tensor) -> Encoded:

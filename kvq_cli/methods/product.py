@@ -8,7 +8,8 @@ Keys are quantized after RoPE, so attention scores can be computed straight from
 per query (``lookup_scores``, MILLION's asymmetric distance computation). Recent tokens stay full
 precision (``residual``, handled by the caller).
 
-Layer state: ``key_codebook``, ``value_codebook`` float32 ``(M, 2^nbits, D / M)``.
+Layer state: ``key_codebook``, ``value_codebook`` float32 ``(M, 2^nbits, D / M)``, rounded to fp16 values (the
+runtime cache stores them in fp16, as ``state_bits`` charges).
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class ProductQuantization(KVMethod):
         n, h, d = x.shape
         m = self._subspaces(d)
         pts = x.reshape(n * h, m, d // m).transpose(0, 1)  # (M, N*H, d_m)
-        return fit_codebooks(pts, 1 << self.bits, None, self.kmeans_iters, self.seed, self.max_samples).contiguous()
+        books = fit_codebooks(pts, 1 << self.bits, None, self.kmeans_iters, self.seed, self.max_samples)
+        return books.half().float().contiguous()  # stored fp16, as charged
 
     # ---- encode / decode -----------------------------------------------------------------------
     def _encode(self, x: Tensor, codebook: Tensor) -> Encoded:

@@ -123,7 +123,7 @@ class KVQLayer(CacheLayerMixin):
     def reset(self) -> None:
         m = self.method
         self.keys_stream = Stream(m, True, m.sink, m.residual, self.step, self.max_tokens)
-        self.values_stream = Stream(m, False, m.sink, m.residual, 1, self.max_tokens)
+        self.values_stream = Stream(m, False, m.sink, m.residual, self.step, self.max_tokens, stats_step=1)
         self.length = self.pending = 0
         self.is_initialized = False
 

@@ -7,10 +7,14 @@ layer's configuration exactly; ``KVQLayer.attend`` falls back to the blockwise P
 * kvquant: per-channel pre-RoPE keys, no sparse outliers (the kernel's fixed outlier slots differ from
   KVQuant's per-token top-k over all heads), one codebook per layer (not ``head_codebooks``), a RoPE
   without attention scaling (the kernels rotate with the model's own ``inv_freq``, passed to them);
-* kivi: ``group == 32`` (the kernel's key group; value groups ``min(32, D)`` then match), and as many
-  packed keys as packed values (keys leave the residual window a group at a time, values one by one).
+* kivi: ``group == 32`` (the kernel's key group; value groups ``min(32, D)`` then match); keys and values
+  leave the residual window together, a group at a time, so their counts always agree.
 
-Both need K and V buffers of equal capacity and strides (always so with ``max_tokens``).
+* cq: no sparse outliers, D, c and D / c powers of two with D / c >= 2 (``cq_decode.supported``); pre-RoPE
+  keys rotated with the model's ``inv_freq`` (no attention scaling), post-RoPE keys as they are;
+* pq: D, M and D / M powers of two, M >= 2 (``pq_decode.supported``).
+
+All need K and V buffers of equal capacity and strides (always so with ``max_tokens``).
 """
 
 from __future__ import annotations
@@ -36,14 +40,43 @@ def _segments(ks: Stream, vs: Stream) -> dict | None:
                 n_packed=ks.packed.n, n_res=ks.residual.n)
 
 
+def _vq_cache(layer, seg: dict):
+    """A ``CQCache`` / ``PQCache`` viewing ``layer``'s buffers (codebooks as stored), or None."""
+    from kvq_kernels.vq_reference import CQCache, PQCache
+
+    m, kf, vf = layer.method, layer.keys_stream.packed.fields, layer.values_stream.packed.fields
+    codes = dict(k_codes=kf["codes"].buf, v_codes=vf["codes"].buf, ck=layer.state16["key_codebook"],
+                 cv=layer.state16["value_codebook"], bits=m.bits, **seg)
+    if m.name == "pq":
+        from kvq_kernels.pq_decode import supported
+
+        d = codes["ck"].shape[0] * codes["ck"].shape[2]
+        return PQCache(**codes) if supported(d, codes["ck"].shape[0]) else None
+    from kvq_kernels.cq_decode import supported
+
+    d = codes["ck"].shape[1] * codes["ck"].shape[3]
+    if m.outliers > 0 or not supported(d, m.channels):
+        return None  # sparse per-token outliers over all heads: the reference path restores them
+    if not m.pre_rope:
+        return CQCache(**codes, pre_rope=False)
+    rope = layer.rope.module if layer.rope is not None else None
+    if rope is None or float(getattr(rope, "attention_scaling", 1.0)) != 1.0:
+        return None  # the kernel rotates with inv_freq only
+    return CQCache(**codes, pre_rope=True, rope_theta=layer.rope_theta, inv_freq=rope.inv_freq.float())
+
+
 def kernel_cache(layer):
-    """A ``KVQuantCache`` / ``KIVICache`` viewing ``layer``'s buffers, or None where the layout cannot hold it."""
+    """A ``KVQuantCache`` / ``KIVICache`` / ``CQCache`` / ``PQCache`` viewing ``layer``'s buffers, or None where
+    the layout cannot hold it."""
     from kvq_kernels.reference import KIVICache, KVQuantCache
 
     m, ks, vs = layer.method, layer.keys_stream, layer.values_stream
     if ks.sink is None or "codes" not in ks.packed.fields or "codes" not in vs.packed.fields:
         return None
     seg = _segments(ks, vs)
+    if m.name in ("cq", "pq"):
+        ok = seg is not None and _same_layout(ks.packed.fields["codes"].buf, vs.packed.fields["codes"].buf)
+        return _vq_cache(layer, seg) if ok else None
     kf, vf = ks.packed.fields, vs.packed.fields
     if seg is None or not _same_layout(kf["codes"].buf, vf["codes"].buf, vf["scale"].buf, vf["zero"].buf):
         return None
@@ -87,8 +120,14 @@ def kernel_decode(layer, query: Tensor, scaling: float) -> Tensor | None:
     cache = kernel_cache(layer)
     if cache is None:
         return None
-    from kvq_kernels.decode_attention import decode_attention_kivi, decode_attention_kvquant
+    name = layer.method.name
+    if name == "cq":
+        from kvq_kernels.cq_decode import decode_attention_cq as fn
+    elif name == "pq":
+        from kvq_kernels.pq_decode import decode_attention_pq as fn
+    else:
+        from kvq_kernels.decode_attention import decode_attention_kivi, decode_attention_kvquant
 
-    fn = decode_attention_kvquant if layer.method.name == "kvquant" else decode_attention_kivi
+        fn = decode_attention_kvquant if name == "kvquant" else decode_attention_kivi
     q = query[:, :, 0].contiguous()  # (B, Hq, D)
     return fn(q, cache, sm_scale=scaling).float()[:, :, None]  # (B, Hq, 1, D)

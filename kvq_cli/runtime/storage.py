@@ -8,6 +8,9 @@ group), while it holds more than ``window`` tokens. Leaving tokens are encoded b
 
 * ``codes`` uint8 one per element -> ``pack_codes`` at ``bits`` (1-4 bits: ``D * bits / 8`` bytes per
   token-head); 8-bit codes are kept as bytes; the fp16 method's ``data`` is kept as fp16.
+* ``codes`` int16, one per vector-quantized group (cq: ``D / c`` per token-head, pq: ``M``) ->
+  ``pack_vq_codes``: one LSB-first bit stream of ``ceil(n * bits / 8)`` bytes per token-head (any width 1..12;
+  no padding when ``n * bits`` is a multiple of 8; 8-bit codes are plain bytes).
 * ``scale`` / ``zero`` fp16 as the method returns them: per token ``(B, H, T, g)`` or, with ``step > 1``,
   per group of ``step`` tokens ``(B, H, T / step, g)``.
 * ``outlier_mask`` + ``outlier_values`` -> ``SparseOutliers`` (fp16 value + int16 position each).
@@ -153,10 +156,15 @@ class PackedStore:
         self.fields: dict[str, Grow] = {}
         self.outliers: SparseOutliers | None = None
         self.n = 0
-        self.head_dim = 0
+        self.head_dim = 0  # codes per token-head row (D; cq: D / c, pq: M)
+        self.vector = False  # int16 vector-quantization codes (cq, pq) rather than uint8 per-element codes
 
     def _pack(self, codes: Tensor) -> Tensor:
         bits = self.method.bits
+        if self.vector:  # cq / pq: int16 codes (B, H, T, n) -> bit-stream rows (B, H, T, ceil(n * bits / 8))
+            from kvq_kernels.vq_reference import pack_vq_codes
+
+            return pack_vq_codes(codes, bits)
         if bits > 4:
             return codes  # 8-bit codes: one byte each already
         from kvq_kernels.reference import pack_codes
@@ -165,6 +173,10 @@ class PackedStore:
 
     def _unpack(self, packed: Tensor) -> Tensor:
         bits = self.method.bits
+        if self.vector:
+            from kvq_kernels.vq_reference import unpack_vq_codes
+
+            return unpack_vq_codes(packed, bits, self.head_dim)  # (B, H, T, n) int16
         if bits > 4:
             return packed
         from kvq_kernels.reference import unpack_codes
@@ -176,6 +188,7 @@ class PackedStore:
         stored = {k: v for k, v in enc.items() if k not in ("outlier_mask", "outlier_values")}
         if "codes" in stored:
             self.head_dim = stored["codes"].shape[-1]
+            self.vector = stored["codes"].dtype != torch.uint8
             stored["codes"] = self._pack(stored["codes"])
         unknown = set(stored) - {"codes", "data", "scale", "zero"}
         if unknown or not ({"codes", "data"} & set(stored)):
@@ -223,15 +236,17 @@ class Stream:
     """One layer's keys or values: fp16 sink ``(B, H, S, D)``, packed history, fp16 residual ``(B, H, r, D)``.
 
     ``window``: residual tokens kept in fp16 (the method's ``residual``); ``step``: tokens quantized
-    together when they leave it (KIVI keys: ``group``; else 1). KIVI's key window therefore holds between
-    ``window - group + 1`` and ``window`` tokens (fewer than ``group`` when ``window < group``), its value
-    window exactly ``window``; the accounting charges ``window`` for both, which is exact when
-    ``tokens - sink - window`` is a multiple of ``group``.
+    together when they leave it (KIVI: ``group``, keys and values alike, as KIVI's own implementation flushes
+    them together; else 1); ``stats_step``: tokens sharing one set of statistics (default ``step``; KIVI
+    values: 1, per token). KIVI's windows therefore hold between ``window - group + 1`` and ``window``
+    tokens (fewer than ``group`` when ``window < group``); the accounting charges ``window``, which is exact
+    when ``tokens - sink - window`` is a multiple of ``group``.
     """
 
-    def __init__(self, method: KVMethod, is_key: bool, sink: int, window: int, step: int, capacity: int | None):
+    def __init__(self, method: KVMethod, is_key: bool, sink: int, window: int, step: int, capacity: int | None,
+                 stats_step: int | None = None):
         self.sink_size, self.window, self.step = sink, window, step
-        self.packed = PackedStore(method, is_key, step, capacity)
+        self.packed = PackedStore(method, is_key, step if stats_step is None else stats_step, capacity)
         self.capacity = capacity
         self.sink: Grow | None = None
         self.residual: Grow | None = None

@@ -1,0 +1,168 @@
+"""Decode speed at long contexts on one GPU: the packed cache against the 16-bit DynamicCache (not a test).
+
+    python bench/long_decode.py --model random:llama-3-8b --method kivi2 --contexts 32K,128K,1M,max \
+        --baseline-contexts 32K,128K,max --out docs/results/long-decode.json
+
+The model has the preset's shapes and RANDOM weights (bf16). A prefill of an 8B model at 1M tokens takes
+far longer than a device command allows, so each cache is FILLED DIRECTLY with random bf16 keys/values
+(N(0, 1)) instead: the packed cache through its own append path (``Stream.append``: the method's encode,
+bit packing and residual window, on the GPU, exactly what generation stores), the DynamicCache through
+``update`` with one tensor per layer. Then ``--steps`` greedy decode steps of the whole model run on top
+(after 2 warm-up steps) and are timed; the packed cache uses the Triton decode kernels where exact.
+``max``: for the packed cache, the largest context estimate-memory says fits (``kvq_cli.memory``); for
+the DynamicCache, the largest fill that survives its decode steps, searched down from the memory left
+after the weights in 5% steps (filling skips the prefill, whose activations estimate-memory also counts,
+so this favours the baseline). Prints a table; writes JSON with peak memory and estimates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+
+from kvq_cli import memory
+from kvq_cli.api import _device_name
+from kvq_cli.methods import parse_spec
+from kvq_cli.models import load_config, load_model, resolve_model
+from kvq_cli.presets import shape_from_config
+from kvq_cli.runtime import load_cache
+
+
+def fill_packed(cache, tokens: int, chunk: int = 65536) -> float:
+    """Append ``tokens`` random K/V tokens to every layer of a ``KVQCache``; seconds taken."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for layer in cache.layers:
+        h, d = cache.kv_heads, cache.head_dim
+        state = layer.state()
+        for s in range(0, tokens, chunk):
+            n = min(chunk, tokens - s)
+            k = torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16)
+            if not layer.is_initialized:
+                layer.lazy_initialization(k, v)
+            layer.keys_stream.append(k, state, layer.method.encode_keys)
+            layer.values_stream.append(v, state, layer.method.encode_values)
+            layer.length += n
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def fill_dynamic(config, shape, tokens: int):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    for i in range(shape.layers):
+        k = torch.randn(1, shape.kv_heads, tokens, shape.head_dim, device="cuda", dtype=torch.bfloat16)
+        cache.update(k, torch.randn_like(k), i)
+    return cache
+
+
+@torch.inference_mode()
+def decode_speed(net, cache, steps: int) -> float:
+    """Tokens/s of ``steps`` greedy single-token forwards (after two warm-up steps)."""
+    token = torch.tensor([[1]], device="cuda")
+    for i in range(steps + 2):
+        if i == 2:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+        logits = net(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        token = logits[:, -1:].argmax(-1)
+    torch.cuda.synchronize()
+    return steps / (time.perf_counter() - start)
+
+
+def _free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def run_packed(net, method, shape, tokens: int, steps: int) -> dict:
+    _free()
+    cache = load_cache(method, net, max_tokens=tokens + steps + 2)
+    try:
+        fill_s = fill_packed(cache, tokens)
+        speed = decode_speed(net, cache, steps)
+        return dict(cache="packed", configuration=method.label, context=tokens, decode_tokens_per_s=speed,
+                    fill_seconds=fill_s, cache_bytes=cache.nbytes(), avg_bits=cache.avg_bits(),
+                    peak_memory_bytes=torch.cuda.max_memory_allocated(),
+                    estimated_kv_bytes=memory.kv_bytes(memory.Entry.from_method(method, shape), shape, tokens))
+    finally:
+        cache.unbind()
+        del cache
+
+
+def run_dynamic(net, config, shape, tokens: int, steps: int) -> dict:
+    _free()
+    cache = fill_dynamic(config, shape, tokens)
+    speed = decode_speed(net, cache, steps)
+    out = dict(cache="DynamicCache", configuration="fp16", context=tokens, decode_tokens_per_s=speed,
+               cache_bytes=2 * shape.layers * shape.kv_heads * shape.head_dim * 2 * tokens,
+               peak_memory_bytes=torch.cuda.max_memory_allocated())
+    del cache
+    return out
+
+
+def largest_dynamic(net, config, shape, steps: int) -> dict:
+    per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * 2
+    _free()
+    free = torch.cuda.mem_get_info()[0]
+    tokens = int((free - (2 << 30)) / per_token)
+    while tokens > 1024:
+        try:
+            return run_dynamic(net, config, shape, tokens, steps)
+        except torch.OutOfMemoryError:
+            tokens = int(tokens * 0.95)
+    raise RuntimeError("no DynamicCache context fits")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="random:llama-3-8b")
+    ap.add_argument("--method", default="kivi2")
+    ap.add_argument("--contexts", default="32K,128K,1M,max")
+    ap.add_argument("--baseline-contexts", default="32K,128K,max")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    source = resolve_model(args.model)
+    config = load_config(source)
+    shape = shape_from_config(config, source.name)
+    method = parse_spec(args.method)
+    net = load_model(source, "bfloat16", "cuda")
+    budget = torch.cuda.get_device_properties(0).total_memory
+    entry = memory.Entry.from_method(method, shape)
+    weights = memory.weights_bytes(shape, "bf16")
+    rows = []
+    for c in [x for x in args.baseline_contexts.split(",") if x]:
+        row = (largest_dynamic(net, config, shape, args.steps) if c == "max"
+               else run_dynamic(net, config, shape, memory.parse_context(c), args.steps))
+        row["estimated_max_context"] = memory.max_context(memory.Entry.from_method(parse_spec("fp16"), shape), shape,
+                                                          1, weights, budget)
+        rows.append(row)
+        print(row, flush=True)
+    for c in [x for x in args.contexts.split(",") if x]:
+        tokens = memory.max_context(entry, shape, 1, weights, budget) if c == "max" else memory.parse_context(c)
+        row = run_packed(net, method, shape, tokens, args.steps)
+        row["estimated_max_context"] = memory.max_context(entry, shape, 1, weights, budget)
+        rows.append(row)
+        print(row, flush=True)
+    doc = dict(machine=_device_name("cuda"), model=args.model, weights="random (bf16)", rows=rows,
+               command="python bench/long_decode.py " + " ".join(
+                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=1)
+    gib = 1 << 30
+    print("| cache | configuration | context | decode tok/s | cache GiB | peak GiB |")
+    for r in rows:
+        print(f"| {r['cache']} | {r['configuration']} | {r['context']:,} | {r['decode_tokens_per_s']:.2f} | "
+              f"{r['cache_bytes'] / gib:.2f} | {r['peak_memory_bytes'] / gib:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Triton decode attention over a Coupled Quantization cache (layout and reference: ``kvq_kernels.vq_reference``).
+
+One query token per sequence: ``q (B, H*G, D)`` post-RoPE. Grid ``(B*H, n_splits + 1)``, as
+``decode_attention``: program ``(bh, s < n_splits)`` walks its chunk of packed tokens in blocks of ``BLOCK_N``;
+for each half of the head it reads the codes of its ``NG/2`` channel groups from the bit-stream rows and
+gathers the centroids ``cb[h, g, code]`` (``c`` channels each) from the head's codebook (``NG * 2^b * c``
+entries, L2/L1 resident), so a token costs ``NG * b`` bits of HBM traffic per K or V. Pre-RoPE keys are
+rotated on the fly exactly as ``decode_attention`` does for kvquant (the key by ``R(j)`` from a per-program
+table, the query by ``-p0`` once per block). The G query heads of the KV head share every read. The last
+program attends over the fp16 sink and residual; ``decode_attention``'s reduce kernel merges the partials
+(``vq_split``: the online-softmax helpers of both vector-quantized kernels).
+
+Layout requirements (``supported``): D, c and ``NG = D / c`` powers of two, ``NG >= 2`` (each half of the
+head is whole channel groups, so rotate_half needs no shuffles).
+
+Public function:
+    decode_attention_cq(q, cache, sm_scale=None, num_splits=None, block_n=None, num_warps=None) -> out
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .vq_pack import _load_vq_codes, code_span
+from .vq_reference import CQCache, row_bytes
+from .vq_split import (
+    LOG2E,
+    _fp16_segment,
+    _load_query,
+    _online,
+    _rotate_query,
+    _scores,
+    _store_partial,
+    check_query,
+    plan,
+    reduce,
+)
+
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def supported(head_dim: int, channels: int) -> bool:
+    """Whether the kernel's layout holds a CQ configuration (see the module docstring)."""
+    return _pow2(head_dim) and _pow2(channels) and head_dim // channels >= 2
+
+
+@triton.jit
+def _cq_half(row_ptr, valid, CB, h, HIDX: tl.constexpr, NG: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+             BITS: tl.constexpr, SPAN: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Channels of half ``HIDX`` of ``BLOCK_N`` tokens: the codes of groups ``[HIDX*NG/2, (HIDX+1)*NG/2)``
+    looked up in head ``h``'s codebook ``CB (H, NG, K, C)`` -> float32 ``(BLOCK_N, D/2)``."""
+    NH: tl.constexpr = NG // 2
+    codes = _load_vq_codes(row_ptr, valid, HIDX * NH, NH, BITS, SPAN, NB, BLOCK_N)  # (BLOCK_N, NH)
+    g = HIDX * NH + tl.arange(0, NH)
+    off = ((h * NG + g)[None, :] * K + codes)[:, :, None] * C + tl.arange(0, C)[None, None, :]
+    return tl.reshape(tl.load(CB + off).to(tl.float32), (BLOCK_N, NH * C))
+
+
+@triton.jit
+def _cq_split_kernel(
+    Q, sqb, sqh, KC, VC, CK, CV,
+    SK, SV, RK, RV, ssb, ssh, srb, srh,
+    INVF, MP, LP, AP,
+    H, Tmax, n_packed, n_sink, n_res, tokens_per_split, NSP, qk_scale,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, NG: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr,
+    SPAN: tl.constexpr, NB: tl.constexpr, ROPE: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    HALF: tl.constexpr = D // 2
+    K: tl.constexpr = 1 << BITS
+    q1, q2 = _load_query(Q, sqb, sqh, b, h, qk_scale, G, GP, D)
+    ang = tl.arange(0, BLOCK_N).to(tl.float32)[:, None] * tl.load(INVF + tl.arange(0, HALF))[None, :]
+    cj = tl.cos(ang)  # RoPE table for offsets j in [0, BLOCK_N) inside a block (unused without ROPE)
+    sj = tl.sin(ang)
+    m = tl.full((GP,), -float("inf"), tl.float32)
+    l = tl.zeros((GP,), tl.float32)
+    acc1 = tl.zeros((GP, HALF), tl.float32)
+    acc2 = tl.zeros((GP, HALF), tl.float32)
+    last = sp == NSP - 1  # the last program has an empty packed range and does the fp16 segments
+    start = sp * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, n_packed)
+    for t0 in range(start, end, BLOCK_N):
+        t = t0 + tl.arange(0, BLOCK_N)
+        valid = t < end
+        row = pid_bh.to(tl.int64) * Tmax + t
+        kp = KC + row * NB
+        k1 = _cq_half(kp, valid, CK, h, 0, NG, K, C, BITS, SPAN, NB, BLOCK_N)
+        k2 = _cq_half(kp, valid, CK, h, 1, NG, K, C, BITS, SPAN, NB, BLOCK_N)
+        if ROPE:
+            qr1, qr2 = _rotate_query(q1, q2, INVF, n_sink + t0, HALF)
+            s = _scores(qr1, qr2, k1 * cj - k2 * sj, k2 * cj + k1 * sj)
+        else:
+            s = _scores(q1, q2, k1, k2)
+        s = tl.where(valid[None, :], s, -float("inf"))
+        vp = VC + row * NB
+        v1 = _cq_half(vp, valid, CV, h, 0, NG, K, C, BITS, SPAN, NB, BLOCK_N)
+        v2 = _cq_half(vp, valid, CV, h, 1, NG, K, C, BITS, SPAN, NB, BLOCK_N)
+        m, l, acc1, acc2 = _online(s, v1, v2, m, l, acc1, acc2)
+    n_s = tl.where(last, n_sink, 0)
+    n_r = tl.where(last, n_res, 0)
+    m, l, acc1, acc2 = _fp16_segment(q1, q2, SK, SV, b.to(tl.int64) * ssb + h * ssh, n_s, 0, cj, sj, INVF,
+                                     m, l, acc1, acc2, ROPE, D, BLOCK_N)
+    m, l, acc1, acc2 = _fp16_segment(q1, q2, RK, RV, b.to(tl.int64) * srb + h * srh, n_r, n_sink + n_packed, cj, sj,
+                                     INVF, m, l, acc1, acc2, ROPE, D, BLOCK_N)
+    _store_partial(MP, LP, AP, pid_bh, sp, NSP, m, l, acc1, acc2, G, GP, D)
+
+
+def decode_attention_cq(q: Tensor, cache: CQCache, sm_scale: float | None = None, num_splits: int | None = None,
+                        block_n: int | None = None, num_warps: int | None = None) -> Tensor:
+    """Decode attention of post-RoPE ``q (B, H*G, D)`` over a ``CQCache`` -> ``(B, H*G, D)`` in q's dtype."""
+    b, h, tmax, nb = cache.k_codes.shape
+    d, ng, c = cache.head_dim, cache.groups, cache.ck.shape[-1]
+    if not supported(d, c) or nb != row_bytes(ng, cache.bits) or cache.v_codes.shape != cache.k_codes.shape:
+        raise ValueError(f"cq layout not supported by the kernel: head_dim {d}, {c} channels per group, rows {nb} B")
+    for x in (cache.k_codes, cache.v_codes, cache.sink_k, cache.sink_v, cache.res_k, cache.res_v):
+        if not x.is_contiguous():
+            raise ValueError("cache buffers must be contiguous")
+    g = check_query(q, h, d)
+    gp = triton.next_power_of_2(g)
+    if block_n is None:  # the centroid gather tile is (BLOCK_N, D/2), the score tile (GP, BLOCK_N, D/2)
+        block_n = max(16, min(64, 4096 // (gp * d // 2)))
+    if num_warps is None:
+        num_warps = 8 if gp * block_n * d >= 16384 else 4
+    per, nsp, partials = plan(q, h, cache.n_packed, block_n, num_splits)
+    scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
+    invf = cache.rope_frequencies(q.device) if cache.pre_rope else torch.zeros(d // 2, device=q.device)
+    sk, rk = cache.sink_k, cache.res_k
+    _cq_split_kernel[(b * h, nsp)](
+        q, q.stride(0), q.stride(1), cache.k_codes, cache.v_codes, cache.ck.contiguous(), cache.cv.contiguous(),
+        sk, cache.sink_v, rk, cache.res_v, sk.stride(0), sk.stride(1), rk.stride(0), rk.stride(1),
+        invf, *partials,
+        h, tmax, cache.n_packed, cache.n_sink, cache.n_res, per, nsp, scale,
+        G=g, GP=gp, D=d, NG=ng, C=c, BITS=cache.bits, SPAN=code_span(cache.bits), NB=nb, ROPE=cache.pre_rope,
+        BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return reduce(q, nsp, partials)

@@ -1,0 +1,408 @@
+"""The split-K programs behind ``decode_attention`` (layout: ``kvq_kernels.reference``; wrappers there).
+
+Grid ``(B*H*G/QPP, n_splits + 1)``: a program takes ``QPP`` query heads of one KV head and one chunk of the
+packed tokens (the last split does the fp16 sink and residual instead), walks it in blocks of ``BLOCK_N``
+tokens and writes its running max / sum / unnormalized output (log2 domain) for the reduce kernel.
+
+Two ways to consume a dequantized block, both with the same dequantization:
+* ``DOT=False`` (one query head per program, MHA): CUDA-core 2-D tiles. The value product is *deferred*: the
+  accumulators are ``(BLOCK_N, D/2)`` tiles (one FMA per element, reduced over tokens once at the end), and
+  the softmax max is rescaled lazily (only when a block's max exceeds the running one by ``2^8``), so the
+  per-element work is unpack + codebook load + a few FMAs.
+* ``DOT=True`` (G > 1 query heads per KV head, padded to ``MR >= 16`` rows): ``tl.dot`` for scores and values.
+
+kvquant keys are pre-RoPE: a key at position ``p0 + j`` (``p0`` a block start, a multiple of ``BLOCK_N`` past
+the segment origin) is ``R(j) (a + s x)`` with ``x`` the codebook value, so per program six ``(BLOCK_N, D/2)``
+tables fold the per-channel affine map and ``R(j)`` (``kr = TA + TB x_same - / + TC x_other``: four FMAs per
+channel pair), and the query is rotated by ``R(p0)^T`` once per block, with ``cos / sin(p0 inv_freq)`` read
+from a host table (exact angles; no large-argument ``sin``/``cos`` on the device).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .pack import _load_codes_half
+
+
+# ----------------------------------------------------------------------------------------------- small helpers
+@triton.jit
+def _rot_t(x1, x2, c, s):
+    """``R^T x`` for rotate_half pairs: the query side of ``q . R k = (R^T q) . k``."""
+    return x1 * c + x2 * s, x2 * c - x1 * s
+
+
+@triton.jit
+def _table_row(TAB, tab_rows, r, HALF: tl.constexpr):
+    """``cos, sin (r * BLOCK_N * inv_freq)`` from the host table ``(2, tab_rows, D/2)``."""
+    ch = tl.arange(0, HALF)
+    return tl.load(TAB + r * HALF + ch)[None, :], tl.load(TAB + (tab_rows + r) * HALF + ch)[None, :]
+
+
+@triton.jit
+def _load_query(Q, sqb, sqh, b, hq0, qk_scale, QPP: tl.constexpr, MR: tl.constexpr, D: tl.constexpr):
+    """Rows ``hq0 .. hq0+QPP-1`` of ``q`` (zero rows up to ``MR``), scaled, as halves ``(MR, D/2)``."""
+    HALF: tl.constexpr = D // 2
+    g = tl.arange(0, MR)
+    ch = tl.arange(0, HALF)
+    qp = Q + b * sqb + (hq0 + g)[:, None] * sqh + ch[None, :]
+    q1 = tl.load(qp, mask=(g < QPP)[:, None], other=0.0).to(tl.float32) * qk_scale
+    q2 = tl.load(qp + HALF, mask=(g < QPP)[:, None], other=0.0).to(tl.float32) * qk_scale
+    return q1, q2
+
+
+@triton.jit
+def _scores(q1, q2, k1, k2, DOT: tl.constexpr, PREC: tl.constexpr):
+    """``q (MR, D/2)`` halves against key halves ``(N, D/2)``: ``(N,)`` for one row, else ``(MR, N)``."""
+    if DOT:
+        return tl.dot(q1, tl.trans(k1), input_precision=PREC) + tl.dot(q2, tl.trans(k2), input_precision=PREC)
+    else:
+        return tl.sum(q1 * k1 + q2 * k2, axis=1)
+
+
+@triton.jit
+def _softmax(s, m, l, pm, acc1, acc2, DOT: tl.constexpr):
+    """Online softmax with a lazy max: rescale the state only when a block's max exceeds it by 2^8.
+
+    One row (``DOT=False``): ``s (N,)``, ``m`` scalar, ``l, pm (N,)`` and ``acc (N, D/2)`` deferred per token.
+    Several rows: ``s (MR, N)``, ``m, l (MR,)``, ``acc (MR, D/2)``. Returns ``p`` and the updated state."""
+    if DOT:
+        mb = tl.max(s, axis=1)
+        if tl.max(mb - m, axis=0) > 8.0:
+            m_new = tl.maximum(m, mb)
+            alpha = tl.exp2(m - m_new)
+            l = l * alpha
+            pm = pm * alpha[:, None]
+            acc1 = acc1 * alpha[:, None]
+            acc2 = acc2 * alpha[:, None]
+            m = m_new
+        p = tl.exp2(s - m[:, None])
+        l = l + tl.sum(p, axis=1)
+    else:
+        mb = tl.max(s, axis=0)
+        if mb > m + 8.0:
+            alpha = tl.exp2(m - mb)
+            l = l * alpha
+            pm = pm * alpha
+            acc1 = acc1 * alpha
+            acc2 = acc2 * alpha
+            m = mb
+        p = tl.exp2(s - m)
+        l = l + p
+    return p, m, l, pm, acc1, acc2
+
+
+@triton.jit
+def _accumulate(p, v1, v2, acc1, acc2, DOT: tl.constexpr, PREC: tl.constexpr):
+    if DOT:
+        return acc1 + tl.dot(p, v1, input_precision=PREC), acc2 + tl.dot(p, v2, input_precision=PREC)
+    else:
+        return acc1 + p[:, None] * v1, acc2 + p[:, None] * v2
+
+
+@triton.jit
+def _init_state(MR: tl.constexpr, N: tl.constexpr, HALF: tl.constexpr, NPM: tl.constexpr, DOT: tl.constexpr):
+    """m, l, pm (extra per-token sums, ``NPM`` columns; one row: unused), acc1, acc2."""
+    if DOT:
+        return (tl.full((MR,), -float("inf"), tl.float32), tl.zeros((MR,), tl.float32),
+                tl.zeros((MR, NPM), tl.float32), tl.zeros((MR, HALF), tl.float32), tl.zeros((MR, HALF), tl.float32))
+    else:
+        return (tl.max(tl.full((N,), -float("inf"), tl.float32), axis=0), tl.zeros((N,), tl.float32),
+                tl.zeros((N, NPM), tl.float32), tl.zeros((N, HALF), tl.float32), tl.zeros((N, HALF), tl.float32))
+
+
+@triton.jit
+def _fp16_segment(q1, q2, K, V, base, n, row0, TAB, tab_rows, cj, sj, m, l, pm, acc1, acc2,
+                  ROPE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """Attend over ``n`` fp16 tokens at ``K/V + base`` (rows of D). With ``ROPE`` the keys are pre-RoPE at
+    positions ``row0 * BLOCK_N + i`` plus the offset that ``q1, q2`` were already rotated back by."""
+    HALF: tl.constexpr = D // 2
+    ch = tl.arange(0, HALF)
+    for t0 in range(0, n, BLOCK_N):
+        t = t0 + tl.arange(0, BLOCK_N)
+        valid = t < n
+        off = base + t.to(tl.int64)[:, None] * D + ch[None, :]
+        k1 = tl.load(K + off, mask=valid[:, None], other=0.0).to(tl.float32)
+        k2 = tl.load(K + off + HALF, mask=valid[:, None], other=0.0).to(tl.float32)
+        v1 = tl.load(V + off, mask=valid[:, None], other=0.0).to(tl.float32)
+        v2 = tl.load(V + off + HALF, mask=valid[:, None], other=0.0).to(tl.float32)
+        if ROPE:
+            c0, s0 = _table_row(TAB, tab_rows, row0 + t0 // BLOCK_N, HALF)
+            qr1, qr2 = _rot_t(q1, q2, c0, s0)
+            s = _scores(qr1, qr2, k1 * cj - k2 * sj, k2 * cj + k1 * sj, DOT, PREC)
+        else:  # q made loop-variant (+ 0 * t0): works around a Triton 3.6 layout-pass bug (GQA, two loops)
+            s = _scores(q1 + 0.0 * t0, q2 + 0.0 * t0, k1, k2, DOT, PREC)
+        s = _mask(s, valid, DOT)
+        p, m, l, pm, acc1, acc2 = _softmax(s, m, l, pm, acc1, acc2, DOT)
+        acc1, acc2 = _accumulate(p, v1, v2, acc1, acc2, DOT, PREC)
+    return m, l, pm, acc1, acc2
+
+
+@triton.jit
+def _mask(s, valid, DOT: tl.constexpr):
+    if DOT:
+        return tl.where(valid[None, :], s, -float("inf"))
+    else:
+        return tl.where(valid, s, -float("inf"))
+
+
+@triton.jit
+def _store_partial(MP, LP, AP, prow0, NSP, m, l, o1, o2, QPP: tl.constexpr, MR: tl.constexpr,
+                   D: tl.constexpr, DOT: tl.constexpr):
+    """Partials of query head rows ``prow0 + r * NSP``: ``o (MR, D/2)`` halves, or ``(D/2,)`` and a per-token
+    ``l (N,)`` for one row."""
+    HALF: tl.constexpr = D // 2
+    ch = tl.arange(0, HALF)
+    if DOT:
+        g = tl.arange(0, MR)
+        prow = prow0 + g.to(tl.int64) * NSP
+        tl.store(MP + prow, m, mask=g < QPP)
+        tl.store(LP + prow, l, mask=g < QPP)
+        tl.store(AP + prow[:, None] * D + ch[None, :], o1, mask=(g < QPP)[:, None])
+        tl.store(AP + prow[:, None] * D + HALF + ch[None, :], o2, mask=(g < QPP)[:, None])
+    else:
+        tl.store(MP + prow0, m)
+        tl.store(LP + prow0, tl.sum(l, axis=0))
+        tl.store(AP + prow0 * D + ch, o1)
+        tl.store(AP + prow0 * D + HALF + ch, o2)
+
+
+@triton.jit
+def _program_ids(H, NSP, G: tl.constexpr, QPP: tl.constexpr):
+    """-> b, h, first query head, the split index, and the row of its first partial."""
+    pid = tl.program_id(0)
+    sp = tl.program_id(1)
+    GS: tl.constexpr = G // QPP
+    bh = pid // GS
+    b = bh // H
+    h = bh % H
+    hq0 = h * G + (pid % GS) * QPP
+    prow0 = (b.to(tl.int64) * H * G + hq0) * NSP + sp
+    return b, h, hq0, sp, prow0
+
+
+# ----------------------------------------------------------------------------------------------- kvquant
+@triton.jit
+def _lut(C, codes, ASM: tl.constexpr):
+    """Codebook lookup ``C[codes]`` (a 2^b-entry float32 table, L1 resident). On the GPU an inline-asm load:
+    an elementwise op, so the tile keeps the codes' row-major layout. A ``tl.load`` gather has no known
+    contiguity and makes Triton pick a token-major layout for it, which then spreads to the whole block
+    (cross-warp score reductions, shared-memory layout conversions, register spills: measured 1.9x slower)."""
+    if ASM:
+        return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [C + codes], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.load(C + codes)
+
+
+@triton.jit
+def _kvq_x(P, OI, OV, C, row, valid, oa, osc, NO: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr,
+           N: tl.constexpr, ASM: tl.constexpr, LOOKUP: tl.constexpr = True):
+    """Codebook values ``x (N, D/2)`` x 2 of ``N`` packed key rows; outlier slot ``s`` (value ``OV``, channel
+    ``OI``, -1 unused) substituted in x space as ``(OV - oa[ch]) / osc[ch]`` (per-channel affine pointers)."""
+    HALF: tl.constexpr = D // 2
+    NB: tl.constexpr = D * BITS // 8
+    if LOOKUP:
+        x1 = _lut(C, _load_codes_half(P + row * NB, valid, 0, BITS, D, N), ASM)
+        x2 = _lut(C, _load_codes_half(P + row * NB, valid, 1, BITS, D, N), ASM)
+    else:  # ablation (timing only): codes as values
+        x1 = _load_codes_half(P + row * NB, valid, 0, BITS, D, N).to(tl.float32)
+        x2 = _load_codes_half(P + row * NB, valid, 1, BITS, D, N).to(tl.float32)
+    ch = tl.arange(0, HALF)
+    for s in tl.static_range(NO):
+        oi = tl.load(OI + row * NO + s, mask=valid, other=-1).to(tl.int32)
+        ov = tl.load(OV + row * NO + s, mask=valid, other=0.0).to(tl.float32)
+        oc = tl.maximum(oi, 0)
+        xo = (ov - tl.load(oa + oc)) / tl.load(osc + oc)
+        x1 = tl.where(ch[None, :] == oi[:, None], xo[:, None], x1)
+        x2 = tl.where((ch + HALF)[None, :] == oi[:, None], xo[:, None], x2)
+    return x1, x2
+
+
+@triton.jit
+def _kvq_values(VP, VMIN, VSC, VOI, VOV, CV, row, valid, NOV: tl.constexpr, BITS_V: tl.constexpr,
+                D: tl.constexpr, N: tl.constexpr, DENSE: tl.constexpr, ASM: tl.constexpr):
+    """Values of ``N`` packed rows: ``v = mn + hs * x`` with ``mn`` = min + range/2, ``hs`` = range/2 per token.
+    ``DENSE``: returns ``v`` halves with the outlier slots replaced; else the codebook values ``x`` (no slots)."""
+    HALF: tl.constexpr = D // 2
+    NBV: tl.constexpr = D * BITS_V // 8
+    hs = 0.5 * tl.load(VSC + row, mask=valid, other=0.0).to(tl.float32)
+    mn = tl.load(VMIN + row, mask=valid, other=0.0).to(tl.float32) + hs
+    v1 = _lut(CV, _load_codes_half(VP + row * NBV, valid, 0, BITS_V, D, N), ASM)
+    v2 = _lut(CV, _load_codes_half(VP + row * NBV, valid, 1, BITS_V, D, N), ASM)
+    if DENSE:
+        v1 = mn[:, None] + hs[:, None] * v1
+        v2 = mn[:, None] + hs[:, None] * v2
+        ch = tl.arange(0, HALF)
+        for s in tl.static_range(NOV):
+            oi = tl.load(VOI + row * NOV + s, mask=valid, other=-1).to(tl.int32)
+            ov = tl.load(VOV + row * NOV + s, mask=valid, other=0.0).to(tl.float32)
+            v1 = tl.where(ch[None, :] == oi[:, None], ov[:, None], v1)
+            v2 = tl.where((ch + HALF)[None, :] == oi[:, None], ov[:, None], v2)
+    return v1, v2, mn, hs
+
+
+@triton.jit
+def _kvquant_split_kernel(
+    Q, sqb, sqh,
+    KP, KOI, KOV, KA, KSC, CK,
+    VP, VMIN, VSC, VOI, VOV, CV,
+    SK, SV, RK, RV, ssb, ssh, srb, srh,
+    INVF, TAB, tab_rows, MP, LP, AP,
+    H, Tmax, n_packed, n_sink, n_res, tokens_per_split, NSP, qk_scale,
+    G: tl.constexpr, QPP: tl.constexpr, MR: tl.constexpr, D: tl.constexpr, BITS_K: tl.constexpr,
+    BITS_V: tl.constexpr, NOK: tl.constexpr, NOV: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
+    PREC: tl.constexpr, ASM: tl.constexpr, ABLATE: tl.constexpr = 0,
+):
+    HALF: tl.constexpr = D // 2
+    b, h, hq0, sp, prow0 = _program_ids(H, NSP, G, QPP)
+    ch = tl.arange(0, HALF)
+    q1, q2 = _load_query(Q, sqb, sqh, b, hq0, qk_scale, QPP, MR, D)
+    invf = tl.load(INVF + ch)[None, :]
+    ang = tl.arange(0, BLOCK_N).to(tl.float32)[:, None] * invf  # small angles: R(j), j < BLOCK_N
+    cj = tl.cos(ang)
+    sj = tl.sin(ang)
+    # per-channel affine map folded into R(j): kr1 = TA1 + TB1 x1 - TC1 x2, kr2 = TA2 + TB2 x2 + TC2 x1
+    a1 = tl.load(KA + h * D + ch)[None, :]
+    a2 = tl.load(KA + h * D + HALF + ch)[None, :]
+    s1 = tl.load(KSC + h * D + ch)[None, :]
+    s2 = tl.load(KSC + h * D + HALF + ch)[None, :]
+    ta1 = a1 * cj - a2 * sj
+    ta2 = a2 * cj + a1 * sj
+    tb1 = s1 * cj
+    tc1 = s2 * sj
+    tb2 = s2 * cj
+    tc2 = s1 * sj
+    # packed token i sits at n_sink + i: rotate the query back by n_sink once, by i0 (table) per block
+    ns = n_sink.to(tl.float32) * invf
+    qs1, qs2 = _rot_t(q1, q2, tl.cos(ns), tl.sin(ns))
+    m, l, pm, acc1, acc2 = _init_state(MR, BLOCK_N, HALF, 1, DOT)
+    FOLD: tl.constexpr = (not DOT) and NOV == 0  # one row, no value slots: accumulate (p hs) x and p mn
+    start = sp * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, n_packed)
+    for t0 in range(start, end, BLOCK_N):
+        t = t0 + tl.arange(0, BLOCK_N)
+        valid = t < end
+        row = (b * H + h).to(tl.int64) * Tmax + t
+        x1, x2 = _kvq_x(KP, KOI, KOV, CK, row, valid, KA + h * D, KSC + h * D, NOK, BITS_K, D, BLOCK_N, ASM,
+                        ABLATE != 2)
+        if ABLATE == 1:  # ablation (timing only): no RoPE
+            s = _mask(_scores(qs1, qs2, a1 + s1 * x1, a2 + s2 * x2, DOT, PREC), valid, DOT)
+        else:
+            c0, s0 = _table_row(TAB, tab_rows, t0 // BLOCK_N, HALF)
+            qr1, qr2 = _rot_t(qs1, qs2, c0, s0)
+            s = _mask(_scores(qr1, qr2, ta1 + tb1 * x1 - tc1 * x2, ta2 + tb2 * x2 + tc2 * x1, DOT, PREC), valid, DOT)
+        p, m, l, pm, acc1, acc2 = _softmax(s, m, l, pm, acc1, acc2, DOT)
+        v1, v2, mn, hs = _kvq_values(VP, VMIN, VSC, VOI, VOV, CV, row, valid, NOV, BITS_V, D, BLOCK_N, not FOLD,
+                                     ASM)
+        if FOLD:
+            pm += (p * mn)[:, None]
+            acc1, acc2 = _accumulate(p * hs, v1, v2, acc1, acc2, DOT, PREC)
+        else:
+            acc1, acc2 = _accumulate(p, v1, v2, acc1, acc2, DOT, PREC)
+    last = sp == NSP - 1  # the last split has an empty packed range and does the fp16 segments
+    n_s = tl.where(last, n_sink, 0)
+    n_r = tl.where(last, n_res, 0)
+    m, l, pm, acc1, acc2 = _fp16_segment(q1, q2, SK, SV, b.to(tl.int64) * ssb + h * ssh, n_s, 0, TAB, tab_rows,
+                                         cj, sj, m, l, pm, acc1, acc2, True, D, BLOCK_N, DOT, PREC)
+    p_res = n_sink + n_packed  # residual token i at p_res + i = (p_res // N + i // N) * N + p_res % N + i % N
+    dr = (p_res % BLOCK_N).to(tl.float32) * invf
+    qd1, qd2 = _rot_t(q1, q2, tl.cos(dr), tl.sin(dr))
+    m, l, pm, acc1, acc2 = _fp16_segment(qd1, qd2, RK, RV, b.to(tl.int64) * srb + h * srh, n_r, p_res // BLOCK_N,
+                                         TAB, tab_rows, cj, sj, m, l, pm, acc1, acc2, True, D, BLOCK_N, DOT, PREC)
+    if DOT:
+        _store_partial(MP, LP, AP, prow0, NSP, m, l, acc1, acc2, QPP, MR, D, DOT)
+    else:
+        extra = tl.sum(tl.sum(pm, axis=1), axis=0)
+        _store_partial(MP, LP, AP, prow0, NSP, m, l, tl.sum(acc1, axis=0) + extra, tl.sum(acc2, axis=0) + extra,
+                       QPP, MR, D, DOT)
+
+
+# ----------------------------------------------------------------------------------------------- kivi
+@triton.jit
+def _group_tile(P, row, valid, p, HH: tl.constexpr, HALF: tl.constexpr, VG: tl.constexpr, NVG: tl.constexpr):
+    """``p[n] * P[row n, group of channel]`` over the channels of half ``HH`` -> ``(N, D/2)`` (per-token loads of
+    each group's value, broadcast: the tile stays in the codes' layout)."""
+    G_LO: tl.constexpr = HH * HALF // VG
+    G_HI: tl.constexpr = ((HH + 1) * HALF - 1) // VG + 1
+    gsel = (HH * HALF + tl.arange(0, HALF)) // VG
+    out = (p * tl.load(P + row * NVG + G_LO, mask=valid, other=0.0).to(tl.float32))[:, None] + tl.zeros(
+        (1, HALF), tl.float32)
+    for g in tl.static_range(G_LO + 1, G_HI):
+        pg = p * tl.load(P + row * NVG + g, mask=valid, other=0.0).to(tl.float32)
+        out = tl.where(gsel[None, :] == g, pg[:, None], out)
+    return out
+
+
+@triton.jit
+def _kivi_split_kernel(
+    Q, sqb, sqh,
+    KP, KS, KZ, VP, VS, VZ,
+    SK, SV, RK, RV, ssb, ssh, srb, srh,
+    MP, LP, AP,
+    H, Tmax, NGmax, n_packed, n_sink, n_res, tokens_per_split, NSP, qk_scale,
+    G: tl.constexpr, QPP: tl.constexpr, MR: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, KG: tl.constexpr,
+    VG: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):
+    """As the kvquant kernel; ``BLOCK_N`` divides the key group ``KG``, so a block has one key scale/zero row:
+    scores are ``q . z + (q * s) . codes``."""
+    HALF: tl.constexpr = D // 2
+    NB: tl.constexpr = D * BITS // 8
+    NVG: tl.constexpr = D // VG
+    b, h, hq0, sp, prow0 = _program_ids(H, NSP, G, QPP)
+    ch = tl.arange(0, HALF)
+    cg = tl.arange(0, NVG)
+    q1, q2 = _load_query(Q, sqb, sqh, b, hq0, qk_scale, QPP, MR, D)
+    m, l, pm, acc1, acc2 = _init_state(MR, BLOCK_N, HALF, NVG, DOT)
+    start = sp * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, n_packed)
+    bh = (b * H + h).to(tl.int64)
+    for t0 in range(start, end, BLOCK_N):
+        t = t0 + tl.arange(0, BLOCK_N)
+        valid = t < end
+        row = bh * Tmax + t
+        goff = (bh * NGmax + t0 // KG) * D + ch
+        z1 = tl.load(KZ + goff).to(tl.float32)[None, :]
+        z2 = tl.load(KZ + goff + HALF).to(tl.float32)[None, :]
+        c1 = _load_codes_half(KP + row * NB, valid, 0, BITS, D, BLOCK_N).to(tl.float32)
+        c2 = _load_codes_half(KP + row * NB, valid, 1, BITS, D, BLOCK_N).to(tl.float32)
+        qk1 = q1 * tl.load(KS + goff).to(tl.float32)[None, :]
+        qk2 = q2 * tl.load(KS + goff + HALF).to(tl.float32)[None, :]
+        if DOT:
+            qz = tl.sum(q1 * z1 + q2 * z2, axis=1)[:, None]
+        else:
+            qz = tl.sum(tl.sum(q1 * z1 + q2 * z2, axis=1), axis=0)
+        s = _mask(_scores(qk1, qk2, c1, c2, DOT, PREC) + qz, valid, DOT)
+        p, m, l, pm, acc1, acc2 = _softmax(s, m, l, pm, acc1, acc2, DOT)
+        # values: per-token scale / zero of each group of VG channels
+        d1 = _load_codes_half(VP + row * NB, valid, 0, BITS, D, BLOCK_N).to(tl.float32)
+        d2 = _load_codes_half(VP + row * NB, valid, 1, BITS, D, BLOCK_N).to(tl.float32)
+        if DOT:
+            one = tl.full((BLOCK_N,), 1.0, tl.float32)
+            v1 = _group_tile(VZ, row, valid, one, 0, HALF, VG, NVG) + _group_tile(VS, row, valid, one, 0, HALF, VG,
+                                                                                  NVG) * d1
+            v2 = _group_tile(VZ, row, valid, one, 1, HALF, VG, NVG) + _group_tile(VS, row, valid, one, 1, HALF, VG,
+                                                                                  NVG) * d2
+            acc1, acc2 = _accumulate(p, v1, v2, acc1, acc2, DOT, PREC)
+        else:  # accumulate (p s) codes per element and p z per token and group
+            vz = tl.load(VZ + row[:, None] * NVG + cg[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            pm += p[:, None] * vz
+            acc1 += _group_tile(VS, row, valid, p, 0, HALF, VG, NVG) * d1
+            acc2 += _group_tile(VS, row, valid, p, 1, HALF, VG, NVG) * d2
+    last = sp == NSP - 1
+    n_s = tl.where(last, n_sink, 0)
+    n_r = tl.where(last, n_res, 0)
+    m, l, pm, acc1, acc2 = _fp16_segment(q1, q2, SK, SV, b.to(tl.int64) * ssb + h * ssh, n_s, 0, Q, 0, q1, q1,
+                                         m, l, pm, acc1, acc2, False, D, BLOCK_N, DOT, PREC)
+    m, l, pm, acc1, acc2 = _fp16_segment(q1, q2, RK, RV, b.to(tl.int64) * srb + h * srh, n_r, 0, Q, 0, q1, q1,
+                                         m, l, pm, acc1, acc2, False, D, BLOCK_N, DOT, PREC)
+    if DOT:
+        _store_partial(MP, LP, AP, prow0, NSP, m, l, acc1, acc2, QPP, MR, D, DOT)
+    else:
+        pz = tl.sum(pm, axis=0)  # (NVG,) -> channels
+        gsel = ch // VG
+        e1 = tl.sum(tl.where(cg[:, None] == gsel[None, :], pz[:, None], 0.0), axis=0)
+        e2 = tl.sum(tl.where(cg[:, None] == ((ch + HALF) // VG)[None, :], pz[:, None], 0.0), axis=0)
+        _store_partial(MP, LP, AP, prow0, NSP, m, l, tl.sum(acc1, axis=0) + e1, tl.sum(acc2, axis=0) + e2,
+                       QPP, MR, D, DOT)

@@ -1,0 +1,139 @@
+"""Triton decode attention over a MILLION product-quantization cache (layout, reference: ``kvq_kernels.vq_reference``).
+
+One query token per sequence: ``q (B, H*G, D)`` post-RoPE (PQ keys are quantized after RoPE). First the
+per-query score table ``T[b, i, m, j] = (q_m . ck[m, j]) * scale`` for every subspace m and centroid j
+(``(B, H*G, M, 2^b)`` float32, one batched GEMM: 64 KiB per query head at M = 64, 8 bits, so the tables
+stay in L2). Then, grid ``(B*H, n_splits + 1)`` as ``decode_attention``: program ``(bh, s < n_splits)`` walks
+its chunk of packed tokens; a block's key codes ``(BLOCK_N, M)`` are read once from the bit-stream rows and
+each of the G query heads' scores is ``sum_m T[m, code_m]`` (a gather from its table, no key is ever
+decoded); values are decoded by gathering ``cv[m, code_m]`` (the shared value codebook, per half of the
+head). The last program attends over the fp16 sink and residual; ``decode_attention``'s reduce kernel
+merges the partials (``vq_split``: the online-softmax helpers of both vector-quantized kernels).
+
+Layout requirements (``supported``): D, M and ``D / M`` powers of two, ``M >= 2``.
+
+Public function:
+    decode_attention_pq(q, cache, sm_scale=None, num_splits=None, block_n=None, num_warps=None) -> out
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .vq_pack import _load_vq_codes, code_span
+from .vq_reference import PQCache, row_bytes
+from .vq_split import LOG2E, _fp16_segment, _load_query, _online, _store_partial, check_query, plan, reduce
+
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def supported(head_dim: int, subspaces: int) -> bool:
+    """Whether the kernel's layout holds a PQ configuration (see the module docstring)."""
+    return _pow2(head_dim) and _pow2(subspaces) and 2 <= subspaces <= head_dim
+
+
+@triton.jit
+def _pq_half(row_ptr, valid, CB, HIDX: tl.constexpr, M: tl.constexpr, K: tl.constexpr, DM: tl.constexpr,
+             BITS: tl.constexpr, SPAN: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Dims of half ``HIDX`` of ``BLOCK_N`` tokens: subspaces ``[HIDX*M/2, (HIDX+1)*M/2)`` gathered from the
+    shared codebook ``CB (M, K, DM)`` -> float32 ``(BLOCK_N, D/2)``."""
+    NH: tl.constexpr = M // 2
+    codes = _load_vq_codes(row_ptr, valid, HIDX * NH, NH, BITS, SPAN, NB, BLOCK_N)  # (BLOCK_N, NH)
+    sub = HIDX * NH + tl.arange(0, NH)
+    off = (sub[None, :] * K + codes)[:, :, None] * DM + tl.arange(0, DM)[None, None, :]
+    return tl.reshape(tl.load(CB + off).to(tl.float32), (BLOCK_N, NH * DM))
+
+
+@triton.jit
+def _pq_split_kernel(
+    Q, sqb, sqh, TAB, KC, VC, CV,
+    SK, SV, RK, RV, ssb, ssh, srb, srh,
+    MP, LP, AP,
+    H, Tmax, n_packed, n_sink, n_res, tokens_per_split, NSP, qk_scale,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr, SPAN: tl.constexpr,
+    NB: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    HALF: tl.constexpr = D // 2
+    K: tl.constexpr = 1 << BITS
+    DM: tl.constexpr = D // M
+    q1, q2 = _load_query(Q, sqb, sqh, b, h, qk_scale, G, GP, D)  # for the fp16 segments
+    gq = tl.arange(0, GP)
+    tab = TAB + (pid_bh.to(tl.int64) * G + gq) * (M * K)  # (GP,) this KV head's query heads' tables
+    gmask = (gq < G)[:, None, None]
+    sub = tl.arange(0, M)
+    m = tl.full((GP,), -float("inf"), tl.float32)
+    l = tl.zeros((GP,), tl.float32)
+    acc1 = tl.zeros((GP, HALF), tl.float32)
+    acc2 = tl.zeros((GP, HALF), tl.float32)
+    last = sp == NSP - 1  # the last program has an empty packed range and does the fp16 segments
+    start = sp * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, n_packed)
+    for t0 in range(start, end, BLOCK_N):
+        t = t0 + tl.arange(0, BLOCK_N)
+        valid = t < end
+        row = pid_bh.to(tl.int64) * Tmax + t
+        codes = _load_vq_codes(KC + row * NB, valid, 0, M, BITS, SPAN, NB, BLOCK_N)  # (BLOCK_N, M)
+        off = (sub[None, :] * K + codes)[None, :, :]  # (1, BLOCK_N, M)
+        entries = tl.load(tab[:, None, None] + off, mask=gmask & valid[None, :, None], other=0.0)
+        s = tl.where(valid[None, :], tl.sum(entries, axis=2), -float("inf"))  # (GP, BLOCK_N)
+        vp = VC + row * NB
+        v1 = _pq_half(vp, valid, CV, 0, M, K, DM, BITS, SPAN, NB, BLOCK_N)
+        v2 = _pq_half(vp, valid, CV, 1, M, K, DM, BITS, SPAN, NB, BLOCK_N)
+        m, l, acc1, acc2 = _online(s, v1, v2, m, l, acc1, acc2)
+    n_s = tl.where(last, n_sink, 0)
+    n_r = tl.where(last, n_res, 0)
+    m, l, acc1, acc2 = _fp16_segment(q1, q2, SK, SV, b.to(tl.int64) * ssb + h * ssh, n_s, 0, q1, q1, Q,
+                                     m, l, acc1, acc2, False, D, BLOCK_N)
+    m, l, acc1, acc2 = _fp16_segment(q1, q2, RK, RV, b.to(tl.int64) * srb + h * srh, n_r, 0, q1, q1, Q,
+                                     m, l, acc1, acc2, False, D, BLOCK_N)
+    _store_partial(MP, LP, AP, pid_bh, sp, NSP, m, l, acc1, acc2, G, GP, D)
+
+
+def score_table(q: Tensor, codebook: Tensor, scale: float) -> Tensor:
+    """``scale * q_m . ck[m, j]``: q ``(B, Hq, D)``, codebook ``(M, K, D/M)`` -> float32 ``(B, Hq, M, K)``."""
+    b, hq, d = q.shape
+    m = codebook.shape[0]
+    qm = (q.float() * scale).reshape(b * hq, m, d // m).transpose(0, 1)  # (M, B*Hq, dm)
+    return torch.bmm(qm, codebook.float().transpose(1, 2)).transpose(0, 1).reshape(b, hq, m, -1).contiguous()
+
+
+def decode_attention_pq(q: Tensor, cache: PQCache, sm_scale: float | None = None, num_splits: int | None = None,
+                        block_n: int | None = None, num_warps: int | None = None) -> Tensor:
+    """Decode attention of post-RoPE ``q (B, H*G, D)`` over a ``PQCache`` -> ``(B, H*G, D)`` in q's dtype."""
+    b, h, tmax, nb = cache.k_codes.shape
+    d, msub = cache.head_dim, cache.subspaces
+    if not supported(d, msub) or nb != row_bytes(msub, cache.bits) or cache.v_codes.shape != cache.k_codes.shape:
+        raise ValueError(f"pq layout not supported by the kernel: head_dim {d}, {msub} subspaces, rows {nb} B")
+    for x in (cache.k_codes, cache.v_codes, cache.sink_k, cache.sink_v, cache.res_k, cache.res_v):
+        if not x.is_contiguous():
+            raise ValueError("cache buffers must be contiguous")
+    g = check_query(q, h, d)
+    gp = triton.next_power_of_2(g)
+    if block_n is None:  # the score gather tile is (GP, BLOCK_N, M)
+        block_n = max(16, min(64, 8192 // (gp * msub)))
+    if num_warps is None:
+        num_warps = 8 if gp * block_n * msub >= 8192 else 4
+    per, nsp, partials = plan(q, h, cache.n_packed, block_n, num_splits)
+    scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
+    table = score_table(q, cache.ck, scale)
+    sk, rk = cache.sink_k, cache.res_k
+    _pq_split_kernel[(b * h, nsp)](
+        q, q.stride(0), q.stride(1), table, cache.k_codes, cache.v_codes, cache.cv.contiguous(),
+        sk, cache.sink_v, rk, cache.res_v, sk.stride(0), sk.stride(1), rk.stride(0), rk.stride(1),
+        *partials,
+        h, tmax, cache.n_packed, cache.n_sink, cache.n_res, per, nsp, scale,
+        G=g, GP=gp, D=d, M=msub, BITS=cache.bits, SPAN=code_span(cache.bits), NB=nb, BLOCK_N=block_n,
+        num_warps=num_warps,
+    )
+    return reduce(q, nsp, partials)
