@@ -7,7 +7,8 @@ The model has the preset's shapes and RANDOM weights (bf16). A prefill of an 8B 
 far longer than a device command allows, so each cache is FILLED DIRECTLY with random bf16 keys/values
 (N(0, 1)) instead: the packed cache through its own append path (``Stream.append``: the method's encode,
 bit packing and residual window, on the GPU, exactly what generation stores), the DynamicCache through
-``update`` with one tensor per layer. Then ``--steps`` greedy decode steps of the whole model run on top
+``update`` with one tensor per layer (its SDPA held to FlashAttention / memory-efficient kernels, see
+``run_dynamic``). Then ``--steps`` greedy decode steps of the whole model run on top
 (after 2 warm-up steps) and are timed; the packed cache uses the Triton decode kernels where exact.
 ``max``: for the packed cache, the largest context estimate-memory says fits (``kvq_cli.memory``); for
 the DynamicCache, the largest fill that survives its decode steps, searched down from the memory left
@@ -30,6 +31,8 @@ from kvq_cli.methods import parse_spec
 from kvq_cli.models import load_config, load_model, resolve_model
 from kvq_cli.presets import shape_from_config
 from kvq_cli.runtime import load_cache
+
+PROFILE = False
 
 
 def fill_packed(cache, tokens: int, chunk: int = 65536) -> float:
@@ -63,9 +66,19 @@ def fill_dynamic(config, shape, tokens: int):
 
 
 @torch.inference_mode()
-def decode_speed(net, cache, steps: int) -> float:
+def decode_speed(net, cache, steps: int, profile: bool = False) -> float:
     """Tokens/s of ``steps`` greedy single-token forwards (after two warm-up steps)."""
     token = torch.tensor([[1]], device="cuda")
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
+
+        net(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            net(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            torch.cuda.synchronize()
+        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
+        print(p.key_averages().table(sort_by="cpu_time_total", row_limit=8), flush=True)
     for i in range(steps + 2):
         if i == 2:
             torch.cuda.synchronize()
@@ -84,10 +97,10 @@ def _free() -> None:
 
 def run_packed(net, method, shape, tokens: int, steps: int) -> dict:
     _free()
-    cache = load_cache(method, net, max_tokens=tokens + steps + 2)
+    cache = load_cache(method, net, max_tokens=tokens + steps + 8)
     try:
         fill_s = fill_packed(cache, tokens)
-        speed = decode_speed(net, cache, steps)
+        speed = decode_speed(net, cache, steps, PROFILE)
         return dict(cache="packed", configuration=method.label, context=tokens, decode_tokens_per_s=speed,
                     fill_seconds=fill_s, cache_bytes=cache.nbytes(), avg_bits=cache.avg_bits(),
                     peak_memory_bytes=torch.cuda.max_memory_allocated(),
@@ -98,9 +111,15 @@ def run_packed(net, method, shape, tokens: int, steps: int) -> dict:
 
 
 def run_dynamic(net, config, shape, tokens: int, steps: int) -> dict:
+    """The 16-bit baseline. SDPA is held to its FlashAttention/memory-efficient kernels: torch's default
+    choice on the H100, cuDNN attention, re-plans for every new sequence length (about 1.7 ms of CPU per
+    call, 55 ms per decode step of 32 layers: measured with --profile), which would slow the baseline."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     _free()
     cache = fill_dynamic(config, shape, tokens)
-    speed = decode_speed(net, cache, steps)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        speed = decode_speed(net, cache, steps, PROFILE)
     out = dict(cache="DynamicCache", configuration="fp16", context=tokens, decode_tokens_per_s=speed,
                cache_bytes=2 * shape.layers * shape.kv_heads * shape.head_dim * 2 * tokens,
                peak_memory_bytes=torch.cuda.max_memory_allocated())
@@ -129,7 +148,10 @@ def main() -> None:
     ap.add_argument("--baseline-contexts", default="32K,128K,max")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one decode step each")
     args = ap.parse_args()
+    global PROFILE
+    PROFILE = args.profile
     source = resolve_model(args.model)
     config = load_config(source)
     shape = shape_from_config(config, source.name)

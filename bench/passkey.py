@@ -6,8 +6,9 @@
 Configurations: the 16-bit DynamicCache baseline, kvquant 4/3/2-bit-1% (artifacts calibrated with the
 calibration issue's protocol, 16 x 2048 WikiText-2 valid tokens, made in --artifacts when missing), kivi4
 and kivi2. Each prompt (``kvq_cli.prompts.haystack_prompt``) is prefilled 4096 tokens at a time and 8
-tokens are generated greedily (``kvq_cli.generate.run``, the loop of ``kvq generate``); the answer is the
-first number in them. Decoding uses the PyTorch reference path (``use_kernel=False``) so every
+tokens are generated greedily (the loop of ``kvq generate``, ``kvq_cli.generate.run``, over a batch of
+every depth and seed of one context: all prompts have exactly N tokens); the answer is the first number
+in them. Decoding uses the PyTorch reference path (``use_kernel=False``) so every
 configuration runs the same code; the Triton path is compared in ``bench/kernel_greedy.py``.
 Writes ``OUT.json`` (every trial) and ``OUT.md`` (retrieval counts beside the baseline).
 """
@@ -24,7 +25,6 @@ import torch
 from kvq_cli import api
 from kvq_cli.artifact import load as load_artifact
 from kvq_cli.data import load_text
-from kvq_cli.generate import run
 from kvq_cli.methods import parse_spec
 from kvq_cli.models import load_model, load_tokenizer, resolve_model
 from kvq_cli.prompts import haystack_prompt, passkey_answer
@@ -49,17 +49,27 @@ def configurations(art_dir: Path, data_dir: str, device: str) -> dict[str, objec
     return out
 
 
-def trial(net, config, ids: torch.Tensor, eos: set[int]) -> list[int]:
+@torch.inference_mode()
+def trial(net, config, ids: torch.Tensor, new_tokens: int = 8, chunk: int = 4096) -> list[list[int]]:
+    """Greedy continuations of a batch of equal-length prompts ``ids (B, N)``: the loop of ``kvq generate``
+    (chunked prefill, then one token at a time) over a batch. Returns ``B`` lists of ``new_tokens`` ids."""
     if config is None:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=net.config)
     else:
-        cache = load_cache(config, net, max_tokens=ids.shape[1] + 8)
+        cache = load_cache(config, net, batch_size=ids.shape[0], max_tokens=ids.shape[1] + new_tokens)
         for layer in cache.layers:
             layer.use_kernel = False
     try:
-        return run(net, cache, ids, max_new_tokens=8, chunk=4096, eos=eos)["new_ids"]
+        for s in range(0, ids.shape[1], chunk):
+            logits = net(input_ids=ids[:, s : s + chunk], past_key_values=cache, use_cache=True,
+                         logits_to_keep=1).logits
+        out = [logits[:, -1].argmax(-1)]
+        for _ in range(new_tokens - 1):
+            logits = net(input_ids=out[-1][:, None], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            out.append(logits[:, -1].argmax(-1))
+        return torch.stack(out, 1).tolist()
     finally:
         if hasattr(cache, "unbind"):
             cache.unbind()
@@ -80,7 +90,8 @@ def markdown(rows: list[dict], names: list[str], contexts: list[int], depths: li
     lines += ["", "By depth (all contexts):", "", "| configuration | " + " | ".join(f"{d:g}" for d in depths) + " |",
               "|---|" + "---:|" * len(depths)]
     for name in names:
-        lines.append(f"| {name} | " + " | ".join("%d/%d" % count(name, depth=d) for d in depths) + " |")
+        cells = [count(name, depth=d) for d in depths]
+        lines.append(f"| {name} | " + " | ".join(f"{a}/{n}" for a, n in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -101,23 +112,20 @@ def main() -> None:
     configs = configurations(Path(args.artifacts), args.data_dir, device)
     source = resolve_model("smollm2-135m")
     tok, net = load_tokenizer(source), load_model(source, dtype, device)
-    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     filler = load_text("war-and-peace", args.data_dir)
     rows, start = [], time.perf_counter()
-    for context in contexts:
-        for depth in depths:
-            for seed in seeds:
-                prompt = haystack_prompt(tok, filler, context, depth, seed)
-                ids = prompt.ids.to(device)
-                for name, config in configs.items():
-                    text = tok.decode(trial(net, config, ids, eos), skip_special_tokens=True)
-                    answer = passkey_answer(text)
-                    rows.append(dict(configuration=name, context=context, depth=depth, seed=seed,
-                                     passkey=prompt.passkey, answer=answer, correct=answer == prompt.passkey,
-                                     text=text))
-            done = [r for r in rows if r["context"] == context and r["depth"] == depth]
-            print(f"context {context} depth {depth}: " + ", ".join(
-                f"{n} {sum(r['correct'] for r in done if r['configuration'] == n)}" for n in configs), flush=True)
+    for context in contexts:  # one batch per context: every depth and seed (all prompts have N tokens)
+        cases = [(d, s) for d in depths for s in seeds]
+        prompts = [haystack_prompt(tok, filler, context, d, s) for d, s in cases]
+        ids = torch.cat([p.ids for p in prompts]).to(device)
+        for name, config in configs.items():
+            for (depth, seed), prompt, new in zip(cases, prompts, trial(net, config, ids), strict=True):
+                text = tok.decode(new, skip_special_tokens=True)
+                answer = passkey_answer(text)
+                rows.append(dict(configuration=name, context=context, depth=depth, seed=seed, passkey=prompt.passkey,
+                                 answer=answer, correct=answer == prompt.passkey, text=text))
+            done = [r for r in rows if r["context"] == context and r["configuration"] == name]
+            print(f"context {context} {name}: {sum(r['correct'] for r in done)}/{len(done)}", flush=True)
     machine = api._device_name(device)
     header = (f"Machine: {machine}; SmolLM2-135M-Instruct in {dtype}; {time.perf_counter() - start:.0f} s.\n\n"
               f"Command: `python bench/passkey.py --data-dir <shared/data> --out <stem> --contexts {args.contexts} "
