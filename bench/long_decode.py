@@ -161,6 +161,22 @@ def main() -> None:
     entry = memory.Entry.from_method(method, shape)
     weights = memory.weights_bytes(shape, "bf16")
     rows = []
+
+    def save(rows: list[dict]) -> None:  # after every row, so a later failure keeps what was measured
+        with open(args.out, "w") as f:
+            json.dump(dict(machine=_device_name("cuda"), model=args.model, rows=rows), f, indent=1)
+
+    for c in [x for x in args.contexts.split(",") if x]:
+        tokens = memory.max_context(entry, shape, 1, weights, budget) if c == "max" else memory.parse_context(c)
+        try:
+            row = run_packed(net, method, shape, tokens, args.steps)
+        except torch.OutOfMemoryError:
+            row = dict(cache="packed", configuration=method.label, context=tokens, decode_tokens_per_s=float("nan"),
+                       cache_bytes=0, peak_memory_bytes=torch.cuda.max_memory_allocated(), out_of_memory=True)
+        row["estimated_max_context"] = memory.max_context(entry, shape, 1, weights, budget)
+        rows.append(row)
+        print(row, flush=True)
+        save(rows)
     for c in [x for x in args.baseline_contexts.split(",") if x]:
         row = (largest_dynamic(net, config, shape, args.steps) if c == "max"
                else run_dynamic(net, config, shape, memory.parse_context(c), args.steps))
@@ -168,12 +184,7 @@ def main() -> None:
                                                           1, weights, budget)
         rows.append(row)
         print(row, flush=True)
-    for c in [x for x in args.contexts.split(",") if x]:
-        tokens = memory.max_context(entry, shape, 1, weights, budget) if c == "max" else memory.parse_context(c)
-        row = run_packed(net, method, shape, tokens, args.steps)
-        row["estimated_max_context"] = memory.max_context(entry, shape, 1, weights, budget)
-        rows.append(row)
-        print(row, flush=True)
+        save(rows)
     doc = dict(machine=_device_name("cuda"), model=args.model, weights="random (bf16)", rows=rows,
                command="python bench/long_decode.py " + " ".join(
                    f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
