@@ -37,18 +37,22 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--artifacts", default="passkey-artifacts")
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--configs", default=",".join([*CALIBRATED, *TUNING_FREE]), help="comma-separated subset")
     args = ap.parse_args()
+    chosen = args.configs.split(",")
     device = api.resolve_device("auto")
     art_dir = Path(args.artifacts)
     art_dir.mkdir(parents=True, exist_ok=True)
     configs = {}
     for name, spec in CALIBRATED.items():
+        if name not in chosen:
+            continue
         path = art_dir / f"{name}-0pct.safetensors"
         if not path.is_file():
             api.calibrate(parse_spec(spec), str(path), model="smollm2-135m", data_dir=args.data_dir, device=device)
         art = load_artifact(path)
         configs[name] = (art.method, art.states)
-    configs.update({name: (parse_spec(spec), None) for name, spec in TUNING_FREE.items()})
+    configs.update({name: (parse_spec(spec), None) for name, spec in TUNING_FREE.items() if name in chosen})
     source = resolve_model("smollm2-135m")
     tok, net = load_tokenizer(source), load_model(source, "bfloat16" if device == "cuda" else "float32", device)
     enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731

@@ -129,7 +129,7 @@ def main() -> None:
         print("cq/pq", flush=True)
         specs = ["cq:channels=2,bits=8", "cq:channels=4,bits=8", "cq:channels=8,bits=8", "cq:channels=8,bits=10",
                  "cq:channels=8,bits=8,outliers=0.01", "pq:bits=8", "pq:bits=8,subspaces=16",
-                 "kvquant:bits=4,outliers=0.01", "kvquant:bits=2,outliers=0.01", "kvquant:bits=1,outliers=0.01"]
+                 "kvquant:bits=2,outliers=0.01"]  # kvquant 4/3-bit and kivi: the main table, same protocol
         arts = [calibrate(s, tmp / f"cq{i}.safetensors", args) for i, s in enumerate(specs)]
         doc["results"]["cq"] = evaluate("wikitext2", arts, [], args)
         save()

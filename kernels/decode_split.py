@@ -28,6 +28,20 @@ from .pack import _load_codes_half
 
 # ----------------------------------------------------------------------------------------------- small helpers
 @triton.jit
+def _codes(row_ptr, rmask, HIDX: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, R: tl.constexpr):
+    """Codes ``(R, D/2)`` int32 of half ``HIDX`` (``pack._load_codes_half``). 3 bits: one byte load per code and
+    plane (L1 hits) instead of OR-ing the two planes' ``tl.join`` trees, whose mixed layouts Triton 3.6
+    mis-compiled in these kernels on the H100 (wrong 3-bit results in the GPU tests)."""
+    if BITS == 3:
+        c = HIDX * (D // 2) + tl.arange(0, D // 2)
+        lo = tl.load(row_ptr[:, None] + (c // 4)[None, :], mask=rmask[:, None], other=0).to(tl.int32)
+        hi = tl.load(row_ptr[:, None] + (D // 4 + c // 8)[None, :], mask=rmask[:, None], other=0).to(tl.int32)
+        return ((lo >> (2 * (c % 4))[None, :]) & 3) | (((hi >> (c % 8)[None, :]) & 1) << 2)
+    else:
+        return _load_codes_half(row_ptr, rmask, HIDX, BITS, D, R)
+
+
+@triton.jit
 def _rot_t(x1, x2, c, s):
     """``R^T x`` for rotate_half pairs: the query side of ``q . R k = (R^T q) . k``."""
     return x1 * c + x2 * s, x2 * c - x1 * s
@@ -204,11 +218,11 @@ def _kvq_x(P, OI, OV, C, row, valid, oa, osc, NO: tl.constexpr, BITS: tl.constex
     HALF: tl.constexpr = D // 2
     NB: tl.constexpr = D * BITS // 8
     if LOOKUP:
-        x1 = _lut(C, _load_codes_half(P + row * NB, valid, 0, BITS, D, N), ASM)
-        x2 = _lut(C, _load_codes_half(P + row * NB, valid, 1, BITS, D, N), ASM)
+        x1 = _lut(C, _codes(P + row * NB, valid, 0, BITS, D, N), ASM)
+        x2 = _lut(C, _codes(P + row * NB, valid, 1, BITS, D, N), ASM)
     else:  # ablation (timing only): codes as values
-        x1 = _load_codes_half(P + row * NB, valid, 0, BITS, D, N).to(tl.float32)
-        x2 = _load_codes_half(P + row * NB, valid, 1, BITS, D, N).to(tl.float32)
+        x1 = _codes(P + row * NB, valid, 0, BITS, D, N).to(tl.float32)
+        x2 = _codes(P + row * NB, valid, 1, BITS, D, N).to(tl.float32)
     ch = tl.arange(0, HALF)
     for s in tl.static_range(NO):
         oi = tl.load(OI + row * NO + s, mask=valid, other=-1).to(tl.int32)
@@ -229,8 +243,8 @@ def _kvq_values(VP, VMIN, VSC, VOI, VOV, CV, row, valid, NOV: tl.constexpr, BITS
     NBV: tl.constexpr = D * BITS_V // 8
     hs = 0.5 * tl.load(VSC + row, mask=valid, other=0.0).to(tl.float32)
     mn = tl.load(VMIN + row, mask=valid, other=0.0).to(tl.float32) + hs
-    v1 = _lut(CV, _load_codes_half(VP + row * NBV, valid, 0, BITS_V, D, N), ASM)
-    v2 = _lut(CV, _load_codes_half(VP + row * NBV, valid, 1, BITS_V, D, N), ASM)
+    v1 = _lut(CV, _codes(VP + row * NBV, valid, 0, BITS_V, D, N), ASM)
+    v2 = _lut(CV, _codes(VP + row * NBV, valid, 1, BITS_V, D, N), ASM)
     if DENSE:
         v1 = mn[:, None] + hs[:, None] * v1
         v2 = mn[:, None] + hs[:, None] * v2
@@ -275,7 +289,7 @@ def _kvquant_split_kernel(
     tb2 = s2 * cj
     tc2 = s1 * sj
     # packed token i sits at n_sink + i: rotate the query back by n_sink once, by i0 (table) per block
-    ns = n_sink.to(tl.float32) * invf
+    ns = (n_sink * 1.0) * invf  # not n_sink.to(): an int argument equal to 1 arrives as a constexpr
     qs1, qs2 = _rot_t(q1, q2, tl.cos(ns), tl.sin(ns))
     m, l, pm, acc1, acc2 = _init_state(MR, BLOCK_N, HALF, 1, DOT)
     FOLD: tl.constexpr = (not DOT) and NOV == 0  # one row, no value slots: accumulate (p hs) x and p mn
@@ -365,8 +379,8 @@ def _kivi_split_kernel(
         goff = (bh * NGmax + t0 // KG) * D + ch
         z1 = tl.load(KZ + goff).to(tl.float32)[None, :]
         z2 = tl.load(KZ + goff + HALF).to(tl.float32)[None, :]
-        c1 = _load_codes_half(KP + row * NB, valid, 0, BITS, D, BLOCK_N).to(tl.float32)
-        c2 = _load_codes_half(KP + row * NB, valid, 1, BITS, D, BLOCK_N).to(tl.float32)
+        c1 = _codes(KP + row * NB, valid, 0, BITS, D, BLOCK_N).to(tl.float32)
+        c2 = _codes(KP + row * NB, valid, 1, BITS, D, BLOCK_N).to(tl.float32)
         qk1 = q1 * tl.load(KS + goff).to(tl.float32)[None, :]
         qk2 = q2 * tl.load(KS + goff + HALF).to(tl.float32)[None, :]
         if DOT:
@@ -376,8 +390,8 @@ def _kivi_split_kernel(
         s = _mask(_scores(qk1, qk2, c1, c2, DOT, PREC) + qz, valid, DOT)
         p, m, l, pm, acc1, acc2 = _softmax(s, m, l, pm, acc1, acc2, DOT)
         # values: per-token scale / zero of each group of VG channels
-        d1 = _load_codes_half(VP + row * NB, valid, 0, BITS, D, BLOCK_N).to(tl.float32)
-        d2 = _load_codes_half(VP + row * NB, valid, 1, BITS, D, BLOCK_N).to(tl.float32)
+        d1 = _codes(VP + row * NB, valid, 0, BITS, D, BLOCK_N).to(tl.float32)
+        d2 = _codes(VP + row * NB, valid, 1, BITS, D, BLOCK_N).to(tl.float32)
         if DOT:
             one = tl.full((BLOCK_N,), 1.0, tl.float32)
             v1 = _group_tile(VZ, row, valid, one, 0, HALF, VG, NVG) + _group_tile(VS, row, valid, one, 0, HALF, VG,
