@@ -7,8 +7,9 @@ For each configuration the kernels cover exactly (``kvq_cli.runtime.kernel_path`
 outliers, kivi with 32-token groups) and a few prompts (WikiText-2 test, War and Peace, a passkey haystack),
 the same prompt is prefilled and ``--tokens`` tokens are generated greedily twice: once with
 ``use_kernel=True`` (the Triton decode kernels; the number of kernel calls is counted, so a silent fallback
-shows) and once with ``use_kernel=False`` (the blockwise PyTorch reference). Prints and writes the first
-position where they differ (none: equal).
+shows) and once with ``use_kernel=False`` (the blockwise PyTorch reference). Without CUDA, run it with
+``TRITON_INTERPRET=1``: the kernels then run on the CPU (slowly; use ``--prompts`` and ``--configs``).
+Prints and writes the first position where they differ (none: equal).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def main() -> None:
     ap.add_argument("--artifacts", default="passkey-artifacts")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--configs", default=",".join([*CALIBRATED, *TUNING_FREE]), help="comma-separated subset")
+    ap.add_argument("--prompts", default="wikitext2-1024,war-and-peace-4096,haystack-8192")
+    ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on the CPU (interpreter: "
+                    "run with TRITON_INTERPRET=1)")
     args = ap.parse_args()
     chosen = args.configs.split(",")
     device = api.resolve_device("auto")
@@ -54,7 +58,8 @@ def main() -> None:
         configs[name] = (art.method, art.states)
     configs.update({name: (parse_spec(spec), None) for name, spec in TUNING_FREE.items() if name in chosen})
     source = resolve_model("smollm2-135m")
-    tok, net = load_tokenizer(source), load_model(source, "bfloat16" if device == "cuda" else "float32", device)
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device == "cuda" else "float32"
+    tok, net = load_tokenizer(source), load_model(source, dtype, device)
     enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     prompts = {
         "wikitext2-1024": fit_tokens(enc(load_text("wikitext2", args.data_dir)[:20000]), 1024),
@@ -71,6 +76,7 @@ def main() -> None:
 
     cache_module.kernel_decode = counted
     rows = []
+    prompts = {k: v for k, v in prompts.items() if k in args.prompts.split(",")}
     for pname, ids in prompts.items():
         x = __import__("torch").tensor([ids], device=device)
         for cname, config in configs.items():
@@ -90,7 +96,7 @@ def main() -> None:
                              kernel_calls=n_calls, tokens=len(kern), text=tok.decode(kern)))
             print(f"{pname:20s} {cname:12s} equal={first is None} first_diff={first} kernel_calls={n_calls}",
                   flush=True)
-    Path(args.out).write_text(json.dumps({"machine": api._device_name(device), "rows": rows}, indent=1))
+    Path(args.out).write_text(json.dumps({"machine": api._device_name(device), "dtype": dtype, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ def evaluate(dataset: str, artifacts: list[str], methods: list[str], args, mode:
     t = time.perf_counter()
     res = api.eval_ppl(model=args.model, dataset=dataset, data_dir=args.data_dir, seqlen=args.seqlen,
                        max_windows=max_windows or args.max_windows, batch_size=args.batch_size, artifacts=artifacts,
-                       methods=[parse_spec(m) for m in methods], mode=mode, chunk=args.chunk)
+                       methods=[parse_spec(m) for m in methods], mode=mode, chunk=args.chunk,
+                       chunk_attention=args.chunk_attention)
     print(f"  evaluated {len(artifacts) + len(methods)} configurations in {time.perf_counter() - t:.0f} s", flush=True)
     return res
 
@@ -86,6 +87,8 @@ def main() -> None:
     p.add_argument("--out", default="docs/results/ppl-smollm2")
     p.add_argument("--only", choices=["main", "ablation", "shift", "extras", "streaming", "cq"], action="append")
     p.add_argument("--chunk", type=int, default=128, help="streaming: tokens per chunk")
+    p.add_argument("--chunk-attention", default="full", choices=["full", "stored"],
+                   help="streaming: a chunk attends to itself in full precision or as stored")
     p.add_argument("--streaming-windows", type=int, default=32, help="streaming: windows evaluated")
     args = p.parse_args()
     parts = args.only or ["main", "ablation", "shift"]

@@ -30,7 +30,7 @@ from .reference import KIVI_KEY_GROUP, KIVICache, KVQuantCache, value_group
 
 LOG2E = 1.4426950408889634
 #: split programs per SM the default plan aims for
-PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM = 8
 #: ``tl.dot`` precision of the GQA path (``tf32x3``: three tf32 products, about fp32 accuracy)
 DOT_PRECISION = "tf32x3"
 #: timing ablations of the kvquant kernel (wrong results): 1 = no RoPE, 2 = no codebook lookup
@@ -113,13 +113,13 @@ def _num_sms(device: torch.device) -> int:
 def _default_block(dot: bool, d: int, kivi: bool, block_n: int | None, num_warps: int | None) -> tuple[int, int]:
     """(block_n, num_warps): H100 timings (results doc)."""
     if block_n is None:
-        block_n = 32 if kivi else (32 if dot else 64)
+        block_n = 32
     if dot:
         block_n = max(16, block_n)
     if kivi:
         block_n = min(block_n, KIVI_KEY_GROUP)  # a block must lie in one key group
-    if num_warps is None:
-        num_warps = 4 if (dot or block_n * d <= 4096) else 8
+    if num_warps is None:  # kvquant MHA: 8 warps keep its six (block_n, D/2) RoPE tables in registers
+        num_warps = 8 if not (dot or kivi) and block_n * d >= 4096 else 4
     return block_n, num_warps
 
 

@@ -76,11 +76,15 @@ def eval_ppl(
     mode: str = "simulated",
     progress: Progress = _no_progress,
     chunk: int = 128,
+    chunk_attention: str = "full",
 ) -> dict[str, Any]:
     """Perplexity of the baseline and of every configuration (artifacts first, then methods, in order).
 
-    ``mode="streaming"`` feeds each window ``chunk`` tokens at a time through the packed runtime cache.
+    ``mode="streaming"`` feeds each window ``chunk`` tokens at a time through the packed runtime cache; each
+    chunk attends to itself in full precision (``chunk_attention="full"``, as generation) or as stored.
     """
+    if chunk_attention not in ("full", "stored"):
+        raise KvqError(f"--chunk-attention must be full or stored, not {chunk_attention!r}")
     if mode not in MODES:
         raise KvqError(f"--mode must be simulated or streaming, not {mode!r}")
     if chunk < 1:
@@ -107,8 +111,8 @@ def eval_ppl(
     start = time.perf_counter()
     advance = progress("perplexity", wins.shape[0] * (len(configs) + 1), 0)
     results = evaluate(net, wins, configs, batch_size=batch_size, device=device, progress=advance, mode=mode,
-                       chunk=chunk)
-    extra = {"chunk": chunk} if streaming else {}
+                       chunk=chunk, full_chunk=chunk_attention == "full")
+    extra = {"chunk": chunk, "chunk_attention": chunk_attention} if streaming else {}
     return {
         "model": source.name,
         "dataset": dataset,

@@ -145,6 +145,10 @@ def eval_ppl(
                      "(residual windows as in generation)."),
     ] = "simulated",
     chunk: Annotated[int, typer.Option(help="Tokens per forward pass in --mode streaming.")] = 128,
+    chunk_attention: Annotated[
+        str, typer.Option(help="--mode streaming: each chunk attends to itself in full precision (full, as "
+                          "generation does) or as stored (stored, as simulated mode).")
+    ] = "full",
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 1,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -173,6 +177,7 @@ def eval_ppl(
             methods=methods,
             mode=mode,
             chunk=chunk,
+            chunk_attention=chunk_attention,
             progress=progress_factory(progress),
         )
     if json_out:

@@ -49,12 +49,13 @@ def _context(model: nn.Module, config: Configuration):
 MODES = ("simulated", "streaming")
 
 
-def _logits(model: nn.Module, ids: Tensor, config: Configuration, mode: str, chunk: int) -> Tensor:
+def _logits(model: nn.Module, ids: Tensor, config: Configuration, mode: str, chunk: int,
+            full_chunk: bool = True) -> Tensor:
     """Logits ``(b, T, V)`` of one configuration on ``ids (b, T)`` in ``mode`` (the baseline: one plain pass)."""
     if config.method is not None and mode == "streaming":
         from .runtime.stream import streaming_logits
 
-        return streaming_logits(model, ids, config.method, config.states, chunk)
+        return streaming_logits(model, ids, config.method, config.states, chunk, full_chunk)
     with _context(model, config):
         return model(ids, use_cache=False).logits
 
@@ -62,14 +63,15 @@ def _logits(model: nn.Module, ids: Tensor, config: Configuration, mode: str, chu
 @torch.inference_mode()
 def evaluate(model: nn.Module, windows: Tensor, configs: list[Configuration], batch_size: int = 1,
              device: str | torch.device = "cpu", progress: Callable[[int], None] | None = None,
-             mode: str = "simulated", chunk: int = 128) -> list[dict]:
+             mode: str = "simulated", chunk: int = 128, full_chunk: bool = True) -> list[dict]:
     """Evaluate the baseline and each configuration on ``windows`` ``(W, T)``.
 
     Returns one dict per configuration, baseline first: ``name``, ``perplexity``, ``avg_bits``,
     ``kl_divergence`` (nats per token, baseline 0), ``top1_agreement`` (fraction, baseline 1).
     ``progress(n)`` is called after each forward pass with the number of windows it covered.
     ``mode``: ``simulated`` (one pass, every K/V quantize-dequantized) or ``streaming`` (each window fed
-    ``chunk`` tokens at a time through the packed ``KVQCache``, residual windows included).
+    ``chunk`` tokens at a time through the packed ``KVQCache``, residual windows included; each chunk
+    attends to itself in full precision, or as stored with ``full_chunk=False``).
     """
     everything = [Configuration("baseline")] + list(configs)
     totals = [_Totals() for _ in everything]
@@ -78,7 +80,7 @@ def evaluate(model: nn.Module, windows: Tensor, configs: list[Configuration], ba
         targets = ids[:, 1:]
         base_logp = None
         for config, tot in zip(everything, totals, strict=True):
-            logits = _logits(model, ids, config, mode, chunk)[:, :-1].float()  # (b, T-1, V)
+            logits = _logits(model, ids, config, mode, chunk, full_chunk)[:, :-1].float()  # (b, T-1, V)
             logp = torch.log_softmax(logits, dim=-1)
             del logits
             tot.nll += -logp.gather(-1, targets.unsqueeze(-1)).double().sum().item()

@@ -274,7 +274,8 @@ def test_rope_block_table_exact_and_cached():
     tab = rope_block_table(invf, 32, 5)
     assert tab.shape[0] == 2 and tab.shape[1] >= 5 and tab.shape[2] == 8
     ang = (torch.arange(tab.shape[1], dtype=torch.float64, device=DEV) * 32)[:, None] * invf.double()
-    assert torch.allclose(tab[0].double(), ang.cos(), atol=1e-7) and torch.allclose(tab[1].double(), ang.sin(), atol=1e-7)
+    assert torch.allclose(tab[0].double(), ang.cos(), atol=1e-7)
+    assert torch.allclose(tab[1].double(), ang.sin(), atol=1e-7)
     assert rope_block_table(invf, 32, 3) is tab  # cached for the same frequencies
     assert rope_block_table(invf, 32, 4 * tab.shape[1]).shape[1] >= 4 * tab.shape[1]  # grows
     invf.mul_(0.5)  # changed in place: rebuilt
