@@ -20,12 +20,15 @@ DEMO_DIR ?= demo-artifacts
 
 # The main job on the built-in default (real SmolLM2-135M, bundled WikiText-2): calibrate KVQuant 3-bit
 # with 1% outliers (a short calibration, a few minutes on 2 CPU cores), compare it with KIVI and int
-# baselines against the same-run fp16 perplexity, then say what a 1M-token context would cost.
+# baselines against the same-run fp16 perplexity, retrieve a passkey from a 2K-token haystack through the
+# packed cache, then say what a 1M-token context would cost.
 demo: install
 	kvq calibrate --model smollm2-135m --dataset wikitext2-valid --data-dir $(DATA_DIR) --samples 4 \
 		--seqlen 1024 --method kvquant --bits 3 --outliers 0.01 --out $(DEMO_DIR)/kvquant-3b-1pct.safetensors
 	kvq eval-ppl --model smollm2-135m --dataset wikitext2 --data-dir $(DATA_DIR) --seqlen 2048 --max-windows 4 \
 		--artifact $(DEMO_DIR)/kvquant-3b-1pct.safetensors --method kivi2 --method kivi4 --method int4
+	kvq generate --model smollm2-135m --artifact $(DEMO_DIR)/kvquant-3b-1pct.safetensors --haystack \
+		--context 2K --depth 0.9 --max-new-tokens 8 --data-dir $(DATA_DIR)
 	kvq estimate-memory --model llama-3-8b --context 1M --gpu h100-80gb
 
 test: install
