@@ -28,7 +28,7 @@ demo: install
 	kvq eval-ppl --model smollm2-135m --dataset wikitext2 --data-dir $(DATA_DIR) --seqlen 2048 --max-windows 4 \
 		--artifact $(DEMO_DIR)/kvquant-3b-1pct.safetensors --method kivi2 --method kivi4 --method int4
 	kvq generate --model smollm2-135m --artifact $(DEMO_DIR)/kvquant-3b-1pct.safetensors --haystack \
-		--context 2K --depth 0.9 --max-new-tokens 8 --data-dir $(DATA_DIR)
+		--context 2K --depth 0.9 --seed 1 --max-new-tokens 8 --data-dir $(DATA_DIR)
 	kvq estimate-memory --model llama-3-8b --context 1M --gpu h100-80gb
 
 test: install
