@@ -44,6 +44,13 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
+def load_net(source, dtype: str, device: str, device_map: str | None = None):
+    """The model on ``device``, or spread over devices by ``device_map`` (``models.load_model``); returns it and
+    the device its inputs go to (the embeddings')."""
+    net = load_model(source, dtype, device, device_map=device_map)
+    return net, (str(net.get_input_embeddings().weight.device) if device_map else device)
+
+
 def load_artifact(path: str, geom: KVGeometry) -> artifact_io.Artifact:
     """Load an artifact and check it belongs to a model of this geometry."""
     art = artifact_io.load(path)
@@ -77,6 +84,7 @@ def eval_ppl(
     progress: Progress = _no_progress,
     chunk: int = 128,
     chunk_attention: str = "full",
+    device_map: str | None = None,
 ) -> dict[str, Any]:
     """Perplexity of the baseline and of every configuration (artifacts first, then methods, in order).
 
@@ -107,7 +115,7 @@ def eval_ppl(
         configs.append(configuration_for(method, geom, seqlen, None, "--method", streaming))
     ids = tokenize(load_text(dataset, data_dir), load_tokenizer(source))
     wins = windows(ids, seqlen, max_windows)
-    net = load_model(source, resolve_dtype(dtype, device), device)
+    net, device = load_net(source, resolve_dtype(dtype, device), device, device_map)
     start = time.perf_counter()
     advance = progress("perplexity", wins.shape[0] * (len(configs) + 1), 0)
     results = evaluate(net, wins, configs, batch_size=batch_size, device=device, progress=advance, mode=mode,
@@ -141,6 +149,7 @@ def calibrate(
     device: str = "auto",
     dtype: str = "auto",
     progress: Progress = _no_progress,
+    device_map: str | None = None,
 ) -> dict[str, Any]:
     """Fit ``method`` on calibration text and write its artifact to ``out`` (atomically).
 
@@ -163,8 +172,8 @@ def calibrate(
     if method.needs_calibration:
         ids = tokenize(load_text(dataset, data_dir), load_tokenizer(source))
         windows_ = sample_windows(ids, samples, seqlen, seed)
-        net = load_model(source, resolve_dtype(dtype, device), device)
-        stats = capture(net, windows_.to(device), method, max_tokens, seed, progress("capture", samples))
+        net, first = load_net(source, resolve_dtype(dtype, device), device, device_map)
+        stats = capture(net, windows_.to(first), method, max_tokens, seed, progress("capture", samples))
         del net
         advance = progress("fit", geom.layers)
         states = []

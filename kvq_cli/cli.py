@@ -41,6 +41,12 @@ DataDirOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option("--device-map", help="Spread the layers over all visible GPUs with accelerate: auto, balanced, "
+                 "sequential, or kvq (even blocks of layers, as estimate-memory --gpus plans); each layer's cache "
+                 "stays on its layer's GPU."),
+]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (float32), float32, bfloat16 or float16.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")]
 
@@ -151,6 +157,7 @@ def eval_ppl(
     ] = "full",
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 1,
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
     dtype: DtypeOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
@@ -178,6 +185,7 @@ def eval_ppl(
             mode=mode,
             chunk=chunk,
             chunk_attention=chunk_attention,
+            device_map=device_map,
             progress=progress_factory(progress),
         )
     if json_out:
@@ -223,6 +231,7 @@ def calibrate(
     seed: Annotated[int, typer.Option(help="Seed for sampling windows and k-means.")] = 0,
     max_tokens: Annotated[int, typer.Option(help="Token vectors kept per layer for codebook fitting.")] = 16384,
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
     dtype: DtypeOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
@@ -264,6 +273,7 @@ def calibrate(
             max_tokens=max_tokens,
             device=device,
             dtype=dtype,
+            device_map=device_map,
             progress=progress_factory(progress),
         )
     if json_out:
@@ -305,7 +315,8 @@ def estimate_memory(
     budget: Annotated[
         str | None, typer.Option(help="Memory per GPU instead of --gpu: 80GiB (2^30) or 80GB (1e9).")
     ] = None,
-    gpus: Annotated[int, typer.Option(help="GPUs: multiplies the budget (weights split evenly).")] = 1,
+    gpus: Annotated[int, typer.Option(help="GPUs of --gpu/--budget each: the layers are split over them (each "
+                                      "layer's cache on its GPU); prints which layers go where.")] = 1,
     plot: Annotated[str | None, typer.Option(help="Also write a PNG of memory against context.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -328,6 +339,8 @@ def estimate_memory(
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return
     console.print(render.memory_table(result, weights_dtype, batch, gpus))
+    for line in render.placement_lines(result):
+        console.print(line, highlight=False)
     if "plot" in result:
         console.print(f"wrote [bold]{result['plot']}[/]")
 
@@ -364,6 +377,7 @@ def generate(
         bool | None, typer.Option("--kernels/--no-kernels", help="Triton decode kernels (default: on CUDA).")
     ] = None,
     device: DeviceOpt = "auto",
+    device_map: DeviceMapOpt = None,
     dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), float32, "
                                        "bfloat16 or float16.")] = "auto",
     json_out: JsonOpt = False,
@@ -386,7 +400,7 @@ def generate(
         result = run_generate(
             model=model, artifact=artifact, method=spec, prompt_file=prompt_file, haystack=haystack,
             context=context, depth=depth, max_new_tokens=max_new_tokens, chunk=chunk, seed=seed, device=device,
-            dtype=dtype, data_dir=data_dir, filler=filler, use_kernels=kernels,
+            dtype=dtype, data_dir=data_dir, filler=filler, use_kernels=kernels, device_map=device_map,
             progress=progress_factory(progress, stop_when_done=True),
             on_text=(lambda piece: console.print(piece, end="", highlight=False, markup=False)) if streaming
             else (lambda piece: None),

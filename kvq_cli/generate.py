@@ -29,22 +29,34 @@ def device_budget(device: str) -> tuple[int, str]:
 
 
 def preflight(shape: ModelShape, entry: memory.Entry, tokens: int, weights_dtype: str, budget: int, where: str,
-              chunk: int) -> dict[str, Any]:
-    """Estimated bytes of ``tokens`` with ``entry``; refuses (``KvqError``) when they exceed ``budget``,
-    naming the largest context that fits with this configuration and the configuration that fits most."""
+              chunk: int, gpus: int = 1) -> dict[str, Any]:
+    """Estimated bytes of ``tokens`` with ``entry``; refuses (``KvqError``) when they exceed ``budget`` (per GPU;
+    with ``gpus`` > 1 the layers are split as ``placement.plan`` does), naming the largest context that fits
+    with this configuration and the configuration that fits most."""
+    from . import placement
+
     weights = memory.weights_bytes(shape, weights_dtype)
-    total = memory.total_bytes(entry, shape, tokens, 1, weights, chunk)
-    if total <= budget:
+
+    def total_and_max(e: memory.Entry, t: int) -> tuple[float, float, int]:
+        """(estimated bytes, the largest GPU's share, the largest context that fits)"""
+        if gpus == 1:
+            total = memory.total_bytes(e, shape, t, 1, weights, chunk)
+            return total, total, memory.max_context(e, shape, 1, weights, budget, chunk)
+        parts = placement.plan(e, shape, t, 1, weights_dtype, budget, gpus, chunk)
+        return (sum(p["total_bytes"] for p in parts), max(p["total_bytes"] for p in parts),
+                placement.max_context(e, shape, 1, weights_dtype, budget, gpus, chunk))
+
+    total, largest, mine = total_and_max(entry, tokens)
+    if largest <= budget:
         return {"estimated_bytes": total, "kv_bytes": memory.kv_bytes(entry, shape, tokens)}
-    mine = memory.max_context(entry, shape, 1, weights, budget, chunk)
     others = [memory.Entry.from_method(m, shape) for m in memory.default_methods()]
-    best = max(others, key=lambda e: memory.max_context(e, shape, 1, weights, budget, chunk))
-    most = memory.max_context(best, shape, 1, weights, budget, chunk)
+    best, most = max(((e, total_and_max(e, tokens)[2]) for e in others), key=lambda x: x[1])
     gib = 1 << 30
+    on = f"{where} ({budget / gib:.1f} GiB)" + (f" x {gpus}" if gpus > 1 else "")
     raise KvqError(
-        f"{tokens:,} tokens do not fit on {where} ({budget / gib:.1f} GiB): {entry.name} needs an estimated "
-        f"{total / gib:.1f} GiB; the largest context that fits is {mine:,} tokens with {entry.name}, "
-        f"{most:,} with {best.name} (kvq estimate-memory shows the arithmetic)")
+        f"{tokens:,} tokens do not fit on {on}: {entry.name} needs an estimated {largest / gib:.1f} GiB"
+        f"{' on its fullest GPU' if gpus > 1 else ''}; the largest context that fits is {mine:,} tokens with "
+        f"{entry.name}, {most:,} with {best.name} (kvq estimate-memory shows the arithmetic)")
 
 
 def _sync(device: torch.device) -> None:
@@ -52,10 +64,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_memory(device: torch.device) -> int:
-    """Peak bytes allocated by torch on the GPU since the last reset; on the CPU the process's peak RSS."""
+def peak_memory(device: torch.device, gpus: int = 1) -> int:
+    """Peak bytes allocated by torch on the GPU (summed over ``gpus`` devices) since the last reset; on the CPU
+    the process's peak RSS."""
     if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
+        return sum(int(torch.cuda.max_memory_allocated(i)) for i in range(gpus)) if gpus > 1 else int(
+            torch.cuda.max_memory_allocated(device))
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
@@ -139,6 +153,7 @@ def generate(
     data_dir: str | None = None,
     filler: str = "war-and-peace",
     use_kernels: bool | None = None,
+    device_map: str | None = None,
     progress=None,
     on_text: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
@@ -148,7 +163,7 @@ def generate(
     from .api import load_artifact, resolve_device
     from .data import load_text
     from .hf_attention import geometry_from_config
-    from .models import load_config, load_model, load_tokenizer, resolve_model
+    from .models import load_config, load_tokenizer, resolve_model
     from .presets import shape_from_config
     from .prompts import file_prompt, haystack_prompt, passkey_answer, random_prompt
 
@@ -183,8 +198,10 @@ def generate(
     budget, where = device_budget(device)
     weights_dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
 
+    gpus = torch.cuda.device_count() if device_map and device.startswith("cuda") else 1
+
     def check(prompt_tokens: int) -> dict[str, Any]:
-        return preflight(shape, entry, prompt_tokens + max_new_tokens, weights_dtype, budget, where, chunk)
+        return preflight(shape, entry, prompt_tokens + max_new_tokens, weights_dtype, budget, where, chunk, gpus)
 
     plan = check(tokens) if tokens is not None else None  # before building a prompt that cannot fit
     # the prompt
@@ -213,9 +230,11 @@ def generate(
     plan = plan or check(n)
     # run
     dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    net = load_model(source, dtype, device)
+    for i in range(gpus if dev.type == "cuda" else 0):
+        torch.cuda.reset_peak_memory_stats(i if gpus > 1 else dev)
+    from .api import load_net
+
+    net, first = load_net(source, dtype, device, device_map)
     if method is None:
         from transformers import DynamicCache
 
@@ -237,7 +256,8 @@ def generate(
 
     advance = progress("prefill", n, 0) if progress else (lambda k: None)
     try:
-        out = run(net, cache, prompt.ids.to(dev), max_new_tokens, chunk, _eos_ids(net, tokenizer), advance, on_token)
+        out = run(net, cache, prompt.ids.to(first), max_new_tokens, chunk, _eos_ids(net, tokenizer), advance,
+                  on_token)
     finally:
         if hasattr(cache, "unbind"):
             cache.unbind()
@@ -256,12 +276,13 @@ def generate(
         "decode_tokens_per_s": out["decode_tokens_per_s"],
         "prefill_seconds": out["prefill_seconds"],
         "decode_seconds": out["decode_seconds"],
-        "peak_memory_bytes": peak_memory(dev),
+        "peak_memory_bytes": peak_memory(dev, gpus),
         "cache_bytes": cache_bytes,
         "avg_bits": 8 * cache_bytes / elements,
         "estimated_bytes": plan["estimated_bytes"],
         "estimated_kv_bytes": plan["kv_bytes"],
-        "budget_bytes": budget,
+        "budget_bytes": budget * gpus,
+        "gpus": gpus,
         "chunk": chunk,
         "notes": notes,
     }

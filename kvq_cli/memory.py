@@ -19,7 +19,9 @@ The KV arithmetic is the runtime's own (``kvq_cli.accounting.cache_bits``, resid
       and four fp32 partial outputs of the chunk, 4 x batch x q_heads x chunk x head_dim x 4 bytes;
       independent of the context.
   (Checked against measurements on an H100: ``docs/results/memory-check.md``, ``generate-long-context.md``.)
-* total = KV + weights + allowance; it fits when total <= budget (x ``gpus``; weights split evenly).
+* total = KV + weights + allowance; it fits when total <= budget. With ``gpus`` > 1 the layers are split
+  over the GPUs (``kvq_cli.placement``: contiguous blocks, each layer's KV on its GPU, an allowance on
+  every GPU) and it fits when every GPU does.
 """
 
 from __future__ import annotations
@@ -215,7 +217,7 @@ def estimate(
     for e in with_fp16_first(entries, shape):
         kv = kv_bytes(e, shape, context, batch)
         total = total_bytes(e, shape, context, batch, weights)
-        results.append({
+        row = {
             "name": e.name,
             "avg_bits": avg_bits(e.method, geom, context, e.state_bits, with_residual=True),
             "kv_bytes_per_token": kv / (batch * context),
@@ -225,7 +227,15 @@ def estimate(
             "allowance_bytes": allowance_bytes(shape, context, batch, e.method),
             "fits": total <= total_budget,
             "max_context": max_context(e, shape, batch, weights, total_budget),
-        })
+        }
+        if gpus > 1:  # layers split over the GPUs, each layer's cache with its layer (``placement``)
+            from . import placement
+
+            row["placement"] = placement.plan(e, shape, context, batch, weights_dtype, budget, gpus)
+            row["fits"] = all(p["fits"] for p in row["placement"])
+            row["max_context"] = placement.max_context(e, shape, batch, weights_dtype, budget, gpus)
+            row["total_bytes"] = sum(p["total_bytes"] for p in row["placement"])
+        results.append(row)
     return {
         "model": shape.name,
         "context": context,

@@ -98,12 +98,19 @@ def load_config(source: ModelSource):
     return _hub_call(lambda: AutoConfig.from_pretrained(source.path, **source.load_kwargs()), source.name)
 
 
-def load_model(source: ModelSource, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
-    """Load the causal LM (eval mode) and check that kvq supports its attention."""
+def load_model(source: ModelSource, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
+               device_map: str | dict | None = None):
+    """Load the causal LM (eval mode) and check that kvq supports its attention.
+
+    ``device_map``: spread the layers over several devices with accelerate (``auto``, ``balanced``,
+    ``sequential``, ``kvq``: ``kvq_cli.placement``'s even blocks of layers over the visible GPUs, or an
+    explicit map); ``device`` is then ignored."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if device_map is not None:
+        return _load_dispatched(source, torch_dtype, device_map, trust_remote_code)
     if source.random:  # random weights, made on the target device (seeded: the same model every time)
         torch.manual_seed(0)
         with torch.device(device):
@@ -117,6 +124,60 @@ def load_model(source: ModelSource, dtype: str = "float32", device: str = "cpu",
     )
     check_supported(model.config)
     return model.to(device).eval()
+
+
+DEVICE_MAPS = ("auto", "balanced", "sequential", "kvq")
+
+
+def resolve_device_map(spec: str | dict, config) -> str | dict:
+    """``kvq`` -> ``placement.device_map`` over the visible GPUs (or the CPU); accelerate's names as they are."""
+    import torch
+
+    if isinstance(spec, dict):
+        return spec
+    if spec not in DEVICE_MAPS:
+        raise KvqError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, not {spec!r}")
+    if spec != "kvq":
+        return spec
+    from .hf_attention import text_config
+    from .placement import device_map
+
+    text = text_config(config)
+    gpus = torch.cuda.device_count()
+    devices = list(range(gpus)) if gpus else ["cpu"]
+    return device_map(text.num_hidden_layers, len(devices), bool(getattr(config, "tie_word_embeddings", False)),
+                      devices)
+
+
+def _load_dispatched(source: ModelSource, torch_dtype, device_map, trust_remote_code: bool):
+    """The model dispatched over devices by accelerate (random models: made on the CPU, then dispatched)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        import accelerate
+    except ImportError:
+        raise KvqError("--device-map needs accelerate: pip install accelerate") from None
+    config = load_config(source)
+    device_map = resolve_device_map(device_map, config)
+    if source.random:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype).eval()
+        if isinstance(device_map, str):
+            kwargs = {"no_split_module_classes": model._no_split_modules}
+            if device_map != "sequential":
+                kwargs["max_memory"] = accelerate.utils.get_balanced_memory(model, **kwargs)
+            device_map = accelerate.infer_auto_device_map(model, **kwargs)
+        return accelerate.dispatch_model(model, device_map)
+    model = _hub_call(
+        lambda: AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=torch_dtype, trust_remote_code=trust_remote_code, device_map=device_map,
+            **source.load_kwargs()
+        ),
+        source.name,
+    )
+    check_supported(model.config)
+    return model.eval()
 
 
 def load_tokenizer(source: ModelSource):

@@ -69,6 +69,19 @@ def memory_table(result: dict[str, Any], weights_dtype: str, batch: int, gpus: i
     return table
 
 
+def placement_lines(result: dict[str, Any]) -> list[str]:
+    """``estimate-memory --gpus N``: which layers go on which GPU, per configuration, in GiB."""
+    g = 1 << 30
+    lines = []
+    for r in result["results"]:
+        if "placement" not in r:
+            continue
+        parts = [f"GPU{p['gpu']} layers {p['layers'][0]}-{p['layers'][1]} {p['total_bytes'] / g:,.1f}"
+                 + ("" if p["fits"] else " [red](over)[/]") for p in r["placement"] if p["layers"]]
+        lines.append(f"{r['name']}: " + ", ".join(parts))
+    return lines
+
+
 def methods_table(methods: list[dict[str, Any]]) -> Table:
     """``kvq methods``: one row per registered method."""
     table = Table(title="KV-cache quantization methods (use with --method NAME:key=value,... or kvq calibrate)",

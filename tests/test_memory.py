@@ -299,7 +299,7 @@ def test_cli_json_schema():
     assert {"model", "context", "batch", "budget_bytes", "results"} <= set(doc)
     assert (doc["model"], doc["context"], doc["batch"], doc["budget_bytes"]) == ("llama-3-8b", 1 << 20, 2, 160e9)
     keys = {"name", "avg_bits", "kv_bytes_per_token", "kv_bytes", "weights_bytes", "total_bytes", "fits", "max_context",
-            "allowance_bytes"}  # the keys, plus each row's allowance
+            "allowance_bytes", "placement"}  # the keys, each row's allowance, --gpus 2: the layer split
     assert [set(r) for r in doc["results"]] == [keys, keys]
     assert [r["name"] for r in doc["results"]] == ["fp16", "kvquant-2b-1%"]
     assert doc["results"][0]["kv_bytes"] == 2 * 32 * 2 * 8 * 128 * 2 * (1 << 20)  # batch 2, GQA 8 KV heads

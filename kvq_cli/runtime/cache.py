@@ -46,8 +46,8 @@ def _fp16_state(state: State, device) -> State:
     """Layer state kept in fp16 where that is exact (codebooks, fp16-rounded thresholds), else float32."""
     out = {}
     for name, t in state.items():
-        t = t.to(device)
-        out[name] = t.half() if torch.equal(t.float().half().float(), t.float()) else t.float()
+        exact = torch.equal(t.float().half().float(), t.float())  # decided where the state is, then moved
+        out[name] = (t.half() if exact else t.float()).to(device)
     return out
 
 
@@ -310,9 +310,9 @@ def load_cache(artifact_or_path, model: nn.Module, batch_size: int = 1, max_toke
     if len(states) != len(attns):
         raise KvqError(f"the artifact has {len(states)} layer states for {len(attns)} layers")
     rope = Rope.of(model) if method.keys_pre_rope else None
-    device = attns[0].k_proj.weight.device
-    layers = [KVQLayer(method, _fp16_state(s, device), i, batch_size, max_tokens, rope, block)
-              for i, s in enumerate(states)]
+    # each layer's state (and, as its tokens arrive, its packed cache) on that layer's device (--device-map)
+    layers = [KVQLayer(method, _fp16_state(s, attn.k_proj.weight.device), i, batch_size, max_tokens, rope, block)
+              for i, (s, attn) in enumerate(zip(states, attns, strict=True))]
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
     step = layers[0].step if layers else 1
     decode_block = history_block(batch_size, geom.kv_heads, geom.head_dim, step, quarter=True)

@@ -19,6 +19,8 @@ All need K and V buffers of equal capacity and strides (always so with ``max_tok
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -130,4 +132,6 @@ def kernel_decode(layer, query: Tensor, scaling: float) -> Tensor | None:
 
         fn = decode_attention_kvquant if name == "kvquant" else decode_attention_kivi
     q = query[:, :, 0].contiguous()  # (B, Hq, D)
-    return fn(q, cache, sm_scale=scaling).float()[:, :, None]  # (B, Hq, 1, D)
+    # Triton launches on the current device, and layers may sit on several GPUs (--device-map)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        return fn(q, cache, sm_scale=scaling).float()[:, :, None]  # (B, Hq, 1, D)
