@@ -1,19 +1,24 @@
-"""Decode speed at long contexts on one GPU: the packed cache against the 16-bit DynamicCache (not a test).
+"""Decode speed at long contexts on one or more GPUs: the packed cache against the 16-bit DynamicCache (not a test).
 
     python bench/long_decode.py --model random:llama-3-8b --method kivi2 --contexts 32K,128K,1M,max \
         --baseline-contexts 32K,128K,max --out docs/results/long-decode.json
+    # issue 8, on 8 GPUs: kvq calibrate --model random:llama-2-7b --method kvquant --bits 2 --outliers 0.01 \
+    #     --device-map kvq --out r7b.safetensors
+    python bench/long_decode.py --model random:llama-2-7b --artifact r7b.safetensors --device-map kvq \
+        --contexts 10M --baseline-contexts "" --steps 4 --out long-decode-10m.json
 
-The model has the preset's shapes and RANDOM weights (bf16). A prefill of an 8B model at 1M tokens takes
-far longer than a device command allows, so each cache is FILLED DIRECTLY with random bf16 keys/values
-(N(0, 1)) instead: the packed cache through its own append path (``Stream.append``: the method's encode,
-bit packing and residual window, on the GPU, exactly what generation stores), the DynamicCache through
-``update`` with one tensor per layer (its SDPA held to FlashAttention / memory-efficient kernels, see
-``run_dynamic``). Then ``--steps`` greedy decode steps of the whole model run on top
-(after 2 warm-up steps) and are timed; the packed cache uses the Triton decode kernels where exact.
-``max``: for the packed cache, the largest context estimate-memory says fits (``kvq_cli.memory``); for
-the DynamicCache, the largest fill that survives its decode steps, searched down from the memory left
-after the weights in 5% steps (filling skips the prefill, whose activations estimate-memory also counts,
-so this favours the baseline). Prints a table; writes JSON with peak memory and estimates.
+The model has the preset's shapes and RANDOM weights (bf16); ``--device-map kvq`` spreads its layers
+over every visible GPU (each layer's cache on its GPU; "max" is then estimate-memory's split plan).
+A prefill of an 8B model at 1M tokens takes far longer than a device command allows, so each cache is
+FILLED DIRECTLY with random bf16 keys/values (N(0, 1)) instead: the packed cache through its own append
+path (``Stream.append``: the method's encode, bit packing and residual window, on the GPU, exactly what
+generation stores), the DynamicCache through ``update`` with one tensor per layer (its SDPA held to
+FlashAttention / memory-efficient kernels, see ``run_dynamic``). Then ``--steps`` greedy decode steps of
+the whole model run on top (after 2 warm-up steps) and are timed; the packed cache uses the Triton decode
+kernels where exact. ``max``: for the packed cache, the largest context estimate-memory says fits
+(``kvq_cli.memory``); for the DynamicCache, the largest fill that survives its decode steps, searched
+down from the memory left after the weights in 5% steps (filling skips the prefill, whose activations
+estimate-memory also counts, so this favours the baseline). Prints a table; writes JSON with peak memory and estimates.
 """
 
 from __future__ import annotations
@@ -37,30 +42,37 @@ PROFILE = False
 
 def fill_packed(cache, tokens: int, chunk: int = 65536) -> float:
     """Append ``tokens`` random K/V tokens to every layer of a ``KVQCache``; seconds taken."""
-    torch.cuda.synchronize()
+    _sync_all()
     start = time.perf_counter()
     for layer in cache.layers:
         h, d = cache.kv_heads, cache.head_dim
         state = layer.state()
         for s in range(0, tokens, chunk):
             n = min(chunk, tokens - s)
-            k = torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16)
-            v = torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16)
+            dev = layer.attn.k_proj.weight.device  # the layer's own GPU (--device-map)
+            k = torch.randn(1, h, n, d, device=dev, dtype=torch.bfloat16)
+            v = torch.randn(1, h, n, d, device=dev, dtype=torch.bfloat16)
             if not layer.is_initialized:
                 layer.lazy_initialization(k, v)
             layer.keys_stream.append(k, state, layer.method.encode_keys)
             layer.values_stream.append(v, state, layer.method.encode_values)
             layer.length += n
-    torch.cuda.synchronize()
+    _sync_all()
     return time.perf_counter() - start
 
 
-def fill_dynamic(config, shape, tokens: int):
+def _sync_all() -> None:
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(i)
+
+
+def fill_dynamic(net, config, shape, tokens: int):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=config)
     for i in range(shape.layers):
-        k = torch.randn(1, shape.kv_heads, tokens, shape.head_dim, device="cuda", dtype=torch.bfloat16)
+        dev = net.model.layers[i].self_attn.k_proj.weight.device
+        k = torch.randn(1, shape.kv_heads, tokens, shape.head_dim, device=dev, dtype=torch.bfloat16)
         cache.update(k, torch.randn_like(k), i)
     return cache
 
@@ -68,7 +80,7 @@ def fill_dynamic(config, shape, tokens: int):
 @torch.inference_mode()
 def decode_speed(net, cache, steps: int, profile: bool = False) -> float:
     """Tokens/s of ``steps`` greedy single-token forwards (after two warm-up steps)."""
-    token = torch.tensor([[1]], device="cuda")
+    token = torch.tensor([[1]], device=net.get_input_embeddings().weight.device)
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as prof
@@ -92,19 +104,26 @@ def decode_speed(net, cache, steps: int, profile: bool = False) -> float:
 def _free() -> None:
     gc.collect()
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.reset_peak_memory_stats(i)
 
 
-def run_packed(net, method, shape, tokens: int, steps: int) -> dict:
+def _peak() -> int:
+    """Peak bytes allocated, summed over the GPUs."""
+    return sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+
+
+def run_packed(net, method, entry: memory.Entry, shape, tokens: int, steps: int) -> dict:
+    """``method``: a tuning-free ``KVMethod`` or a ``(method, states)`` pair; ``entry`` its estimate entry."""
     _free()
     cache = load_cache(method, net, max_tokens=tokens + steps + 8)
     try:
         fill_s = fill_packed(cache, tokens)
         speed = decode_speed(net, cache, steps, PROFILE)
-        return dict(cache="packed", configuration=method.label, context=tokens, decode_tokens_per_s=speed,
+        return dict(cache="packed", configuration=entry.name, context=tokens, decode_tokens_per_s=speed,
                     fill_seconds=fill_s, cache_bytes=cache.nbytes(), avg_bits=cache.avg_bits(),
-                    peak_memory_bytes=torch.cuda.max_memory_allocated(),
-                    estimated_kv_bytes=memory.kv_bytes(memory.Entry.from_method(method, shape), shape, tokens))
+                    peak_memory_bytes=_peak(),
+                    estimated_kv_bytes=memory.kv_bytes(entry, shape, tokens))
     finally:
         cache.unbind()
         del cache
@@ -117,12 +136,12 @@ def run_dynamic(net, config, shape, tokens: int, steps: int) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     _free()
-    cache = fill_dynamic(config, shape, tokens)
+    cache = fill_dynamic(net, config, shape, tokens)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
         speed = decode_speed(net, cache, steps, PROFILE)
     out = dict(cache="DynamicCache", configuration="fp16", context=tokens, decode_tokens_per_s=speed,
                cache_bytes=2 * shape.layers * shape.kv_heads * shape.head_dim * 2 * tokens,
-               peak_memory_bytes=torch.cuda.max_memory_allocated())
+               peak_memory_bytes=_peak())
     del cache
     return out
 
@@ -143,7 +162,10 @@ def largest_dynamic(net, config, shape, steps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="random:llama-3-8b")
-    ap.add_argument("--method", default="kivi2")
+    ap.add_argument("--method", default="kivi2", help="a tuning-free method spec")
+    ap.add_argument("--artifact", default=None, help="a calibrated artifact instead of --method (random models "
+                    "calibrate on random ids: kvq calibrate --model random:<preset>)")
+    ap.add_argument("--device-map", default=None, help="kvq / auto: spread the layers over every visible GPU")
     ap.add_argument("--contexts", default="32K,128K,1M,max")
     ap.add_argument("--baseline-contexts", default="32K,128K,max")
     ap.add_argument("--steps", type=int, default=8)
@@ -155,11 +177,27 @@ def main() -> None:
     source = resolve_model(args.model)
     config = load_config(source)
     shape = shape_from_config(config, source.name)
-    method = parse_spec(args.method)
-    net = load_model(source, "bfloat16", "cuda")
+    if args.artifact:
+        from kvq_cli.artifact import load as load_artifact
+
+        art = load_artifact(args.artifact)
+        method = (art.method, art.states)
+        entry = memory.Entry(art.method.label, art.method, art.state_bits())
+    else:
+        method = parse_spec(args.method)
+        entry = memory.Entry.from_method(method, shape)
+    net = load_model(source, "bfloat16", "cuda", device_map=args.device_map)
+    gpus = torch.cuda.device_count() if args.device_map else 1
     budget = torch.cuda.get_device_properties(0).total_memory
-    entry = memory.Entry.from_method(method, shape)
     weights = memory.weights_bytes(shape, "bf16")
+
+    def largest(e: memory.Entry) -> int:  # estimate-memory's longest context (split over the GPUs)
+        if gpus > 1:
+            from kvq_cli import placement
+
+            return placement.max_context(e, shape, 1, "bf16", budget, gpus)
+        return memory.max_context(e, shape, 1, weights, budget)
+
     rows = []
 
     def save(rows: list[dict]) -> None:  # after every row, so a later failure keeps what was measured
@@ -167,13 +205,13 @@ def main() -> None:
             json.dump(dict(machine=_device_name("cuda"), model=args.model, rows=rows), f, indent=1)
 
     for c in [x for x in args.contexts.split(",") if x]:
-        tokens = memory.max_context(entry, shape, 1, weights, budget) if c == "max" else memory.parse_context(c)
+        tokens = largest(entry) if c == "max" else memory.parse_context(c)
         try:
-            row = run_packed(net, method, shape, tokens, args.steps)
+            row = run_packed(net, method, entry, shape, tokens, args.steps)
         except torch.OutOfMemoryError:
-            row = dict(cache="packed", configuration=method.label, context=tokens, decode_tokens_per_s=float("nan"),
-                       cache_bytes=0, peak_memory_bytes=torch.cuda.max_memory_allocated(), out_of_memory=True)
-        row["estimated_max_context"] = memory.max_context(entry, shape, 1, weights, budget)
+            row = dict(cache="packed", configuration=entry.name, context=tokens, decode_tokens_per_s=float("nan"),
+                       cache_bytes=0, peak_memory_bytes=_peak(), out_of_memory=True)
+        row["estimated_max_context"] = largest(entry)
         rows.append(row)
         print(row, flush=True)
         save(rows)

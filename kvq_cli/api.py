@@ -170,7 +170,12 @@ def calibrate(
     calibration: dict[str, Any] = {"dataset": dataset, "samples": samples, "seqlen": seqlen, "seed": seed}
     states: list = [{} for _ in range(geom.layers)]
     if method.needs_calibration:
-        ids = tokenize(load_text(dataset, data_dir), load_tokenizer(source))
+        if source.random:  # random weights, no tokenizer: calibrate on random token ids (said in the artifact)
+            ids = torch.randint(0, load_config(source).vocab_size, (samples * seqlen,),
+                                generator=torch.Generator().manual_seed(seed))
+            calibration["dataset"] = "random token ids"
+        else:
+            ids = tokenize(load_text(dataset, data_dir), load_tokenizer(source))
         windows_ = sample_windows(ids, samples, seqlen, seed)
         net, first = load_net(source, resolve_dtype(dtype, device), device, device_map)
         stats = capture(net, windows_.to(first), method, max_tokens, seed, progress("capture", samples))

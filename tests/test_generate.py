@@ -123,3 +123,13 @@ def test_cli_prompt_file_baseline_and_random_model(tiny_model_dir, tiny_text_fil
 def test_cli_refusals(tiny_model_dir, tiny_text_file, args, message):
     r = _invoke("--model", tiny_model_dir, "--filler", tiny_text_file, *args)
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+
+
+def test_random_model_calibrates_on_random_ids(tmp_path):
+    from kvq_cli import api
+    from kvq_cli.artifact import load
+
+    out = api.calibrate(parse_spec("kvquant:bits=2,outliers=0.01,kmeans_iters=2"), str(tmp_path / "r.safetensors"),
+                        model="random:smollm2-135m", samples=1, seqlen=32)
+    art = load(out["artifact"])
+    assert art.calibration["dataset"] == "random token ids" and len(art.states) == 30
