@@ -137,6 +137,45 @@ def _eos_ids(net: nn.Module, tokenizer) -> set[int]:
     return ids
 
 
+def _configuration(artifact: str | None, method, geom, shape: ModelShape):
+    """``(method, states, estimate entry)`` of ``--artifact`` or ``--method``; neither: ``(None, None, fp16)``."""
+    from .api import load_artifact
+
+    if artifact:
+        art = load_artifact(artifact, geom)
+        return art.method, art.states or None, memory.Entry(art.method.label, art.method, art.state_bits())
+    if method is not None:
+        if method.needs_calibration:
+            raise KvqError(f"method {method.name} needs calibration: run `kvq calibrate` and pass --artifact")
+        return method, None, memory.Entry.from_method(method, shape)
+    from .methods import parse_spec
+
+    return None, None, memory.Entry("fp16 (DynamicCache)", parse_spec("fp16"), 0)
+
+
+def _prompt(source, vocab: int, tokens: int | None, haystack: bool, prompt_file: str | None, filler: str,
+            data_dir: str | None, depth: float, seed: int):
+    """``(tokenizer or None, Prompt)`` for the options of ``kvq generate`` (random models: random ids)."""
+    from .data import load_text, read_text_file
+    from .models import load_tokenizer
+    from .prompts import file_prompt, haystack_prompt, random_prompt
+
+    if source.random:
+        if haystack or prompt_file:
+            raise KvqError(f"{source.name} has random weights and no tokenizer: give --context only (random ids)")
+        if tokens is None:
+            raise KvqError("a random-weight model needs --context (its prompt is that many random token ids)")
+        return None, random_prompt(vocab, tokens, seed)
+    tokenizer = load_tokenizer(source)
+    if haystack:
+        if tokens is None:
+            raise KvqError("--haystack needs --context (the prompt's length in tokens)")
+        return tokenizer, haystack_prompt(tokenizer, load_text(filler, data_dir), tokens, depth, seed)
+    if prompt_file:
+        return tokenizer, file_prompt(tokenizer, read_text_file(Path(prompt_file).expanduser()), tokens)
+    raise KvqError("give --prompt-file F or --haystack (with --context N)")
+
+
 def generate(
     model: str | None = None,
     artifact: str | None = None,
@@ -160,12 +199,11 @@ def generate(
     """Prefill a prompt through the packed cache of ``artifact`` (or the tuning-free ``method``; neither: the
     16-bit ``DynamicCache`` baseline) in chunks, then generate greedily; returns the summary ``kvq generate
     --json`` prints. ``use_kernels``: the Triton decode path (None: on CUDA where exact)."""
-    from .api import load_artifact, resolve_device
-    from .data import load_text
+    from .api import load_net, resolve_device
     from .hf_attention import geometry_from_config
-    from .models import load_config, load_tokenizer, resolve_model
+    from .models import load_config, resolve_model
     from .presets import shape_from_config
-    from .prompts import file_prompt, haystack_prompt, passkey_answer, random_prompt
+    from .prompts import passkey_answer
 
     if max_new_tokens < 1 or chunk < 1:
         raise KvqError("--max-new-tokens and --chunk must be at least 1")
@@ -182,19 +220,7 @@ def generate(
     config = load_config(source)
     geom = geometry_from_config(config)
     shape = shape_from_config(config, source.name)
-    states = None
-    if artifact:
-        art = load_artifact(artifact, geom)
-        method, states = art.method, art.states or None
-        entry = memory.Entry(art.method.label, art.method, art.state_bits())
-    elif method is not None:
-        if method.needs_calibration:
-            raise KvqError(f"method {method.name} needs calibration: run `kvq calibrate` and pass --artifact")
-        entry = memory.Entry.from_method(method, shape)
-    else:
-        from .methods import parse_spec
-
-        entry = memory.Entry("fp16 (DynamicCache)", parse_spec("fp16"), 0)
+    method, states, entry = _configuration(artifact, method, geom, shape)
     budget, where = device_budget(device)
     weights_dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
 
@@ -204,25 +230,7 @@ def generate(
         return preflight(shape, entry, prompt_tokens + max_new_tokens, weights_dtype, budget, where, chunk, gpus)
 
     plan = check(tokens) if tokens is not None else None  # before building a prompt that cannot fit
-    # the prompt
-    if source.random:
-        if haystack or prompt_file:
-            raise KvqError(f"{source.name} has random weights and no tokenizer: give --context only (random ids)")
-        if tokens is None:
-            raise KvqError("a random-weight model needs --context (its prompt is that many random token ids)")
-        tokenizer, prompt = None, random_prompt(shape.vocab, tokens, seed)
-    else:
-        tokenizer = load_tokenizer(source)
-        if haystack:
-            if tokens is None:
-                raise KvqError("--haystack needs --context (the prompt's length in tokens)")
-            prompt = haystack_prompt(tokenizer, load_text(filler, data_dir), tokens, depth, seed)
-        elif prompt_file:
-            from .data import read_text_file
-
-            prompt = file_prompt(tokenizer, read_text_file(Path(prompt_file).expanduser()), tokens)
-        else:
-            raise KvqError("give --prompt-file F or --haystack (with --context N)")
+    tokenizer, prompt = _prompt(source, shape.vocab, tokens, haystack, prompt_file, filler, data_dir, depth, seed)
     n = prompt.ids.shape[1]
     notes = []
     if geom.max_positions and n + max_new_tokens > geom.max_positions and not source.random:
@@ -232,8 +240,6 @@ def generate(
     dev = torch.device(device)
     for i in range(gpus if dev.type == "cuda" else 0):
         torch.cuda.reset_peak_memory_stats(i if gpus > 1 else dev)
-    from .api import load_net
-
     net, first = load_net(source, dtype, device, device_map)
     if method is None:
         from transformers import DynamicCache
