@@ -51,11 +51,12 @@ def test_file_prompt_and_answer(tiny_tokenizer):
     assert passkey_answer(" 12345. Remember") == "12345" and passkey_answer(" no digits") is None
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("spec", ["fp16", "kivi:bits=4,residual=8,group=8", "int4"])
-def test_run_equals_plain_greedy_generate(spec):
-    """Chunked prefill + greedy decoding through the cache equals ``model.generate`` through the same cache
-    (whole-prompt prefill) for 16-bit; every configuration produces the asked number of tokens."""
-    model = tiny_model("llama")
+def test_run_equals_plain_greedy_generate(spec, arch):
+    """Chunked prefill + greedy decoding through the cache equals the plain model's greedy ``generate`` for
+    16-bit; every configuration produces the asked number of tokens."""
+    model = tiny_model(arch)
     ids = torch.randint(0, 320, (1, 37), generator=torch.Generator().manual_seed(0))
     cache = load_cache(parse_spec(spec), model, max_tokens=64)
     out = run(model, cache, ids, max_new_tokens=9, chunk=10, eos=set())

@@ -110,3 +110,17 @@ def test_preflight_over_several_gpus():
     assert preflight(shape, entry, 10 << 20, "bf16", 141 * 10**9, "H200", 4096, gpus=8)["estimated_bytes"] > 0
     with pytest.raises(KvqError, match="fullest GPU.*largest context that fits is"):
         preflight(shape, entry, 10 << 20, "bf16", 141 * 10**9, "H200", 4096, gpus=2)
+
+
+def test_calibrate_with_a_device_map(tiny_model_dir, tiny_text_file, tmp_path):
+    """Capture (with Fisher's backward pass) through accelerate's dispatch hooks gives the same artifact."""
+    from kvq_cli import api
+    from kvq_cli.artifact import load
+
+    spec = parse_spec("kvquant:bits=2,outliers=0.01,kmeans_iters=3")
+    kw = dict(model=str(tiny_model_dir), dataset=str(tiny_text_file), samples=2, seqlen=32)
+    plain = load(api.calibrate(spec, str(tmp_path / "a.safetensors"), **kw)["artifact"])
+    spread = load(api.calibrate(spec, str(tmp_path / "b.safetensors"), device_map="kvq", **kw)["artifact"])
+    for a, b in zip(plain.states, spread.states, strict=True):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
