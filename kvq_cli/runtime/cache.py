@@ -63,6 +63,7 @@ class KVQLayer(CacheLayerMixin):
         super().__init__()
         self.method, self.index, self.batch, self.max_tokens = method, index, batch, max_tokens
         self.rope, self.state16 = rope, state
+        self._state32: State | None = None
         self.step = method.group if method.name == "kivi" else 1
         self.block = max(self.step, block - block % self.step)  # packed-key groups never straddle blocks
         self.query_tile = QUERY_TILE  # queries attended at once (bounds the score tile of a long prefill)
@@ -141,7 +142,10 @@ class KVQLayer(CacheLayerMixin):
 
     # ---- kvq ------------------------------------------------------------------------------------
     def state(self) -> State:
-        return {k: v.float() for k, v in self.state16.items()}
+        """The layer state in float32, made once (it never changes; decoding calls this every step)."""
+        if self._state32 is None:
+            self._state32 = {k: v.float() for k, v in self.state16.items()}
+        return self._state32
 
     def read(self, a: int, b: int, state: State | None = None) -> tuple[Tensor, Tensor]:
         """Keys (post-RoPE) and values of positions ``[a, b)``: float32 ``(B, H, b - a, D)`` each."""
