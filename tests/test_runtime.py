@@ -327,3 +327,13 @@ def test_cuda_kernel_path_and_generate(hidden):
         assert out.shape == plain.shape
         if source.name == "fp16":
             assert torch.equal(out, plain)
+
+
+def test_unverified_code_widths_stay_off_the_automatic_gpu_path():
+    from kvq_cli.runtime.kernel_path import kernels_available
+
+    cuda = torch.device("cuda")
+    assert not kernels_available(cuda, make_method("kvquant", bits=3))
+    assert not kernels_available(torch.device("cpu"), make_method("kvquant", bits=4))
+    pytest.importorskip("triton")
+    assert kernels_available(cuda, make_method("kvquant", bits=4)) and kernels_available(cuda, make_method("kivi", bits=2))

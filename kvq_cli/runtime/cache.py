@@ -165,7 +165,7 @@ class KVQLayer(CacheLayerMixin):
         A prefill chunk with fp16/bf16 queries on CUDA: FlashAttention over dequantized history blocks
         (``prefill.chunked_prefill``). Otherwise the blockwise PyTorch reference."""
         tq = query.shape[2]
-        use = self.use_kernel if self.use_kernel is not None else kernels_available(query.device)
+        use = self.use_kernel if self.use_kernel is not None else kernels_available(query.device, self.method)
         if use and tq == 1:
             out = kernel_decode(self, query, scaling)
             if out is not None:
