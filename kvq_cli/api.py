@@ -35,10 +35,11 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str) -> str:
-    """``auto``: float32 (exact reference numbers; the models we evaluate are small enough)."""
+def resolve_dtype(dtype: str, device: str, auto_gpu: str = "float32") -> str:
+    """``auto``: float32 (exact reference numbers; the models we evaluate are small enough), or ``auto_gpu``
+    on CUDA (``kvq generate``: bfloat16)."""
     if dtype == "auto":
-        return "float32"
+        return auto_gpu if device.startswith("cuda") else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise KvqError(f"--dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
     return dtype

@@ -199,7 +199,7 @@ def generate(
     """Prefill a prompt through the packed cache of ``artifact`` (or the tuning-free ``method``; neither: the
     16-bit ``DynamicCache`` baseline) in chunks, then generate greedily; returns the summary ``kvq generate
     --json`` prints. ``use_kernels``: the Triton decode path (None: on CUDA where exact)."""
-    from .api import load_net, resolve_device
+    from .api import load_net, resolve_device, resolve_dtype
     from .hf_attention import geometry_from_config
     from .models import load_config, resolve_model
     from .presets import shape_from_config
@@ -212,9 +212,7 @@ def generate(
     if haystack and prompt_file:
         raise KvqError("give --prompt-file or --haystack, not both")
     device = resolve_device(device)
-    dtype = ("bfloat16" if device.startswith("cuda") else "float32") if dtype == "auto" else dtype
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise KvqError(f"--dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+    dtype = resolve_dtype(dtype, device, auto_gpu="bfloat16")
     tokens = memory.parse_context(context) if context is not None else None
     source = resolve_model(model)
     config = load_config(source)

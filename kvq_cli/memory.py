@@ -27,7 +27,7 @@ The KV arithmetic is the runtime's own (``kvq_cli.accounting.cache_bits``, resid
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,21 +159,23 @@ def total_bytes(entry: Entry, shape: ModelShape, tokens: int, batch: int, weight
     return kv_bytes(entry, shape, tokens, batch) + weights + allowance_bytes(shape, tokens, batch, entry.method, chunk)
 
 
+def largest_fitting(fits: Callable[[int], bool]) -> int:
+    """Largest context in ``[1, MAX_SEARCH]`` for which ``fits`` holds (0: none); ``fits`` turns false once."""
+    if not fits(1):
+        return 0
+    lo, hi = 1, MAX_SEARCH
+    if fits(hi):
+        return hi
+    while hi - lo > 1:  # fits(lo) and not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
 def max_context(entry: Entry, shape: ModelShape, batch: int, weights: float, budget: float,
                 chunk: int = PREFILL_CHUNK) -> int:
     """Largest context whose total fits ``budget`` (0 when not even one token does); totals grow with context."""
-    def total(t: int) -> float:
-        return total_bytes(entry, shape, t, batch, weights, chunk)
-
-    if total(1) > budget:
-        return 0
-    lo, hi = 1, MAX_SEARCH
-    if total(hi) <= budget:
-        return hi
-    while hi - lo > 1:  # total(lo) <= budget < total(hi)
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if total(mid) <= budget else (lo, mid)
-    return lo
+    return largest_fitting(lambda t: total_bytes(entry, shape, t, batch, weights, chunk) <= budget)
 
 
 def default_methods() -> list[KVMethod]:

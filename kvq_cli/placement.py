@@ -31,17 +31,11 @@ def layer_blocks(layers: int, gpus: int) -> list[range]:
     return out
 
 
-def _layer_params(shape: ModelShape) -> int:
-    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    attn = shape.hidden * (2 * q + 2 * kv) + (q + 2 * kv if shape.qkv_bias else 0)
-    return attn + 3 * shape.hidden * shape.intermediate + 2 * shape.hidden
-
-
 def plan(entry: memory.Entry, shape: ModelShape, tokens: int, batch: int, weights_dtype: str, budget: float,
          gpus: int, chunk: int = memory.PREFILL_CHUNK) -> list[dict[str, Any]]:
     """Per GPU: its layers ``[first, last]``, weights, KV and total bytes, and whether they fit ``budget``."""
     per_param = memory.WEIGHT_BYTES[weights_dtype]
-    layer_w = _layer_params(shape) * per_param
+    layer_w = shape.layer_params * per_param
     embed = shape.vocab * shape.hidden * per_param
     tail = ((0 if shape.tied_embeddings else shape.vocab * shape.hidden) + shape.hidden) * per_param  # head, norm
     tail_gpu = 0 if shape.tied_embeddings else gpus - 1  # tied: with the embeddings (as ``device_map`` puts it)
@@ -60,18 +54,8 @@ def plan(entry: memory.Entry, shape: ModelShape, tokens: int, batch: int, weight
 def max_context(entry: memory.Entry, shape: ModelShape, batch: int, weights_dtype: str, budget: float, gpus: int,
                 chunk: int = memory.PREFILL_CHUNK) -> int:
     """Largest context whose every GPU fits ``budget`` under ``plan`` (0 when none)."""
-    def fits(t: int) -> bool:
-        return all(p["fits"] for p in plan(entry, shape, t, batch, weights_dtype, budget, gpus, chunk))
-
-    if not fits(1):
-        return 0
-    lo, hi = 1, memory.MAX_SEARCH
-    if fits(hi):
-        return hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return memory.largest_fitting(
+        lambda t: all(p["fits"] for p in plan(entry, shape, t, batch, weights_dtype, budget, gpus, chunk)))
 
 
 def device_map(layers: int, gpus: int, tied: bool, devices: list | None = None, prefix: str = "model") -> dict:

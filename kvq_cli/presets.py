@@ -35,13 +35,17 @@ class ModelShape:
     architecture: str = "LlamaForCausalLM"
 
     @property
-    def params(self) -> int:
-        """Parameter count: embeddings (+ LM head unless tied), attention, gated MLP, RMSNorm weights."""
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer: attention (q, k, v, o, optional biases), gated MLP, 2 RMSNorms."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        attn = self.hidden * (2 * q + 2 * kv) + (q + 2 * kv if self.qkv_bias else 0)  # q, k, v, o (+ biases)
-        layer = attn + 3 * self.hidden * self.intermediate + 2 * self.hidden  # + gate/up/down, 2 norms
+        attn = self.hidden * (2 * q + 2 * kv) + (q + 2 * kv if self.qkv_bias else 0)
+        return attn + 3 * self.hidden * self.intermediate + 2 * self.hidden
+
+    @property
+    def params(self) -> int:
+        """Parameter count: embeddings (+ LM head unless tied), the decoder layers, the final RMSNorm."""
         head = 0 if self.tied_embeddings else self.vocab * self.hidden
-        return self.vocab * self.hidden + head + self.layers * layer + self.hidden  # + final norm
+        return self.vocab * self.hidden + head + self.layers * self.layer_params + self.hidden
 
     def geometry(self) -> KVGeometry:
         return KVGeometry(self.layers, self.kv_heads, self.head_dim, self.heads, self.rope_theta,
