@@ -6,6 +6,9 @@
     #     --device-map kvq --out r7b.safetensors
     python bench/long_decode.py --model random:llama-2-7b --artifact r7b.safetensors --device-map kvq \
         --contexts 10M --baseline-contexts "" --steps 4 --out long-decode-10m.json
+    # transformers' own QuantizedCache beside them (pip install optimum-quanto):
+    python bench/long_decode.py --contexts 32K,128K --baseline-contexts 32K,128K --quantized-contexts 32K,128K \
+        --out e2e.json
 
 The model has the preset's shapes and RANDOM weights (bf16); ``--device-map kvq`` spreads its layers
 over every visible GPU (each layer's cache on its GPU; "max" is then estimate-memory's split plan).
@@ -146,6 +149,29 @@ def run_dynamic(net, config, shape, tokens: int, steps: int) -> dict:
     return out
 
 
+def run_quantized(net, config, shape, tokens: int, steps: int, backend: str, nbits: int) -> dict:
+    """transformers' own ``QuantizedCache`` (``backend`` quanto or HQQ, ``nbits``), filled by one ``update`` per
+    layer (its prefill path: everything quantized, an empty residual). Each decode step then dequantizes the
+    whole cache to bf16 and attends with SDPA (held to FlashAttention / memory-efficient, as the baseline)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers.cache_utils import QuantizedCache
+
+    _free()
+    cache = QuantizedCache(backend=backend, config=config, nbits=nbits)
+    for i in range(shape.layers):
+        dev = net.model.layers[i].self_attn.k_proj.weight.device
+        k = torch.randn(1, shape.kv_heads, tokens, shape.head_dim, device=dev, dtype=torch.bfloat16)
+        cache.update(k, torch.randn_like(k), i)
+        del k
+    filled = _peak()
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        speed = decode_speed(net, cache, steps, PROFILE)
+    out = dict(cache=f"QuantizedCache({backend})", configuration=f"{backend}-int{nbits}", context=tokens,
+               decode_tokens_per_s=speed, cache_bytes=0, peak_after_fill_bytes=filled, peak_memory_bytes=_peak())
+    del cache
+    return out
+
+
 def largest_dynamic(net, config, shape, steps: int) -> dict:
     per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * 2
     _free()
@@ -168,6 +194,9 @@ def main() -> None:
     ap.add_argument("--device-map", default=None, help="kvq / auto: spread the layers over every visible GPU")
     ap.add_argument("--contexts", default="32K,128K,1M,max")
     ap.add_argument("--baseline-contexts", default="32K,128K,max")
+    ap.add_argument("--quantized-contexts", default="", help="contexts for transformers' QuantizedCache too")
+    ap.add_argument("--quantized-backends", default="quanto:4,quanto:2",
+                    help="backend:nbits pairs for --quantized-contexts (needs optimum-quanto / hqq installed)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--out", required=True)
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one decode step each")
@@ -223,6 +252,18 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
         save(rows)
+    for c in [x for x in args.quantized_contexts.split(",") if x]:
+        for pair in args.quantized_backends.split(","):
+            backend, nbits = pair.split(":")
+            try:
+                row = run_quantized(net, config, shape, memory.parse_context(c), args.steps, backend, int(nbits))
+            except Exception as e:  # noqa: BLE001 - "where it runs": record why it did not
+                row = dict(cache=f"QuantizedCache({backend})", configuration=f"{backend}-int{nbits}",
+                           context=memory.parse_context(c), decode_tokens_per_s=float("nan"), cache_bytes=0,
+                           peak_memory_bytes=_peak(), error=f"{type(e).__name__}: {str(e)[:300]}")
+            rows.append(row)
+            print(row, flush=True)
+            save(rows)
     doc = dict(machine=_device_name("cuda"), model=args.model, weights="random (bf16)", rows=rows,
                command="python bench/long_decode.py " + " ".join(
                    f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))

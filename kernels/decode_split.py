@@ -28,15 +28,25 @@ from .pack import _load_codes_half
 
 # ----------------------------------------------------------------------------------------------- small helpers
 @triton.jit
-def _codes(row_ptr, rmask, HIDX: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, R: tl.constexpr):
-    """Codes ``(R, D/2)`` int32 of half ``HIDX`` (``pack._load_codes_half``). 3 bits: one byte load per code and
-    plane (L1 hits) instead of OR-ing the two planes' ``tl.join`` trees, whose mixed layouts Triton 3.6
-    mis-compiled in these kernels on the H100 (wrong 3-bit results in the GPU tests)."""
+def _codes(row_ptr, rmask, HIDX: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
+           PLAIN: tl.constexpr = False):
+    """Codes ``(R, D/2)`` int32 of half ``HIDX`` (layout: ``pack._load_codes_half``).
+
+    Default: one vector load per plane, expanded by ``tl.join`` trees (the fastest on the H100). With ``PLAIN``
+    (the ``tl.dot`` programs) and always at 3 bits: one byte load per code and plane (L1 hits), so every tile
+    is in a plain blocked layout. Triton 3.6 mis-compiles the join-tree layouts on the H100 when they meet
+    ``tl.dot`` at ``BLOCK_N = 16`` or ``D = 32`` (measured: relative errors 0.08-2.9 against the reference),
+    and when the two 3-bit planes' trees are OR-ed."""
     if BITS == 3:
         c = HIDX * (D // 2) + tl.arange(0, D // 2)
         lo = tl.load(row_ptr[:, None] + (c // 4)[None, :], mask=rmask[:, None], other=0).to(tl.int32)
         hi = tl.load(row_ptr[:, None] + (D // 4 + c // 8)[None, :], mask=rmask[:, None], other=0).to(tl.int32)
         return ((lo >> (2 * (c % 4))[None, :]) & 3) | (((hi >> (c % 8)[None, :]) & 1) << 2)
+    elif PLAIN:
+        PER: tl.constexpr = 8 // BITS
+        c = HIDX * (D // 2) + tl.arange(0, D // 2)
+        byte = tl.load(row_ptr[:, None] + (c // PER)[None, :], mask=rmask[:, None], other=0).to(tl.int32)
+        return (byte >> (BITS * (c % PER))[None, :]) & ((1 << BITS) - 1)
     else:
         return _load_codes_half(row_ptr, rmask, HIDX, BITS, D, R)
 
@@ -212,17 +222,17 @@ def _lut(C, codes, ASM: tl.constexpr):
 
 @triton.jit
 def _kvq_x(P, OI, OV, C, row, valid, oa, osc, NO: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr,
-           N: tl.constexpr, ASM: tl.constexpr, LOOKUP: tl.constexpr = True):
+           N: tl.constexpr, ASM: tl.constexpr, LOOKUP: tl.constexpr = True, PLAIN: tl.constexpr = False):
     """Codebook values ``x (N, D/2)`` x 2 of ``N`` packed key rows; outlier slot ``s`` (value ``OV``, channel
     ``OI``, -1 unused) substituted in x space as ``(OV - oa[ch]) / osc[ch]`` (per-channel affine pointers)."""
     HALF: tl.constexpr = D // 2
     NB: tl.constexpr = D * BITS // 8
     if LOOKUP:
-        x1 = _lut(C, _codes(P + row * NB, valid, 0, BITS, D, N), ASM)
-        x2 = _lut(C, _codes(P + row * NB, valid, 1, BITS, D, N), ASM)
+        x1 = _lut(C, _codes(P + row * NB, valid, 0, BITS, D, N, PLAIN), ASM)
+        x2 = _lut(C, _codes(P + row * NB, valid, 1, BITS, D, N, PLAIN), ASM)
     else:  # ablation (timing only): codes as values
-        x1 = _codes(P + row * NB, valid, 0, BITS, D, N).to(tl.float32)
-        x2 = _codes(P + row * NB, valid, 1, BITS, D, N).to(tl.float32)
+        x1 = _codes(P + row * NB, valid, 0, BITS, D, N, PLAIN).to(tl.float32)
+        x2 = _codes(P + row * NB, valid, 1, BITS, D, N, PLAIN).to(tl.float32)
     ch = tl.arange(0, HALF)
     for s in tl.static_range(NO):
         oi = tl.load(OI + row * NO + s, mask=valid, other=-1).to(tl.int32)
@@ -236,15 +246,15 @@ def _kvq_x(P, OI, OV, C, row, valid, oa, osc, NO: tl.constexpr, BITS: tl.constex
 
 @triton.jit
 def _kvq_values(VP, VMIN, VSC, VOI, VOV, CV, row, valid, NOV: tl.constexpr, BITS_V: tl.constexpr,
-                D: tl.constexpr, N: tl.constexpr, DENSE: tl.constexpr, ASM: tl.constexpr):
+                D: tl.constexpr, N: tl.constexpr, DENSE: tl.constexpr, ASM: tl.constexpr, PLAIN: tl.constexpr = False):
     """Values of ``N`` packed rows: ``v = mn + hs * x`` with ``mn`` = min + range/2, ``hs`` = range/2 per token.
     ``DENSE``: returns ``v`` halves with the outlier slots replaced; else the codebook values ``x`` (no slots)."""
     HALF: tl.constexpr = D // 2
     NBV: tl.constexpr = D * BITS_V // 8
     hs = 0.5 * tl.load(VSC + row, mask=valid, other=0.0).to(tl.float32)
     mn = tl.load(VMIN + row, mask=valid, other=0.0).to(tl.float32) + hs
-    v1 = _lut(CV, _codes(VP + row * NBV, valid, 0, BITS_V, D, N), ASM)
-    v2 = _lut(CV, _codes(VP + row * NBV, valid, 1, BITS_V, D, N), ASM)
+    v1 = _lut(CV, _codes(VP + row * NBV, valid, 0, BITS_V, D, N, PLAIN), ASM)
+    v2 = _lut(CV, _codes(VP + row * NBV, valid, 1, BITS_V, D, N, PLAIN), ASM)
     if DENSE:
         v1 = mn[:, None] + hs[:, None] * v1
         v2 = mn[:, None] + hs[:, None] * v2
@@ -300,7 +310,7 @@ def _kvquant_split_kernel(
         valid = t < end
         row = (b * H + h).to(tl.int64) * Tmax + t
         x1, x2 = _kvq_x(KP, KOI, KOV, CK, row, valid, KA + h * D, KSC + h * D, NOK, BITS_K, D, BLOCK_N, ASM,
-                        ABLATE != 2)
+                        ABLATE != 2, DOT)
         if ABLATE == 1:  # ablation (timing only): no RoPE
             s = _mask(_scores(qs1, qs2, a1 + s1 * x1, a2 + s2 * x2, DOT, PREC), valid, DOT)
         else:
@@ -309,7 +319,7 @@ def _kvquant_split_kernel(
             s = _mask(_scores(qr1, qr2, ta1 + tb1 * x1 - tc1 * x2, ta2 + tb2 * x2 + tc2 * x1, DOT, PREC), valid, DOT)
         p, m, l, pm, acc1, acc2 = _softmax(s, m, l, pm, acc1, acc2, DOT)
         v1, v2, mn, hs = _kvq_values(VP, VMIN, VSC, VOI, VOV, CV, row, valid, NOV, BITS_V, D, BLOCK_N, not FOLD,
-                                     ASM)
+                                     ASM, DOT)
         if FOLD:
             pm += (p * mn)[:, None]
             acc1, acc2 = _accumulate(p * hs, v1, v2, acc1, acc2, DOT, PREC)
@@ -379,8 +389,8 @@ def _kivi_split_kernel(
         goff = (bh * NGmax + t0 // KG) * D + ch
         z1 = tl.load(KZ + goff).to(tl.float32)[None, :]
         z2 = tl.load(KZ + goff + HALF).to(tl.float32)[None, :]
-        c1 = _codes(KP + row * NB, valid, 0, BITS, D, BLOCK_N).to(tl.float32)
-        c2 = _codes(KP + row * NB, valid, 1, BITS, D, BLOCK_N).to(tl.float32)
+        c1 = _codes(KP + row * NB, valid, 0, BITS, D, BLOCK_N, DOT).to(tl.float32)
+        c2 = _codes(KP + row * NB, valid, 1, BITS, D, BLOCK_N, DOT).to(tl.float32)
         qk1 = q1 * tl.load(KS + goff).to(tl.float32)[None, :]
         qk2 = q2 * tl.load(KS + goff + HALF).to(tl.float32)[None, :]
         if DOT:
@@ -390,8 +400,8 @@ def _kivi_split_kernel(
         s = _mask(_scores(qk1, qk2, c1, c2, DOT, PREC) + qz, valid, DOT)
         p, m, l, pm, acc1, acc2 = _softmax(s, m, l, pm, acc1, acc2, DOT)
         # values: per-token scale / zero of each group of VG channels
-        d1 = _codes(VP + row * NB, valid, 0, BITS, D, BLOCK_N).to(tl.float32)
-        d2 = _codes(VP + row * NB, valid, 1, BITS, D, BLOCK_N).to(tl.float32)
+        d1 = _codes(VP + row * NB, valid, 0, BITS, D, BLOCK_N, DOT).to(tl.float32)
+        d2 = _codes(VP + row * NB, valid, 1, BITS, D, BLOCK_N, DOT).to(tl.float32)
         if DOT:
             one = tl.full((BLOCK_N,), 1.0, tl.float32)
             v1 = _group_tile(VZ, row, valid, one, 0, HALF, VG, NVG) + _group_tile(VS, row, valid, one, 0, HALF, VG,

@@ -257,6 +257,19 @@ def test_decode_attention_kvquant_long_sink_and_offsets(gqa):
         assert _rel(decode_attention_kvquant(q, c, num_splits=3, block_n=bn), want) < ATTN_RTOL
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_decode_attention_gqa_dot_shapes(bits):
+    """The tl.dot programs at D=64, BLOCK_N=16 and G=3 (padded rows): the shapes where the join-tree code layouts
+    were mis-compiled on the H100 (relative errors 0.08-2.9); the dot programs now load codes bytewise."""
+    gen = _gen(190 + bits)
+    c = _kvquant_cache(gen, 64, bits, bits, t=53, n_sink=2, n_res=5, fill="triton")
+    q = _randn(gen, B, H * 3, 64)
+    assert _rel(decode_attention_kvquant(q, c, num_splits=2, block_n=16), ref.decode_attention_kvquant_ref(q, c)) \
+        < ATTN_RTOL
+    k = _kivi_cache(gen, 64, bits, t=32, n_sink=1, n_res=4)
+    assert _rel(decode_attention_kivi(q, k, num_splits=2, block_n=16), ref.decode_attention_kivi_ref(q, k)) < ATTN_RTOL
+
+
 @pytest.mark.parametrize("gqa", [1, 2])
 def test_decode_attention_kivi_value_groups(gqa):
     """D=128: four value groups of 32 channels, two per half (the per-group broadcast of scales and zeros)."""

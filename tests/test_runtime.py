@@ -329,12 +329,12 @@ def test_cuda_kernel_path_and_generate(hidden):
             assert torch.equal(out, plain)
 
 
-def test_unverified_code_widths_stay_off_the_automatic_gpu_path():
+def test_automatic_kernel_path_is_cuda_only_and_takes_every_code_width():
     from kvq_cli.runtime.kernel_path import kernels_available
 
     cuda = torch.device("cuda")
-    assert not kernels_available(cuda, make_method("kvquant", bits=3))
     assert not kernels_available(torch.device("cpu"), make_method("kvquant", bits=4))
     pytest.importorskip("triton")
-    assert kernels_available(cuda, make_method("kvquant", bits=4))
+    for bits in (1, 2, 3, 4):
+        assert kernels_available(cuda, make_method("kvquant", bits=bits))
     assert kernels_available(cuda, make_method("kivi", bits=2))

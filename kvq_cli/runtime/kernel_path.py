@@ -12,7 +12,9 @@ layer's configuration exactly; ``KVQLayer.attend`` falls back to the blockwise P
 
 * cq: no sparse outliers, D, c and D / c powers of two with D / c >= 2 (``cq_decode.supported``); pre-RoPE
   keys rotated with the model's ``inv_freq`` (no attention scaling), post-RoPE keys as they are;
-* pq: D, M and D / M powers of two, M >= 2 (``pq_decode.supported``).
+* pq: D, M and D / M powers of two, M >= 2 (``pq_decode.supported``), codebooks shared by the KV heads
+  (not ``head_codebooks``) and keys in their own channel order (not ``rope_pairs``): the kernel takes one
+  ``(M, K, D / M)`` codebook per layer and scores the fp16 and packed keys with the same query.
 
 All need K and V buffers of equal capacity and strides (always so with ``max_tokens``).
 """
@@ -52,6 +54,8 @@ def _vq_cache(layer, seg: dict):
     if m.name == "pq":
         from kvq_kernels.pq_decode import supported
 
+        if pq_kernel_refusal(m, codes["ck"]) is not None:
+            return None
         d = codes["ck"].shape[0] * codes["ck"].shape[2]
         return PQCache(**codes) if supported(d, codes["ck"].shape[0]) else None
     from kvq_kernels.cq_decode import supported
@@ -65,6 +69,15 @@ def _vq_cache(layer, seg: dict):
     if rope is None or float(getattr(rope, "attention_scaling", 1.0)) != 1.0:
         return None  # the kernel rotates with inv_freq only
     return CQCache(**codes, pre_rope=True, rope_theta=layer.rope_theta, inv_freq=rope.inv_freq.float())
+
+
+def pq_kernel_refusal(method, key_codebook: Tensor) -> str | None:
+    """Why the pq decode kernel cannot serve this configuration (the reference path then does), or None."""
+    if getattr(method, "head_codebooks", False) or key_codebook.dim() != 3:
+        return "per-head codebooks (head_codebooks): the kernel takes one codebook per subspace shared by the heads"
+    if getattr(method, "rope_pairs", False):
+        return "RoPE-pair key subspaces (rope_pairs): the kernel scores keys in their own channel order"
+    return None
 
 
 def kernel_cache(layer):
@@ -106,18 +119,10 @@ def kernel_cache(layer):
     return None
 
 
-#: kvquant/kivi code widths whose decode kernels have passed the CUDA tests. 3-bit codes were rewritten
-#: after the last GPU run (docs/results/kernels-decode-attention.md): until they pass there, the automatic
-#: CUDA path leaves them to the reference (``use_kernel=True`` still forces the kernel).
-GPU_VERIFIED_BITS = (1, 2, 4)
-
-
 def kernels_available(device: torch.device, method=None) -> bool:
-    """Triton importable, a CUDA device and (for kvquant/kivi) a GPU-verified code width. The interpreter is
-    for tests, which force ``use_kernel``."""
+    """Triton importable and a CUDA device (every code width has passed the CUDA tests). The interpreter is
+    for tests, which force ``use_kernel``; ``method`` is accepted for callers that name one."""
     if device.type != "cuda":
-        return False
-    if method is not None and method.name in ("kvquant", "kivi") and method.bits not in GPU_VERIFIED_BITS:
         return False
     try:
         import triton  # noqa: F401
