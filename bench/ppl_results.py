@@ -90,6 +90,7 @@ def main() -> None:
     p.add_argument("--chunk-attention", default="full", choices=["full", "stored"],
                    help="streaming: a chunk attends to itself in full precision or as stored")
     p.add_argument("--streaming-windows", type=int, default=32, help="streaming: windows evaluated")
+    p.add_argument("--specs", default=None, help="cq: ';'-separated method specs instead of the built-in list")
     args = p.parse_args()
     parts = args.only or ["main", "ablation", "shift"]
     tmp = Path(tempfile.mkdtemp(prefix="kvq-results-"))
@@ -132,8 +133,16 @@ def main() -> None:
         print("cq/pq", flush=True)
         specs = ["cq:channels=2,bits=8", "cq:channels=4,bits=8", "cq:channels=8,bits=8", "cq:channels=8,bits=10",
                  "cq:channels=8,bits=8,outliers=0.01", "pq:bits=8", "pq:bits=8,subspaces=16",
-                 "kvquant:bits=2,outliers=0.01"]  # kvquant 4/3-bit and kivi: the main table, same protocol
+                 "kvquant:bits=2,outliers=0.01",  # kvquant 4/3-bit and kivi: the main table, same protocol
+                 # PQ beyond MILLION (CPU screen, docs/results/cq-pq-screening-cpu.md): fp16 sink token,
+                 # per-head codebooks, 1% sparse outliers
+                 "pq:bits=8,sink=1", "pq:bits=8,sink=1,head_codebooks=true",
+                 "pq:bits=8,sink=1,head_codebooks=true,outliers=0.01", "pq:bits=8,sink=1,outliers=0.01",
+                 # CQ at 1 bit: post-RoPE keys; longer k-means on 4x the vectors
+                 "cq:channels=8,bits=8,pre_rope=false", "cq:channels=8,bits=8,kmeans_iters=50,max_samples=65536"]
+        specs = args.specs.split(";") if args.specs else specs
         arts = [calibrate(s, tmp / f"cq{i}.safetensors", args) for i, s in enumerate(specs)]
+        doc["results"]["cq_specs"] = specs
         doc["results"]["cq"] = evaluate("wikitext2", arts, [], args)
         save()
     if "shift" in parts:

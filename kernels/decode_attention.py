@@ -123,6 +123,13 @@ def _default_block(dot: bool, d: int, kivi: bool, block_n: int | None, num_warps
     return block_n, num_warps
 
 
+def plain_codes(dot: bool, d: int, block_n: int) -> bool:
+    """Whether the split programs load codes bytewise (``decode_split._codes``): the ``tl.dot`` programs do,
+    except at ``D >= 64`` with ``block_n >= 32``, the shapes where the faster join-tree expansion was verified
+    on the H100 for 1-4 bits and G in {2, 3, 4, 7}; elsewhere it was mis-compiled (results doc)."""
+    return dot and (d < 64 or block_n < 32)
+
+
 def _launch_plan(q: Tensor, cache, sm_scale, num_splits, block_n, num_warps, kivi: bool):
     """Shapes, the program layout (QPP query heads per program, MR padded rows, DOT), block sizes, the
     split-K plan, partial-result buffers and the log2-domain score scale."""
@@ -154,7 +161,8 @@ def _launch_plan(q: Tensor, cache, sm_scale, num_splits, block_n, num_warps, kiv
     lp = torch.empty_like(mp)
     ap = torch.empty(b * h * g, nsp, d, dtype=torch.float32, device=q.device)
     scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
-    meta = dict(G=g, QPP=qpp, MR=mr, D=d, BLOCK_N=block_n, DOT=dot, PREC=DOT_PRECISION, num_warps=num_warps)
+    meta = dict(G=g, QPP=qpp, MR=mr, D=d, BLOCK_N=block_n, DOT=dot, PREC=DOT_PRECISION, num_warps=num_warps,
+                PLAIN=plain_codes(dot, d, block_n))
     if not kivi:  # inline-asm codebook loads on the GPU (the interpreter runs the tl.load form)
         meta["ASM"] = q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
     return (rows, nsp), per, nsp, mp, lp, ap, scale, meta

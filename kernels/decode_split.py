@@ -33,10 +33,10 @@ def _codes(row_ptr, rmask, HIDX: tl.constexpr, BITS: tl.constexpr, D: tl.constex
     """Codes ``(R, D/2)`` int32 of half ``HIDX`` (layout: ``pack._load_codes_half``).
 
     Default: one vector load per plane, expanded by ``tl.join`` trees (the fastest on the H100). With ``PLAIN``
-    (the ``tl.dot`` programs) and always at 3 bits: one byte load per code and plane (L1 hits), so every tile
-    is in a plain blocked layout. Triton 3.6 mis-compiles the join-tree layouts on the H100 when they meet
-    ``tl.dot`` at ``BLOCK_N = 16`` or ``D = 32`` (measured: relative errors 0.08-2.9 against the reference),
-    and when the two 3-bit planes' trees are OR-ed."""
+    and always at 3 bits: one byte load per code and plane (L1 hits), so every tile is in a plain blocked
+    layout. Triton 3.6 mis-compiles the join-tree layouts on the H100 when they meet ``tl.dot`` at
+    ``BLOCK_N = 16`` or ``D = 32`` (measured: relative errors 0.08-2.9 against the reference), and when the
+    two 3-bit planes' trees are OR-ed; ``decode_attention.plain_codes`` says when to ask for it."""
     if BITS == 3:
         c = HIDX * (D // 2) + tl.arange(0, D // 2)
         lo = tl.load(row_ptr[:, None] + (c // 4)[None, :], mask=rmask[:, None], other=0).to(tl.int32)
@@ -277,7 +277,7 @@ def _kvquant_split_kernel(
     H, Tmax, n_packed, n_sink, n_res, tokens_per_split, NSP, qk_scale,
     G: tl.constexpr, QPP: tl.constexpr, MR: tl.constexpr, D: tl.constexpr, BITS_K: tl.constexpr,
     BITS_V: tl.constexpr, NOK: tl.constexpr, NOV: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
-    PREC: tl.constexpr, ASM: tl.constexpr, ABLATE: tl.constexpr = 0,
+    PREC: tl.constexpr, ASM: tl.constexpr, ABLATE: tl.constexpr = 0, PLAIN: tl.constexpr = False,
 ):
     HALF: tl.constexpr = D // 2
     b, h, hq0, sp, prow0 = _program_ids(H, NSP, G, QPP)
@@ -310,7 +310,7 @@ def _kvquant_split_kernel(
         valid = t < end
         row = (b * H + h).to(tl.int64) * Tmax + t
         x1, x2 = _kvq_x(KP, KOI, KOV, CK, row, valid, KA + h * D, KSC + h * D, NOK, BITS_K, D, BLOCK_N, ASM,
-                        ABLATE != 2, DOT)
+                        ABLATE != 2, PLAIN)
         if ABLATE == 1:  # ablation (timing only): no RoPE
             s = _mask(_scores(qs1, qs2, a1 + s1 * x1, a2 + s2 * x2, DOT, PREC), valid, DOT)
         else:
@@ -319,7 +319,7 @@ def _kvquant_split_kernel(
             s = _mask(_scores(qr1, qr2, ta1 + tb1 * x1 - tc1 * x2, ta2 + tb2 * x2 + tc2 * x1, DOT, PREC), valid, DOT)
         p, m, l, pm, acc1, acc2 = _softmax(s, m, l, pm, acc1, acc2, DOT)
         v1, v2, mn, hs = _kvq_values(VP, VMIN, VSC, VOI, VOV, CV, row, valid, NOV, BITS_V, D, BLOCK_N, not FOLD,
-                                     ASM, DOT)
+                                     ASM, PLAIN)
         if FOLD:
             pm += (p * mn)[:, None]
             acc1, acc2 = _accumulate(p * hs, v1, v2, acc1, acc2, DOT, PREC)
@@ -367,7 +367,7 @@ def _kivi_split_kernel(
     MP, LP, AP,
     H, Tmax, NGmax, n_packed, n_sink, n_res, tokens_per_split, NSP, qk_scale,
     G: tl.constexpr, QPP: tl.constexpr, MR: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, KG: tl.constexpr,
-    VG: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    VG: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, PLAIN: tl.constexpr = False,
 ):
     """As the kvquant kernel; ``BLOCK_N`` divides the key group ``KG``, so a block has one key scale/zero row:
     scores are ``q . z + (q * s) . codes``."""
@@ -389,8 +389,8 @@ def _kivi_split_kernel(
         goff = (bh * NGmax + t0 // KG) * D + ch
         z1 = tl.load(KZ + goff).to(tl.float32)[None, :]
         z2 = tl.load(KZ + goff + HALF).to(tl.float32)[None, :]
-        c1 = _codes(KP + row * NB, valid, 0, BITS, D, BLOCK_N, DOT).to(tl.float32)
-        c2 = _codes(KP + row * NB, valid, 1, BITS, D, BLOCK_N, DOT).to(tl.float32)
+        c1 = _codes(KP + row * NB, valid, 0, BITS, D, BLOCK_N, PLAIN).to(tl.float32)
+        c2 = _codes(KP + row * NB, valid, 1, BITS, D, BLOCK_N, PLAIN).to(tl.float32)
         qk1 = q1 * tl.load(KS + goff).to(tl.float32)[None, :]
         qk2 = q2 * tl.load(KS + goff + HALF).to(tl.float32)[None, :]
         if DOT:
@@ -400,8 +400,8 @@ def _kivi_split_kernel(
         s = _mask(_scores(qk1, qk2, c1, c2, DOT, PREC) + qz, valid, DOT)
         p, m, l, pm, acc1, acc2 = _softmax(s, m, l, pm, acc1, acc2, DOT)
         # values: per-token scale / zero of each group of VG channels
-        d1 = _codes(VP + row * NB, valid, 0, BITS, D, BLOCK_N, DOT).to(tl.float32)
-        d2 = _codes(VP + row * NB, valid, 1, BITS, D, BLOCK_N, DOT).to(tl.float32)
+        d1 = _codes(VP + row * NB, valid, 0, BITS, D, BLOCK_N, PLAIN).to(tl.float32)
+        d2 = _codes(VP + row * NB, valid, 1, BITS, D, BLOCK_N, PLAIN).to(tl.float32)
         if DOT:
             one = tl.full((BLOCK_N,), 1.0, tl.float32)
             v1 = _group_tile(VZ, row, valid, one, 0, HALF, VG, NVG) + _group_tile(VS, row, valid, one, 0, HALF, VG,

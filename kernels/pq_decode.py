@@ -10,6 +10,9 @@ decoded); values are decoded by gathering ``cv[m, code_m]`` (the shared value co
 head). The last program attends over the fp16 sink and residual; ``decode_attention``'s reduce kernel
 merges the partials (``vq_split``: the online-softmax helpers of both vector-quantized kernels).
 
+Per-head codebooks (``ck, cv (H, M, K, D/M)``) and a key channel order (``PQCache.key_order``) are handled
+where the tables are built (on the host); a KV head's program gathers its values from ``cv[h]``.
+
 Layout requirements (``supported``): D, M and ``D / M`` powers of two, ``M >= 2``.
 
 Public function:
@@ -53,7 +56,7 @@ def _pq_half(row_ptr, valid, CB, HIDX: tl.constexpr, M: tl.constexpr, K: tl.cons
 
 @triton.jit
 def _pq_split_kernel(
-    Q, sqb, sqh, TAB, KC, VC, CV,
+    Q, sqb, sqh, TAB, KC, VC, CV, cv_sh,
     SK, SV, RK, RV, ssb, ssh, srb, srh,
     MP, LP, AP,
     H, Tmax, n_packed, n_sink, n_res, tokens_per_split, NSP, qk_scale,
@@ -68,6 +71,7 @@ def _pq_split_kernel(
     K: tl.constexpr = 1 << BITS
     DM: tl.constexpr = D // M
     q1, q2 = _load_query(Q, sqb, sqh, b, h, qk_scale, G, GP, D)  # for the fp16 segments
+    CVH = CV + h * cv_sh  # this KV head's value codebook (cv_sh = 0: shared by the heads)
     gq = tl.arange(0, GP)
     tab = TAB + (pid_bh.to(tl.int64) * G + gq) * (M * K)  # (GP,) this KV head's query heads' tables
     gmask = (gq < G)[:, None, None]
@@ -88,8 +92,8 @@ def _pq_split_kernel(
         entries = tl.load(tab[:, None, None] + off, mask=gmask & valid[None, :, None], other=0.0)
         s = tl.where(valid[None, :], tl.sum(entries, axis=2), -float("inf"))  # (GP, BLOCK_N)
         vp = VC + row * NB
-        v1 = _pq_half(vp, valid, CV, 0, M, K, DM, BITS, SPAN, NB, BLOCK_N)
-        v2 = _pq_half(vp, valid, CV, 1, M, K, DM, BITS, SPAN, NB, BLOCK_N)
+        v1 = _pq_half(vp, valid, CVH, 0, M, K, DM, BITS, SPAN, NB, BLOCK_N)
+        v2 = _pq_half(vp, valid, CVH, 1, M, K, DM, BITS, SPAN, NB, BLOCK_N)
         m, l, acc1, acc2 = _online(s, v1, v2, m, l, acc1, acc2)
     n_s = tl.where(last, n_sink, 0)
     n_r = tl.where(last, n_res, 0)
@@ -101,8 +105,16 @@ def _pq_split_kernel(
 
 
 def score_table(q: Tensor, codebook: Tensor, scale: float) -> Tensor:
-    """``scale * q_m . ck[m, j]``: q ``(B, Hq, D)``, codebook ``(M, K, D/M)`` -> float32 ``(B, Hq, M, K)``."""
+    """``scale * q_m . ck[m, j]``: q ``(B, Hq, D)``, codebook ``(M, K, D/M)`` -> float32 ``(B, Hq, M, K)``.
+
+    Per-head codebooks ``(H, M, K, D/M)``: query head i uses KV head ``i // (Hq / H)``'s."""
     b, hq, d = q.shape
+    if codebook.dim() == 4:
+        h, m = codebook.shape[:2]
+        qm = (q.float() * scale).reshape(b, h, hq // h, m, d // m).permute(1, 3, 0, 2, 4)  # (H, M, B, G, dm)
+        qm = qm.reshape(h * m, b * (hq // h), d // m)
+        t = torch.bmm(qm, codebook.float().reshape(h * m, -1, d // m).transpose(1, 2))  # (H*M, B*G, K)
+        return t.reshape(h, m, b, hq // h, -1).permute(2, 0, 3, 1, 4).reshape(b, hq, m, -1).contiguous()
     m = codebook.shape[0]
     qm = (q.float() * scale).reshape(b * hq, m, d // m).transpose(0, 1)  # (M, B*Hq, dm)
     return torch.bmm(qm, codebook.float().transpose(1, 2)).transpose(0, 1).reshape(b, hq, m, -1).contiguous()
@@ -115,6 +127,8 @@ def decode_attention_pq(q: Tensor, cache: PQCache, sm_scale: float | None = None
     d, msub = cache.head_dim, cache.subspaces
     if not supported(d, msub) or nb != row_bytes(msub, cache.bits) or cache.v_codes.shape != cache.k_codes.shape:
         raise ValueError(f"pq layout not supported by the kernel: head_dim {d}, {msub} subspaces, rows {nb} B")
+    if cache.ck.dim() != cache.cv.dim() or (cache.ck.dim() == 4 and cache.ck.shape[0] != h):
+        raise ValueError(f"pq codebooks {tuple(cache.ck.shape)} / {tuple(cache.cv.shape)} do not fit {h} KV heads")
     for x in (cache.k_codes, cache.v_codes, cache.sink_k, cache.sink_v, cache.res_k, cache.res_v):
         if not x.is_contiguous():
             raise ValueError("cache buffers must be contiguous")
@@ -126,10 +140,12 @@ def decode_attention_pq(q: Tensor, cache: PQCache, sm_scale: float | None = None
         num_warps = 8 if gp * block_n * msub >= 8192 else 4
     per, nsp, partials = plan(q, h, cache.n_packed, block_n, num_splits)
     scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
-    table = score_table(q, cache.ck, scale)
+    table = score_table(cache.table_query(q), cache.ck, scale)
     sk, rk = cache.sink_k, cache.res_k
+    cv = cache.cv.contiguous()
+    cv_sh = cv[0].numel() if cv.dim() == 4 else 0
     _pq_split_kernel[(b * h, nsp)](
-        q, q.stride(0), q.stride(1), table, cache.k_codes, cache.v_codes, cache.cv.contiguous(),
+        q, q.stride(0), q.stride(1), table, cache.k_codes, cache.v_codes, cv, cv_sh,
         sk, cache.sink_v, rk, cache.res_v, sk.stride(0), sk.stride(1), rk.stride(0), rk.stride(1),
         *partials,
         h, tmax, cache.n_packed, cache.n_sink, cache.n_res, per, nsp, scale,

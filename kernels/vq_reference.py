@@ -16,6 +16,10 @@ PQ (``PQCache``; MILLION, DAC 2025; codebooks shared by all heads)
     k_codes, v_codes ``uint8 (B, H, Tmax, ceil(M*bits/8))``; ck, cv ``(M, 2^bits, D / M)``: dims
     ``[m*dm, (m+1)*dm)`` of a token are ``cb[m, code_m]``. Keys post-RoPE. Scores straight from the codes:
     per query a table ``T[m, j] = q_m . ck[m, j]`` and ``score = sum_m T[m, code_m]``.
+    Per-head codebooks (kvq's ``pq:head_codebooks``): ck, cv ``(H, M, 2^bits, D / M)``, KV head h reads
+    ``cb[h]``. ``key_order`` (kvq's ``pq:rope_pairs``): a permutation ``(D,)`` of the channels; the packed
+    keys' dims are in that order (dim i of the decoded row is channel ``key_order[i]``), so their table is
+    built from ``q[..., key_order]``; the fp16 sink and residual keys keep the natural order.
 
 Both: fp16 ``sink_k, sink_v (B, H, S, D)``, ``res_k, res_v (B, H, Rmax, D)``; positions sink ``[0, S)``, packed
 ``[S, S + n_packed)``, residual after. Decode attention: ``q (B, H*G, D)`` post-RoPE, query head i reads KV
@@ -113,14 +117,20 @@ class PQCache:
     bits: int
     n_packed: int = 0
     n_res: int = 0
+    #: Channel order of the packed keys ``(D,)`` (None: natural order), see the module docstring.
+    key_order: Tensor | None = None
 
     @property
     def head_dim(self) -> int:
-        return self.ck.shape[0] * self.ck.shape[2]
+        return self.ck.shape[-3] * self.ck.shape[-1]
 
     @property
     def subspaces(self) -> int:
-        return self.ck.shape[0]
+        return self.ck.shape[-3]
+
+    def table_query(self, q: Tensor) -> Tensor:
+        """The query as the packed keys' table needs it: ``q (B, Hq, D)`` with its channels in ``key_order``."""
+        return q if self.key_order is None else q[..., self.key_order.to(q.device).long()]
 
     @property
     def n_sink(self) -> int:
@@ -129,8 +139,8 @@ class PQCache:
 
 def empty_vq_cache(kind: str, batch, heads, max_tokens, bits, ck, cv, n_sink=0, max_res=0, **extra):
     """A zeroed ``CQCache`` (``kind="cq"``) or ``PQCache`` for codebooks ``ck``/``cv``."""
-    n = ck.shape[1] if kind == "cq" else ck.shape[0]
-    d = ck.shape[1] * ck.shape[3] if kind == "cq" else ck.shape[0] * ck.shape[2]
+    n = ck.shape[1] if kind == "cq" else ck.shape[-3]
+    d = ck.shape[1] * ck.shape[3] if kind == "cq" else ck.shape[-3] * ck.shape[-1]
     dev = ck.device
     codes = [torch.zeros(batch, heads, max_tokens, row_bytes(n, bits), dtype=torch.uint8, device=dev) for _ in "kv"]
     f16 = [torch.zeros(batch, heads, s, d, dtype=torch.float16, device=dev) for s in (n_sink, n_sink, max_res, max_res)]
@@ -148,9 +158,14 @@ def cq_decode_codes(codes: Tensor, codebook: Tensor) -> Tensor:
 
 
 def pq_decode_codes(codes: Tensor, codebook: Tensor) -> Tensor:
-    """``codes (B, H, T, M)`` into codebook ``(M, K, dm)`` -> float32 ``(B, H, T, M*dm)``."""
+    """``codes (B, H, T, M)`` into codebook ``(M, K, dm)`` (per head: ``(H, M, K, dm)``) -> ``(B, H, T, M*dm)``."""
     b, h, t, m = codes.shape
-    return codebook.float()[torch.arange(m, device=codes.device), codes.long()].reshape(b, h, t, m * codebook.shape[-1])
+    sub = torch.arange(m, device=codes.device)
+    if codebook.dim() == 4:
+        x = codebook.float()[torch.arange(h, device=codes.device).view(1, h, 1, 1), sub, codes.long()]
+    else:
+        x = codebook.float()[sub, codes.long()]
+    return x.reshape(b, h, t, m * codebook.shape[-1])
 
 
 def _full(cache, k_packed: Tensor, v_packed: Tensor) -> tuple[Tensor, Tensor]:
@@ -178,10 +193,16 @@ def decode_attention_cq_ref(q: Tensor, cache: CQCache, sm_scale: float | None = 
 
 
 def pq_score_table(q: Tensor, codebook: Tensor) -> Tensor:
-    """MILLION's per-query table ``T[b, i, m, j] = q_m . c_{m, j}``: q ``(B, Hq, D)`` -> float32 ``(B, Hq, M, K)``."""
+    """MILLION's per-query table ``T[b, i, m, j] = q_m . c_{m, j}``: q ``(B, Hq, D)`` -> float32 ``(B, Hq, M, K)``.
+
+    Per-head codebooks ``(H, M, K, dm)``: query head i uses KV head ``i // (Hq / H)``'s."""
     b, hq, d = q.shape
-    m = codebook.shape[0]
-    return torch.einsum("bhmi,mki->bhmk", q.float().reshape(b, hq, m, d // m), codebook.float())
+    m = codebook.shape[-3]
+    qm = q.float().reshape(b, hq, m, d // m)
+    if codebook.dim() == 4:
+        book = codebook.float().repeat_interleave(hq // codebook.shape[0], 0)  # (Hq, M, K, dm)
+        return torch.einsum("bhmi,hmki->bhmk", qm, book)
+    return torch.einsum("bhmi,mki->bhmk", qm, codebook.float())
 
 
 def decode_attention_pq_ref(q: Tensor, cache: PQCache, sm_scale: float | None = None) -> Tensor:
@@ -191,7 +212,7 @@ def decode_attention_pq_ref(q: Tensor, cache: PQCache, sm_scale: float | None = 
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     codes = unpack_vq_codes(cache.k_codes[:, :, :t], cache.bits, m).long()  # (B, H, T, M)
     codes = codes.repeat_interleave(hq // h, 1)  # (B, Hq, T, M)
-    table = pq_score_table(q, cache.ck)  # (B, Hq, M, K)
+    table = pq_score_table(cache.table_query(q), cache.ck)  # (B, Hq, M, K)
     packed = table[:, :, None].expand(b, hq, t, m, -1).gather(-1, codes[..., None])[..., 0].sum(-1)  # (B, Hq, T)
     vq = pq_decode_codes(unpack_vq_codes(cache.v_codes[:, :, :t], cache.bits, m), cache.cv)
     k16, v = _full(cache, torch.zeros(b, h, 0, d, device=q.device), vq)

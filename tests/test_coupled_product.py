@@ -253,3 +253,147 @@ def test_evaluate_on_tiny_model(spec):
     base, row = evaluate(model, windows, [Configuration(method.label, method, states)])
     assert math.isfinite(row["perplexity"]) and math.isfinite(row["kl_divergence"]) and row["kl_divergence"] > 0
     assert math.isfinite(base["perplexity"]) and base["kl_divergence"] == 0
+
+
+# ---- pq options beyond MILLION: Fisher weighting, per-head codebooks, RoPE-pair key subspaces ---------------
+
+
+def test_rope_pair_order():
+    from kvq_cli.methods.product import rope_pair_order
+
+    order = rope_pair_order(8)
+    assert order.tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(x[..., order][..., order.argsort()], x)
+    assert rope_pair_order(5).tolist() == list(range(5))
+
+
+def test_pq_labels_and_config():
+    assert make_method("pq", fisher=True).label == "pq-d2x8b-fisher"
+    assert make_method("pq", head_codebooks=True, rope_pairs=True).label == "pq-d2x8b-heads-rp"
+    assert make_method("pq", subspaces=8, bits=6, fisher=True, rope_pairs=True).label == "pq-m8x6b-fisher-rp"
+    assert make_method("pq", sink=1, head_codebooks=True, outliers=0.01).label == "pq-d2x8b-1%-heads-sink1"
+    assert make_method("pq", fisher=True).needs_fisher and not make_method("pq").needs_fisher
+    method = make_method("pq", fisher=True, head_codebooks=True, rope_pairs=True, sink=1)
+    assert method_from_config(method.config()) == method
+
+
+def test_pq_fisher_weighting_pulls_centroids():
+    n = N_CALIB
+    keys = correlated(n, 1)
+    heavy = torch.zeros(n, dtype=torch.bool)
+    heavy[: n // 20] = True
+    keys[heavy] = keys[heavy] * 4 + 3
+    fisher = torch.where(heavy[:, None, None], 1000.0, 1.0).expand(n, H, D).clone()
+    calib = LayerCalibration(keys, keys.clone(), fisher, fisher.clone(), tokens=n)
+    x = as_bhtd(keys[heavy])
+    errs = {}
+    for use in (True, False):
+        method, state = fitted("pq", calib, bits=3, subspaces=4, fisher=use)
+        errs[use] = rel_err(x, method.decode_keys(method.encode_keys(x, state), state))
+    assert errs[True] < 0.8 * errs[False]
+    # without Fisher information in the calibration, fisher=True is plain k-means
+    m1, s1 = fitted("pq", calibration(fisher=False), bits=4, fisher=True)
+    m2, s2 = fitted("pq", calibration(fisher=False), bits=4)
+    torch.testing.assert_close(s1["key_codebook"], s2["key_codebook"])
+
+
+def test_pq_head_codebooks_shapes_bits_and_error():
+    """Heads with different distributions: per-head codebooks (H times the state) fit each better."""
+    calib = calibration()
+    calib.keys[:, 1] = calib.keys[:, 1] * 5 + 2  # head 1 lives elsewhere
+    x = as_bhtd(correlated(256, 7))
+    x[:, 1] = x[:, 1] * 5 + 2
+    shared, s_state = fitted("pq", calib, bits=4, subspaces=8)
+    per_head, h_state = fitted("pq", calib, bits=4, subspaces=8, head_codebooks=True)
+    assert h_state["key_codebook"].shape == (H, 8, 16, D // 8)
+    assert per_head.state_bits(h_state) == per_head.state_bits_estimate(H, D) == H * shared.state_bits(s_state)
+    assert per_head.bits_per_token(H, D) == shared.bits_per_token(H, D)
+    enc = per_head.encode_keys(x, h_state)
+    assert enc["codes"].shape == (1, H, 256, 8) and per_head.encoded_bits(enc) == H * 256 * 8 * 4
+    err_h = rel_err(x, per_head.decode_keys(enc, h_state))
+    err_s = rel_err(x, shared.decode_keys(shared.encode_keys(x, s_state), s_state))
+    assert err_h < 0.9 * err_s
+    # each head's codes index its own codebook: head 0 of x alone, as a one-head cache, decodes the same
+    one = {k: v[:1] for k, v in h_state.items()}
+    enc0 = per_head.encode_keys(x[:, :1], one)
+    torch.testing.assert_close(enc0["codes"], enc["codes"][:, :1])
+    torch.testing.assert_close(per_head.decode_keys(enc0, one), per_head.decode_keys(enc, h_state)[:, :1])
+    with pytest.raises(KvqError, match="does not fit"):
+        per_head.encode_keys(x.repeat(1, 2, 1, 1), h_state)  # 2H heads for H codebooks
+
+
+def test_pq_rope_pairs_groups_rotating_channels():
+    """Keys whose channel i and i + D/2 are one rotating pair (a 2-D point on a circle, as RoPE makes them):
+    2-dim subspaces over the pairs code each circle jointly and beat contiguous subspaces."""
+    g = torch.Generator().manual_seed(4)
+
+    def rotated(n):
+        radius = torch.rand(n, H, D // 2, generator=g) * 0.2 + 1.0
+        angle = torch.rand(n, H, D // 2, generator=g) * 2 * math.pi
+        return torch.cat([radius * angle.cos(), radius * angle.sin()], -1)  # (n, H, D): pairs (i, i + D/2)
+
+    calib = LayerCalibration(rotated(N_CALIB), rotated(N_CALIB), tokens=N_CALIB)
+    x = as_bhtd(rotated(512))
+    plain, p_state = fitted("pq", calib, bits=4)
+    pairs, r_state = fitted("pq", calib, bits=4, rope_pairs=True)
+    err_p = rel_err(x, plain.decode_keys(plain.encode_keys(x, p_state), p_state))
+    err_r = rel_err(x, pairs.decode_keys(pairs.encode_keys(x, r_state), r_state))
+    assert err_r < 0.7 * err_p
+    # values keep contiguous subspaces: the same codebooks as without rope_pairs
+    torch.testing.assert_close(r_state["value_codebook"], p_state["value_codebook"])
+
+
+@pytest.mark.parametrize("opts", [{"head_codebooks": True}, {"rope_pairs": True},
+                                  {"head_codebooks": True, "rope_pairs": True, "subspaces": 4}])
+def test_pq_options_lookup_scores_match_dense_scores_gqa(opts):
+    method, state = fitted("pq", bits=5, **opts)
+    keys = as_bhtd(correlated(40, 11)).repeat(2, 1, 1, 1)  # (B=2, H, Tk=40, D)
+    enc = method.encode_keys(keys, state)
+    q = torch.randn(2, 2 * H, 7, D, generator=torch.Generator().manual_seed(12))  # Hq = 2H
+    scores = method.lookup_scores(q, enc, state)
+    dense = q @ method.decode_keys(enc, state).repeat_interleave(2, dim=1).transpose(-1, -2)
+    torch.testing.assert_close(scores, dense, rtol=1e-4, atol=1e-4)
+
+
+def test_pq_outliers_bits_and_error():
+    x = as_bhtd(correlated(10, 9)).repeat(2, 1, 1, 1)  # (B=2, H, T=10, D)
+    method, state = fitted("pq", bits=5, subspaces=8, outliers=0.1)  # round(0.1 * 32 / 2) = 2 per side
+    assert method.label == "pq-m8x5b-10%"
+    enc_k, enc_v = method.encode_keys(x, state), method.encode_values(x, state)
+    assert int(enc_k["outlier_mask"].sum()) == 2 * 10 * 4
+    assert method.encoded_bits(enc_k) == 2 * H * 10 * 8 * 5 + 2 * 10 * 4 * OUTLIER_BITS
+    per_token = (method.encoded_bits(enc_k) + method.encoded_bits(enc_v)) / (2 * 10)
+    assert per_token == method.bits_per_token(H, D)
+    out = method.decode_keys(enc_k, state)
+    torch.testing.assert_close(out[enc_k["outlier_mask"]], x[enc_k["outlier_mask"]].half().float())
+    plain, pstate = fitted("pq", bits=5, subspaces=8)
+    assert rel_err(x, out) < rel_err(x, plain.decode_keys(plain.encode_keys(x, pstate), pstate))
+    q = torch.randn(2, 2 * H, 3, D, generator=torch.Generator().manual_seed(1))
+    dense = q @ out.repeat_interleave(2, dim=1).transpose(-1, -2)
+    torch.testing.assert_close(method.lookup_scores(q, enc_k, state), dense, rtol=1e-4, atol=1e-4)
+    with pytest.raises(KvqError, match="outliers"):
+        make_method("pq", outliers=0.5)
+
+
+def test_cq_max_samples():
+    with pytest.raises(KvqError, match="max-samples"):
+        make_method("cq", max_samples=0)
+    small, s_state = fitted("cq", bits=4, channels=4, max_samples=64)
+    full, f_state = fitted("cq", bits=4, channels=4)
+    assert not torch.equal(s_state["key_codebook"], f_state["key_codebook"])
+    assert round_trip(full, f_state, TEST) < round_trip(small, s_state, TEST)
+
+
+def test_pq_options_evaluate_on_tiny_model():
+    model = tiny_model("llama")
+    method = make_method("pq", bits=4, residual=0, sink=1, fisher=True, head_codebooks=True, rope_pairs=True,
+                         kmeans_iters=10)
+    ids = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(5))
+    stats = capture(model, ids, method, max_tokens=64)
+    assert stats[0].key_fisher is not None
+    states = [method.fit(s) for s in stats]
+    assert states[0]["key_codebook"].dim() == 4
+    windows = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(6))
+    base, row = evaluate(model, windows, [Configuration(method.label, method, states)])
+    assert math.isfinite(row["perplexity"]) and row["kl_divergence"] > 0

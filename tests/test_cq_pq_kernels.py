@@ -64,9 +64,10 @@ def cq_cache(gen, d, channels, bits, t, n_sink, n_res, pre_rope=True, dtype=torc
     return _fill(c, gen, t, n_sink, n_res)
 
 
-def pq_cache(gen, d, subspaces, bits, t, n_sink, n_res):
-    ck, cv = (torch.randn(subspaces, 1 << bits, d // subspaces, generator=gen).to(DEV) for _ in range(2))
-    c = ref.empty_vq_cache("pq", B, H, 53, bits, ck, cv, n_sink=n_sink, max_res=16)
+def pq_cache(gen, d, subspaces, bits, t, n_sink, n_res, per_head=False, key_order=None):
+    shape = (H,) * per_head + (subspaces, 1 << bits, d // subspaces)
+    ck, cv = (torch.randn(*shape, generator=gen).to(DEV) for _ in range(2))
+    c = ref.empty_vq_cache("pq", B, H, 53, bits, ck, cv, n_sink=n_sink, max_res=16, key_order=key_order)
     return _fill(c, gen, t, n_sink, n_res)
 
 
@@ -105,6 +106,25 @@ def test_pq_reference_table_scores_equal_decoded_keys():
     assert _rel(ref.decode_attention_pq_ref(q, c), attention_ref(q, k, v)) < 1e-5
 
 
+def test_pq_reference_per_head_codebooks_and_key_order():
+    """Per-head codebooks and a key channel order (kvq's head_codebooks / rope_pairs): the table path equals
+    plain attention over the decoded keys put back in natural channel order."""
+    from kvq_kernels.reference import attention_ref
+
+    gen = _gen(4)
+    order = torch.randperm(16, generator=gen)
+    c = pq_cache(gen, 16, 8, 5, t=29, n_sink=2, n_res=3, per_head=True, key_order=order.to(DEV))
+    assert c.head_dim == 16 and c.subspaces == 8
+    q = _randn(gen, B, H * 2, 16)
+    kq = ref.pq_decode_codes(ref.unpack_vq_codes(c.k_codes[:, :, :29], 5, 8), c.ck)  # (B, H, T, D) in `order`
+    codes = ref.unpack_vq_codes(c.k_codes[:, :, :29], 5, 8).long()
+    torch.testing.assert_close(kq[1, 2, 3, 4:6], c.ck[2, 2, codes[1, 2, 3, 2]].float())  # head 2's codebook
+    kq = kq[..., order.to(DEV).argsort()]
+    vq = ref.pq_decode_codes(ref.unpack_vq_codes(c.v_codes[:, :, :29], 5, 8), c.cv)
+    k, v = ref._full(c, kq, vq)
+    assert _rel(ref.decode_attention_pq_ref(q, c), attention_ref(q, k, v)) < 1e-5
+
+
 # ----------------------------------------------------------------------------------------------- triton attention
 @pytest.mark.parametrize("channels,bits,gqa,pre_rope", [(4, 8, 1, True), (2, 5, 3, True), (8, 11, 2, False),
                                                         (1, 3, 3, True)])
@@ -126,6 +146,18 @@ def test_decode_attention_pq(subspaces, bits, gqa):
     d = 16
     c = pq_cache(gen, d, subspaces, bits, t=37, n_sink=1 if gqa == 3 else 0, n_res=5)
     q = _randn(gen, B, H * gqa, d)
+    want = ref.decode_attention_pq_ref(q, c)
+    got = decode_attention_pq(q, c, num_splits=3, block_n=16)
+    assert got.shape == q.shape and torch.isfinite(got).all()
+    assert _rel(got, want) < ATTN_RTOL
+
+
+@pytest.mark.parametrize("per_head,permuted,gqa", [(True, False, 3), (False, True, 1), (True, True, 2)])
+def test_decode_attention_pq_per_head_and_key_order(per_head, permuted, gqa):
+    gen = _gen(40 + gqa)
+    order = torch.randperm(16, generator=gen).to(DEV) if permuted else None
+    c = pq_cache(gen, 16, 8, 6, t=37, n_sink=1, n_res=5, per_head=per_head, key_order=order)
+    q = _randn(gen, B, H * gqa, 16)
     want = ref.decode_attention_pq_ref(q, c)
     got = decode_attention_pq(q, c, num_splits=3, block_n=16)
     assert got.shape == q.shape and torch.isfinite(got).all()

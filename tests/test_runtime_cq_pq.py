@@ -54,8 +54,9 @@ def _feed(model, cache, ids, chunk):
 
 SPECS = [("cq", {"channels": 4, "bits": 8}), ("cq", {"channels": 2, "bits": 4, "outliers": 0.05}),
          ("cq", {"channels": 2, "bits": 3, "pre_rope": False}), ("pq", {"bits": 8, "residual": 8}),
-         ("pq", {"subspaces": 4, "bits": 6, "residual": 0, "sink": 2})]
-LABELS = ["cq-4c8b", "cq-2c4b-5%", "cq-2c3b-post", "pq-d2x8b-r8", "pq-m4x6b-s2"]
+         ("pq", {"subspaces": 4, "bits": 6, "residual": 0, "sink": 2}),
+         ("pq", {"bits": 6, "residual": 4, "sink": 1, "outliers": 0.05, "head_codebooks": True, "rope_pairs": True})]
+LABELS = ["cq-4c8b", "cq-2c4b-5%", "cq-2c3b-post", "pq-d2x8b-r8", "pq-m4x6b-s2", "pq-d2x6b-5%-heads-rp"]
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
@@ -180,10 +181,32 @@ def test_streaming_cli(tiny_model_dir, tiny_text_file, tmp_path):
     assert math.isfinite(cq["perplexity"]) and math.isfinite(pq["perplexity"]) and cq["kl_divergence"] > 0
 
 
+def test_pq_kernel_layouts():
+    """What the pq decode kernel is handed: per-head codebooks as they are, RoPE-pair keys with their channel
+    order; sparse outliers (no slots in the kernel) go to the reference path."""
+    from kvq_cli.methods.product import rope_pair_order
+    from kvq_cli.runtime.kernel_path import kernel_cache
+
+    model = tiny_model("llama")
+    ids = _ids(1, 30, seed=2)
+    for opts, want in (({"head_codebooks": True, "rope_pairs": True}, "pq"), ({"outliers": 0.05}, None)):
+        method, states = _fit(model, "pq", bits=6, residual=4, **opts)
+        cache = load_cache((method, states), model)
+        _feed(model, cache, ids, chunk=30)
+        cache.unbind()
+        kc = kernel_cache(cache.layers[0])
+        if want is None:
+            assert kc is None
+            continue
+        assert kc.ck.shape == (2, 8, 64, 2) and kc.head_dim == 16 and kc.subspaces == 8
+        assert torch.equal(kc.key_order, rope_pair_order(16))
+
+
 # ----------------------------------------------------------------------------------------------- Triton path
 def kernel_vs_reference(device: str) -> dict[str, tuple[bool, float, int]]:
     """Greedy generation (batch 2, 21-token prompt, 5 new tokens, tiny GQA Llama) with the Triton decode path
-    forced on and off, per method: (same tokens, largest logit difference, decode steps the kernel served)."""
+    forced on and off, per method label: (same tokens, largest logit difference, decode steps the kernel
+    served); pq also with per-head codebooks and RoPE-pair key subspaces."""
     import kvq_cli.runtime.cache as runtime_cache
 
     served: list = []
@@ -193,7 +216,8 @@ def kernel_vs_reference(device: str) -> dict[str, tuple[bool, float, int]]:
         model = tiny_model("llama").to(device)
         ids = _ids(2, 21).to(device)
         results = {}
-        for name, opts in (("cq", {"channels": 4, "bits": 8}), ("pq", {"bits": 7, "residual": 5})):
+        for name, opts in (("cq", {"channels": 4, "bits": 8}), ("pq", {"bits": 7, "residual": 5}),
+                           ("pq", {"bits": 7, "residual": 5, "head_codebooks": True, "rope_pairs": True})):
             method, states = _fit(model, name, ids=ids[:1], **opts)
             outs = []
             for use in (True, False):
@@ -206,7 +230,8 @@ def kernel_vs_reference(device: str) -> dict[str, tuple[bool, float, int]]:
                 cache.unbind()
                 outs.append((out.sequences, torch.stack(out.logits)))
             (s1, l1), (s2, l2) = outs
-            results[name] = (torch.equal(s1, s2), (l1 - l2).abs().max().item(), sum(u is not None for u in served))
+            results[method.label] = (torch.equal(s1, s2), (l1 - l2).abs().max().item(),
+                                     sum(u is not None for u in served))
             served.clear()
         return results
     finally:

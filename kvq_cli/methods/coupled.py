@@ -91,6 +91,7 @@ class CoupledQuantization(KVMethod):
     kmeans_iters: int = 25
     seed: int = 0
     outliers: float = 0.0
+    max_samples: int = MAX_KMEANS_VECTORS
 
     def validate(self) -> None:
         super().validate()
@@ -102,6 +103,8 @@ class CoupledQuantization(KVMethod):
             raise KvqError(f"cq --outliers is a fraction in [0, 0.1] (0.01 = 1%), not {self.outliers}")
         if self.kmeans_iters < 1:
             raise KvqError(f"cq --kmeans-iters must be >= 1, not {self.kmeans_iters}")
+        if self.max_samples < 1:
+            raise KvqError(f"cq --max-samples must be >= 1, not {self.max_samples}")
 
     @property
     def needs_fisher(self) -> bool:  # type: ignore[override]
@@ -143,7 +146,7 @@ class CoupledQuantization(KVMethod):
         w = None
         if self.fisher and fisher is not None:
             w = fisher.float().to(x.device).reshape(n, h, g, c).sum(-1).permute(1, 2, 0).reshape(h * g, n)
-        books = fit_codebooks(pts, 1 << self.bits, w, self.kmeans_iters, self.seed)  # (H*G, K, c)
+        books = fit_codebooks(pts, 1 << self.bits, w, self.kmeans_iters, self.seed, self.max_samples)  # (H*G, K, c)
         return books.reshape(h, g, 1 << self.bits, c).half().float().contiguous()  # stored fp16, as charged
 
     # ---- encode / decode -----------------------------------------------------------------------

@@ -12,9 +12,9 @@ layer's configuration exactly; ``KVQLayer.attend`` falls back to the blockwise P
 
 * cq: no sparse outliers, D, c and D / c powers of two with D / c >= 2 (``cq_decode.supported``); pre-RoPE
   keys rotated with the model's ``inv_freq`` (no attention scaling), post-RoPE keys as they are;
-* pq: D, M and D / M powers of two, M >= 2 (``pq_decode.supported``), codebooks shared by the KV heads
-  (not ``head_codebooks``) and keys in their own channel order (not ``rope_pairs``): the kernel takes one
-  ``(M, K, D / M)`` codebook per layer and scores the fp16 and packed keys with the same query.
+* pq: no sparse outliers, D, M and D / M powers of two, M >= 2 (``pq_decode.supported``); shared or per-head codebooks
+  (``head_codebooks``); with ``rope_pairs`` the kernel's tables are built from the query in the packed keys'
+  channel order (``PQCache.key_order``).
 
 All need K and V buffers of equal capacity and strides (always so with ``max_tokens``).
 """
@@ -54,10 +54,14 @@ def _vq_cache(layer, seg: dict):
     if m.name == "pq":
         from kvq_kernels.pq_decode import supported
 
-        if pq_kernel_refusal(m, codes["ck"]) is not None:
-            return None
-        d = codes["ck"].shape[0] * codes["ck"].shape[2]
-        return PQCache(**codes) if supported(d, codes["ck"].shape[0]) else None
+        from ..methods.product import rope_pair_order
+
+        msub = codes["ck"].shape[-3]
+        d = msub * codes["ck"].shape[-1]
+        if getattr(m, "outliers", 0) > 0 or not supported(d, msub):
+            return None  # sparse per-token outliers: the reference path restores them
+        order = rope_pair_order(d, codes["ck"].device) if getattr(m, "rope_pairs", False) else None
+        return PQCache(**codes, key_order=order)
     from kvq_kernels.cq_decode import supported
 
     d = codes["ck"].shape[1] * codes["ck"].shape[3]
@@ -69,15 +73,6 @@ def _vq_cache(layer, seg: dict):
     if rope is None or float(getattr(rope, "attention_scaling", 1.0)) != 1.0:
         return None  # the kernel rotates with inv_freq only
     return CQCache(**codes, pre_rope=True, rope_theta=layer.rope_theta, inv_freq=rope.inv_freq.float())
-
-
-def pq_kernel_refusal(method, key_codebook: Tensor) -> str | None:
-    """Why the pq decode kernel cannot serve this configuration (the reference path then does), or None."""
-    if getattr(method, "head_codebooks", False) or key_codebook.dim() != 3:
-        return "per-head codebooks (head_codebooks): the kernel takes one codebook per subspace shared by the heads"
-    if getattr(method, "rope_pairs", False):
-        return "RoPE-pair key subspaces (rope_pairs): the kernel scores keys in their own channel order"
-    return None
 
 
 def kernel_cache(layer):
