@@ -21,7 +21,9 @@ from kvq_cli.presets import MODEL_PRESETS
 
 #: method specs whose labels the tables use (to recover the configuration of a row)
 SPECS = ["cq:channels=2,bits=8", "cq:channels=4,bits=8", "cq:channels=8,bits=8", "cq:channels=8,bits=10",
-         "cq:channels=8,bits=8,outliers=0.01", "pq:bits=8", "pq:bits=8,subspaces=16"]
+         "cq:channels=8,bits=8,outliers=0.01", "pq:bits=8", "pq:bits=8,subspaces=16", "cq:channels=8,bits=8,pre_rope=false",
+         "pq:bits=8,sink=1", "pq:bits=8,sink=1,head_codebooks=true", "pq:bits=8,sink=1,head_codebooks=true,outliers=0.01",
+         "pq:bits=8,sink=1,outliers=0.01"]
 
 
 def main(dst: str, *sources: str) -> None:
@@ -56,7 +58,7 @@ def main(dst: str, *sources: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("average bits per K/V element (filled: at 2048 tokens, all state; hollow: codebooks amortized)")
     ax.set_ylabel("perplexity increase over fp16, % (log)")
-    ax.set_title("SmolLM2-135M, WikiText-2, simulated, H100 (" + "; ".join(notes) + ")", fontsize=8)
+    ax.set_title("SmolLM2-135M, WikiText-2, simulated, H100\n" + "; ".join(notes), fontsize=8)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()

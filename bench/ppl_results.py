@@ -142,7 +142,7 @@ def main() -> None:
                  "cq:channels=8,bits=8,pre_rope=false", "cq:channels=8,bits=8,kmeans_iters=50,max_samples=65536"]
         specs = args.specs.split(";") if args.specs else specs
         arts = [calibrate(s, tmp / f"cq{i}.safetensors", args) for i, s in enumerate(specs)]
-        doc["results"]["cq_specs"] = specs
+        doc["cq_specs"] = specs
         doc["results"]["cq"] = evaluate("wikitext2", arts, [], args)
         save()
     if "shift" in parts:
