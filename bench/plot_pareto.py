@@ -21,9 +21,9 @@ from kvq_cli.presets import MODEL_PRESETS
 
 #: method specs whose labels the tables use (to recover the configuration of a row)
 SPECS = ["cq:channels=2,bits=8", "cq:channels=4,bits=8", "cq:channels=8,bits=8", "cq:channels=8,bits=10",
-         "cq:channels=8,bits=8,outliers=0.01", "pq:bits=8", "pq:bits=8,subspaces=16", "cq:channels=8,bits=8,pre_rope=false",
-         "pq:bits=8,sink=1", "pq:bits=8,sink=1,head_codebooks=true", "pq:bits=8,sink=1,head_codebooks=true,outliers=0.01",
-         "pq:bits=8,sink=1,outliers=0.01"]
+         "cq:channels=8,bits=8,outliers=0.01", "pq:bits=8", "pq:bits=8,subspaces=16",
+         "cq:channels=8,bits=8,pre_rope=false", "pq:bits=8,sink=1", "pq:bits=8,sink=1,head_codebooks=true",
+         "pq:bits=8,sink=1,head_codebooks=true,outliers=0.01", "pq:bits=8,sink=1,outliers=0.01"]
 
 
 def main(dst: str, *sources: str) -> None:
