@@ -156,7 +156,8 @@ class KVQLayer(CacheLayerMixin):
         return k, self.values_stream.read(a, b, state)
 
     def attend(self, query: Tensor, scaling: float, chunk: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """Attention of ``query (B, Hq, Tq, D)`` (the newest ``Tq`` positions) over the cache: float32.
+        """Attention of ``query (B, Hq, Tq, D)`` (the newest ``Tq`` positions) over the cache: float32 (the
+        Triton decode path: the query's dtype).
 
         ``chunk``: the newest ``Tq`` keys (post-RoPE) and values ``(B, Hkv, Tq, D)`` as the model computed
         them. A prefill chunk (``Tq > 1``) attends to them in full precision when ``full_chunk`` (the

@@ -127,7 +127,8 @@ def kernels_available(device: torch.device, method=None) -> bool:
 
 
 def kernel_decode(layer, query: Tensor, scaling: float) -> Tensor | None:
-    """Triton decode attention of ``query (B, Hq, 1, D)`` over ``layer``: float32 ``(B, Hq, 1, D)``, or None."""
+    """Triton decode attention of ``query (B, Hq, 1, D)`` over ``layer``: ``(B, Hq, 1, D)`` in the query's dtype
+    (the kernels accumulate in float32; no float32 round trip, which cost two launches per layer), or None."""
     cache = kernel_cache(layer)
     if cache is None:
         return None
@@ -143,4 +144,4 @@ def kernel_decode(layer, query: Tensor, scaling: float) -> Tensor | None:
     q = query[:, :, 0].contiguous()  # (B, Hq, D)
     # Triton launches on the current device, and layers may sit on several GPUs (--device-map)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        return fn(q, cache, sm_scale=scaling).float()[:, :, None]  # (B, Hq, 1, D)
+        return fn(q, cache, sm_scale=scaling)[:, :, None]  # (B, Hq, 1, D)

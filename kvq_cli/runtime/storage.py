@@ -276,7 +276,7 @@ class Stream:
             leave = min(-(-over // self.step), r // self.step) * self.step
         if leave == 0:
             if rest.shape[2]:
-                self.residual.append(rest.to(torch.float16))
+                self.residual.append(x16[:, :, take:])  # the fp16 copy made above: no second conversion
             return
         # leaving: the oldest ``leave`` of residual + new tokens (new ones quantized from full precision,
         # those that waited in the window from their fp16 copy)
