@@ -130,36 +130,48 @@ def plain_codes(dot: bool, d: int, block_n: int) -> bool:
     return dot and (d < 64 or block_n < 32)
 
 
+def check_query(q: Tensor, heads: int, d: int) -> int:
+    """Validate ``q (B, H*G, D)`` (unit stride in D) and return G."""
+    if q.dim() != 3 or q.shape[-1] != d or q.shape[1] % heads:
+        raise ValueError(f"q must be (B, H*G, {d}) with H={heads}, got {tuple(q.shape)}")
+    if q.stride(-1) != 1:
+        raise ValueError("q must be contiguous in its last dim")
+    return q.shape[1] // heads
+
+
+def split_plan(q: Tensor, rows: int, n_packed: int, block_n: int, num_splits: int | None, programs_per_sm: int):
+    """Split-K plan over the packed tokens for ``rows`` programs per split (``programs_per_sm`` programs per
+    SM by default): (tokens per split, splits + 1 for the fp16 sink/residual segments, partial buffers
+    ``m, l (B*Hq, NSP)`` and ``acc (B*Hq, NSP, D)`` float32)."""
+    b, hq, d = q.shape
+    nblocks = triton.cdiv(n_packed, block_n)
+    per, nsplit = block_n, 0
+    if nblocks:
+        if num_splits is None:
+            num_splits = triton.cdiv(programs_per_sm * _num_sms(q.device), rows)
+        num_splits = max(1, min(num_splits, nblocks))
+        per = triton.cdiv(nblocks, num_splits) * block_n
+        nsplit = triton.cdiv(n_packed, per)
+    nsp = nsplit + 1  # the last split does the fp16 sink and residual segments
+    mp = torch.empty(b * hq, nsp, dtype=torch.float32, device=q.device)
+    ap = torch.empty(b * hq, nsp, d, dtype=torch.float32, device=q.device)
+    return per, nsp, (mp, torch.empty_like(mp), ap)
+
+
 def _launch_plan(q: Tensor, cache, sm_scale, num_splits, block_n, num_warps, kivi: bool):
     """Shapes, the program layout (QPP query heads per program, MR padded rows, DOT), block sizes, the
     split-K plan, partial-result buffers and the log2-domain score scale."""
     b, h, tmax, _ = cache.k_packed.shape
     d = cache.head_dim
-    if q.dim() != 3 or q.shape[-1] != d or q.shape[1] % h:
-        raise ValueError(f"q must be (B, H*G, {d}) with H={h}, got {tuple(q.shape)}")
-    if q.stride(-1) != 1:
-        raise ValueError("q must be contiguous in its last dim")
+    g = check_query(q, h, d)
     for x in (cache.sink_k, cache.sink_v, cache.res_k, cache.res_v):
         if not x.is_contiguous():
             raise ValueError("fp16 sink/residual buffers must be contiguous")
-    g = q.shape[1] // h
     dot = g > 1 and d >= 32  # tl.dot needs halves >= 16 wide; else one program per query head
     qpp, mr = (g, max(16, triton.next_power_of_2(g))) if dot else (1, 1)
     block_n, num_warps = _default_block(dot, d, kivi, block_n, num_warps)
     rows = b * h * (g // qpp)
-    nblocks = triton.cdiv(cache.n_packed, block_n)
-    nsplit = 0
-    per = block_n
-    if nblocks:
-        if num_splits is None:
-            num_splits = max(1, triton.cdiv(PROGRAMS_PER_SM * _num_sms(q.device), rows))
-        num_splits = max(1, min(num_splits, nblocks))
-        per = triton.cdiv(nblocks, num_splits) * block_n
-        nsplit = triton.cdiv(cache.n_packed, per)
-    nsp = nsplit + 1  # the last split does the fp16 sink and residual segments
-    mp = torch.empty(b * h * g, nsp, dtype=torch.float32, device=q.device)
-    lp = torch.empty_like(mp)
-    ap = torch.empty(b * h * g, nsp, d, dtype=torch.float32, device=q.device)
+    per, nsp, (mp, lp, ap) = split_plan(q, rows, cache.n_packed, block_n, num_splits, PROGRAMS_PER_SM)
     scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
     meta = dict(G=g, QPP=qpp, MR=mr, D=d, BLOCK_N=block_n, DOT=dot, PREC=DOT_PRECISION, num_warps=num_warps,
                 PLAIN=plain_codes(dot, d, block_n))

@@ -65,8 +65,8 @@ def unpack_vq_codes(packed: Tensor, bits: int, n: int) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------- caches
 @dataclass
-class CQCache:
-    """One layer of a CQ packed cache (shapes in the module docstring)."""
+class VQCache:
+    """The fields both vector-quantized caches share: code rows, codebooks, fp16 sink and residual."""
 
     k_codes: Tensor
     v_codes: Tensor
@@ -79,6 +79,16 @@ class CQCache:
     bits: int
     n_packed: int = 0
     n_res: int = 0
+
+    @property
+    def n_sink(self) -> int:
+        return self.sink_k.shape[2]
+
+
+@dataclass
+class CQCache(VQCache):
+    """One layer of a CQ packed cache (shapes in the module docstring)."""
+
     pre_rope: bool = True
     rope_theta: float = 10000.0
     #: The model's own RoPE inverse frequencies ``(D/2,)``; None: from ``rope_theta``.
@@ -92,10 +102,6 @@ class CQCache:
     def groups(self) -> int:
         return self.ck.shape[1]
 
-    @property
-    def n_sink(self) -> int:
-        return self.sink_k.shape[2]
-
     def rope_frequencies(self, device) -> Tensor:
         if self.inv_freq is not None:
             return self.inv_freq.to(device, torch.float32).contiguous()
@@ -103,20 +109,9 @@ class CQCache:
 
 
 @dataclass
-class PQCache:
+class PQCache(VQCache):
     """One layer of a PQ (MILLION) packed cache (shapes in the module docstring)."""
 
-    k_codes: Tensor
-    v_codes: Tensor
-    ck: Tensor
-    cv: Tensor
-    sink_k: Tensor
-    sink_v: Tensor
-    res_k: Tensor
-    res_v: Tensor
-    bits: int
-    n_packed: int = 0
-    n_res: int = 0
     #: Channel order of the packed keys ``(D,)`` (None: natural order), see the module docstring.
     key_order: Tensor | None = None
 
@@ -131,10 +126,6 @@ class PQCache:
     def table_query(self, q: Tensor) -> Tensor:
         """The query as the packed keys' table needs it: ``q (B, Hq, D)`` with its channels in ``key_order``."""
         return q if self.key_order is None else q[..., self.key_order.to(q.device).long()]
-
-    @property
-    def n_sink(self) -> int:
-        return self.sink_k.shape[2]
 
 
 def empty_vq_cache(kind: str, batch, heads, max_tokens, bits, ck, cv, n_sink=0, max_res=0, **extra):

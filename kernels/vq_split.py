@@ -13,12 +13,12 @@ Shapes inside a program: query halves ``q1, q2 (GP, D/2)``, key/value halves ``(
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .decode_attention import LOG2E, _finish, _num_sms  # noqa: F401  (LOG2E re-exported for the wrappers)
+# LOG2E and check_query are re-exported for the cq/pq wrappers
+from .decode_attention import LOG2E, _finish, check_query, split_plan  # noqa: F401
 
 #: split programs per SM the default plan aims for
 PROGRAMS_PER_SM = 4
@@ -102,30 +102,9 @@ def _store_partial(MP, LP, AP, pid_bh, sp, NSP, m, l, acc1, acc2, G: tl.constexp
     tl.store(AP + prow[:, None] * D + HALF + ch[None, :], acc2, mask=ok[:, None])
 
 
-def check_query(q: Tensor, heads: int, d: int) -> int:
-    """Validate ``q (B, H*G, D)`` (unit stride in D) and return G."""
-    if q.dim() != 3 or q.shape[-1] != d or q.shape[1] % heads:
-        raise ValueError(f"q must be (B, H*G, {d}) with H={heads}, got {tuple(q.shape)}")
-    if q.stride(-1) != 1:
-        raise ValueError("q must be contiguous in its last dim")
-    return q.shape[1] // heads
-
-
 def plan(q: Tensor, heads: int, n_packed: int, block_n: int, num_splits: int | None):
-    """Split-K plan: (tokens per split, number of splits + 1 for the fp16 segments, partial buffers)."""
-    b, hq, d = q.shape
-    nblocks = triton.cdiv(n_packed, block_n)
-    per, nsplit = block_n, 0
-    if nblocks:
-        if num_splits is None:
-            num_splits = triton.cdiv(PROGRAMS_PER_SM * _num_sms(q.device), b * heads)
-        num_splits = max(1, min(num_splits, nblocks))
-        per = triton.cdiv(nblocks, num_splits) * block_n
-        nsplit = triton.cdiv(n_packed, per)
-    nsp = nsplit + 1
-    mp = torch.empty(b * hq, nsp, dtype=torch.float32, device=q.device)
-    ap = torch.empty(b * hq, nsp, d, dtype=torch.float32, device=q.device)
-    return per, nsp, (mp, torch.empty_like(mp), ap)
+    """Split-K plan for one program per (sequence, KV head): ``decode_attention.split_plan``."""
+    return split_plan(q, q.shape[0] * heads, n_packed, block_n, num_splits, PROGRAMS_PER_SM)
 
 
 def reduce(q: Tensor, nsp: int, partials) -> Tensor:

@@ -105,8 +105,9 @@ def test_coupled_channels_beat_scalar_at_equal_bits(coupled, scalar):
     assert round_trip(m1, s1, TEST) < 0.8 * round_trip(m2, s2, TEST)
 
 
-def test_fisher_weighting_pulls_centroids():
-    """Vectors with heavy Fisher weight (a rare, larger-magnitude cluster) are served better when weighted."""
+def heavy_cluster_errors(name: str, **options) -> dict[bool, float]:
+    """Key reconstruction error of a rare, larger-magnitude cluster with heavy Fisher weight, for a method
+    ``name`` fitted with ``fisher=True`` and ``fisher=False``: ``{use: error}``."""
     n = N_CALIB
     keys = correlated(n, 1)
     heavy = torch.zeros(n, dtype=torch.bool)
@@ -117,8 +118,14 @@ def test_fisher_weighting_pulls_centroids():
     x = as_bhtd(keys[heavy])
     errs = {}
     for use in (True, False):
-        method, state = fitted("cq", calib, bits=3, channels=4, fisher=use)
+        method, state = fitted(name, calib, fisher=use, **options)
         errs[use] = rel_err(x, method.decode_keys(method.encode_keys(x, state), state))
+    return errs
+
+
+def test_fisher_weighting_pulls_centroids():
+    """Vectors with heavy Fisher weight (a rare, larger-magnitude cluster) are served better when weighted."""
+    errs = heavy_cluster_errors("cq", bits=3, channels=4)
     assert errs[True] < 0.8 * errs[False]
     assert make_method("cq").needs_fisher and not make_method("cq", fisher=False).needs_fisher
     assert not make_method("pq").needs_fisher
@@ -279,18 +286,7 @@ def test_pq_labels_and_config():
 
 
 def test_pq_fisher_weighting_pulls_centroids():
-    n = N_CALIB
-    keys = correlated(n, 1)
-    heavy = torch.zeros(n, dtype=torch.bool)
-    heavy[: n // 20] = True
-    keys[heavy] = keys[heavy] * 4 + 3
-    fisher = torch.where(heavy[:, None, None], 1000.0, 1.0).expand(n, H, D).clone()
-    calib = LayerCalibration(keys, keys.clone(), fisher, fisher.clone(), tokens=n)
-    x = as_bhtd(keys[heavy])
-    errs = {}
-    for use in (True, False):
-        method, state = fitted("pq", calib, bits=3, subspaces=4, fisher=use)
-        errs[use] = rel_err(x, method.decode_keys(method.encode_keys(x, state), state))
+    errs = heavy_cluster_errors("pq", bits=3, subspaces=4)
     assert errs[True] < 0.8 * errs[False]
     # without Fisher information in the calibration, fisher=True is plain k-means
     m1, s1 = fitted("pq", calibration(fisher=False), bits=4, fisher=True)
