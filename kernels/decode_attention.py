@@ -187,6 +187,20 @@ def _finish(q, nsp, mp, lp, ap):
     return out
 
 
+def _sparse_args(rows, like: Tensor) -> tuple:
+    """``val, idx, ptr, capacity, pointers per row`` of a ``SparseRows`` (placeholders for None)."""
+    if rows is None:
+        return like, like, like, 0, 0
+    return rows.val, rows.idx, rows.ptr, rows.val.shape[-1], rows.ptr.shape[-1]
+
+
+def _sparse_block(cache: KVQuantCache, block_n: int) -> int:
+    blocks = {r.block for r in (cache.k_sparse, cache.v_sparse) if r is not None}
+    if len(blocks) > 1 or any(b % block_n for b in blocks):
+        raise ValueError(f"sparse outlier blocks {sorted(blocks)} must agree and be multiples of block_n={block_n}")
+    return blocks.pop() if blocks else 64
+
+
 def decode_attention_kvquant(q: Tensor, cache: KVQuantCache, sm_scale: float | None = None,
                              num_splits: int | None = None, block_n: int | None = None,
                              num_warps: int | None = None) -> Tensor:
@@ -205,8 +219,10 @@ def decode_attention_kvquant(q: Tensor, cache: KVQuantCache, sm_scale: float | N
         sk, cache.sink_v, rk, cache.res_v, sk.stride(0), sk.stride(1), rk.stride(0), rk.stride(1),
         invf, tab, tab.shape[1], mp, lp, ap,
         cache.k_packed.shape[1], cache.k_packed.shape[2], cache.n_packed, cache.n_sink, cache.n_res, per, nsp, scale,
+        *_sparse_args(cache.k_sparse, q), *_sparse_args(cache.v_sparse, q),
         BITS_K=cache.bits_k, BITS_V=cache.bits_v, NOK=cache.k_oidx.shape[-1], NOV=cache.v_oidx.shape[-1],
-        ABLATE=ABLATE, **meta,
+        ABLATE=ABLATE, SPK=cache.k_sparse is not None, SPV=cache.v_sparse is not None,
+        SB=_sparse_block(cache, bn), **meta,
     )
     return _finish(q, nsp, mp, lp, ap)
 

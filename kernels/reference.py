@@ -51,6 +51,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .sparse import SparseRows
+
 KIVI_KEY_GROUP = 32
 
 
@@ -313,6 +315,10 @@ class KVQuantCache:
     rope_theta: float = 10000.0
     #: The model's own RoPE inverse frequencies ``(D/2,)`` float32; None: computed from ``rope_theta``.
     inv_freq: Tensor | None = None
+    #: Per-row sparse outliers of the packed tokens (``kvq_kernels.sparse``), on top of any fixed slots: keys
+    #: pre-RoPE, each replacing its dequantized entry, as the slots do.
+    k_sparse: SparseRows | None = None
+    v_sparse: SparseRows | None = None
 
     def rope_frequencies(self, device) -> Tensor:
         """``inv_freq`` the kernels rotate keys with (the model's own when given, so they match it bit for bit)."""
@@ -358,7 +364,7 @@ class KVQuantCache:
             self.k_packed, self.k_oidx, self.k_oval, self.v_packed, self.v_min, self.v_scale, self.v_oidx,
             self.v_oval))
         fp = (self.sink_k.numel() * 2 + self.res_k[:, :, : self.n_res].numel()) * 2
-        return per_tok + fp
+        return per_tok + fp + sum(r.nbytes() for r in (self.k_sparse, self.v_sparse) if r is not None)
 
 
 @dataclass
@@ -425,6 +431,13 @@ def dequantize_kvquant_cache(cache: KVQuantCache) -> tuple[Tensor, Tensor]:
                                  cache.lo, cache.hi, cache.ck, cache.bits_k, d)
     vq = dequantize_values_nuq(cache.v_packed[:, :, :t], cache.v_min[:, :, :t], cache.v_scale[:, :, :t],
                                cache.v_oidx[:, :, :t], cache.v_oval[:, :, :t], cache.cv, cache.bits_v, d)
+    for name, rows in (("k", cache.k_sparse), ("v", cache.v_sparse)):
+        if rows is not None:
+            mask, vals = rows.dense(0, t)
+            if name == "k":
+                kq = torch.where(mask, vals.float(), kq)
+            else:
+                vq = torch.where(mask, vals.float(), vq)
     k = torch.cat([cache.sink_k.float(), kq, cache.res_k[:, :, : cache.n_res].float()], 2)
     v = torch.cat([cache.sink_v.float(), vq, cache.res_v[:, :, : cache.n_res].float()], 2)
     pos = torch.arange(k.shape[2], device=k.device)

@@ -1,14 +1,14 @@
 """Bit accounting: the one formula for what a quantized KV cache holds (used by eval, runtime, estimates).
 
 Average bits per element = every bit the cache holds for K and V (codes, scales, zero points,
-outliers, per-layer codebooks and thresholds, full-precision sink and residual tokens) divided by the
-number of K and V elements, at a stated context length.
+outliers and their row pointers, per-layer codebooks and thresholds, full-precision sink and residual tokens)
+divided by the number of K and V elements, at a stated context length.
 """
 
 from __future__ import annotations
 
 from .hf_attention import KVGeometry
-from .methods.base import KVMethod
+from .methods.base import KVMethod, outlier_pointer_bits
 
 FP16_TOKEN_BITS_PER_ELEMENT = 16
 
@@ -24,6 +24,7 @@ def layer_bits(method: KVMethod, kv_heads: int, head_dim: int, tokens: int, stat
     fp = full_precision_tokens(method, tokens, with_residual)
     per_seq = fp * 2 * kv_heads * head_dim * FP16_TOKEN_BITS_PER_ELEMENT
     per_seq += (tokens - fp) * method.bits_per_token(kv_heads, head_dim)
+    per_seq += method.outlier_streams * outlier_pointer_bits(kv_heads, head_dim, tokens - fp)
     return batch * per_seq + state_bits
 
 

@@ -10,6 +10,7 @@ import torch
 if not torch.cuda.is_available():  # must precede the first triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import dataclasses  # noqa: E402
 import math  # noqa: E402
 
 import pytest  # noqa: E402
@@ -202,10 +203,38 @@ def test_decode_attention_kvquant(bits, gqa):
     assert _rel(got, want) < ATTN_RTOL
 
 
+@pytest.mark.parametrize("bits,gqa,density", [(2, 1, 0.1), (3, 1, 0.01), (4, 3, 0.1), (1, 2, 0.03), (2, 4, 0.0)])
+def test_decode_attention_kvquant_sparse_outliers(bits, gqa, density):
+    """Per-row sparse outliers (any number per token and head, as the runtime stores KVQuant's): keys beyond the
+    calibrated range and random value entries, as corrections in the kernel. Dense rows (more than MAXO entries
+    in a block), rows with none, a packed segment ending mid-block, value slots off (the one-row fold)."""
+    from kvq_kernels.sparse import SparseRows
+
+    gen = _gen(400 + 8 * bits + gqa)
+    d = 32
+    t = 83
+    c = _kvquant_cache(gen, d, bits, 4 - bits % 2, t=0, n_sink=5, n_res=4, tmax=96, nok=0, nov=0)
+    k, v = _randn(gen, B, H, t, d, scale=1.3), _randn(gen, B, H, t, d)
+    ref.append_kvquant_ref(c, k, v, 0)
+    c.n_packed = t
+    lo, hi = c.lo[None, :, None], c.hi[None, :, None]
+    kmask = ((k < lo) | (k > hi)) & (torch.rand(k.shape, generator=gen) < density * 10).to(DEV)
+    vmask = (torch.rand(v.shape, generator=gen) < density).to(DEV)
+    vmask[0, 1] = False  # a row without any
+    c.k_sparse = SparseRows.from_dense(kmask, k, block=16)
+    c.v_sparse = SparseRows.from_dense(vmask, v * 3, block=16)
+    q = _randn(gen, B, H * gqa, d)
+    want = ref.decode_attention_kvquant_ref(q, c)
+    plain = ref.decode_attention_kvquant_ref(q, dataclasses.replace(c, k_sparse=None, v_sparse=None))
+    if density:
+        assert _rel(plain, want) > 1e-2  # the outliers matter
+    for bn, ns in ((8, 3), (16, 2)):
+        got = decode_attention_kvquant(q, c, num_splits=ns, block_n=bn)
+        assert _rel(got, want) < ATTN_RTOL, (bn, ns)
+
+
 def test_decode_attention_kvquant_models_own_inv_freq():
     """Keys are rotated with the model's own inv_freq when the cache carries one (scaled RoPE variants)."""
-    import dataclasses
-
     gen = _gen(61)
     c = _kvquant_cache(gen, 16, 2, 2, t=37, n_sink=2, n_res=3, fill="triton")
     q = _randn(gen, B, H, 16)

@@ -32,6 +32,15 @@ FP16_BITS = 16
 OUTLIER_BITS = 32
 
 
+def outlier_pointer_bits(kv_heads: int, head_dim: int, tokens: int) -> int:
+    """Bits of one stream's sparse-outlier row pointers over ``tokens`` quantized tokens (``kvq_kernels.sparse``):
+    an int32 per KV head and started block of 64 tokens (fewer where ``head_dim > 512``), plus one per head."""
+    if tokens <= 0:
+        return 0
+    block = min(64, (1 << 15) // head_dim)
+    return kv_heads * 32 * (-(-tokens // block) + 1)
+
+
 @dataclass
 class LayerCalibration:
     """Calibration statistics of one layer, gathered by ``kvq_cli.calibration.capture``.
@@ -91,6 +100,11 @@ class KVMethod:
     def keys_pre_rope(self) -> bool:
         """Whether keys are quantized before the rotary embedding."""
         return False
+
+    @property
+    def outlier_streams(self) -> int:
+        """How many of K and V keep sparse outliers (each adds row pointers: ``outlier_pointer_bits``)."""
+        return 2 if getattr(self, "outliers", 0) > 0 else 0
 
     @property
     def key_outlier_fraction(self) -> float:

@@ -4,9 +4,10 @@ Used for a single query token when the kernels' fixed layout (``kvq_kernels.refe
 layer's configuration exactly; ``KVQLayer.attend`` falls back to the blockwise PyTorch reference
 (``attention.blockwise_attention``) otherwise. Exactly representable:
 
-* kvquant: per-channel pre-RoPE keys, no sparse outliers (the kernel's fixed outlier slots differ from
-  KVQuant's per-token top-k over all heads), one codebook per layer (not ``head_codebooks``), a RoPE
-  without attention scaling (the kernels rotate with the model's own ``inv_freq``, passed to them);
+* kvquant: per-channel pre-RoPE keys, with or without KVQuant's sparse outliers (the stores' per-row
+  ``SparseRows`` go to the kernel as they are), one codebook per layer (not ``head_codebooks``), per-head value
+  ranges (not ``token_scales``), a RoPE without attention scaling (the kernels rotate with the model's own
+  ``inv_freq``, passed to them);
 * kivi: ``group == 32`` (the kernel's key group; value groups ``min(32, D)`` then match); keys and values
   leave the residual window together, a group at a time, so their counts always agree.
 
@@ -92,7 +93,7 @@ def kernel_cache(layer):
         return None
     b, h = kf["codes"].buf.shape[:2]
     if m.name == "kvquant":
-        if not (m.per_channel and m.pre_rope and m.outliers == 0) or layer.rope is None:
+        if not (m.per_channel and m.pre_rope) or layer.rope is None:
             return None
         if any(layer.state16[name].dim() != 1 for name in ("key_codebook", "value_codebook")):
             return None  # per-head codebooks (head_codebooks): the kernels take one codebook per layer
@@ -106,7 +107,8 @@ def kernel_cache(layer):
             k_packed=kf["codes"].buf, k_oidx=no_idx, k_oval=no_val, v_packed=vf["codes"].buf,
             v_min=vf["zero"].buf.squeeze(-1), v_scale=vf["scale"].buf.squeeze(-1), v_oidx=no_idx, v_oval=no_val,
             lo=state["key_lo"], hi=state["key_hi"], ck=state["key_codebook"], cv=state["value_codebook"],
-            bits_k=m.bits, bits_v=m.bits, rope_theta=layer.rope_theta, inv_freq=rope.inv_freq.float(), **seg)
+            bits_k=m.bits, bits_v=m.bits, rope_theta=layer.rope_theta, inv_freq=rope.inv_freq.float(),
+            k_sparse=ks.packed.outliers, v_sparse=vs.packed.outliers, **seg)
     if m.name == "kivi" and m.group == 32:
         return KIVICache(k_packed=kf["codes"].buf, k_scale=kf["scale"].buf, k_zero=kf["zero"].buf,
                          v_packed=vf["codes"].buf, v_scale=vf["scale"].buf, v_zero=vf["zero"].buf, bits=m.bits,

@@ -13,7 +13,13 @@ group), while it holds more than ``window`` tokens. Leaving tokens are encoded b
   no padding when ``n * bits`` is a multiple of 8; 8-bit codes are plain bytes).
 * ``scale`` / ``zero`` fp16 as the method returns them: per token ``(B, H, T, g)`` or, with ``step > 1``,
   per group of ``step`` tokens ``(B, H, T / step, g)``.
-* ``outlier_mask`` + ``outlier_values`` -> ``SparseOutliers`` (fp16 value + int16 position each).
+* ``outlier_mask`` + ``outlier_values`` -> ``kvq_kernels.sparse.SparseRows``: per (batch, head) row, in token
+  order, an fp16 value and an int16 position each, plus an int32 pointer per row and 64 tokens (the layout the
+  kvquant decode kernel reads). Every outlier the method marks is kept (no fixed slots, so decoding equals the
+  method's). Value outliers are exactly ``2n`` per token, as the accounting charges; key outliers are the entries
+  beyond the calibrated thresholds, as many as the data has, while ``accounting.cache_bits`` charges the
+  nominal fraction: the two agree when the data's rate is the calibrated one, and ``nbytes`` always reports the
+  truth (``tests/test_runtime.py`` reconciles the difference exactly).
 
 ``read(a, b)`` hands a block back to the method's ``decode_*`` (so stored and simulated numbers agree).
 """
@@ -21,13 +27,11 @@ group), while it holds more than ``window`` tokens. Leaving tokens are encoded b
 from __future__ import annotations
 
 import torch
+from kvq_kernels.sparse import SPARSE_BLOCK, SparseRows
 from torch import Tensor
 
 from ..errors import KvqError
 from ..methods.base import Encoded, KVMethod, State
-
-#: Positions of sparse outliers are 16-bit offsets inside a group of tokens (all batch rows and heads).
-POSITIONS = 1 << 16
 
 
 class Grow:
@@ -69,80 +73,18 @@ def _pow2(n: int) -> int:
     return max(16, 1 << max(n - 1, 0).bit_length())
 
 
-class SparseOutliers:
-    """Outliers of a ``(B, H, T, D)`` stream as a flat list: fp16 ``values`` and int16 ``positions``.
+def sparse_rows(mask: Tensor) -> SparseRows:
+    """An empty per-row outlier store for a ``(B, H, T, D)`` stream: pointers every 64 tokens (fewer where
+    ``D > 512``, so ``(t % block) * D + d`` fits 16 bits)."""
+    b, h, _, d = mask.shape
+    if d > 1 << 15:
+        raise KvqError(f"head_dim {d} is too large for 16-bit outlier positions")
+    return SparseRows(b, h, d, mask.device, block=min(SPARSE_BLOCK, (1 << 15) // d))
 
-    Tokens are split in groups of ``gt = 65536 // (B*H*D)`` tokens; an entry's position is its offset
-    ``((b * gt + t % gt) * H + h) * D + d`` inside its group (stored minus 32768 in an int16), entries are
-    ordered by group, and ``counts`` (int32, one per group) says how many each group has. Storage:
-    32 bits per outlier (as ``OUTLIER_BITS`` charges) plus 32 bits per group of ``gt`` tokens.
 
-    Every outlier the method marks is kept (no fixed slots, so decoding equals the method's). Value outliers
-    are exactly ``2n`` per token, as the accounting charges; key outliers are the entries beyond the
-    calibrated thresholds, as many as the data has, while ``accounting.cache_bits`` charges the nominal
-    fraction: the two agree when the data's rate is the calibrated one, and ``nbytes`` always reports the
-    truth (``tests/test_runtime.py`` reconciles the difference exactly).
-    """
-
-    def __init__(self, batch: int, heads: int, head_dim: int, device):
-        per_token = batch * heads * head_dim
-        if per_token > POSITIONS:
-            raise KvqError(f"batch {batch} x {heads} KV heads x head_dim {head_dim} is too large for 16-bit outlier "
-                           "positions: use a smaller batch_size")
-        self.shape = (batch, heads, head_dim)
-        self.gt = POSITIONS // per_token
-        self._values = Grow(torch.zeros(1, 1, 0, dtype=torch.float16, device=device))  # (1, 1, N), amortized
-        self._positions = Grow(torch.zeros(1, 1, 0, dtype=torch.int16, device=device))
-        self.counts = torch.zeros(0, dtype=torch.int32, device=device)
-        self.n = 0  # tokens
-
-    def append(self, mask: Tensor, values: Tensor) -> None:
-        """Add tokens ``[n, n + T)``: ``mask`` bool and ``values`` fp16 ``(B, H, T, D)``."""
-        b, h, t, d = mask.shape
-        m = mask.permute(2, 0, 1, 3)  # (T, B, H, D): entries come out ordered by token, i.e. by group
-        idx = m.nonzero()  # (N, 4): t, b, h, d
-        tok = idx[:, 0] + self.n
-        local = ((idx[:, 1] * self.gt + tok % self.gt) * h + idx[:, 2]) * d + idx[:, 3]
-        self._values.append(values.permute(2, 0, 1, 3)[m].half()[None, None])
-        self._positions.append((local - POSITIONS // 2).to(torch.int16)[None, None])
-        groups = -(-(self.n + t) // self.gt)
-        counts = torch.zeros(groups, dtype=torch.int32, device=mask.device)
-        counts[: self.counts.numel()] = self.counts
-        counts.index_add_(0, tok // self.gt, torch.ones_like(tok, dtype=torch.int32))
-        self.counts, self.n = counts, self.n + t
-
-    @property
-    def values(self) -> Tensor:
-        """fp16 ``(N,)`` outlier values, ordered by group."""
-        return self._values.view()[0, 0]
-
-    @property
-    def positions(self) -> Tensor:
-        """int16 ``(N,)`` offsets inside their group, minus 32768."""
-        return self._positions.view()[0, 0]
-
-    def read(self, a: int, b: int) -> tuple[Tensor, Tensor]:
-        """Dense ``outlier_mask`` bool and ``outlier_values`` fp16 ``(B, H, b - a, D)`` of tokens ``[a, b)``."""
-        bs, hs, ds = self.shape
-        mask = torch.zeros(bs, hs, b - a, ds, dtype=torch.bool, device=self.counts.device)
-        vals = torch.zeros(bs, hs, b - a, ds, dtype=torch.float16, device=self.counts.device)
-        g0, g1 = a // self.gt, -(-b // self.gt)
-        ends = self.counts.long().cumsum(0)
-        start = int(ends[g0 - 1]) if g0 > 0 else 0
-        stop = int(ends[g1 - 1])
-        local = self.positions[start:stop].long() + POSITIONS // 2  # (N,)
-        group = torch.repeat_interleave(torch.arange(g0, g1, device=local.device), self.counts[g0:g1].long())
-        d, rest = local % ds, local // ds
-        h, rest = rest % hs, rest // hs
-        tok, row = group * self.gt + rest % self.gt, rest // self.gt
-        keep = (tok >= a) & (tok < b)
-        at = (row[keep], h[keep], tok[keep] - a, d[keep])
-        mask[at] = True
-        vals[at] = self.values[start:stop][keep]
-        return mask, vals
-
-    def nbytes(self, allocated: bool = False) -> int:
-        return self._values.nbytes(allocated) + self._positions.nbytes(allocated) + self.counts.numel() * 4
+def _none(b: int, h: int, d: int, t: int, device) -> tuple[Tensor, Tensor]:
+    """No outliers for ``t`` tokens: an all-false mask and zero values ``(B, H, t, D)``."""
+    return torch.zeros(b, h, t, d, dtype=torch.bool, device=device), torch.zeros(b, h, t, d, device=device)
 
 
 class PackedStore:
@@ -154,7 +96,7 @@ class PackedStore:
     def __init__(self, method: KVMethod, is_key: bool, step: int, capacity: int | None):
         self.method, self.is_key, self.step, self.capacity = method, is_key, step, capacity
         self.fields: dict[str, Grow] = {}
-        self.outliers: SparseOutliers | None = None
+        self.outliers: SparseRows | None = None
         self.n = 0
         self.head_dim = 0  # codes per token-head row (D; cq: D / c, pq: M)
         self.vector = False  # int16 vector-quantization codes (cq, pq) rather than uint8 per-element codes
@@ -202,12 +144,14 @@ class PackedStore:
             self.fields[name].append(x)
         if "outlier_mask" in enc:
             if self.outliers is None:
-                self.outliers = SparseOutliers(*enc["outlier_mask"].shape[:2], enc["outlier_mask"].shape[3],
-                                               enc["outlier_mask"].device)
-                self.outliers.n = self.n
+                self.outliers = sparse_rows(enc["outlier_mask"])
+                if self.n:  # keep token numbering aligned
+                    mask = enc["outlier_mask"]
+                    self.outliers.append(*_none(*mask.shape[:2], mask.shape[3], self.n, mask.device))
             self.outliers.append(enc["outlier_mask"], enc["outlier_values"])
-        elif self.outliers is not None:  # keep token numbering aligned
-            self.outliers.n += t
+        elif self.outliers is not None:
+            o = self.outliers
+            o.append(*_none(*o.val.shape[:2], o.head_dim, t, o.val.device))
         self.n += t
 
     def read(self, a: int, b: int) -> Encoded:
@@ -219,7 +163,7 @@ class PackedStore:
         if "codes" in enc:
             enc["codes"] = self._unpack(enc["codes"])
         if self.outliers is not None:
-            enc["outlier_mask"], enc["outlier_values"] = self.outliers.read(a, b)
+            enc["outlier_mask"], enc["outlier_values"] = self.outliers.dense(a, b)
         return enc
 
     def decode(self, a: int, b: int, state: State) -> Tensor:

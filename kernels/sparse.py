@@ -1,0 +1,118 @@
+"""Sparse outliers stored per ``(batch, head)`` row in token order: the layout the runtime keeps and the kvquant
+decode kernel reads (no fixed slots: any number of outliers per token and head).
+
+A stream of ``(B, H, T, D)`` entries with a boolean outlier mask is held as (``CAP`` entries per row, grown by
+doubling; ``NP`` block pointers per row)::
+
+    val  float16 (B, H, CAP)  the outliers' values; row (b, h) ordered by token, then channel
+    idx  int16   (B, H, CAP)  (t % block) * D + d   (t: token index in the stream; block * D <= 32768)
+    ptr  int32   (B, H, NP)   ptr[b, h, k] = entries of row (b, h) with t < k * block, for k <= cdiv(n, block)
+
+So the entries of tokens ``[k * block, (k + 1) * block)`` are ``[ptr[k], ptr[k + 1])`` of their row: a decode
+program that walks its tokens in blocks finds its outliers without reading anyone else's. Storage: 32 bits per
+outlier plus 32 bits per row and ``block`` tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: tokens per pointer (the decode kernels' token blocks must divide it)
+SPARSE_BLOCK = 64
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class SparseRows:
+    """Per-row sparse outliers of a growing ``(B, H, n, D)`` stream (module docstring for the layout)."""
+
+    def __init__(self, batch: int, heads: int, head_dim: int, device=None, block: int = SPARSE_BLOCK,
+                 capacity: int = 16):
+        if block * head_dim > 1 << 15:
+            raise ValueError(f"block {block} x head_dim {head_dim} does not fit 16-bit outlier indices")
+        self.block, self.head_dim, self.n = block, head_dim, 0
+        self.val = torch.zeros(batch, heads, capacity, dtype=torch.float16, device=device)
+        self.idx = torch.zeros(batch, heads, capacity, dtype=torch.int16, device=device)
+        self.ptr = torch.zeros(batch, heads, 16, dtype=torch.int32, device=device)
+
+    @classmethod
+    def from_dense(cls, mask: Tensor, values: Tensor, block: int = SPARSE_BLOCK) -> SparseRows:
+        """The outliers ``values[mask]`` of ``(B, H, T, D)`` tokens ``[0, T)``."""
+        b, h, _, d = mask.shape
+        rows = cls(b, h, d, mask.device, block)
+        rows.append(mask, values)
+        return rows
+
+    def counts(self) -> Tensor:
+        """``(B, H)`` int32: entries per row."""
+        return self.ptr[..., _cdiv(self.n, self.block)]
+
+    def _grow(self, entries: int, pointers: int) -> None:
+        if entries > self.val.shape[-1]:
+            cap = max(entries, 2 * self.val.shape[-1])
+            for name in ("val", "idx"):
+                old = getattr(self, name)
+                new = old.new_zeros(*old.shape[:2], cap)
+                new[..., : old.shape[-1]] = old
+                setattr(self, name, new)
+        if pointers > self.ptr.shape[-1]:
+            new = self.ptr.new_zeros(*self.ptr.shape[:2], max(pointers, 2 * self.ptr.shape[-1]))
+            new[..., : self.ptr.shape[-1]] = self.ptr
+            self.ptr = new
+
+    def append(self, mask: Tensor, values: Tensor) -> None:
+        """Add tokens ``[n, n + T)``: ``mask`` bool and ``values`` ``(B, H, T, D)`` (values read where masked)."""
+        b, h, t, d = mask.shape
+        n0, n1, blk = self.n, self.n + t, self.block
+        before = self.counts().long()  # (B, H)
+        cum = torch.nn.functional.pad(mask.sum(-1).cumsum(-1), (1, 0))  # (B, H, T + 1): new entries before t
+        self._grow(int((before + cum[..., -1]).max()) if t else 0, _cdiv(n1, blk) + 1)
+        nz = mask.nonzero()  # (N, 4) in (b, h, t, d) order, as values[mask]
+        if nz.shape[0]:
+            row = nz[:, 0] * h + nz[:, 1]
+            per_row = cum[..., -1].flatten()
+            start = per_row.cumsum(0) - per_row  # first entry of each row among the new ones
+            dest = before.flatten()[row] + torch.arange(nz.shape[0], device=nz.device) - start[row]
+            self.val[nz[:, 0], nz[:, 1], dest] = values[mask].to(torch.float16)
+            self.idx[nz[:, 0], nz[:, 1], dest] = (((n0 + nz[:, 2]) % blk) * d + nz[:, 3]).to(torch.int16)
+        k = torch.arange(n0 // blk + 1, _cdiv(n1, blk) + 1, device=mask.device)  # pointers that change
+        local = (k * blk - n0).clamp(0, t)
+        self.ptr[..., k] = (before[..., None] + cum[..., local]).to(torch.int32)
+        self.n = n1
+
+    def dense(self, a: int = 0, b: int | None = None) -> tuple[Tensor, Tensor]:
+        """Tokens ``[a, b)`` as a bool mask and fp16 values ``(B, H, b - a, D)`` (0 where not an outlier)."""
+        b = self.n if b is None else b
+        bs, hs = self.val.shape[:2]
+        d, blk = self.head_dim, self.block
+        mask = torch.zeros(bs, hs, b - a, d, dtype=torch.bool, device=self.val.device)
+        vals = torch.zeros(bs, hs, b - a, d, dtype=torch.float16, device=self.val.device)
+        if b <= a:
+            return mask, vals
+        lo, hi = self.ptr[..., a // blk].long(), self.ptr[..., _cdiv(b, blk)].long()  # (B, H)
+        width = int((hi - lo).max())
+        if width == 0:
+            return mask, vals
+        e = lo[..., None] + torch.arange(width, device=lo.device)  # (B, H, E)
+        ok = e < hi[..., None]
+        e = e.clamp(max=self.val.shape[-1] - 1)
+        ptrs = self.ptr[..., : _cdiv(self.n, blk) + 1].contiguous()
+        block = torch.searchsorted(ptrs, e.to(torch.int32).contiguous(), right=True) - 1  # (B, H, E)
+        ix = self.idx.gather(-1, e).long()
+        tok = block * blk + ix // d
+        ok &= (tok >= a) & (tok < b)
+        at = ok.nonzero(as_tuple=True)
+        where = (at[0], at[1], tok[ok] - a, (ix % d)[ok])
+        mask[where] = True
+        vals[where] = self.val.gather(-1, e)[ok]
+        return mask, vals
+
+    def nbytes(self, allocated: bool = False) -> int:
+        """Bytes held: 4 per outlier and per row pointer (``allocated``: the buffers' full size)."""
+        if allocated:
+            return sum(x.numel() * x.element_size() for x in (self.val, self.idx, self.ptr))
+        rows = self.val.shape[0] * self.val.shape[1]
+        return 4 * int(self.counts().sum()) + 4 * rows * (_cdiv(self.n, self.block) + 1)
