@@ -8,7 +8,9 @@ and 8, contexts 4K..1M (while two fp16 K/V copies fit), it times one decode step
     the G query heads of a KV head passed as G query rows, and (GQA) ``enable_gqa=True`` with one query row
     per head (the rows layout starves SDPA at batch 1 with few KV heads);
   * ours: kvquant 4-bit-1%, kvquant 2-bit-1% (2 key + 2 value outlier slots per token-head at D=128, 4
-    sink tokens, 32 residual), kivi 2-bit (128 residual), straight from the packed cache;
+    sink tokens, 32 residual), the same with KVQuant's own outliers as the runtime stores them (``-rows``:
+    per-row sparse entries, 1% of the key and of the value entries), kivi 2-bit (128 residual), straight
+    from the packed cache;
   * dequantize-then-SDPA: our Triton dequantize of the packed segment into fp16 buffers, then SDPA;
   * quantize-and-append of one new token (kivi: one group of 32 tokens) vs the decode step.
 It also measures device copy bandwidth (bytes read + written) and reports the bandwidth achieved on the
@@ -41,6 +43,10 @@ METHODS = {
     "kvquant-4b-1%": dict(kind="kvquant", bits=4, nok=2, nov=2, sink=4, res=32),
     "kvquant-2b-1%": dict(kind="kvquant", bits=2, nok=2, nov=2, sink=4, res=32),
     "kivi-2b": dict(kind="kivi", bits=2, sink=0, res=128),
+    # KVQuant's own outliers as the runtime stores them: per-row sparse entries (kvq_kernels.sparse), 1% of
+    # the key and 1% of the value entries at random positions, no fixed slots
+    "kvquant-4b-1%-rows": dict(kind="kvquant", bits=4, nok=0, nov=0, sink=4, res=32, rows=0.01),
+    "kvquant-2b-1%-rows": dict(kind="kvquant", bits=2, nok=0, nov=0, sink=4, res=32, rows=0.01),
 }
 DEV = "cuda"
 
@@ -71,7 +77,21 @@ def random_kvquant(b, h, d, t, cfg):
         x.normal_()
     c.v_scale.uniform_(0.5, 2)
     c.n_packed, c.n_res = n_packed, cfg["res"]
+    if cfg.get("rows"):
+        c.k_sparse, c.v_sparse = random_rows(b, h, d, n_packed, cfg["rows"]), random_rows(b, h, d, n_packed,
+                                                                                             cfg["rows"])
     return c
+
+
+def random_rows(b, h, d, t, frac, chunk=16384):
+    """Per-row sparse outliers at a fraction ``frac`` of random positions, built ``chunk`` tokens at a time."""
+    from kvq_kernels.sparse import SparseRows
+
+    rows = SparseRows(b, h, d, DEV, capacity=int(t * d * frac * 1.1) + 64)
+    for t0 in range(0, t, chunk):
+        n = min(chunk, t - t0)
+        rows.append(torch.rand(b, h, n, d, device=DEV) < frac, torch.randn(b, h, n, d, device=DEV))
+    return rows
 
 
 def random_kivi(b, h, d, t, cfg):
@@ -93,7 +113,7 @@ BROKEN: set = set()  # (method, G) that failed to compile or to match the refere
 def correctness() -> list[str]:
     """Kernels vs references at one small shape on the GPU."""
     notes = []
-    for (name, cfg), g in [(x, g) for x in METHODS.items() for g in (1, 4)]:
+    for (name, cfg), g in [(x, g) for x in METHODS.items() for g in (1, 4) if not x[1].get("rows")]:
         try:
             notes += _check_one(name, cfg, g)
         except Exception as e:  # noqa: BLE001 - report and skip that variant
@@ -208,8 +228,11 @@ def run(contexts, batches, best, bw_copy):
                     fn = decode_attention_kvquant if kv else decode_attention_kivi
                     ours = bench(functools.partial(fn, q, cache, block_n=bn, num_warps=nw))
                     deq = dequantize_packed_kvquant if kv else dequantize_packed_kivi
-                    deq_ms = bench(functools.partial(deq_then_sdpa, deq, cache, q4, kbuf, vbuf, cfg["sink"]))
-                    if kv:
+                    deq_ms = float("nan") if cfg.get("rows") else bench(  # (our dequantize skips sparse rows)
+                        functools.partial(deq_then_sdpa, deq, cache, q4, kbuf, vbuf, cfg["sink"]))
+                    if kv and cfg.get("rows"):  # the runtime appends these through PyTorch (not timed here)
+                        app, app_tokens = float("nan"), 1
+                    elif kv:
                         k1 = torch.randn(b, h, 1, d, device=DEV, dtype=torch.float16)
                         app = bench(functools.partial(quantize_append_kvquant, cache, k1, k1, cache.n_packed - 1))
                         app_tokens = 1
@@ -261,7 +284,18 @@ def main():
     ap.add_argument("--tune", action="store_true", help="pick block_n/num_warps at 128K first")
     ap.add_argument("--quick", action="store_true", help="fewer contexts")
     ap.add_argument("--contexts", default="", help="comma-separated token counts (overrides defaults)")
+    ap.add_argument("--methods", default="", help="comma-separated subset of: " + ", ".join(METHODS))
+    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
     args = ap.parse_args()
+    for name in [m for m in args.methods.split(",") if m]:
+        if name not in METHODS:
+            raise SystemExit(f"unknown method {name}")
+    if args.methods:
+        for name in set(METHODS) - set(args.methods.split(",")):
+            del METHODS[name]
+    for name in set(MODELS) - set(args.models.split(",")):
+        del MODELS[name]
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     t_start = time.time()
@@ -279,7 +313,7 @@ def main():
         contexts = [4096, 131072]
     else:
         contexts = [4096, 32768, 131072, 1048576]
-    results = run(contexts, [1, 8], best, bw)
+    results = run(contexts, [int(x) for x in args.batches.split(",")], best, bw)
     md = table(results, bw)
     print(md)
     with open(args.out, "w") as f:

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .decode_outliers import _key_outlier_kernel, _value_outlier_kernel
 from .decode_split import _kivi_split_kernel, _kvquant_split_kernel
 from .pack import _load_codes_half
 from .reference import KIVI_KEY_GROUP, KIVICache, KVQuantCache, value_group
@@ -33,6 +34,8 @@ LOG2E = 1.4426950408889634
 PROGRAMS_PER_SM = 8
 #: ``tl.dot`` precision of the GQA path (``tf32x3``: three tf32 products, about fp32 accuracy)
 DOT_PRECISION = "tf32x3"
+#: sparse outlier entries a program of the outlier kernels takes at a time
+OUTLIER_CHUNK = 32
 #: timing ablations of the kvquant kernel (wrong results): 1 = no RoPE, 2 = no codebook lookup
 ABLATE = 0
 
@@ -187,18 +190,37 @@ def _finish(q, nsp, mp, lp, ap):
     return out
 
 
-def _sparse_args(rows, like: Tensor) -> tuple:
-    """``val, idx, ptr, capacity, pointers per row`` of a ``SparseRows`` (placeholders for None)."""
-    if rows is None:
-        return like, like, like, 0, 0
-    return rows.val, rows.idx, rows.ptr, rows.val.shape[-1], rows.ptr.shape[-1]
+def _sparse_grid(cache: KVQuantCache, rows) -> tuple[int, int]:
+    """One program per (batch, KV head) row and sparse block of the packed tokens."""
+    b, h = cache.k_packed.shape[:2]
+    return b * h, triton.cdiv(cache.n_packed, rows.block)
 
 
-def _sparse_block(cache: KVQuantCache, block_n: int) -> int:
-    blocks = {r.block for r in (cache.k_sparse, cache.v_sparse) if r is not None}
-    if len(blocks) > 1 or any(b % block_n for b in blocks):
-        raise ValueError(f"sparse outlier blocks {sorted(blocks)} must agree and be multiples of block_n={block_n}")
-    return blocks.pop() if blocks else 64
+def _key_outliers(cache: KVQuantCache, q: Tensor, ka, ksc, invf, tab, block_n: int, scale: float) -> Tensor:
+    """Score corrections ``(B, Hq, n_packed)`` float32 of the key outliers (``q`` itself when there are none)."""
+    rows = cache.k_sparse
+    if rows is None or cache.n_packed == 0:
+        return q
+    ds = torch.zeros(q.shape[0], q.shape[1], cache.n_packed, dtype=torch.float32, device=q.device)
+    _key_outlier_kernel[_sparse_grid(cache, rows)](
+        q, q.stride(0), q.stride(1), rows.val, rows.idx, rows.ptr, rows.val.shape[-1], rows.ptr.shape[-1],
+        cache.k_packed, ka, ksc, cache.ck, invf, tab, tab.shape[1], ds,
+        cache.k_packed.shape[1], cache.k_packed.shape[2], cache.n_packed, cache.n_sink, scale,
+        G=q.shape[1] // cache.k_packed.shape[1], D=cache.head_dim, BITS=cache.bits_k, SB=rows.block, TB=block_n,
+        MAXO=OUTLIER_CHUNK,
+    )
+    return ds
+
+
+def _value_outliers(cache: KVQuantCache, q: Tensor, ss: Tensor, mp: Tensor, ap: Tensor, per: int, nsp: int) -> None:
+    """Add the value outliers' corrections to the split partials ``ap`` (scores ``ss``, split maxima ``mp``)."""
+    rows = cache.v_sparse
+    _value_outlier_kernel[_sparse_grid(cache, rows)](
+        rows.val, rows.idx, rows.ptr, rows.val.shape[-1], rows.ptr.shape[-1], cache.v_packed, cache.v_min,
+        cache.v_scale, cache.cv, ss, mp, ap, cache.k_packed.shape[1], cache.k_packed.shape[2], cache.n_packed, per,
+        nsp, G=q.shape[1] // cache.k_packed.shape[1], D=cache.head_dim, BITS=cache.bits_v, SB=rows.block,
+        MAXO=OUTLIER_CHUNK,
+    )
 
 
 def decode_attention_kvquant(q: Tensor, cache: KVQuantCache, sm_scale: float | None = None,
@@ -212,6 +234,9 @@ def decode_attention_kvquant(q: Tensor, cache: KVQuantCache, sm_scale: float | N
     bn = meta["BLOCK_N"]
     tab = rope_block_table(invf, bn, (cache.n_sink + cache.n_packed + cache.n_res) // bn + 2)
     sk, rk = cache.sink_k, cache.res_k
+    ds = _key_outliers(cache, q, ka, ksc, invf, tab, bn, scale)
+    ss = q if cache.v_sparse is None or cache.n_packed == 0 else torch.empty(
+        q.shape[0], q.shape[1], cache.n_packed, dtype=torch.float32, device=q.device)
     _kvquant_split_kernel[grid](
         q, q.stride(0), q.stride(1),
         cache.k_packed, cache.k_oidx, cache.k_oval, ka, ksc, cache.ck,
@@ -219,11 +244,12 @@ def decode_attention_kvquant(q: Tensor, cache: KVQuantCache, sm_scale: float | N
         sk, cache.sink_v, rk, cache.res_v, sk.stride(0), sk.stride(1), rk.stride(0), rk.stride(1),
         invf, tab, tab.shape[1], mp, lp, ap,
         cache.k_packed.shape[1], cache.k_packed.shape[2], cache.n_packed, cache.n_sink, cache.n_res, per, nsp, scale,
-        *_sparse_args(cache.k_sparse, q), *_sparse_args(cache.v_sparse, q),
+        ds, ss,
         BITS_K=cache.bits_k, BITS_V=cache.bits_v, NOK=cache.k_oidx.shape[-1], NOV=cache.v_oidx.shape[-1],
-        ABLATE=ABLATE, SPK=cache.k_sparse is not None, SPV=cache.v_sparse is not None,
-        SB=_sparse_block(cache, bn), **meta,
+        ABLATE=ABLATE, SPK=ds is not q, SPV=ss is not q, **meta,
     )
+    if ss is not q:
+        _value_outliers(cache, q, ss, mp, ap, per, nsp)
     return _finish(q, nsp, mp, lp, ap)
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .decode_outliers import _key_scores, _value_fix
 from .pack import _load_codes_half
 
 
@@ -194,6 +193,16 @@ def _store_partial(MP, LP, AP, prow0, NSP, m, l, o1, o2, QPP: tl.constexpr, MR: 
 
 
 @triton.jit
+def _score_rows(qrow0, n_packed, t, valid, QPP: tl.constexpr, MR: tl.constexpr, DOT: tl.constexpr):
+    """Offsets and mask of the block's scores in a ``(B, Hq, n_packed)`` buffer: ``(N,)``, or ``(MR, N)``."""
+    if DOT:
+        g = tl.arange(0, MR)
+        return (qrow0 + g)[:, None] * n_packed + t[None, :], (g < QPP)[:, None] & valid[None, :]
+    else:
+        return qrow0 * n_packed + t, valid
+
+
+@triton.jit
 def _program_ids(H, NSP, G: tl.constexpr, QPP: tl.constexpr):
     """-> b, h, first query head, the split index, and the row of its first partial."""
     pid = tl.program_id(0)
@@ -276,14 +285,15 @@ def _kvquant_split_kernel(
     SK, SV, RK, RV, ssb, ssh, srb, srh,
     INVF, TAB, tab_rows, MP, LP, AP,
     H, Tmax, n_packed, n_sink, n_res, tokens_per_split, NSP, qk_scale,
-    KSV, KSI, KSP, kcap, knp, VSV, VSI, VSP, vcap, vnp,
+    DS, SS,
     G: tl.constexpr, QPP: tl.constexpr, MR: tl.constexpr, D: tl.constexpr, BITS_K: tl.constexpr,
     BITS_V: tl.constexpr, NOK: tl.constexpr, NOV: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
     PREC: tl.constexpr, ASM: tl.constexpr, ABLATE: tl.constexpr = 0, PLAIN: tl.constexpr = False,
-    SPK: tl.constexpr = False, SPV: tl.constexpr = False, SB: tl.constexpr = 64, MAXO: tl.constexpr = 32,
+    SPK: tl.constexpr = False, SPV: tl.constexpr = False,
 ):
-    """Per-row sparse outliers (``SPK`` keys, ``SPV`` values; ``kvq_kernels.sparse``, blocks of ``SB`` tokens)
-    are corrections (``decode_outliers``); fixed slots (``NOK``, ``NOV`` per token and head) are substituted."""
+    """Fixed outlier slots (``NOK``, ``NOV`` per token and head) are substituted in the block. Per-row sparse
+    outliers are corrections (``decode_outliers``): with ``SPK`` the scores add ``DS (B, Hq, n_packed)``, with
+    ``SPV`` they are stored to ``SS`` (same shape) for the value-outlier kernel."""
     HALF: tl.constexpr = D // 2
     b, h, hq0, sp, prow0 = _program_ids(H, NSP, G, QPP)
     ch = tl.arange(0, HALF)
@@ -307,12 +317,7 @@ def _kvquant_split_kernel(
     ns = (n_sink * 1.0) * invf  # not n_sink.to(): an int argument equal to 1 arrives as a constexpr
     qs1, qs2 = _rot_t(q1, q2, tl.cos(ns), tl.sin(ns))
     m, l, pm, acc1, acc2 = _init_state(MR, BLOCK_N, HALF, 1, DOT)
-    if DOT:  # value-outlier corrections, kept apart from the deferred accumulators
-        o1 = tl.zeros((MR, HALF), tl.float32)
-    else:
-        o1 = tl.zeros((HALF,), tl.float32)
-    o2 = o1
-    qoff = b * sqb + (hq0 + tl.arange(0, MR)) * sqh  # (MR,) query rows, for the key-outlier gathers
+    qrow0 = b.to(tl.int64) * H * G + hq0  # first query row of the program in DS / SS
     FOLD: tl.constexpr = (not DOT) and NOV == 0  # one row, no value slots: accumulate (p hs) x and p mn
     start = sp * tokens_per_split
     end = tl.minimum(start + tokens_per_split, n_packed)
@@ -329,18 +334,13 @@ def _kvquant_split_kernel(
             c0, s0 = _table_row(TAB, tab_rows, t0 // BLOCK_N, HALF)
             qr1, qr2 = _rot_t(qs1, qs2, c0, s0)
             s = _mask(_scores(qr1, qr2, ta1 + tb1 * x1 - tc1 * x2, ta2 + tb2 * x2 + tc2 * x1, DOT, PREC), valid, DOT)
-        if SPK:
-            s += _key_scores(Q, qoff, qk_scale, KSV, KSI, KSP, bh, kcap, knp, t0, end, KP, bh * Tmax + t0, KA + h * D,
-                             KSC + h * D, CK, INVF, TAB, tab_rows, n_sink, MR, QPP, BLOCK_N, D, BITS_K, SB, MAXO, DOT,
-                             PREC)
-        m_prev = m
+        if SPK or SPV:
+            srow, smask = _score_rows(qrow0, n_packed, t, valid, QPP, MR, DOT)
+            if SPK:
+                s += tl.load(DS + srow, mask=smask, other=0.0)
+            if SPV:
+                tl.store(SS + srow, s, mask=smask)
         p, m, l, pm, acc1, acc2 = _softmax(s, m, l, pm, acc1, acc2, DOT)
-        if SPV:
-            alpha = tl.where(m_prev == m, 1.0, tl.exp2(m_prev - m))
-            if DOT:
-                alpha = alpha[:, None]
-            o1, o2 = _value_fix(p, o1 * alpha, o2 * alpha, VSV, VSI, VSP, bh, vcap, vnp, t0, end, VP, bh * Tmax + t0,
-                                VMIN, VSC, CV, MR, BLOCK_N, D, BITS_V, SB, MAXO, DOT, PREC)
         v1, v2, mn, hs = _kvq_values(VP, VMIN, VSC, VOI, VOV, CV, row, valid, NOV, BITS_V, D, BLOCK_N, not FOLD,
                                      ASM, PLAIN)
         if FOLD:
@@ -359,11 +359,11 @@ def _kvquant_split_kernel(
     m, l, pm, acc1, acc2 = _fp16_segment(qd1, qd2, RK, RV, b.to(tl.int64) * srb + h * srh, n_r, p_res // BLOCK_N,
                                          TAB, tab_rows, cj, sj, m, l, pm, acc1, acc2, True, D, BLOCK_N, DOT, PREC)
     if DOT:
-        _store_partial(MP, LP, AP, prow0, NSP, m, l, acc1 + o1, acc2 + o2, QPP, MR, D, DOT)
+        _store_partial(MP, LP, AP, prow0, NSP, m, l, acc1, acc2, QPP, MR, D, DOT)
     else:
         extra = tl.sum(tl.sum(pm, axis=1), axis=0)
-        _store_partial(MP, LP, AP, prow0, NSP, m, l, tl.sum(acc1, axis=0) + extra + o1,
-                       tl.sum(acc2, axis=0) + extra + o2, QPP, MR, D, DOT)
+        _store_partial(MP, LP, AP, prow0, NSP, m, l, tl.sum(acc1, axis=0) + extra, tl.sum(acc2, axis=0) + extra,
+                       QPP, MR, D, DOT)
 
 
 # ----------------------------------------------------------------------------------------------- kivi
