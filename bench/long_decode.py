@@ -60,6 +60,9 @@ def fill_packed(cache, tokens: int, chunk: int = 65536) -> float:
             layer.keys_stream.append(k, state, layer.method.encode_keys)
             layer.values_stream.append(v, state, layer.method.encode_values)
             layer.length += n
+        if layer.index % 8 == 7:
+            done = f"{layer.index + 1}/{len(cache.layers)}"
+            print(f"  filled layer {done}: {time.perf_counter() - start:.0f} s", flush=True)
     _sync_all()
     return time.perf_counter() - start
 
@@ -123,7 +126,11 @@ def run_packed(net, method, entry: memory.Entry, shape, tokens: int, steps: int)
     try:
         fill_s = fill_packed(cache, tokens)
         speed = decode_speed(net, cache, steps, PROFILE)
+        from kvq_cli.runtime.kernel_path import kernel_cache
+
+        kernels = all(kernel_cache(layer) is not None for layer in cache.layers)  # else the PyTorch reference
         return dict(cache="packed", configuration=entry.name, context=tokens, decode_tokens_per_s=speed,
+                    triton_decode=kernels,
                     fill_seconds=fill_s, cache_bytes=cache.nbytes(), avg_bits=cache.avg_bits(),
                     peak_memory_bytes=_peak(),
                     estimated_kv_bytes=memory.kv_bytes(entry, shape, tokens))
