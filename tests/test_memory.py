@@ -175,7 +175,8 @@ def test_mha_kvquant_outliers_sink_batch():
     n_out = 20  # per token over all KV heads: max(1, round(0.01 * H * D / 2))
     key = H * D * (3 + 0.01 * 32)  # per-channel codes + 1% sparse outliers (fp16 value + 16-bit position)
     value = H * (D * 3 + 2 * 16) + 2 * n_out * 32  # codes, scale + zero per head vector, top/bottom outliers
-    per_layer_seq = 1 * 2 * H * D * 16 + (T - 1) * (key + value)  # 1 sink token in fp16
+    pointers = 2 * H * 32 * (math.ceil((T - 1) / 64) + 1)  # int32 outlier row pointers per head and 64 tokens
+    per_layer_seq = 1 * 2 * H * D * 16 + (T - 1) * (key + value) + pointers  # 1 sink token in fp16
     state = L * 16 * (2 * H * D + 2 * 8)
     expected = (B * L * per_layer_seq + state) / 8
     assert memory.kv_bytes(entry("kvquant:bits=3,outliers=0.01", shape), shape, T, B) == pytest.approx(expected)
@@ -199,7 +200,8 @@ def test_mqa_kvquant_sink_and_state():
     key = D * (4 + 0.01 * 32)
     value = D * 4 + 2 * 16 + 2 * 1 * 32
     state = L * 16 * (2 * H * D + 2 * 16)
-    expected = (L * (2 * 2 * H * D * 16 + (T - 2) * H * (key + value)) + state) / 8  # sink of 2 tokens
+    pointers = 2 * H * 32 * (math.ceil((T - 2) / 64) + 1)
+    expected = (L * (2 * 2 * H * D * 16 + (T - 2) * H * (key + value) + pointers) + state) / 8  # sink of 2 tokens
     e = entry("kvquant:bits=4,outliers=0.01,sink=2", MQA)
     assert memory.kv_bytes(e, MQA, T) == pytest.approx(expected)
     assert memory.kv_bytes(e, MQA, T, batch=2) == pytest.approx(2 * expected - state / 8)  # state counted once
