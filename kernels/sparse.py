@@ -1,10 +1,10 @@
 """Sparse outliers stored per ``(batch, head)`` row in token order: the layout the runtime keeps and the kvquant
 decode kernel reads (no fixed slots: any number of outliers per token and head).
 
-A stream of ``(B, H, T, D)`` entries with a boolean outlier mask is held as (``CAP`` entries per row, grown by
-doubling; ``NP`` block pointers per row)::
+A stream of ``(B, H, T, D)`` entries with a boolean outlier mask is held as (``CAP`` entries per row, ``NP``
+block pointers per row)::
 
-    val  float16 (B, H, CAP)  the outliers' values; row (b, h) ordered by token, then channel
+    val  float16 (B, H, CAP)  the outliers' values; row (b, h) ordered by token, then channel (CAP grows by 1/4)
     idx  int16   (B, H, CAP)  (t % block) * D + d   (t: token index in the stream; block * D <= 32768)
     ptr  int32   (B, H, NP)   ptr[b, h, k] = entries of row (b, h) with t < k * block, for k <= cdiv(n, block)
 
@@ -51,8 +51,8 @@ class SparseRows:
         return self.ptr[..., _cdiv(self.n, self.block)]
 
     def _grow(self, entries: int, pointers: int) -> None:
-        if entries > self.val.shape[-1]:
-            cap = max(entries, 2 * self.val.shape[-1])
+        if entries > self.val.shape[-1]:  # grow by a quarter: slack is memory a long context cannot spare
+            cap = max(entries, self.val.shape[-1] * 5 // 4 + 16)
             for name in ("val", "idx"):
                 old = getattr(self, name)
                 new = old.new_zeros(*old.shape[:2], cap)

@@ -189,6 +189,32 @@ def test_quantize_append_kivi_exact(bits, d):
         assert torch.equal(getattr(c1, f), getattr(c2, f)), f
 
 
+@pytest.mark.parametrize("block", [4, 16, 64])
+def test_sparse_rows_layout_roundtrip(block):
+    """``SparseRows`` appended in random chunks (capacity growth included) gives back every outlier of any
+    token range exactly, with per-row counts and pointers as the layout says."""
+    from kvq_kernels.sparse import SparseRows
+
+    gen = _gen(300 + block)
+    b, h, d, t = 2, 3, 16, 157
+    mask = torch.rand(b, h, t, d, generator=gen) < 0.08
+    mask[1, 2] = False  # a row without outliers
+    vals = torch.randn(b, h, t, d, generator=gen).half()
+    rows, i = SparseRows(b, h, d, block=block, capacity=1), 0
+    while i < t:
+        j = min(t, i + int(torch.randint(1, 30, (1,), generator=gen)))
+        rows.append(mask[:, :, i:j], vals[:, :, i:j])
+        i = j
+    assert torch.equal(rows.counts(), mask.sum((2, 3)).int())
+    k = torch.arange(0, -(-t // block) + 1)
+    before = torch.nn.functional.pad(mask.sum(-1).cumsum(-1), (1, 0))  # (B, H, T + 1): entries of tokens < t
+    assert torch.equal(rows.ptr[..., k], before[..., (k * block).clamp(max=t)].int())
+    for a, e in ((0, t), (block + 1, t - 3), (t - 1, t), (5, 5)):
+        m, v = rows.dense(a, e)
+        assert torch.equal(m, mask[:, :, a:e]) and torch.equal(v, torch.where(mask, vals, 0)[:, :, a:e])
+    assert rows.nbytes() == 4 * int(mask.sum()) + 4 * b * h * (-(-t // block) + 1)
+
+
 # ----------------------------------------------------------------------------------------------- triton: attention
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("gqa", [1, 3])
