@@ -35,6 +35,7 @@ import torch
 
 from kvq_cli import memory
 from kvq_cli.api import _device_name
+from kvq_cli.generate import peak_memory
 from kvq_cli.methods import parse_spec
 from kvq_cli.models import load_config, load_model, resolve_model
 from kvq_cli.presets import shape_from_config
@@ -116,7 +117,7 @@ def _free() -> None:
 
 def _peak() -> int:
     """Peak bytes allocated, summed over the GPUs."""
-    return sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+    return peak_memory(torch.device("cuda"), torch.cuda.device_count())
 
 
 def run_packed(net, method, entry: memory.Entry, shape, tokens: int, steps: int) -> dict:

@@ -198,11 +198,12 @@ def _sparse_grid(cache: KVQuantCache, rows) -> tuple[int, int]:
     return b * h, triton.cdiv(cache.n_packed, rows.block)
 
 
-def _key_outliers(cache: KVQuantCache, q: Tensor, ka, ksc, invf, tab, block_n: int, scale: float) -> Tensor:
-    """Score corrections ``(B, Hq, n_packed)`` float32 of the key outliers (``q`` itself when there are none)."""
+def _key_outliers(cache: KVQuantCache, q: Tensor, ka, ksc, invf, tab, block_n: int,
+                  scale: float) -> Tensor | None:
+    """Score corrections ``(B, Hq, n_packed)`` float32 of the key outliers (None when there are none)."""
     rows = cache.k_sparse
     if rows is None or cache.n_packed == 0:
-        return q
+        return None
     ds = torch.zeros(q.shape[0], q.shape[1], cache.n_packed, dtype=torch.float32, device=q.device)
     _key_outlier_kernel[_sparse_grid(cache, rows)](
         q, q.stride(0), q.stride(1), rows.val, rows.idx, rows.ptr, rows.val.shape[-1], rows.ptr.shape[-1],
@@ -237,8 +238,8 @@ def decode_attention_kvquant(q: Tensor, cache: KVQuantCache, sm_scale: float | N
     tab = rope_block_table(invf, bn, (cache.n_sink + cache.n_packed + cache.n_res) // bn + 2)
     sk, rk = cache.sink_k, cache.res_k
     ds = _key_outliers(cache, q, ka, ksc, invf, tab, bn, scale)
-    ss = q if cache.v_sparse is None or cache.n_packed == 0 else torch.empty(
-        q.shape[0], q.shape[1], cache.n_packed, dtype=torch.float32, device=q.device)
+    ss = None if cache.v_sparse is None or cache.n_packed == 0 else torch.empty(
+        q.shape[0], q.shape[1], cache.n_packed, dtype=torch.float32, device=q.device)  # scores for the values
     _kvquant_split_kernel[grid](
         q, q.stride(0), q.stride(1),
         cache.k_packed, cache.k_oidx, cache.k_oval, ka, ksc, cache.ck,
@@ -246,11 +247,11 @@ def decode_attention_kvquant(q: Tensor, cache: KVQuantCache, sm_scale: float | N
         sk, cache.sink_v, rk, cache.res_v, sk.stride(0), sk.stride(1), rk.stride(0), rk.stride(1),
         invf, tab, tab.shape[1], mp, lp, ap,
         cache.k_packed.shape[1], cache.k_packed.shape[2], cache.n_packed, cache.n_sink, cache.n_res, per, nsp, scale,
-        ds, ss,
+        q if ds is None else ds, q if ss is None else ss,  # (q: a placeholder the kernel does not read)
         BITS_K=cache.bits_k, BITS_V=cache.bits_v, NOK=cache.k_oidx.shape[-1], NOV=cache.v_oidx.shape[-1],
-        ABLATE=ABLATE, SPK=ds is not q, SPV=ss is not q, **meta,
+        ABLATE=ABLATE, SPK=ds is not None, SPV=ss is not None, **meta,
     )
-    if ss is not q:
+    if ss is not None:
         _value_outliers(cache, q, ss, mp, ap, per, nsp)
     return _finish(q, nsp, mp, lp, ap)
 

@@ -21,27 +21,30 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .pack import _code_bytes
+
 
 @triton.jit
 def _code_at(P, row, c, valid, BITS: tl.constexpr, D: tl.constexpr):
     """The packed code of channel ``c`` in ``row`` (vectors; layout: ``kvq_kernels.reference``)."""
-    NB: tl.constexpr = D * BITS // 8
-    base = P + row * NB
-    if BITS == 3:
-        lo = tl.load(base + c // 4, mask=valid, other=0).to(tl.int32)
-        hi = tl.load(base + D // 4 + c // 8, mask=valid, other=0).to(tl.int32)
-        return ((lo >> (2 * (c % 4))) & 3) | (((hi >> (c % 8)) & 1) << 2)
-    else:
-        PER: tl.constexpr = 8 // BITS
-        byte = tl.load(base + c // PER, mask=valid, other=0).to(tl.int32)
-        return (byte >> (BITS * (c % PER))) & ((1 << BITS) - 1)
+    return _code_bytes(P + row * (D * BITS // 8), c, valid, BITS, D)
 
 
 @triton.jit
-def _entries(SV, SI, SP, bh, cap, npt, k, s0, n_packed, SB: tl.constexpr, D: tl.constexpr, MAXO: tl.constexpr):
-    """Entries ``s0 + [0, MAXO)`` of sparse block ``k`` of row ``bh``: value, token, channel, usable."""
+def _program_block(SP, npt, H):
+    """This program's row ``bh`` (its batch ``b`` and KV head ``h``), sparse block ``k`` and the block's entries
+    ``[start, stop)``."""
+    bh = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1)
+    return bh, bh // H, bh % H, k, tl.load(SP + bh * npt + k), tl.load(SP + bh * npt + k + 1)
+
+
+@triton.jit
+def _entries(SV, SI, bh, cap, k, s0, stop, n_packed, SB: tl.constexpr, D: tl.constexpr, MAXO: tl.constexpr):
+    """Entries ``s0 + [0, MAXO)`` (below ``stop``) of sparse block ``k`` of row ``bh``: value, token, channel,
+    usable."""
     e = s0 + tl.arange(0, MAXO)
-    ok = e < tl.load(SP + bh * npt + k + 1)
+    ok = e < stop
     ix = tl.load(SI + bh * cap + e, mask=ok, other=0).to(tl.int32)
     ov = tl.load(SV + bh * cap + e, mask=ok, other=0.0).to(tl.float32)
     t = k * SB + ix // D
@@ -56,12 +59,9 @@ def _key_outlier_kernel(Q, sqb, sqh, SV, SI, SP, cap, npt, KP, KA, KSC, CK, INVF
                         MAXO: tl.constexpr):
     """``DS[b, h*G + g, t] += delta * (R(n_sink + t)^T q_g)[c] * qk_scale`` for every key outlier (atomics)."""
     HALF: tl.constexpr = D // 2
-    bh = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    for s0 in range(tl.load(SP + bh * npt + k), tl.load(SP + bh * npt + k + 1), MAXO):
-        ov, t, c, ok = _entries(SV, SI, SP, bh, cap, npt, k, s0, n_packed, SB, D, MAXO)
+    bh, b, h, k, start, stop = _program_block(SP, npt, H)
+    for s0 in range(start, stop, MAXO):
+        ov, t, c, ok = _entries(SV, SI, bh, cap, k, s0, stop, n_packed, SB, D, MAXO)
         dense = tl.load(KA + h * D + c) + tl.load(KSC + h * D + c) * tl.load(
             CK + _code_at(KP, bh * Tmax + t, c, ok, BITS, D))
         delta = tl.where(ok, ov - dense, 0.0) * qk_scale
@@ -89,12 +89,9 @@ def _value_outlier_kernel(SV, SI, SP, cap, npt, VP, VMIN, VSC, CV, S, MP, AP,
                           G: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, SB: tl.constexpr,
                           MAXO: tl.constexpr):
     """``AP[b, h*G + g, split, c] += exp2(S[b, h*G + g, t] - MP[.., split]) * delta`` for every value outlier."""
-    bh = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    for s0 in range(tl.load(SP + bh * npt + k), tl.load(SP + bh * npt + k + 1), MAXO):
-        ov, t, c, ok = _entries(SV, SI, SP, bh, cap, npt, k, s0, n_packed, SB, D, MAXO)
+    bh, b, h, k, start, stop = _program_block(SP, npt, H)
+    for s0 in range(start, stop, MAXO):
+        ov, t, c, ok = _entries(SV, SI, bh, cap, k, s0, stop, n_packed, SB, D, MAXO)
         row = bh * Tmax + t
         hs = 0.5 * tl.load(VSC + row, mask=ok, other=0.0).to(tl.float32)
         mn = tl.load(VMIN + row, mask=ok, other=0.0).to(tl.float32) + hs

@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .pack import _load_codes_half
+from .pack import _code_bytes, _load_codes_half
 
 
 # ----------------------------------------------------------------------------------------------- small helpers
@@ -37,16 +37,9 @@ def _codes(row_ptr, rmask, HIDX: tl.constexpr, BITS: tl.constexpr, D: tl.constex
     layout. Triton 3.6 mis-compiles the join-tree layouts on the H100 when they meet ``tl.dot`` at
     ``BLOCK_N = 16`` or ``D = 32`` (measured: relative errors 0.08-2.9 against the reference), and when the
     two 3-bit planes' trees are OR-ed; ``decode_attention.plain_codes`` says when to ask for it."""
-    if BITS == 3:
+    if BITS == 3 or PLAIN:
         c = HIDX * (D // 2) + tl.arange(0, D // 2)
-        lo = tl.load(row_ptr[:, None] + (c // 4)[None, :], mask=rmask[:, None], other=0).to(tl.int32)
-        hi = tl.load(row_ptr[:, None] + (D // 4 + c // 8)[None, :], mask=rmask[:, None], other=0).to(tl.int32)
-        return ((lo >> (2 * (c % 4))[None, :]) & 3) | (((hi >> (c % 8)[None, :]) & 1) << 2)
-    elif PLAIN:
-        PER: tl.constexpr = 8 // BITS
-        c = HIDX * (D // 2) + tl.arange(0, D // 2)
-        byte = tl.load(row_ptr[:, None] + (c // PER)[None, :], mask=rmask[:, None], other=0).to(tl.int32)
-        return (byte >> (BITS * (c % PER))[None, :]) & ((1 << BITS) - 1)
+        return _code_bytes(row_ptr[:, None], c[None, :], rmask[:, None], BITS, D)
     else:
         return _load_codes_half(row_ptr, rmask, HIDX, BITS, D, R)
 

@@ -74,6 +74,20 @@ def _expand_plane(b, P: tl.constexpr, R: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
+def _code_bytes(base, c, valid, BITS: tl.constexpr, D: tl.constexpr):
+    """The codes of channels ``c`` in the packed rows at ``base`` (broadcast together), one byte load per code
+    and plane (L1 hits): int32, shaped as the broadcast of ``base``, ``c`` and ``valid``."""
+    if BITS == 3:
+        lo = tl.load(base + c // 4, mask=valid, other=0).to(tl.int32)
+        hi = tl.load(base + D // 4 + c // 8, mask=valid, other=0).to(tl.int32)
+        return ((lo >> (2 * (c % 4))) & 3) | (((hi >> (c % 8)) & 1) << 2)
+    else:
+        PER: tl.constexpr = 8 // BITS
+        byte = tl.load(base + c // PER, mask=valid, other=0).to(tl.int32)
+        return (byte >> (BITS * (c % PER))) & ((1 << BITS) - 1)
+
+
+@triton.jit
 def _load_codes_half(row_ptr, rmask, HIDX: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, R: tl.constexpr):
     """Codes of channels ``[HIDX*D/2, (HIDX+1)*D/2)`` of ``R`` packed rows (``row_ptr (R,)``) -> int32 (R, D/2).
 

@@ -427,6 +427,14 @@ class KIVICache:
 
 
 # ----------------------------------------------------------------------------------------------- dequant + attention
+def _with_sparse(rows: SparseRows | None, x: Tensor) -> Tensor:
+    """``x (B, H, T, D)`` with the per-row sparse outliers of tokens ``[0, T)`` put in (as they are: None)."""
+    if rows is None:
+        return x
+    mask, vals = rows.dense(0, x.shape[2])
+    return torch.where(mask, vals.float(), x)
+
+
 def dequantize_kvquant_cache(cache: KVQuantCache) -> tuple[Tensor, Tensor]:
     """-> (keys post-RoPE, values), float32 ``(B, H, S + n_packed + n_res, D)``."""
     d, t = cache.head_dim, cache.n_packed
@@ -434,13 +442,7 @@ def dequantize_kvquant_cache(cache: KVQuantCache) -> tuple[Tensor, Tensor]:
                                  cache.lo, cache.hi, cache.ck, cache.bits_k, d)
     vq = dequantize_values_nuq(cache.v_packed[:, :, :t], cache.v_min[:, :, :t], cache.v_scale[:, :, :t],
                                cache.v_oidx[:, :, :t], cache.v_oval[:, :, :t], cache.cv, cache.bits_v, d)
-    for name, rows in (("k", cache.k_sparse), ("v", cache.v_sparse)):
-        if rows is not None:
-            mask, vals = rows.dense(0, t)
-            if name == "k":
-                kq = torch.where(mask, vals.float(), kq)
-            else:
-                vq = torch.where(mask, vals.float(), vq)
+    kq, vq = _with_sparse(cache.k_sparse, kq), _with_sparse(cache.v_sparse, vq)
     k = torch.cat([cache.sink_k.float(), kq, cache.res_k[:, :, : cache.n_res].float()], 2)
     v = torch.cat([cache.sink_v.float(), vq, cache.res_v[:, :, : cache.n_res].float()], 2)
     pos = torch.arange(k.shape[2], device=k.device)

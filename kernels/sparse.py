@@ -78,7 +78,20 @@ class SparseRows:
             dest = before.flatten()[row] + torch.arange(nz.shape[0], device=nz.device) - start[row]
             self.val[nz[:, 0], nz[:, 1], dest] = values[mask].to(torch.float16)
             self.idx[nz[:, 0], nz[:, 1], dest] = (((n0 + nz[:, 2]) % blk) * d + nz[:, 3]).to(torch.int16)
-        k = torch.arange(n0 // blk + 1, _cdiv(n1, blk) + 1, device=mask.device)  # pointers that change
+        self._advance(before, cum)
+
+    def skip(self, t: int) -> None:
+        """Add ``t`` tokens without outliers."""
+        before = self.counts().long()
+        self._grow(0, _cdiv(self.n + t, self.block) + 1)
+        self._advance(before, before.new_zeros(*before.shape, t + 1))
+
+    def _advance(self, before: Tensor, cum: Tensor) -> None:
+        """Pointers for ``T = cum.shape[-1] - 1`` new tokens: ``before (B, H)`` entries before them, ``cum (B, H,
+        T + 1)`` new entries before each of them."""
+        t = cum.shape[-1] - 1
+        n0, n1, blk = self.n, self.n + t, self.block
+        k = torch.arange(n0 // blk + 1, _cdiv(n1, blk) + 1, device=cum.device)  # pointers that change
         local = (k * blk - n0).clamp(0, t)
         self.ptr[..., k] = (before[..., None] + cum[..., local]).to(torch.int32)
         self.n = n1

@@ -159,17 +159,24 @@ def test_cq_bits_hand_count_and_outliers():
     assert method.bits_per_token(H, D) == 2 * H * (D // 4) * 6
     assert method.state_bits_estimate(H, D) == method.state_bits(state) == 16 * 2 * H * (D // 4) * 64 * 4
 
-    method, state = fitted("cq", bits=6, channels=4, outliers=0.1)  # round(0.1 * 32 / 2) = 2 per side
+    _check_outliers(x, "cq", 2 * H * 10 * (D // 4) * 6, bits=6, channels=4)
+
+
+def _check_outliers(x, name, code_bits, **opts):
+    """``name`` with 10% sparse outliers on ``x (2, H, 10, D)``: 2 per side per token, each at OUTLIER_BITS on top
+    of ``code_bits``, the accounting's per-token bits exact, outliers back exactly (fp16), and a better round trip
+    than without. Returns the method, its state, the key encoding and its decoding."""
+    method, state = fitted(name, outliers=0.1, **opts)  # round(0.1 * 32 / 2) = 2 per side
     enc_k, enc_v = method.encode_keys(x, state), method.encode_values(x, state)
     assert int(enc_k["outlier_mask"].sum()) == 2 * 10 * 4
-    assert method.encoded_bits(enc_k) == 2 * H * 10 * (D // 4) * 6 + 2 * 10 * 4 * OUTLIER_BITS
+    assert method.encoded_bits(enc_k) == code_bits + 2 * 10 * 4 * OUTLIER_BITS
     per_token = (method.encoded_bits(enc_k) + method.encoded_bits(enc_v)) / (2 * 10)
     assert per_token == method.bits_per_token(H, D)
-    # outliers come back exactly (fp16), and the round trip improves
     out = method.decode_keys(enc_k, state)
     torch.testing.assert_close(out[enc_k["outlier_mask"]], x[enc_k["outlier_mask"]].half().float())
-    plain, pstate = fitted("cq", bits=6, channels=4)
+    plain, pstate = fitted(name, **opts)
     assert rel_err(x, out) < rel_err(x, plain.decode_keys(plain.encode_keys(x, pstate), pstate))
+    return method, state, enc_k, out
 
 
 def test_pq_bits_hand_count():
@@ -354,17 +361,8 @@ def test_pq_options_lookup_scores_match_dense_scores_gqa(opts):
 
 def test_pq_outliers_bits_and_error():
     x = as_bhtd(correlated(10, 9)).repeat(2, 1, 1, 1)  # (B=2, H, T=10, D)
-    method, state = fitted("pq", bits=5, subspaces=8, outliers=0.1)  # round(0.1 * 32 / 2) = 2 per side
+    method, state, enc_k, out = _check_outliers(x, "pq", 2 * H * 10 * 8 * 5, bits=5, subspaces=8)
     assert method.label == "pq-m8x5b-10%"
-    enc_k, enc_v = method.encode_keys(x, state), method.encode_values(x, state)
-    assert int(enc_k["outlier_mask"].sum()) == 2 * 10 * 4
-    assert method.encoded_bits(enc_k) == 2 * H * 10 * 8 * 5 + 2 * 10 * 4 * OUTLIER_BITS
-    per_token = (method.encoded_bits(enc_k) + method.encoded_bits(enc_v)) / (2 * 10)
-    assert per_token == method.bits_per_token(H, D)
-    out = method.decode_keys(enc_k, state)
-    torch.testing.assert_close(out[enc_k["outlier_mask"]], x[enc_k["outlier_mask"]].half().float())
-    plain, pstate = fitted("pq", bits=5, subspaces=8)
-    assert rel_err(x, out) < rel_err(x, plain.decode_keys(plain.encode_keys(x, pstate), pstate))
     q = torch.randn(2, 2 * H, 3, D, generator=torch.Generator().manual_seed(1))
     dense = q @ out.repeat_interleave(2, dim=1).transpose(-1, -2)
     torch.testing.assert_close(method.lookup_scores(q, enc_k, state), dense, rtol=1e-4, atol=1e-4)

@@ -82,11 +82,6 @@ def sparse_rows(mask: Tensor) -> SparseRows:
     return SparseRows(b, h, d, mask.device, block=min(SPARSE_BLOCK, (1 << 15) // d))
 
 
-def _none(b: int, h: int, d: int, t: int, device) -> tuple[Tensor, Tensor]:
-    """No outliers for ``t`` tokens: an all-false mask and zero values ``(B, H, t, D)``."""
-    return torch.zeros(b, h, t, d, dtype=torch.bool, device=device), torch.zeros(b, h, t, d, device=device)
-
-
 class PackedStore:
     """The quantized history of one stream: packed codes, fp16 statistics, sparse outliers.
 
@@ -145,13 +140,10 @@ class PackedStore:
         if "outlier_mask" in enc:
             if self.outliers is None:
                 self.outliers = sparse_rows(enc["outlier_mask"])
-                if self.n:  # keep token numbering aligned
-                    mask = enc["outlier_mask"]
-                    self.outliers.append(*_none(*mask.shape[:2], mask.shape[3], self.n, mask.device))
+                self.outliers.skip(self.n)  # keep token numbering aligned
             self.outliers.append(enc["outlier_mask"], enc["outlier_values"])
         elif self.outliers is not None:
-            o = self.outliers
-            o.append(*_none(*o.val.shape[:2], o.head_dim, t, o.val.device))
+            self.outliers.skip(t)
         self.n += t
 
     def read(self, a: int, b: int) -> Encoded:
