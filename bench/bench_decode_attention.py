@@ -12,7 +12,8 @@ and 8, contexts 4K..1M (while two fp16 K/V copies fit), it times one decode step
     per-row sparse entries, 1% of the key and of the value entries), kivi 2-bit (128 residual), straight
     from the packed cache;
   * dequantize-then-SDPA: our Triton dequantize of the packed segment into fp16 buffers, then SDPA;
-  * quantize-and-append of one new token (kivi: one group of 32 tokens) vs the decode step.
+  * quantize-and-append of one new token as the runtime does it (kvquant: keys and values with KVQuant's
+    outliers, ``kvq_cli.runtime.fused``, host work included; kivi: one group of 32 tokens) vs the decode step.
 It also measures device copy bandwidth (bytes read + written) and reports the bandwidth achieved on the
 compressed bytes. Medians of triton.testing.do_bench. Prints a markdown table; writes JSON to --out.
 """
@@ -35,7 +36,7 @@ from kvq_kernels.decode_attention import (
     dequantize_packed_kivi,
     dequantize_packed_kvquant,
 )
-from kvq_kernels.pack import quantize_append_kivi, quantize_append_kvquant
+from kvq_kernels.pack import quantize_append_kivi
 from triton.testing import do_bench
 
 MODELS = {"llama2-7b": (32, 1, 128), "llama3-8b": (8, 4, 128)}  # KV heads, G, D
@@ -107,6 +108,28 @@ def random_kivi(b, h, d, t, cfg):
     return c
 
 
+def runtime_append_ms(b, h, d, bits, frac=0.01) -> float:
+    """One token's quantize-and-append into a kvquant-``bits``-1% layer as the runtime does it: keys and values,
+    KVQuant's outliers into per-row sparse storage (``kvq_cli.runtime.fused``), host work included."""
+    from kvq_cli.methods import make_method
+    from kvq_cli.runtime.fused import FusedAppend
+    from kvq_cli.runtime.storage import PackedStore
+
+    m = make_method("kvquant", bits=bits, outliers=frac)
+    cb = torch.sort(torch.rand(1 << bits, device=DEV) * 2 - 1).values.half().float()
+    edge = 2.576  # N(0, 1) entries beyond it: 1%
+    state = dict(key_codebook=cb, value_codebook=cb, key_lo=torch.full((h, d), -edge, device=DEV),
+                 key_hi=torch.full((h, d), edge, device=DEV))
+    x = torch.randn(b, h, 1, d, device=DEV, dtype=torch.bfloat16)
+    pairs = [(PackedStore(m, key, 1, None), FusedAppend(m, key)) for key in (True, False)]
+
+    def step():
+        for store, write in pairs:
+            write(store, x, state)
+
+    return bench(step)
+
+
 BROKEN: set = set()  # (method, G) that failed to compile or to match the reference
 
 
@@ -133,12 +156,10 @@ def _check_one(name, cfg, g) -> list[str]:
         if cfg["kind"] == "kvquant":
             lo, hi = -1.5 * torch.ones(h, d, device=DEV), 1.5 * torch.ones(h, d, device=DEV)
             cb = torch.sort(torch.rand(1 << cfg["bits"], generator=gen) * 2 - 1).values.to(DEV)
-            c1, c2 = (ref.KVQuantCache.empty(b, h, d, t, cfg["bits"], cfg["bits"], lo, hi, cb, cb,
-                                             n_outliers_k=cfg["nok"], n_outliers_v=cfg["nov"], device=DEV)
-                      for _ in range(2))
-            ref.append_kvquant_ref(c1, k, v, 0)
-            quantize_append_kvquant(c2, k, v, 0)
-            fields = ("k_packed", "k_oidx", "k_oval", "v_packed", "v_min", "v_scale", "v_oidx", "v_oval")
+            c2 = ref.KVQuantCache.empty(b, h, d, t, cfg["bits"], cfg["bits"], lo, hi, cb, cb,
+                                        n_outliers_k=cfg["nok"], n_outliers_v=cfg["nov"], device=DEV)
+            ref.append_kvquant_ref(c2, k, v, 0)  # (the runtime's fused append: tests/test_append.py)
+            c1, fields = c2, ()
             att, att_ref = decode_attention_kvquant, ref.decode_attention_kvquant_ref
         else:
             c1 = ref.KIVICache.empty(b, h, d, t, cfg["bits"], device=DEV)
@@ -230,12 +251,8 @@ def run(contexts, batches, best, bw_copy):
                     deq = dequantize_packed_kvquant if kv else dequantize_packed_kivi
                     deq_ms = float("nan") if cfg.get("rows") else bench(  # (our dequantize skips sparse rows)
                         functools.partial(deq_then_sdpa, deq, cache, q4, kbuf, vbuf, cfg["sink"]))
-                    if kv and cfg.get("rows"):  # the runtime appends these through PyTorch (not timed here)
-                        app, app_tokens = float("nan"), 1
-                    elif kv:
-                        k1 = torch.randn(b, h, 1, d, device=DEV, dtype=torch.float16)
-                        app = bench(functools.partial(quantize_append_kvquant, cache, k1, k1, cache.n_packed - 1))
-                        app_tokens = 1
+                    if kv:
+                        app, app_tokens = runtime_append_ms(b, h, d, cfg["bits"]), 1
                     else:
                         k32 = torch.randn(b, h, 32, d, device=DEV, dtype=torch.float16)
                         off = (cache.n_packed // 32 - 1) * 32

@@ -35,7 +35,7 @@ def main() -> None:
         gen = T._gen(7 + d + bits + g)
         try:
             if kind == "kvquant":
-                c = T._kvquant_cache(gen, d, bits, bits, t=200, n_sink=3, n_res=7, tmax=256, fill="triton")
+                c = T._kvquant_cache(gen, d, bits, bits, t=200, n_sink=3, n_res=7, tmax=256)
                 q = T._randn(gen, T.B, T.H * g, d)
                 got = decode_attention_kvquant(q, c, num_splits=3, block_n=bn)
                 want = ref.decode_attention_kvquant_ref(q, c)

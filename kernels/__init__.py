@@ -5,6 +5,7 @@ from .reference import KIVICache, KVQuantCache
 __all__ = [
     "KIVICache",
     "KVQuantCache",
+    "append_kvquant",
     "decode_attention_kivi",
     "decode_attention_kvquant",
     "dequantize_packed_kivi",
@@ -12,13 +13,16 @@ __all__ = [
     "pack_codes",
     "prefill_attention_kvquant",
     "quantize_append_kivi",
-    "quantize_append_kvquant",
     "unpack_codes",
 ]
 
 
 def __getattr__(name):  # Triton is optional: import the kernels lazily
-    if name in ("pack_codes", "unpack_codes", "quantize_append_kivi", "quantize_append_kvquant"):
+    if name == "append_kvquant":
+        from . import append
+
+        return append.append_kvquant
+    if name in ("pack_codes", "unpack_codes", "quantize_append_kivi"):
         from . import pack
 
         return getattr(pack, name)

@@ -91,6 +91,23 @@ def rope_block_table(invf: Tensor, block_n: int, rows: int) -> Tensor:
     return tab
 
 
+_AFFINE: dict = {}
+
+
+def key_affine(cache: KVQuantCache) -> tuple[Tensor, Tensor]:
+    """Centre ``(lo + hi) / 2`` and half-range ``(hi - lo) / 2`` ``(H, D)`` of the key thresholds, made once per
+    threshold tensors (their identity and version: a decode step should not spend launches on constants)."""
+    lo, hi = cache.lo, cache.hi
+    key = (id(lo), id(hi))
+    hit = _AFFINE.get(key)
+    if hit is None or hit[0] is not lo or hit[1] is not hi or hit[2] != (lo._version, hi._version):
+        if len(_AFFINE) > 256:
+            _AFFINE.clear()
+        hit = _AFFINE[key] = (lo, hi, (lo._version, hi._version), ((lo + hi) / 2).contiguous(),
+                              ((hi - lo) / 2).contiguous())
+    return hit[3], hit[4]
+
+
 # ----------------------------------------------------------------------------------------------- reduce
 @triton.jit
 def _reduce_kernel(MP, LP, AP, O, sob, soh, HQ, NSP, D: tl.constexpr, NSP_PAD: tl.constexpr):
@@ -231,8 +248,7 @@ def decode_attention_kvquant(q: Tensor, cache: KVQuantCache, sm_scale: float | N
                              num_warps: int | None = None) -> Tensor:
     """Decode attention of post-RoPE ``q (B, H*G, D)`` over a ``KVQuantCache`` -> ``(B, H*G, D)`` in q's dtype."""
     grid, per, nsp, mp, lp, ap, scale, meta = _launch_plan(q, cache, sm_scale, num_splits, block_n, num_warps, False)
-    ka = ((cache.lo + cache.hi) / 2).contiguous()
-    ksc = ((cache.hi - cache.lo) / 2).contiguous()
+    ka, ksc = key_affine(cache)
     invf = _frequencies(cache, q.device)
     bn = meta["BLOCK_N"]
     tab = rope_block_table(invf, bn, (cache.n_sink + cache.n_packed + cache.n_res) // bn + 2)

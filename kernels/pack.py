@@ -9,8 +9,10 @@ the divisions use ``div_rn`` (IEEE round-to-nearest) so that the GPU agrees as w
 Public functions:
     pack_codes(codes, bits) -> packed            codes ``(..., D)`` integer -> ``uint8 (..., D*bits/8)``
     unpack_codes(packed, bits, head_dim) -> codes
-    quantize_append_kvquant(cache, k, v, offset)  pre-RoPE keys + values ``(B, H, Tn, D)`` -> cache rows
     quantize_append_kivi(cache, k, v, offset)     post-RoPE keys + values, offset a multiple of 32
+
+kvquant's append (KVQuant's own outliers into per-row sparse storage, as the runtime keeps them) is
+``kvq_kernels.append``.
 """
 
 from __future__ import annotations
@@ -20,15 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .reference import (
-    KIVI_KEY_GROUP,
-    KIVICache,
-    KVQuantCache,
-    check_head_dim,
-    codebook_midpoints,
-    packed_bytes,
-    value_group,
-)
+from .reference import KIVI_KEY_GROUP, KIVICache, check_head_dim, packed_bytes, value_group
 
 
 # ----------------------------------------------------------------------------------------------- jit helpers
@@ -163,106 +157,6 @@ def unpack_codes(packed: Tensor, bits: int, head_dim: int, block_rows: int = 64)
     if p.shape[0]:
         _unpack_kernel[(triton.cdiv(p.shape[0], block_rows),)](p, out, p.shape[0], bits, head_dim, nb, block_rows)
     return out.reshape(*packed.shape[:-1], head_dim)
-
-
-# ----------------------------------------------------------------------------------------------- kvquant append
-@triton.jit
-def _kvq_append_kernel(
-    K, V, skb, skh, skt, svb, svh, svt,
-    LO, HI, MIDK, MIDV,
-    KP, KOI, KOV, VP, VMIN, VSC, VOI, VOV,
-    H, Tn, Tmax, offset,
-    D: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr, NOK: tl.constexpr, NOV: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-):
-    pid_bh = tl.program_id(0)
-    b = pid_bh // H
-    h = pid_bh % H
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    rmask = t < Tn
-    c = tl.arange(0, D)
-    row = pid_bh.to(tl.int64) * Tmax + offset + t
-    NBK: tl.constexpr = D * BITS_K // 8
-    NBV: tl.constexpr = D * BITS_V // 8
-
-    # ---- keys: per-channel thresholds, outliers beyond them, NUQ codes of the clamped normalized value
-    k = tl.load(K + b * skb + h * skh + t[:, None] * skt + c[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-    lo = tl.load(LO + h * D + c)[None, :]
-    hi = tl.load(HI + h * D + c)[None, :]
-    rng = hi - lo
-    e = tl.math.div_rn(tl.maximum(tl.maximum(k - hi, lo - k), 0.0), rng)
-    for s in tl.static_range(NOK):
-        j = tl.argmax(e, axis=1)
-        best = tl.max(e, axis=1)
-        ok = best > 0
-        hit = c[None, :] == j[:, None]
-        val = tl.sum(tl.where(hit, k, 0.0), axis=1)
-        tl.store(KOI + row * NOK + s, tl.where(ok, j, -1).to(tl.int16), mask=rmask)
-        tl.store(KOV + row * NOK + s, tl.where(ok, val, 0.0).to(tl.float16), mask=rmask)
-        e = tl.where(hit, -float("inf"), e)
-    x = tl.math.div_rn(2 * (k - lo), rng) - 1
-    x = tl.minimum(tl.maximum(x, -1.0), 1.0)
-    _store_codes(KP, row * NBK, rmask, _nearest(x, MIDK, (1 << BITS_K) - 1), BITS_K, D, BLOCK_T)
-
-    # ---- values: per-token top/bottom outliers, min/range of the rest (fp16), NUQ codes
-    v = tl.load(V + b * svb + h * svh + t[:, None] * svt + c[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-    taken = tl.zeros((BLOCK_T, D), dtype=tl.int1)
-    work = v
-    for s in tl.static_range(NOV // 2):
-        j = tl.argmax(work, axis=1)
-        hit = c[None, :] == j[:, None]
-        tl.store(VOI + row * NOV + s, j.to(tl.int16), mask=rmask)
-        tl.store(VOV + row * NOV + s, tl.sum(tl.where(hit, v, 0.0), axis=1).to(tl.float16), mask=rmask)
-        taken = taken | hit
-        work = tl.where(hit, -float("inf"), work)
-    work = tl.where(taken, float("inf"), v)
-    for s in tl.static_range(NOV // 2):
-        j = tl.argmin(work, axis=1)
-        hit = c[None, :] == j[:, None]
-        tl.store(VOI + row * NOV + NOV // 2 + s, j.to(tl.int16), mask=rmask)
-        tl.store(VOV + row * NOV + NOV // 2 + s, tl.sum(tl.where(hit, v, 0.0), axis=1).to(tl.float16), mask=rmask)
-        taken = taken | hit
-        work = tl.where(hit, float("inf"), work)
-    vmin = tl.min(tl.where(taken, float("inf"), v), axis=1)
-    vmax = tl.max(tl.where(taken, -float("inf"), v), axis=1)
-    vmin16 = vmin.to(tl.float16)
-    vsc16 = (vmax - vmin).to(tl.float16)
-    tl.store(VMIN + row, vmin16, mask=rmask)
-    tl.store(VSC + row, vsc16, mask=rmask)
-    mn = vmin16.to(tl.float32)[:, None]
-    sc = vsc16.to(tl.float32)[:, None]
-    x = tl.math.div_rn(2 * (v - mn), tl.where(sc > 0, sc, 1.0)) - 1
-    x = tl.minimum(tl.maximum(x, -1.0), 1.0)
-    _store_codes(VP, row * NBV, rmask, _nearest(x, MIDV, (1 << BITS_V) - 1), BITS_V, D, BLOCK_T)
-
-
-def quantize_append_kvquant(cache: KVQuantCache, k: Tensor, v: Tensor, offset: int, block_t: int = 16,
-                            num_warps: int = 4) -> None:
-    """Quantize pre-RoPE keys ``k`` and values ``v`` ``(B, H, Tn, D)`` into ``cache``'s packed buffers at token
-    ``offset`` (fused: normalization, outlier selection, nearest centroid, packing). Does not change
-    ``cache.n_packed``; the caller advances it."""
-    b, h, tn, d = k.shape
-    tmax = cache.k_packed.shape[2]
-    if offset + tn > tmax:
-        raise ValueError(f"append of {tn} tokens at {offset} overflows {tmax}")
-    check_head_dim(d, cache.bits_k)
-    check_head_dim(d, cache.bits_v)
-    nok, nov = cache.k_oidx.shape[-1], cache.v_oidx.shape[-1]
-    if nov % 2:
-        raise ValueError("value outlier slots come in pairs (largest, smallest)")
-    if k.stride(-1) != 1 or v.stride(-1) != 1:
-        k, v = k.contiguous(), v.contiguous()
-    midk = codebook_midpoints(cache.ck).contiguous()
-    midv = codebook_midpoints(cache.cv).contiguous()
-    grid = (b * h, triton.cdiv(tn, block_t))
-    _kvq_append_kernel[grid](
-        k, v, *k.stride()[:3], *v.stride()[:3],
-        cache.lo, cache.hi, midk, midv,
-        cache.k_packed, cache.k_oidx, cache.k_oval, cache.v_packed, cache.v_min, cache.v_scale, cache.v_oidx,
-        cache.v_oval,
-        h, tn, tmax, offset,
-        D=d, BITS_K=cache.bits_k, BITS_V=cache.bits_v, NOK=nok, NOV=nov, BLOCK_T=block_t, num_warps=num_warps,
-    )
 
 
 # ----------------------------------------------------------------------------------------------- kivi append

@@ -34,6 +34,7 @@ class SparseRows:
         if block * head_dim > 1 << 15:
             raise ValueError(f"block {block} x head_dim {head_dim} does not fit 16-bit outlier indices")
         self.block, self.head_dim, self.n = block, head_dim, 0
+        self.bound = 0  # an upper bound on the entries of any row (``reserve``)
         self.val = torch.zeros(batch, heads, capacity, dtype=torch.float16, device=device)
         self.idx = torch.zeros(batch, heads, capacity, dtype=torch.int16, device=device)
         self.ptr = torch.zeros(batch, heads, 16, dtype=torch.int32, device=device)
@@ -69,7 +70,8 @@ class SparseRows:
         n0, n1, blk = self.n, self.n + t, self.block
         before = self.counts().long()  # (B, H)
         cum = torch.nn.functional.pad(mask.sum(-1).cumsum(-1), (1, 0))  # (B, H, T + 1): new entries before t
-        self._grow(int((before + cum[..., -1]).max()) if t else 0, _cdiv(n1, blk) + 1)
+        self.bound = max(self.bound, int((before + cum[..., -1]).max()) if t else 0)
+        self._grow(self.bound, _cdiv(n1, blk) + 1)
         nz = mask.nonzero()  # (N, 4) in (b, h, t, d) order, as values[mask]
         if nz.shape[0]:
             row = nz[:, 0] * h + nz[:, 1]
@@ -79,6 +81,22 @@ class SparseRows:
             self.val[nz[:, 0], nz[:, 1], dest] = values[mask].to(torch.float16)
             self.idx[nz[:, 0], nz[:, 1], dest] = (((n0 + nz[:, 2]) % blk) * d + nz[:, 3]).to(torch.int16)
         self._advance(before, cum)
+
+    def reserve(self, t: int, per_token: int) -> None:
+        """Room for ``t`` more tokens of at most ``per_token`` entries per row each, for a writer on the device
+        (``kvq_kernels.append``) that then calls ``advance(t)``. The true counts are read back (one host
+        sync) only when the running upper bound would pass the capacity; growth then leaves room for at
+        least a block of tokens more."""
+        self._grow(0, _cdiv(self.n + t, self.block) + 1)
+        need = self.bound + t * per_token
+        if need > self.val.shape[-1]:
+            need = int(self.counts().max()) + t * per_token
+            self._grow(need + self.block * per_token, 0)
+        self.bound = need
+
+    def advance(self, t: int) -> None:
+        """Count ``t`` tokens whose entries and pointers a device writer has stored (after ``reserve``)."""
+        self.n += t
 
     def skip(self, t: int) -> None:
         """Add ``t`` tokens without outliers."""

@@ -27,7 +27,6 @@ from kvq_kernels.decode_attention import (  # noqa: E402
 from kvq_kernels.pack import (  # noqa: E402
     pack_codes,
     quantize_append_kivi,
-    quantize_append_kvquant,
     unpack_codes,
 )
 
@@ -62,14 +61,14 @@ def _fill_fp16_segments(c, gen, d, n_sink, n_res):
     return c
 
 
-def _kvquant_cache(gen, d, bits_k, bits_v, t, n_sink, n_res, tmax=64, nok=2, nov=2, fill="ref"):
+def _kvquant_cache(gen, d, bits_k, bits_v, t, n_sink, n_res, tmax=64, nok=2, nov=2):
     lo = (-1 - torch.rand(H, d, generator=gen)).to(DEV)
     hi = (1 + torch.rand(H, d, generator=gen)).to(DEV)
     c = ref.KVQuantCache.empty(B, H, d, tmax, bits_k, bits_v, lo, hi, _codebook(gen, bits_k), _codebook(gen, bits_v),
                                n_outliers_k=nok, n_outliers_v=nov, n_sink=n_sink, max_res=16, rope_theta=500.0)
     if t:
         k, v = _randn(gen, B, H, t, d, scale=1.3), _randn(gen, B, H, t, d)
-        (ref.append_kvquant_ref if fill == "ref" else quantize_append_kvquant)(c, k, v, 0)
+        ref.append_kvquant_ref(c, k, v, 0)
     c.n_packed = t
     return _fill_fp16_segments(c, gen, d, n_sink, n_res)
 
@@ -162,21 +161,6 @@ def test_pack_unpack_kernels_exact(bits):
         assert torch.equal(unpack_codes(packed, bits, d), codes)
 
 
-@pytest.mark.parametrize("bits_k,bits_v,d", [(1, 3, 16), (2, 2, 32), (3, 1, 32), (4, 4, 16)])
-def test_quantize_append_kvquant_exact(bits_k, bits_v, d):
-    gen = _gen(30 + bits_k)
-    t, off = 37, 5
-    c1 = _kvquant_cache(gen, d, bits_k, bits_v, 0, 0, 0, tmax=48, nok=3, nov=2)
-    c2 = ref.KVQuantCache(**{f: (x.clone() if torch.is_tensor(x) else x) for f, x in vars(c1).items()})
-    k, v = _randn(gen, B, H, t, d, scale=1.5), _randn(gen, B, H, t, d)
-    k[0, 0, 3, :] = 0.5  # a token with no key outlier
-    ref.append_kvquant_ref(c1, k, v, off)
-    quantize_append_kvquant(c2, k, v, off)
-    for f in ("k_packed", "k_oidx", "k_oval", "v_packed", "v_min", "v_scale", "v_oidx", "v_oval"):
-        assert torch.equal(getattr(c1, f), getattr(c2, f)), f
-    assert (c1.k_oidx[:, :, off : off + t] >= 0).any() and (c1.k_oidx[0, 0, off + 3] == -1).all()
-
-
 @pytest.mark.parametrize("bits,d", [(1, 32), (2, 16), (3, 32), (4, 32)])
 def test_quantize_append_kivi_exact(bits, d):
     gen = _gen(40 + bits)
@@ -221,7 +205,7 @@ def test_sparse_rows_layout_roundtrip(block):
 def test_decode_attention_kvquant(bits, gqa):
     gen = _gen(50 + 4 * bits + gqa)
     d = 32 if bits % 2 else 16
-    c = _kvquant_cache(gen, d, bits, 5 - bits, t=45, n_sink=3, n_res=7, fill="triton")
+    c = _kvquant_cache(gen, d, bits, 5 - bits, t=45, n_sink=3, n_res=7)
     q = _randn(gen, B, H * gqa, d)
     want = ref.decode_attention_kvquant_ref(q, c)
     got = decode_attention_kvquant(q, c, num_splits=3, block_n=8)
@@ -262,7 +246,7 @@ def test_decode_attention_kvquant_sparse_outliers(bits, gqa, density):
 def test_decode_attention_kvquant_models_own_inv_freq():
     """Keys are rotated with the model's own inv_freq when the cache carries one (scaled RoPE variants)."""
     gen = _gen(61)
-    c = _kvquant_cache(gen, 16, 2, 2, t=37, n_sink=2, n_res=3, fill="triton")
+    c = _kvquant_cache(gen, 16, 2, 2, t=37, n_sink=2, n_res=3)
     q = _randn(gen, B, H, 16)
     scaled = dataclasses.replace(c, inv_freq=ref.rope_inv_freq(16, c.rope_theta) * 0.25)
     want = ref.decode_attention_kvquant_ref(q, scaled)
@@ -305,7 +289,7 @@ def test_decode_attention_kvquant_long_sink_and_offsets(gqa):
     outlier slots off (the one-row path then folds the per-token value affine map into its accumulators)."""
     gen = _gen(160 + gqa)
     d = 32
-    c = _kvquant_cache(gen, d, 2, 3, t=29, n_sink=11, n_res=6, nok=1, nov=0, fill="triton")
+    c = _kvquant_cache(gen, d, 2, 3, t=29, n_sink=11, n_res=6, nok=1, nov=0)
     q = _randn(gen, B, H * gqa, d)
     want = ref.decode_attention_kvquant_ref(q, c)
     for bn in (8, 16):
@@ -317,7 +301,7 @@ def test_decode_attention_gqa_dot_shapes(bits):
     """The tl.dot programs at D=64, BLOCK_N=16 and G=3 (padded rows): the shapes where the join-tree code layouts
     were mis-compiled on the H100 (relative errors 0.08-2.9); the dot programs now load codes bytewise."""
     gen = _gen(190 + bits)
-    c = _kvquant_cache(gen, 64, bits, bits, t=53, n_sink=2, n_res=5, fill="triton")
+    c = _kvquant_cache(gen, 64, bits, bits, t=53, n_sink=2, n_res=5)
     q = _randn(gen, B, H * 3, 64)
     assert _rel(decode_attention_kvquant(q, c, num_splits=2, block_n=16), ref.decode_attention_kvquant_ref(q, c)) \
         < ATTN_RTOL
@@ -375,7 +359,7 @@ def test_prefill_attention_kvquant(bits, gqa, tq):
 
     gen = _gen(120 + 7 * bits + gqa)
     d = 32
-    c = _kvquant_cache(gen, d, bits, bits, t=37, n_sink=2, n_res=5, fill="triton")
+    c = _kvquant_cache(gen, d, bits, bits, t=37, n_sink=2, n_res=5)
     q = _randn(gen, B, H * gqa, tq, d)
     k_new, v_new = _randn(gen, B, H, tq, d), _randn(gen, B, H, tq, d)
     want = prefill_attention_kvquant_ref(q, c, k_new, v_new)

@@ -189,15 +189,18 @@ def vector_normalize(x: Tensor, n_out: int) -> tuple[Tensor, Tensor, Tensor, Ten
 def token_outlier_mask(x: Tensor, n_out: int) -> Tensor | None:
     """KVQuant's per-token outliers: the ``n_out`` largest and smallest entries of each token over all heads.
 
-    ``x (B, H, T, D)`` -> bool mask of the same shape with exactly ``2 n_out`` entries per token (None at 0).
+    ``x (B, H, T, D)`` -> bool mask of the same shape with exactly ``2 n_out`` entries per token (None at 0):
+    the largest first, then the smallest of the rest; ties go to the lowest ``h * D + d`` (as the fused append
+    kernel, ``kvq_kernels.append``, selects them).
     """
     if n_out <= 0:
         return None
     b, h, t, d = x.shape
     row = x.float().permute(0, 2, 1, 3).reshape(b, t, h * d)  # (B, T, H*D)
     mask = torch.zeros_like(row, dtype=torch.bool)
-    mask.scatter_(-1, row.topk(n_out, dim=-1).indices, True)
-    mask.scatter_(-1, row.topk(n_out, dim=-1, largest=False).indices, True)
+    mask.scatter_(-1, row.sort(dim=-1, descending=True, stable=True).indices[..., :n_out], True)
+    rest = row.masked_fill(mask, float("inf"))
+    mask.scatter_(-1, rest.sort(dim=-1, stable=True).indices[..., :n_out], True)
     return mask.view(b, t, h, d).permute(0, 2, 1, 3)
 
 

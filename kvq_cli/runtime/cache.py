@@ -32,6 +32,7 @@ from ..hf_attention import (
 )
 from ..methods.base import KVMethod, State
 from .attention import DEFAULT_BLOCK, QUERY_TILE, Rope, block_bounds, blockwise_attention, packed_attention
+from .fused import FusedAppend
 from .kernel_path import kernel_decode, kernels_available
 from .prefill import chunked_prefill, flash_available, history_block
 from .storage import Stream
@@ -74,7 +75,7 @@ class KVQLayer(CacheLayerMixin):
         self.prefill_fast: bool | None = None
         self.window_limit: int | None = None  # the model's sliding window, beyond which we refuse to go
         self.rope_theta = 10000.0  # the config's theta (the Triton path is given the model's own inv_freq)
-        #: Triton decode path: None = on CUDA where the layout is exact, True = wherever exact, False = never.
+        #: Triton decode and append: None = on CUDA where the layout is exact, True = wherever exact, False = never.
         self.use_kernel: bool | None = None
         self.attn: nn.Module | None = None
         self.pre_rope_key: Tensor | None = None  # set by the bound forward hook
@@ -103,8 +104,10 @@ class KVQLayer(CacheLayerMixin):
                 raise KvqError("pre-RoPE keys were not captured: bind the cache to this model")
             keys, self.pre_rope_key = self.pre_rope_key, None
         state = self.state()
-        self.keys_stream.append(keys, state, self.method.encode_keys)
-        self.values_stream.append(value_states, state, self.method.encode_values)
+        use = self.use_kernel if self.use_kernel is not None else kernels_available(key_states.device, self.method)
+        fk, fv = self.fused if use else (None, None)
+        self.keys_stream.append(keys, state, self.method.encode_keys, fk)
+        self.values_stream.append(value_states, state, self.method.encode_values, fv)
         self.length += key_states.shape[2]
         self.pending = key_states.shape[2]
         return key_states, value_states
@@ -125,6 +128,8 @@ class KVQLayer(CacheLayerMixin):
         m = self.method
         self.keys_stream = Stream(m, True, m.sink, m.residual, self.step, self.max_tokens)
         self.values_stream = Stream(m, False, m.sink, m.residual, self.step, self.max_tokens, stats_step=1)
+        #: the Triton quantize-and-append of each stream, where it stores what the method's encode would
+        self.fused = tuple(FusedAppend(m, key) if FusedAppend.applies(m, key) else None for key in (True, False))
         self.length = self.pending = 0
         self.is_initialized = False
 

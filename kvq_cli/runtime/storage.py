@@ -33,6 +33,9 @@ from torch import Tensor
 from ..errors import KvqError
 from ..methods.base import Encoded, KVMethod, State
 
+#: leaving tokens a fused writer takes at once (it walks them one by one); more go through ``encode``
+FUSED_TOKENS = 16
+
 
 class Grow:
     """A tensor growing along dim 2 (``(B, H, n, ...)``): a fixed capacity, or a power of two >= 16 that
@@ -44,25 +47,23 @@ class Grow:
         self.buf = like.new_zeros(*like.shape[:2], cap, *like.shape[3:])
         self.n = 0
 
-    def append(self, x: Tensor) -> None:
-        need = self.n + x.shape[2]
+    def reserve(self, t: int) -> Tensor:
+        """Room for ``t`` more entries (counted at once): the view ``(B, H, t, ...)`` the caller fills."""
+        need = self.n + t
         if need > self.buf.shape[2]:
             if self.fixed:
                 raise KvqError(f"the cache is full ({self.buf.shape[2]} tokens): load it with a larger max_tokens")
             bigger = self.buf.new_zeros(*self.buf.shape[:2], _pow2(need), *self.buf.shape[3:])
             bigger[:, :, : self.n] = self.buf[:, :, : self.n]
             self.buf = bigger
-        self.buf[:, :, self.n : need] = x
         self.n = need
+        return self.buf[:, :, need - t : need]
+
+    def append(self, x: Tensor) -> None:
+        self.reserve(x.shape[2]).copy_(x)
 
     def view(self, a: int = 0, b: int | None = None) -> Tensor:
         return self.buf[:, :, a : self.n if b is None else b]
-
-    def drop_front(self, m: int) -> None:
-        """Remove the first ``m`` entries (the residual window's oldest tokens)."""
-        rest = self.buf[:, :, m : self.n].clone()
-        self.buf[:, :, : rest.shape[2]] = rest
-        self.n -= m
 
     def nbytes(self, allocated: bool = False) -> int:
         per = self.buf[:, :, :1].numel() * self.buf.element_size()
@@ -73,13 +74,12 @@ def _pow2(n: int) -> int:
     return max(16, 1 << max(n - 1, 0).bit_length())
 
 
-def sparse_rows(mask: Tensor) -> SparseRows:
+def sparse_rows(batch: int, heads: int, head_dim: int, device) -> SparseRows:
     """An empty per-row outlier store for a ``(B, H, T, D)`` stream: pointers every 64 tokens (fewer where
     ``D > 512``, so ``(t % block) * D + d`` fits 16 bits)."""
-    b, h, _, d = mask.shape
-    if d > 1 << 15:
-        raise KvqError(f"head_dim {d} is too large for 16-bit outlier positions")
-    return SparseRows(b, h, d, mask.device, block=min(SPARSE_BLOCK, (1 << 15) // d))
+    if head_dim > 1 << 15:
+        raise KvqError(f"head_dim {head_dim} is too large for 16-bit outlier positions")
+    return SparseRows(batch, heads, head_dim, device, block=min(SPARSE_BLOCK, (1 << 15) // head_dim))
 
 
 class PackedStore:
@@ -95,6 +95,12 @@ class PackedStore:
         self.n = 0
         self.head_dim = 0  # codes per token-head row (D; cq: D / c, pq: M)
         self.vector = False  # int16 vector-quantization codes (cq, pq) rather than uint8 per-element codes
+
+    def _capacity(self, name: str) -> int | None:
+        """A field's fixed capacity (tokens, or token groups of ``step`` for statistics), None: growing."""
+        if self.capacity is None:
+            return None
+        return -(-self.capacity // (1 if name in ("codes", "data") else self.step))
 
     def _pack(self, codes: Tensor) -> Tensor:
         bits = self.method.bits
@@ -133,18 +139,35 @@ class PackedStore:
         t = next(iter(v for k, v in stored.items() if k in ("codes", "data"))).shape[2]
         for name, x in stored.items():
             if name not in self.fields:
-                cap = None if self.capacity is None else -(-self.capacity // (1 if name in ("codes", "data") else
-                                                                                self.step))
-                self.fields[name] = Grow(x, cap)
+                self.fields[name] = Grow(x, self._capacity(name))
             self.fields[name].append(x)
         if "outlier_mask" in enc:
-            if self.outliers is None:
-                self.outliers = sparse_rows(enc["outlier_mask"])
-                self.outliers.skip(self.n)  # keep token numbering aligned
+            b, h, _, d = enc["outlier_mask"].shape
+            self.outlier_rows(b, h, d, enc["outlier_mask"].device)
             self.outliers.append(enc["outlier_mask"], enc["outlier_values"])
         elif self.outliers is not None:
             self.outliers.skip(t)
         self.n += t
+
+    def outlier_rows(self, batch: int, heads: int, head_dim: int, device) -> SparseRows:
+        """The stream's outliers, made (aligned with the tokens already stored) when first needed."""
+        if self.outliers is None:
+            self.outliers = sparse_rows(batch, heads, head_dim, device)
+            self.outliers.skip(self.n)  # keep token numbering aligned
+        return self.outliers
+
+    def claim(self, like: Tensor, t: int, fields: dict[str, tuple[int, torch.dtype]]) -> dict[str, Tensor]:
+        """Room for ``t`` tokens of ``like (B, H, *, D)`` in ``fields`` (name -> last dim, dtype; made where
+        absent), for a writer on the device (``fused``): their whole buffers, tokens ``[n, n + t)`` to fill.
+        The caller advances ``n``."""
+        b, h, _, d = like.shape
+        for name, (width, dtype) in fields.items():
+            if name not in self.fields:
+                empty = torch.empty(b, h, 0, width, dtype=dtype, device=like.device)
+                self.fields[name] = Grow(empty, self._capacity(name))
+            self.fields[name].reserve(t)
+        self.head_dim, self.vector = d, False
+        return {name: self.fields[name].buf for name in fields}
 
     def read(self, a: int, b: int) -> Encoded:
         """The encoding of stored tokens ``[a, b)`` (``a`` a multiple of ``step``; ``b`` too unless it is ``n``)."""
@@ -190,17 +213,17 @@ class Stream:
     def __len__(self) -> int:
         return (self.sink.n if self.sink else 0) + self.packed.n + (self.residual.n if self.residual else 0)
 
-    def append(self, x: Tensor, state: State, encode) -> None:
-        """Append ``x (B, H, T, D)``; tokens leaving the residual window are encoded by ``encode(x, state)``."""
+    def append(self, x: Tensor, state: State, encode, fused=None) -> None:
+        """Append ``x (B, H, T, D)``; tokens leaving the residual window are encoded by ``encode(x, state)``,
+        or, at most ``FUSED_TOKENS`` at a time, stored by ``fused(packed, x, state)`` (``runtime.fused``)."""
         if self.capacity is not None and len(self) + x.shape[2] > self.capacity:
             raise KvqError(f"the cache is full ({self.capacity} tokens): load it with a larger max_tokens")
-        x16 = x.to(torch.float16)
         if self.sink is None:
-            self.sink = Grow(x16[:, :, :0], self.sink_size)
-            self.residual = Grow(x16[:, :, :0])
+            empty = x.new_empty(*x.shape[:2], 0, x.shape[3], dtype=torch.float16)
+            self.sink, self.residual = Grow(empty, self.sink_size), Grow(empty)
         take = min(self.sink_size - self.sink.n, x.shape[2])
         if take > 0:
-            self.sink.append(x16[:, :, :take])
+            self.sink.append(x[:, :, :take])  # (copied as fp16)
         rest = x[:, :, take:]
         r = self.residual.n + rest.shape[2]
         over = r - self.window
@@ -212,14 +235,18 @@ class Stream:
             leave = min(-(-over // self.step), r // self.step) * self.step
         if leave == 0:
             if rest.shape[2]:
-                self.residual.append(x16[:, :, take:])  # the fp16 copy made above: no second conversion
+                self.residual.append(rest)
             return
         # leaving: the oldest ``leave`` of residual + new tokens (new ones quantized from full precision,
         # those that waited in the window from their fp16 copy)
-        seq = torch.cat([self.residual.view().to(x.dtype), rest], 2)  # (B, H, r, D)
-        self.packed.append(encode(seq[:, :, :leave], state))
-        self.residual.drop_front(self.residual.n)
-        self.residual.append(seq[:, :, leave:].to(torch.float16))
+        seq = torch.cat([self.residual.view().to(x.dtype), rest], 2) if self.residual.n else rest  # (B, H, r, D)
+        if fused is not None and leave <= FUSED_TOKENS:
+            fused(self.packed, seq[:, :, :leave], state)
+        else:
+            self.packed.append(encode(seq[:, :, :leave], state))
+        self.residual.n = 0
+        if seq.shape[2] > leave:
+            self.residual.append(seq[:, :, leave:])
 
     def read(self, a: int, b: int, state: State) -> Tensor:
         """Tokens ``[a, b)`` as float32 ``(B, H, b - a, D)``, dequantizing only the packed part inside."""
