@@ -33,6 +33,8 @@ from .reference import check_head_dim, packed_bytes
 from .sparse import SparseRows
 
 FP16_MAX = tl.constexpr(65504.0)
+I64_MIN = tl.constexpr(-(1 << 63))
+I64_MAX = tl.constexpr((1 << 63) - 1)
 
 
 @triton.jit
@@ -46,22 +48,23 @@ def _fp16_outward(x, UP: tl.constexpr):
 
 @triton.jit
 def _top_bottom(x, valid, f, n_out):
-    """Mask of the ``n_out`` largest and ``n_out`` smallest valid entries of ``x (HP, D)`` (flat index ``f``
-    breaks ties, lowest first)."""
-    BIG: tl.constexpr = 1 << 30
+    """Mask of the ``n_out`` largest and ``n_out`` smallest valid entries of ``x (HP, D)``, ties to the lowest flat
+    index ``f``: each entry becomes one int64 key, its float order above its index, so that a selection is
+    one max (min) reduction instead of a value reduction, then an index reduction."""
+    xb = tl.where(x == 0, 0.0, x).to(tl.int32, bitcast=True)  # (-0.0 ties with 0.0, as in torch's sort)
+    order = (xb ^ ((xb >> 31) & 0x7FFFFFFF)).to(tl.int64) << 32  # signed order of the floats, high word
+    top = tl.where(valid, order | (0x7FFFFFFF - f).to(tl.int64), I64_MIN)  # max: largest x, then lowest f
+    bottom = tl.where(valid, order | f.to(tl.int64), I64_MAX)  # min: smallest x, then lowest f
     taken = f < 0
-    work = tl.where(valid, x, -float("inf"))
     for _ in range(n_out):
-        m = tl.max(tl.max(work, axis=1), axis=0)
-        j = tl.min(tl.min(tl.where(work == m, f, BIG), axis=1), axis=0)
-        taken = taken | (f == j)
-        work = tl.where(f == j, -float("inf"), work)
-    work = tl.where(valid & ~taken, x, float("inf"))
+        hit = top == tl.max(tl.max(top, axis=1), axis=0)
+        taken = taken | hit
+        top = tl.where(hit, I64_MIN, top)
+    bottom = tl.where(taken, I64_MAX, bottom)
     for _ in range(n_out):
-        m = tl.min(tl.min(work, axis=1), axis=0)
-        j = tl.min(tl.min(tl.where(work == m, f, BIG), axis=1), axis=0)
-        taken = taken | (f == j)
-        work = tl.where(f == j, float("inf"), work)
+        hit = bottom == tl.min(tl.min(bottom, axis=1), axis=0)
+        taken = taken | hit
+        bottom = tl.where(hit, I64_MAX, bottom)
     return taken
 
 
