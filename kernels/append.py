@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .pack import _nearest, _store_codes
-from .reference import check_head_dim, packed_bytes
+from .reference import check_head_dim, next_pow2, packed_bytes
 from .sparse import SparseRows
 
 FP16_MAX = tl.constexpr(65504.0)
@@ -147,7 +147,7 @@ def append_kvquant(x: Tensor, codes: Tensor, n: int, mids: Tensor, bits: int, *,
         raise ValueError("keys take lo/hi, values scale/zero; rows must hold exactly the first n tokens")
     if x.stride(-1) != 1:
         x = x.contiguous()
-    hp = triton.next_power_of_2(h)
+    hp = next_pow2(h)
     dummy = codes  # placeholders for pointers a specialization does not read
     _append_kernel[(b,)](
         x, *x.stride()[:3], lo if key else dummy, hi if key else dummy, mids, codes,

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .reference import next_pow2
 from .vq_pack import _load_vq_codes, code_span
 from .vq_reference import CQCache, row_bytes
 from .vq_split import (
@@ -126,7 +127,7 @@ def decode_attention_cq(q: Tensor, cache: CQCache, sm_scale: float | None = None
         if not x.is_contiguous():
             raise ValueError("cache buffers must be contiguous")
     g = check_query(q, h, d)
-    gp = triton.next_power_of_2(g)
+    gp = next_pow2(g)
     if block_n is None:  # the centroid gather tile is (BLOCK_N, D/2), the score tile (GP, BLOCK_N, D/2)
         block_n = max(16, min(64, 4096 // (gp * d // 2)))
     if num_warps is None:

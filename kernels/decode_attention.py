@@ -18,6 +18,7 @@ Public functions:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -29,7 +30,7 @@ from torch import Tensor
 from .decode_outliers import _key_outlier_kernel, _value_outlier_kernel
 from .decode_split import _kivi_split_kernel, _kvquant_split_kernel
 from .pack import _load_codes_half
-from .reference import KIVI_KEY_GROUP, KIVICache, KVQuantCache, value_group
+from .reference import KIVI_KEY_GROUP, KIVICache, KVQuantCache, cdiv, next_pow2, value_group
 
 LOG2E = 1.4426950408889634
 #: split programs per SM the default plan aims for
@@ -82,7 +83,7 @@ def rope_block_table(invf: Tensor, block_n: int, rows: int) -> Tensor:
     hit = _TABLES.get(key)
     if hit is not None and hit[0] is invf and hit[1] == invf._version and hit[2].shape[1] >= rows:
         return hit[2]
-    r = max(64, triton.next_power_of_2(rows))
+    r = max(64, next_pow2(rows))
     ang = (torch.arange(r, dtype=torch.float64, device=invf.device) * block_n)[:, None] * invf.double()[None, :]
     tab = torch.stack([ang.cos(), ang.sin()]).float().contiguous()
     if len(_TABLES) > 64:
@@ -127,9 +128,13 @@ def _reduce_kernel(MP, LP, AP, O, sob, soh, HQ, NSP, D: tl.constexpr, NSP_PAD: t
 
 # ----------------------------------------------------------------------------------------------- wrappers
 def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _default_block(dot: bool, d: int, kivi: bool, block_n: int | None, num_warps: int | None) -> tuple[int, int]:
@@ -166,14 +171,14 @@ def split_plan(q: Tensor, rows: int, n_packed: int, block_n: int, num_splits: in
     SM by default): (tokens per split, splits + 1 for the fp16 sink/residual segments, partial buffers
     ``m, l (B*Hq, NSP)`` and ``acc (B*Hq, NSP, D)`` float32)."""
     b, hq, d = q.shape
-    nblocks = triton.cdiv(n_packed, block_n)
+    nblocks = cdiv(n_packed, block_n)
     per, nsplit = block_n, 0
     if nblocks:
         if num_splits is None:
-            num_splits = triton.cdiv(programs_per_sm * _num_sms(q.device), rows)
+            num_splits = cdiv(programs_per_sm * _num_sms(q.device), rows)
         num_splits = max(1, min(num_splits, nblocks))
-        per = triton.cdiv(nblocks, num_splits) * block_n
-        nsplit = triton.cdiv(n_packed, per)
+        per = cdiv(nblocks, num_splits) * block_n
+        nsplit = cdiv(n_packed, per)
     nsp = nsplit + 1  # the last split does the fp16 sink and residual segments
     mp = torch.empty(b * hq, nsp, dtype=torch.float32, device=q.device)
     ap = torch.empty(b * hq, nsp, d, dtype=torch.float32, device=q.device)
@@ -190,7 +195,7 @@ def _launch_plan(q: Tensor, cache, sm_scale, num_splits, block_n, num_warps, kiv
         if not x.is_contiguous():
             raise ValueError("fp16 sink/residual buffers must be contiguous")
     dot = g > 1 and d >= 32  # tl.dot needs halves >= 16 wide; else one program per query head
-    qpp, mr = (g, max(16, triton.next_power_of_2(g))) if dot else (1, 1)
+    qpp, mr = (g, max(16, next_pow2(g))) if dot else (1, 1)
     block_n, num_warps = _default_block(dot, d, kivi, block_n, num_warps)
     rows = b * h * (g // qpp)
     per, nsp, (mp, lp, ap) = split_plan(q, rows, cache.n_packed, block_n, num_splits, PROGRAMS_PER_SM)
@@ -205,14 +210,14 @@ def _launch_plan(q: Tensor, cache, sm_scale, num_splits, block_n, num_warps, kiv
 def _finish(q, nsp, mp, lp, ap):
     out = torch.empty_like(q)
     _reduce_kernel[(q.shape[0] * q.shape[1],)](mp, lp, ap, out, out.stride(0), out.stride(1), q.shape[1], nsp,
-                                               D=q.shape[2], NSP_PAD=triton.next_power_of_2(nsp))
+                                               D=q.shape[2], NSP_PAD=next_pow2(nsp))
     return out
 
 
 def _sparse_grid(cache: KVQuantCache, rows) -> tuple[int, int]:
     """One program per (batch, KV head) row and sparse block of the packed tokens."""
     b, h = cache.k_packed.shape[:2]
-    return b * h, triton.cdiv(cache.n_packed, rows.block)
+    return b * h, cdiv(cache.n_packed, rows.block)
 
 
 def _key_outliers(cache: KVQuantCache, q: Tensor, ka, ksc, invf, tab, block_n: int,
@@ -371,7 +376,7 @@ def dequantize_packed_kvquant(cache: KVQuantCache, out_k: Tensor, out_v: Tensor,
     d = cache.head_dim
     if cache.n_packed == 0:
         return
-    grid = (b * h, triton.cdiv(cache.n_packed, block_n))
+    grid = (b * h, cdiv(cache.n_packed, block_n))
     invf = _frequencies(cache, out_k.device)
     tab = rope_block_table(invf, block_n, grid[1] + 1)
     _kvquant_dequant_kernel[grid](
@@ -393,7 +398,7 @@ def dequantize_packed_kivi(cache: KIVICache, out_k: Tensor, out_v: Tensor, offse
         return
     if out_k.stride() != out_v.stride():
         raise ValueError("out_k and out_v must share strides")
-    grid = (b * h, triton.cdiv(cache.n_packed, block_n))
+    grid = (b * h, cdiv(cache.n_packed, block_n))
     _kivi_dequant_kernel[grid](
         cache.k_packed, cache.k_scale, cache.k_zero, cache.v_packed, cache.v_scale, cache.v_zero, out_k, out_v,
         out_k.stride(0), out_k.stride(1), out_k.stride(2), h, tmax, cache.k_scale.shape[2], cache.n_packed,

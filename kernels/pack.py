@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .reference import KIVI_KEY_GROUP, KIVICache, check_head_dim, packed_bytes, value_group
+from .reference import KIVI_KEY_GROUP, KIVICache, cdiv, check_head_dim, packed_bytes, value_group
 
 
 # ----------------------------------------------------------------------------------------------- jit helpers
@@ -143,7 +143,7 @@ def pack_codes(codes: Tensor, bits: int, block_rows: int = 64) -> Tensor:
     c = codes.reshape(-1, d).to(torch.uint8).contiguous()
     out = torch.empty(c.shape[0], nb, dtype=torch.uint8, device=codes.device)
     if c.shape[0]:
-        _pack_kernel[(triton.cdiv(c.shape[0], block_rows),)](c, out, c.shape[0], bits, d, nb, block_rows)
+        _pack_kernel[(cdiv(c.shape[0], block_rows),)](c, out, c.shape[0], bits, d, nb, block_rows)
     return out.reshape(*codes.shape[:-1], nb)
 
 
@@ -155,7 +155,7 @@ def unpack_codes(packed: Tensor, bits: int, head_dim: int, block_rows: int = 64)
     p = packed.reshape(-1, nb).contiguous()
     out = torch.empty(p.shape[0], head_dim, dtype=torch.uint8, device=packed.device)
     if p.shape[0]:
-        _unpack_kernel[(triton.cdiv(p.shape[0], block_rows),)](p, out, p.shape[0], bits, head_dim, nb, block_rows)
+        _unpack_kernel[(cdiv(p.shape[0], block_rows),)](p, out, p.shape[0], bits, head_dim, nb, block_rows)
     return out.reshape(*packed.shape[:-1], head_dim)
 
 
@@ -224,7 +224,7 @@ def quantize_append_kivi(cache: KIVICache, k: Tensor, v: Tensor, offset: int, nu
     check_head_dim(d, cache.bits)
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         k, v = k.contiguous(), v.contiguous()
-    grid = (b * h, triton.cdiv(tn, KIVI_KEY_GROUP))
+    grid = (b * h, cdiv(tn, KIVI_KEY_GROUP))
     _kivi_append_kernel[grid](
         k, v, *k.stride()[:3], *v.stride()[:3],
         cache.k_packed, cache.k_scale, cache.k_zero, cache.v_packed, cache.v_scale, cache.v_zero,

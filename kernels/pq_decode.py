@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .reference import next_pow2
 from .vq_pack import _load_vq_codes, code_span
 from .vq_reference import PQCache, row_bytes
 from .vq_split import LOG2E, _fp16_segment, _load_query, _online, _store_partial, check_query, plan, reduce
@@ -133,7 +134,7 @@ def decode_attention_pq(q: Tensor, cache: PQCache, sm_scale: float | None = None
         if not x.is_contiguous():
             raise ValueError("cache buffers must be contiguous")
     g = check_query(q, h, d)
-    gp = triton.next_power_of_2(g)
+    gp = next_pow2(g)
     if block_n is None:  # the score gather tile is (GP, BLOCK_N, M)
         block_n = max(16, min(64, 8192 // (gp * msub)))
     if num_warps is None:

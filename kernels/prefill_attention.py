@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .decode_attention import LOG2E, _replace_slots
 from .pack import _load_codes_half
-from .reference import KVQuantCache, dequantize_kvquant_cache
+from .reference import KVQuantCache, cdiv, dequantize_kvquant_cache
 
 
 @triton.jit
@@ -169,7 +169,7 @@ def prefill_attention_kvquant(q: Tensor, cache: KVQuantCache, k_new: Tensor, v_n
     out = torch.empty(b, hq, tq, d, dtype=torch.float32, device=q.device)
     scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
     sk, rk = cache.sink_k, cache.res_k
-    grid = (b * hq, triton.cdiv(tq, block_m))
+    grid = (b * hq, cdiv(tq, block_m))
     _kvquant_prefill_kernel[grid](
         q, k_new, v_new, out, q.stride(0), q.stride(1), q.stride(2), k_new.stride(0), k_new.stride(1),
         k_new.stride(2), out.stride(0), out.stride(1), out.stride(2),

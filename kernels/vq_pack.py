@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .reference import cdiv, next_pow2
 from .vq_reference import row_bytes
 
 
@@ -59,6 +60,6 @@ def unpack_vq_codes(packed: Tensor, bits: int, n: int, block_r: int = 16) -> Ten
         raise ValueError(f"packed must be contiguous (..., {nb}), got {tuple(packed.shape)}")
     out = torch.empty(*packed.shape[:-1], n, dtype=torch.int16, device=packed.device)
     rows = packed.numel() // nb
-    _unpack_kernel[(triton.cdiv(rows, block_r),)](packed, out, rows, N=n, NP=triton.next_power_of_2(n), BITS=bits,
+    _unpack_kernel[(cdiv(rows, block_r),)](packed, out, rows, N=n, NP=next_pow2(n), BITS=bits,
                                                   SPAN=code_span(bits), NB=nb, BLOCK_R=block_r)
     return out
