@@ -68,7 +68,7 @@ def _top_bottom(x, valid, f, n_out):
     return taken
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "n0", "CAP", "VCAP", "NPC", "n_out"])  # they vary: no recompiles mid-run
 def _append_kernel(
     X, sxb, sxh, sxt, LO, HI, MID, CODES, SCALE, ZERO, VAL, IDX, PTR,
     H, T, n0, CAP, VCAP, NPC, n_out,
