@@ -273,8 +273,9 @@ def main() -> None:
             print(row, flush=True)
             save(rows)
     doc = dict(machine=_device_name("cuda"), model=args.model, weights="random (bf16)", rows=rows,
-               command="python bench/long_decode.py " + " ".join(
-                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
+               command="python bench/long_decode.py " + " ".join(  # the options given (an artifact: no method)
+                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                   if v not in (None, False, "") and not (k == "method" and args.artifact)))
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
     gib = 1 << 30
