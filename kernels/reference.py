@@ -301,8 +301,29 @@ def dequantize_values_kivi(v_packed, v_scale, v_zero, bits: int, head_dim: int) 
 
 
 # ----------------------------------------------------------------------------------------------- caches
-@dataclass
-class KVQuantCache:
+@dataclass(kw_only=True)
+class FP16Segments:
+    """What every packed-cache view shares: the fp16 sink ``sink_k, sink_v (B, H, S, D)``, the residual window
+    ``res_k, res_v (B, H, R_max, D)`` (the first ``n_res`` rows used) and the packed token count."""
+
+    sink_k: Tensor
+    sink_v: Tensor
+    res_k: Tensor
+    res_v: Tensor
+    n_packed: int = 0
+    n_res: int = 0
+
+    @property
+    def n_sink(self) -> int:
+        return self.sink_k.shape[2]
+
+    def fp16_bytes(self) -> int:
+        """Bytes of the sink and of the used residual rows, keys and values."""
+        return (self.sink_k.numel() * 2 + self.res_k[:, :, : self.n_res].numel()) * 2
+
+
+@dataclass(kw_only=True)
+class KVQuantCache(FP16Segments):
     """One layer of the kvquant-flavour packed cache (see the module docstring for shapes)."""
 
     k_packed: Tensor
@@ -317,14 +338,8 @@ class KVQuantCache:
     hi: Tensor
     ck: Tensor
     cv: Tensor
-    sink_k: Tensor
-    sink_v: Tensor
-    res_k: Tensor
-    res_v: Tensor
     bits_k: int
     bits_v: int
-    n_packed: int = 0
-    n_res: int = 0
     rope_theta: float = 10000.0
     #: The model's own RoPE inverse frequencies ``(D/2,)`` float32; None: computed from ``rope_theta``.
     inv_freq: Tensor | None = None
@@ -366,22 +381,17 @@ class KVQuantCache:
     def head_dim(self) -> int:
         return self.lo.shape[-1]
 
-    @property
-    def n_sink(self) -> int:
-        return self.sink_k.shape[2]
-
     def compressed_bytes(self) -> int:
         """Bytes attention reads from the packed segment plus the fp16 segments (codebooks ignored)."""
         t = self.n_packed
         per_tok = sum(x[:, :, :t].numel() * x.element_size() for x in (
             self.k_packed, self.k_oidx, self.k_oval, self.v_packed, self.v_min, self.v_scale, self.v_oidx,
             self.v_oval))
-        fp = (self.sink_k.numel() * 2 + self.res_k[:, :, : self.n_res].numel()) * 2
-        return per_tok + fp + sum(r.nbytes() for r in (self.k_sparse, self.v_sparse) if r is not None)
+        return per_tok + self.fp16_bytes() + sum(r.nbytes() for r in (self.k_sparse, self.v_sparse) if r is not None)
 
 
-@dataclass
-class KIVICache:
+@dataclass(kw_only=True)
+class KIVICache(FP16Segments):
     """One layer of the kivi-flavour packed cache (see the module docstring for shapes)."""
 
     k_packed: Tensor
@@ -390,13 +400,7 @@ class KIVICache:
     v_packed: Tensor
     v_scale: Tensor
     v_zero: Tensor
-    sink_k: Tensor
-    sink_v: Tensor
-    res_k: Tensor
-    res_v: Tensor
     bits: int
-    n_packed: int = 0
-    n_res: int = 0
 
     @classmethod
     def empty(cls, batch, heads, head_dim, max_tokens, bits, n_sink=0, max_res=0, device=None) -> KIVICache:
@@ -422,18 +426,13 @@ class KIVICache:
     def head_dim(self) -> int:
         return self.k_packed.shape[-1] * 8 // self.bits
 
-    @property
-    def n_sink(self) -> int:
-        return self.sink_k.shape[2]
-
     def compressed_bytes(self) -> int:
         t = self.n_packed
         ng = -(-t // KIVI_KEY_GROUP)
         per = sum(x[:, :, :t].numel() * x.element_size() for x in (self.k_packed, self.v_packed, self.v_scale,
                                                                     self.v_zero))
         per += sum(x[:, :, :ng].numel() * x.element_size() for x in (self.k_scale, self.k_zero))
-        fp = (self.sink_k.numel() * 2 + self.res_k[:, :, : self.n_res].numel()) * 2
-        return per + fp
+        return per + self.fp16_bytes()
 
 
 # ----------------------------------------------------------------------------------------------- dequant + attention

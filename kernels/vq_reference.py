@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .reference import apply_rope, attention_ref, rope_inv_freq
+from .reference import FP16Segments, apply_rope, attention_ref, rope_inv_freq
 
 
 # ----------------------------------------------------------------------------------------------- code rows
@@ -64,28 +64,18 @@ def unpack_vq_codes(packed: Tensor, bits: int, n: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- caches
-@dataclass
-class VQCache:
+@dataclass(kw_only=True)
+class VQCache(FP16Segments):
     """The fields both vector-quantized caches share: code rows, codebooks, fp16 sink and residual."""
 
     k_codes: Tensor
     v_codes: Tensor
     ck: Tensor
     cv: Tensor
-    sink_k: Tensor
-    sink_v: Tensor
-    res_k: Tensor
-    res_v: Tensor
     bits: int
-    n_packed: int = 0
-    n_res: int = 0
-
-    @property
-    def n_sink(self) -> int:
-        return self.sink_k.shape[2]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CQCache(VQCache):
     """One layer of a CQ packed cache (shapes in the module docstring)."""
 
@@ -108,7 +98,7 @@ class CQCache(VQCache):
         return rope_inv_freq(self.head_dim, self.rope_theta, device)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PQCache(VQCache):
     """One layer of a PQ (MILLION) packed cache (shapes in the module docstring)."""
 
@@ -136,7 +126,8 @@ def empty_vq_cache(kind: str, batch, heads, max_tokens, bits, ck, cv, n_sink=0, 
     codes = [torch.zeros(batch, heads, max_tokens, row_bytes(n, bits), dtype=torch.uint8, device=dev) for _ in "kv"]
     f16 = [torch.zeros(batch, heads, s, d, dtype=torch.float16, device=dev) for s in (n_sink, n_sink, max_res, max_res)]
     cls = CQCache if kind == "cq" else PQCache
-    return cls(*codes, ck, cv, *f16, bits=bits, **extra)
+    return cls(k_codes=codes[0], v_codes=codes[1], ck=ck, cv=cv, **dict(zip(("sink_k", "sink_v", "res_k", "res_v"),
+                                                                            f16, strict=True)), bits=bits, **extra)
 
 
 # ----------------------------------------------------------------------------------------------- references

@@ -19,6 +19,8 @@ from torch import Tensor
 
 # LOG2E and check_query are re-exported for the cq/pq wrappers
 from .decode_attention import LOG2E, _finish, check_query, split_plan  # noqa: F401
+from .decode_split import _load_query as _load_rows
+from .decode_split import _store_partial as _store_rows
 
 #: split programs per SM the default plan aims for
 PROGRAMS_PER_SM = 4
@@ -27,12 +29,7 @@ PROGRAMS_PER_SM = 4
 @triton.jit
 def _load_query(Q, sqb, sqh, b, h, qk_scale, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
     """Query heads ``h*G .. h*G+G-1`` of sequence b (zero rows up to GP), scaled: halves ``(GP, D/2)``."""
-    HALF: tl.constexpr = D // 2
-    g = tl.arange(0, GP)
-    qp = Q + b * sqb + (h * G + g)[:, None] * sqh + tl.arange(0, HALF)[None, :]
-    q1 = tl.load(qp, mask=(g < G)[:, None], other=0.0).to(tl.float32) * qk_scale
-    q2 = tl.load(qp + HALF, mask=(g < G)[:, None], other=0.0).to(tl.float32) * qk_scale
-    return q1, q2
+    return _load_rows(Q, sqb, sqh, b, h * G, qk_scale, G, GP, D)
 
 
 @triton.jit
@@ -91,15 +88,7 @@ def _fp16_segment(q1, q2, K, V, base, n, pos0, cj, sj, INVF, m, l, acc1, acc2,
 def _store_partial(MP, LP, AP, pid_bh, sp, NSP, m, l, acc1, acc2, G: tl.constexpr, GP: tl.constexpr,
                    D: tl.constexpr):
     """Partials of the program's query heads: rows ``(pid_bh * G + g) * NSP + sp`` for ``g < G``."""
-    HALF: tl.constexpr = D // 2
-    g = tl.arange(0, GP)
-    ch = tl.arange(0, HALF)
-    ok = g < G
-    prow = (pid_bh.to(tl.int64) * G + g) * NSP + sp
-    tl.store(MP + prow, m, mask=ok)
-    tl.store(LP + prow, l, mask=ok)
-    tl.store(AP + prow[:, None] * D + ch[None, :], acc1, mask=ok[:, None])
-    tl.store(AP + prow[:, None] * D + HALF + ch[None, :], acc2, mask=ok[:, None])
+    _store_rows(MP, LP, AP, pid_bh.to(tl.int64) * G * NSP + sp, NSP, m, l, acc1, acc2, G, GP, D, True)
 
 
 def plan(q: Tensor, heads: int, n_packed: int, block_n: int, num_splits: int | None):
