@@ -309,6 +309,29 @@ def test_decode_attention_gqa_dot_shapes(bits):
     assert _rel(decode_attention_kivi(q, k, num_splits=2, block_n=16), ref.decode_attention_kivi_ref(q, k)) < ATTN_RTOL
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_attention_gqa_16_bit_queries(dtype):
+    """16-bit queries take the one-pass tf32 dots (``DOT_PRECISION_16``): within the stated tolerance plus the
+    output dtype's epsilon of the float32 reference, at the runtime's shapes (D=128, G=4, block_n=32, sparse
+    kvquant outliers)."""
+    from kvq_kernels.sparse import SparseRows
+
+    gen = _gen(210)
+    d, t = 128, 70
+    c = _kvquant_cache(gen, d, 2, 2, t=t, n_sink=1, n_res=3, tmax=96, nok=0, nov=0)
+    c.k_sparse = SparseRows.from_dense((torch.rand(B, H, t, d, generator=gen) < 0.02).to(DEV),
+                                       _randn(gen, B, H, t, d, scale=3.0))
+    c.v_sparse = SparseRows.from_dense((torch.rand(B, H, t, d, generator=gen) < 0.02).to(DEV),
+                                       _randn(gen, B, H, t, d, scale=3.0))
+    k = _kivi_cache(gen, d, 2, t=64, n_sink=1, n_res=3, tmax=96)
+    q = _randn(gen, B, H * 4, d).to(dtype)
+    for fn, rf, cache in ((decode_attention_kvquant, ref.decode_attention_kvquant_ref, c),
+                          (decode_attention_kivi, ref.decode_attention_kivi_ref, k)):
+        got = fn(q, cache, num_splits=2)
+        tol = ATTN_RTOL + torch.finfo(dtype).eps  # plus the output's own rounding (bf16: 2^-7 apart)
+        assert got.dtype == dtype and _rel(got, rf(q.float(), cache)) < tol
+
+
 @pytest.mark.parametrize("gqa", [1, 2])
 def test_decode_attention_kivi_value_groups(gqa):
     """D=128: four value groups of 32 channels, two per half (the per-group broadcast of scales and zeros)."""
