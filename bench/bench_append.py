@@ -7,7 +7,7 @@ with 1% outliers, one new token per layer (keys and values), it times:
   * ``fused``: what the runtime does per decode step (``kvq_cli.runtime.fused``): two Triton launches and the
     host work around them (medians of ``triton.testing.do_bench``: the wall time per step when the host is
     the slower side);
-  * ``kernels``: the two launches alone, 50 queued back to back, GPU time per step (CUDA events);
+  * ``kernels``: the two append kernels' own GPU time per step (``torch.profiler``, 50 steps);
   * ``queued``: wall time per step of 200 ``fused`` steps issued without a synchronize (the host side, plus
     the waits of the occasional capacity read-back of ``SparseRows.reserve``);
   * ``pytorch``: the previous runtime path (the method's encode, bit packing, ``SparseRows.append``).
@@ -22,7 +22,6 @@ import json
 import time
 
 import torch
-from kvq_kernels.append import append_kvquant
 from triton.testing import do_bench
 
 from kvq_cli.methods import make_method
@@ -51,44 +50,16 @@ def fused_step(pairs, x, state):
         write(store, x, state)
 
 
-def kernels_only(pairs, x, state) -> float:
-    """GPU ms per step of the two launches, rewriting one token at a block start (counters not advanced, so
-    every call reads and writes the same slots)."""
-    while pairs[0][0].n % pairs[0][0].outliers.block:
-        fused_step(pairs, x, state)
-    calls = []
-    for store, write in pairs:
-        rows, n = store.outliers, store.n
-        rows.reserve(1, x.shape[-1])
-        store.claim(x, 1, {"codes": (store.fields["codes"].buf.shape[-1], torch.uint8)} | (
-            {} if write.per_channel else {"scale": (1, torch.float16), "zero": (1, torch.float16)}))
-        args = dict(rows=rows)
-        if write.per_channel:
-            args |= dict(lo=state["key_lo"], hi=state["key_hi"])
-        else:
-            from kvq_cli.methods.quant_ops import outliers_per_side
+def kernels_only(pairs, x, state, steps=50) -> float:
+    """GPU ms per step of the two append kernels (``torch.profiler``: their device time over ``steps`` steps)."""
+    from torch.profiler import ProfilerActivity, profile
 
-            args |= dict(scale=store.fields["scale"].buf, zero=store.fields["zero"].buf,
-                         n_out=outliers_per_side(write.method.outliers, x.shape[1] * x.shape[3]))
-        calls.append((store.fields["codes"].buf, n, write.mids(state), args))
-    bits = pairs[0][1].method.bits
-
-    def run():
-        for codes, n, mids, args in calls:
-            append_kvquant(x, codes, n, mids, bits, **args)
-
-    run()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(50):
-        run()
-    end.record()
-    torch.cuda.synchronize()
-    for store, _ in pairs:  # the token written above is counted
-        store.outliers.advance(1)
-        store.n += 1
-    return start.elapsed_time(end) / 50
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fused_step(pairs, x, state)
+        torch.cuda.synchronize()
+    us = sum(e.self_device_time_total for e in prof.key_averages() if "_append_kernel" in e.key)
+    return us / 1e3 / steps
 
 
 def host_ms(pairs, x, state, steps=200) -> float:
