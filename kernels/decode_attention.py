@@ -40,8 +40,9 @@ DOT_PRECISION = "tf32x3"
 #: ... and for fp16 / bf16 queries, whose own mantissas are no wider than tf32's: one tf32 product, 1.4-2x faster
 #: at 128K on the H100, 7e-4 relative error against the reference (``bench/probe_dot_precision.py``)
 DOT_PRECISION_16 = "tf32"
-#: sparse outlier entries a program of the outlier kernels takes at a time
+#: sparse outlier entries a program of the outlier kernels takes at a time, and its warps
 OUTLIER_CHUNK = 32
+OUTLIER_WARPS = 4
 #: timing ablations of the kvquant kernel (wrong results): 1 = no RoPE, 2 = no codebook lookup
 ABLATE = 0
 
@@ -236,7 +237,7 @@ def _key_outliers(cache: KVQuantCache, q: Tensor, ka, ksc, invf, tab, block_n: i
         cache.k_packed, ka, ksc, cache.ck, invf, tab, tab.shape[1], ds,
         cache.k_packed.shape[1], cache.k_packed.shape[2], cache.n_packed, cache.n_sink, scale,
         G=q.shape[1] // cache.k_packed.shape[1], D=cache.head_dim, BITS=cache.bits_k, SB=rows.block, TB=block_n,
-        MAXO=OUTLIER_CHUNK,
+        MAXO=OUTLIER_CHUNK, num_warps=OUTLIER_WARPS,
     )
     return ds
 
@@ -248,7 +249,7 @@ def _value_outliers(cache: KVQuantCache, q: Tensor, ss: Tensor, mp: Tensor, ap: 
         rows.val, rows.idx, rows.ptr, rows.val.shape[-1], rows.ptr.shape[-1], cache.v_packed, cache.v_min,
         cache.v_scale, cache.cv, ss, mp, ap, cache.k_packed.shape[1], cache.k_packed.shape[2], cache.n_packed, per,
         nsp, G=q.shape[1] // cache.k_packed.shape[1], D=cache.head_dim, BITS=cache.bits_v, SB=rows.block,
-        MAXO=OUTLIER_CHUNK,
+        MAXO=OUTLIER_CHUNK, num_warps=OUTLIER_WARPS,
     )
 
 
