@@ -40,8 +40,9 @@ DOT_PRECISION = "tf32x3"
 #: ... and for fp16 / bf16 queries, whose own mantissas are no wider than tf32's: one tf32 product, 1.4-2x faster
 #: at 128K on the H100, 7e-4 relative error against the reference (``bench/probe_dot_precision.py``)
 DOT_PRECISION_16 = "tf32"
-#: sparse outlier entries a program of the outlier kernels takes at a time, and its warps
-OUTLIER_CHUNK = 32
+#: sparse outlier entries a program of the outlier kernels takes at a time, and its warps (128 / 4: 7% faster
+#: than 32 / 4 at 128K on the H100, the best of five shapes; ``bench/probe_kvquant_ablations.py``)
+OUTLIER_CHUNK = 128
 OUTLIER_WARPS = 4
 #: timing ablations of the kvquant kernel (wrong results): 1 = no RoPE, 2 = no codebook lookup
 ABLATE = 0
