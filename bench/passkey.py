@@ -25,6 +25,7 @@ import torch
 from kvq_cli import api
 from kvq_cli.artifact import load as load_artifact
 from kvq_cli.data import load_text
+from kvq_cli.generate import greedy_steps
 from kvq_cli.methods import parse_spec
 from kvq_cli.models import load_model, load_tokenizer, resolve_model
 from kvq_cli.prompts import haystack_prompt, passkey_answer
@@ -51,8 +52,8 @@ def configurations(art_dir: Path, data_dir: str, device: str) -> dict[str, objec
 
 @torch.inference_mode()
 def trial(net, config, ids: torch.Tensor, new_tokens: int = 8, chunk: int = 4096) -> list[list[int]]:
-    """Greedy continuations of a batch of equal-length prompts ``ids (B, N)``: the loop of ``kvq generate``
-    (chunked prefill, then one token at a time) over a batch. Returns ``B`` lists of ``new_tokens`` ids."""
+    """Greedy continuations of a batch of equal-length prompts ``ids (B, N)``: ``kvq generate``'s loop
+    (``generate.greedy_steps``) over a batch. Returns ``B`` lists of ``new_tokens`` ids."""
     if config is None:
         from transformers import DynamicCache
 
@@ -62,14 +63,8 @@ def trial(net, config, ids: torch.Tensor, new_tokens: int = 8, chunk: int = 4096
         for layer in cache.layers:
             layer.use_kernel = False
     try:
-        for s in range(0, ids.shape[1], chunk):
-            logits = net(input_ids=ids[:, s : s + chunk], past_key_values=cache, use_cache=True,
-                         logits_to_keep=1).logits
-        out = [logits[:, -1].argmax(-1)]
-        for _ in range(new_tokens - 1):
-            logits = net(input_ids=out[-1][:, None], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-            out.append(logits[:, -1].argmax(-1))
-        return torch.stack(out, 1).tolist()
+        steps = greedy_steps(net, cache, ids, chunk)
+        return torch.stack([next(steps) for _ in range(new_tokens)], 1).tolist()
     finally:
         if hasattr(cache, "unbind"):
             cache.unbind()

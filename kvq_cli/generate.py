@@ -76,6 +76,21 @@ def peak_memory(device: torch.device, gpus: int = 1) -> int:
 
 
 @torch.inference_mode()
+def greedy_steps(net: nn.Module, cache, ids: Tensor, chunk: int, advance: Callable[[int], None] = lambda n: None):
+    """Prefill ``ids (B, N)`` ``chunk`` tokens at a time into ``cache``, then decode greedily: yields each new
+    token ``(B,)`` (the first from the prefill's logits), feeding it back when the next one is asked for.
+    ``advance(n)`` after each prefill chunk."""
+    logits = None
+    for s in range(0, ids.shape[1], chunk):
+        e = min(s + chunk, ids.shape[1])
+        logits = net(input_ids=ids[:, s:e], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        advance(e - s)
+    while True:
+        token = logits[:, -1].argmax(-1)  # (B,)
+        yield token
+        logits = net(input_ids=token[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+
+
 def run(net: nn.Module, cache, ids: Tensor, max_new_tokens: int, chunk: int, eos: set[int],
         advance: Callable[[int], None] = lambda n: None, on_token: Callable[[int], None] = lambda t: None
         ) -> dict[str, Any]:
@@ -86,24 +101,17 @@ def run(net: nn.Module, cache, ids: Tensor, max_new_tokens: int, chunk: int, eos
     and timings (prefill and decode separately; the first new token comes from the prefill's logits)."""
     device = ids.device
     n = ids.shape[1]
+    steps_iter = greedy_steps(net, cache, ids, chunk, advance)
     _sync(device)
     start = time.perf_counter()
-    logits = None
-    for s in range(0, n, chunk):
-        e = min(s + chunk, n)
-        logits = net(input_ids=ids[:, s:e], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        advance(e - s)
-    token = int(logits[0, -1].argmax())
-    _sync(device)
+    token = int(next(steps_iter)[0])
     prefill_s = time.perf_counter() - start
     new = [token]
     on_token(token)
     start = time.perf_counter()
     steps = 0
     while len(new) < max_new_tokens and token not in eos:
-        step = torch.tensor([[token]], device=device)
-        logits = net(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        token = int(logits[0, -1].argmax())  # the sync that makes the step's time real
+        token = int(next(steps_iter)[0])  # the sync that makes the step's time real
         new.append(token)
         steps += 1
         on_token(token)
