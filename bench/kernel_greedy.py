@@ -28,7 +28,8 @@ from kvq_cli.prompts import fit_tokens, haystack_prompt
 from kvq_cli.runtime import cache as cache_module
 from kvq_cli.runtime import load_cache
 
-CALIBRATED = {"kvquant-4b": "kvquant:bits=4,outliers=0", "kvquant-2b": "kvquant:bits=2,outliers=0"}
+CALIBRATED = {"kvquant-4b": "kvquant:bits=4,outliers=0", "kvquant-2b": "kvquant:bits=2,outliers=0",
+              "kvquant-4b-1%": "kvquant:bits=4,outliers=0.01"}  # KVQuant's own outliers: fused append too
 TUNING_FREE = {"kivi-4b": "kivi4", "kivi-2b": "kivi2"}
 
 
@@ -51,7 +52,7 @@ def main() -> None:
     for name, spec in CALIBRATED.items():
         if name not in chosen:
             continue
-        path = art_dir / f"{name}-0pct.safetensors"
+        path = art_dir / (f"{name}.safetensors" if "%" in name else f"{name}-0pct.safetensors").replace("%", "pct")
         if not path.is_file():
             api.calibrate(parse_spec(spec), str(path), model="smollm2-135m", data_dir=args.data_dir, device=device)
         art = load_artifact(path)

@@ -61,6 +61,11 @@ def _replace_slots(x1, x2, OI, OV, row, valid, NO: tl.constexpr, HALF: tl.conste
 
 
 # ----------------------------------------------------------------------------------------------- RoPE tables
+def _version(t: Tensor) -> int:
+    """``t``'s in-place version, for the caches below (inference-mode tensors keep none: taken as unchanged)."""
+    return 0 if t.is_inference() else t._version
+
+
 _FREQS: dict = {}
 _TABLES: dict = {}
 
@@ -72,11 +77,11 @@ def _frequencies(cache: KVQuantCache, device) -> Tensor:
         return src
     key = ("theta", cache.rope_theta, cache.head_dim, str(device)) if src is None else ("t", id(src), str(device))
     hit = _FREQS.get(key)
-    if hit is None or (src is not None and (hit[0] is not src or hit[1] != src._version)):
+    if hit is None or (src is not None and (hit[0] is not src or hit[1] != _version(src))):
         if len(_FREQS) > 64:
             _FREQS.clear()
         f = cache.rope_frequencies(device)
-        hit = _FREQS[key] = (src, None if src is None else src._version, f)
+        hit = _FREQS[key] = (src, None if src is None else _version(src), f)
     return hit[2]
 
 
@@ -86,14 +91,14 @@ def rope_block_table(invf: Tensor, block_n: int, rows: int) -> Tensor:
     Cached per ``invf`` tensor (its identity and version) and ``block_n``; grows by doubling."""
     key = (invf.data_ptr(), str(invf.device), block_n)
     hit = _TABLES.get(key)
-    if hit is not None and hit[0] is invf and hit[1] == invf._version and hit[2].shape[1] >= rows:
+    if hit is not None and hit[0] is invf and hit[1] == _version(invf) and hit[2].shape[1] >= rows:
         return hit[2]
     r = max(64, next_pow2(rows))
     ang = (torch.arange(r, dtype=torch.float64, device=invf.device) * block_n)[:, None] * invf.double()[None, :]
     tab = torch.stack([ang.cos(), ang.sin()]).float().contiguous()
     if len(_TABLES) > 64:
         _TABLES.clear()
-    _TABLES[key] = (invf, invf._version, tab)
+    _TABLES[key] = (invf, _version(invf), tab)
     return tab
 
 
@@ -106,10 +111,10 @@ def key_affine(cache: KVQuantCache) -> tuple[Tensor, Tensor]:
     lo, hi = cache.lo, cache.hi
     key = (id(lo), id(hi))
     hit = _AFFINE.get(key)
-    if hit is None or hit[0] is not lo or hit[1] is not hi or hit[2] != (lo._version, hi._version):
+    if hit is None or hit[0] is not lo or hit[1] is not hi or hit[2] != (_version(lo), _version(hi)):
         if len(_AFFINE) > 256:
             _AFFINE.clear()
-        hit = _AFFINE[key] = (lo, hi, (lo._version, hi._version), ((lo + hi) / 2).contiguous(),
+        hit = _AFFINE[key] = (lo, hi, (_version(lo), _version(hi)), ((lo + hi) / 2).contiguous(),
                               ((hi - lo) / 2).contiguous())
     return hit[3], hit[4]
 

@@ -339,6 +339,18 @@ def test_decode_attention_gqa_16_bit_queries(dtype):
         assert got.dtype == dtype and _rel(got, rf(q.float(), cache)) < tol
 
 
+def test_decode_attention_under_inference_mode():
+    """``kvq generate`` runs under ``torch.inference_mode``: a cache built there (no version counters) decodes, and
+    the wrapper's caches of constants (key affine map, RoPE tables) still serve it."""
+    gen = _gen(220)
+    with torch.inference_mode():
+        c = _kvquant_cache(gen, 32, 2, 2, t=20, n_sink=1, n_res=2)
+        q = _randn(gen, B, H * 2, 32)
+        want = ref.decode_attention_kvquant_ref(q, c)
+        for _ in range(2):
+            assert _rel(decode_attention_kvquant(q, c, num_splits=2), want) < ATTN_RTOL
+
+
 @pytest.mark.parametrize("gqa", [1, 2])
 def test_decode_attention_kivi_value_groups(gqa):
     """D=128: four value groups of 32 channels, two per half (the per-group broadcast of scales and zeros)."""
