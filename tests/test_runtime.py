@@ -262,7 +262,7 @@ def kernel_vs_reference(device: str, hidden: int = 64) -> list[tuple[float, int]
     """Decode 7 tokens after a 59-token prompt (batch 3, MQA) with the Triton path forced on and off, for
     kvquant-3b-2% (its sparse outliers: keys beyond the calibrated range, per-token values over all heads) and
     kivi-2b (group 32, residual 32): per method, the largest logit difference
-    and how many layer-steps the kernel served. Used by the interpreter test and the CUDA test."""
+    and how many layer-steps the kernel served. Under ``torch.inference_mode``, as ``kvq generate`` runs. Used by the interpreter test and the CUDA test."""
     import kvq_cli.runtime.cache as runtime_cache
 
     used: list = []
@@ -280,7 +280,7 @@ def kernel_vs_reference(device: str, hidden: int = 64) -> list[tuple[float, int]
                 cache = load_cache(source, model, batch_size=3)
                 for layer in cache.layers:
                     layer.use_kernel = use
-                with torch.no_grad():
+                with torch.inference_mode():  # as kvq generate runs (inference tensors: no version counters)
                     model(ids[:, :59], past_key_values=cache)
                     steps = [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(59, 66)]
                 logits.append(torch.cat(steps, 1))
