@@ -261,8 +261,9 @@ def test_streaming_cli(tiny_model_dir, tiny_text_file):
 def kernel_vs_reference(device: str, hidden: int = 64) -> list[tuple[float, int]]:
     """Decode 7 tokens after a 59-token prompt (batch 3, MQA) with the Triton path forced on and off, for
     kvquant-3b-2% (its sparse outliers: keys beyond the calibrated range, per-token values over all heads) and
-    kivi-2b (group 32, residual 32): per method, the largest logit difference
-    and how many layer-steps the kernel served. Under ``torch.inference_mode``, as ``kvq generate`` runs. Used by the interpreter test and the CUDA test."""
+    kivi-2b (group 32, residual 32): per method, the largest logit difference and how many layer-steps the
+    kernel served. Under ``torch.inference_mode``, as ``kvq generate`` runs. Used by the interpreter test and the
+    CUDA test."""
     import kvq_cli.runtime.cache as runtime_cache
 
     used: list = []
