@@ -108,26 +108,14 @@ def random_kivi(b, h, d, t, cfg):
     return c
 
 
-def runtime_append_ms(b, h, d, bits, frac=0.01) -> float:
+def runtime_append_ms(b, h, d, bits) -> float:
     """One token's quantize-and-append into a kvquant-``bits``-1% layer as the runtime does it: keys and values,
-    KVQuant's outliers into per-row sparse storage (``kvq_cli.runtime.fused``), host work included."""
-    from kvq_cli.methods import make_method
-    from kvq_cli.runtime.fused import FusedAppend
-    from kvq_cli.runtime.storage import PackedStore
+    KVQuant's outliers into per-row sparse storage (``kvq_cli.runtime.fused``), host work included
+    (``bench_append``'s setup)."""
+    from bench_append import fused_step, setup
 
-    m = make_method("kvquant", bits=bits, outliers=frac)
-    cb = torch.sort(torch.rand(1 << bits, device=DEV) * 2 - 1).values.half().float()
-    edge = 2.576  # N(0, 1) entries beyond it: 1%
-    state = dict(key_codebook=cb, value_codebook=cb, key_lo=torch.full((h, d), -edge, device=DEV),
-                 key_hi=torch.full((h, d), edge, device=DEV))
-    x = torch.randn(b, h, 1, d, device=DEV, dtype=torch.bfloat16)
-    pairs = [(PackedStore(m, key, 1, None), FusedAppend(m, key)) for key in (True, False)]
-
-    def step():
-        for store, write in pairs:
-            write(store, x, state)
-
-    return bench(step)
+    _, state, pairs, x = setup(b, h, bits, d)
+    return bench(functools.partial(fused_step, pairs, x, state))
 
 
 BROKEN: set = set()  # (method, G) that failed to compile or to match the reference

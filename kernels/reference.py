@@ -50,11 +50,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .sparse import SparseRows
+if TYPE_CHECKING:  # (sparse imports this module's host helpers)
+    from .sparse import SparseRows
 
 KIVI_KEY_GROUP = 32
 
@@ -405,7 +407,7 @@ class KIVICache(FP16Segments):
     @classmethod
     def empty(cls, batch, heads, head_dim, max_tokens, bits, n_sink=0, max_res=0, device=None) -> KIVICache:
         bh = (batch, heads, max_tokens)
-        ng = -(-max_tokens // KIVI_KEY_GROUP)
+        ng = cdiv(max_tokens, KIVI_KEY_GROUP)
         nvg = head_dim // value_group(head_dim)
         f16 = dict(dtype=torch.float16, device=device)
         return cls(
@@ -428,7 +430,7 @@ class KIVICache(FP16Segments):
 
     def compressed_bytes(self) -> int:
         t = self.n_packed
-        ng = -(-t // KIVI_KEY_GROUP)
+        ng = cdiv(t, KIVI_KEY_GROUP)
         per = sum(x[:, :, :t].numel() * x.element_size() for x in (self.k_packed, self.v_packed, self.v_scale,
                                                                     self.v_zero))
         per += sum(x[:, :, :ng].numel() * x.element_size() for x in (self.k_scale, self.k_zero))
@@ -460,7 +462,7 @@ def dequantize_kvquant_cache(cache: KVQuantCache) -> tuple[Tensor, Tensor]:
 
 def dequantize_kivi_cache(cache: KIVICache) -> tuple[Tensor, Tensor]:
     d, t = cache.head_dim, cache.n_packed
-    ng = -(-t // KIVI_KEY_GROUP)
+    ng = cdiv(t, KIVI_KEY_GROUP)
     kq = dequantize_keys_kivi(cache.k_packed[:, :, :t], cache.k_scale[:, :, :ng], cache.k_zero[:, :, :ng],
                               cache.bits, d)
     vq = dequantize_values_kivi(cache.v_packed[:, :, :t], cache.v_scale[:, :, :t], cache.v_zero[:, :, :t],

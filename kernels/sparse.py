@@ -18,12 +18,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .reference import cdiv
+
 #: tokens per pointer (the decode kernels' token blocks must divide it)
 SPARSE_BLOCK = 64
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def sparse_block(head_dim: int) -> int:
+    """Tokens per row pointer for ``head_dim`` channels: ``SPARSE_BLOCK``, fewer where ``head_dim > 512`` so that
+    ``(t % block) * D + d`` fits 16 bits."""
+    return min(SPARSE_BLOCK, (1 << 15) // head_dim)
 
 
 class SparseRows:
@@ -49,7 +53,7 @@ class SparseRows:
 
     def counts(self) -> Tensor:
         """``(B, H)`` int32: entries per row."""
-        return self.ptr[..., _cdiv(self.n, self.block)]
+        return self.ptr[..., cdiv(self.n, self.block)]
 
     def _grow(self, entries: int, pointers: int) -> None:
         if entries > self.val.shape[-1]:  # grow by a quarter: slack is memory a long context cannot spare
@@ -71,7 +75,7 @@ class SparseRows:
         before = self.counts().long()  # (B, H)
         cum = torch.nn.functional.pad(mask.sum(-1).cumsum(-1), (1, 0))  # (B, H, T + 1): new entries before t
         self.bound = max(self.bound, int((before + cum[..., -1]).max()) if t else 0)
-        self._grow(self.bound, _cdiv(n1, blk) + 1)
+        self._grow(self.bound, cdiv(n1, blk) + 1)
         nz = mask.nonzero()  # (N, 4) in (b, h, t, d) order, as values[mask]
         if nz.shape[0]:
             row = nz[:, 0] * h + nz[:, 1]
@@ -87,7 +91,7 @@ class SparseRows:
         (``kvq_kernels.append``) that then calls ``advance(t)``. The true counts are read back (one host
         sync) only when the running upper bound would pass the capacity; growth then leaves room for at
         least a block of tokens more."""
-        self._grow(0, _cdiv(self.n + t, self.block) + 1)
+        self._grow(0, cdiv(self.n + t, self.block) + 1)
         need = self.bound + t * per_token
         if need > self.val.shape[-1]:
             need = int(self.counts().max()) + t * per_token
@@ -101,7 +105,7 @@ class SparseRows:
     def skip(self, t: int) -> None:
         """Add ``t`` tokens without outliers."""
         before = self.counts().long()
-        self._grow(0, _cdiv(self.n + t, self.block) + 1)
+        self._grow(0, cdiv(self.n + t, self.block) + 1)
         self._advance(before, before.new_zeros(*before.shape, t + 1))
 
     def _advance(self, before: Tensor, cum: Tensor) -> None:
@@ -109,7 +113,7 @@ class SparseRows:
         T + 1)`` new entries before each of them."""
         t = cum.shape[-1] - 1
         n0, n1, blk = self.n, self.n + t, self.block
-        k = torch.arange(n0 // blk + 1, _cdiv(n1, blk) + 1, device=cum.device)  # pointers that change
+        k = torch.arange(n0 // blk + 1, cdiv(n1, blk) + 1, device=cum.device)  # pointers that change
         local = (k * blk - n0).clamp(0, t)
         self.ptr[..., k] = (before[..., None] + cum[..., local]).to(torch.int32)
         self.n = n1
@@ -123,14 +127,14 @@ class SparseRows:
         vals = torch.zeros(bs, hs, b - a, d, dtype=torch.float16, device=self.val.device)
         if b <= a:
             return mask, vals
-        lo, hi = self.ptr[..., a // blk].long(), self.ptr[..., _cdiv(b, blk)].long()  # (B, H)
+        lo, hi = self.ptr[..., a // blk].long(), self.ptr[..., cdiv(b, blk)].long()  # (B, H)
         width = int((hi - lo).max())
         if width == 0:
             return mask, vals
         e = lo[..., None] + torch.arange(width, device=lo.device)  # (B, H, E)
         ok = e < hi[..., None]
         e = e.clamp(max=self.val.shape[-1] - 1)
-        ptrs = self.ptr[..., : _cdiv(self.n, blk) + 1].contiguous()
+        ptrs = self.ptr[..., : cdiv(self.n, blk) + 1].contiguous()
         block = torch.searchsorted(ptrs, e.to(torch.int32).contiguous(), right=True) - 1  # (B, H, E)
         ix = self.idx.gather(-1, e).long()
         tok = block * blk + ix // d
@@ -146,4 +150,4 @@ class SparseRows:
         if allocated:
             return sum(x.numel() * x.element_size() for x in (self.val, self.idx, self.ptr))
         rows = self.val.shape[0] * self.val.shape[1]
-        return 4 * int(self.counts().sum()) + 4 * rows * (_cdiv(self.n, self.block) + 1)
+        return 4 * int(self.counts().sum()) + 4 * rows * (cdiv(self.n, self.block) + 1)

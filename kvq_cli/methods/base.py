@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from kvq_kernels.reference import cdiv
+from kvq_kernels.sparse import sparse_block
 from torch import Tensor
 
 from ..errors import KvqError
@@ -37,8 +39,7 @@ def outlier_pointer_bits(kv_heads: int, head_dim: int, tokens: int) -> int:
     an int32 per KV head and started block of 64 tokens (fewer where ``head_dim > 512``), plus one per head."""
     if tokens <= 0:
         return 0
-    block = min(64, (1 << 15) // head_dim)
-    return kv_heads * 32 * (-(-tokens // block) + 1)
+    return kv_heads * 32 * (cdiv(tokens, sparse_block(head_dim)) + 1)
 
 
 @dataclass

@@ -34,10 +34,11 @@ class FusedAppend:
 
     def mids(self, state: State) -> Tensor:
         """Midpoints ``(2^bits - 1,)`` float32 of the stream's codebook, made once per state tensor."""
+        from kvq_kernels.reference import codebook_midpoints
+
         cb = state[self.codebook]
         if self._mids is None or self._mids[0] is not cb:
-            c = cb.float()
-            self._mids = (cb, ((c[1:] + c[:-1]) / 2).contiguous())
+            self._mids = (cb, codebook_midpoints(cb).contiguous())
         return self._mids[1]
 
     def __call__(self, store: PackedStore, x: Tensor, state: State) -> None:

@@ -27,7 +27,8 @@ group), while it holds more than ``window`` tokens. Leaving tokens are encoded b
 from __future__ import annotations
 
 import torch
-from kvq_kernels.sparse import SPARSE_BLOCK, SparseRows
+from kvq_kernels.reference import next_pow2
+from kvq_kernels.sparse import SparseRows, sparse_block
 from torch import Tensor
 
 from ..errors import KvqError
@@ -71,7 +72,7 @@ class Grow:
 
 
 def _pow2(n: int) -> int:
-    return max(16, 1 << max(n - 1, 0).bit_length())
+    return max(16, next_pow2(n))
 
 
 def sparse_rows(batch: int, heads: int, head_dim: int, device) -> SparseRows:
@@ -79,7 +80,7 @@ def sparse_rows(batch: int, heads: int, head_dim: int, device) -> SparseRows:
     ``D > 512``, so ``(t % block) * D + d`` fits 16 bits)."""
     if head_dim > 1 << 15:
         raise KvqError(f"head_dim {head_dim} is too large for 16-bit outlier positions")
-    return SparseRows(batch, heads, head_dim, device, block=min(SPARSE_BLOCK, (1 << 15) // head_dim))
+    return SparseRows(batch, heads, head_dim, device, block=sparse_block(head_dim))
 
 
 class PackedStore:
