@@ -137,7 +137,7 @@ def apply_rope(x: Tensor, positions: Tensor, theta: float, inv_freq: Tensor | No
 
 # ----------------------------------------------------------------------------------------------- helpers
 def cdiv(a: int, b: int) -> int:
-    """``ceil(a / b)`` for host code (``triton.cdiv`` is a jit-callable: about 1.5 µs a call, per decode layer)."""
+    """``ceil(a / b)`` for host code (``triton.cdiv`` is a jit-callable, slower per call, on every decode layer)."""
     return -(-a // b)
 
 
