@@ -7,7 +7,7 @@ DATA_DIR ?= ../shared/data
 TORCH_VERSION ?= 2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-oldest lint clean
 
 install: .installed
 
@@ -32,10 +32,21 @@ demo: install
 	kvq estimate-memory --model llama-3-8b --context 1M --gpu h100-80gb
 
 test: install
+	@$(PYTHON) -c "import transformers, torch; print('transformers', transformers.__version__, '| torch', torch.__version__)"
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q
+
+# The oldest transformers kvq supports (the GPU machines' version), in a second environment that shares
+# everything else: the tests that touch transformers' interfaces (cache, attention hooks, generate, the real model).
+TRANSFORMERS_OLDEST ?= 5.17.0
+OLDEST_ENV ?= .venv-transformers-oldest
+OLDEST_TESTS ?= tests/test_runtime.py tests/test_generate.py tests/test_calibration.py tests/test_integration_smollm2.py
+test-oldest: install
+	@test -x $(OLDEST_ENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(OLDEST_ENV)
+	$(OLDEST_ENV)/bin/python -m pip install -q "transformers==$(TRANSFORMERS_OLDEST)"
+	TRITON_INTERPRET=1 $(OLDEST_ENV)/bin/python -m pytest -q -p no:cacheprovider $(OLDEST_TESTS)
 
 lint: install
 	ruff check kvq_cli kernels tests bench
 
 clean:
-	rm -rf .installed build *.egg-info .pytest_cache
+	rm -rf .installed build *.egg-info .pytest_cache $(OLDEST_ENV)

@@ -36,6 +36,7 @@ import torch
 from kvq_cli import memory
 from kvq_cli.api import _device_name
 from kvq_cli.generate import peak_memory
+from kvq_cli.hf_attention import cache_kwargs
 from kvq_cli.methods import parse_spec
 from kvq_cli.models import load_config, load_model, resolve_model
 from kvq_cli.presets import shape_from_config
@@ -92,9 +93,9 @@ def decode_speed(net, cache, steps: int, profile: bool = False) -> float:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as prof
 
-        net(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        net(input_ids=token, **cache_kwargs(net, cache), use_cache=True, logits_to_keep=1)
         with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-            net(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            net(input_ids=token, **cache_kwargs(net, cache), use_cache=True, logits_to_keep=1)
             torch.cuda.synchronize()
         print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
         print(p.key_averages().table(sort_by="cpu_time_total", row_limit=8), flush=True)
@@ -102,7 +103,7 @@ def decode_speed(net, cache, steps: int, profile: bool = False) -> float:
         if i == 2:
             torch.cuda.synchronize()
             start = time.perf_counter()
-        logits = net(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = net(input_ids=token, **cache_kwargs(net, cache), use_cache=True, logits_to_keep=1).logits
         token = logits[:, -1:].argmax(-1)
     torch.cuda.synchronize()
     return steps / (time.perf_counter() - start)

@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvq_cli import api, load_cache  # noqa: E402
+from kvq_cli.hf_attention import cache_kwargs  # noqa: E402
 from kvq_cli.memory import CONTEXT_OVERHEAD, parse_context  # noqa: E402
 from kvq_cli.methods import parse_spec  # noqa: E402
 from kvq_cli.presets import MODEL_PRESETS  # noqa: E402
@@ -84,15 +85,15 @@ def measure(model, method, states, context: int, chunk: int, decode: int, device
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
     start = time.perf_counter()
     for a in range(0, context, chunk):
-        out = model(ids[:, a : a + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(ids[:, a : a + chunk], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     _sync(device)
     prefill = time.perf_counter() - start
     token = out.logits.argmax(-1)
-    model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)  # warm-up step
+    model(token, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)  # warm-up step
     _sync(device)
     start = time.perf_counter()
     for _ in range(decode):
-        token = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+        token = model(token, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits.argmax(-1)
     _sync(device)
     step = (time.perf_counter() - start) / max(decode, 1)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0

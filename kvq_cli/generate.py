@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from . import memory
 from .errors import KvqError
+from .hf_attention import cache_kwargs
 from .presets import ModelShape
 
 
@@ -83,12 +84,12 @@ def greedy_steps(net: nn.Module, cache, ids: Tensor, chunk: int, advance: Callab
     logits = None
     for s in range(0, ids.shape[1], chunk):
         e = min(s + chunk, ids.shape[1])
-        logits = net(input_ids=ids[:, s:e], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = net(input_ids=ids[:, s:e], **cache_kwargs(net, cache), use_cache=True, logits_to_keep=1).logits
         advance(e - s)
     while True:
         token = logits[:, -1].argmax(-1)  # (B,)
         yield token
-        logits = net(input_ids=token[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = net(input_ids=token[:, None], **cache_kwargs(net, cache), use_cache=True, logits_to_keep=1).logits
 
 
 def run(net: nn.Module, cache, ids: Tensor, max_new_tokens: int, chunk: int, eos: set[int],

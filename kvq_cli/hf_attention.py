@@ -5,11 +5,15 @@
 * ``kv_geometry(model)``: layers, KV heads, head_dim, query heads, RoPE parameters.
 * A registered attention function (``AttentionInterface``) that lets kvq see post-RoPE keys and
   values of each layer, and forward hooks on the key projection that see pre-RoPE keys.
+* ``cache_kwargs(model, cache)`` / ``passed_cache(kwargs)``: the cache argument under the name the installed
+  transformers takes (``cache`` from 5.24, ``past_key_values`` before; the old name is deprecated there).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -19,6 +23,33 @@ from torch import Tensor, nn
 from .errors import KvqError
 
 ATTN_NAME = "kvq"
+#: The cache argument's names in ``forward`` and ``generate``: the current one first.
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+@functools.cache
+def _cache_argument(forward_owner: type) -> str:
+    params = inspect.signature(forward_owner.forward).parameters
+    return next((name for name in CACHE_ARGUMENTS if name in params), CACHE_ARGUMENTS[-1])
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which ``model.forward`` takes its cache: ``cache`` (transformers >= 5.24) or
+    ``past_key_values`` (earlier, where ``cache`` is unknown)."""
+    return _cache_argument(type(model))
+
+
+def cache_kwargs(model: nn.Module, cache) -> dict:
+    """``{name: cache}`` with the name ``model`` prefers, for ``model(...)`` and ``model.generate(...)``."""
+    return {cache_argument(model): cache}
+
+
+def passed_cache(kwargs: dict):
+    """The cache a caller passed to ``forward``/``generate`` under either name (None when absent)."""
+    for name in CACHE_ARGUMENTS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
 
 
 @dataclass(frozen=True)

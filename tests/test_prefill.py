@@ -10,6 +10,7 @@ from conftest import tiny_model
 
 from kvq_cli import load_cache
 from kvq_cli.calibration.capture import capture
+from kvq_cli.hf_attention import cache_kwargs
 from kvq_cli.methods import make_method
 from kvq_cli.runtime.attention import dense_attention
 from kvq_cli.runtime.prefill import chunked_prefill, history_block, lse_attention_ref, merge
@@ -88,7 +89,7 @@ def test_fast_prefill_path_equals_reference(spec):
         for layer in cache.layers:
             layer.prefill_fast, layer.prefill_block = fast, 16  # several history blocks
         with torch.no_grad():
-            logits[fast] = torch.cat([model(ids[:, s : s + 25], past_key_values=cache, use_cache=True).logits
+            logits[fast] = torch.cat([model(ids[:, s : s + 25], **cache_kwargs(model, cache), use_cache=True).logits
                                       for s in range(0, 70, 25)], 1)
         cache.unbind()
     # float reordering (~1e-6 per attention) can flip a 2-bit KIVI code downstream: hence 5e-3 for kivi; a wrong

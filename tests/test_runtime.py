@@ -12,7 +12,7 @@ from kvq_cli import load_cache
 from kvq_cli.accounting import cache_bits
 from kvq_cli.calibration.capture import capture
 from kvq_cli.errors import KvqError
-from kvq_cli.hf_attention import attention_layers, geometry_from_config
+from kvq_cli.hf_attention import attention_layers, cache_argument, cache_kwargs, geometry_from_config
 from kvq_cli.methods import make_method
 from kvq_cli.methods.base import outlier_pointer_bits
 from kvq_cli.perplexity import Configuration, evaluate
@@ -34,7 +34,7 @@ def _kvquant(model, ids, **opts):
 def _feed(model, cache, ids, chunk):
     with torch.no_grad():
         for s in range(0, ids.shape[1], chunk):
-            model(ids[:, s : s + chunk], past_key_values=cache, use_cache=True)
+            model(ids[:, s : s + chunk], **cache_kwargs(model, cache), use_cache=True)
 
 
 MODELS = [("llama", {}), ("mistral", {}), ("qwen2", {}), ("llama", {"num_key_value_heads": 1})]  # GQA x3, MQA
@@ -48,7 +48,7 @@ def test_generate_16_bit_matches_plain(arch, overrides, pre_rope):
     plain = model.generate(ids, max_new_tokens=16, do_sample=False)
     cache = load_cache(make_method("fp16", pre_rope=pre_rope), model, batch_size=2)
     try:
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=16, do_sample=False)
+        out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=16, do_sample=False)
     finally:
         cache.unbind()
     assert torch.equal(out, plain)
@@ -58,7 +58,7 @@ def test_generate_16_bit_matches_plain(arch, overrides, pre_rope):
 def test_generate_quantized_runs_and_stays_bound_until_unbind():
     model = tiny_model("qwen2")
     cache = load_cache(make_method("kivi", bits=2, residual=8, group=8), model, max_tokens=64)
-    out = model.generate(_ids(1, 20), past_key_values=cache, max_new_tokens=12, do_sample=False)
+    out = model.generate(_ids(1, 20), **cache_kwargs(model, cache), max_new_tokens=12, do_sample=False)
     assert out.shape == (1, 32) and cache.get_seq_length() == 31
     assert 2 < cache.avg_bits() < 16
     cache.unbind()
@@ -105,7 +105,7 @@ def test_kivi_residual_is_exact_fp16_and_history_is_the_method():
 
     plain = DynamicCache()
     with torch.no_grad():
-        model(ids, past_key_values=plain, use_cache=True)
+        model(ids, **cache_kwargs(model, plain), use_cache=True)
     k, v = plain.layers[0].keys, plain.layers[0].values  # (1, H, 45, D) post-RoPE
     layer = cache.layers[0]
     assert layer.values_stream.residual.n == layer.keys_stream.residual.n == 45 - 32  # whole groups, K and V alike
@@ -206,6 +206,29 @@ def test_nbytes_matches_accounting_kvquant(outliers):
         assert 32 * pointers == 2 * geom.layers * outlier_pointer_bits(geom.kv_heads, geom.head_dim, length - 1)
 
 
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+@pytest.mark.parametrize("call", ["generate", "forward"])
+def test_padded_batch_refused_under_either_cache_name(name, call):
+    """transformers >= 5.24 passes the cache as ``cache=`` (``past_key_values=`` is deprecated): the refusal of a
+    padded batch must see it under both names, whichever the caller used."""
+    import warnings
+
+    model = tiny_model("llama")
+    if name == "cache" and cache_argument(model) != "cache":
+        pytest.skip("this transformers (< 5.24) has no cache= argument")
+    cache = load_cache(make_method("int", bits=4), model, batch_size=2)
+    padded = torch.ones(2, 6, dtype=torch.long)
+    padded[0, :2] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the deprecated name, where this transformers warns
+        with pytest.raises(KvqError, match="padded batches"):
+            if call == "generate":
+                model.generate(_ids(2, 6), attention_mask=padded, max_new_tokens=2, **{name: cache})
+            else:
+                model(_ids(2, 6), attention_mask=padded, use_cache=True, **{name: cache})
+    cache.unbind()
+
+
 def test_refusals():
     model = tiny_model("llama")
     with pytest.raises(KvqError, match="needs calibration"):
@@ -214,19 +237,19 @@ def test_refusals():
     padded = torch.ones(2, 6, dtype=torch.long)
     padded[0, :2] = 0
     with pytest.raises(KvqError, match="padded batches"):
-        model.generate(_ids(2, 6), attention_mask=padded, past_key_values=cache, max_new_tokens=2)
+        model.generate(_ids(2, 6), attention_mask=padded, **cache_kwargs(model, cache), max_new_tokens=2)
     cache = load_cache(make_method("int", bits=4), model, batch_size=2)
     with pytest.raises(KvqError, match="batch_size 2"):
-        model(_ids(1, 4), past_key_values=cache)
+        model(_ids(1, 4), **cache_kwargs(model, cache))
     cache = load_cache(make_method("int", bits=4), model)
     with pytest.raises(KvqError, match="beam search"):
-        model.generate(_ids(1, 4), past_key_values=cache, num_beams=2, max_new_tokens=2)
+        model.generate(_ids(1, 4), **cache_kwargs(model, cache), num_beams=2, max_new_tokens=2)
     cache = load_cache(make_method("int", bits=4), model, max_tokens=8)
     with pytest.raises(KvqError, match="cache is full"):
         _feed(model, cache, _ids(1, 12), chunk=4)
     other = load_cache(make_method("int", bits=4), model)  # binding another cache unbinds the first
     with pytest.raises(KvqError, match="not bound"):
-        model(_ids(1, 4), past_key_values=cache)
+        model(_ids(1, 4), **cache_kwargs(model, cache))
     other.unbind()
     sliding = tiny_model("mistral", sliding_window=8)
     cache = load_cache(make_method("int", bits=4), sliding)
@@ -282,8 +305,8 @@ def kernel_vs_reference(device: str, hidden: int = 64) -> list[tuple[float, int]
                 for layer in cache.layers:
                     layer.use_kernel = use
                 with torch.inference_mode():  # as kvq generate runs (inference tensors: no version counters)
-                    model(ids[:, :59], past_key_values=cache)
-                    steps = [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(59, 66)]
+                    model(ids[:, :59], **cache_kwargs(model, cache))
+                    steps = [model(ids[:, t : t + 1], **cache_kwargs(model, cache)).logits for t in range(59, 66)]
                 logits.append(torch.cat(steps, 1))
                 cache.unbind()
             results.append(((logits[0] - logits[1]).abs().max().item(), sum(u is not None for u in used)))
@@ -327,7 +350,7 @@ def test_cuda_kernel_path_and_generate(hidden):
     plain = model.generate(ids, max_new_tokens=16, do_sample=False)
     for source in (make_method("fp16", pre_rope=True), make_method("kivi", bits=4, residual=0, group=32)):
         cache = load_cache(source, model, batch_size=2)
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=16, do_sample=False)
+        out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=16, do_sample=False)
         cache.unbind()
         assert out.shape == plain.shape
         if source.name == "fp16":

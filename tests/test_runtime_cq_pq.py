@@ -20,7 +20,7 @@ from kvq_cli import load_cache  # noqa: E402
 from kvq_cli.accounting import cache_bits  # noqa: E402
 from kvq_cli.calibration.capture import capture  # noqa: E402
 from kvq_cli.errors import KvqError  # noqa: E402
-from kvq_cli.hf_attention import geometry_from_config  # noqa: E402
+from kvq_cli.hf_attention import cache_kwargs, geometry_from_config  # noqa: E402
 from kvq_cli.methods import make_method  # noqa: E402
 from kvq_cli.perplexity import Configuration, evaluate  # noqa: E402
 from kvq_cli.runtime.stream import streaming_logits  # noqa: E402
@@ -49,7 +49,7 @@ _FITTED: dict = {}
 def _feed(model, cache, ids, chunk):
     with torch.no_grad():
         for s in range(0, ids.shape[1], chunk):
-            model(ids[:, s : s + chunk], past_key_values=cache, use_cache=True)
+            model(ids[:, s : s + chunk], **cache_kwargs(model, cache), use_cache=True)
 
 
 SPECS = [("cq", {"channels": 4, "bits": 8}), ("cq", {"channels": 2, "bits": 4, "outliers": 0.05}),
@@ -67,7 +67,7 @@ def test_generate(arch, name, opts):
     ids = _ids(2, 13)
     cache = load_cache((method, states), model, batch_size=2)
     try:
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=10, do_sample=False)
+        out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=10, do_sample=False)
     finally:
         cache.unbind()
     assert out.shape == (2, 23) and cache.get_seq_length() == 22
@@ -96,7 +96,7 @@ def test_storage_is_bit_packed_and_decodes_as_the_method(name, opts):
 
     plain = DynamicCache()
     with torch.no_grad():
-        model(ids, past_key_values=plain, use_cache=True)
+        model(ids, **cache_kwargs(model, plain), use_cache=True)
     v = plain.layers[0].values  # (1, H, 40, D)
     s = method.sink
     want = method.fake_quant_values(v[:, :, s : s + packed.n], states[0])
@@ -225,7 +225,7 @@ def kernel_vs_reference(device: str) -> dict[str, tuple[bool, float, int]]:
                 for layer in cache.layers:
                     layer.use_kernel = use
                 with torch.no_grad():
-                    out = model.generate(ids, past_key_values=cache, max_new_tokens=5, do_sample=False,
+                    out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=5, do_sample=False,
                                          output_logits=True, return_dict_in_generate=True)
                 cache.unbind()
                 outs.append((out.sequences, torch.stack(out.logits)))

@@ -7,7 +7,8 @@ modules then attend over the packed cache (``attention.packed_attention``). Keys
 captured by a forward hook on ``pre_rope_module(attn)`` and rotated at attention time at their own
 position with the model's rotary embedding.
 
-Usage: ``cache = kvq_cli.load_cache(artifact, model)``, then ``model.generate(ids, past_key_values=cache)``.
+Usage: ``cache = kvq_cli.load_cache(artifact, model)``, then ``model.generate(ids, cache=cache)``
+(``past_key_values=cache`` with transformers < 5.24; ``hf_attention.cache_kwargs`` picks the name).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..hf_attention import (
     _register,
     attention_layers,
     geometry_from_config,
+    passed_cache,
     pre_rope_module,
     split_heads,
     text_config,
@@ -237,7 +239,7 @@ class KVQCache(Cache):
 
     def _check_inputs(self, _model, args, kwargs) -> None:
         """Forward pre-hook: refuse padded batches (the registered attention gets no mask from transformers)."""
-        if kwargs.get("past_key_values") is not self:
+        if passed_cache(kwargs) is not self:  # under either name (``cache`` / ``past_key_values``)
             return
         mask = kwargs.get("attention_mask")
         if isinstance(mask, Tensor) and mask.dim() == 2 and not bool(mask.bool().all()):
@@ -285,9 +287,10 @@ def _method_and_states(source, geom) -> tuple[KVMethod, list[State] | None]:
 def load_cache(artifact_or_path, model: nn.Module, batch_size: int = 1, max_tokens: int | None = None,
                block: int = DEFAULT_BLOCK, full_chunk: bool = True) -> KVQCache:
     """A packed cache for ``model`` from an artifact (path or ``Artifact``), a tuning-free ``KVMethod`` or a
-    ``(method, states)`` pair, bound to the model: pass it as ``past_key_values`` to ``model(...)`` or
-    ``model.generate(...)``. Refuses (``KvqError``) models without full causal attention and RoPE where
-    needed, padded batches (at the first forward) and head sizes the bit packing cannot hold.
+    ``(method, states)`` pair, bound to the model: pass it as ``cache`` (``past_key_values`` before transformers
+    5.24) to ``model(...)`` or ``model.generate(...)``. Refuses (``KvqError``) models without full causal
+    attention and RoPE where needed, padded batches (at the first forward) and head sizes the bit packing
+    cannot hold.
 
     ``max_tokens`` preallocates (and caps) every buffer; ``block``: tokens dequantized at once by attention.
     ``full_chunk``: a prefill chunk attends to its own keys and values in full precision (as generation does;

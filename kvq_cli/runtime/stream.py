@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import KvqError
+from ..hf_attention import cache_kwargs
 from ..methods.base import KVMethod, State
 from .cache import load_cache
 
@@ -23,7 +24,7 @@ def streaming_logits(model: nn.Module, ids: Tensor, method: KVMethod, states: li
     b, t = ids.shape
     cache = load_cache((method, states), model, batch_size=b, max_tokens=t, full_chunk=full_chunk)
     try:
-        logits = [model(ids[:, s : s + chunk], past_key_values=cache, use_cache=True).logits
+        logits = [model(ids[:, s : s + chunk], **cache_kwargs(model, cache), use_cache=True).logits
                   for s in range(0, t, chunk)]  # each (B, chunk, V)
     finally:
         cache.unbind()
