@@ -275,6 +275,11 @@ def generate(
         if hasattr(cache, "unbind"):
             cache.unbind()
     text = shown[0] if tokenizer is not None else " ".join(map(str, out["new_ids"]))
+    steps = cache.decode_steps() if hasattr(cache, "decode_steps") else {
+        "kernel_steps": None, "reference_steps": None, "reference_reason": None}  # the 16-bit baseline
+    if steps["reference_steps"]:
+        notes.append(f"{steps['reference_steps']:,} of {steps['reference_steps'] + steps['kernel_steps']:,} decode "
+                     f"layer-steps ran the PyTorch reference path: {steps['reference_reason']}")
     cache_bytes = _cache_bytes(cache)
     elements = 2 * shape.layers * shape.kv_heads * shape.head_dim * (n + out["decode_steps"])
     result = {
@@ -297,6 +302,7 @@ def generate(
         "budget_bytes": budget * gpus,
         "gpus": gpus,
         "chunk": chunk,
+        **steps,
         "notes": notes,
     }
     if prompt.passkey is not None:

@@ -110,6 +110,12 @@ def generation_table(r: dict[str, Any]) -> Table:
         ("cache", f"{r['cache_bytes'] / gib:.3f} GiB, {r['avg_bits']:.2f} bits/element "
                   f"(estimated {r['estimated_kv_bytes'] / gib:.3f} GiB)"),
     ]
+    if r.get("kernel_steps") is not None:
+        ref = r["reference_steps"]
+        why = f": {r['reference_reason']}" if ref and r.get("reference_reason") else ""
+        rows.append(("decode attention", f"{r['kernel_steps']:,} layer-steps Triton, "
+                                         f"{'[yellow]' if ref else ''}{ref:,} PyTorch reference{why}"
+                                         f"{'[/]' if ref else ''}"))
     if "passkey" in r:
         verdict = "[green]correct[/]" if r["passkey_correct"] else "[red]wrong[/]"
         rows.append(("pass key", f"{r['passkey']} -> {r['passkey_answer']} {verdict}"))

@@ -81,6 +81,8 @@ class KVQLayer(CacheLayerMixin):
         self.use_kernel: bool | None = None
         self.attn: nn.Module | None = None
         self.pre_rope_key: Tensor | None = None  # set by the bound forward hook
+        #: single-token decode attentions served by the Triton kernels / by the PyTorch reference path
+        self.kernel_steps = self.reference_steps = 0
         self.reset()
 
     # ---- the transformers layer interface ------------------------------------------------------
@@ -177,7 +179,9 @@ class KVQLayer(CacheLayerMixin):
         if use and tq == 1:
             out = kernel_decode(self, query, scaling)
             if out is not None:
+                self.kernel_steps += 1
                 return out
+        self.reference_steps += tq == 1
         state, outs = self.state(), []
         hist = self.length - tq  # positions before the chunk
         full = chunk is not None and tq > 1 and self.full_chunk
@@ -266,6 +270,18 @@ class KVQCache(Cache):
         int32 count per group of tokens), fp16 sink and residual tokens and the per-layer state.
         ``allocated``: the buffers' capacity instead of their filled part."""
         return sum(layer.nbytes(allocated) for layer in self.layers)
+
+    def decode_steps(self) -> dict:
+        """Layer-steps of single-token decoding so far: ``{"kernel_steps", "reference_steps", "reference_reason"}``
+        (the Triton kernels against the PyTorch reference; the reason names what the kernels cannot express,
+        None when nothing went to the reference or the kernels were switched off)."""
+        from .kernel_path import reference_reason
+
+        ref = sum(layer.reference_steps for layer in self.layers)
+        reason = next((r for layer in self.layers if layer.reference_steps for r in [reference_reason(layer)] if r),
+                      None)
+        return {"kernel_steps": sum(layer.kernel_steps for layer in self.layers), "reference_steps": ref,
+                "reference_reason": reason}
 
     def avg_bits(self) -> float:
         """``8 * nbytes()`` per cached K/V element (the quantity ``kvq_cli.accounting.avg_bits`` estimates)."""

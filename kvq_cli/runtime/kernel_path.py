@@ -46,7 +46,7 @@ def _segments(ks: Stream, vs: Stream) -> dict | None:
 
 
 def _vq_cache(layer, seg: dict):
-    """A ``CQCache`` / ``PQCache`` viewing ``layer``'s buffers (codebooks as stored), or None."""
+    """``(CQCache / PQCache viewing layer's buffers (codebooks as stored), None)``, or ``(None, why not)``."""
     from kvq_kernels.vq_reference import CQCache, PQCache
 
     m, kf, vf = layer.method, layer.keys_stream.packed.fields, layer.values_stream.packed.fields
@@ -59,47 +59,61 @@ def _vq_cache(layer, seg: dict):
 
         msub = codes["ck"].shape[-3]
         d = msub * codes["ck"].shape[-1]
-        if getattr(m, "outliers", 0) > 0 or not supported(d, msub):
-            return None  # sparse per-token outliers: the reference path restores them
+        if getattr(m, "outliers", 0) > 0:
+            return None, "pq with sparse per-token outliers (the kernel has no outlier pass)"
+        if not supported(d, msub):
+            return None, f"pq with head_dim {d} and {msub} subspaces (the kernel needs powers of two, M >= 2)"
         order = rope_pair_order(d, codes["ck"].device) if getattr(m, "rope_pairs", False) else None
-        return PQCache(**codes, key_order=order)
+        return PQCache(**codes, key_order=order), None
     from kvq_kernels.cq_decode import supported
 
     d = codes["ck"].shape[1] * codes["ck"].shape[3]
-    if m.outliers > 0 or not supported(d, m.channels):
-        return None  # sparse per-token outliers over all heads: the reference path restores them
+    if m.outliers > 0:
+        return None, "cq with sparse per-token outliers (the kernel has no outlier pass)"
+    if not supported(d, m.channels):
+        return None, f"cq with head_dim {d} and {m.channels} channels (the kernel needs powers of two, D / c >= 2)"
     if not m.pre_rope:
-        return CQCache(**codes, pre_rope=False)
+        return CQCache(**codes, pre_rope=False), None
     rope = layer.rope.module if layer.rope is not None else None
     if rope is None or float(getattr(rope, "attention_scaling", 1.0)) != 1.0:
-        return None  # the kernel rotates with inv_freq only
-    return CQCache(**codes, pre_rope=True, rope_theta=layer.rope_theta, inv_freq=rope.inv_freq.float())
+        return None, "a RoPE with attention scaling (the kernels rotate with inv_freq only)"
+    return CQCache(**codes, pre_rope=True, rope_theta=layer.rope_theta, inv_freq=rope.inv_freq.float()), None
 
 
 def kernel_cache(layer):
     """A ``KVQuantCache`` / ``KIVICache`` / ``CQCache`` / ``PQCache`` viewing ``layer``'s buffers, or None where
-    the layout cannot hold it."""
+    the layout cannot hold it (``reference_reason`` says why)."""
+    return _kernel_cache(layer)[0]
+
+
+def _kernel_cache(layer):
+    """``(kernel cache, None)`` or ``(None, why the layout cannot hold the layer)``."""
     from kvq_kernels.reference import KIVICache, KVQuantCache
 
     m, ks, vs = layer.method, layer.keys_stream, layer.values_stream
+    if m.name not in ("kvquant", "kivi", "cq", "pq"):
+        return None, f"{m.name} (no Triton decode kernel for this method yet)"
     if ks.sink is None or "codes" not in ks.packed.fields or "codes" not in vs.packed.fields:
-        return None
+        return None, "nothing quantized yet (the whole context is in the fp16 sink / residual window)"
     seg = _segments(ks, vs)
+    if seg is None:
+        return None, "keys and values hold different counts or layouts (the sink is not full yet)"
     if m.name in ("cq", "pq"):
-        ok = seg is not None and _same_layout(ks.packed.fields["codes"].buf, vs.packed.fields["codes"].buf)
-        return _vq_cache(layer, seg) if ok else None
+        if not _same_layout(ks.packed.fields["codes"].buf, vs.packed.fields["codes"].buf):
+            return None, "key and value codes of different capacities"
+        return _vq_cache(layer, seg)
     kf, vf = ks.packed.fields, vs.packed.fields
-    if seg is None or not _same_layout(kf["codes"].buf, vf["codes"].buf, vf["scale"].buf, vf["zero"].buf):
-        return None
+    if not _same_layout(kf["codes"].buf, vf["codes"].buf, vf["scale"].buf, vf["zero"].buf):
+        return None, "key and value buffers of different capacities"
     b, h = kf["codes"].buf.shape[:2]
     if m.name == "kvquant":
         if not (m.per_channel and m.pre_rope) or layer.rope is None:
-            return None
+            return None, "kvquant with per-token or post-RoPE keys (the kernel takes per-channel pre-RoPE keys)"
         if any(layer.state16[name].dim() != 1 for name in ("key_codebook", "value_codebook")):
-            return None  # per-head codebooks (head_codebooks): the kernels take one codebook per layer
+            return None, "kvquant with per-head codebooks (the kernels take one codebook per layer)"
         rope = layer.rope.module
         if float(getattr(rope, "attention_scaling", 1.0)) != 1.0:
-            return None  # the kernels rotate with inv_freq only
+            return None, "a RoPE with attention scaling (the kernels rotate with inv_freq only)"
         state, cap = layer.state(), kf["codes"].buf.shape[2]
         no_idx = torch.empty(b, h, cap, 0, dtype=torch.int16, device=kf["codes"].buf.device)
         no_val = torch.empty(b, h, cap, 0, dtype=torch.float16, device=kf["codes"].buf.device)
@@ -108,12 +122,21 @@ def kernel_cache(layer):
             v_min=vf["zero"].buf.squeeze(-1), v_scale=vf["scale"].buf.squeeze(-1), v_oidx=no_idx, v_oval=no_val,
             lo=state["key_lo"], hi=state["key_hi"], ck=state["key_codebook"], cv=state["value_codebook"],
             bits_k=m.bits, bits_v=m.bits, rope_theta=layer.rope_theta, inv_freq=rope.inv_freq.float(),
-            k_sparse=ks.packed.outliers, v_sparse=vs.packed.outliers, **seg)
-    if m.name == "kivi" and m.group == 32:
-        return KIVICache(k_packed=kf["codes"].buf, k_scale=kf["scale"].buf, k_zero=kf["zero"].buf,
-                         v_packed=vf["codes"].buf, v_scale=vf["scale"].buf, v_zero=vf["zero"].buf, bits=m.bits,
-                         **seg)
-    return None
+            k_sparse=ks.packed.outliers, v_sparse=vs.packed.outliers, **seg), None
+    if m.group != 32:
+        return None, f"kivi with group {m.group} (the kernel takes key groups of 32)"
+    return KIVICache(k_packed=kf["codes"].buf, k_scale=kf["scale"].buf, k_zero=kf["zero"].buf,
+                     v_packed=vf["codes"].buf, v_scale=vf["scale"].buf, v_zero=vf["zero"].buf, bits=m.bits,
+                     **seg), None
+
+
+def reference_reason(layer) -> str | None:
+    """Why ``layer``'s decode goes (or would go) through the PyTorch reference path; None: the kernels serve it."""
+    use = layer.use_kernel if layer.use_kernel is not None else kernels_available(
+        getattr(layer, "device", None) or torch.device("cpu"), layer.method)
+    if not use:
+        return "Triton kernels off (--no-kernels, or no CUDA device: the kernels run on CUDA)"
+    return _kernel_cache(layer)[1]
 
 
 def kernels_available(device: torch.device, method=None) -> bool:
