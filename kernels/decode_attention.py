@@ -195,9 +195,10 @@ def split_plan(q: Tensor, rows: int, n_packed: int, block_n: int, num_splits: in
     return per, nsp, (mp, torch.empty_like(mp), ap)
 
 
-def _launch_plan(q: Tensor, cache, sm_scale, num_splits, block_n, num_warps, kivi: bool):
+def _launch_plan(q: Tensor, cache, sm_scale, num_splits, block_n, num_warps, kivi: bool, dyn: bool = False):
     """Shapes, the program layout (QPP query heads per program, MR padded rows, DOT), block sizes, the
-    split-K plan, partial-result buffers and the log2-domain score scale."""
+    split-K plan, partial-result buffers and the log2-domain score scale. ``dyn``: counts live on the device
+    (a graph-captured launch), so the plan is made for the buffers' capacity and the kernel splits the tokens."""
     b, h, tmax, _ = cache.k_packed.shape
     d = cache.head_dim
     g = check_query(q, h, d)
@@ -208,7 +209,8 @@ def _launch_plan(q: Tensor, cache, sm_scale, num_splits, block_n, num_warps, kiv
     qpp, mr = (g, max(16, next_pow2(g))) if dot else (1, 1)
     block_n, num_warps = _default_block(dot, d, kivi, block_n, num_warps)
     rows = b * h * (g // qpp)
-    per, nsp, (mp, lp, ap) = split_plan(q, rows, cache.n_packed, block_n, num_splits, PROGRAMS_PER_SM)
+    per, nsp, (mp, lp, ap) = split_plan(q, rows, tmax if dyn else cache.n_packed, block_n, num_splits,
+                                        PROGRAMS_PER_SM)
     scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
     prec = DOT_PRECISION if q.dtype == torch.float32 else DOT_PRECISION_16
     meta = dict(G=g, QPP=qpp, MR=mr, D=d, BLOCK_N=block_n, DOT=dot, PREC=prec, num_warps=num_warps,
@@ -290,9 +292,14 @@ def decode_attention_kvquant(q: Tensor, cache: KVQuantCache, sm_scale: float | N
 
 def decode_attention_kivi(q: Tensor, cache: KIVICache, sm_scale: float | None = None,
                           num_splits: int | None = None, block_n: int | None = None,
-                          num_warps: int | None = None) -> Tensor:
-    """Decode attention of post-RoPE ``q (B, H*G, D)`` over a ``KIVICache`` -> ``(B, H*G, D)`` in q's dtype."""
-    grid, per, nsp, mp, lp, ap, scale, meta = _launch_plan(q, cache, sm_scale, num_splits, block_n, num_warps, True)
+                          num_warps: int | None = None, lens: Tensor | None = None) -> Tensor:
+    """Decode attention of post-RoPE ``q (B, H*G, D)`` over a ``KIVICache`` -> ``(B, H*G, D)`` in q's dtype.
+
+    ``lens``: int32 ``[n_packed, n_res]`` on the device, read by the kernel instead of the cache's counts (one
+    launch, captured once in a CUDA graph, stays right as the cache grows; its split plan covers the capacity)."""
+    dyn = lens is not None
+    grid, per, nsp, mp, lp, ap, scale, meta = _launch_plan(q, cache, sm_scale, num_splits, block_n, num_warps, True,
+                                                           dyn)
     sk, rk = cache.sink_k, cache.res_k
     _kivi_split_kernel[grid](
         q, q.stride(0), q.stride(1),
@@ -300,8 +307,8 @@ def decode_attention_kivi(q: Tensor, cache: KIVICache, sm_scale: float | None = 
         sk, cache.sink_v, rk, cache.res_v, sk.stride(0), sk.stride(1), rk.stride(0), rk.stride(1),
         mp, lp, ap,
         cache.k_packed.shape[1], cache.k_packed.shape[2], cache.k_scale.shape[2], cache.n_packed, cache.n_sink,
-        cache.n_res, per, nsp, scale,
-        BITS=cache.bits, KG=KIVI_KEY_GROUP, VG=value_group(cache.head_dim), **meta,
+        cache.n_res, per, nsp, scale, lens if dyn else q,  # (q: a placeholder the kernel does not read)
+        BITS=cache.bits, KG=KIVI_KEY_GROUP, VG=value_group(cache.head_dim), DYN=dyn, **meta,
     )
     return _finish(q, nsp, mp, lp, ap)
 

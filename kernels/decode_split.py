@@ -381,12 +381,16 @@ def _kivi_split_kernel(
     KP, KS, KZ, VP, VS, VZ,
     SK, SV, RK, RV, ssb, ssh, srb, srh,
     MP, LP, AP,
-    H, Tmax, NGmax, n_packed, n_sink, n_res, tokens_per_split, NSP, qk_scale,
+    H, Tmax, NGmax, n_packed, n_sink, n_res, tokens_per_split, NSP, qk_scale, LENS,
     G: tl.constexpr, QPP: tl.constexpr, MR: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, KG: tl.constexpr,
     VG: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, PLAIN: tl.constexpr = False,
+    DYN: tl.constexpr = False,
 ):
     """As the kvquant kernel; ``BLOCK_N`` divides the key group ``KG``, so a block has one key scale/zero row:
-    scores are ``q . z + (q * s) . codes``."""
+    scores are ``q . z + (q * s) . codes``. ``DYN``: the packed and residual counts are read from ``LENS``
+    (int32 ``[n_packed, n_res]`` on the device) and the packed tokens split evenly over the ``NSP - 1`` splits
+    here, so a launch captured in a CUDA graph stays right as the cache grows (``n_packed``, ``n_res`` and
+    ``tokens_per_split`` are then ignored)."""
     HALF: tl.constexpr = D // 2
     NB: tl.constexpr = D * BITS // 8
     NVG: tl.constexpr = D // VG
@@ -395,8 +399,16 @@ def _kivi_split_kernel(
     cg = tl.arange(0, NVG)
     q1, q2 = _load_query(Q, sqb, sqh, b, hq0, qk_scale, QPP, MR, D)
     m, l, pm, acc1, acc2 = _init_state(MR, BLOCK_N, HALF, NVG, DOT)
-    start = sp * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, n_packed)
+    if DYN:
+        npk = tl.load(LENS).to(tl.int32)
+        nrs = tl.load(LENS + 1).to(tl.int32)
+        per = tl.cdiv(tl.cdiv(npk, BLOCK_N), NSP - 1) * BLOCK_N
+    else:
+        npk = n_packed
+        nrs = n_res
+        per = tokens_per_split
+    start = sp * per
+    end = tl.minimum(start + per, npk)
     bh = (b * H + h).to(tl.int64)
     for t0 in range(start, end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
@@ -432,7 +444,7 @@ def _kivi_split_kernel(
             acc2 += _group_tile(VS, row, valid, p, 1, HALF, VG, NVG) * d2
     last = sp == NSP - 1
     n_s = tl.where(last, n_sink, 0)
-    n_r = tl.where(last, n_res, 0)
+    n_r = tl.where(last, nrs, 0)
     m, l, pm, acc1, acc2 = _fp16_segment(q1, q2, SK, SV, b.to(tl.int64) * ssb + h * ssh, n_s, 0, Q, 0, q1, q1,
                                          m, l, pm, acc1, acc2, False, D, BLOCK_N, DOT, PREC)
     m, l, pm, acc1, acc2 = _fp16_segment(q1, q2, RK, RV, b.to(tl.int64) * srb + h * srh, n_r, 0, Q, 0, q1, q1,

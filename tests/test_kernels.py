@@ -273,6 +273,22 @@ def test_decode_attention_kivi(bits, gqa):
     assert _rel(got, want) < ATTN_RTOL
 
 
+@pytest.mark.parametrize("gqa", [1, 4])
+def test_decode_attention_kivi_device_counts(gqa):
+    """Counts read from the device (``lens``, the graph-captured launch): one launch plan made for the capacity
+    gives the reference's attention at every fill, including an empty packed segment and a fill that is not a
+    multiple of the block."""
+    gen = _gen(95 + gqa)
+    d, tmax = 32, 96
+    q = _randn(gen, B, H * gqa, d)
+    for t, n_res in ((0, 3), (13, 1), (45, 5), (96, 16)):
+        c = _kivi_cache(gen, d, 2, t=t, n_sink=2, n_res=n_res, tmax=tmax)
+        lens = torch.tensor([t, n_res], dtype=torch.int32, device=DEV)
+        stale = ref.KIVICache(**{**c.__dict__, "n_packed": 7, "n_res": 0})  # host counts the kernel must ignore
+        got = decode_attention_kivi(q, stale, block_n=16, lens=lens)
+        assert _rel(got, ref.decode_attention_kivi_ref(q, c)) < ATTN_RTOL
+
+
 def test_decode_attention_edge_segments():
     """Only fp16 tokens (nothing packed yet), and only packed tokens (no sink, no residual)."""
     gen = _gen(90)
