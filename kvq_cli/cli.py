@@ -353,7 +353,7 @@ def generate(
     method: Annotated[
         str | None,
         typer.Option("--method", help="A tuning-free configuration instead of --artifact: kivi2, int4, fp16, ... "
-                     "Neither: the 16-bit DynamicCache baseline."),
+                     "Neither: the 16-bit baseline (StaticCache with CUDA graphs, else DynamicCache)."),
     ] = None,
     prompt_file: Annotated[str | None, typer.Option("--prompt-file", "-f", help="Prompt text file.")] = None,
     haystack: Annotated[
@@ -376,6 +376,14 @@ def generate(
     kernels: Annotated[
         bool | None, typer.Option("--kernels/--no-kernels", help="Triton decode kernels (default: on CUDA).")
     ] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy (the default).")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = all).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Sample among the most likely tokens up to this probability.")] = 1.0,
+    graphs: Annotated[
+        bool | None,
+        typer.Option("--graphs/--no-graphs", help="Capture the decode step once as a CUDA graph and replay it per "
+                     "token (default: on one CUDA device)."),
+    ] = None,
     device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None,
     dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), float32, "
@@ -385,8 +393,11 @@ def generate(
     """Generate from a long prompt through the packed quantized cache, with a memory pre-flight and a summary.
 
     The prompt is prefilled --chunk tokens at a time (history dequantized block by block, never whole), then
-    decoded greedily; the summary gives prefill and decode tokens/s, peak memory, cache bytes and average bits
-    beside estimate-memory's prediction. --model random:<preset> (e.g. random:llama-3.2-1b) runs a model of
+    decoded (greedy, or sampled with --temperature/--top-k/--top-p and --seed), on CUDA one CUDA-graph replay
+    per token where the cache allows it; the 16-bit baseline (no --artifact/--method) is then transformers'
+    StaticCache under the same engine. The summary gives time to first token, decode tokens/s, how many decode
+    layer-steps the Triton kernels served, peak memory, cache bytes and average bits beside estimate-memory's
+    prediction. --model random:<preset> (e.g. random:llama-3.2-1b) runs a model of
     that shape with random weights on random token ids.
 
     Example: kvq generate --method kivi4 --haystack --context 4K --depth 0.25 --data-dir ../shared/data
@@ -401,6 +412,7 @@ def generate(
             model=model, artifact=artifact, method=spec, prompt_file=prompt_file, haystack=haystack,
             context=context, depth=depth, max_new_tokens=max_new_tokens, chunk=chunk, seed=seed, device=device,
             dtype=dtype, data_dir=data_dir, filler=filler, use_kernels=kernels, device_map=device_map,
+            temperature=temperature, top_k=top_k, top_p=top_p, graphs=graphs,
             progress=progress_factory(progress, stop_when_done=True),
             on_text=(lambda piece: console.print(piece, end="", highlight=False, markup=False)) if streaming
             else (lambda piece: None),

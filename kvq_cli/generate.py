@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from . import memory
 from .errors import KvqError
-from .hf_attention import cache_kwargs
 from .presets import ModelShape
 
 
@@ -76,54 +75,63 @@ def peak_memory(device: torch.device, gpus: int = 1) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-@torch.inference_mode()
-def greedy_steps(net: nn.Module, cache, ids: Tensor, chunk: int, advance: Callable[[int], None] = lambda n: None):
-    """Prefill ``ids (B, N)`` ``chunk`` tokens at a time into ``cache``, then decode greedily: yields each new
-    token ``(B,)`` (the first from the prefill's logits), feeding it back when the next one is asked for.
-    ``advance(n)`` after each prefill chunk."""
-    logits = None
-    for s in range(0, ids.shape[1], chunk):
-        e = min(s + chunk, ids.shape[1])
-        logits = net(input_ids=ids[:, s:e], **cache_kwargs(net, cache), use_cache=True, logits_to_keep=1).logits
-        advance(e - s)
+def greedy_steps(net: nn.Module, cache, ids: Tensor, chunk: int, advance: Callable[[int], None] = lambda n: None,
+                 sampler=None, graphs: bool | None = False):
+    """Prefill ``ids (B, N)`` ``chunk`` tokens at a time into ``cache``, then decode (``engine.Decoder``; greedy
+    unless ``sampler``): yields each new token ``(B,)`` (the first from the prefill's logits), feeding it back
+    when the next one is asked for. ``advance(n)`` after each prefill chunk."""
+    from .engine import Decoder
+
+    decoder = Decoder(net, cache, sampler, graphs)
+    token = decoder.prefill(ids, chunk, advance)
     while True:
-        token = logits[:, -1].argmax(-1)  # (B,)
         yield token
-        logits = net(input_ids=token[:, None], **cache_kwargs(net, cache), use_cache=True, logits_to_keep=1).logits
+        token = decoder.step(token)
 
 
 def run(net: nn.Module, cache, ids: Tensor, max_new_tokens: int, chunk: int, eos: set[int],
-        advance: Callable[[int], None] = lambda n: None, on_token: Callable[[int], None] = lambda t: None
-        ) -> dict[str, Any]:
-    """Prefill ``ids (1, N)`` ``chunk`` tokens at a time into ``cache`` (a ``KVQCache`` or a transformers
-    ``DynamicCache``), then decode greedily up to ``max_new_tokens`` (stopping at an ``eos`` id).
+        advance: Callable[[int], None] = lambda n: None, on_token: Callable[[int], None] = lambda t: None,
+        sampler=None, graphs: bool | None = None) -> dict[str, Any]:
+    """Prefill ``ids (1, N)`` ``chunk`` tokens at a time into ``cache`` (a ``KVQCache`` or a transformers cache),
+    then decode up to ``max_new_tokens`` (stopping at an ``eos`` id) through ``engine.Decoder`` (``graphs``: a
+    CUDA-graph step, None: where possible; ``sampler``: greedy by default).
 
     ``advance(n)`` after each prefill chunk, ``on_token(id)`` after each new token. Returns the new token ids
-    and timings (prefill and decode separately; the first new token comes from the prefill's logits)."""
+    and timings: the prefill (which gives the first token), the first decode step apart (it captures the
+    graph and compiles kernels on a cold start) and the steady decode rate of the steps after it."""
+    from .engine import Decoder
+
     device = ids.device
     n = ids.shape[1]
-    steps_iter = greedy_steps(net, cache, ids, chunk, advance)
+    decoder = Decoder(net, cache, sampler, graphs)
     _sync(device)
     start = time.perf_counter()
-    token = int(next(steps_iter)[0])
+    token = decoder.prefill(ids, chunk, advance)
+    new = [int(token[0])]
     prefill_s = time.perf_counter() - start
-    new = [token]
-    on_token(token)
+    on_token(new[0])
+    first_step_s, steady_start = None, None
     start = time.perf_counter()
-    steps = 0
-    while len(new) < max_new_tokens and token not in eos:
-        token = int(next(steps_iter)[0])  # the sync that makes the step's time real
-        new.append(token)
-        steps += 1
-        on_token(token)
-    decode_s = time.perf_counter() - start
+    while len(new) < max_new_tokens and new[-1] not in eos:
+        token = decoder.step(token)
+        new.append(int(token[0]))  # the sync that makes the step's time real
+        if first_step_s is None:
+            first_step_s = time.perf_counter() - start
+            steady_start = time.perf_counter()
+        on_token(new[-1])
+    end = time.perf_counter()
+    steps = len(new) - 1
+    steady = steps - 1
     return {
         "new_ids": new,
         "prefill_seconds": prefill_s,
-        "decode_seconds": decode_s,
+        "decode_seconds": end - start,
         "decode_steps": steps,
+        "first_step_seconds": first_step_s,
         "prefill_tokens_per_s": n / prefill_s if prefill_s > 0 else float("inf"),
-        "decode_tokens_per_s": steps / decode_s if steps and decode_s > 0 else None,
+        "decode_tokens_per_s": steady / (end - steady_start) if steady > 0 and end > steady_start else None,
+        "graph_steps": decoder.stats["graph_steps"],
+        "eager_steps": decoder.stats["eager_steps"],
     }
 
 
@@ -202,13 +210,20 @@ def generate(
     filler: str = "war-and-peace",
     use_kernels: bool | None = None,
     device_map: str | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    graphs: bool | None = None,
     progress=None,
     on_text: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """Prefill a prompt through the packed cache of ``artifact`` (or the tuning-free ``method``; neither: the
-    16-bit ``DynamicCache`` baseline) in chunks, then generate greedily; returns the summary ``kvq generate
-    --json`` prints. ``use_kernels``: the Triton decode path (None: on CUDA where exact)."""
+    16-bit baseline: a ``StaticCache`` under the same CUDA-graph engine, a ``DynamicCache`` without graphs) in
+    chunks, then generate (greedy, or sampled with ``temperature`` / ``top_k`` / ``top_p``, seeded by ``seed``);
+    returns the summary ``kvq generate --json`` prints. ``use_kernels``: the Triton decode path (None: on CUDA
+    where exact); ``graphs``: the decode step as a CUDA graph (None: on one CUDA device)."""
     from .api import load_net, resolve_device, resolve_dtype
+    from .engine import Sampler, static_cache
     from .hf_attention import geometry_from_config
     from .models import load_config, resolve_model
     from .presets import shape_from_config
@@ -216,6 +231,7 @@ def generate(
 
     if max_new_tokens < 1 or chunk < 1:
         raise KvqError("--max-new-tokens and --chunk must be at least 1")
+    sampler = Sampler(temperature, top_k, top_p)
     if artifact and method is not None:
         raise KvqError("give --artifact or --method, not both")
     if haystack and prompt_file:
@@ -248,7 +264,12 @@ def generate(
     for i in range(gpus if dev.type == "cuda" else 0):
         torch.cuda.reset_peak_memory_stats(i if gpus > 1 else dev)
     net, first = load_net(source, dtype, device, device_map)
-    if method is None:
+    graphs = graphs if graphs is not None else (dev.type == "cuda" and gpus == 1 and not device_map)
+    if graphs and (dev.type != "cuda" or device_map):
+        raise KvqError("--graphs needs one CUDA device (no --device-map)")
+    if method is None and graphs:
+        cache = static_cache(net, 1, n + max_new_tokens)
+    elif method is None:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=net.config)
@@ -269,14 +290,20 @@ def generate(
 
     advance = progress("prefill", n, 0) if progress else (lambda k: None)
     try:
+        torch.manual_seed(seed)  # the sampler's random numbers (greedy uses none)
         out = run(net, cache, prompt.ids.to(first), max_new_tokens, chunk, _eos_ids(net, tokenizer), advance,
-                  on_token)
+                  on_token, sampler, None if method is not None and graphs else graphs)
     finally:
         if hasattr(cache, "unbind"):
             cache.unbind()
     text = shown[0] if tokenizer is not None else " ".join(map(str, out["new_ids"]))
     steps = cache.decode_steps() if hasattr(cache, "decode_steps") else {
         "kernel_steps": None, "reference_steps": None, "reference_reason": None}  # the 16-bit baseline
+    if graphs and out["eager_steps"] and method is not None:
+        why = ("its new tokens are quantized on arrival (graph steps: kivi with key group 32 today)"
+               if not cache.capturable() else "KIVI's group flushes run eagerly (one step in a group)")
+        notes.append(f"{out['eager_steps']:,} of {out['decode_steps']:,} decode steps ran eagerly, not as a CUDA "
+                     f"graph replay: {why}")
     if steps["reference_steps"]:
         notes.append(f"{steps['reference_steps']:,} of {steps['reference_steps'] + steps['kernel_steps']:,} decode "
                      f"layer-steps ran the PyTorch reference path: {steps['reference_reason']}")
@@ -284,7 +311,7 @@ def generate(
     elements = 2 * shape.layers * shape.kv_heads * shape.head_dim * (n + out["decode_steps"])
     result = {
         "model": source.name,
-        "configuration": entry.name,
+        "configuration": "fp16 (StaticCache)" if method is None and graphs else entry.name,
         "device": where,
         "dtype": dtype,
         "prompt_tokens": n,
@@ -293,7 +320,13 @@ def generate(
         "prefill_tokens_per_s": out["prefill_tokens_per_s"],
         "decode_tokens_per_s": out["decode_tokens_per_s"],
         "prefill_seconds": out["prefill_seconds"],
+        "time_to_first_token_s": out["prefill_seconds"],
+        "first_step_seconds": out["first_step_seconds"],
         "decode_seconds": out["decode_seconds"],
+        "graph_steps": out["graph_steps"],
+        "eager_steps": out["eager_steps"],
+        "sampling": "greedy" if sampler.greedy else {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+                                                       "seed": seed},
         "peak_memory_bytes": peak_memory(dev, gpus),
         "cache_bytes": cache_bytes,
         "avg_bits": 8 * cache_bytes / elements,

@@ -104,8 +104,10 @@ def generation_table(r: dict[str, Any]) -> Table:
     decode = r["decode_tokens_per_s"]
     rows = [
         ("prompt tokens", f"{r['prompt_tokens']:,}"),
-        ("prefill", f"{r['prefill_tokens_per_s']:,.0f} tokens/s ({r['prefill_seconds']:.1f} s)"),
-        ("decode", "n/a (one token)" if decode is None else f"{decode:,.2f} tokens/s ({r['new_tokens']} tokens)"),
+        ("prefill", f"{r['prefill_tokens_per_s']:,.0f} tokens/s ({r['prefill_seconds']:.2f} s to the first token)"),
+        ("decode", "n/a (one token)" if decode is None else f"{decode:,.2f} tokens/s ({r['new_tokens']} tokens; "
+                   f"first step {r['first_step_seconds']:.2f} s)"),
+        ("decode engine", f"{r['graph_steps']:,} CUDA-graph replays, {r['eager_steps']:,} eager steps"),
         ("peak memory", f"{r['peak_memory_bytes'] / gib:.2f} GiB (estimated {r['estimated_bytes'] / gib:.2f} GiB)"),
         ("cache", f"{r['cache_bytes'] / gib:.3f} GiB, {r['avg_bits']:.2f} bits/element "
                   f"(estimated {r['estimated_kv_bytes'] / gib:.3f} GiB)"),

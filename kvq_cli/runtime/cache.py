@@ -83,6 +83,9 @@ class KVQLayer(CacheLayerMixin):
         self.pre_rope_key: Tensor | None = None  # set by the bound forward hook
         #: single-token decode attentions served by the Triton kernels / by the PyTorch reference path
         self.kernel_steps = self.reference_steps = 0
+        #: a CUDA-graph decode step (``engine.Decoder``): counts in ``lens`` (int64 ``[n_packed, n_res, slot]``)
+        self.captured = False
+        self.lens: Tensor | None = None
         self.reset()
 
     # ---- the transformers layer interface ------------------------------------------------------
@@ -102,6 +105,12 @@ class KVQLayer(CacheLayerMixin):
                            "runs full attention only")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.captured:  # a graph step: the token goes to the residual window's slot, counted on the device
+            slot = self.lens[2:3]
+            self.keys_stream.residual.buf.index_copy_(2, slot, key_states.to(torch.float16))
+            self.values_stream.residual.buf.index_copy_(2, slot, value_states.to(torch.float16))
+            self.pending = key_states.shape[2]
+            return key_states, value_states
         keys = key_states
         if self.method.keys_pre_rope:
             if self.pre_rope_key is None:
@@ -179,8 +188,10 @@ class KVQLayer(CacheLayerMixin):
         if use and tq == 1:
             out = kernel_decode(self, query, scaling)
             if out is not None:
-                self.kernel_steps += 1
+                self.kernel_steps += not self.captured  # graph replays are counted by ``graph_step_done``
                 return out
+            if self.captured:
+                raise KvqError("a CUDA-graph decode step reached the reference path (a kvq bug: please report)")
         self.reference_steps += tq == 1
         state, outs = self.state(), []
         hist = self.length - tq  # positions before the chunk
@@ -206,6 +217,38 @@ class KVQLayer(CacheLayerMixin):
             outs.append(blockwise_attention(query[:, :, s:e], read, end, scaling, bounds))  # (B, Hq, e - s, D)
         return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
 
+    # ---- CUDA-graph decode steps (``engine.Decoder``) ----------------------------------------------
+    def graph_capable(self) -> bool:
+        """Whether this layer's decode steps can be captured: kivi with key group 32 (the Triton kernel reads
+        its counts from the device), fixed capacities (``max_tokens``), kernels not switched off."""
+        m = self.method
+        return (self.use_kernel is not False and m.name == "kivi" and m.group == 32 and self.max_tokens is not None
+                and m.residual >= 1 and not m.keys_pre_rope)
+
+    def graph_ready(self) -> bool:
+        """The next token only joins the residual window (no group leaves it) and the kernel layout holds."""
+        ks, vs = self.keys_stream, self.values_stream
+        return (ks.sink is not None and ks.sink.n == ks.sink_size and ks.residual.n < ks.window
+                and ks.residual.n == vs.residual.n and ks.packed.n == vs.packed.n
+                and "codes" in ks.packed.fields and "codes" in vs.packed.fields)
+
+    def fix_residual_capacity(self) -> None:
+        """Residual buffers at their final size (the window), so no later append moves them under a graph."""
+        for stream in (self.keys_stream, self.values_stream):
+            grow = stream.residual
+            want = max(16, 1 << (stream.window - 1).bit_length())
+            if grow.buf.shape[2] < want:
+                bigger = grow.buf.new_zeros(*grow.buf.shape[:2], want, *grow.buf.shape[3:])
+                bigger[:, :, : grow.n] = grow.buf[:, :, : grow.n]
+                grow.buf = bigger
+
+    def graph_step_done(self) -> None:
+        """After a replayed step: the host's counts catch up with what the graph did on the device."""
+        self.keys_stream.residual.n += 1
+        self.values_stream.residual.n += 1
+        self.length += 1
+        self.kernel_steps += 1
+
     def nbytes(self, allocated: bool = False) -> int:
         state = sum(t.numel() * t.element_size() for t in self.state16.values())
         return self.keys_stream.nbytes(allocated) + self.values_stream.nbytes(allocated) + state
@@ -220,6 +263,7 @@ class KVQCache(Cache):
         self._handles: list = []
         self._model: nn.Module | None = None
         self._previous_attn: str | None = None
+        self._lens: Tensor | None = None  # device counts of graph steps (``enter_graph_step``)
 
     def bind(self, model: nn.Module) -> KVQCache:
         """Route ``model``'s attention through this cache (and capture its pre-RoPE keys when needed)."""
@@ -270,6 +314,39 @@ class KVQCache(Cache):
         int32 count per group of tokens), fp16 sink and residual tokens and the per-layer state.
         ``allocated``: the buffers' capacity instead of their filled part."""
         return sum(layer.nbytes(allocated) for layer in self.layers)
+
+    # ---- CUDA-graph decode steps (``engine.Decoder``) ----------------------------------------------
+    def capturable(self) -> bool:
+        """Every layer on one CUDA device and able to run graph steps (``KVQLayer.graph_capable``)."""
+        devices = {layer.attn.k_proj.weight.device for layer in self.layers if layer.attn is not None}
+        return (len(devices) == 1 and next(iter(devices)).type == "cuda"
+                and all(layer.graph_capable() for layer in self.layers))
+
+    def graph_ready(self) -> bool:
+        """The next step can replay the graph (every layer ``graph_ready``; layers move in lockstep)."""
+        return all(layer.graph_ready() for layer in self.layers)
+
+    def enter_graph_step(self) -> None:
+        """Before a graph step (capture or replay): the device counts for it, the layers in graph mode."""
+        first = self.layers[0]
+        ks = first.keys_stream
+        counts = torch.tensor([ks.packed.n, ks.residual.n + 1, ks.residual.n], dtype=torch.int64)
+        if self._lens is None:
+            self._lens = torch.zeros(3, dtype=torch.int64, device=first.attn.k_proj.weight.device)
+            for layer in self.layers:
+                layer.fix_residual_capacity()
+        self._lens.copy_(counts, non_blocking=True)
+        for layer in self.layers:
+            layer.lens, layer.captured = self._lens, True
+
+    def leave_graph_step(self) -> None:
+        for layer in self.layers:
+            layer.captured = False
+
+    def graph_step_done(self) -> None:
+        self.leave_graph_step()
+        for layer in self.layers:
+            layer.graph_step_done()
 
     def decode_steps(self) -> dict:
         """Layer-steps of single-token decoding so far: ``{"kernel_steps", "reference_steps", "reference_reason"}``

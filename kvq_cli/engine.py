@@ -1,0 +1,177 @@
+"""The decode engine: a chunked prefill, then one decode step per token, captured once as a CUDA graph.
+
+``Decoder(net, cache, sampler)`` is what ``kvq generate``, the benches and library users decode through:
+
+* ``prefill(ids, chunk)`` runs the prompt ``chunk`` tokens at a time (eager: shapes vary) and returns the first
+  new token; ``step(token)`` returns the next one.
+* On CUDA (``graphs=None``: where possible) the step - embedding, every layer, the cache's append and decode
+  attention, the head and the sampler - is captured once with ``torch.cuda.graph`` and replayed per token.
+  Everything that changes from token to token lives in device tensors the graph reads (the token, its
+  position, the cache's counts); nothing is re-captured as the context grows.
+* The 16-bit baseline is transformers' ``StaticCache`` under the same capture (``static_cache``), with SDPA
+  held to its FlashAttention / memory-efficient kernels (cuDNN attention re-plans each call: ~2 ms of host
+  time a layer on the H200), so every ratio compares engine with engine.
+* A ``KVQCache`` replays the graph on the steps where every layer can (``KVQCache.graph_ready``: today kivi
+  with key group 32, whose new tokens land in the fp16 residual window) and runs the others eagerly: KIVI's
+  group flushes (one step in ``group``), and methods whose every token is quantized on arrival (kvquant, int,
+  nf, cq, pq). ``stats`` counts both.
+
+Sampling (``Sampler``) happens inside the step: greedy by default, else temperature, top-k and top-p with
+the Gumbel-max trick (graph-safe random numbers from the seeded CUDA generator).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .errors import KvqError
+from .hf_attention import cache_kwargs
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Next-token choice from logits ``(B, V)``: greedy when ``temperature == 0``, else the softmax of
+    ``logits / temperature`` restricted to the ``top_k`` most likely tokens (0: all) and to the smallest set
+    whose probability reaches ``top_p`` (1.0: all)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise KvqError("--temperature and --top-k must be >= 0 and --top-p in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        """``logits (B, V)`` -> token ids ``(B,)``; only device operations of fixed shapes (graph-safe)."""
+        if self.greedy:
+            return logits.argmax(-1)
+        x = logits.float() / self.temperature  # (B, V)
+        if self.top_k:
+            kth = torch.topk(x, min(self.top_k, x.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+            x = x.masked_fill(x < kth, -float("inf"))
+        if self.top_p < 1:
+            srt, idx = torch.sort(x, dim=-1, descending=True)  # (B, V)
+            p = torch.softmax(srt, -1)
+            drop = p.cumsum(-1) - p >= self.top_p  # keep the most likely tokens up to the first reaching top_p
+            x = x.scatter(-1, idx, srt.masked_fill(drop, -float("inf")))
+        gumbel = -torch.log(-torch.log(torch.rand_like(x).clamp_(1e-20, 1.0)))
+        return (x + gumbel).argmax(-1)
+
+
+def static_cache(net: nn.Module, batch: int, max_tokens: int):
+    """transformers' ``StaticCache`` for ``max_tokens`` positions (the 16-bit baseline of the engine)."""
+    from transformers import StaticCache
+
+    return StaticCache(config=net.config, max_cache_len=max_tokens, max_batch_size=batch)
+
+
+def _sdpa_context(device: torch.device):
+    """SDPA held to FlashAttention / memory-efficient kernels on CUDA (no cuDNN re-planning per call)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+
+
+class Decoder:
+    """Prefill and decode ``net`` through ``cache`` (a ``KVQCache``, a transformers ``StaticCache`` or
+    ``DynamicCache``). ``graphs``: capture the decode step as a CUDA graph (None: on CUDA, where the cache
+    allows it; never on the CPU)."""
+
+    def __init__(self, net: nn.Module, cache, sampler: Sampler | None = None, graphs: bool | None = None):
+        self.net, self.cache, self.sampler = net, cache, sampler or Sampler()
+        self.device = net.get_input_embeddings().weight.device
+        capturable = self.device.type == "cuda" and _capturable(cache, net)
+        if graphs and not capturable:
+            raise KvqError("CUDA graphs need a CUDA device, one GPU and a StaticCache or packed cache")
+        self.graphs = capturable if graphs is None else bool(graphs)
+        self.position = 0  # tokens in the cache
+        self.stats = {"graph_steps": 0, "eager_steps": 0}
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._token = self._pos = self._out = None
+
+    def _forward(self, ids: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Logits of the last position ``(B, V)``."""
+        with _sdpa_context(self.device):
+            out = self.net(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
+                           **cache_kwargs(self.net, self.cache))
+        return out.logits[:, -1]
+
+    @torch.inference_mode()
+    def prefill(self, ids: Tensor, chunk: int, advance: Callable[[int], None] = lambda n: None) -> Tensor:
+        """Feed ``ids (B, N)`` ``chunk`` tokens at a time; returns the first new token ``(B,)``."""
+        logits = None
+        for s in range(0, ids.shape[1], chunk):
+            e = min(s + chunk, ids.shape[1])
+            positions = torch.arange(self.position + s, self.position + e, device=ids.device)[None]
+            logits = self._forward(ids[:, s:e], positions)
+            advance(e - s)
+        self.position += ids.shape[1]
+        return self.sampler(logits)
+
+    @torch.inference_mode()
+    def step(self, token: Tensor) -> Tensor:
+        """Feed ``token (B,)`` at the next position; returns the next token ``(B,)``."""
+        ready = getattr(self.cache, "graph_ready", None)
+        if not self.graphs or (ready is not None and not ready()):
+            out = self._eager(token)
+        else:
+            out = self._replay(token)
+        self.position += 1
+        return out
+
+    def _eager(self, token: Tensor) -> Tensor:
+        self.stats["eager_steps"] += 1
+        pos = torch.full((token.shape[0], 1), self.position, device=token.device, dtype=torch.long)
+        return self.sampler(self._forward(token[:, None], pos))
+
+    def _replay(self, token: Tensor) -> Tensor:
+        cache = self.cache
+        enter = getattr(cache, "enter_graph_step", lambda: None)
+        enter()  # device counts for this step (a packed cache)
+        if self._graph is None:  # first graph step: a real warm-up step on a side stream, then the capture
+            self._token = token[:, None].clone()  # (B, 1) static inputs the graph reads
+            self._pos = torch.full_like(self._token, self.position)
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                out = self.sampler(self._forward(self._token, self._pos))
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            self._done()
+            enter()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._out = self.sampler(self._forward(self._token, self._pos))
+            getattr(cache, "leave_graph_step", lambda: None)()
+            self._graph = graph
+            return out.clone()
+        self._token.copy_(token[:, None])
+        self._pos.fill_(self.position)
+        self._graph.replay()
+        self._done()
+        return self._out.clone()
+
+    def _done(self) -> None:
+        self.stats["graph_steps"] += 1
+        getattr(self.cache, "graph_step_done", lambda: None)()
+
+
+def _capturable(cache, net: nn.Module) -> bool:
+    """A cache whose decode step can be captured: a ``StaticCache``, or a ``KVQCache`` on one device."""
+    from transformers import StaticCache
+
+    if isinstance(cache, StaticCache):
+        return True
+    capturable = getattr(cache, "capturable", None)
+    return bool(capturable and capturable())

@@ -1,0 +1,102 @@
+"""The decode engine (``kvq_cli.engine``): in-step sampling, the StaticCache baseline, and the graph step of the
+packed cache (its device-count semantics, run eagerly on the CPU: the capture itself needs CUDA)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first triton import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from conftest import tiny_model  # noqa: E402
+
+from kvq_cli import load_cache  # noqa: E402
+from kvq_cli.engine import Decoder, Sampler, static_cache  # noqa: E402
+from kvq_cli.errors import KvqError  # noqa: E402
+from kvq_cli.generate import run  # noqa: E402
+from kvq_cli.hf_attention import cache_kwargs  # noqa: E402
+from kvq_cli.methods import parse_spec  # noqa: E402
+
+
+def test_sampler_greedy_top_k_top_p():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=gen)
+    assert torch.equal(Sampler()(logits), logits.argmax(-1))
+    torch.manual_seed(1)
+    assert torch.equal(Sampler(temperature=1.0, top_k=1)(logits), logits.argmax(-1))
+    assert torch.equal(Sampler(temperature=1.0, top_p=1e-6)(logits), logits.argmax(-1))
+    top5 = logits.topk(5, -1).indices
+    draws = torch.stack([Sampler(temperature=2.0, top_k=5)(logits) for _ in range(200)], 1)  # (4, 200)
+    assert all(set(draws[i].tolist()) <= set(top5[i].tolist()) for i in range(4))
+    assert len(set(draws[0].tolist())) > 1  # it does sample
+    # top-p keeps the smallest most-likely set reaching p
+    p = torch.softmax(logits[:1], -1)[0]
+    order = p.argsort(descending=True)
+    keep = int((p[order].cumsum(0) < 0.5).sum()) + 1
+    draws = {int(Sampler(temperature=1.0, top_p=0.5)(logits[:1])[0]) for _ in range(300)}
+    assert draws <= set(order[:keep].tolist())
+    torch.manual_seed(3)
+    a = Sampler(temperature=0.7)(logits)
+    torch.manual_seed(3)
+    assert torch.equal(a, Sampler(temperature=0.7)(logits))  # seeded: reproducible
+    with pytest.raises(KvqError):
+        Sampler(temperature=-1.0)
+    with pytest.raises(KvqError):
+        Sampler(temperature=1.0, top_p=0.0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_static_cache_baseline_equals_dynamic(arch):
+    """The engine's 16-bit baseline (StaticCache) generates what the model's own greedy generate does."""
+    model = tiny_model(arch)
+    ids = torch.randint(0, 320, (1, 29), generator=torch.Generator().manual_seed(4))
+    out = run(model, static_cache(model, 1, 29 + 8), ids, max_new_tokens=8, chunk=10, eos=set())
+    plain = model.generate(ids, max_new_tokens=8, do_sample=False)[0, 29:].tolist()
+    assert out["new_ids"] == plain and out["eager_steps"] == 7 and out["graph_steps"] == 0
+
+
+def test_graph_step_semantics_equal_eager_kivi():
+    """What a captured kivi step does (token into the residual slot named by the device counts, the Triton
+    kernel reading those counts, the host's counts catching up afterwards) equals the eager step, across
+    KIVI's group flushes (which run eagerly)."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 320, (1, 70), generator=torch.Generator().manual_seed(6))
+    spec = parse_spec("kivi:bits=2,group=32,residual=40")
+    logits = []
+    for graph_mode in (False, True):
+        cache = load_cache(spec, model, max_tokens=120)
+        for layer in cache.layers:
+            layer.use_kernel = True
+        assert all(layer.graph_capable() for layer in cache.layers)
+        dec = Decoder(model, cache, graphs=False)
+        token = dec.prefill(ids, 32)
+        steps, graph_steps = [], 0
+        with torch.inference_mode():
+            for _ in range(40):
+                pos = torch.tensor([[dec.position]])
+                if graph_mode and cache.graph_ready():
+                    cache.enter_graph_step()
+                    out = model(input_ids=token[:, None], position_ids=pos, **cache_kwargs(model, cache)).logits
+                    cache.graph_step_done()
+                    graph_steps += 1
+                else:
+                    out = model(input_ids=token[:, None], position_ids=pos, **cache_kwargs(model, cache)).logits
+                dec.position += 1
+                token = out[:, -1].argmax(-1)
+                steps.append(out[:, -1])
+        cache.unbind()
+        if graph_mode:
+            assert 30 <= graph_steps < 40  # most steps replay; the flushes do not
+            assert cache.decode_steps()["reference_steps"] == 0
+            assert cache.layers[0].length == 70 + 40
+        logits.append(torch.stack(steps))
+    assert (logits[0] - logits[1]).abs().max().item() < 1e-4
+
+
+def test_graphs_refused_on_cpu():
+    model = tiny_model("llama")
+    with pytest.raises(KvqError, match="CUDA"):
+        Decoder(model, load_cache(parse_spec("kivi2"), model, max_tokens=64), graphs=True)
