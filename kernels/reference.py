@@ -49,6 +49,7 @@ position (HF rotate_half convention, ``inv_freq[i] = theta^(-2i/D)``).
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -98,21 +99,39 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     return torch.cat(out, -1).to(torch.uint8)
 
 
+#: Spreading one byte of a ``p``-bit plane into ``8 / p`` code bytes inside a machine word, a halving at a time:
+#: ``x = (x + (x << s)) & mask`` (as a multiply by ``1 + 2^s`` where the shifted copy cannot overlap, else an OR).
+#: Little-endian words, so the word's bytes read back in channel order.
+_SPREAD = {
+    4: (torch.int16, [(4, 0x0F0F)]),  # byte -> 2 nibbles
+    2: (torch.int32, [(12, 0x000F000F), (6, 0x03030303)]),  # byte -> 2 nibbles -> 4 2-bit fields
+    1: (torch.int64, [(28, 0x0000000F0000000F), (14, 0x0003000300030003), (7, 0x0101010101010101)]),
+}
+
+
 def unpack_codes(packed: Tensor, bits: int, head_dim: int) -> Tensor:
-    """Inverse of ``pack_codes``: ``uint8 (..., D*bits/8)`` -> ``uint8 (..., D)``."""
+    """Inverse of ``pack_codes``: ``uint8 (..., D*bits/8)`` -> ``uint8 (..., D)``.
+
+    Each plane's bytes are widened to words and their fields spread one per byte with a few whole-tensor
+    multiply/mask steps (``_SPREAD``), so the codes come out in channel order without a strided interleave (the
+    CPU reference path unpacks the whole history at every decode step)."""
     check_head_dim(head_dim, bits)
-    b = packed.to(torch.int32)
-    codes = torch.zeros(*b.shape[:-1], head_dim, dtype=torch.int32, device=b.device)
-    col, low = 0, 0
+    if sys.byteorder != "little":
+        raise RuntimeError("unpack_codes reads words as little-endian bytes")
+    lead = packed.shape[:-1]
+    codes, col, low = None, 0, 0
     for p in planes(bits):
-        n = 8 // p
-        w = head_dim // n
-        shifts = torch.arange(n, device=b.device, dtype=torch.int32) * p
-        part = (b[..., col : col + w, None] >> shifts) & ((1 << p) - 1)
-        codes |= part.reshape(*b.shape[:-1], head_dim) << low
+        w = head_dim * p // 8  # bytes of this plane
+        dtype, steps = _SPREAD[p]
+        x = packed[..., col : col + w].to(dtype)  # (..., w): one word per byte, 8 / p code bytes once spread
+        for shift, mask in steps:
+            x = (x.bitwise_or_(x << shift) if p == 4 else x.mul_(1 + (1 << shift))).bitwise_and_(mask)
+        x = x.view(torch.uint8)  # (..., D): code bytes in channel order
+        codes = x if codes is None else codes.view(torch.int64).bitwise_or_(x.view(torch.int64) << low).view(
+            torch.uint8)
         col += w
         low += p
-    return codes.to(torch.uint8)
+    return codes.reshape(*lead, head_dim)
 
 
 # ----------------------------------------------------------------------------------------------- RoPE

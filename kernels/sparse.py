@@ -118,31 +118,50 @@ class SparseRows:
         self.ptr[..., k] = (before[..., None] + cum[..., local]).to(torch.int32)
         self.n = n1
 
+    def entries(self, a: int = 0, b: int | None = None) -> tuple[Tensor, Tensor]:
+        """The outliers of tokens ``[a, b)``: int64 flat indices into a contiguous ``(B, H, b - a, D)`` tensor and
+        their fp16 values ``(N,)``. Work proportional to the outliers, not to ``(b - a) * D``.
+
+        Rows are padded to the longest one by repeating their last entry (the same value to the same place), so
+        a block-aligned read needs no mask; an index may therefore appear more than once (write, never add)."""
+        b = self.n if b is None else b
+        bs, hs = self.val.shape[:2]
+        d, blk = self.head_dim, self.block
+        lo, hi = self.ptr[..., a // blk].long(), self.ptr[..., cdiv(b, blk)].long()  # (B, H)
+        span = hi - lo
+        width = int(span.max()) if b > a else 0
+        if width == 0:
+            return torch.zeros(0, dtype=torch.int64, device=self.val.device), self.val.new_zeros(0)
+        e = lo[..., None] + torch.arange(width, device=lo.device)  # (B, H, E)
+        aligned = a % blk == 0 and (b % blk == 0 or b == self.n)  # whole pointer blocks: every entry is in [a, b)
+        ok = None
+        if aligned and int(span.min()) > 0:
+            e = torch.minimum(e, hi[..., None] - 1)
+        else:
+            ok = e < hi[..., None]
+            e = e.clamp(max=self.val.shape[-1] - 1)
+        ptrs = self.ptr[..., : cdiv(self.n, blk) + 1].contiguous()
+        block = torch.searchsorted(ptrs, e.to(torch.int32).contiguous(), right=True) - 1  # (B, H, E)
+        ix = self.idx.gather(-1, e).long()
+        tok = block * blk + ix // d  # token of each entry
+        row = torch.arange(bs * hs, device=lo.device).view(bs, hs, 1)  # (B, H, 1): b * H + h
+        flat = (row * (b - a) + tok - a) * d + ix % d  # (B, H, E)
+        vals = self.val.gather(-1, e)
+        if ok is None:
+            return flat.view(-1), vals.view(-1)
+        ok &= (tok >= a) & (tok < b)
+        return flat[ok], vals[ok]
+
     def dense(self, a: int = 0, b: int | None = None) -> tuple[Tensor, Tensor]:
         """Tokens ``[a, b)`` as a bool mask and fp16 values ``(B, H, b - a, D)`` (0 where not an outlier)."""
         b = self.n if b is None else b
         bs, hs = self.val.shape[:2]
-        d, blk = self.head_dim, self.block
-        mask = torch.zeros(bs, hs, b - a, d, dtype=torch.bool, device=self.val.device)
-        vals = torch.zeros(bs, hs, b - a, d, dtype=torch.float16, device=self.val.device)
-        if b <= a:
-            return mask, vals
-        lo, hi = self.ptr[..., a // blk].long(), self.ptr[..., cdiv(b, blk)].long()  # (B, H)
-        width = int((hi - lo).max())
-        if width == 0:
-            return mask, vals
-        e = lo[..., None] + torch.arange(width, device=lo.device)  # (B, H, E)
-        ok = e < hi[..., None]
-        e = e.clamp(max=self.val.shape[-1] - 1)
-        ptrs = self.ptr[..., : cdiv(self.n, blk) + 1].contiguous()
-        block = torch.searchsorted(ptrs, e.to(torch.int32).contiguous(), right=True) - 1  # (B, H, E)
-        ix = self.idx.gather(-1, e).long()
-        tok = block * blk + ix // d
-        ok &= (tok >= a) & (tok < b)
-        at = ok.nonzero(as_tuple=True)
-        where = (at[0], at[1], tok[ok] - a, (ix % d)[ok])
-        mask[where] = True
-        vals[where] = self.val.gather(-1, e)[ok]
+        shape = (bs, hs, max(b - a, 0), self.head_dim)
+        mask = torch.zeros(shape, dtype=torch.bool, device=self.val.device)
+        vals = torch.zeros(shape, dtype=torch.float16, device=self.val.device)
+        flat, v = self.entries(a, b)
+        mask.view(-1)[flat] = True
+        vals.view(-1)[flat] = v
         return mask, vals
 
     def nbytes(self, allocated: bool = False) -> int:

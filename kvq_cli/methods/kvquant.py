@@ -27,10 +27,9 @@ from ..errors import KvqError
 from .base import FP16_BITS, OUTLIER_BITS, Encoded, KVMethod, LayerCalibration, State, as_float
 from .quant_ops import (
     channel_thresholds,
-    denormalize,
+    dequantize_codes,
     fp16_ceil,
     fp16_floor,
-    lookup_heads,
     masked_vector_normalize,
     nearest_code_heads,
     normalize,
@@ -178,7 +177,7 @@ class KVQuant(KVMethod):
             return self._decode_vectors(enc, codebook)
         lo = state["key_lo"].to(codebook.device)[None, :, None, :]  # (1, H, 1, D)
         hi = state["key_hi"].to(codebook.device)[None, :, None, :]
-        return restore_outliers(denormalize(lookup_heads(codebook, enc["codes"]), lo, hi), enc)
+        return restore_outliers(dequantize_codes(codebook, enc["codes"], lo, hi), enc)
 
     # ---- values --------------------------------------------------------------------------------
     def encode_values(self, v: Tensor, state: State) -> Encoded:
@@ -216,7 +215,7 @@ class KVQuant(KVMethod):
 
     def _decode_vectors(self, enc: Encoded, codebook: Tensor) -> Tensor:
         zero = enc["zero"].float()  # (B, H, T, 1), or (B, 1, T, 1) with token_scales
-        x = denormalize(lookup_heads(codebook, enc["codes"]), zero, zero + enc["scale"].float())  # (B, H, T, D)
+        x = dequantize_codes(codebook, enc["codes"], zero, zero + enc["scale"].float())  # (B, H, T, D)
         return restore_outliers(x, enc)
 
     # ---- bit accounting ------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import KvqError
+from .prefill import merge
 
 #: Tokens dequantized at once by the reference path.
 DEFAULT_BLOCK = 2048
@@ -26,14 +27,24 @@ Reader = Callable[[int, int], tuple[Tensor, Tensor]]
 """``read(a, b)`` -> keys (post-RoPE) and values of positions ``[a, b)``, float32 ``(B, Hkv, b - a, D)``."""
 
 
+#: Position ranges whose RoPE angles a ``Rope`` keeps (most recent first out): every layer of a decode step rotates
+#: the same blocks, so with at most this many blocks per step the angles are computed once per step, not per layer.
+#: Each range costs ``8 * L * D / 2`` bytes (cos and sin, float32, half width): a quarter of one KV head's float
+#: keys of the same block.
+ROPE_MEMO = 4
+
+
 class Rope:
     """The model's own rotary embedding (``inv_freq`` and ``attention_scaling`` of its ``rotary_emb``).
 
-    Reads the module's current ``inv_freq`` at every call, so scaled and dynamic variants stay exact.
+    Reads the module's current ``inv_freq`` at every call, so scaled and dynamic variants stay exact; the angles
+    of the last ``ROPE_MEMO`` position ranges are reused while ``inv_freq`` and the scaling are unchanged.
     """
 
     def __init__(self, module: nn.Module):
         self.module = module
+        self._memo: dict[int, tuple[int, Tensor, Tensor]] = {}  # first position -> (end, cos, sin (L, D/2))
+        self._made_with: tuple[Tensor, float] | None = None  # (inv_freq, scaling) of the memo
 
     @classmethod
     def of(cls, model: nn.Module) -> Rope:
@@ -43,55 +54,129 @@ class Rope:
         raise KvqError(f"{type(model).__name__}: no rotary embedding (rotary_emb.inv_freq) found; pre-RoPE keys "
                        "need one")
 
-    def apply(self, k: Tensor, positions: Tensor) -> Tensor:
-        """HF ``apply_rotary_pos_emb`` of float32 keys ``(B, H, L, D)`` at ``positions (L,)``."""
-        inv_freq = self.module.inv_freq.to(k.device, torch.float32)  # (D/2,)
+    def _angles(self, positions: Tensor, inv_freq: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+        """``cos``, ``sin`` ``(L, D/2)`` of ``positions (L,)`` (HF's ``emb`` is ``cat([freqs, freqs])``: each half)."""
         freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (L, D/2)
-        emb = torch.cat([freqs, freqs], -1)  # (L, D)
+        cos, sin = freqs.cos(), freqs.sin()
+        return (cos, sin) if scaling == 1.0 else (cos * scaling, sin * scaling)
+
+    def angles(self, a: int, b: int, device) -> tuple[Tensor, Tensor]:
+        """``cos``, ``sin`` ``(b - a, D/2)`` of positions ``[a, b)``, from the memo where it has them."""
+        inv_freq = self.module.inv_freq.to(device, torch.float32)  # (D/2,)
         scaling = float(getattr(self.module, "attention_scaling", 1.0))
-        cos, sin = emb.cos() * scaling, emb.sin() * scaling
-        half = k.shape[-1] // 2
-        rotated = torch.cat([-k[..., half:], k[..., :half]], -1)  # rotate_half
-        return k * cos + rotated * sin
+        made = self._made_with
+        if made is None or made[1] != scaling or made[0].device != inv_freq.device or not torch.equal(made[0],
+                                                                                                        inv_freq):
+            self._memo.clear()
+            self._made_with = (inv_freq.clone(), scaling)
+        end, cos, sin = self._memo.pop(a, (a, None, None))
+        if end < b:  # compute the positions the memo lacks (each position's angle does not depend on the others)
+            more = self._angles(torch.arange(end, b, device=device), inv_freq, scaling)
+            cos, sin = more if cos is None else (torch.cat([cos, more[0]]), torch.cat([sin, more[1]]))
+            end = b
+        self._memo[a] = (end, cos, sin)  # now the most recent
+        while len(self._memo) > ROPE_MEMO:
+            del self._memo[next(iter(self._memo))]
+        return cos[: b - a], sin[: b - a]
+
+    def apply(self, k: Tensor, positions: Tensor) -> Tensor:
+        """HF ``apply_rotary_pos_emb`` of float32 keys ``(B, H, L, D)`` at ``positions (L,)``, bit for bit.
+
+        Consecutive positions on the CPU (``torch.arange(a, b)``) use the memo (``apply_range``)."""
+        n = positions.numel()
+        if positions.device.type == "cpu" and n:
+            a = int(positions[0])
+            if int(positions[-1]) == a + n - 1 and (n < 3 or torch.equal(positions, torch.arange(a, a + n))):
+                return self.apply_range(k, a)
+        inv_freq = self.module.inv_freq.to(k.device, torch.float32)
+        return rotate_half_rope(k, *self._angles(positions, inv_freq, float(getattr(self.module,
+                                                                                    "attention_scaling", 1.0))))
+
+    def apply_range(self, k: Tensor, a: int) -> Tensor:
+        """``apply`` at positions ``[a, a + L)`` of keys ``(B, H, L, D)``."""
+        return rotate_half_rope(k, *self.angles(a, a + k.shape[2], k.device))
+
+
+def rotate_half_rope(k: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``k * cat([cos, cos]) + rotate_half(k) * cat([sin, sin])`` for ``k (B, H, L, D)``, ``cos``/``sin`` ``(L, D/2)``,
+    half by half: ``k1 cos - k2 sin`` and ``k2 cos + k1 sin`` (the same roundings: ``x + (-y) == x - y``)."""
+    half = k.shape[-1] // 2
+    k1, k2 = k[..., :half], k[..., half:]
+    out = torch.empty_like(k)
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(k1, cos, out=o1)
+    o1.sub_(k2 * sin)
+    torch.mul(k2, cos, out=o2)
+    o2.add_(k1 * sin)
+    return out
 
 
 def block_bounds(total: int, first: int, block: int) -> list[tuple[int, int]]:
-    """``[0, first)`` (the sink, if any), then blocks of ``block`` tokens from ``first`` up to ``total``."""
-    bounds = [(0, min(first, total))] if first > 0 else []
-    bounds += [(a, min(a + block, total)) for a in range(first, total, block)]
-    return [(a, b) for a, b in bounds if b > a]
+    """Blocks of ``block`` tokens from ``first`` (the sink's size) up to ``total``, the first block also holding the
+    sink ``[0, first)``: block edges stay ``block``-aligned after the sink (KIVI's key groups never straddle
+    them) and the sink costs no block of its own (one block per decode step at moderate contexts)."""
+    edges = list(range(first + block, total, block))
+    return [(a, e) for a, e in zip([0, *edges], [*edges, total], strict=True) if e > a]
+
+
+def fused_cpu(query: Tensor) -> bool:
+    """PyTorch's CPU flash kernel (what SDPA runs for the 16-bit baseline) takes this query: float32 or bf16 on the
+    CPU. It returns the log-sum-exp that merging blocks needs, and reads GQA K/V heads as ``repeat_kv``."""
+    return query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16) and hasattr(
+        torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
 def blockwise_attention(query: Tensor, read: Reader, total: int, scaling: float, bounds: list[tuple[int, int]]
                         ) -> Tensor:
     """Causal attention of ``query (B, Hq, Tq, D)`` over keys ``[0, total)`` read block by block.
 
-    Returns float32 ``(B, Hq, Tq, D)``.
+    Several queries on the CPU (``fused_cpu``): each block through the fused kernel, merged by log-sum-exp
+    (``prefill.merge``); otherwise an online softmax in plain PyTorch. Returns float32 ``(B, Hq, Tq, D)``.
     """
     b, hq, tq, d = query.shape
-    qpos = torch.arange(total - tq, total, device=query.device)  # (Tq,)
-    q = None
-    m = l = acc = None
+    q0 = total - tq  # position of the first query
+    fused = tq > 1 and fused_cpu(query)
+    q = m = l = acc = None
     for a, e in bounds:
         k, v = read(a, e)  # (B, Hkv, L, D) each
+        causal = None
+        if e - 1 > q0:  # the block reaches past the first query: causal mask (Tq, L)
+            causal = torch.arange(a, e, device=query.device)[None, :] > torch.arange(q0, total,
+                                                                                      device=query.device)[:, None]
+        if fused:
+            acc = merge(acc, _fused_block(query, k, v, scaling, causal, max(0, min(a - q0, tq))))
+            continue
         if q is None:
             hkv = k.shape[1]
             q = query.float().reshape(b, hkv, hq // hkv, tq, d) * scaling  # (B, Hkv, G, Tq, D)
-            m = torch.full((*q.shape[:4], 1), -math.inf, device=query.device)  # running max (B, Hkv, G, Tq, 1)
-            l = torch.zeros_like(m)  # running sum of exp
-            acc = torch.zeros_like(q)  # running weighted values (B, Hkv, G, Tq, D)
         s = torch.einsum("bhgtd,bhld->bhgtl", q, k)  # (B, Hkv, G, Tq, L)
-        if e - 1 > int(qpos[0]):  # the block reaches past the first query: causal mask
-            kpos = torch.arange(a, e, device=query.device)
-            s = s.masked_fill(kpos[None, :] > qpos[:, None], -math.inf)
-        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
-        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        if causal is not None:
+            s = s.masked_fill(causal, -math.inf)
+        top = s.amax(-1, keepdim=True)  # (B, Hkv, G, Tq, 1)
+        m_new = top if m is None else torch.maximum(m, top)
+        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows with nothing visible yet
         p = torch.exp(s - safe)  # (B, Hkv, G, Tq, L)
-        alpha = torch.exp(m - safe)
-        l = l * alpha + p.sum(-1, keepdim=True)
-        acc = acc * alpha + torch.einsum("bhgtl,bhld->bhgtd", p, v)
+        pv = torch.einsum("bhgtl,bhld->bhgtd", p, v)
+        if m is None:  # the first block: the running sums start here (no rescaling of zeros)
+            l, acc = p.sum(-1, keepdim=True), pv
+        else:
+            alpha = torch.exp(m - safe)
+            l = l * alpha + p.sum(-1, keepdim=True)
+            acc = acc * alpha + pv
         m = m_new
-    return (acc / l).reshape(b, hq, tq, d)
+    return acc[0] if fused else (acc / l).reshape(b, hq, tq, d)
+
+
+def _fused_block(query: Tensor, k: Tensor, v: Tensor, scaling: float, causal: Tensor | None, blind: int
+                 ) -> tuple[Tensor, Tensor]:
+    """One block through the CPU flash kernel: ``out (B, Hq, Tq, D)`` and ``lse (B, Hq, Tq)``. ``causal (Tq, L)``
+    marks hidden keys; the first ``blind`` queries see none of the block (their ``lse`` becomes -inf)."""
+    mask = None if causal is None else torch.zeros(causal.shape, device=k.device).masked_fill_(causal, -math.inf)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query.float(), k, v, 0.0, False,
+                                                                          attn_mask=mask, scale=scaling)
+    if blind:
+        lse[..., :blind] = -math.inf  # the kernel reports 0 for a row with nothing visible (its output is 0)
+    return out, lse
 
 
 def dense_attention(query: Tensor, k: Tensor, v: Tensor, scaling: float) -> Tensor:

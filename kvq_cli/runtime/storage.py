@@ -21,7 +21,9 @@ group), while it holds more than ``window`` tokens. Leaving tokens are encoded b
   nominal fraction: the two agree when the data's rate is the calibrated one, and ``nbytes`` always reports the
   truth (``tests/test_runtime.py`` reconciles the difference exactly).
 
-``read(a, b)`` hands a block back to the method's ``decode_*`` (so stored and simulated numbers agree).
+``read(a, b)`` hands a block back to the method's ``decode_*`` (so stored and simulated numbers agree), its outliers
+in the sparse form ``outlier_index`` / ``outlier_values`` (``quant_ops.restore_outliers``), so a decode step costs
+no dense mask.
 """
 
 from __future__ import annotations
@@ -178,8 +180,8 @@ class PackedStore:
             enc[name] = f.view(a // per, -(-b // per))
         if "codes" in enc:
             enc["codes"] = self._unpack(enc["codes"])
-        if self.outliers is not None:
-            enc["outlier_mask"], enc["outlier_values"] = self.outliers.dense(a, b)
+        if self.outliers is not None:  # sparse: flat positions in (B, H, b - a, D) and their values
+            enc["outlier_index"], enc["outlier_values"] = self.outliers.entries(a, b)
         return enc
 
     def decode(self, a: int, b: int, state: State) -> Tensor:
