@@ -53,10 +53,10 @@ def load_net(source, dtype: str, device: str, device_map: str | None = None):
 
 
 def load_artifact(path: str, geom: KVGeometry) -> artifact_io.Artifact:
-    """Load an artifact and check it belongs to a model of this geometry."""
-    art = artifact_io.load(path)
-    art.check_model(geom)
-    return art
+    """Load an artifact, checked against a model of this geometry before any tensor is read."""
+    if not path:
+        raise KvqError("--artifact is empty: name an artifact file")
+    return artifact_io.load(path, geom)
 
 
 def configuration_for(

@@ -73,21 +73,37 @@ def geometry_from_config(config) -> KVGeometry:
     """KV geometry from a config alone (no weights)."""
     cfg = text_config(config)
     heads = cfg.num_attention_heads
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise KvqError(f"the model's config: num_attention_heads must be a positive integer, not {heads!r}")
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     rope = getattr(cfg, "rope_parameters", None) or {}
     theta = rope.get("rope_theta") if isinstance(rope, dict) else None
     theta = theta or getattr(cfg, "rope_theta", None) or 10000.0
     arch = (getattr(cfg, "architectures", None) or [cfg.model_type])[0]
-    return KVGeometry(
-        cfg.num_hidden_layers,
-        kv_heads,
-        head_dim,
-        heads,
-        float(theta),
-        getattr(cfg, "max_position_embeddings", None),
-        arch,
-    )
+    positions = getattr(cfg, "max_position_embeddings", None)
+    check_geometry(cfg.num_hidden_layers, kv_heads, head_dim, heads, theta, positions, where="the model's config")
+    return KVGeometry(cfg.num_hidden_layers, kv_heads, head_dim, heads, float(theta), positions, arch)
+
+
+#: Largest sizes a configuration may claim (beyond any released model, small enough to allocate per layer).
+GEOMETRY_LIMITS = {"layers": 4096, "kv_heads": 4096, "head_dim": 8192, "q_heads": 4096}
+
+
+def check_geometry(layers, kv_heads, head_dim, q_heads, rope_theta, max_positions=None, where="config") -> None:
+    """``KvqError`` unless every size is an integer in ``1..GEOMETRY_LIMITS``, the query heads a multiple of the KV
+    heads, ``rope_theta`` a positive finite number and ``max_positions`` None or a positive integer."""
+    sizes = {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "q_heads": q_heads}
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= GEOMETRY_LIMITS[name]:
+            raise KvqError(f"{where}: {name} must be an integer in 1..{GEOMETRY_LIMITS[name]}, not {value!r}")
+    if q_heads % kv_heads:
+        raise KvqError(f"{where}: {q_heads} query heads are not a multiple of {kv_heads} KV heads")
+    if isinstance(rope_theta, bool) or not isinstance(rope_theta, int | float) or not 0 < rope_theta < float("inf"):
+        raise KvqError(f"{where}: rope_theta must be a positive number, not {rope_theta!r}")
+    if max_positions is not None and (isinstance(max_positions, bool) or not isinstance(max_positions, int)
+                                      or max_positions < 1):
+        raise KvqError(f"{where}: max_position_embeddings must be a positive integer, not {max_positions!r}")
 
 
 def attention_layers(model: nn.Module) -> list[nn.Module]:

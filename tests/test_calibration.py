@@ -87,7 +87,10 @@ def art():
     model = tiny_model("llama")
     geom = geometry_from_config(model.config)
     method = make_method("kvquant", bits=3, outliers=0.01)
-    states = [{"key_codebook": torch.linspace(-1, 1, 8), "key_lo": torch.randn(2, 16)} for _ in range(geom.layers)]
+    lo = -torch.rand(2, 16) - 0.5
+    book = torch.linspace(-1, 1, 8)
+    states = [{"key_codebook": book, "value_codebook": book, "key_lo": lo, "key_hi": lo + 1}
+              for _ in range(geom.layers)]
     return artifact_io.Artifact(method, states, artifact_io.fingerprint(geom), {"dataset": "x", "samples": 2}), geom
 
 
@@ -120,7 +123,7 @@ def test_artifact_refusals(art, tmp_path):
     save_file({"x": torch.zeros(1)}, tmp_path / "plain.safetensors")
     with pytest.raises(KvqError, match="not a kvq artifact"):
         artifact_io.load(tmp_path / "plain.safetensors")
-    meta = {"schema_version": 99, "method": {"method": "fp16"}}
+    meta = {"schema_version": 99, "method": {"method": "fp16"}}  # read before anything else
     save_file({"x": torch.zeros(1)}, tmp_path / "future.safetensors", metadata={"kvq": json.dumps(meta)})
     with pytest.raises(KvqError, match="schema version 99"):
         artifact_io.load(tmp_path / "future.safetensors")

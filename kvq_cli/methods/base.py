@@ -162,6 +162,15 @@ class KVMethod:
         """``state_bits`` of one layer as the configuration implies it, without calibration (0: no state)."""
         return 0
 
+    # ---- artifact checks -----------------------------------------------------------------------
+    def state_shapes(self, kv_heads: int, head_dim: int) -> dict[str, tuple[int, ...]]:
+        """Name and shape of every tensor ``fit`` returns for one layer of this geometry (``{}``: no state)."""
+        return {}
+
+    def check_state(self, state: State) -> str | None:
+        """Why one layer's state (shapes checked, finite) cannot have come from ``fit``, or None."""
+        return None
+
 
 def as_float(x: Tensor) -> Tensor:
     """float32 view of a tensor for quantization arithmetic."""

@@ -184,6 +184,10 @@ class CoupledQuantization(KVMethod):
     def decode_values(self, enc: Encoded, state: State) -> Tensor:
         return self._decode(enc, state["value_codebook"])
 
+    def state_shapes(self, kv_heads: int, head_dim: int) -> dict[str, tuple[int, ...]]:
+        shape = (kv_heads, self._groups(head_dim), 1 << self.bits, self.channels)
+        return {"key_codebook": shape, "value_codebook": shape}
+
     # ---- bit accounting ------------------------------------------------------------------------
     def encoded_bits(self, enc: Encoded) -> int:
         """``b`` bits per group code, 32 per sparse outlier."""

@@ -218,6 +218,23 @@ class KVQuant(KVMethod):
         x = dequantize_codes(codebook, enc["codes"], zero, zero + enc["scale"].float())  # (B, H, T, D)
         return restore_outliers(x, enc)
 
+    # ---- artifact checks -----------------------------------------------------------------------
+    def state_shapes(self, kv_heads: int, head_dim: int) -> dict[str, tuple[int, ...]]:
+        book = (kv_heads, 1 << self.bits) if self.head_codebooks and self.nuq else (1 << self.bits,)
+        shapes = {"key_codebook": book, "value_codebook": book}
+        if self.per_channel:
+            shapes.update(key_lo=(kv_heads, head_dim), key_hi=(kv_heads, head_dim))
+        return shapes
+
+    def check_state(self, state: State) -> str | None:
+        """Codebooks sorted (nearest-code search relies on it), ``key_lo <= key_hi``."""
+        for name in ("key_codebook", "value_codebook"):
+            if (state[name].diff(dim=-1) < 0).any():
+                return f"{name} is not sorted"
+        if self.per_channel and (state["key_lo"] > state["key_hi"]).any():
+            return "key_lo exceeds key_hi"
+        return None
+
     # ---- bit accounting ------------------------------------------------------------------------
     def encoded_bits(self, enc: Encoded) -> int:
         return packed_bits(enc, self.bits)

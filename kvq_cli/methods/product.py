@@ -203,6 +203,12 @@ class ProductQuantization(KVMethod):
             scores += table[:, :, :, j].gather(-1, idx)  # (B, Hq, Tq, Tk)
         return scores
 
+    def state_shapes(self, kv_heads: int, head_dim: int) -> dict[str, tuple[int, ...]]:
+        m = self._subspaces(head_dim)
+        shape = (m, 1 << self.bits, head_dim // m)
+        shape = (kv_heads, *shape) if self.head_codebooks else shape
+        return {"key_codebook": shape, "value_codebook": shape}
+
     # ---- bit accounting ------------------------------------------------------------------------
     def encoded_bits(self, enc: Encoded) -> int:
         """``nbits`` per subspace code, 32 per sparse outlier."""
