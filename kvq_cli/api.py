@@ -59,6 +59,18 @@ def load_artifact(path: str, geom: KVGeometry) -> artifact_io.Artifact:
     return artifact_io.load(path, geom)
 
 
+#: Largest ``--batch-size`` of eval-ppl.
+MAX_BATCH = 4096
+
+
+def check_sink(method: KVMethod, seqlen: int) -> None:
+    """Refuse a sink that keeps every token of a window in 16 bits: the row would be the baseline under a
+    quantized method's name."""
+    if method.sink >= seqlen:
+        raise KvqError(f"{method.label} keeps its first {method.sink} tokens in 16 bits (sink): with windows of "
+                       f"{seqlen} tokens nothing would be quantized")
+
+
 def configuration_for(
     method: KVMethod, geom: KVGeometry, seqlen: int, states=None, source: str = "", with_residual: bool = False
 ) -> Configuration:
@@ -86,6 +98,7 @@ def eval_ppl(
     chunk: int = 128,
     chunk_attention: str = "full",
     device_map: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Perplexity of the baseline and of every configuration (artifacts first, then methods, in order).
 
@@ -103,14 +116,19 @@ def eval_ppl(
         raise KvqError("--seqlen must be at least 2")
     if max_windows is not None and max_windows < 1:
         raise KvqError("--max-windows must be at least 1")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise KvqError(f"--batch-size must be in 1..{MAX_BATCH}, not {batch_size}")
     device = resolve_device(device)
-    source = resolve_model(model)
+    source = resolve_model(model, trust_remote_code)
     geom = geometry_from_config(load_config(source))
     if geom.max_positions and seqlen > geom.max_positions:
         raise KvqError(f"--seqlen {seqlen} is beyond the model's {geom.max_positions} positions")
     configs = []
+    for m in methods:
+        check_sink(m, seqlen)
     for path in artifacts:
         art = load_artifact(path, geom)
+        check_sink(art.method, seqlen)
         configs.append(configuration_for(art.method, geom, seqlen, art.states or None, path, streaming))
     for method in methods:
         configs.append(configuration_for(method, geom, seqlen, None, "--method", streaming))
@@ -151,6 +169,7 @@ def calibrate(
     dtype: str = "auto",
     progress: Progress = _no_progress,
     device_map: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Fit ``method`` on calibration text and write its artifact to ``out`` (atomically).
 
@@ -158,12 +177,17 @@ def calibrate(
     """
     from .calibration.capture import capture, sample_windows
 
-    if samples < 1 or seqlen < 2:
-        raise KvqError("--samples must be >= 1 and --seqlen >= 2")
-    if not str(out).endswith(".safetensors"):
-        raise KvqError(f"--out must name a .safetensors file, not {out!r}")
+    if not 1 <= samples <= 1 << 16 or seqlen < 2:
+        raise KvqError("--samples must be in 1..65536 and --seqlen >= 2")
+    if not 1 <= max_tokens <= 1 << 24:
+        raise KvqError(f"--max-tokens must be in 1..{1 << 24}, not {max_tokens}")
+    if not 0 <= seed < 1 << 63:
+        raise KvqError(f"--seed must be in 0..2^63-1, not {seed}")
+    artifact_io.check_writable(out)
+    if method.needs_calibration:
+        check_sink(method, seqlen)
     device = resolve_device(device)
-    source = resolve_model(model)
+    source = resolve_model(model, trust_remote_code)
     geom = geometry_from_config(load_config(source))
     if method.needs_calibration and geom.max_positions and seqlen > geom.max_positions:
         raise KvqError(f"--seqlen {seqlen} is beyond the model's {geom.max_positions} positions")
@@ -221,6 +245,7 @@ def estimate_memory(
     budget: str | int | None = None,
     gpus: int = 1,
     plot: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """KV cache, weights and workspace memory of each configuration (fp16 first) against a GPU budget.
 
@@ -234,7 +259,7 @@ def estimate_memory(
         raise KvqError("give --gpu or --budget, not both")
     tokens = memory.parse_context(context)
     budget_bytes = memory.parse_budget(budget) if budget is not None else None
-    shape = memory.resolve_shape(model)
+    shape = memory.resolve_shape(model, trust_remote_code)
     entries = []
     for path in artifacts:
         art = load_artifact(path, shape.geometry())

@@ -106,6 +106,18 @@ def save(artifact: Artifact, path: str | os.PathLike) -> Path:
     return path
 
 
+def check_writable(out: str | os.PathLike) -> None:
+    """Before any work: ``out`` names a ``.safetensors`` file (not a folder) in a folder that can be written."""
+    path = Path(out)
+    if not str(out).endswith(".safetensors"):
+        raise KvqError(f"--out must name a .safetensors file, not {str(out)!r}")
+    if path.exists() and not path.is_file():
+        raise KvqError(f"--out {path} exists and is not a regular file")
+    folder = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise KvqError(f"--out {path}: cannot write in {folder}")
+
+
 def _fsync(path: str | os.PathLike) -> None:
     """Flush a file (or a folder's entries) to the disk."""
     fd = os.open(path, os.O_RDONLY)

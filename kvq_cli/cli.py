@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
-import functools
-import json
 import sys
-from typing import Annotated, Any
 
-import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from . import render
-from .errors import KvqError
+def _interrupted_early(kind, value, tb, _previous=sys.excepthook):
+    """Ctrl-C before the command's own handler is in place (while imports run): one line, not a traceback."""
+    if issubclass(kind, KeyboardInterrupt):
+        sys.stderr.write("kvq: interrupted\n")
+        return
+    _previous(kind, value, tb)
+
+
+sys.excepthook = _interrupted_early
+
+import functools  # noqa: E402
+import json  # noqa: E402
+from typing import Annotated, Any  # noqa: E402
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import (  # noqa: E402
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text  # noqa: E402
+
+from . import render  # noqa: E402
+from .errors import KvqError  # noqa: E402
 
 app = typer.Typer(
     help="Calibrate, evaluate and run quantized KV caches for Hugging Face causal LMs.",
@@ -49,6 +69,15 @@ DeviceMapOpt = Annotated[
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (float32), float32, bfloat16 or float16.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")]
+TrustOpt = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Run Python code that comes with the model (auto_map); off: such "
+                       "a model is refused. Only for a model you trust.")
+]
+
+
+def say(where: Console, label: str, style: str, message: str) -> None:
+    """``label`` styled, then ``message`` as plain text (user strings are never read as rich markup)."""
+    where.print(Text.assemble((label, style), " ", str(message)), highlight=False, soft_wrap=True)
 
 
 def user_errors(fn):
@@ -59,13 +88,13 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except KvqError as exc:
-            err.print(f"[bold red]kvq: error:[/] {exc}", highlight=False, soft_wrap=True)
+            say(err, "kvq: error:", "bold red", str(exc))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("kvq: interrupted")
             raise typer.Exit(130) from None
         except MemoryError:
-            err.print("[bold red]kvq: error:[/] out of memory: try a smaller --seqlen, --batch-size or model")
+            say(err, "kvq: error:", "bold red", "out of memory: try a smaller --seqlen, --batch-size or model")
             raise typer.Exit(2) from None
 
     return wrapper
@@ -159,6 +188,7 @@ def eval_ppl(
     device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None,
     dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Perplexity (and KL divergence, top-1 agreement) of the unquantized cache and of each configuration.
@@ -186,6 +216,7 @@ def eval_ppl(
             chunk=chunk,
             chunk_attention=chunk_attention,
             device_map=device_map,
+            trust_remote_code=trust_remote_code,
             progress=progress_factory(progress),
         )
     if json_out:
@@ -233,6 +264,7 @@ def calibrate(
     device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None,
     dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Fit a method's per-layer codebooks and outlier thresholds on sample text; write one artifact.
@@ -274,16 +306,15 @@ def calibrate(
             device=device,
             dtype=dtype,
             device_map=device_map,
+            trust_remote_code=trust_remote_code,
             progress=progress_factory(progress),
         )
     if json_out:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return
     cal = result["calibration"]
-    console.print(
-        f"wrote [bold]{result['artifact']}[/]: {result['name']} for {result['model']} "
-        f"({result['layers']} layers, {result['avg_bits']:.2f} avg bits at {seqlen} tokens, {cal['seconds']} s)"
-    )
+    say(console, "wrote", "bold", f"{result['artifact']}: {result['name']} for {result['model']} "
+        f"({result['layers']} layers, {result['avg_bits']:.2f} avg bits at {seqlen} tokens, {cal['seconds']} s)")
 
 
 @app.command("estimate-memory")
@@ -318,6 +349,7 @@ def estimate_memory(
     gpus: Annotated[int, typer.Option(help="GPUs of --gpu/--budget each: the layers are split over them (each "
                                       "layer's cache on its GPU); prints which layers go where.")] = 1,
     plot: Annotated[str | None, typer.Option(help="Also write a PNG of memory against context.")] = None,
+    trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Memory of the KV cache (fp16 and each configuration), weights and workspace against a GPU budget.
@@ -331,10 +363,10 @@ def estimate_memory(
     methods = [parse_spec(spec) for spec in method or []]
     result = api.estimate_memory(
         model=model, context=context, batch=batch, methods=methods, artifacts=artifact or [],
-        weights_dtype=weights_dtype, gpu=gpu, budget=budget, gpus=gpus, plot=plot,
+        weights_dtype=weights_dtype, gpu=gpu, budget=budget, gpus=gpus, plot=plot, trust_remote_code=trust_remote_code,
     )
     for note in result["notes"]:
-        err.print(f"[yellow]kvq: note:[/] {note}", highlight=False, soft_wrap=True)
+        say(err, "kvq: note:", "yellow", note)
     if json_out:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return
@@ -342,7 +374,7 @@ def estimate_memory(
     for line in render.placement_lines(result):
         console.print(line, highlight=False)
     if "plot" in result:
-        console.print(f"wrote [bold]{result['plot']}[/]")
+        say(console, "wrote", "bold", result["plot"])
 
 
 @app.command()
@@ -365,7 +397,9 @@ def generate(
         typer.Option("--context", "-c", help="Prompt length in tokens (8K, 128K, 1M): the file repeated or cut, "
                      "or the haystack's size."),
     ] = None,
-    depth: Annotated[float, typer.Option(help="Where the pass key sits in the haystack, 0 (start) to 1 (end).")] = 0.5,
+    depth: Annotated[
+        float | None, typer.Option(help="--haystack: where the pass key sits, 0 (start) to 1 (end); default 0.5.")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (greedy; stops at end of sequence).")] = 32,
     chunk: Annotated[int, typer.Option(help="Prompt tokens per prefill forward pass.")] = 4096,
     seed: Annotated[int, typer.Option(help="Seed of the pass key and haystack (random prompts too).")] = 0,
@@ -388,6 +422,7 @@ def generate(
     device_map: DeviceMapOpt = None,
     dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), float32, "
                                        "bfloat16 or float16.")] = "auto",
+    trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Generate from a long prompt through the packed quantized cache, with a memory pre-flight and a summary.
@@ -407,18 +442,26 @@ def generate(
 
     spec = parse_spec(method) if method else None
     streaming = not json_out
+    shown: list[str] = []
+
+    def note_now(note: str) -> None:
+        say(err, "kvq: note:", "yellow", note)
+        shown.append(note)
+
     with _progress() as progress:
         result = run_generate(
             model=model, artifact=artifact, method=spec, prompt_file=prompt_file, haystack=haystack,
             context=context, depth=depth, max_new_tokens=max_new_tokens, chunk=chunk, seed=seed, device=device,
             dtype=dtype, data_dir=data_dir, filler=filler, use_kernels=kernels, device_map=device_map,
-            temperature=temperature, top_k=top_k, top_p=top_p, graphs=graphs,
+            temperature=temperature, top_k=top_k, top_p=top_p, graphs=graphs, trust_remote_code=trust_remote_code,
             progress=progress_factory(progress, stop_when_done=True),
             on_text=(lambda piece: console.print(piece, end="", highlight=False, markup=False)) if streaming
             else (lambda piece: None),
+            on_note=note_now,
         )
     for note in result["notes"]:
-        err.print(f"[yellow]kvq: note:[/] {note}", highlight=False, soft_wrap=True)
+        if note not in shown:
+            say(err, "kvq: note:", "yellow", note)
     if json_out:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return
@@ -441,7 +484,11 @@ def methods(json_out: JsonOpt = False) -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # between typer's parsing and the command's handler
+        sys.stderr.write("kvq: interrupted\n")
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Anything else is read as a path to a UTF-8 text file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -75,12 +76,32 @@ def load_text(dataset: str, data_dir_arg: str | None = None) -> str:
     return _from_hub(dataset, corpus)
 
 
-def read_text_file(path: Path) -> str:
-    """A UTF-8 text file; unreadable or empty files get one `KvqError` line."""
+#: Largest text file read whole (the corpora are far smaller).
+MAX_TEXT_BYTES = 1 << 30
+
+
+def read_text_file(path: Path, max_bytes: int = MAX_TEXT_BYTES, cut: bool = False) -> str:
+    """A UTF-8 text file, checked before it is read: a regular file (never a FIFO or device) of at most
+    ``max_bytes`` bytes, or with ``cut`` its first ``max_bytes`` bytes. Every problem is one `KvqError` line."""
+    from .artifact import check_readable
+
+    path = Path(path)
+    check_readable(path, "text file")
     try:
-        text = path.read_text(encoding="utf-8")
+        size = path.stat().st_size
+        if size > max_bytes and not cut:
+            raise KvqError(f"text file {path} is {size:,} bytes; at most {max_bytes:,} are read")
+        with open(path, "rb") as f:
+            data = f.read(max_bytes)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if not (size > max_bytes and exc.start >= len(data) - 3):  # a character split by the cut is dropped
+                raise
+            text = data[: exc.start].decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise KvqError(f"cannot read text file {path}: {exc}") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text mode reads them
     if not text.strip():
         raise KvqError(f"text file {path} is empty")
     return text
@@ -139,13 +160,19 @@ def _tokenizer_hash(tokenizer) -> str:
 
 
 def _save_ids(ids: torch.Tensor, path: Path) -> None:
+    """Cache the ids; a cache that cannot be written (read-only ``KVQ_CACHE``, a full disk) is skipped: it only
+    saves the next run's tokenization."""
     import numpy as np
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, ids.numpy().astype("int32"), allow_pickle=False)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.save(f, ids.numpy().astype("int32"), allow_pickle=False)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:

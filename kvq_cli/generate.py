@@ -171,7 +171,7 @@ def _configuration(artifact: str | None, method, geom, shape: ModelShape):
 
 
 def _prompt(source, vocab: int, tokens: int | None, haystack: bool, prompt_file: str | None, filler: str,
-            data_dir: str | None, depth: float, seed: int):
+            data_dir: str | None, depth: float, seed: int, positions: int | None = None):
     """``(tokenizer or None, Prompt)`` for the options of ``kvq generate`` (random models: random ids)."""
     from .data import load_text, read_text_file
     from .models import load_tokenizer
@@ -188,8 +188,10 @@ def _prompt(source, vocab: int, tokens: int | None, haystack: bool, prompt_file:
         if tokens is None:
             raise KvqError("--haystack needs --context (the prompt's length in tokens)")
         return tokenizer, haystack_prompt(tokenizer, load_text(filler, data_dir), tokens, depth, seed)
-    if prompt_file:
-        return tokenizer, file_prompt(tokenizer, read_text_file(Path(prompt_file).expanduser()), tokens)
+    if prompt_file:  # read at most 64 bytes per token the prompt can use (cut to --context, else the positions)
+        limit = 64 * (tokens if tokens is not None else positions or 1 << 24)
+        text = read_text_file(Path(prompt_file).expanduser(), limit, cut=tokens is not None)
+        return tokenizer, file_prompt(tokenizer, text, tokens)
     raise KvqError("give --prompt-file F or --haystack (with --context N)")
 
 
@@ -200,7 +202,7 @@ def generate(
     prompt_file: str | None = None,
     haystack: bool = False,
     context: str | int | None = None,
-    depth: float = 0.5,
+    depth: float | None = None,
     max_new_tokens: int = 32,
     chunk: int = 4096,
     seed: int = 0,
@@ -214,8 +216,10 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     graphs: bool | None = None,
+    trust_remote_code: bool = False,
     progress=None,
     on_text: Callable[[str], None] = lambda s: None,
+    on_note: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """Prefill a prompt through the packed cache of ``artifact`` (or the tuning-free ``method``; neither: the
     16-bit baseline: a ``StaticCache`` under the same CUDA-graph engine, a ``DynamicCache`` without graphs) in
@@ -232,14 +236,19 @@ def generate(
     if max_new_tokens < 1 or chunk < 1:
         raise KvqError("--max-new-tokens and --chunk must be at least 1")
     sampler = Sampler(temperature, top_k, top_p)
+    if artifact is not None and not artifact.strip():
+        raise KvqError("--artifact is empty: name an artifact file")
     if artifact and method is not None:
         raise KvqError("give --artifact or --method, not both")
     if haystack and prompt_file:
         raise KvqError("give --prompt-file or --haystack, not both")
+    if depth is not None and not haystack:
+        raise KvqError("--depth places the pass key of --haystack; without --haystack it does nothing")
+    depth = 0.5 if depth is None else depth
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device, auto_gpu="bfloat16")
     tokens = memory.parse_context(context) if context is not None else None
-    source = resolve_model(model)
+    source = resolve_model(model, trust_remote_code)
     config = load_config(source)
     geom = geometry_from_config(config)
     shape = shape_from_config(config, source.name)
@@ -253,11 +262,13 @@ def generate(
         return preflight(shape, entry, prompt_tokens + max_new_tokens, weights_dtype, budget, where, chunk, gpus)
 
     plan = check(tokens) if tokens is not None else None  # before building a prompt that cannot fit
-    tokenizer, prompt = _prompt(source, shape.vocab, tokens, haystack, prompt_file, filler, data_dir, depth, seed)
+    tokenizer, prompt = _prompt(source, shape.vocab, tokens, haystack, prompt_file, filler, data_dir, depth, seed,
+                                geom.max_positions)
     n = prompt.ids.shape[1]
     notes = []
     if geom.max_positions and n + max_new_tokens > geom.max_positions and not source.random:
         notes.append(f"{n + max_new_tokens:,} tokens are beyond the model's {geom.max_positions:,} positions")
+        on_note(notes[-1])  # said before the work starts
     plan = plan or check(n)
     # run
     dev = torch.device(device)

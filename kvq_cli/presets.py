@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import KvqError
-from .hf_attention import KVGeometry, text_config
+from .hf_attention import KVGeometry, check_geometry, text_config
 
 GiB = 1 << 30
 
@@ -99,6 +99,12 @@ def shape_from_config(config, name: str) -> ModelShape:
     if missing:
         raise KvqError(f"the configuration of {name} has no {', '.join(missing)}: memory cannot be estimated")
     heads = cfg.num_attention_heads
+    where = f"the configuration of {name}"
+    for key, limit in (("hidden_size", 1 << 20), ("num_attention_heads", 4096), ("intermediate_size", 1 << 22),
+                       ("vocab_size", 1 << 24)):
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise KvqError(f"{where}: {key} must be an integer in 1..{limit}, not {value!r}")
     bias = getattr(cfg, "attention_bias", None)
     theta = None
     rope = getattr(cfg, "rope_parameters", None)
@@ -106,18 +112,23 @@ def shape_from_config(config, name: str) -> ModelShape:
         theta = rope.get("rope_theta")
     arch = (getattr(cfg, "architectures", None) or [getattr(cfg, "model_type", "unknown")])[0]
     tied = getattr(config, "tie_word_embeddings", None)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    theta = theta or getattr(cfg, "rope_theta", None) or 10000.0
+    check_geometry(cfg.num_hidden_layers, kv_heads, head_dim, heads, theta,
+                   getattr(cfg, "max_position_embeddings", None), where=where)
     return ModelShape(
         name=name,
         layers=cfg.num_hidden_layers,
         hidden=cfg.hidden_size,
         heads=heads,
-        kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
         intermediate=cfg.intermediate_size,
         vocab=cfg.vocab_size,
         tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False) if tied is None else tied),
         max_positions=getattr(cfg, "max_position_embeddings", None),
-        rope_theta=float(theta or getattr(cfg, "rope_theta", None) or 10000.0),
+        rope_theta=float(theta),
         qkv_bias=bool(getattr(cfg, "model_type", "") == "qwen2" if bias is None else bias),
         architecture=arch,
     )

@@ -1,14 +1,17 @@
-"""Rich tables for the CLI (rendering only: every number comes from ``kvq_cli.api``)."""
+"""Rich tables for the CLI (rendering only: every number comes from ``kvq_cli.api``). Strings from the user or
+the model (names, paths, generated text) are escaped: never read as rich markup."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 
 def results_table(title: str, rows: list[dict[str, Any]]) -> Table:
-    table = Table(title=title, title_justify="left")
+    table = Table(title=Text(title), title_justify="left")
     for col in ("configuration", "avg bits", "perplexity", "Δ ppl", "KL (nats)", "top-1"):
         table.add_column(col, justify="left" if col == "configuration" else "right")
     base = rows[0]["perplexity"]
@@ -42,7 +45,7 @@ def memory_table(result: dict[str, Any], weights_dtype: str, batch: int, gpus: i
     where = result["gpu"] or "budget"
     where = f"{where} {gib(result['budget_bytes'] / result['gpus'])}" + (f" x {gpus}" if gpus > 1 else "")
     title = (
-        f"{result['model']} ({result['params'] / 1e9:.2f}B params, {weights_dtype}): "
+        f"{escape(result['model'])} ({result['params'] / 1e9:.2f}B params, {weights_dtype}): "
         f"{tokens(result['context'])} tokens x batch {batch} on {where}"
     )
     caption = (
@@ -98,7 +101,7 @@ def methods_table(methods: list[dict[str, Any]]) -> Table:
 def generation_table(r: dict[str, Any]) -> Table:
     """The summary of ``kvq generate``: speeds, memory beside the estimate, and the pass key if any."""
     gib = 1 << 30
-    table = Table(title=f"{r['model']}, {r['configuration']} ({r['dtype']}, {r['device']})", show_header=False)
+    table = Table(title=Text(f"{r['model']}, {r['configuration']} ({r['dtype']}, {r['device']})"), show_header=False)
     table.add_column("", style="bold")
     table.add_column("", justify="right")
     decode = r["decode_tokens_per_s"]
@@ -120,7 +123,7 @@ def generation_table(r: dict[str, Any]) -> Table:
                                          f"{'[/]' if ref else ''}"))
     if "passkey" in r:
         verdict = "[green]correct[/]" if r["passkey_correct"] else "[red]wrong[/]"
-        rows.append(("pass key", f"{r['passkey']} -> {r['passkey_answer']} {verdict}"))
+        rows.append(("pass key", f"{r['passkey']} -> {escape(str(r['passkey_answer']))} {verdict}"))
     for k, v in rows:
         table.add_row(k, v)
     return table
