@@ -73,6 +73,7 @@ def save(artifact: Artifact, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.exists() and not path.is_file():
         raise KvqError(f"cannot write {path}: it exists and is not a regular file")
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors = {
@@ -98,8 +99,9 @@ def save(artifact: Artifact, path: str | os.PathLike) -> Path:
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(path.parent)
-    except OSError as exc:
-        raise KvqError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except (OSError, SafetensorError) as exc:  # a full disk, a folder that cannot be written
+        why = getattr(exc, "strerror", None) or str(exc).split(": ")[-1]
+        raise KvqError(f"cannot write {path}: {why}") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)

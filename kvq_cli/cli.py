@@ -80,12 +80,31 @@ def say(where: Console, label: str, style: str, message: str) -> None:
     where.print(Text.assemble((label, style), " ", str(message)), highlight=False, soft_wrap=True)
 
 
+def _import_torch_holding_ctrl_c() -> None:
+    """Import torch with Ctrl-C held until the import is done (interrupted inside torch's C++ start-up, the process
+    aborts with a C++ message), then act on it."""
+    import signal
+    import threading
+
+    if "torch" in sys.modules or threading.current_thread() is not threading.main_thread():
+        return
+    hit: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda *_: hit.append(1))
+    try:
+        import torch  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if hit:
+        raise KeyboardInterrupt
+
+
 def user_errors(fn):
     """One line on stderr and exit code 2 for user mistakes; never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            _import_torch_holding_ctrl_c()
             return fn(*args, **kwargs)
         except KvqError as exc:
             say(err, "kvq: error:", "bold red", str(exc))

@@ -235,6 +235,8 @@ def generate(
 
     if max_new_tokens < 1 or chunk < 1:
         raise KvqError("--max-new-tokens and --chunk must be at least 1")
+    if not (torch.tensor([temperature, top_p]).isfinite().all() and (depth is None or 0 <= depth <= 1)):
+        raise KvqError("--temperature and --top-p must be finite numbers, --depth between 0 and 1")
     sampler = Sampler(temperature, top_k, top_p)
     if artifact is not None and not artifact.strip():
         raise KvqError("--artifact is empty: name an artifact file")

@@ -190,6 +190,8 @@ def test_method_spec_values():
     (["calibrate", "--sink", 1000000, "--seqlen", 32], "nothing would be quantized"),
     (["estimate-memory", "--gpus", 100000000], "--gpus"), (["estimate-memory", "--batch", 0], "--batch"),
     (["generate", "--depth", 0.3, "--prompt-file", "PROMPT"], "--depth"),
+    (["generate", "--temperature", "nan", "--prompt-file", "PROMPT"], "finite"),
+    (["estimate-memory", "--context", "9" * 400], "context"), (["estimate-memory", "--budget", "9" * 400], "budget"),
 ])
 def test_option_bounds(tiny_model_dir, tiny_text_file, tmp_path, args, message):
     extra = {"eval-ppl": ["--dataset", tiny_text_file], "calibrate": ["--dataset", tiny_text_file, "--out",
@@ -213,13 +215,14 @@ def test_out_onto_a_directory_and_full_disk(tiny_model_dir, tiny_text_file, tmp_
     refused(run("calibrate", "--model", tiny_model_dir, "--dataset", tiny_text_file, "--out",
                 tmp_path / "d.safetensors"), "not a regular file")
 
-    def full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    from safetensors import SafetensorError
 
-    monkeypatch.setattr("safetensors.torch.save_file", full)
     art = artifact_io.load(kvquant_artifact[0])
-    with pytest.raises(KvqError, match="No space left"):
-        artifact_io.save(art, tmp_path / "new.safetensors")
+    for error in (OSError(28, "No space left on device"),
+                  SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")):
+        monkeypatch.setattr("safetensors.torch.save_file", lambda *a, e=error, **k: (_ for _ in ()).throw(e))
+        with pytest.raises(KvqError, match="No space left"):
+            artifact_io.save(art, tmp_path / "new.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "d.safetensors"]
 
 
