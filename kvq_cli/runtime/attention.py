@@ -27,10 +27,10 @@ Reader = Callable[[int, int], tuple[Tensor, Tensor]]
 """``read(a, b)`` -> keys (post-RoPE) and values of positions ``[a, b)``, float32 ``(B, Hkv, b - a, D)``."""
 
 
-#: Position ranges whose RoPE angles a ``Rope`` keeps (most recent first out): every layer of a decode step rotates
+#: Position ranges whose RoPE angles a ``Rope`` keeps (least recently used out): every layer of a decode step rotates
 #: the same blocks, so with at most this many blocks per step the angles are computed once per step, not per layer.
-#: Each range costs ``8 * L * D / 2`` bytes (cos and sin, float32, half width): a quarter of one KV head's float
-#: keys of the same block.
+#: Each range of ``L`` positions costs ``4 L D`` bytes (cos and sin, float32, half width): as much as one KV head's
+#: float32 keys of that block (at most 4 x 16 MiB for SmolLM2's 65536-token decode blocks).
 ROPE_MEMO = 4
 
 
