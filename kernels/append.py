@@ -68,14 +68,18 @@ def _top_bottom(x, valid, f, n_out):
     return taken
 
 
-@triton.jit(do_not_specialize=["T", "n0", "CAP", "VCAP", "NPC", "n_out"])  # they vary: no recompiles mid-run
+@triton.jit(do_not_specialize=["T", "n_tok", "CAP", "VCAP", "NPC", "n_out"])  # they vary: no recompiles mid-run
 def _append_kernel(
     X, sxb, sxh, sxt, LO, HI, MID, CODES, SCALE, ZERO, VAL, IDX, PTR,
-    H, T, n0, CAP, VCAP, NPC, n_out,
+    H, T, n_tok, CAP, VCAP, NPC, n_out, AT,
     D: tl.constexpr, HP: tl.constexpr, BITS: tl.constexpr, IS_KEY: tl.constexpr, OUT: tl.constexpr,
-    SB: tl.constexpr,
+    SB: tl.constexpr, DYN: tl.constexpr = False,
 ):
     b = tl.program_id(0)
+    if DYN:  # the first token's index is read on the device (a graph-captured launch)
+        n0 = tl.load(AT).to(tl.int32)
+    else:
+        n0 = n_tok
     hh = tl.arange(0, HP)
     c = tl.arange(0, D)
     hm = hh < H
@@ -129,8 +133,10 @@ def _append_kernel(
 
 def append_kvquant(x: Tensor, codes: Tensor, n: int, mids: Tensor, bits: int, *, lo: Tensor | None = None,
                    hi: Tensor | None = None, scale: Tensor | None = None, zero: Tensor | None = None, n_out: int = 0,
-                   rows: SparseRows | None = None, num_warps: int | None = None) -> None:
+                   rows: SparseRows | None = None, num_warps: int | None = None, at: Tensor | None = None) -> None:
     """Quantize ``x (B, H, T, D)`` (any float dtype) into tokens ``[n, n + T)`` of a kvquant stream's buffers.
+    ``at``: int64 ``(1,)`` on the device holding ``n`` (read by the kernel: a graph-captured launch; the host's
+    ``n`` and ``rows.n`` are then not checked).
 
     ``codes``: uint8 ``(B, H, CAP, D * bits / 8)``; ``mids``: float32 ``(2^bits - 1,)`` codebook midpoints.
     Keys: ``lo``, ``hi`` float32 ``(H, D)`` thresholds. Values: ``scale``, ``zero`` float16 ``(B, H, CAP, 1)``
@@ -143,7 +149,7 @@ def append_kvquant(x: Tensor, codes: Tensor, n: int, mids: Tensor, bits: int, *,
     check_head_dim(d, bits)
     if codes.shape[:2] != (b, h) or codes.shape[3] != packed_bytes(d, bits) or n + t > codes.shape[2]:
         raise ValueError(f"codes {tuple(codes.shape)} cannot take {t} tokens at {n} of {tuple(x.shape)}")
-    if key == (scale is not None) or (rows is not None and rows.n != n):
+    if key == (scale is not None) or (rows is not None and rows.n != n and at is None):
         raise ValueError("keys take lo/hi, values scale/zero; rows must hold exactly the first n tokens")
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -154,7 +160,8 @@ def append_kvquant(x: Tensor, codes: Tensor, n: int, mids: Tensor, bits: int, *,
         dummy if key else scale, dummy if key else zero,
         *((rows.val, rows.idx, rows.ptr) if rows is not None else (dummy,) * 3),
         h, t, n, codes.shape[2], rows.val.shape[-1] if rows is not None else 0,
-        rows.ptr.shape[-1] if rows is not None else 0, n_out,
+        rows.ptr.shape[-1] if rows is not None else 0, n_out, codes if at is None else at,
         D=d, HP=hp, BITS=bits, IS_KEY=key, OUT=rows is not None, SB=rows.block if rows is not None else 1,
+        DYN=at is not None,
         num_warps=num_warps or (8 if hp * d >= 2048 else 4),
     )

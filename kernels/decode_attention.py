@@ -227,53 +227,67 @@ def _finish(q, nsp, mp, lp, ap):
     return out
 
 
-def _sparse_grid(cache: KVQuantCache, rows) -> tuple[int, int]:
-    """One program per (batch, KV head) row and sparse block of the packed tokens."""
+def _sparse_grid(cache: KVQuantCache, rows, tokens: int) -> tuple[int, int]:
+    """One program per (batch, KV head) row and sparse block of the first ``tokens`` packed tokens."""
     b, h = cache.k_packed.shape[:2]
-    return b * h, cdiv(cache.n_packed, rows.block)
+    return b * h, cdiv(tokens, rows.block)
 
 
-def _key_outliers(cache: KVQuantCache, q: Tensor, ka, ksc, invf, tab, block_n: int,
-                  scale: float) -> Tensor | None:
-    """Score corrections ``(B, Hq, n_packed)`` float32 of the key outliers (None when there are none)."""
+def _key_outliers(cache: KVQuantCache, q: Tensor, ka, ksc, invf, tab, block_n: int, scale: float,
+                  lens: Tensor | None, sst: int) -> Tensor | None:
+    """Score corrections ``(B, Hq, sst)`` float32 of the key outliers (None when there are none)."""
     rows = cache.k_sparse
-    if rows is None or cache.n_packed == 0:
+    if rows is None or (lens is None and cache.n_packed == 0):
         return None
-    ds = torch.zeros(q.shape[0], q.shape[1], cache.n_packed, dtype=torch.float32, device=q.device)
-    _key_outlier_kernel[_sparse_grid(cache, rows)](
+    ds = torch.zeros(q.shape[0], q.shape[1], sst, dtype=torch.float32, device=q.device)
+    _key_outlier_kernel[_sparse_grid(cache, rows, sst)](
         q, q.stride(0), q.stride(1), rows.val, rows.idx, rows.ptr, rows.val.shape[-1], rows.ptr.shape[-1],
         cache.k_packed, ka, ksc, cache.ck, invf, tab, tab.shape[1], ds,
-        cache.k_packed.shape[1], cache.k_packed.shape[2], cache.n_packed, cache.n_sink, scale,
+        cache.k_packed.shape[1], cache.k_packed.shape[2], cache.n_packed, cache.n_sink, scale, sst,
+        q if lens is None else lens,
         G=q.shape[1] // cache.k_packed.shape[1], D=cache.head_dim, BITS=cache.bits_k, SB=rows.block, TB=block_n,
-        MAXO=OUTLIER_CHUNK, num_warps=OUTLIER_WARPS,
+        MAXO=OUTLIER_CHUNK, DYN=lens is not None, num_warps=OUTLIER_WARPS,
     )
     return ds
 
 
-def _value_outliers(cache: KVQuantCache, q: Tensor, ss: Tensor, mp: Tensor, ap: Tensor, per: int, nsp: int) -> None:
+def _value_outliers(cache: KVQuantCache, q: Tensor, ss: Tensor, mp: Tensor, ap: Tensor, per: int, nsp: int,
+                    lens: Tensor | None, sst: int, block_n: int) -> None:
     """Add the value outliers' corrections to the split partials ``ap`` (scores ``ss``, split maxima ``mp``)."""
     rows = cache.v_sparse
-    _value_outlier_kernel[_sparse_grid(cache, rows)](
+    _value_outlier_kernel[_sparse_grid(cache, rows, sst)](
         rows.val, rows.idx, rows.ptr, rows.val.shape[-1], rows.ptr.shape[-1], cache.v_packed, cache.v_min,
         cache.v_scale, cache.cv, ss, mp, ap, cache.k_packed.shape[1], cache.k_packed.shape[2], cache.n_packed, per,
-        nsp, G=q.shape[1] // cache.k_packed.shape[1], D=cache.head_dim, BITS=cache.bits_v, SB=rows.block,
-        MAXO=OUTLIER_CHUNK, num_warps=OUTLIER_WARPS,
+        nsp, sst, q if lens is None else lens, G=q.shape[1] // cache.k_packed.shape[1], D=cache.head_dim,
+        BITS=cache.bits_v, SB=rows.block, MAXO=OUTLIER_CHUNK, TB=block_n, DYN=lens is not None,
+        num_warps=OUTLIER_WARPS,
     )
 
 
 def decode_attention_kvquant(q: Tensor, cache: KVQuantCache, sm_scale: float | None = None,
                              num_splits: int | None = None, block_n: int | None = None,
-                             num_warps: int | None = None) -> Tensor:
-    """Decode attention of post-RoPE ``q (B, H*G, D)`` over a ``KVQuantCache`` -> ``(B, H*G, D)`` in q's dtype."""
-    grid, per, nsp, mp, lp, ap, scale, meta = _launch_plan(q, cache, sm_scale, num_splits, block_n, num_warps, False)
+                             num_warps: int | None = None, lens: Tensor | None = None) -> Tensor:
+    """Decode attention of post-RoPE ``q (B, H*G, D)`` over a ``KVQuantCache`` -> ``(B, H*G, D)`` in q's dtype.
+
+    ``lens``: the counts on the device (as ``decode_attention_kivi``): one launch plan for the capacity, the
+    sparse outliers' programs over every pointer block of it (the pointer arrays must cover the capacity)."""
+    dyn = lens is not None
+    grid, per, nsp, mp, lp, ap, scale, meta = _launch_plan(q, cache, sm_scale, num_splits, block_n, num_warps, False,
+                                                           dyn)
     ka, ksc = key_affine(cache)
     invf = _frequencies(cache, q.device)
     bn = meta["BLOCK_N"]
-    tab = rope_block_table(invf, bn, (cache.n_sink + cache.n_packed + cache.n_res) // bn + 2)
+    tmax = cache.k_packed.shape[2]
+    sst = tmax if dyn else cache.n_packed  # the score buffers' row length
+    tab = rope_block_table(invf, bn, (cache.n_sink + (tmax + cache.res_k.shape[2] if dyn else cache.n_packed
+                                                      + cache.n_res)) // bn + 2)
+    for rows in (cache.k_sparse, cache.v_sparse):
+        if dyn and rows is not None and rows.ptr.shape[-1] < cdiv(tmax, rows.block) + 2:
+            raise ValueError("device counts need pointer arrays that cover the capacity")
     sk, rk = cache.sink_k, cache.res_k
-    ds = _key_outliers(cache, q, ka, ksc, invf, tab, bn, scale)
-    ss = None if cache.v_sparse is None or cache.n_packed == 0 else torch.empty(
-        q.shape[0], q.shape[1], cache.n_packed, dtype=torch.float32, device=q.device)  # scores for the values
+    ds = _key_outliers(cache, q, ka, ksc, invf, tab, bn, scale, lens, sst)
+    ss = None if cache.v_sparse is None or (not dyn and cache.n_packed == 0) else torch.empty(
+        q.shape[0], q.shape[1], sst, dtype=torch.float32, device=q.device)  # scores for the values
     _kvquant_split_kernel[grid](
         q, q.stride(0), q.stride(1),
         cache.k_packed, cache.k_oidx, cache.k_oval, ka, ksc, cache.ck,
@@ -281,12 +295,13 @@ def decode_attention_kvquant(q: Tensor, cache: KVQuantCache, sm_scale: float | N
         sk, cache.sink_v, rk, cache.res_v, sk.stride(0), sk.stride(1), rk.stride(0), rk.stride(1),
         invf, tab, tab.shape[1], mp, lp, ap,
         cache.k_packed.shape[1], cache.k_packed.shape[2], cache.n_packed, cache.n_sink, cache.n_res, per, nsp, scale,
-        q if ds is None else ds, q if ss is None else ss,  # (q: a placeholder the kernel does not read)
+        q if ds is None else ds, q if ss is None else ss, sst,  # (q: a placeholder the kernel does not read)
+        q if lens is None else lens,
         BITS_K=cache.bits_k, BITS_V=cache.bits_v, NOK=cache.k_oidx.shape[-1], NOV=cache.v_oidx.shape[-1],
-        ABLATE=ABLATE, SPK=ds is not None, SPV=ss is not None, **meta,
+        ABLATE=ABLATE, SPK=ds is not None, SPV=ss is not None, DYN=dyn, **meta,
     )
     if ss is not None:
-        _value_outliers(cache, q, ss, mp, ap, per, nsp)
+        _value_outliers(cache, q, ss, mp, ap, per, nsp, lens, sst, bn)
     return _finish(q, nsp, mp, lp, ap)
 
 

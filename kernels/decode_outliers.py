@@ -21,6 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .decode_split import split_tokens
 from .pack import _code_bytes
 
 
@@ -54,14 +55,19 @@ def _entries(SV, SI, bh, cap, k, s0, stop, n_packed, SB: tl.constexpr, D: tl.con
 
 @triton.jit
 def _key_outlier_kernel(Q, sqb, sqh, SV, SI, SP, cap, npt, KP, KA, KSC, CK, INVF, TAB, tab_rows, DS,
-                        H, Tmax, n_packed, n_sink, qk_scale,
+                        H, Tmax, n_packed, n_sink, qk_scale, SST, LENS,
                         G: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, SB: tl.constexpr, TB: tl.constexpr,
-                        MAXO: tl.constexpr):
-    """``DS[b, h*G + g, t] += delta * (R(n_sink + t)^T q_g)[c] * qk_scale`` for every key outlier (atomics)."""
+                        MAXO: tl.constexpr, DYN: tl.constexpr = False):
+    """``DS[b, h*G + g, t] += delta * (R(n_sink + t)^T q_g)[c] * qk_scale`` for every key outlier (atomics);
+    ``DS`` rows of ``SST``. ``DYN``: ``n_packed`` is read from ``LENS`` (a graph-captured launch)."""
     HALF: tl.constexpr = D // 2
+    if DYN:
+        npk = tl.load(LENS).to(tl.int32)
+    else:
+        npk = n_packed
     bh, b, h, k, start, stop = _program_block(SP, npt, H)
     for s0 in range(start, stop, MAXO):
-        ov, t, c, ok = _entries(SV, SI, bh, cap, k, s0, stop, n_packed, SB, D, MAXO)
+        ov, t, c, ok = _entries(SV, SI, bh, cap, k, s0, stop, npk, SB, D, MAXO)
         dense = tl.load(KA + h * D + c) + tl.load(KSC + h * D + c) * tl.load(
             CK + _code_at(KP, bh * Tmax + t, c, ok, BITS, D))
         delta = tl.where(ok, ov - dense, 0.0) * qk_scale
@@ -80,25 +86,32 @@ def _key_outlier_kernel(Q, sqb, sqh, SV, SI, SP, cap, npt, KP, KA, KSC, CK, INVF
             qrow = Q + b * sqb + (h * G + g) * sqh
             qc = tl.load(qrow + c, mask=ok, other=0.0).to(tl.float32)
             qp = tl.load(qrow + partner, mask=ok, other=0.0).to(tl.float32)
-            tl.atomic_add(DS + ((b * H + h) * G + g) * n_packed + t, (qc * cs + sign * qp * sn) * delta, mask=ok)
+            tl.atomic_add(DS + ((b * H + h) * G + g) * SST + t, (qc * cs + sign * qp * sn) * delta, mask=ok)
 
 
 @triton.jit
 def _value_outlier_kernel(SV, SI, SP, cap, npt, VP, VMIN, VSC, CV, S, MP, AP,
-                          H, Tmax, n_packed, tokens_per_split, NSP,
+                          H, Tmax, n_packed, tokens_per_split, NSP, SST, LENS,
                           G: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, SB: tl.constexpr,
-                          MAXO: tl.constexpr):
-    """``AP[b, h*G + g, split, c] += exp2(S[b, h*G + g, t] - MP[.., split]) * delta`` for every value outlier."""
+                          MAXO: tl.constexpr, TB: tl.constexpr = 16, DYN: tl.constexpr = False):
+    """``AP[b, h*G + g, split, c] += exp2(S[b, h*G + g, t] - MP[.., split]) * delta`` for every value outlier;
+    ``S`` rows of ``SST``. ``DYN``: ``n_packed`` from ``LENS`` and the split kernel's own plan (blocks of ``TB``)."""
+    if DYN:
+        npk = tl.load(LENS).to(tl.int32)
+        per = split_tokens(npk, NSP, TB)
+    else:
+        npk = n_packed
+        per = tokens_per_split
     bh, b, h, k, start, stop = _program_block(SP, npt, H)
     for s0 in range(start, stop, MAXO):
-        ov, t, c, ok = _entries(SV, SI, bh, cap, k, s0, stop, n_packed, SB, D, MAXO)
+        ov, t, c, ok = _entries(SV, SI, bh, cap, k, s0, stop, npk, SB, D, MAXO)
         row = bh * Tmax + t
         hs = 0.5 * tl.load(VSC + row, mask=ok, other=0.0).to(tl.float32)
         mn = tl.load(VMIN + row, mask=ok, other=0.0).to(tl.float32) + hs
         delta = tl.where(ok, ov - (mn + hs * tl.load(CV + _code_at(VP, row, c, ok, BITS, D))), 0.0)
-        split = t // tokens_per_split
+        split = t // per
         for g in range(G):
             hq = (b * H + h) * G + g
-            s = tl.load(S + hq * n_packed + t, mask=ok, other=0.0)
+            s = tl.load(S + hq * SST + t, mask=ok, other=0.0)
             m = tl.load(MP + hq * NSP + split, mask=ok, other=0.0)
             tl.atomic_add(AP + (hq * NSP + split) * D + c, tl.exp2(s - m) * delta, mask=ok)

@@ -196,6 +196,28 @@ def _score_rows(qrow0, n_packed, t, valid, QPP: tl.constexpr, MR: tl.constexpr, 
 
 
 @triton.jit
+def _counts(LENS, n_packed, n_res, tokens_per_split, NSP, BLOCK_N: tl.constexpr, DYN: tl.constexpr):
+    """-> packed tokens, residual tokens, packed tokens per split. ``DYN``: the counts are read from ``LENS``
+    (int64 ``[n_packed, n_res, ...]`` on the device) and the packed tokens spread evenly, in whole blocks, over
+    the ``NSP - 1`` packed splits (the last split does the fp16 segments); else the arguments."""
+    if DYN:
+        npk = tl.load(LENS).to(tl.int32)
+        nrs = tl.load(LENS + 1).to(tl.int32)
+        per = split_tokens(npk, NSP, BLOCK_N)
+    else:
+        npk = n_packed
+        nrs = n_res
+        per = tokens_per_split
+    return npk, nrs, per
+
+
+@triton.jit
+def split_tokens(npk, NSP, BLOCK_N: tl.constexpr):
+    """Packed tokens per split when the kernel plans the split itself (``DYN``)."""
+    return tl.cdiv(tl.cdiv(npk, BLOCK_N), NSP - 1) * BLOCK_N
+
+
+@triton.jit
 def _program_ids(H, NSP, G: tl.constexpr, QPP: tl.constexpr):
     """-> b, h, first query head, the split index, and the row of its first partial."""
     pid = tl.program_id(0)
@@ -278,15 +300,16 @@ def _kvquant_split_kernel(
     SK, SV, RK, RV, ssb, ssh, srb, srh,
     INVF, TAB, tab_rows, MP, LP, AP,
     H, Tmax, n_packed, n_sink, n_res, tokens_per_split, NSP, qk_scale,
-    DS, SS,
+    DS, SS, SST, LENS,
     G: tl.constexpr, QPP: tl.constexpr, MR: tl.constexpr, D: tl.constexpr, BITS_K: tl.constexpr,
     BITS_V: tl.constexpr, NOK: tl.constexpr, NOV: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
     PREC: tl.constexpr, ASM: tl.constexpr, ABLATE: tl.constexpr = 0, PLAIN: tl.constexpr = False,
-    SPK: tl.constexpr = False, SPV: tl.constexpr = False,
+    SPK: tl.constexpr = False, SPV: tl.constexpr = False, DYN: tl.constexpr = False,
 ):
     """Fixed outlier slots (``NOK``, ``NOV`` per token and head) are substituted in the block. Per-row sparse
-    outliers are corrections (``decode_outliers``): with ``SPK`` the scores add ``DS (B, Hq, n_packed)``, with
-    ``SPV`` they are stored to ``SS`` (same shape) for the value-outlier kernel."""
+    outliers are corrections (``decode_outliers``): with ``SPK`` the scores add ``DS (B, Hq, SST)``, with
+    ``SPV`` they are stored to ``SS`` (same shape) for the value-outlier kernel. ``DYN``: the packed and residual
+    counts come from ``LENS`` on the device (as the kivi kernel; a graph-captured launch)."""
     HALF: tl.constexpr = D // 2
     b, h, hq0, sp, prow0 = _program_ids(H, NSP, G, QPP)
     ch = tl.arange(0, HALF)
@@ -312,8 +335,9 @@ def _kvquant_split_kernel(
     m, l, pm, acc1, acc2 = _init_state(MR, BLOCK_N, HALF, 1, DOT)
     qrow0 = b.to(tl.int64) * H * G + hq0  # first query row of the program in DS / SS
     FOLD: tl.constexpr = (not DOT) and NOV == 0  # one row, no value slots: accumulate (p hs) x and p mn
-    start = sp * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, n_packed)
+    npk, nrs, per = _counts(LENS, n_packed, n_res, tokens_per_split, NSP, BLOCK_N, DYN)
+    start = sp * per
+    end = tl.minimum(start + per, npk)
     bh = (b * H + h).to(tl.int64)
     for t0 in range(start, end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
@@ -328,7 +352,7 @@ def _kvquant_split_kernel(
             qr1, qr2 = _rot_t(qs1, qs2, c0, s0)
             s = _mask(_scores(qr1, qr2, ta1 + tb1 * x1 - tc1 * x2, ta2 + tb2 * x2 + tc2 * x1, DOT, PREC), valid, DOT)
         if SPK or SPV:
-            srow, smask = _score_rows(qrow0, n_packed, t, valid, QPP, MR, DOT)
+            srow, smask = _score_rows(qrow0, SST, t, valid, QPP, MR, DOT)
             if SPK:
                 s += tl.load(DS + srow, mask=smask, other=0.0)
             if SPV:
@@ -343,10 +367,10 @@ def _kvquant_split_kernel(
             acc1, acc2 = _accumulate(p, v1, v2, acc1, acc2, DOT, PREC)
     last = sp == NSP - 1  # the last split has an empty packed range and does the fp16 segments
     n_s = tl.where(last, n_sink, 0)
-    n_r = tl.where(last, n_res, 0)
+    n_r = tl.where(last, nrs, 0)
     m, l, pm, acc1, acc2 = _fp16_segment(q1, q2, SK, SV, b.to(tl.int64) * ssb + h * ssh, n_s, 0, TAB, tab_rows,
                                          cj, sj, m, l, pm, acc1, acc2, True, D, BLOCK_N, DOT, PREC)
-    p_res = n_sink + n_packed  # residual token i at p_res + i = (p_res // N + i // N) * N + p_res % N + i % N
+    p_res = n_sink + npk  # residual token i at p_res + i = (p_res // N + i // N) * N + p_res % N + i % N
     dr = (p_res % BLOCK_N).to(tl.float32) * invf
     qd1, qd2 = _rot_t(q1, q2, tl.cos(dr), tl.sin(dr))
     m, l, pm, acc1, acc2 = _fp16_segment(qd1, qd2, RK, RV, b.to(tl.int64) * srb + h * srh, n_r, p_res // BLOCK_N,
@@ -399,14 +423,7 @@ def _kivi_split_kernel(
     cg = tl.arange(0, NVG)
     q1, q2 = _load_query(Q, sqb, sqh, b, hq0, qk_scale, QPP, MR, D)
     m, l, pm, acc1, acc2 = _init_state(MR, BLOCK_N, HALF, NVG, DOT)
-    if DYN:
-        npk = tl.load(LENS).to(tl.int32)
-        nrs = tl.load(LENS + 1).to(tl.int32)
-        per = tl.cdiv(tl.cdiv(npk, BLOCK_N), NSP - 1) * BLOCK_N
-    else:
-        npk = n_packed
-        nrs = n_res
-        per = tokens_per_split
+    npk, nrs, per = _counts(LENS, n_packed, n_res, tokens_per_split, NSP, BLOCK_N, DYN)
     start = sp * per
     end = tl.minimum(start + per, npk)
     bh = (b * H + h).to(tl.int64)

@@ -98,6 +98,10 @@ class SparseRows:
             self._grow(need + self.block * per_token, 0)
         self.bound = need
 
+    def cover(self, tokens: int) -> None:
+        """Pointer arrays long enough for ``tokens`` tokens (a graph-captured reader's programs span the capacity)."""
+        self._grow(0, cdiv(tokens, self.block) + 2)
+
     def advance(self, t: int) -> None:
         """Count ``t`` tokens whose entries and pointers a device writer has stored (after ``reserve``)."""
         self.n += t

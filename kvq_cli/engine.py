@@ -11,10 +11,13 @@
 * The 16-bit baseline is transformers' ``StaticCache`` under the same capture (``static_cache``), so every
   ratio compares engine with engine. Eager steps hold SDPA to its FlashAttention / memory-efficient kernels
   (cuDNN attention re-plans at each eager call); captured steps keep torch's choice (``SDPA``).
-* A ``KVQCache`` replays the graph on the steps where every layer can (``KVQCache.graph_ready``: today kivi
-  with key group 32, whose new tokens land in the fp16 residual window) and runs the others eagerly: KIVI's
-  group flushes (one step in ``group``), and methods whose every token is quantized on arrival (kvquant, int,
-  nf, cq, pq). ``stats`` counts both.
+* A ``KVQCache`` replays a graph on the steps where every layer can (``KVQCache.graph_kind``), with the counts
+  in device tensors: kivi with key group 32 has one graph for the steps whose token joins the fp16 residual
+  window ("plain") and one for the steps where the full window's oldest group leaves into the packed store
+  ("flush"); kvquant (sink, no residual window) one for its fused append of each token ("append"; the host
+  reserves room for the token's sparse outliers before each replay, and a reallocation means a re-capture).
+  Other steps run eagerly: the first ones (sink filling, nothing packed yet) and every step of cq, pq, int and nf.
+  ``stats`` counts both.
 
 Sampling (``Sampler``) happens inside the step: greedy by default, else temperature, top-k and top-p with
 the Gumbel-max trick (graph-safe random numbers from the seeded CUDA generator).
@@ -105,9 +108,12 @@ class Decoder:
             raise KvqError("CUDA graphs need a CUDA device, one GPU and a StaticCache or packed cache")
         self.graphs = capturable if graphs is None else bool(graphs)
         self.position = 0  # tokens in the cache
-        self.stats = {"graph_steps": 0, "eager_steps": 0}
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._token = self._pos = self._out = None
+        self.stats = {"graph_steps": 0, "eager_steps": 0, "captures": 0}
+        self._graphs: dict[str, torch.cuda.CUDAGraph] = {}  # one captured step per kind ("plain", "flush")
+        self._out: dict[str, Tensor] = {}
+        self._pool = None
+        self._signature: tuple = ()
+        self._token = self._pos = None
 
     def _forward(self, ids: Tensor, positions: Tensor | None = None, captured: bool = False) -> Tensor:
         """Logits of the last position ``(B, V)``."""
@@ -131,11 +137,9 @@ class Decoder:
     @torch.inference_mode()
     def step(self, token: Tensor) -> Tensor:
         """Feed ``token (B,)`` at the next position; returns the next token ``(B,)``."""
-        ready = getattr(self.cache, "graph_ready", None)
-        if not self.graphs or (ready is not None and not ready()):
-            out = self._eager(token)
-        else:
-            out = self._replay(token)
+        kind_of = getattr(self.cache, "graph_kind", None)
+        kind = "plain" if kind_of is None else kind_of()  # a StaticCache has one kind of step
+        out = self._replay(token, kind) if self.graphs and kind is not None else self._eager(token)
         self.position += 1
         return out
 
@@ -144,35 +148,46 @@ class Decoder:
         pos = torch.full((token.shape[0], 1), self.position, device=token.device, dtype=torch.long)
         return self.sampler(self._forward(token[:, None], pos))
 
-    def _replay(self, token: Tensor) -> Tensor:
+    def _replay(self, token: Tensor, kind: str) -> Tensor:
+        """A step of ``kind`` as a graph replay; the first of each kind is a real warm-up step (on a side stream,
+        as ``torch.cuda.graph`` asks), then the capture. The graphs share one memory pool. When the cache has
+        moved a buffer the graphs use (``graph_signature``), they are captured again (``stats["captures"]``
+        counts these re-captures)."""
         cache = self.cache
-        enter = getattr(cache, "enter_graph_step", lambda: None)
-        enter()  # device counts for this step (a packed cache)
-        if self._graph is None:  # first graph step: a real warm-up step on a side stream, then the capture
-            self._token = token[:, None].clone()  # (B, 1) static inputs the graph reads
+        enter = getattr(cache, "enter_graph_step", lambda kind: None)
+        enter(kind)  # device counts for this step (a packed cache)
+        if self._token is None:
+            self._token = token[:, None].clone()  # (B, 1) static inputs every graph reads
             self._pos = torch.full_like(self._token, self.position)
+        self._token.copy_(token[:, None])
+        self._pos.fill_(self.position)
+        signature = getattr(cache, "graph_signature", tuple)()
+        if signature != self._signature:  # buffers a graph reads were reallocated (sparse outliers grew): recapture
+            self._graphs, self._out, self._pool, self._signature = {}, {}, None, signature
+            self.stats["captures"] += bool(self.stats["graph_steps"])
+        graph = self._graphs.get(kind)
+        if graph is None:
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 out = self.sampler(self._forward(self._token, self._pos, True))
             torch.cuda.current_stream(self.device).wait_stream(stream)
-            self._done()
-            enter()
+            self._done(kind)
+            enter(kind)  # (the capture records; it does not run)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._out = self.sampler(self._forward(self._token, self._pos, True))
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._out[kind] = self.sampler(self._forward(self._token, self._pos, True))
             getattr(cache, "leave_graph_step", lambda: None)()
-            self._graph = graph
+            self._pool = self._pool or graph.pool()
+            self._graphs[kind] = graph
             return out.clone()
-        self._token.copy_(token[:, None])
-        self._pos.fill_(self.position)
-        self._graph.replay()
-        self._done()
-        return self._out.clone()
+        graph.replay()
+        self._done(kind)
+        return self._out[kind].clone()
 
-    def _done(self) -> None:
+    def _done(self, kind: str) -> None:
         self.stats["graph_steps"] += 1
-        getattr(self.cache, "graph_step_done", lambda: None)()
+        getattr(self.cache, "graph_step_done", lambda kind: None)(kind)
 
 
 def _capturable(cache, net: nn.Module) -> bool:

@@ -131,6 +131,7 @@ def run(net: nn.Module, cache, ids: Tensor, max_new_tokens: int, chunk: int, eos
         "prefill_tokens_per_s": n / prefill_s if prefill_s > 0 else float("inf"),
         "decode_tokens_per_s": steady / (end - steady_start) if steady > 0 and end > steady_start else None,
         "graph_steps": decoder.stats["graph_steps"],
+        "graph_captures": decoder.stats["captures"],
         "eager_steps": decoder.stats["eager_steps"],
     }
 
@@ -313,8 +314,9 @@ def generate(
     steps = cache.decode_steps() if hasattr(cache, "decode_steps") else {
         "kernel_steps": None, "reference_steps": None, "reference_reason": None}  # the 16-bit baseline
     if graphs and out["eager_steps"] and method is not None:
-        why = ("its new tokens are quantized on arrival (graph steps: kivi with key group 32 today)"
-               if not cache.capturable() else "KIVI's group flushes run eagerly (one step in a group)")
+        why = ("no graph step for this configuration yet (graph steps: kivi with key group 32, kvquant with "
+               "per-channel pre-RoPE keys and one codebook per layer)" if not cache.capturable()
+               else "the first steps (sink filling, nothing packed yet) run eagerly")
         notes.append(f"{out['eager_steps']:,} of {out['decode_steps']:,} decode steps ran eagerly, not as a CUDA "
                      f"graph replay: {why}")
     if steps["reference_steps"]:
@@ -337,6 +339,7 @@ def generate(
         "first_step_seconds": out["first_step_seconds"],
         "decode_seconds": out["decode_seconds"],
         "graph_steps": out["graph_steps"],
+        "graph_captures": out["graph_captures"],
         "eager_steps": out["eager_steps"],
         "sampling": "greedy" if sampler.greedy else {"temperature": temperature, "top_k": top_k, "top_p": top_p,
                                                        "seed": seed},

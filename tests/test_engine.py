@@ -58,13 +58,25 @@ def test_static_cache_baseline_equals_dynamic(arch):
     assert out["new_ids"] == plain and out["eager_steps"] == 7 and out["graph_steps"] == 0
 
 
-def test_graph_step_semantics_equal_eager_kivi():
-    """What a captured kivi step does (token into the residual slot named by the device counts, the Triton
-    kernel reading those counts, the host's counts catching up afterwards) equals the eager step, across
-    KIVI's group flushes (which run eagerly)."""
+def _kvquant(model, ids):
+    from kvq_cli.calibration.capture import capture
+    from kvq_cli.methods import make_method
+
+    method = make_method("kvquant", bits=3, outliers=0.02, fisher=False, kmeans_iters=3)
+    return method, [method.fit(s) for s in capture(model, ids[:, :48], method)]
+
+
+@pytest.mark.parametrize("config", ["kivi-r40", "kivi-r32", "kvquant-3b-2%"])
+def test_graph_step_semantics_equal_eager(config):
+    """What captured steps do equals the eager steps, with the Triton kernels reading the counts from the device
+    and the host's counts catching up afterwards: kivi's "plain" (the token into the residual slot the device
+    counts name) and "flush" (the full window's oldest group encoded into the packed store at the device's
+    offset), kvquant's "append" (its fused append at the device's index, sparse outliers included). Every step
+    after the first packed token is a graph step; the stored bytes are the eager path's."""
     model = tiny_model("llama")
     ids = torch.randint(0, 320, (1, 70), generator=torch.Generator().manual_seed(6))
-    spec = parse_spec("kivi:bits=2,group=32,residual=40")
+    kivi = config.startswith("kivi")
+    spec = parse_spec(f"kivi:bits=2,group=32,residual={config[-2:]}") if kivi else _kvquant(model, ids)
     logits = []
     for graph_mode in (False, True):
         cache = load_cache(spec, model, max_tokens=120)
@@ -73,15 +85,17 @@ def test_graph_step_semantics_equal_eager_kivi():
         assert all(layer.graph_capable() for layer in cache.layers)
         dec = Decoder(model, cache, graphs=False)
         token = dec.prefill(ids, 32)
-        steps, graph_steps = [], 0
+        steps, graph_steps, kinds = [], 0, set()
         with torch.inference_mode():
             for _ in range(40):
                 pos = torch.tensor([[dec.position]])
-                if graph_mode and cache.graph_ready():
-                    cache.enter_graph_step()
+                kind = cache.graph_kind()
+                if graph_mode and kind is not None:
+                    cache.enter_graph_step(kind)
                     out = model(input_ids=token[:, None], position_ids=pos, **cache_kwargs(model, cache)).logits
-                    cache.graph_step_done()
+                    cache.graph_step_done(kind)
                     graph_steps += 1
+                    kinds.add(kind)
                 else:
                     out = model(input_ids=token[:, None], position_ids=pos, **cache_kwargs(model, cache)).logits
                 dec.position += 1
@@ -89,11 +103,22 @@ def test_graph_step_semantics_equal_eager_kivi():
                 steps.append(out[:, -1])
         cache.unbind()
         if graph_mode:
-            assert 30 <= graph_steps < 40  # most steps replay; the flushes do not
-            assert cache.decode_steps()["reference_steps"] == 0
-            assert cache.layers[0].length == 70 + 40
+            assert graph_steps == 40 and kinds == ({"plain", "flush"} if kivi else {"append"})
+            assert cache.decode_steps() == {"kernel_steps": 40 * len(cache.layers), "reference_steps": 0,
+                                            "reference_reason": None}
+            layer = cache.layers[0]
+            assert layer.length == 70 + 40  # the prompt and the 40 tokens fed back
+            for stream in (layer.keys_stream, layer.values_stream):
+                assert len(stream) == layer.length and stream.packed.n % (32 if kivi else 1) == 0
+                assert all(f.n * (1 if name == "codes" else stream.packed.step) >= stream.packed.n
+                           for name, f in stream.packed.fields.items())
+            stored = [layer.read(0, layer.length) for layer in cache.layers]
+        else:
+            eager = [layer.read(0, layer.length) for layer in cache.layers]
         logits.append(torch.stack(steps))
     assert (logits[0] - logits[1]).abs().max().item() < 1e-4
+    for (k1, v1), (k2, v2) in zip(eager, stored, strict=True):  # the same bytes came out of both paths
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
 
 
 def test_graphs_refused_on_cpu():

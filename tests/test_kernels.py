@@ -289,6 +289,35 @@ def test_decode_attention_kivi_device_counts(gqa):
         assert _rel(got, ref.decode_attention_kivi_ref(q, c)) < ATTN_RTOL
 
 
+@pytest.mark.parametrize("gqa", [1, 4])
+def test_decode_attention_kvquant_device_counts(gqa):
+    """kvquant with sparse outliers, counts read from the device (``lens``: the graph-captured launch): a plan made
+    for the capacity, outlier programs over every pointer block of it, and stale host counts that the kernels
+    must ignore give the reference's attention at several fills."""
+    from kvq_kernels.sparse import SparseRows
+
+    gen = _gen(410 + gqa)
+    d, tmax, block = 32, 96, 16
+    q = _randn(gen, B, H * gqa, d)
+    for t in (0, 21, 83):
+        c = _kvquant_cache(gen, d, 2, 2, t=0, n_sink=3, n_res=0, tmax=tmax, nok=0, nov=0)
+        k, v = _randn(gen, B, H, max(t, 1), d, scale=1.3), _randn(gen, B, H, max(t, 1), d)
+        if t:
+            ref.append_kvquant_ref(c, k, v, 0)
+        c.n_packed = t
+        kmask = ((k < c.lo[None, :, None]) | (k > c.hi[None, :, None]))[:, :, :t]
+        vmask = (torch.rand(B, H, t, d, generator=gen) < 0.05).to(DEV)
+        c.k_sparse = SparseRows.from_dense(kmask, k[:, :, :t], block=block)
+        c.v_sparse = SparseRows.from_dense(vmask, v[:, :, :t] * 3, block=block)
+        for rows in (c.k_sparse, c.v_sparse):
+            rows._grow(0, -(-tmax // block) + 2)  # pointer arrays covering the capacity
+        want = ref.decode_attention_kvquant_ref(q, c)
+        lens = torch.tensor([t, 0, 0, t], dtype=torch.int64, device=DEV)
+        stale = dataclasses.replace(c, n_packed=5)
+        got = decode_attention_kvquant(q, stale, block_n=16, lens=lens)
+        assert _rel(got, want) < ATTN_RTOL, t
+
+
 def test_decode_attention_edge_segments():
     """Only fp16 tokens (nothing packed yet), and only packed tokens (no sink, no residual)."""
     gen = _gen(90)

@@ -83,8 +83,9 @@ class KVQLayer(CacheLayerMixin):
         self.pre_rope_key: Tensor | None = None  # set by the bound forward hook
         #: single-token decode attentions served by the Triton kernels / by the PyTorch reference path
         self.kernel_steps = self.reference_steps = 0
-        #: a CUDA-graph decode step (``engine.Decoder``): counts in ``lens`` (int64 ``[n_packed, n_res, slot]``)
-        self.captured = False
+        #: the kind of CUDA-graph decode step under way ("plain", "flush"; ``engine.Decoder``), None: eager.
+        #: Its counts are in ``lens`` (``KVQCache.enter_graph_step``)
+        self.captured: str | None = None
         self.lens: Tensor | None = None
         self.reset()
 
@@ -105,10 +106,24 @@ class KVQLayer(CacheLayerMixin):
                            "runs full attention only")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.captured:  # a graph step: the token goes to the residual window's slot, counted on the device
+        if self.captured == "plain":  # a graph step: the token joins the residual window at the device's slot
             slot = self.lens[2:3]
             self.keys_stream.residual.buf.index_copy_(2, slot, key_states.to(torch.float16))
             self.values_stream.residual.buf.index_copy_(2, slot, value_states.to(torch.float16))
+            self.pending = key_states.shape[2]
+            return key_states, value_states
+        if self.captured == "append":  # a graph step: kvquant's token straight into the packed store, at the device's
+            keys = self.pre_rope_key if self.method.keys_pre_rope else key_states  # index (its fused append)
+            self.pre_rope_key = None
+            state, at = self.state(), self.lens[3:4]
+            self.fused[0].at_device(self.keys_stream.packed, keys, state, at)
+            self.fused[1].at_device(self.values_stream.packed, value_states, state, at)
+            self.pending = key_states.shape[2]
+            return key_states, value_states
+        if self.captured == "flush":  # a graph step: the full window's oldest group leaves at the device's offset
+            state, offset = self.state(), self.lens[3:4]
+            self.keys_stream.graph_flush(key_states, state, self.method.encode_keys, offset)
+            self.values_stream.graph_flush(value_states, state, self.method.encode_values, offset)
             self.pending = key_states.shape[2]
             return key_states, value_states
         keys = key_states
@@ -219,18 +234,32 @@ class KVQLayer(CacheLayerMixin):
 
     # ---- CUDA-graph decode steps (``engine.Decoder``) ----------------------------------------------
     def graph_capable(self) -> bool:
-        """Whether this layer's decode steps can be captured: kivi with key group 32 (the Triton kernel reads
-        its counts from the device), fixed capacities (``max_tokens``), kernels not switched off."""
+        """Whether this layer's decode steps can be captured (the Triton kernels read their counts from the
+        device; fixed capacities from ``max_tokens``; kernels not switched off): kivi with key group 32 and a
+        residual window; kvquant whose kernel and fused append hold the layer exactly, with no residual window."""
         m = self.method
-        return (self.use_kernel is not False and m.name == "kivi" and m.group == 32 and self.max_tokens is not None
-                and m.residual >= 1 and not m.keys_pre_rope)
+        if self.use_kernel is False or self.max_tokens is None:
+            return False
+        if m.name == "kivi":
+            return m.group == 32 and m.residual >= 1 and not m.keys_pre_rope
+        if m.name != "kvquant" or None in self.fused or getattr(m, "residual", 0) or not m.sink:
+            return False
+        rope = self.rope.module if self.rope is not None else None
+        return (m.per_channel and m.pre_rope and not m.head_codebooks and rope is not None
+                and float(getattr(rope, "attention_scaling", 1.0)) == 1.0)
 
-    def graph_ready(self) -> bool:
-        """The next token only joins the residual window (no group leaves it) and the kernel layout holds."""
+    def graph_kind(self) -> str | None:
+        """Which graph step the next token takes: "plain" (it only joins the residual window), "flush" (the full
+        window's oldest group leaves too), or None (an eager step: sink not full, nothing packed yet, ...)."""
         ks, vs = self.keys_stream, self.values_stream
-        return (ks.sink is not None and ks.sink.n == ks.sink_size and ks.residual.n < ks.window
-                and ks.residual.n == vs.residual.n and ks.packed.n == vs.packed.n
-                and "codes" in ks.packed.fields and "codes" in vs.packed.fields)
+        if not (ks.sink is not None and ks.sink.n == ks.sink_size and ks.residual.n == vs.residual.n
+                and ks.packed.n == vs.packed.n and "codes" in ks.packed.fields and "codes" in vs.packed.fields):
+            return None
+        if self.method.name == "kvquant":  # every token goes straight to the packed store
+            return "append" if ks.window == 0 and ks.packed.n < ks.packed.capacity else None
+        if ks.residual.n < ks.window:
+            return "plain"
+        return "flush" if ks.residual.n == ks.window and ks.window + 1 >= ks.step else None
 
     def fix_residual_capacity(self) -> None:
         """Residual buffers at their final size (the window), so no later append moves them under a graph."""
@@ -242,10 +271,16 @@ class KVQLayer(CacheLayerMixin):
                 bigger[:, :, : grow.n] = grow.buf[:, :, : grow.n]
                 grow.buf = bigger
 
-    def graph_step_done(self) -> None:
-        """After a replayed step: the host's counts catch up with what the graph did on the device."""
-        self.keys_stream.residual.n += 1
-        self.values_stream.residual.n += 1
+    def graph_step_done(self, kind: str) -> None:
+        """After a replayed step of ``kind``: the host's counts catch up with what the graph did on the device."""
+        for stream, fused in zip((self.keys_stream, self.values_stream), self.fused, strict=True):
+            if kind == "append":
+                fused.advance(stream.packed)
+            elif kind == "flush":
+                stream.packed.advance(stream.step)
+                stream.residual.n = stream.window + 1 - stream.step
+            else:
+                stream.residual.n += 1
         self.length += 1
         self.kernel_steps += 1
 
@@ -322,31 +357,55 @@ class KVQCache(Cache):
         return (len(devices) == 1 and next(iter(devices)).type == "cuda"
                 and all(layer.graph_capable() for layer in self.layers))
 
-    def graph_ready(self) -> bool:
-        """The next step can replay the graph (every layer ``graph_ready``; layers move in lockstep)."""
-        return all(layer.graph_ready() for layer in self.layers)
+    def graph_kind(self) -> str | None:
+        """The graph step the next token takes in every layer (``KVQLayer.graph_kind``; layers move in
+        lockstep), or None for an eager step."""
+        kinds = {layer.graph_kind() for layer in self.layers}
+        return kinds.pop() if len(kinds) == 1 else None
 
-    def enter_graph_step(self) -> None:
-        """Before a graph step (capture or replay): the device counts for it, the layers in graph mode."""
+    def enter_graph_step(self, kind: str) -> None:
+        """Before a graph step of ``kind`` (capture or replay): the device counts for it (int64 ``[n_packed,
+        n_res]`` as attention sees them after the token, the residual slot of a plain step, the packed offset of a
+        flush), the layers in graph mode."""
         first = self.layers[0]
         ks = first.keys_stream
-        counts = torch.tensor([ks.packed.n, ks.residual.n + 1, ks.residual.n], dtype=torch.int64)
+        if kind == "append":
+            counts = [ks.packed.n + 1, 0, 0, ks.packed.n]
+            for layer in self.layers:  # room for the token's outliers (the host's bookkeeping)
+                for stream, fused in zip((layer.keys_stream, layer.values_stream), layer.fused, strict=True):
+                    fused.reserve(stream.packed)
+        elif kind == "flush":
+            counts = [ks.packed.n + ks.step, ks.window + 1 - ks.step, 0, ks.packed.n]
+        else:
+            counts = [ks.packed.n, ks.residual.n + 1, ks.residual.n, ks.packed.n]
+        counts = torch.tensor(counts, dtype=torch.int64)
         if self._lens is None:
-            self._lens = torch.zeros(3, dtype=torch.int64, device=first.attn.k_proj.weight.device)
+            self._lens = torch.zeros(4, dtype=torch.int64, device=first.attn.k_proj.weight.device)
             for layer in self.layers:
                 layer.fix_residual_capacity()
         self._lens.copy_(counts, non_blocking=True)
         for layer in self.layers:
-            layer.lens, layer.captured = self._lens, True
+            layer.lens, layer.captured = self._lens, kind
+
+    def graph_signature(self) -> tuple:
+        """The addresses of the buffers a captured step reads or writes that may be reallocated as the cache grows
+        (sparse outliers): a graph captured with other addresses must be captured again."""
+        sig = []
+        for layer in self.layers:
+            for stream in (layer.keys_stream, layer.values_stream):
+                rows = stream.packed.outliers
+                if rows is not None:
+                    sig += [rows.val.data_ptr(), rows.idx.data_ptr(), rows.ptr.data_ptr()]
+        return tuple(sig)
 
     def leave_graph_step(self) -> None:
         for layer in self.layers:
-            layer.captured = False
+            layer.captured = None
 
-    def graph_step_done(self) -> None:
+    def graph_step_done(self, kind: str) -> None:
         self.leave_graph_step()
         for layer in self.layers:
-            layer.graph_step_done()
+            layer.graph_step_done(kind)
 
     def decode_steps(self) -> dict:
         """Layer-steps of single-token decoding so far: ``{"kernel_steps", "reference_steps", "reference_reason"}``

@@ -41,6 +41,40 @@ class FusedAppend:
             self._mids = (cb, codebook_midpoints(cb).contiguous())
         return self._mids[1]
 
+    def per_token(self, d: int, heads: int) -> int:
+        """Outlier entries one token may add to a row: every channel (keys), the top and bottom (values)."""
+        return d if self.per_channel else min(2 * outliers_per_side(self.method.outliers, heads * d), d)
+
+    def reserve(self, store: PackedStore) -> None:
+        """Before a graph step: room for one more token's outliers (host bookkeeping, an occasional sync), pointer
+        arrays covering the capacity (the decode programs span it)."""
+        rows = store.outliers
+        if rows is not None:
+            rows.cover(store.capacity)
+            rows.reserve(1, self.per_token(rows.head_dim, rows.val.shape[1]))
+
+    def at_device(self, store: PackedStore, x: Tensor, state: State, at: Tensor) -> None:
+        """The graph-step twin of ``__call__``: the token ``x (B, H, 1, D)`` at the device's index ``at`` (int64
+        ``(1,)``) into buffers that exist at their fixed capacity (room reserved by ``reserve``); the host's counts
+        move afterwards (``advance``)."""
+        from kvq_kernels.append import append_kvquant
+
+        m, f = self.method, store.fields
+        n_out = 0 if self.per_channel else outliers_per_side(m.outliers, x.shape[1] * x.shape[3])
+        extra = (dict(lo=state["key_lo"], hi=state["key_hi"]) if self.per_channel else
+                 dict(scale=f["scale"].buf, zero=f["zero"].buf, n_out=n_out))
+        rows = store.outliers if m.outliers > 0 else None
+        append_kvquant(x, f["codes"].buf, store.n, self.mids(state), m.bits, rows=rows, at=at, **extra)
+
+    @staticmethod
+    def advance(store: PackedStore, t: int = 1) -> None:
+        """Count ``t`` tokens that ``at_device`` stored."""
+        for grow in store.fields.values():
+            grow.n += t
+        if store.outliers is not None:
+            store.outliers.advance(t)
+        store.n += t
+
     def __call__(self, store: PackedStore, x: Tensor, state: State) -> None:
         from kvq_kernels.append import append_kvquant
         from kvq_kernels.reference import packed_bytes
@@ -56,7 +90,7 @@ class FusedAppend:
         keeps = m.outliers > 0
         rows = store.outlier_rows(b, h, d, x.device) if keeps else None
         if rows is not None:
-            rows.reserve(t, d if self.per_channel else min(2 * n_out, d))
+            rows.reserve(t, self.per_token(d, h))
         extra = (dict(lo=state["key_lo"], hi=state["key_hi"]) if self.per_channel else
                  dict(scale=bufs["scale"], zero=bufs["zero"], n_out=n_out))
         append_kvquant(x, bufs["codes"], n, self.mids(state), m.bits, rows=rows, **extra)

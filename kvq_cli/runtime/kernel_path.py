@@ -168,6 +168,6 @@ def kernel_decode(layer, query: Tensor, scaling: float) -> Tensor | None:
         fn = decode_attention_kvquant if name == "kvquant" else decode_attention_kivi
     q = query[:, :, 0].contiguous()  # (B, Hq, D)
     # Triton launches on the current device, and layers may sit on several GPUs (--device-map)
-    extra = {"lens": layer.lens} if layer.captured else {}  # a graph step: counts on the device (kivi)
+    extra = {"lens": layer.lens} if layer.captured else {}  # a graph step: counts on the device
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         return fn(q, cache, sm_scale=scaling, **extra)[:, :, None]  # (B, Hq, 1, D)

@@ -152,6 +152,23 @@ class PackedStore:
             self.outliers.skip(t)
         self.n += t
 
+    def write_at(self, enc: Encoded, offset: Tensor) -> None:
+        """The graph-step twin of ``append``: the encoding of ``T`` tokens (no outliers) written at the device's
+        token ``offset`` (int64 ``(1,)``, a multiple of ``step``) into fields that already exist at a fixed
+        capacity. Static shapes only, no host sync; the counts move in ``advance``."""
+        stored = dict(enc)
+        stored["codes"] = self._pack(stored["codes"])
+        for name, x in stored.items():
+            per = 1 if name in ("codes", "data") else self.step
+            rows = offset // per + torch.arange(x.shape[2], device=x.device)  # (T / per,)
+            self.fields[name].buf.index_copy_(2, rows, x)
+
+    def advance(self, t: int) -> None:
+        """Count ``t`` tokens that ``write_at`` stored (``t`` a multiple of ``step``)."""
+        for name, f in self.fields.items():
+            f.n += t // (1 if name in ("codes", "data") else self.step)
+        self.n += t
+
     def outlier_rows(self, batch: int, heads: int, head_dim: int, device) -> SparseRows:
         """The stream's outliers, made (aligned with the tokens already stored) when first needed."""
         if self.outliers is None:
@@ -250,6 +267,15 @@ class Stream:
         self.residual.n = 0
         if seq.shape[2] > leave:
             self.residual.append(seq[:, :, leave:])
+
+    def graph_flush(self, x: Tensor, state: State, encode, offset: Tensor) -> None:
+        """The graph-step twin of ``append`` when the residual window is full: ``x (B, H, 1, D)`` joins it and the
+        oldest ``step`` tokens leave, encoded, into the packed store at the device's token ``offset`` (shapes are
+        all static). The host moves the counts afterwards (``packed.advance``, ``residual.n``)."""
+        w, res = self.window, self.residual.buf
+        seq = torch.cat([res[:, :, :w].to(x.dtype), x], 2)  # (B, H, w + 1, D), as ``append`` builds it
+        self.packed.write_at(encode(seq[:, :, : self.step], state), offset)
+        res[:, :, : w + 1 - self.step].copy_(seq[:, :, self.step :])
 
     def read(self, a: int, b: int, state: State) -> Tensor:
         """Tokens ``[a, b)`` as float32 ``(B, H, b - a, D)``, dequantizing only the packed part inside."""
