@@ -175,9 +175,14 @@ class Decoder:
             self._done(kind)
             enter(kind)  # (the capture records; it does not run)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._out[kind] = self.sampler(self._forward(self._token, self._pos, True))
-            getattr(cache, "leave_graph_step", lambda: None)()
+            try:
+                with torch.cuda.graph(graph, pool=self._pool):
+                    self._out[kind] = self.sampler(self._forward(self._token, self._pos, True))
+            except RuntimeError as exc:  # a capture torch refuses: decode on eagerly, and say so
+                self.graphs, self.stats["capture_error"] = False, f"{type(exc).__name__}: {exc}".splitlines()[0]
+                return out.clone()
+            finally:
+                getattr(cache, "leave_graph_step", lambda: None)()
             self._pool = self._pool or graph.pool()
             self._graphs[kind] = graph
             return out.clone()

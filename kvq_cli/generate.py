@@ -132,6 +132,7 @@ def run(net: nn.Module, cache, ids: Tensor, max_new_tokens: int, chunk: int, eos
         "decode_tokens_per_s": steady / (end - steady_start) if steady > 0 and end > steady_start else None,
         "graph_steps": decoder.stats["graph_steps"],
         "graph_captures": decoder.stats["captures"],
+        "capture_error": decoder.stats.get("capture_error"),
         "eager_steps": decoder.stats["eager_steps"],
     }
 
@@ -313,7 +314,9 @@ def generate(
     text = shown[0] if tokenizer is not None else " ".join(map(str, out["new_ids"]))
     steps = cache.decode_steps() if hasattr(cache, "decode_steps") else {
         "kernel_steps": None, "reference_steps": None, "reference_reason": None}  # the 16-bit baseline
-    if graphs and out["eager_steps"] and method is not None:
+    if out["capture_error"]:
+        notes.append(f"the decode step could not be captured as a CUDA graph; it ran eagerly: {out['capture_error']}")
+    elif graphs and out["eager_steps"] and method is not None:
         why = ("no graph step for this configuration yet (graph steps: kivi with key group 32, kvquant with "
                "per-channel pre-RoPE keys and one codebook per layer)" if not cache.capturable()
                else "the first steps (sink filling, nothing packed yet) run eagerly")
@@ -340,6 +343,7 @@ def generate(
         "decode_seconds": out["decode_seconds"],
         "graph_steps": out["graph_steps"],
         "graph_captures": out["graph_captures"],
+        "capture_error": out["capture_error"],
         "eager_steps": out["eager_steps"],
         "sampling": "greedy" if sampler.greedy else {"temperature": temperature, "top_k": top_k, "top_p": top_p,
                                                        "seed": seed},
