@@ -95,7 +95,8 @@ class SparseRows:
         need = self.bound + t * per_token
         if need > self.val.shape[-1]:
             need = int(self.counts().max()) + t * per_token
-            self._grow(need + self.block * per_token, 0)
+            if need > self.val.shape[-1]:  # reallocate only when the true counts do not fit (a graph-captured
+                self._grow(need + self.block * per_token, 0)  # writer must then be captured again)
         self.bound = need
 
     def cover(self, tokens: int) -> None:

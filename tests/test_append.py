@@ -117,9 +117,9 @@ from triton.compiler import ASTSource
 from kvq_kernels.append import _append_kernel
 
 ptr = dict(X="*fp32", LO="*fp32", HI="*fp32", MID="*fp32", CODES="*u8", SCALE="*fp16", ZERO="*fp16",
-           VAL="*fp16", IDX="*i16", PTR="*i32")
-for key, out, bits in ((True, True, 3), (False, True, 2), (False, False, 4)):
-    consts = dict(D=128, HP=8, BITS=bits, IS_KEY=key, OUT=out, SB=64)
+           VAL="*fp16", IDX="*i16", PTR="*i32", AT="*i64")
+for key, out, bits, dyn in ((True, True, 3, False), (False, True, 2, True), (False, False, 4, False)):
+    consts = dict(D=128, HP=8, BITS=bits, IS_KEY=key, OUT=out, SB=64, DYN=dyn)
     sig = {n: ptr.get(n, "constexpr" if n in consts else "i32") for n in _append_kernel.arg_names}
     done = triton.compile(ASTSource(fn=_append_kernel, signature=sig, constexprs=consts),
                           target=GPUTarget("cuda", 90, 32))

@@ -199,6 +199,24 @@ def test_sparse_rows_layout_roundtrip(block):
     assert rows.nbytes() == 4 * int(mask.sum()) + 4 * b * h * (-(-t // block) + 1)
 
 
+def test_sparse_rows_reserve_reallocates_only_when_the_counts_do_not_fit():
+    """A device writer's room (``reserve``): the running bound is re-read from the true counts when it passes the
+    capacity, and the buffers move only when those counts do not fit (a graph that writes them is then captured
+    again), always leaving room for the reserved tokens."""
+    from kvq_kernels.sparse import SparseRows
+
+    rows = SparseRows(1, 2, 16, block=16, capacity=64)
+    first = rows.val.data_ptr()
+    for _ in range(300):  # tokens that add no entries: the bound keeps passing the capacity, the counts fit
+        rows.reserve(1, 16)
+        assert rows.bound <= rows.val.shape[-1]
+        rows.advance(1)
+    assert rows.val.data_ptr() == first and rows.ptr.shape[-1] >= 300 // 16 + 1
+    rows.ptr[..., -(-rows.n // rows.block)] = 60  # the rows now hold 60 entries: 16 more do not fit in 64
+    rows.reserve(1, 16)
+    assert rows.val.shape[-1] >= 60 + 16 and rows.bound == 60 + 16
+
+
 # ----------------------------------------------------------------------------------------------- triton: attention
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("gqa", [1, 3])

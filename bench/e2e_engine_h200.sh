@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# End-to-end decode through the engine on one GPU (not a test): `kvq generate` on random-weight SmolLM2-135M and
+# Llama-3-8B shapes, the 16-bit StaticCache and the packed caches in one command, each with its printed summary.
+# Run on the device machine from the repository root: bash bench/e2e_engine_h200.sh  (OUT: where JSON goes)
+# Results: docs/results/decode-e2e-h200.md.
+OUT=${OUT:-/tmp/e2e}; mkdir -p "$OUT"
+PY=python3
+$PY -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | grep -v WARNING | tail -2
+KVQ="$(dirname $($PY -c 'import sys;print(sys.executable)'))/kvq"
+export HF_HUB_OFFLINE=1
+show() { $PY -c "
+import json,sys; d=json.load(open(sys.argv[1])); keys=('configuration','time_to_first_token_s','first_step_seconds','decode_tokens_per_s','graph_steps','eager_steps','graph_captures','kernel_steps','reference_steps')
+print(sys.argv[2], {k: (round(d[k],3) if isinstance(d[k],float) else d[k]) for k in keys if k in d}, d['notes'][:1])" $1 $2; }
+$KVQ calibrate --model random:smollm2-135m --method kvquant --bits 3 --outliers 0.01 --samples 4 --seqlen 1024 --out /tmp/smol-k3.safetensors > $OUT/cal1.txt 2>&1 || tail -5 $OUT/cal1.txt
+$KVQ calibrate --model random:llama-3-8b --method kvquant --bits 2 --outliers 0.01 --samples 2 --seqlen 1024 --out /tmp/l8b-k2.safetensors > $OUT/cal2.txt 2>&1 || tail -5 $OUT/cal2.txt
+run() { name=$1; shift; timeout 240 $KVQ generate "$@" --json > $OUT/$name.json 2>$OUT/err-$name.txt || tail -8 $OUT/err-$name.txt; show $OUT/$name.json $name; }
+run smol-fp16 --model random:smollm2-135m --context 4K --max-new-tokens 256
+run smol-kvq3 --model random:smollm2-135m --artifact /tmp/smol-k3.safetensors --context 4K --max-new-tokens 256
+run smol-kivi4 --model random:smollm2-135m --method kivi4 --context 4K --max-new-tokens 256
+run smol-kivi2 --model random:smollm2-135m --method kivi2 --context 4K --max-new-tokens 256
+run smol-kvq3-eager --model random:smollm2-135m --artifact /tmp/smol-k3.safetensors --context 4K --max-new-tokens 256 --no-graphs
+run l8b-kvq2-128k --model random:llama-3-8b --artifact /tmp/l8b-k2.safetensors --context 128K --max-new-tokens 64 --chunk 8192
+run l8b-kivi2-128k --model random:llama-3-8b --method kivi2 --context 128K --max-new-tokens 64 --chunk 8192
+run l8b-fp16-128k --model random:llama-3-8b --context 128K --max-new-tokens 64 --chunk 8192
