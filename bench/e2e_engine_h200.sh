@@ -22,3 +22,14 @@ run smol-kvq3-eager --model random:smollm2-135m --artifact /tmp/smol-k3.safetens
 run l8b-kvq2-128k --model random:llama-3-8b --artifact /tmp/l8b-k2.safetensors --context 128K --max-new-tokens 64 --chunk 8192
 run l8b-kivi2-128k --model random:llama-3-8b --method kivi2 --context 128K --max-new-tokens 64 --chunk 8192
 run l8b-fp16-128k --model random:llama-3-8b --context 128K --max-new-tokens 64 --chunk 8192
+# same-command ratios against the 16-bit StaticCache of each shape (the guard against the next regression)
+$PY - "$OUT" <<'PY'
+import json, pathlib, sys
+runs = {p.stem: json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("*.json")}
+for name, r in sorted(runs.items()):
+    base = runs.get(name.split("-")[0] + "-fp16" + ("-128k" if name.endswith("-128k") else ""))
+    if base and r.get("decode_tokens_per_s") and base.get("decode_tokens_per_s"):
+        ratio = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        print(f"{name:18s} {r['configuration']:20s} {r['decode_tokens_per_s']:8.1f} tok/s  {ratio:5.2f}x  "
+              f"graph {r['graph_steps']}/{r['graph_steps'] + r['eager_steps']}  reference {r['reference_steps']}")
+PY
