@@ -62,7 +62,7 @@ def check_option(name: str, key: str, value: Any, kind: type) -> Any:
         raise KvqError(f"{where} is a finite number, not {value!r}")
     lo, hi = BOUNDS.get(key, (-math.inf, math.inf))
     if not lo <= value <= hi:
-        raise KvqError(f"{where} is in [{lo:g}, {hi:g}], not {value!r}")
+        raise KvqError(f"{where} is in [{lo:,}, {hi:,}], not {value!r}")
     return float(value) if kind is float else value
 
 
