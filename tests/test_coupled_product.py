@@ -371,7 +371,7 @@ def test_pq_outliers_bits_and_error():
 
 
 def test_cq_max_samples():
-    with pytest.raises(KvqError, match="max-samples"):
+    with pytest.raises(KvqError, match="max.samples"):
         make_method("cq", max_samples=0)
     small, s_state = fitted("cq", bits=4, channels=4, max_samples=64)
     full, f_state = fitted("cq", bits=4, channels=4)
