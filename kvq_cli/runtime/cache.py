@@ -431,7 +431,8 @@ def _method_and_states(source, geom) -> tuple[KVMethod, list[State] | None]:
         return source, None
     if isinstance(source, tuple):  # (method, per-layer states), as the evaluation holds them
         return source[0], source[1] or None
-    art = source if isinstance(source, artifact_io.Artifact) else artifact_io.load(Path(source))
+    # a path: checked against the model's geometry from the header, before any tensor is read
+    art = source if isinstance(source, artifact_io.Artifact) else artifact_io.load(Path(source), geom)
     art.check_model(geom)
     return art.method, art.states or None
 
