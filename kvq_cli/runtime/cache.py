@@ -35,6 +35,7 @@ from ..hf_attention import (
 from ..methods.base import KVMethod, State
 from .attention import DEFAULT_BLOCK, QUERY_TILE, Rope, block_bounds, blockwise_attention, packed_attention
 from .fused import FusedAppend
+from .graph_steps import GraphStepsCache, GraphStepsLayer
 from .kernel_path import kernel_decode, kernels_available
 from .prefill import chunked_prefill, flash_available, history_block
 from .storage import Stream
@@ -54,7 +55,7 @@ def _fp16_state(state: State, device) -> State:
     return out
 
 
-class KVQLayer(CacheLayerMixin):
+class KVQLayer(GraphStepsLayer, CacheLayerMixin):
     """One attention layer's packed cache; ``update`` appends ``(B, H, T, D)`` keys and values."""
 
     is_compileable = False
@@ -106,26 +107,8 @@ class KVQLayer(CacheLayerMixin):
                            "runs full attention only")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.captured == "plain":  # a graph step: the token joins the residual window at the device's slot
-            slot = self.lens[2:3]
-            self.keys_stream.residual.buf.index_copy_(2, slot, key_states.to(torch.float16))
-            self.values_stream.residual.buf.index_copy_(2, slot, value_states.to(torch.float16))
-            self.pending = key_states.shape[2]
-            return key_states, value_states
-        if self.captured == "append":  # a graph step: kvquant's token straight into the packed store, at the device's
-            keys = self.pre_rope_key if self.method.keys_pre_rope else key_states  # index (its fused append)
-            self.pre_rope_key = None
-            state, at = self.state(), self.lens[3:4]
-            self.fused[0].at_device(self.keys_stream.packed, keys, state, at)
-            self.fused[1].at_device(self.values_stream.packed, value_states, state, at)
-            self.pending = key_states.shape[2]
-            return key_states, value_states
-        if self.captured == "flush":  # a graph step: the full window's oldest group leaves at the device's offset
-            state, offset = self.state(), self.lens[3:4]
-            self.keys_stream.graph_flush(key_states, state, self.method.encode_keys, offset)
-            self.values_stream.graph_flush(value_states, state, self.method.encode_values, offset)
-            self.pending = key_states.shape[2]
-            return key_states, value_states
+        if self.captured:  # a CUDA-graph step (``graph_steps``): static shapes, counts on the device
+            return self.graph_update(key_states, value_states)
         keys = key_states
         if self.method.keys_pre_rope:
             if self.pre_rope_key is None:
@@ -232,64 +215,12 @@ class KVQLayer(CacheLayerMixin):
             outs.append(blockwise_attention(query[:, :, s:e], read, end, scaling, bounds))  # (B, Hq, e - s, D)
         return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
 
-    # ---- CUDA-graph decode steps (``engine.Decoder``) ----------------------------------------------
-    def graph_capable(self) -> bool:
-        """Whether this layer's decode steps can be captured (the Triton kernels read their counts from the
-        device; fixed capacities from ``max_tokens``; kernels not switched off): kivi with key group 32 and a
-        residual window; kvquant whose kernel and fused append hold the layer exactly, with no residual window."""
-        m = self.method
-        if self.use_kernel is False or self.max_tokens is None:
-            return False
-        if m.name == "kivi":
-            return m.group == 32 and m.residual >= 1 and not m.keys_pre_rope
-        if m.name != "kvquant" or None in self.fused or getattr(m, "residual", 0) or not m.sink:
-            return False
-        rope = self.rope.module if self.rope is not None else None
-        return (m.per_channel and m.pre_rope and not m.head_codebooks and rope is not None
-                and float(getattr(rope, "attention_scaling", 1.0)) == 1.0)
-
-    def graph_kind(self) -> str | None:
-        """Which graph step the next token takes: "plain" (it only joins the residual window), "flush" (the full
-        window's oldest group leaves too), or None (an eager step: sink not full, nothing packed yet, ...)."""
-        ks, vs = self.keys_stream, self.values_stream
-        if not (ks.sink is not None and ks.sink.n == ks.sink_size and ks.residual.n == vs.residual.n
-                and ks.packed.n == vs.packed.n and "codes" in ks.packed.fields and "codes" in vs.packed.fields):
-            return None
-        if self.method.name == "kvquant":  # every token goes straight to the packed store
-            return "append" if ks.window == 0 and ks.packed.n < ks.packed.capacity else None
-        if ks.residual.n < ks.window:
-            return "plain"
-        return "flush" if ks.residual.n == ks.window and ks.window + 1 >= ks.step else None
-
-    def fix_residual_capacity(self) -> None:
-        """Residual buffers at their final size (the window), so no later append moves them under a graph."""
-        for stream in (self.keys_stream, self.values_stream):
-            grow = stream.residual
-            want = max(16, 1 << (stream.window - 1).bit_length())
-            if grow.buf.shape[2] < want:
-                bigger = grow.buf.new_zeros(*grow.buf.shape[:2], want, *grow.buf.shape[3:])
-                bigger[:, :, : grow.n] = grow.buf[:, :, : grow.n]
-                grow.buf = bigger
-
-    def graph_step_done(self, kind: str) -> None:
-        """After a replayed step of ``kind``: the host's counts catch up with what the graph did on the device."""
-        for stream, fused in zip((self.keys_stream, self.values_stream), self.fused, strict=True):
-            if kind == "append":
-                fused.advance(stream.packed)
-            elif kind == "flush":
-                stream.packed.advance(stream.step)
-                stream.residual.n = stream.window + 1 - stream.step
-            else:
-                stream.residual.n += 1
-        self.length += 1
-        self.kernel_steps += 1
-
     def nbytes(self, allocated: bool = False) -> int:
         state = sum(t.numel() * t.element_size() for t in self.state16.values())
         return self.keys_stream.nbytes(allocated) + self.values_stream.nbytes(allocated) + state
 
 
-class KVQCache(Cache):
+class KVQCache(GraphStepsCache, Cache):
     """A packed quantized KV cache for one model (one ``KVQLayer`` per attention layer)."""
 
     def __init__(self, layers: list[KVQLayer], method: KVMethod, kv_heads: int, head_dim: int):
@@ -349,63 +280,6 @@ class KVQCache(Cache):
         int32 count per group of tokens), fp16 sink and residual tokens and the per-layer state.
         ``allocated``: the buffers' capacity instead of their filled part."""
         return sum(layer.nbytes(allocated) for layer in self.layers)
-
-    # ---- CUDA-graph decode steps (``engine.Decoder``) ----------------------------------------------
-    def capturable(self) -> bool:
-        """Every layer on one CUDA device and able to run graph steps (``KVQLayer.graph_capable``)."""
-        devices = {layer.attn.k_proj.weight.device for layer in self.layers if layer.attn is not None}
-        return (len(devices) == 1 and next(iter(devices)).type == "cuda"
-                and all(layer.graph_capable() for layer in self.layers))
-
-    def graph_kind(self) -> str | None:
-        """The graph step the next token takes in every layer (``KVQLayer.graph_kind``; layers move in
-        lockstep), or None for an eager step."""
-        kinds = {layer.graph_kind() for layer in self.layers}
-        return kinds.pop() if len(kinds) == 1 else None
-
-    def enter_graph_step(self, kind: str) -> None:
-        """Before a graph step of ``kind`` (capture or replay): the device counts for it (int64 ``[n_packed,
-        n_res]`` as attention sees them after the token, the residual slot of a plain step, the packed offset of a
-        flush), the layers in graph mode."""
-        first = self.layers[0]
-        ks = first.keys_stream
-        if kind == "append":
-            counts = [ks.packed.n + 1, 0, 0, ks.packed.n]
-            for layer in self.layers:  # room for the token's outliers (the host's bookkeeping)
-                for stream, fused in zip((layer.keys_stream, layer.values_stream), layer.fused, strict=True):
-                    fused.reserve(stream.packed)
-        elif kind == "flush":
-            counts = [ks.packed.n + ks.step, ks.window + 1 - ks.step, 0, ks.packed.n]
-        else:
-            counts = [ks.packed.n, ks.residual.n + 1, ks.residual.n, ks.packed.n]
-        counts = torch.tensor(counts, dtype=torch.int64)
-        if self._lens is None:
-            self._lens = torch.zeros(4, dtype=torch.int64, device=first.attn.k_proj.weight.device)
-            for layer in self.layers:
-                layer.fix_residual_capacity()
-        self._lens.copy_(counts, non_blocking=True)
-        for layer in self.layers:
-            layer.lens, layer.captured = self._lens, kind
-
-    def graph_signature(self) -> tuple:
-        """The addresses of the buffers a captured step reads or writes that may be reallocated as the cache grows
-        (sparse outliers): a graph captured with other addresses must be captured again."""
-        sig = []
-        for layer in self.layers:
-            for stream in (layer.keys_stream, layer.values_stream):
-                rows = stream.packed.outliers
-                if rows is not None:
-                    sig += [rows.val.data_ptr(), rows.idx.data_ptr(), rows.ptr.data_ptr()]
-        return tuple(sig)
-
-    def leave_graph_step(self) -> None:
-        for layer in self.layers:
-            layer.captured = None
-
-    def graph_step_done(self, kind: str) -> None:
-        self.leave_graph_step()
-        for layer in self.layers:
-            layer.graph_step_done(kind)
 
     def decode_steps(self) -> dict:
         """Layer-steps of single-token decoding so far: ``{"kernel_steps", "reference_steps", "reference_reason"}``
