@@ -63,12 +63,15 @@ def load_artifact(path: str, geom: KVGeometry) -> artifact_io.Artifact:
 MAX_BATCH = 4096
 
 
-def check_sink(method: KVMethod, seqlen: int) -> None:
-    """Refuse a sink that keeps every token of a window in 16 bits: the row would be the baseline under a
-    quantized method's name."""
+def check_sink(method: KVMethod, seqlen: int, streaming: bool = False) -> None:
+    """Refuse a sink (and, streaming, a residual window) that keeps every token of a window in 16 bits: the row
+    would be the baseline under a quantized method's name."""
     if method.sink >= seqlen:
         raise KvqError(f"{method.label} keeps its first {method.sink} tokens in 16 bits (sink): with windows of "
                        f"{seqlen} tokens nothing would be quantized")
+    if streaming and method.sink + method.residual >= seqlen:
+        raise KvqError(f"{method.label} keeps {method.sink + method.residual} tokens in 16 bits (sink and residual "
+                       f"window): with windows of {seqlen} tokens nothing would be quantized")
 
 
 def configuration_for(
@@ -125,10 +128,10 @@ def eval_ppl(
         raise KvqError(f"--seqlen {seqlen} is beyond the model's {geom.max_positions} positions")
     configs = []
     for m in methods:
-        check_sink(m, seqlen)
+        check_sink(m, seqlen, streaming)
     for path in artifacts:
         art = load_artifact(path, geom)
-        check_sink(art.method, seqlen)
+        check_sink(art.method, seqlen, streaming)
         configs.append(configuration_for(art.method, geom, seqlen, art.states or None, path, streaming))
     for method in methods:
         configs.append(configuration_for(method, geom, seqlen, None, "--method", streaming))

@@ -186,6 +186,7 @@ def test_method_spec_values():
 @pytest.mark.parametrize("args, message", [
     (["eval-ppl", "--batch-size", 0], "--batch-size"), (["eval-ppl", "--batch-size", -1], "--batch-size"),
     (["eval-ppl", "--method", "int:sink=1000000", "--seqlen", 32], "nothing would be quantized"),
+    (["eval-ppl", "--method", "kivi:residual=40", "--seqlen", 32, "--mode", "streaming"], "residual window"),
     (["calibrate", "--max-tokens", 0], "--max-tokens"),
     (["calibrate", "--sink", 1000000, "--seqlen", 32], "nothing would be quantized"),
     (["estimate-memory", "--gpus", 100000000], "--gpus"), (["estimate-memory", "--batch", 0], "--batch"),
