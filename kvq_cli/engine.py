@@ -103,13 +103,13 @@ class Decoder:
     def __init__(self, net: nn.Module, cache, sampler: Sampler | None = None, graphs: bool | None = None):
         self.net, self.cache, self.sampler = net, cache, sampler or Sampler()
         self.device = net.get_input_embeddings().weight.device
-        capturable = self.device.type == "cuda" and _capturable(cache, net)
+        capturable = self.device.type == "cuda" and _capturable(cache)
         if graphs and not capturable:
             raise KvqError("CUDA graphs need a CUDA device, one GPU and a StaticCache or packed cache")
         self.graphs = capturable if graphs is None else bool(graphs)
         self.position = 0  # tokens in the cache
         self.stats = {"graph_steps": 0, "eager_steps": 0, "captures": 0}
-        self._graphs: dict[str, torch.cuda.CUDAGraph] = {}  # one captured step per kind ("plain", "flush")
+        self._graphs: dict[str, torch.cuda.CUDAGraph] = {}  # one captured step per kind (``graph_kind``)
         self._out: dict[str, Tensor] = {}
         self._pool = None
         self._signature: tuple = ()
@@ -195,7 +195,7 @@ class Decoder:
         getattr(self.cache, "graph_step_done", lambda kind: None)(kind)
 
 
-def _capturable(cache, net: nn.Module) -> bool:
+def _capturable(cache) -> bool:
     """A cache whose decode step can be captured: a ``StaticCache``, or a ``KVQCache`` on one device."""
     from transformers import StaticCache
 

@@ -84,7 +84,7 @@ class KVQLayer(GraphStepsLayer, CacheLayerMixin):
         self.pre_rope_key: Tensor | None = None  # set by the bound forward hook
         #: single-token decode attentions served by the Triton kernels / by the PyTorch reference path
         self.kernel_steps = self.reference_steps = 0
-        #: the kind of CUDA-graph decode step under way ("plain", "flush"; ``engine.Decoder``), None: eager.
+        #: the kind of CUDA-graph decode step under way ("plain", "flush", "append"; ``graph_steps``), None: eager.
         #: Its counts are in ``lens`` (``KVQCache.enter_graph_step``)
         self.captured: str | None = None
         self.lens: Tensor | None = None

@@ -56,7 +56,7 @@ class FusedAppend:
     def at_device(self, store: PackedStore, x: Tensor, state: State, at: Tensor) -> None:
         """The graph-step twin of ``__call__``: the token ``x (B, H, 1, D)`` at the device's index ``at`` (int64
         ``(1,)``) into buffers that exist at their fixed capacity (room reserved by ``reserve``); the host's counts
-        move afterwards (``advance``)."""
+        move afterwards (``PackedStore.advance``)."""
         from kvq_kernels.append import append_kvquant
 
         m, f = self.method, store.fields
@@ -65,15 +65,6 @@ class FusedAppend:
                  dict(scale=f["scale"].buf, zero=f["zero"].buf, n_out=n_out))
         rows = store.outliers if m.outliers > 0 else None
         append_kvquant(x, f["codes"].buf, store.n, self.mids(state), m.bits, rows=rows, at=at, **extra)
-
-    @staticmethod
-    def advance(store: PackedStore, t: int = 1) -> None:
-        """Count ``t`` tokens that ``at_device`` stored."""
-        for grow in store.fields.values():
-            grow.n += t
-        if store.outliers is not None:
-            store.outliers.advance(t)
-        store.n += t
 
     def __call__(self, store: PackedStore, x: Tensor, state: State) -> None:
         from kvq_kernels.append import append_kvquant

@@ -50,11 +50,10 @@ class GraphStepsLayer:
             return False
         if m.name == "kivi":
             return m.group == 32 and m.residual >= 1 and not m.keys_pre_rope
-        if m.name != "kvquant" or None in self.fused or getattr(m, "residual", 0) or not m.sink:
-            return False
-        rope = self.rope.module if self.rope is not None else None
-        return (m.per_channel and m.pre_rope and not m.head_codebooks and rope is not None
-                and float(getattr(rope, "attention_scaling", 1.0)) == 1.0)
+        from .kernel_path import kvquant_refusal
+
+        return (m.name == "kvquant" and None not in self.fused and not m.residual and bool(m.sink)
+                and kvquant_refusal(self) is None)
 
     def graph_kind(self) -> str | None:
         """Which graph step the next token takes: "plain" (it only joins the residual window), "flush" (the full
@@ -72,18 +71,13 @@ class GraphStepsLayer:
     def fix_residual_capacity(self) -> None:
         """Residual buffers at their final size (the window), so no later append moves them under a graph."""
         for stream in (self.keys_stream, self.values_stream):
-            grow = stream.residual
-            want = max(16, 1 << (stream.window - 1).bit_length())
-            if grow.buf.shape[2] < want:
-                bigger = grow.buf.new_zeros(*grow.buf.shape[:2], want, *grow.buf.shape[3:])
-                bigger[:, :, : grow.n] = grow.buf[:, :, : grow.n]
-                grow.buf = bigger
+            stream.residual.ensure(stream.window)
 
     def graph_step_done(self, kind: str) -> None:
         """After a replayed step of ``kind``: the host's counts catch up with what the graph did on the device."""
-        for stream, fused in zip((self.keys_stream, self.values_stream), self.fused, strict=True):
+        for stream in (self.keys_stream, self.values_stream):
             if kind == "append":
-                fused.advance(stream.packed)
+                stream.packed.advance(1)
             elif kind == "flush":
                 stream.packed.advance(stream.step)
                 stream.residual.n = stream.window + 1 - stream.step

@@ -80,6 +80,18 @@ def _vq_cache(layer, seg: dict):
     return CQCache(**codes, pre_rope=True, rope_theta=layer.rope_theta, inv_freq=rope.inv_freq.float()), None
 
 
+def kvquant_refusal(layer) -> str | None:
+    """Why the kvquant kernels cannot hold ``layer``'s configuration (None: they can)."""
+    m = layer.method
+    if not (m.per_channel and m.pre_rope) or layer.rope is None:
+        return "kvquant with per-token or post-RoPE keys (the kernel takes per-channel pre-RoPE keys)"
+    if any(layer.state16[name].dim() != 1 for name in ("key_codebook", "value_codebook")):
+        return "kvquant with per-head codebooks (the kernels take one codebook per layer)"
+    if float(getattr(layer.rope.module, "attention_scaling", 1.0)) != 1.0:
+        return "a RoPE with attention scaling (the kernels rotate with inv_freq only)"
+    return None
+
+
 def kernel_cache(layer):
     """A ``KVQuantCache`` / ``KIVICache`` / ``CQCache`` / ``PQCache`` viewing ``layer``'s buffers, or None where
     the layout cannot hold it (``reference_reason`` says why)."""
@@ -107,13 +119,10 @@ def _kernel_cache(layer):
         return None, "key and value buffers of different capacities"
     b, h = kf["codes"].buf.shape[:2]
     if m.name == "kvquant":
-        if not (m.per_channel and m.pre_rope) or layer.rope is None:
-            return None, "kvquant with per-token or post-RoPE keys (the kernel takes per-channel pre-RoPE keys)"
-        if any(layer.state16[name].dim() != 1 for name in ("key_codebook", "value_codebook")):
-            return None, "kvquant with per-head codebooks (the kernels take one codebook per layer)"
+        why = kvquant_refusal(layer)
+        if why:
+            return None, why
         rope = layer.rope.module
-        if float(getattr(rope, "attention_scaling", 1.0)) != 1.0:
-            return None, "a RoPE with attention scaling (the kernels rotate with inv_freq only)"
         state, cap = layer.state(), kf["codes"].buf.shape[2]
         no_idx = torch.empty(b, h, cap, 0, dtype=torch.int16, device=kf["codes"].buf.device)
         no_val = torch.empty(b, h, cap, 0, dtype=torch.float16, device=kf["codes"].buf.device)

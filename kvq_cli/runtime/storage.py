@@ -56,11 +56,16 @@ class Grow:
         if need > self.buf.shape[2]:
             if self.fixed:
                 raise KvqError(f"the cache is full ({self.buf.shape[2]} tokens): load it with a larger max_tokens")
-            bigger = self.buf.new_zeros(*self.buf.shape[:2], _pow2(need), *self.buf.shape[3:])
-            bigger[:, :, : self.n] = self.buf[:, :, : self.n]
-            self.buf = bigger
+            self.ensure(need)
         self.n = need
         return self.buf[:, :, need - t : need]
+
+    def ensure(self, entries: int) -> None:
+        """A buffer of at least ``entries`` (a power of two >= 16 when it must grow), the filled part kept."""
+        if entries > self.buf.shape[2]:
+            bigger = self.buf.new_zeros(*self.buf.shape[:2], _pow2(entries), *self.buf.shape[3:])
+            bigger[:, :, : self.n] = self.buf[:, :, : self.n]
+            self.buf = bigger
 
     def append(self, x: Tensor) -> None:
         self.reserve(x.shape[2]).copy_(x)
@@ -99,11 +104,15 @@ class PackedStore:
         self.head_dim = 0  # codes per token-head row (D; cq: D / c, pq: M)
         self.vector = False  # int16 vector-quantization codes (cq, pq) rather than uint8 per-element codes
 
+    def _per(self, name: str) -> int:
+        """Tokens per row of field ``name``: 1 for codes and data, ``step`` for statistics."""
+        return 1 if name in ("codes", "data") else self.step
+
     def _capacity(self, name: str) -> int | None:
         """A field's fixed capacity (tokens, or token groups of ``step`` for statistics), None: growing."""
         if self.capacity is None:
             return None
-        return -(-self.capacity // (1 if name in ("codes", "data") else self.step))
+        return -(-self.capacity // self._per(name))
 
     def _pack(self, codes: Tensor) -> Tensor:
         bits = self.method.bits
@@ -159,14 +168,16 @@ class PackedStore:
         stored = dict(enc)
         stored["codes"] = self._pack(stored["codes"])
         for name, x in stored.items():
-            per = 1 if name in ("codes", "data") else self.step
-            rows = offset // per + torch.arange(x.shape[2], device=x.device)  # (T / per,)
+            rows = offset // self._per(name) + torch.arange(x.shape[2], device=x.device)  # (T / per,)
             self.fields[name].buf.index_copy_(2, rows, x)
 
     def advance(self, t: int) -> None:
-        """Count ``t`` tokens that ``write_at`` stored (``t`` a multiple of ``step``)."""
+        """Count ``t`` tokens that a device writer stored (``write_at``, ``FusedAppend.at_device``; ``t`` a multiple
+        of ``step``), outliers included."""
         for name, f in self.fields.items():
-            f.n += t // (1 if name in ("codes", "data") else self.step)
+            f.n += t // self._per(name)
+        if self.outliers is not None:
+            self.outliers.advance(t)
         self.n += t
 
     def outlier_rows(self, batch: int, heads: int, head_dim: int, device) -> SparseRows:
@@ -193,7 +204,7 @@ class PackedStore:
         """The encoding of stored tokens ``[a, b)`` (``a`` a multiple of ``step``; ``b`` too unless it is ``n``)."""
         enc: Encoded = {}
         for name, f in self.fields.items():
-            per = 1 if name in ("codes", "data") else self.step
+            per = self._per(name)
             enc[name] = f.view(a // per, -(-b // per))
         if "codes" in enc:
             enc["codes"] = self._unpack(enc["codes"])
