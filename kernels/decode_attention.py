@@ -46,6 +46,13 @@ OUTLIER_CHUNK = 128
 OUTLIER_WARPS = 4
 #: timing ablations of the kvquant kernel (wrong results): 1 = no RoPE, 2 = no codebook lookup
 ABLATE = 0
+#: fp16 / bf16 queries: the ``tl.dot`` operands rounded to fp16 (fp16 tensor-core MMA, float32 accumulation)
+#: instead of one-pass tf32 (``bench/probe_decode_variants.py``)
+F16_DOTS = False
+#: one query head per program (MHA) through ``tl.dot`` too (padded to 16 rows) instead of CUDA-core tiles
+FORCE_DOT = False
+#: software-pipelining stages of the split programs (None: Triton's default)
+NUM_STAGES = None
 
 
 @triton.jit
@@ -205,7 +212,7 @@ def _launch_plan(q: Tensor, cache, sm_scale, num_splits, block_n, num_warps, kiv
     for x in (cache.sink_k, cache.sink_v, cache.res_k, cache.res_v):
         if not x.is_contiguous():
             raise ValueError("fp16 sink/residual buffers must be contiguous")
-    dot = g > 1 and d >= 32  # tl.dot needs halves >= 16 wide; else one program per query head
+    dot = (g > 1 or FORCE_DOT) and d >= 32  # tl.dot needs halves >= 16 wide; else one program per query head
     qpp, mr = (g, max(16, next_pow2(g))) if dot else (1, 1)
     block_n, num_warps = _default_block(dot, d, kivi, block_n, num_warps)
     rows = b * h * (g // qpp)
@@ -214,7 +221,9 @@ def _launch_plan(q: Tensor, cache, sm_scale, num_splits, block_n, num_warps, kiv
     scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
     prec = DOT_PRECISION if q.dtype == torch.float32 else DOT_PRECISION_16
     meta = dict(G=g, QPP=qpp, MR=mr, D=d, BLOCK_N=block_n, DOT=dot, PREC=prec, num_warps=num_warps,
-                PLAIN=plain_codes(dot, d, block_n))
+                PLAIN=plain_codes(dot, d, block_n), F16=dot and F16_DOTS and q.dtype != torch.float32)
+    if NUM_STAGES is not None:
+        meta["num_stages"] = NUM_STAGES
     if not kivi:  # inline-asm codebook loads on the GPU (the interpreter runs the tl.load form)
         meta["ASM"] = q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
     return (rows, nsp), per, nsp, mp, lp, ap, scale, meta

@@ -70,9 +70,13 @@ def _load_query(Q, sqb, sqh, b, hq0, qk_scale, QPP: tl.constexpr, MR: tl.constex
 
 
 @triton.jit
-def _scores(q1, q2, k1, k2, DOT: tl.constexpr, PREC: tl.constexpr):
-    """``q (MR, D/2)`` halves against key halves ``(N, D/2)``: ``(N,)`` for one row, else ``(MR, N)``."""
-    if DOT:
+def _scores(q1, q2, k1, k2, DOT: tl.constexpr, PREC: tl.constexpr, F16: tl.constexpr = False):
+    """``q (MR, D/2)`` halves against key halves ``(N, D/2)``: ``(N,)`` for one row, else ``(MR, N)``.
+    ``F16``: the dot's operands rounded to fp16 (tensor-core fp16 MMA, float32 accumulation)."""
+    if DOT and F16:
+        s = tl.dot(q1.to(tl.float16), tl.trans(k1.to(tl.float16)))
+        return tl.dot(q2.to(tl.float16), tl.trans(k2.to(tl.float16)), s)
+    elif DOT:
         return tl.dot(q1, tl.trans(k1), input_precision=PREC) + tl.dot(q2, tl.trans(k2), input_precision=PREC)
     else:
         return tl.sum(q1 * k1 + q2 * k2, axis=1)
@@ -111,8 +115,11 @@ def _softmax(s, m, l, pm, acc1, acc2, DOT: tl.constexpr):
 
 
 @triton.jit
-def _accumulate(p, v1, v2, acc1, acc2, DOT: tl.constexpr, PREC: tl.constexpr):
-    if DOT:
+def _accumulate(p, v1, v2, acc1, acc2, DOT: tl.constexpr, PREC: tl.constexpr, F16: tl.constexpr = False):
+    if DOT and F16:
+        p16 = p.to(tl.float16)
+        return tl.dot(p16, v1.to(tl.float16), acc1), tl.dot(p16, v2.to(tl.float16), acc2)
+    elif DOT:
         return acc1 + tl.dot(p, v1, input_precision=PREC), acc2 + tl.dot(p, v2, input_precision=PREC)
     else:
         return acc1 + p[:, None] * v1, acc2 + p[:, None] * v2
@@ -131,7 +138,8 @@ def _init_state(MR: tl.constexpr, N: tl.constexpr, HALF: tl.constexpr, NPM: tl.c
 
 @triton.jit
 def _fp16_segment(q1, q2, K, V, base, n, row0, TAB, tab_rows, cj, sj, m, l, pm, acc1, acc2,
-                  ROPE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                  ROPE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                  F16: tl.constexpr = False):
     """Attend over ``n`` fp16 tokens at ``K/V + base`` (rows of D). With ``ROPE`` the keys are pre-RoPE at
     positions ``row0 * BLOCK_N + i`` plus the offset that ``q1, q2`` were already rotated back by."""
     HALF: tl.constexpr = D // 2
@@ -147,12 +155,12 @@ def _fp16_segment(q1, q2, K, V, base, n, row0, TAB, tab_rows, cj, sj, m, l, pm, 
         if ROPE:
             c0, s0 = _table_row(TAB, tab_rows, row0 + t0 // BLOCK_N, HALF)
             qr1, qr2 = _rot_t(q1, q2, c0, s0)
-            s = _scores(qr1, qr2, k1 * cj - k2 * sj, k2 * cj + k1 * sj, DOT, PREC)
+            s = _scores(qr1, qr2, k1 * cj - k2 * sj, k2 * cj + k1 * sj, DOT, PREC, F16)
         else:  # q made loop-variant (+ 0 * t0): works around a Triton 3.6 layout-pass bug (GQA, two loops)
-            s = _scores(q1 + 0.0 * t0, q2 + 0.0 * t0, k1, k2, DOT, PREC)
+            s = _scores(q1 + 0.0 * t0, q2 + 0.0 * t0, k1, k2, DOT, PREC, F16)
         s = _mask(s, valid, DOT)
         p, m, l, pm, acc1, acc2 = _softmax(s, m, l, pm, acc1, acc2, DOT)
-        acc1, acc2 = _accumulate(p, v1, v2, acc1, acc2, DOT, PREC)
+        acc1, acc2 = _accumulate(p, v1, v2, acc1, acc2, DOT, PREC, F16)
     return m, l, pm, acc1, acc2
 
 
@@ -304,7 +312,7 @@ def _kvquant_split_kernel(
     G: tl.constexpr, QPP: tl.constexpr, MR: tl.constexpr, D: tl.constexpr, BITS_K: tl.constexpr,
     BITS_V: tl.constexpr, NOK: tl.constexpr, NOV: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
     PREC: tl.constexpr, ASM: tl.constexpr, ABLATE: tl.constexpr = 0, PLAIN: tl.constexpr = False,
-    SPK: tl.constexpr = False, SPV: tl.constexpr = False, DYN: tl.constexpr = False,
+    SPK: tl.constexpr = False, SPV: tl.constexpr = False, DYN: tl.constexpr = False, F16: tl.constexpr = False,
 ):
     """Fixed outlier slots (``NOK``, ``NOV`` per token and head) are substituted in the block. Per-row sparse
     outliers are corrections (``decode_outliers``): with ``SPK`` the scores add ``DS (B, Hq, SST)``, with
@@ -346,11 +354,12 @@ def _kvquant_split_kernel(
         x1, x2 = _kvq_x(KP, KOI, KOV, CK, row, valid, KA + h * D, KSC + h * D, NOK, BITS_K, D, BLOCK_N, ASM,
                         ABLATE != 2, PLAIN)
         if ABLATE == 1:  # ablation (timing only): no RoPE
-            s = _mask(_scores(qs1, qs2, a1 + s1 * x1, a2 + s2 * x2, DOT, PREC), valid, DOT)
+            s = _mask(_scores(qs1, qs2, a1 + s1 * x1, a2 + s2 * x2, DOT, PREC, F16), valid, DOT)
         else:
             c0, s0 = _table_row(TAB, tab_rows, t0 // BLOCK_N, HALF)
             qr1, qr2 = _rot_t(qs1, qs2, c0, s0)
-            s = _mask(_scores(qr1, qr2, ta1 + tb1 * x1 - tc1 * x2, ta2 + tb2 * x2 + tc2 * x1, DOT, PREC), valid, DOT)
+            s = _mask(_scores(qr1, qr2, ta1 + tb1 * x1 - tc1 * x2, ta2 + tb2 * x2 + tc2 * x1, DOT, PREC, F16), valid,
+                      DOT)
         if SPK or SPV:
             srow, smask = _score_rows(qrow0, SST, t, valid, QPP, MR, DOT)
             if SPK:
@@ -362,19 +371,19 @@ def _kvquant_split_kernel(
                                      ASM, PLAIN)
         if FOLD:
             pm += (p * mn)[:, None]
-            acc1, acc2 = _accumulate(p * hs, v1, v2, acc1, acc2, DOT, PREC)
+            acc1, acc2 = _accumulate(p * hs, v1, v2, acc1, acc2, DOT, PREC, F16)
         else:
-            acc1, acc2 = _accumulate(p, v1, v2, acc1, acc2, DOT, PREC)
+            acc1, acc2 = _accumulate(p, v1, v2, acc1, acc2, DOT, PREC, F16)
     last = sp == NSP - 1  # the last split has an empty packed range and does the fp16 segments
     n_s = tl.where(last, n_sink, 0)
     n_r = tl.where(last, nrs, 0)
     m, l, pm, acc1, acc2 = _fp16_segment(q1, q2, SK, SV, b.to(tl.int64) * ssb + h * ssh, n_s, 0, TAB, tab_rows,
-                                         cj, sj, m, l, pm, acc1, acc2, True, D, BLOCK_N, DOT, PREC)
+                                         cj, sj, m, l, pm, acc1, acc2, True, D, BLOCK_N, DOT, PREC, F16)
     p_res = n_sink + npk  # residual token i at p_res + i = (p_res // N + i // N) * N + p_res % N + i % N
     dr = (p_res % BLOCK_N).to(tl.float32) * invf
     qd1, qd2 = _rot_t(q1, q2, tl.cos(dr), tl.sin(dr))
     m, l, pm, acc1, acc2 = _fp16_segment(qd1, qd2, RK, RV, b.to(tl.int64) * srb + h * srh, n_r, p_res // BLOCK_N,
-                                         TAB, tab_rows, cj, sj, m, l, pm, acc1, acc2, True, D, BLOCK_N, DOT, PREC)
+                                         TAB, tab_rows, cj, sj, m, l, pm, acc1, acc2, True, D, BLOCK_N, DOT, PREC, F16)
     if DOT:
         _store_partial(MP, LP, AP, prow0, NSP, m, l, acc1, acc2, QPP, MR, D, DOT)
     else:
@@ -408,7 +417,7 @@ def _kivi_split_kernel(
     H, Tmax, NGmax, n_packed, n_sink, n_res, tokens_per_split, NSP, qk_scale, LENS,
     G: tl.constexpr, QPP: tl.constexpr, MR: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, KG: tl.constexpr,
     VG: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, PLAIN: tl.constexpr = False,
-    DYN: tl.constexpr = False,
+    DYN: tl.constexpr = False, F16: tl.constexpr = False,
 ):
     """As the kvquant kernel; ``BLOCK_N`` divides the key group ``KG``, so a block has one key scale/zero row:
     scores are ``q . z + (q * s) . codes``. ``DYN``: the packed and residual counts are read from ``LENS``
@@ -442,7 +451,7 @@ def _kivi_split_kernel(
             qz = tl.sum(q1 * z1 + q2 * z2, axis=1)[:, None]
         else:
             qz = tl.sum(tl.sum(q1 * z1 + q2 * z2, axis=1), axis=0)
-        s = _mask(_scores(qk1, qk2, c1, c2, DOT, PREC) + qz, valid, DOT)
+        s = _mask(_scores(qk1, qk2, c1, c2, DOT, PREC, F16) + qz, valid, DOT)
         p, m, l, pm, acc1, acc2 = _softmax(s, m, l, pm, acc1, acc2, DOT)
         # values: per-token scale / zero of each group of VG channels
         d1 = _codes(VP + row * NB, valid, 0, BITS, D, BLOCK_N, PLAIN).to(tl.float32)
@@ -453,7 +462,7 @@ def _kivi_split_kernel(
                                                                                   NVG) * d1
             v2 = _group_tile(VZ, row, valid, one, 1, HALF, VG, NVG) + _group_tile(VS, row, valid, one, 1, HALF, VG,
                                                                                   NVG) * d2
-            acc1, acc2 = _accumulate(p, v1, v2, acc1, acc2, DOT, PREC)
+            acc1, acc2 = _accumulate(p, v1, v2, acc1, acc2, DOT, PREC, F16)
         else:  # accumulate (p s) codes per element and p z per token and group
             vz = tl.load(VZ + row[:, None] * NVG + cg[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
             pm += p[:, None] * vz
@@ -463,9 +472,9 @@ def _kivi_split_kernel(
     n_s = tl.where(last, n_sink, 0)
     n_r = tl.where(last, nrs, 0)
     m, l, pm, acc1, acc2 = _fp16_segment(q1, q2, SK, SV, b.to(tl.int64) * ssb + h * ssh, n_s, 0, Q, 0, q1, q1,
-                                         m, l, pm, acc1, acc2, False, D, BLOCK_N, DOT, PREC)
+                                         m, l, pm, acc1, acc2, False, D, BLOCK_N, DOT, PREC, F16)
     m, l, pm, acc1, acc2 = _fp16_segment(q1, q2, RK, RV, b.to(tl.int64) * srb + h * srh, n_r, 0, Q, 0, q1, q1,
-                                         m, l, pm, acc1, acc2, False, D, BLOCK_N, DOT, PREC)
+                                         m, l, pm, acc1, acc2, False, D, BLOCK_N, DOT, PREC, F16)
     if DOT:
         _store_partial(MP, LP, AP, prow0, NSP, m, l, acc1, acc2, QPP, MR, D, DOT)
     else:
