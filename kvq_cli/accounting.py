@@ -1,14 +1,20 @@
-"""Bit accounting: the one formula for what a quantized KV cache holds (used by eval, runtime, estimates).
+"""Bit accounting: the one formula for what a quantized KV cache holds (used by calibrate, eval-ppl, generate,
+estimate-memory and the runtime cache).
 
 Average bits per element = every bit the cache holds for K and V (codes, scales, zero points,
 outliers and their row pointers, per-layer codebooks and thresholds, full-precision sink and residual tokens)
-divided by the number of K and V elements, at a stated context length.
+divided by the number of K and V elements, at a stated context length. Per-layer state and the 16-bit sink are
+fixed costs, so the average falls as the context grows: every command says at which context it counts
+(``describe``). Simulated evaluation quantizes every token (no residual window) and says so.
 """
 
 from __future__ import annotations
 
-from .hf_attention import KVGeometry
-from .methods.base import KVMethod, outlier_pointer_bits
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .hf_attention import KVGeometry
+    from .methods.base import KVMethod
 
 FP16_TOKEN_BITS_PER_ELEMENT = 16
 
@@ -21,6 +27,8 @@ def full_precision_tokens(method: KVMethod, tokens: int, with_residual: bool = T
 def layer_bits(method: KVMethod, kv_heads: int, head_dim: int, tokens: int, state_bits: int = 0,
                with_residual: bool = True, batch: int = 1) -> float:
     """Bits one layer's cache holds for ``batch`` sequences of ``tokens`` tokens (state counted once)."""
+    from .methods.base import outlier_pointer_bits
+
     fp = full_precision_tokens(method, tokens, with_residual)
     per_seq = fp * 2 * kv_heads * head_dim * FP16_TOKEN_BITS_PER_ELEMENT
     per_seq += (tokens - fp) * method.bits_per_token(kv_heads, head_dim)
@@ -40,3 +48,11 @@ def avg_bits(method: KVMethod, geom: KVGeometry, tokens: int, state_bits: int = 
     """Average bits per K/V element at a context of ``tokens`` tokens."""
     elements = geom.layers * 2 * geom.kv_heads * geom.head_dim * tokens
     return cache_bits(method, geom, tokens, state_bits, with_residual) / elements
+
+
+def describe(tokens: int, with_residual: bool = True) -> str:
+    """One line saying what ``avg_bits`` counts and at which context, for every command's output."""
+    window = ("the 16-bit sink and residual window" if with_residual
+              else "the 16-bit sink; no residual window (simulated: every other token quantized)")
+    return (f"avg bits = every bit the K/V cache holds (codes, scales, zero points, outliers and their pointers, "
+            f"per-layer codebooks, {window}) / K and V elements, at {tokens:,} tokens")

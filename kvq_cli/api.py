@@ -87,9 +87,9 @@ def configuration_for(
 
 def eval_ppl(
     model: str | None = None,
-    dataset: str = "wikitext2",
+    dataset: str | Sequence[str] = "wikitext2",
     data_dir: str | None = None,
-    seqlen: int = 2048,
+    seqlen: int | Sequence[int] = 2048,
     max_windows: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
@@ -107,7 +107,11 @@ def eval_ppl(
 
     ``mode="streaming"`` feeds each window ``chunk`` tokens at a time through the packed runtime cache; each
     chunk attends to itself in full precision (``chunk_attention="full"``, as generation) or as stored.
+    Several datasets and/or seqlens: the model loads once and the result is ``{"model", "mode", "device",
+    "dtype", "seconds", "runs": [one single-run result per dataset and seqlen]}``.
     """
+    datasets = [dataset] if isinstance(dataset, str) else list(dict.fromkeys(dataset))
+    seqlens = [seqlen] if isinstance(seqlen, int) else list(dict.fromkeys(seqlen))
     if chunk_attention not in ("full", "stored"):
         raise KvqError(f"--chunk-attention must be full or stored, not {chunk_attention!r}")
     if mode not in MODES:
@@ -115,47 +119,63 @@ def eval_ppl(
     if chunk < 1:
         raise KvqError("--chunk must be at least 1")
     streaming = mode == "streaming"
-    if seqlen < 2:
-        raise KvqError("--seqlen must be at least 2")
+    if not datasets or not seqlens or min(seqlens) < 2:
+        raise KvqError("--seqlen must be at least 2 (and --dataset not empty)")
     if max_windows is not None and max_windows < 1:
         raise KvqError("--max-windows must be at least 1")
     if not 1 <= batch_size <= MAX_BATCH:
-        raise KvqError(f"--batch-size must be in 1..{MAX_BATCH}, not {batch_size}")
+        raise KvqError(f"--batch (--batch-size) must be in 1..{MAX_BATCH}, not {batch_size}")
+    for m in methods:
+        for n in seqlens:
+            check_sink(m, n, streaming)
     device = resolve_device(device)
+    texts = {name: load_text(name, data_dir) for name in datasets}  # a missing corpus is said before any model
     source = resolve_model(model, trust_remote_code)
     geom = geometry_from_config(load_config(source))
-    if geom.max_positions and seqlen > geom.max_positions:
-        raise KvqError(f"--seqlen {seqlen} is beyond the model's {geom.max_positions} positions")
-    configs = []
-    for m in methods:
-        check_sink(m, seqlen, streaming)
-    for path in artifacts:
-        art = load_artifact(path, geom)
-        check_sink(art.method, seqlen, streaming)
-        configs.append(configuration_for(art.method, geom, seqlen, art.states or None, path, streaming))
-    for method in methods:
-        configs.append(configuration_for(method, geom, seqlen, None, "--method", streaming))
-    ids = tokenize(load_text(dataset, data_dir), load_tokenizer(source))
-    wins = windows(ids, seqlen, max_windows)
+    if geom.max_positions and max(seqlens) > geom.max_positions:
+        raise KvqError(f"--seqlen {max(seqlens)} is beyond the model's {geom.max_positions} positions")
+    loaded = [(path, load_artifact(path, geom)) for path in artifacts]
+    configs: dict[int, list[Configuration]] = {}
+    for n in seqlens:
+        configs[n] = []
+        for path, art in loaded:
+            check_sink(art.method, n, streaming)
+            configs[n].append(configuration_for(art.method, geom, n, art.states or None, path, streaming))
+        configs[n] += [configuration_for(m, geom, n, None, "--method", streaming) for m in methods]
+    tokenizer = load_tokenizer(source)
+    grid = [(name, n, windows(tokenize(texts[name], tokenizer), n, max_windows)) for name in datasets
+            for n in seqlens]
     net, device = load_net(source, resolve_dtype(dtype, device), device, device_map)
     start = time.perf_counter()
-    advance = progress("perplexity", wins.shape[0] * (len(configs) + 1), 0)
-    results = evaluate(net, wins, configs, batch_size=batch_size, device=device, progress=advance, mode=mode,
-                       chunk=chunk, full_chunk=chunk_attention == "full")
+    advance = progress("perplexity", sum(w.shape[0] * (len(configs[n]) + 1) for _, n, w in grid), 0)
     extra = {"chunk": chunk, "chunk_attention": chunk_attention} if streaming else {}
-    return {
-        "model": source.name,
-        "dataset": dataset,
-        "seqlen": seqlen,
-        "windows": int(wins.shape[0]),
-        "tokens": int(wins.numel()),
-        "mode": mode,
-        "device": _device_name(device),
-        "dtype": resolve_dtype(dtype, device),
-        "seconds": round(time.perf_counter() - start, 2),
-        "results": results,
-        **extra,
-    }
+    notes = [] if streaming else [
+        f"{c.name}: simulated mode quantizes every token after the sink; its {c.method.residual}-token 16-bit residual "
+        "window is not applied (--mode streaming applies it, as generation does)"
+        for c in dict((c.name, c) for n in seqlens for c in configs[n]).values() if c.method.residual]
+    runs = []
+    for name, n, wins in grid:
+        begun = time.perf_counter()
+        results = evaluate(net, wins, configs[n], batch_size=batch_size, device=device, progress=advance, mode=mode,
+                           chunk=chunk, full_chunk=chunk_attention == "full")
+        runs.append({
+            "model": source.name,
+            "dataset": name,
+            "seqlen": n,
+            "windows": int(wins.shape[0]),
+            "tokens": int(wins.numel()),
+            "mode": mode,
+            "device": _device_name(device),
+            "dtype": resolve_dtype(dtype, device),
+            "seconds": round(time.perf_counter() - begun, 2),
+            "results": results,
+            "notes": notes,
+            **extra,
+        })
+    if len(runs) == 1:
+        return runs[0]
+    keep = ("model", "mode", "device", "dtype", "notes")
+    return {**{k: runs[0][k] for k in keep}, "seconds": round(time.perf_counter() - start, 2), **extra, "runs": runs}
 
 
 def calibrate(
@@ -226,7 +246,8 @@ def calibrate(
         "name": method.label,
         "model": source.name,
         "layers": geom.layers,
-        "avg_bits": avg_bits(method, geom, seqlen, art.state_bits(), with_residual=False),
+        "avg_bits": avg_bits(method, geom, seqlen, art.state_bits(), with_residual=True),
+        "avg_bits_tokens": seqlen,
         "calibration": calibration,
     }
 
@@ -249,6 +270,7 @@ def estimate_memory(
     gpus: int = 1,
     plot: str | None = None,
     trust_remote_code: bool = False,
+    chunk: int = 4096,
 ) -> dict[str, Any]:
     """KV cache, weights and workspace memory of each configuration (fp16 first) against a GPU budget.
 
@@ -270,15 +292,18 @@ def estimate_memory(
     chosen = list(methods) if methods or artifacts else memory.default_methods()
     entries += [memory.Entry.from_method(m, shape) for m in chosen]
     plot_path = memory.check_plot_path(plot) if plot else None
-    result = memory.estimate(shape, entries, tokens, batch, weights_dtype, budget_bytes, gpus, gpu)
+    result = memory.estimate(shape, entries, tokens, batch, weights_dtype, budget_bytes, gpus, gpu, chunk)
     if plot_path is not None:
         from .plotting import memory_plot
 
         longest = max([tokens] + [r["max_context"] for r in result["results"]])
-        weights = result["results"][0]["weights_bytes"]
-        curves = memory.curves(shape, entries, batch, weights, min(4 * longest, memory.MAX_SEARCH))
-        title = f"{shape.name}, batch {batch}, weights {weights_dtype}"
-        result["plot"] = str(memory_plot(plot_path, curves, result["budget_bytes"], title, tokens))
+        per_gpu = result["budget_bytes"] / gpus
+        curves = memory.curves(shape, entries, batch, weights_dtype, per_gpu, gpus, min(4 * longest, memory.MAX_SEARCH),
+                               chunk)
+        title = f"{shape.name}, batch {batch}, weights {weights_dtype}" + (
+            f", layers split over {gpus} GPUs: the fullest GPU" if gpus > 1 else "")
+        result["plot"] = str(memory_plot(plot_path, curves, per_gpu, title, tokens,
+                                         {r["name"]: r["max_context"] for r in result["results"]}))
     return result
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import memory
+from .accounting import avg_bits
 from .errors import KvqError
 from .presets import ModelShape
 
@@ -274,6 +275,11 @@ def generate(
         notes.append(f"{n + max_new_tokens:,} tokens are beyond the model's {geom.max_positions:,} positions")
         on_note(notes[-1])  # said before the work starts
     plan = plan or check(n)
+    wide = method is None and dtype == "float32"  # the model's own cache then holds float32, not 16 bits
+    if wide:
+        plan = {"estimated_bytes": plan["estimated_bytes"] + plan["kv_bytes"], "kv_bytes": 2 * plan["kv_bytes"]}
+        notes.append("the baseline runs in float32 (--dtype auto on the CPU), so its cache holds 32 bits per element "
+                     "and is named fp32; --dtype bfloat16 gives the 16-bit cache")
     # run
     dev = torch.device(device)
     for i in range(gpus if dev.type == "cuda" else 0):
@@ -326,10 +332,13 @@ def generate(
         notes.append(f"{steps['reference_steps']:,} of {steps['reference_steps'] + steps['kernel_steps']:,} decode "
                      f"layer-steps ran the PyTorch reference path: {steps['reference_reason']}")
     cache_bytes = _cache_bytes(cache)
-    elements = 2 * shape.layers * shape.kv_heads * shape.head_dim * (n + out["decode_steps"])
+    held = n + out["decode_steps"]
+    elements = 2 * shape.layers * shape.kv_heads * shape.head_dim * held
+    estimated_bits = avg_bits(entry.method, geom, held, entry.state_bits) * (2 if wide else 1)
     result = {
         "model": source.name,
-        "configuration": "fp16 (StaticCache)" if method is None and graphs else entry.name,
+        "configuration": ("fp16 (StaticCache)" if method is None and graphs else entry.name).replace(
+            "fp16", "fp32" if wide else "fp16"),
         "device": where,
         "dtype": dtype,
         "prompt_tokens": n,
@@ -350,6 +359,8 @@ def generate(
         "peak_memory_bytes": peak_memory(dev, gpus),
         "cache_bytes": cache_bytes,
         "avg_bits": 8 * cache_bytes / elements,
+        "estimated_avg_bits": estimated_bits,
+        "avg_bits_tokens": held,
         "estimated_bytes": plan["estimated_bytes"],
         "estimated_kv_bytes": plan["kv_bytes"],
         "budget_bytes": budget * gpus,

@@ -137,23 +137,31 @@ def weights_bytes(shape: ModelShape, dtype: str = "bf16") -> float:
     return shape.params * WEIGHT_BYTES[dtype]
 
 
-def activation_bytes(shape: ModelShape, tokens: int, batch: int = 1, method: KVMethod | None = None,
-                     chunk: int = PREFILL_CHUNK) -> int:
-    """Allocator bytes beyond weights and KV at the peak of a chunked prefill (module docstring)."""
+def activation_parts(shape: ModelShape, tokens: int, batch: int = 1, method: KVMethod | None = None,
+                     chunk: int = PREFILL_CHUNK) -> dict[str, int]:
+    """Allocator bytes beyond weights and KV at the peak of a chunked prefill (module docstring), by part."""
     from .runtime.prefill import history_block
 
     chunk = min(chunk, tokens)
-    hidden = batch * chunk * (4 * shape.hidden + 2 * shape.intermediate) * 2
+    parts = {"hidden and MLP buffers": batch * chunk * (4 * shape.hidden + 2 * shape.intermediate) * 2}
     if method is None or method.name == "fp16":  # SDPA gets a materialized causal mask and repeated K/V
-        mask = batch * chunk * tokens * 2
-        return hidden + mask + batch * tokens * 2 * (shape.heads + shape.kv_heads) * shape.head_dim * 2
+        parts["causal mask (chunk x context)"] = batch * chunk * tokens * 2
+        parts["one layer's K/V repeated to the query heads"] = (
+            batch * tokens * 2 * (shape.heads + shape.kv_heads) * shape.head_dim * 2)
+        return parts
     # the packed cache's prefill: one history block of L tokens dequantized (fp32 K and V with as many
     # temporaries), repeated to the query heads in bf16, and four fp32 chunk-sized partial outputs
     block = min(history_block(batch, shape.heads, shape.head_dim), tokens)
-    dequant = 4 * batch * shape.kv_heads * block * shape.head_dim * 4
-    repeated = 2 * batch * shape.heads * block * shape.head_dim * 2
-    partials = 4 * batch * shape.heads * chunk * shape.head_dim * 4
-    return hidden + dequant + repeated + partials
+    parts["one dequantized history block"] = 4 * batch * shape.kv_heads * block * shape.head_dim * 4 + (
+        2 * batch * shape.heads * block * shape.head_dim * 2)
+    parts["partial outputs of the chunk"] = 4 * batch * shape.heads * chunk * shape.head_dim * 4
+    return parts
+
+
+def activation_bytes(shape: ModelShape, tokens: int, batch: int = 1, method: KVMethod | None = None,
+                     chunk: int = PREFILL_CHUNK) -> int:
+    """Allocator bytes beyond weights and KV at the peak of a chunked prefill (``activation_parts``, summed)."""
+    return sum(activation_parts(shape, tokens, batch, method, chunk).values())
 
 
 def allowance_bytes(shape: ModelShape, tokens: int, batch: int = 1, method: KVMethod | None = None,
@@ -196,6 +204,19 @@ def with_fp16_first(entries: Sequence[Entry], shape: ModelShape) -> list[Entry]:
     return [Entry.from_method(parse_spec("fp16"), shape), *rest]
 
 
+def table_total(entry: Entry, shape: ModelShape, tokens: int, batch: int, weights_dtype: str, budget: float,
+                gpus: int = 1, chunk: int = PREFILL_CHUNK) -> tuple[float, float]:
+    """``(total bytes, the fullest GPU's bytes)``: what the estimate's table and plot show (one GPU: both the same;
+    several: summed over ``placement.plan``, each GPU with its own allowance)."""
+    if gpus == 1:
+        total = total_bytes(entry, shape, tokens, batch, weights_bytes(shape, weights_dtype), chunk)
+        return total, total
+    from . import placement
+
+    parts = [p["total_bytes"] for p in placement.plan(entry, shape, tokens, batch, weights_dtype, budget, gpus, chunk)]
+    return sum(parts), max(parts)
+
+
 def estimate(
     shape: ModelShape,
     entries: Sequence[Entry],
@@ -205,14 +226,18 @@ def estimate(
     budget: int | None = None,
     gpus: int = 1,
     gpu: str | None = None,
+    chunk: int = PREFILL_CHUNK,
 ) -> dict[str, Any]:
-    """The estimate as JSON-able data: one result per entry (fp16 first), against ``budget x gpus``."""
+    """The estimate as JSON-able data: one result per entry (fp16 first), against ``budget x gpus``; the
+    allowance counts the activations of a prefill of ``chunk`` tokens."""
     if context < 1:
         raise KvqError(f"context must be positive, not {context}")
     if not 1 <= batch <= MAX_BATCH:
         raise KvqError(f"--batch must be in 1..{MAX_BATCH}, not {batch}")
     if not 1 <= gpus <= MAX_GPUS:
         raise KvqError(f"--gpus must be in 1..{MAX_GPUS}, not {gpus}")
+    if not 1 <= chunk <= MAX_SEARCH:
+        raise KvqError(f"--chunk must be in 1..{MAX_SEARCH:,}, not {chunk}")
     if budget is None:
         gpu = gpu or "h100-80gb"
         budget = gpu_bytes(gpu)
@@ -226,7 +251,7 @@ def estimate(
     results = []
     for e in with_fp16_first(entries, shape):
         kv = kv_bytes(e, shape, context, batch)
-        total = total_bytes(e, shape, context, batch, weights)
+        total, fullest = table_total(e, shape, context, batch, weights_dtype, budget, gpus, chunk)
         row = {
             "name": e.name,
             "avg_bits": avg_bits(e.method, geom, context, e.state_bits, with_residual=True),
@@ -234,17 +259,15 @@ def estimate(
             "kv_bytes": kv,
             "weights_bytes": weights,
             "total_bytes": total,
-            "allowance_bytes": allowance_bytes(shape, context, batch, e.method),
-            "fits": total <= total_budget,
-            "max_context": max_context(e, shape, batch, weights, total_budget),
+            "allowance_bytes": allowance_bytes(shape, context, batch, e.method, chunk),
+            "fits": fullest <= budget,
+            "max_context": max_context(e, shape, batch, weights, total_budget, chunk),
         }
         if gpus > 1:  # layers split over the GPUs, each layer's cache with its layer (``placement``)
             from . import placement
 
-            row["placement"] = placement.plan(e, shape, context, batch, weights_dtype, budget, gpus)
-            row["fits"] = all(p["fits"] for p in row["placement"])
-            row["max_context"] = placement.max_context(e, shape, batch, weights_dtype, budget, gpus)
-            row["total_bytes"] = sum(p["total_bytes"] for p in row["placement"])
+            row["placement"] = placement.plan(e, shape, context, batch, weights_dtype, budget, gpus, chunk)
+            row["max_context"] = placement.max_context(e, shape, batch, weights_dtype, budget, gpus, chunk)
         results.append(row)
     return {
         "model": shape.name,
@@ -253,22 +276,26 @@ def estimate(
         "budget_bytes": total_budget,
         "gpu": gpu,
         "gpus": gpus,
+        "chunk": min(chunk, context),
         "weights_dtype": weights_dtype,
         "params": shape.params,
         "max_positions": shape.max_positions,
         "allowance_bytes": results[0]["allowance_bytes"],  # fp16's; each result has its own
+        "allowance_parts": {"CUDA context and allocator slack": CONTEXT_OVERHEAD,
+                            **activation_parts(shape, context, batch, None, chunk)},  # fp16's
         "notes": notes,
         "results": results,
     }
 
 
-def curves(shape: ModelShape, entries: Sequence[Entry], batch: int, weights: float, up_to: int,
-           points: int = 120) -> dict[str, tuple[list[int], list[float]]]:
-    """Total bytes against context (log-spaced from 1K to ``up_to``) per entry, fp16 first."""
+def curves(shape: ModelShape, entries: Sequence[Entry], batch: int, weights_dtype: str, budget: float, gpus: int,
+           up_to: int, chunk: int = PREFILL_CHUNK, points: int = 120) -> dict[str, tuple[list[int], list[float]]]:
+    """The table's bytes against context (log-spaced from 1K to ``up_to``) per entry, fp16 first: the total on one
+    GPU, the fullest GPU's bytes on several (``table_total``), to compare with the per-GPU ``budget``."""
     lo = 1024
     hi = max(up_to, 2 * lo)
     xs = sorted({round(lo * (hi / lo) ** (i / (points - 1))) for i in range(points)})
-    return {e.name: (xs, [total_bytes(e, shape, x, batch, weights) for x in xs])
+    return {e.name: (xs, [table_total(e, shape, x, batch, weights_dtype, budget, gpus, chunk)[1] for x in xs])
             for e in with_fp16_first(entries, shape)}
 
 
