@@ -380,21 +380,22 @@ def test_decode_attention_gqa_dot_shapes(bits):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_decode_attention_gqa_16_bit_queries(dtype):
-    """16-bit queries take the one-pass tf32 dots (``DOT_PRECISION_16``): within the stated tolerance plus the
-    output dtype's epsilon of the float32 reference, at the runtime's shapes (D=128, G=4, block_n=32, sparse
-    kvquant outliers)."""
+@pytest.mark.parametrize("d,g", [(128, 4), (64, 3), (32, 7)])
+def test_decode_attention_gqa_16_bit_queries(dtype, d, g):
+    """16-bit queries take fp16 tensor-core dots (``F16_DOTS``: operands rounded to fp16, float32 accumulation):
+    within the stated tolerance plus the output dtype's epsilon of the float32 reference, at the runtime's shapes
+    (D=128, G=4, block_n=32, sparse kvquant outliers) and odd ones (G=3, 7; D=64, 32)."""
     from kvq_kernels.sparse import SparseRows
 
-    gen = _gen(210)
-    d, t = 128, 70
+    gen = _gen(210 + g)
+    t = 70
     c = _kvquant_cache(gen, d, 2, 2, t=t, n_sink=1, n_res=3, tmax=96, nok=0, nov=0)
     c.k_sparse = SparseRows.from_dense((torch.rand(B, H, t, d, generator=gen) < 0.02).to(DEV),
                                        _randn(gen, B, H, t, d, scale=3.0))
     c.v_sparse = SparseRows.from_dense((torch.rand(B, H, t, d, generator=gen) < 0.02).to(DEV),
                                        _randn(gen, B, H, t, d, scale=3.0))
     k = _kivi_cache(gen, d, 2, t=64, n_sink=1, n_res=3, tmax=96)
-    q = _randn(gen, B, H * 4, d).to(dtype)
+    q = _randn(gen, B, H * g, d).to(dtype)
     for fn, rf, cache in ((decode_attention_kvquant, ref.decode_attention_kvquant_ref, c),
                           (decode_attention_kivi, ref.decode_attention_kivi_ref, k)):
         got = fn(q, cache, num_splits=2)
