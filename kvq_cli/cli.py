@@ -65,7 +65,7 @@ def _dump(doc: Any) -> None:
 
 
 @app.command("eval-ppl")
-@user_errors
+@user_errors(torch=False)
 @o.with_method_defaults
 @o.runs_model
 def eval_ppl(
@@ -101,9 +101,10 @@ def eval_ppl(
         kvq eval-ppl --data-dir ../shared/data --max-windows 4 --method kivi2 --method int4
         kvq eval-ppl --dataset wikitext2 --dataset shakespeare --seqlen 512 --seqlen 2048 --method kivi2
     """
-    methods = o.methods(method, defaults, tuning_free=True)
     run = {**run, "dtype": o.model_dtype(run["dtype"])}
+    o.check_corpora(dataset or ["wikitext2"], data_dir)
     _import_torch_holding_ctrl_c()
+    methods = o.methods(method, defaults, tuning_free=True)
     from . import api
 
     with progress() as bar:
@@ -124,7 +125,7 @@ def _artifact_name(method) -> str:
 
 
 @app.command()
-@user_errors
+@user_errors(torch=False)
 @o.with_method_defaults
 @o.runs_model
 def calibrate(
@@ -164,8 +165,11 @@ def calibrate(
     """
     defaults = {**defaults, **o.default_options(per_channel=per_channel, pre_rope=pre_rope, nuq=nuq, fisher=fisher,
                                                 qnorm=qnorm)}
-    specs = o.methods(method, defaults, fallback=["kvquant"])
     run = {**run, "dtype": o.model_dtype(run["dtype"])}
+    _import_torch_holding_ctrl_c()
+    specs = o.methods(method, defaults, fallback=["kvquant"])
+    if any(m.needs_calibration for m in specs) and not model.startswith("random:"):
+        o.check_corpora([dataset], data_dir)
     from pathlib import Path
 
     outs = [out] if len(specs) == 1 else [str(Path(out) / _artifact_name(m)) for m in specs]
@@ -173,7 +177,6 @@ def calibrate(
         if Path(out).suffix == ".safetensors" or Path(out).is_file():
             raise KvqError(f"--out {out}: with {len(specs)} --method entries --out is a folder (one artifact each)")
         Path(out).mkdir(parents=True, exist_ok=True)
-    _import_torch_holding_ctrl_c()
     from . import api
 
     results = []
@@ -279,7 +282,7 @@ def _check_generate_options(model: str, prompt_file, haystack: bool, context, de
 
 
 @app.command()
-@user_errors
+@user_errors(torch=False)
 @o.with_method_defaults
 @o.runs_model
 def generate(
@@ -314,6 +317,10 @@ def generate(
     graphs: Annotated[bool | None, typer.Option(
         "--graphs/--no-graphs", help="Capture the decode step once as a CUDA graph and replay it per token "
         "(default: on one CUDA device).")] = None,
+    fill: Annotated[str | None, typer.Option(
+        metavar="random", help="Fill all but the last of the --context positions with random keys and values through "
+        "the cache's own append path instead of a prefill (minutes instead of hours at 1M-10M tokens; speed and "
+        "memory only: nothing real is attended).")] = None,
     json_out: o.Json = False,
     defaults: dict[str, Any] | None = None,
     run: dict[str, Any] | None = None,
@@ -333,13 +340,16 @@ def generate(
         kvq generate --model random:llama-3.2-1b --method kivi2 --method int4 --context 32K --json
     """
     _check_generate_options(model, prompt_file, haystack, context, depth, max_new_tokens, temperature, top_p)
-    methods = o.methods(method or ([] if artifact else None), defaults, tuning_free=True)
     run = {**run, "dtype": o.model_dtype(run["dtype"])}
+    if haystack:
+        o.check_corpora([filler], data_dir)
     _import_torch_holding_ctrl_c()
+    methods = o.methods(method or ([] if artifact else None), defaults, tuning_free=True)
     runs: list[dict[str, Any]] = [{"artifact": a} for a in artifact or []] + [{"method": m} for m in methods]
     shared = dict(model=model, prompt_file=prompt_file, haystack=haystack, context=context, depth=depth,
                   max_new_tokens=max_new_tokens, chunk=chunk, seed=seed, data_dir=data_dir, filler=filler,
-                  use_kernels=kernels, temperature=temperature, top_k=top_k, top_p=top_p, graphs=graphs, **run)
+                  use_kernels=kernels, temperature=temperature, top_k=top_k, top_p=top_p, graphs=graphs, fill=fill,
+                  **run)
     results = [_generate_one({**shared, **config}, json_out) for config in runs or [{}]]
     if json_out:
         _dump(results[0] if len(results) == 1 else results)

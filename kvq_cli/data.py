@@ -23,11 +23,13 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import KvqError
 from .models import cache_dir
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -53,27 +55,37 @@ def data_dir(explicit: str | None = None) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def load_text(dataset: str, data_dir_arg: str | None = None) -> str:
-    """The text of a dataset name or a local file path."""
+def locate(dataset: str, data_dir_arg: str | None = None) -> Path | Corpus:
+    """Where ``load_text`` reads ``dataset``: a local file, or the hub corpus (checked reachable, unless offline).
+    Every missing corpus is one ``KvqError`` here, in well under 2 s, before torch or a model loads."""
     if dataset not in CORPORA:
         path = Path(dataset).expanduser()
         if not path.is_file():
             raise KvqError(f"dataset {dataset!r} is neither a known name ({', '.join(CORPORA)}) nor a text file")
-        return read_text_file(path)
+        return path
     corpus = CORPORA[dataset]
     root = data_dir(data_dir_arg)
     if corpus.local and root is not None:
         local = root / corpus.local
         if local.is_file():
-            return read_text_file(local)
+            return local
         if data_dir_arg:
             raise KvqError(f"dataset {dataset!r}: {local} not found under --data-dir {root}")
     if corpus.hub is None:
         raise KvqError(f"dataset {dataset!r} is only available locally: pass --data-dir (a folder with {corpus.local})")
+    hint = f" (pass --data-dir, a folder with {corpus.local})" if corpus.local else ""
     if _offline():
-        hint = f" (pass --data-dir, a folder with {corpus.local})" if corpus.local else ""
         raise KvqError(f"dataset {dataset!r} not found offline (HF_HUB_OFFLINE is set){hint}")
-    return _from_hub(dataset, corpus)
+    if not hub_reachable():
+        raise KvqError(f"dataset {dataset!r} is not found locally and the hub cannot be reached{hint}; "
+                       "HF_HUB_OFFLINE=1 never tries")
+    return corpus
+
+
+def load_text(dataset: str, data_dir_arg: str | None = None) -> str:
+    """The text of a dataset name or a local file path."""
+    where = locate(dataset, data_dir_arg)
+    return read_text_file(where) if isinstance(where, Path) else _from_hub(dataset, where)
 
 
 #: Largest text file read whole (the corpora are far smaller).
@@ -111,13 +123,27 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
 
 
+def hub_reachable(timeout: float = 1.5) -> bool:
+    """Whether the hub's host (``HF_ENDPOINT``, default huggingface.co) accepts a connection within ``timeout``
+    seconds: asked before ``datasets`` would spend half a minute retrying an unreachable hub."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _from_hub(name: str, corpus: Corpus) -> str:
+    repo, config, split = corpus.hub
+    hint = f", or pass --data-dir (a folder with {corpus.local})" if corpus.local else ""
     try:
         import datasets
     except ImportError:
         raise KvqError(f"dataset {name!r} needs the 'datasets' package, or a local copy under --data-dir") from None
-    repo, config, split = corpus.hub
-    hint = f", or pass --data-dir (a folder with {corpus.local})" if corpus.local else ""
     try:
         if corpus.hub_chars is None:
             rows = datasets.load_dataset(repo, config, split=split)["text"]
@@ -136,6 +162,8 @@ def _from_hub(name: str, corpus: Corpus) -> str:
 
 def tokenize(text: str, tokenizer) -> torch.Tensor:
     """Token ids ``(N,)`` int64 of the whole text, cached on disk by content and tokenizer hash."""
+    import torch
+
     key = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16] + "-" + _tokenizer_hash(tokenizer)
     path = cache_dir() / "tokens" / f"{key}.pt.npy"
     if path.is_file():

@@ -190,6 +190,14 @@ with_method_defaults = _adds(METHOD_DEFAULTS, "defaults", after="method", given_
 runs_model = _adds(MODEL_RUN, "run")
 
 
+def check_corpora(names: list[str], data_dir: str | None) -> None:
+    """Every corpus can be read (a local file, or the hub when online and reachable): said before torch loads."""
+    from .data import locate
+
+    for name in names:
+        locate(name, data_dir)
+
+
 def default_options(**options: Any) -> dict[str, Any]:
     """The default-setting flags that were given (``--bits 3`` -> ``{"bits": 3}``)."""
     return {k: v for k, v in options.items() if v is not None}

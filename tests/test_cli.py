@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -122,3 +123,189 @@ def test_methods_and_version():
     assert "kvquant" in run("methods").output
     res = run("--version")
     assert res.exit_code == 0 and res.output.startswith("kvq ")
+
+
+# --- the shared vocabulary (issue 20): each option accepted by each command that should take it ----------------------
+FAKE_RUN = {"model": "m", "dataset": "d", "seqlen": 64, "windows": 1, "tokens": 64, "mode": "simulated",
+            "device": "cpu", "dtype": "float32", "seconds": 0, "notes": [],
+            "results": [{"name": "baseline", "perplexity": 2.0, "avg_bits": 16.0, "kl_divergence": 0.0,
+                         "top1_agreement": 1.0}]}
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    """The library entry points replaced by recorders: options are checked and forwarded, no model ever loads."""
+    import kvq_cli.api
+    import kvq_cli.generate
+    import kvq_cli.models
+
+    calls: dict[str, dict] = {}
+
+    def record(name, result):
+        def fake(*args, **kwargs):
+            calls[name] = {"args": args, **kwargs}
+            return result
+        return fake
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(kvq_cli.models, "load_model", no_model)
+    monkeypatch.setattr(kvq_cli.api, "eval_ppl", record("eval-ppl", FAKE_RUN))
+    monkeypatch.setattr(kvq_cli.api, "calibrate", record("calibrate", {
+        "artifact": "a.safetensors", "name": "kvquant-4b", "model": "m", "layers": 2, "avg_bits": 4.5,
+        "calibration": {"seconds": 0}}))
+    monkeypatch.setattr(kvq_cli.generate, "generate", record("generate", {
+        "model": "m", "configuration": "c", "dtype": "float32", "device": "cpu", "prompt_tokens": 8, "new_tokens": 1,
+        "prefill_tokens_per_s": 1.0, "prefill_seconds": 1.0, "decode_tokens_per_s": None, "first_step_seconds": None,
+        "graph_steps": 0, "eager_steps": 0, "peak_memory_bytes": 0, "estimated_bytes": 0, "cache_bytes": 0,
+        "estimated_kv_bytes": 0, "avg_bits": 16.0, "notes": []}))
+    return calls
+
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+BASE = {"calibrate": ["--data-dir", str(SHARED)], "eval-ppl": ["--data-dir", str(SHARED)],
+        "generate": ["--prompt-file", __file__], "estimate-memory": ["-c", "8K"]}
+COMMANDS = ("calibrate", "eval-ppl", "generate", "estimate-memory")
+# option, value, the commands that take it, and the method spec that has the option
+VOCABULARY = [
+    ("--method", "kivi2", COMMANDS, None),
+    ("--bits", "4", COMMANDS, "kivi"),
+    ("--group", "64", COMMANDS, "kivi"),
+    ("--residual", "16", COMMANDS, "kivi"),
+    ("--sink", "2", COMMANDS, "kivi"),
+    ("--outliers", "0.01", ("calibrate", "estimate-memory"), "kvquant"),
+    ("--batch", "2", ("eval-ppl", "estimate-memory"), None),
+    ("--batch-size", "2", ("eval-ppl", "estimate-memory"), None),  # the old spelling, hidden
+    ("--chunk", "256", ("eval-ppl", "generate", "estimate-memory"), None),
+    ("--device", "cpu", ("calibrate", "eval-ppl", "generate"), None),
+    ("--dtype", "bf16", COMMANDS, None),
+    ("--weights-dtype", "int4", ("estimate-memory",), None),  # the old spelling, hidden
+    ("--trust-remote-code", None, COMMANDS, None),
+    ("--json", None, COMMANDS, None),
+]
+
+
+@pytest.mark.parametrize("option, value, takers, spec", VOCABULARY, ids=[v[0] for v in VOCABULARY])
+@pytest.mark.parametrize("command", COMMANDS)
+def test_shared_vocabulary(fakes, command, option, value, takers, spec):
+    if not SHARED.is_dir() and command in ("calibrate", "eval-ppl"):
+        pytest.skip("no shared corpora")
+    args = [command, *BASE[command], option] + ([value] if value is not None else [])
+    args += ["--method", spec] if spec else []
+    res = run(*args)
+    if command not in takers:
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output  # refused, never ignored
+        return
+    assert res.exit_code == 0, res.output
+    if command == "estimate-memory":
+        return  # the real arithmetic ran (presets, no model)
+    sent = fakes[command]
+    if option == "--method":
+        methods = sent["args"][0:1] if command == "calibrate" else [*sent.get("methods", [sent.get("method")])]
+        assert methods[0].label == "kivi-2b"
+    elif spec:  # a default for the method: it reached the method's configuration
+        method = sent["args"][0] if command == "calibrate" else (sent.get("methods") or [sent.get("method")])[0]
+        key = option.lstrip("-")
+        assert str(method.config()[key]).rstrip("0").rstrip(".") == value.rstrip("0").rstrip(".")
+    elif option in ("--batch", "--batch-size"):
+        assert sent["batch_size"] == 2
+    elif option == "--chunk":
+        assert sent["chunk"] == 256
+    elif option == "--dtype":
+        assert sent["dtype"] == "bfloat16"
+    elif option == "--device":
+        assert sent["device"] == "cpu"
+    elif option == "--trust-remote-code":
+        assert sent["trust_remote_code"] is True
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--haystack"], "--haystack needs --context"),
+    (["generate", "--prompt-file", __file__, "--depth", "0.5"], "without --haystack"),
+    (["generate", "--haystack", "--prompt-file", __file__, "-c", "1K"], "not both"),
+    (["generate", "--prompt-file", __file__, "--method", "kvquant"], "needs calibration"),
+    (["eval-ppl", "--data-dir", str(SHARED), "--method", "kvquant"], "needs calibration"),
+    (["eval-ppl", "--data-dir", str(SHARED), "--bits", "3"], "give --method too"),
+    (["eval-ppl", "--data-dir", str(SHARED), "--method", "kivi2", "--outliers", "0.01"], "does not take --outliers"),
+    (["eval-ppl", "--data-dir", "/no/such/dir"], "not found under --data-dir"),
+    (["eval-ppl", "--data-dir", str(SHARED), "--dtype", "fp8"], "--dtype must be"),
+    (["calibrate", "--method", "kivi", "--method", "int4", "--out", "x.safetensors"], "is a folder"),
+    (["estimate-memory", "--dtype", "fp8"], "--dtype"),
+    (["estimate-memory", "--sink", "1"], "give --method too"),
+])
+def test_option_errors_come_before_any_model(fakes, args, message):
+    res = run(*args)
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output and res.output.strip().count("\n") == 0
+    assert not fakes, "the library was called"
+
+
+def test_aliases_rewritten():
+    from kvq_cli.options import rewrite_aliases
+
+    assert rewrite_aliases(["eval-ppl", "--batch-size", "4", "--batch-size=2", "--", "--batch-size"]) == [
+        "eval-ppl", "--batch", "4", "--batch=2", "--", "--batch-size"]
+
+
+def test_help_teaches():
+    for command in COMMANDS:
+        text = run(command, "--help").output
+        assert "<bool>" not in text and "Example" in text, command
+        assert "--method" in text and "--dtype" in text and "--json" in text, command
+    assert "cq" in run("calibrate", "--help").output and "pq" in run("calibrate", "--help").output
+    assert "128" in run("eval-ppl", "--help").output and "4096" in run("generate", "--help").output
+
+
+def test_methods_table_plain_and_cq_pq_bits():
+    out = run("methods").output
+    assert "``" not in out and "/channel" in out
+
+
+def test_light_commands_never_import_torch():
+    """`kvq --help` and option mistakes answer without torch (start-up well under 1.5 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from kvq_cli.cli import app\n"
+            "for args in (['--help'], ['generate', '--haystack'], ['eval-ppl', '--data-dir', '/no/dir']):\n"
+            "    try: app(args)\n"
+            "    except SystemExit: pass\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
+
+
+def test_eval_ppl_several_datasets_and_seqlens(tiny_model_dir, tiny_text_file, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text(open(tiny_text_file).read()[::-1])
+    res = run("eval-ppl", "-m", tiny_model_dir, "-d", tiny_text_file, "-d", other, "--seqlen", 32, "--seqlen", 48,
+              "--max-windows", 1, "--method", "kivi2", "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert [(r["dataset"], r["seqlen"]) for r in doc["runs"]] == [
+        (str(tiny_text_file), 32), (str(tiny_text_file), 48), (str(other), 32), (str(other), 48)]
+    assert all([x["name"] for x in r["results"]] == ["baseline", "kivi-2b"] for r in doc["runs"])
+    assert any("residual window is not applied" in n for n in doc["notes"])
+    table = run("eval-ppl", "-m", tiny_model_dir, "-d", tiny_text_file, "-d", other, "--seqlen", 32, "--seqlen", 48,
+                "--max-windows", 1, "--method", "kivi2").stdout
+    assert "seqlen" in table and "avg bits = every bit" in table and "at 48 tokens" in table
+
+
+def test_estimate_memory_plot_and_table_agree(tmp_path):
+    from kvq_cli import memory
+    from kvq_cli.methods import parse_spec
+    from kvq_cli.presets import MODEL_PRESETS
+
+    res = run("estimate-memory", "-m", "llama-3-8b", "-c", "1M", "--gpus", 2, "--budget", "24GB", "--json")
+    doc = json.loads(res.stdout)
+    shape = MODEL_PRESETS["llama-3-8b"]
+    entry = memory.Entry.from_method(parse_spec("fp16"), shape)
+    xs, ys = memory.curves(shape, [entry], 1, "bf16", doc["budget_bytes"] / 2, 2, 1 << 21)["fp16"]
+    at = min(range(len(xs)), key=lambda i: abs(xs[i] - (1 << 20)))
+    fullest = max(p["total_bytes"] for p in doc["results"][0]["placement"])
+    assert ys[at] == memory.table_total(entry, shape, xs[at], 1, "bf16", doc["budget_bytes"] / 2, 2)[1]
+    total, top = memory.table_total(entry, shape, 1 << 20, 1, "bf16", doc["budget_bytes"] / 2, 2)
+    assert (top, total) == (fullest, doc["results"][0]["total_bytes"])  # the plot's curve is the table's number
+    text = run("estimate-memory", "-m", "llama-3-8b", "-c", "1M", "--gpus", 2, "--budget", "24GB").stdout
+    assert "GPU1 layers 16-31: 100.82 GiB" in text and "causal mask" in text and "fullest GPU" in text
