@@ -30,6 +30,8 @@ demo: install
 	kvq generate --model smollm2-135m --artifact $(DEMO_DIR)/kvquant-3b-1pct.safetensors --haystack \
 		--context 2K --depth 0.9 --seed 1 --max-new-tokens 8 --data-dir $(DATA_DIR)
 	kvq estimate-memory --model llama-3-8b --context 1M --gpu h100-80gb
+	@echo "demo done: it wrote $(DEMO_DIR)/kvquant-3b-1pct.safetensors (the calibrated KVQuant artifact, for"
+	@echo "--artifact in eval-ppl, generate and estimate-memory); the tables above were printed, not saved."
 
 test: install
 	@$(PYTHON) -c "import transformers, torch; print('transformers', transformers.__version__, '| torch', torch.__version__)"
