@@ -135,6 +135,29 @@ class Decoder:
         return self.sampler(logits)
 
     @torch.inference_mode()
+    def fill(self, tokens: int, chunk: int, advance: Callable[[int], None] = lambda n: None, seed: int = 0) -> None:
+        """Append ``tokens`` positions of random keys and values (standard normal, the model's dtype) to every
+        layer through the cache's own append path, ``chunk`` at a time, without running the model: a context far
+        longer than a prefill could make in the time (speed and memory only; nothing is attended). Pre-RoPE
+        methods take the same random keys as pre-RoPE keys."""
+        layers = _cache_layers(self.net)
+        gen = torch.Generator(self.device).manual_seed(seed)
+        weight = self.net.get_input_embeddings().weight
+        for s in range(0, tokens, chunk):
+            n = min(chunk, tokens - s)
+            for i, (heads, dim) in enumerate(layers):
+                k = torch.randn(1, heads, n, dim, device=self.device, dtype=weight.dtype, generator=gen)
+                v = torch.randn(1, heads, n, dim, device=self.device, dtype=weight.dtype, generator=gen)
+                layer = getattr(self.cache, "layers", [None] * len(layers))[i]
+                if getattr(getattr(layer, "method", None), "keys_pre_rope", False):
+                    layer.pre_rope_key = k
+                self.cache.update(k, v, i, {"cache_position": torch.arange(self.position + s,
+                                                                           self.position + s + n,
+                                                                           device=self.device)})
+            advance(n)
+        self.position += tokens
+
+    @torch.inference_mode()
     def step(self, token: Tensor) -> Tensor:
         """Feed ``token (B,)`` at the next position; returns the next token ``(B,)``."""
         kind_of = getattr(self.cache, "graph_kind", None)
@@ -193,6 +216,14 @@ class Decoder:
     def _done(self, kind: str) -> None:
         self.stats["graph_steps"] += 1
         getattr(self.cache, "graph_step_done", lambda kind: None)(kind)
+
+
+def _cache_layers(net: nn.Module) -> list[tuple[int, int]]:
+    """``(kv_heads, head_dim)`` of each attention layer of ``net`` (what ``fill`` writes)."""
+    from .hf_attention import geometry_from_config
+
+    geom = geometry_from_config(net.config)
+    return [(geom.kv_heads, geom.head_dim)] * geom.layers
 
 
 def _capturable(cache) -> bool:

@@ -92,22 +92,28 @@ def greedy_steps(net: nn.Module, cache, ids: Tensor, chunk: int, advance: Callab
 
 def run(net: nn.Module, cache, ids: Tensor, max_new_tokens: int, chunk: int, eos: set[int],
         advance: Callable[[int], None] = lambda n: None, on_token: Callable[[int], None] = lambda t: None,
-        sampler=None, graphs: bool | None = None) -> dict[str, Any]:
+        sampler=None, graphs: bool | None = None, fill: int = 0) -> dict[str, Any]:
     """Prefill ``ids (1, N)`` ``chunk`` tokens at a time into ``cache`` (a ``KVQCache`` or a transformers cache),
     then decode up to ``max_new_tokens`` (stopping at an ``eos`` id) through ``engine.Decoder`` (``graphs``: a
     CUDA-graph step, None: where possible; ``sampler``: greedy by default).
 
     ``advance(n)`` after each prefill chunk, ``on_token(id)`` after each new token. Returns the new token ids
     and timings: the prefill (which gives the first token), the first decode step apart (it captures the
-    graph and compiles kernels on a cold start) and the steady decode rate of the steps after it."""
+    graph and compiles kernels on a cold start) and the steady decode rate of the steps after it. ``fill``: the
+    first ``fill`` positions are random keys and values appended without running the model
+    (``Decoder.fill``; its time is reported apart), and only the rest of ``ids`` is prefilled."""
     from .engine import Decoder
 
     device = ids.device
-    n = ids.shape[1]
+    n = ids.shape[1] - fill
     decoder = Decoder(net, cache, sampler, graphs)
     _sync(device)
     start = time.perf_counter()
-    token = decoder.prefill(ids, chunk, advance)
+    decoder.fill(fill, chunk, advance)
+    _sync(device)
+    fill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    token = decoder.prefill(ids[:, fill:], chunk, advance)
     new = [int(token[0])]
     prefill_s = time.perf_counter() - start
     on_token(new[0])
@@ -125,6 +131,7 @@ def run(net: nn.Module, cache, ids: Tensor, max_new_tokens: int, chunk: int, eos
     steady = steps - 1
     return {
         "new_ids": new,
+        "fill_seconds": fill_s,
         "prefill_seconds": prefill_s,
         "decode_seconds": end - start,
         "decode_steps": steps,
@@ -219,6 +226,7 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     graphs: bool | None = None,
+    fill: str | None = None,
     trust_remote_code: bool = False,
     progress=None,
     on_text: Callable[[str], None] = lambda s: None,
@@ -228,7 +236,9 @@ def generate(
     16-bit baseline: a ``StaticCache`` under the same CUDA-graph engine, a ``DynamicCache`` without graphs) in
     chunks, then generate (greedy, or sampled with ``temperature`` / ``top_k`` / ``top_p``, seeded by ``seed``);
     returns the summary ``kvq generate --json`` prints. ``use_kernels``: the Triton decode path (None: on CUDA
-    where exact); ``graphs``: the decode step as a CUDA graph (None: on one CUDA device)."""
+    where exact); ``graphs``: the decode step as a CUDA graph (None: on one CUDA device); ``fill="random"``: all but
+    the last of the ``context`` positions are random keys and values appended through the cache's own path
+    without running the model (a context longer than a prefill could make in the time; speed and memory only)."""
     from .api import load_net, resolve_device, resolve_dtype
     from .engine import Sampler, static_cache
     from .hf_attention import geometry_from_config
@@ -247,6 +257,10 @@ def generate(
         raise KvqError("give --artifact or --method, not both")
     if haystack and prompt_file:
         raise KvqError("give --prompt-file or --haystack, not both")
+    if fill not in (None, "random"):
+        raise KvqError(f"--fill takes 'random', not {fill!r}")
+    if fill and (context is None or haystack or prompt_file):
+        raise KvqError("--fill random needs --context N and no prompt (the context is random keys and values)")
     if depth is not None and not haystack:
         raise KvqError("--depth places the pass key of --haystack; without --haystack it does nothing")
     depth = 0.5 if depth is None else depth
@@ -267,8 +281,13 @@ def generate(
         return preflight(shape, entry, prompt_tokens + max_new_tokens, weights_dtype, budget, where, chunk, gpus)
 
     plan = check(tokens) if tokens is not None else None  # before building a prompt that cannot fit
-    tokenizer, prompt = _prompt(source, shape.vocab, tokens, haystack, prompt_file, filler, data_dir, depth, seed,
-                                geom.max_positions)
+    if fill:
+        from .prompts import random_prompt
+
+        tokenizer, prompt = None, random_prompt(shape.vocab, tokens, seed)
+    else:
+        tokenizer, prompt = _prompt(source, shape.vocab, tokens, haystack, prompt_file, filler, data_dir, depth,
+                                    seed, geom.max_positions)
     n = prompt.ids.shape[1]
     notes = []
     if geom.max_positions and n + max_new_tokens > geom.max_positions and not source.random:
@@ -313,7 +332,7 @@ def generate(
     try:
         torch.manual_seed(seed)  # the sampler's random numbers (greedy uses none)
         out = run(net, cache, prompt.ids.to(first), max_new_tokens, chunk, _eos_ids(net, tokenizer), advance,
-                  on_token, sampler, None if method is not None and graphs else graphs)
+                  on_token, sampler, None if method is not None and graphs else graphs, n - 1 if fill else 0)
     finally:
         if hasattr(cache, "unbind"):
             cache.unbind()
@@ -347,6 +366,8 @@ def generate(
         "prefill_tokens_per_s": out["prefill_tokens_per_s"],
         "decode_tokens_per_s": out["decode_tokens_per_s"],
         "prefill_seconds": out["prefill_seconds"],
+        "fill": fill,
+        "fill_seconds": out["fill_seconds"],
         "time_to_first_token_s": out["prefill_seconds"],
         "first_step_seconds": out["first_step_seconds"],
         "decode_seconds": out["decode_seconds"],
