@@ -317,6 +317,10 @@ def generate(
     graphs: Annotated[bool | None, typer.Option(
         "--graphs/--no-graphs", help="Capture the decode step once as a CUDA graph and replay it per token "
         "(default: on one CUDA device).")] = None,
+    fill: Annotated[str | None, typer.Option(
+        metavar="random", help="Fill all but the last of the --context positions with random keys and values through "
+        "the cache's own append path instead of a prefill (minutes instead of hours at 1M-10M tokens; speed and "
+        "memory only: nothing real is attended).")] = None,
     json_out: o.Json = False,
     defaults: dict[str, Any] | None = None,
     run: dict[str, Any] | None = None,
@@ -344,7 +348,7 @@ def generate(
     runs: list[dict[str, Any]] = [{"artifact": a} for a in artifact or []] + [{"method": m} for m in methods]
     shared = dict(model=model, prompt_file=prompt_file, haystack=haystack, context=context, depth=depth,
                   max_new_tokens=max_new_tokens, chunk=chunk, seed=seed, data_dir=data_dir, filler=filler,
-                  use_kernels=kernels, temperature=temperature, top_k=top_k, top_p=top_p, graphs=graphs,
+                  use_kernels=kernels, temperature=temperature, top_k=top_k, top_p=top_p, graphs=graphs, fill=fill,
                   **run)
     results = [_generate_one({**shared, **config}, json_out) for config in runs or [{}]]
     if json_out:
