@@ -36,11 +36,19 @@ def layer_bits(method: KVMethod, kv_heads: int, head_dim: int, tokens: int, stat
     return batch * per_seq + state_bits
 
 
+def window_layer_bits(window: int, kv_heads: int, head_dim: int, tokens: int, batch: int = 1) -> float:
+    """Bits of a sliding-window layer's cache: its last ``window`` tokens' K and V in fp16 (``runtime.window``)."""
+    return batch * min(tokens, window) * 2 * kv_heads * head_dim * FP16_TOKEN_BITS_PER_ELEMENT
+
+
 def cache_bits(method: KVMethod, geom: KVGeometry, tokens: int, state_bits: int = 0,
                with_residual: bool = True, batch: int = 1) -> float:
-    """Bits the whole cache holds; ``state_bits`` is the total over layers."""
+    """Bits the whole cache holds; ``state_bits`` is the total over layers. Global layers hold every token as the
+    method stores it; sliding-window layers (``geom.windows``) their last ``window`` tokens in fp16."""
+    windows = geom.windows or (None,) * geom.layers
     per_layer = layer_bits(method, geom.kv_heads, geom.head_dim, tokens, 0, with_residual, batch)
-    return geom.layers * per_layer + state_bits
+    rings = sum(window_layer_bits(w, geom.kv_heads, geom.head_dim, tokens, batch) for w in windows if w is not None)
+    return sum(w is None for w in windows) * per_layer + rings + state_bits
 
 
 def avg_bits(method: KVMethod, geom: KVGeometry, tokens: int, state_bits: int = 0,

@@ -14,7 +14,7 @@ from .data import load_text, tokenize, windows
 from .errors import KvqError
 from .hf_attention import KVGeometry, geometry_from_config
 from .methods import KVMethod
-from .models import load_config, load_model, load_tokenizer, resolve_model
+from .models import load_config, load_model, load_tokenizer, resolve_model, supported_config
 from .perplexity import MODES, Configuration, evaluate
 
 Progress = Callable[[str, int, int], Callable[[int], None]]
@@ -131,7 +131,7 @@ def eval_ppl(
     device = resolve_device(device)
     texts = {name: load_text(name, data_dir) for name in datasets}  # a missing corpus is said before any model
     source = resolve_model(model, trust_remote_code)
-    geom = geometry_from_config(load_config(source))
+    geom = geometry_from_config(supported_config(source))
     if geom.max_positions and max(seqlens) > geom.max_positions:
         raise KvqError(f"--seqlen {max(seqlens)} is beyond the model's {geom.max_positions} positions")
     loaded = [(path, load_artifact(path, geom)) for path in artifacts]
@@ -211,7 +211,7 @@ def calibrate(
         check_sink(method, seqlen)
     device = resolve_device(device)
     source = resolve_model(model, trust_remote_code)
-    geom = geometry_from_config(load_config(source))
+    geom = geometry_from_config(supported_config(source))
     if method.needs_calibration and geom.max_positions and seqlen > geom.max_positions:
         raise KvqError(f"--seqlen {seqlen} is beyond the model's {geom.max_positions} positions")
     start = time.perf_counter()

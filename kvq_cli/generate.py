@@ -242,7 +242,7 @@ def generate(
     from .api import load_net, resolve_device, resolve_dtype
     from .engine import Sampler, static_cache
     from .hf_attention import geometry_from_config
-    from .models import load_config, resolve_model
+    from .models import resolve_model, supported_config
     from .presets import shape_from_config
     from .prompts import passkey_answer
 
@@ -268,10 +268,14 @@ def generate(
     dtype = resolve_dtype(dtype, device, auto_gpu="bfloat16")
     tokens = memory.parse_context(context) if context is not None else None
     source = resolve_model(model, trust_remote_code)
-    config = load_config(source)
+    config = supported_config(source)
     geom = geometry_from_config(config)
     shape = shape_from_config(config, source.name)
     method, states, entry = _configuration(artifact, method, geom, shape)
+    if method is not None:  # what the packed cache cannot hold is said before any weight is read
+        from .runtime.cache import check_runtime
+
+        check_runtime(method, geom)
     budget, where = device_budget(device)
     weights_dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
 

@@ -1,10 +1,13 @@
 """Everything kvq touches inside a transformers model lives here (one module, public interfaces only).
 
 * ``attention_layers(model)``: the attention modules, found by their public attributes (``layer_idx``,
-  ``k_proj``, ``v_proj``), for any Llama-like architecture (Llama, Mistral, Qwen2, ...).
-* ``kv_geometry(model)``: layers, KV heads, head_dim, query heads, RoPE parameters.
+  ``k_proj``/``v_proj`` or a fused ``qkv_proj``), for Llama-like architectures (Llama, Mistral, Qwen2/3, Gemma 2/3,
+  Phi-3).
+* ``geometry_from_config``: layers, KV heads, head_dim, query heads, RoPE thetas (one per layer type where the
+  model has several), each layer's sliding window.
 * A registered attention function (``AttentionInterface``) that lets kvq see post-RoPE keys and
-  values of each layer, and forward hooks on the key projection that see pre-RoPE keys.
+  values of each layer (with the model's masks, sliding windows and logit softcapping), and forward hooks that
+  see pre-RoPE keys whatever the projection / norm / transpose order (``pre_rope_hooks``).
 * ``cache_kwargs(model, cache)`` / ``passed_cache(kwargs)``: the cache argument under the name the installed
   transformers takes (``cache`` from 5.24, ``past_key_values`` before; the old name is deprecated there).
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -22,7 +26,10 @@ from torch import Tensor, nn
 
 from .errors import KvqError
 
+#: The runtime's attention (no masks: the packed cache's attention is causal by construction, and windowed where the
+#: layer is); ``MASKED_NAME``: simulation and calibration, with the masks transformers makes for SDPA.
 ATTN_NAME = "kvq"
+MASKED_NAME = "kvq_masked"
 #: The cache argument's names in ``forward`` and ``generate``: the current one first.
 CACHE_ARGUMENTS = ("cache", "past_key_values")
 
@@ -60,13 +67,51 @@ class KVGeometry:
     kv_heads: int
     head_dim: int
     q_heads: int
-    rope_theta: float
+    rope_theta: float | dict[str, float]  # one theta, or one per layer type (Gemma 3: sliding / full attention)
     max_positions: int | None
     architecture: str
+    #: each layer's sliding window (None: global attention); None: every layer global
+    windows: tuple[int | None, ...] | None = None
 
 
 def text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def rope_thetas(cfg) -> float | dict[str, float] | None:
+    """The config's RoPE theta: one number, or ``{layer type: theta}`` where ``rope_parameters`` is nested by layer
+    type (Gemma 3); None where the config names no RoPE at all."""
+    rope = getattr(cfg, "rope_parameters", None)
+    if isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values()):
+        thetas = {k: v.get("rope_theta") for k, v in rope.items()}
+        return None if any(t is None for t in thetas.values()) else thetas
+    theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+    theta = theta or getattr(cfg, "rope_theta", None)
+    local = getattr(cfg, "rope_local_base_freq", None)  # Gemma 3 configs before nested rope_parameters
+    if theta is not None and local is not None and local != theta:
+        return {"full_attention": theta, "sliding_attention": local}
+    return theta
+
+
+def layer_windows(config) -> tuple[int | None, ...]:
+    """Each layer's sliding window (None: global attention), as the model's attention applies it: ``layer_types``
+    where the config has them, else ``sliding_window`` on every layer (Mistral), unless ``use_sliding_window`` is
+    off (Qwen2/3)."""
+    cfg = text_config(config)
+    window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", True) is False or isinstance(window, bool) or not isinstance(window, int):
+        window = None
+    types = getattr(cfg, "layer_types", None)
+    if types and len(types) == cfg.num_hidden_layers:
+        return tuple(window if t == "sliding_attention" else None for t in types)
+    return (window,) * cfg.num_hidden_layers
+
+
+def layer_rope_key(config, layer: int) -> str | None:
+    """The layer type whose RoPE ``layer`` uses when thetas differ per type (``rope_thetas``), else None."""
+    cfg = text_config(config)
+    types = getattr(cfg, "layer_types", None)
+    return types[layer] if types and isinstance(rope_thetas(cfg), dict) else None
 
 
 def geometry_from_config(config) -> KVGeometry:
@@ -77,13 +122,15 @@ def geometry_from_config(config) -> KVGeometry:
         raise KvqError(f"the model's config: num_attention_heads must be a positive integer, not {heads!r}")
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta") if isinstance(rope, dict) else None
-    theta = theta or getattr(cfg, "rope_theta", None) or 10000.0
+    theta = rope_thetas(cfg) or 10000.0
+    if isinstance(theta, dict):
+        theta = {k: float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for k, v in theta.items()}
     arch = (getattr(cfg, "architectures", None) or [cfg.model_type])[0]
     positions = getattr(cfg, "max_position_embeddings", None)
     check_geometry(cfg.num_hidden_layers, kv_heads, head_dim, heads, theta, positions, where="the model's config")
-    return KVGeometry(cfg.num_hidden_layers, kv_heads, head_dim, heads, float(theta), positions, arch)
+    windows = layer_windows(cfg)
+    return KVGeometry(cfg.num_hidden_layers, kv_heads, head_dim, heads, theta if isinstance(theta, dict)
+                      else float(theta), positions, arch, windows if any(w is not None for w in windows) else None)
 
 
 #: Largest sizes a configuration may claim (beyond any released model, small enough to allocate per layer).
@@ -92,31 +139,53 @@ GEOMETRY_LIMITS = {"layers": 4096, "kv_heads": 4096, "head_dim": 8192, "q_heads"
 
 def check_geometry(layers, kv_heads, head_dim, q_heads, rope_theta, max_positions=None, where="config") -> None:
     """``KvqError`` unless every size is an integer in ``1..GEOMETRY_LIMITS``, the query heads a multiple of the KV
-    heads, ``rope_theta`` a positive finite number and ``max_positions`` None or a positive integer."""
+    heads, ``rope_theta`` a positive finite number (or ``{layer type: theta}``) and ``max_positions`` None or a
+    positive integer."""
     sizes = {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "q_heads": q_heads}
     for name, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= GEOMETRY_LIMITS[name]:
             raise KvqError(f"{where}: {name} must be an integer in 1..{GEOMETRY_LIMITS[name]}, not {value!r}")
     if q_heads % kv_heads:
         raise KvqError(f"{where}: {q_heads} query heads are not a multiple of {kv_heads} KV heads")
-    if isinstance(rope_theta, bool) or not isinstance(rope_theta, int | float) or not 0 < rope_theta < float("inf"):
-        raise KvqError(f"{where}: rope_theta must be a positive number, not {rope_theta!r}")
+    thetas = rope_theta.values() if isinstance(rope_theta, dict) and 0 < len(rope_theta) <= 16 else [rope_theta]
+    for theta in thetas:
+        if isinstance(theta, bool) or not isinstance(theta, int | float) or not 0 < theta < float("inf"):
+            raise KvqError(f"{where}: rope_theta must be a positive number (or one per layer type), not "
+                           f"{str(rope_theta)[:80]!r}")
+    if isinstance(rope_theta, dict) and not all(isinstance(k, str) and 0 < len(k) <= 64 for k in rope_theta):
+        raise KvqError(f"{where}: rope_theta's layer types must be names")
     if max_positions is not None and (isinstance(max_positions, bool) or not isinstance(max_positions, int)
                                       or max_positions < 1):
         raise KvqError(f"{where}: max_position_embeddings must be a positive integer, not {max_positions!r}")
 
 
 def attention_layers(model: nn.Module) -> list[nn.Module]:
-    """Attention modules ordered by ``layer_idx``; refuses architectures without separate K/V projections."""
-    layers = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "v_proj") and hasattr(m, "k_proj")]
+    """Attention modules ordered by ``layer_idx``; refuses architectures without K/V projections (separate
+    ``k_proj``/``v_proj``, or a fused ``qkv_proj`` as Phi-3's)."""
+    layers = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "head_dim") and (
+        (hasattr(m, "v_proj") and hasattr(m, "k_proj")) or hasattr(m, "qkv_proj"))]
     if not layers:
-        raise KvqError(f"{type(model).__name__}: no attention layers with k_proj/v_proj found; kvq does not support it")
+        raise KvqError(f"{type(model).__name__}: no attention layers with k_proj/v_proj or qkv_proj found; kvq does "
+                       "not support it")
     return sorted(layers, key=lambda m: m.layer_idx)
 
 
+def layer_device(attn: nn.Module) -> torch.device:
+    """The device of an attention layer's weights (where its cache lives)."""
+    return (attn.k_proj if hasattr(attn, "k_proj") else attn.qkv_proj).weight.device
+
+
+def _kv_heads(attn: nn.Module) -> int:
+    proj = attn.k_proj if hasattr(attn, "k_proj") else None
+    if proj is not None:
+        return proj.out_features // attn.head_dim
+    return text_config(attn.config).num_key_value_heads
+
+
 def pre_rope_module(attn: nn.Module) -> nn.Module:
-    """The last module whose output is the pre-RoPE key (``k_norm`` where the model has one)."""
-    return getattr(attn, "k_norm", None) or attn.k_proj
+    """The last module whose output holds the pre-RoPE key (``k_norm`` where the model has one, ``qkv_proj`` where
+    the projections are fused)."""
+    return getattr(attn, "k_norm", None) or getattr(attn, "k_proj", None) or attn.qkv_proj
 
 
 def split_heads(out: Tensor, head_dim: int) -> Tensor:
@@ -130,13 +199,77 @@ def merge_heads(x: Tensor, like: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(like.shape)
 
 
+Heads = Callable[[Tensor], Tensor]
+"""``heads(t)``: a tensor shaped as the hooked module's output (the output or its gradient) -> keys ``(B, H, T, D)``."""
+KeyHook = Callable[[Tensor, Heads], "Tensor | None"]
+
+
+def pre_rope_hooks(attn: nn.Module, fn: KeyHook) -> list:
+    """Forward hooks that hand ``fn(out, heads)`` the module output holding ``attn``'s pre-RoPE keys (the tensor the
+    model goes on computing with: gradient hooks on it fire) and ``heads``, its ``(B, H, T, D)`` view. When ``fn``
+    returns keys ``(B, H, T, D)``, they replace the model's. Layouts:
+
+    * ``k_proj`` ``(B, T, H*D)`` (Llama, Mistral, Qwen2, Gemma 2);
+    * ``k_norm`` after ``k_proj``: ``(B, T, H, D)`` (Qwen3: the norm before the heads move ahead of the tokens) or
+      ``(B, H, T, D)`` (Gemma 3: after). Told apart by which dimension has the layer's KV-head count, and where both
+      have it by the norm's input strides (the projection's tokens are its outer dimension);
+    * a fused ``qkv_proj`` ``(B, T, (Hq + 2 Hkv) D)`` (Phi-3): the key slice.
+
+    Returns the handles (``.remove()`` each)."""
+    d = attn.head_dim
+    if not hasattr(attn, "k_proj"):  # fused q/k/v: keys are columns [Hq D, (Hq + Hkv) D)
+        a = text_config(attn.config).num_attention_heads * d
+        b = a + _kv_heads(attn) * d
+
+        def fused(_mod, _inp, out):
+            new = fn(out, lambda t: split_heads(t[..., a:b], d))
+            if new is None:
+                return None
+            return torch.cat([out[..., :a], merge_heads(new.to(out.dtype), out[..., a:b]), out[..., b:]], -1)
+
+        return [attn.qkv_proj.register_forward_hook(fused)]
+    norm = getattr(attn, "k_norm", None)
+    if norm is None:
+        def proj(_mod, _inp, out):
+            new = fn(out, lambda t: split_heads(t, d))
+            return None if new is None else merge_heads(new.to(out.dtype), out)
+
+        return [attn.k_proj.register_forward_hook(proj)]
+    heads_n, seen = _kv_heads(attn), {}
+
+    def before(_mod, args):
+        x = args[0]
+        seen["tokens_dim"] = _tokens_dim(x, heads_n) if x.dim() == 4 else None
+
+    def after(_mod, _inp, out):
+        dim = seen.pop("tokens_dim", None)
+        if dim is None:  # (B, T, H*D): a norm over the whole projection
+            new = fn(out, lambda t: split_heads(t, d))
+            return None if new is None else merge_heads(new.to(out.dtype), out)
+        if dim == 2:  # (B, H, T, D) already
+            new = fn(out, lambda t: t)
+            return None if new is None else new.to(out.dtype)
+        new = fn(out, lambda t: t.transpose(1, 2))  # (B, T, H, D)
+        return None if new is None else new.transpose(1, 2).to(out.dtype)
+
+    return [norm.register_forward_pre_hook(before), norm.register_forward_hook(after)]
+
+
+def _tokens_dim(x: Tensor, heads: int) -> int:
+    """1 or 2: the dimension of a 4-D key tensor ``x`` that holds the tokens."""
+    if x.shape[1] != x.shape[2]:
+        return 2 if x.shape[1] == heads else 1
+    return 1 if x.stride(1) >= x.stride(2) else 2  # tokens are the projection's outer dimension
+
+
 # ---- the registered attention function ----------------------------------------------------------
 #: Per attention module, a callable ``(module, key, value) -> (key, value)`` applied before attention.
 KVTransform = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def _kvq_attention(module, query, key, value, attention_mask, **kwargs):
-    """Attention function registered as ``"kvq"``: applies the module's KV transform, then SDPA."""
+    """Attention function registered as ``"kvq"``: applies the module's KV transform, then SDPA (``softcap_attention``
+    where the model caps its attention logits, which SDPA cannot)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     transform = getattr(module, "_kvq_transform", None)
@@ -145,21 +278,51 @@ def _kvq_attention(module, query, key, value, attention_mask, **kwargs):
     inner = getattr(module, "_kvq_attention", None)
     if inner is not None:  # a packed-cache attention supplied by the runtime
         return inner(module, query, key, value, attention_mask, **kwargs)
+    if kwargs.get("softcap") is not None:
+        return softcap_attention(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def softcap_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling=None, softcap=None,
+                      **kwargs) -> tuple[Tensor, None]:
+    """Eager attention with logit softcapping (Gemma 2): ``s = cap tanh(q k / (sqrt(D) cap))``, then the mask
+    (boolean: True attends; float: added; None: causal), softmax in float32. ``query (B, Hq, Tq, D)``, ``key``/``value``
+    ``(B, Hkv, L, D)``; returns ``(B, Tq, Hq, D)`` as transformers' attention functions."""
+    g = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)  # (B, Hq, L, D)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    s = torch.matmul(query, k.transpose(2, 3)) * scaling  # (B, Hq, Tq, L)
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    tq, length = s.shape[-2:]
+    if attention_mask is None:
+        causal = torch.arange(length, device=s.device)[None, :] > torch.arange(length - tq, length,
+                                                                                device=s.device)[:, None]
+        s = s.masked_fill(causal, -math.inf)
+    elif attention_mask.dtype == torch.bool:
+        s = s.masked_fill(~attention_mask[..., :length], -math.inf)
+    else:
+        s = s + attention_mask[..., :length]
+    p = torch.softmax(s.float(), -1).to(query.dtype)
+    return torch.matmul(p, v).transpose(1, 2).contiguous(), None
 
 
 def _register() -> None:
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTN_NAME, _kvq_attention)
+    AttentionInterface.register(MASKED_NAME, _kvq_attention)
+    AttentionMaskInterface.register(MASKED_NAME, sdpa_mask)
 
 
 @contextlib.contextmanager
 def kvq_attention(model: nn.Module) -> Iterator[None]:
-    """Route the model's attention through kvq's function for the duration of the block."""
+    """Route the model's attention through kvq's function for the duration of the block, with the masks SDPA
+    would get (sliding windows; none where plain causal attention needs none)."""
     _register()
     previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTN_NAME)
+    model.set_attn_implementation(MASKED_NAME)
     try:
         yield
     finally:

@@ -19,6 +19,9 @@ The KV arithmetic is the runtime's own (``kvq_cli.accounting.cache_bits``, resid
       and four fp32 partial outputs of the chunk, 4 x batch x q_heads x chunk x head_dim x 4 bytes;
       independent of the context.
   (Checked against measurements on an H100: ``docs/results/memory-check.md``, ``generate-long-context.md``.)
+* KV: global layers hold every token as the method stores it; sliding-window layers (Gemma 2/3, Mistral with a
+  window) their last ``window`` tokens in fp16, as the runtime's ring does (``runtime.window``); the 16-bit rows
+  count them the same way (transformers' sliding-window cache layers also keep only the window).
 * total = KV + weights + allowance; it fits when total <= budget. With ``gpus`` > 1 the layers are split
   over the GPUs (``kvq_cli.placement``: contiguous blocks, each layer's KV on its GPU, an allowance on
   every GPU) and it fits when every GPU does.
@@ -129,6 +132,17 @@ class Entry:
 def kv_bytes(entry: Entry, shape: ModelShape, tokens: int, batch: int = 1) -> float:
     """Bytes of the KV cache at run time (residual window and sink in 16 bits), ``batch`` sequences."""
     return cache_bits(entry.method, shape.geometry(), tokens, entry.state_bits, with_residual=True, batch=batch) / 8
+
+
+def layer_kv_bytes(entry: Entry, shape: ModelShape, tokens: int, batch: int = 1) -> list[float]:
+    """``kv_bytes`` layer by layer: global layers as the method stores them, sliding-window layers their fp16 ring of
+    ``window`` tokens; the state shared evenly."""
+    from .accounting import layer_bits, window_layer_bits
+
+    full = layer_bits(entry.method, shape.kv_heads, shape.head_dim, tokens, 0, True, batch)
+    state = entry.state_bits / shape.layers
+    return [(state + (full if w is None else window_layer_bits(w, shape.kv_heads, shape.head_dim, tokens, batch))) / 8
+            for w in (shape.windows or (None,) * shape.layers)]
 
 
 def weights_bytes(shape: ModelShape, dtype: str = "bf16") -> float:
@@ -248,6 +262,12 @@ def estimate(
     if shape.max_positions and context > shape.max_positions:
         notes.append(f"context {context:,} is beyond {shape.name}'s {shape.max_positions:,} positions: "
                      "the numbers are memory arithmetic only")
+    rings = sorted({w for w in shape.windows or () if w is not None})
+    if rings:
+        n = sum(w is not None for w in shape.windows)
+        notes.append(f"{n} of {shape.layers} layers attend to a sliding window ({', '.join(f'{w:,}' for w in rings)} "
+                     "tokens): each keeps only its window, in fp16 (not quantized); avg bits spread every layer's bits "
+                     "over every token")
     results = []
     for e in with_fp16_first(entries, shape):
         kv = kv_bytes(e, shape, context, batch)

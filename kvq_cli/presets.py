@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import KvqError
-from .hf_attention import KVGeometry, check_geometry, text_config
+from .hf_attention import KVGeometry, geometry_from_config, text_config
 
 GiB = 1 << 30
 
@@ -33,6 +33,9 @@ class ModelShape:
     rope_theta: float = 10000.0
     qkv_bias: bool = False
     architecture: str = "LlamaForCausalLM"
+    #: each layer's sliding window (None: global), as ``KVGeometry.windows``; None: every layer global
+    windows: tuple[int | None, ...] | None = None
+    rope_thetas: dict[str, float] | None = None  # one theta per layer type (Gemma 3), else ``rope_theta``
 
     @property
     def layer_params(self) -> int:
@@ -48,8 +51,8 @@ class ModelShape:
         return self.vocab * self.hidden + head + self.layers * self.layer_params + self.hidden
 
     def geometry(self) -> KVGeometry:
-        return KVGeometry(self.layers, self.kv_heads, self.head_dim, self.heads, self.rope_theta,
-                          self.max_positions, self.architecture)
+        return KVGeometry(self.layers, self.kv_heads, self.head_dim, self.heads, self.rope_thetas or self.rope_theta,
+                          self.max_positions, self.architecture, self.windows)
 
 
 def _preset(name, layers, hidden, heads, kv_heads, intermediate, vocab, tied, positions, theta, **kw) -> ModelShape:
@@ -75,6 +78,9 @@ MODEL_PRESETS: dict[str, ModelShape] = {
         _preset("qwen2.5-7b", 28, 3584, 28, 4, 18944, 152064, False, 131072, 1000000, qkv_bias=True,
                 architecture="Qwen2ForCausalLM"),
         _preset("smollm2-135m", 30, 576, 9, 3, 1536, 49152, True, 8192, 100000),
+        ModelShape("gemma3-270m", 18, 640, 4, 1, 256, 2048, 262144, True, 32768, 1e6, architecture="Gemma3ForCausalLM",
+                   windows=tuple(None if (i + 1) % 6 == 0 else 512 for i in range(18)),
+                   rope_thetas={"sliding_attention": 10000.0, "full_attention": 1e6}),  # 5 sliding : 1 full
     )
 }
 
@@ -106,17 +112,12 @@ def shape_from_config(config, name: str) -> ModelShape:
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
             raise KvqError(f"{where}: {key} must be an integer in 1..{limit}, not {value!r}")
     bias = getattr(cfg, "attention_bias", None)
-    theta = None
-    rope = getattr(cfg, "rope_parameters", None)
-    if isinstance(rope, dict):
-        theta = rope.get("rope_theta")
-    arch = (getattr(cfg, "architectures", None) or [getattr(cfg, "model_type", "unknown")])[0]
     tied = getattr(config, "tie_word_embeddings", None)
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    theta = theta or getattr(cfg, "rope_theta", None) or 10000.0
-    check_geometry(cfg.num_hidden_layers, kv_heads, head_dim, heads, theta,
-                   getattr(cfg, "max_position_embeddings", None), where=where)
+    try:
+        geom = geometry_from_config(cfg)
+    except KvqError as exc:
+        raise KvqError(str(exc).replace("the model's config", where)) from None
+    kv_heads, head_dim, theta, arch = geom.kv_heads, geom.head_dim, geom.rope_theta, geom.architecture
     return ModelShape(
         name=name,
         layers=cfg.num_hidden_layers,
@@ -128,9 +129,12 @@ def shape_from_config(config, name: str) -> ModelShape:
         vocab=cfg.vocab_size,
         tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False) if tied is None else tied),
         max_positions=getattr(cfg, "max_position_embeddings", None),
-        rope_theta=float(theta),
+        rope_theta=float(theta["full_attention"] if "full_attention" in theta else next(iter(theta.values())))
+        if isinstance(theta, dict) else float(theta),
         qkv_bias=bool(getattr(cfg, "model_type", "") == "qwen2" if bias is None else bias),
         architecture=arch,
+        windows=geom.windows,
+        rope_thetas=theta if isinstance(theta, dict) else None,
     )
 
 

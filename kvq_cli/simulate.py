@@ -3,7 +3,8 @@
 Keys are quantized before RoPE (a forward hook on the key projection) when the method asks for it,
 otherwise after RoPE (in kvq's registered attention function); values in the attention function.
 The first ``method.sink`` tokens stay in full precision. Residual windows need the runtime's
-streaming mode and are not simulated here.
+streaming mode and are not simulated here. Sliding-window layers stay in full precision, as the runtime keeps them
+(``runtime.window``: an fp16 ring of their last ``window`` tokens).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from .hf_attention import attached, attention_layers, kvq_attention, merge_heads, pre_rope_module, split_heads
+from .hf_attention import attached, attention_layers, kvq_attention, layer_windows, pre_rope_hooks
 from .methods.base import KVMethod, State
 
 
@@ -35,26 +36,30 @@ def simulated(model: nn.Module, method: KVMethod, states: list[State] | None) ->
     states = states if states is not None else [{} for _ in layers]
     if len(states) != len(layers):
         raise ValueError(f"{len(states)} layer states for {len(layers)} layers")
+    windows = layer_windows(model.config)
     handles = []
     sink = method.sink
 
     if method.keys_pre_rope:
-        for attn, state in zip(layers, states, strict=True):
+        for attn, state, window in zip(layers, states, windows, strict=True):
+            if window is not None:
+                continue
 
-            def pre_hook(_mod, _inp, out, attn=attn, state=state):
-                k = split_heads(out, attn.head_dim)  # (B, H, T, D)
-                kq = _quantize_tail(k, sink, lambda t: method.fake_quant_keys(t, state))
-                return merge_heads(kq, out)
+            def pre_hook(out, heads, state=state):
+                return _quantize_tail(heads(out), sink, lambda t: method.fake_quant_keys(t, state))  # (B, H, T, D)
 
-            handles.append(pre_rope_module(attn).register_forward_hook(pre_hook))
+            handles += pre_rope_hooks(attn, pre_hook)
 
     def transform(module, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         state = module._kvq_state
+        if state is None:  # a sliding-window layer: full precision
+            return key, value
         if not method.keys_pre_rope:
             key = _quantize_tail(key, sink, lambda t: method.fake_quant_keys(t, state))
         value = _quantize_tail(value, sink, lambda t: method.fake_quant_values(t, state))
         return key, value
 
+    states = [None if w is not None else s for s, w in zip(states, windows, strict=True)]
     try:
         with kvq_attention(model), attached(layers, "_kvq_state", states), attached(
             layers, "_kvq_transform", [transform] * len(layers)

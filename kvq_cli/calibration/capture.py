@@ -4,8 +4,10 @@ One forward (and, when the method needs Fisher information, one backward) pass p
 sample. Hooks keep, per layer:
 
 * a random subsample of token vectors of K and V ``(N, H, D)`` and their squared gradients (the
-  Fisher information: squared gradient of the LM loss with respect to the k_proj / v_proj outputs,
-  or the post-RoPE keys when the method quantizes keys after RoPE);
+  Fisher information: squared gradient of the LM loss with respect to the pre-RoPE keys where the model computes
+  them (``hf_attention.pre_rope_hooks``: after ``k_norm``, in whatever layout, or the key slice of a fused
+  ``qkv_proj``), or the post-RoPE keys when the method quantizes keys after RoPE, and the values as attention
+  reads them);
 * exact per-channel key thresholds over *all* tokens: a streaming top-k of the largest and smallest
   values per channel, so the ``key_outlier_fraction / 2`` quantiles on each side are exact.
 
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..hf_attention import attached, attention_layers, kvq_attention, pre_rope_module, split_heads
+from ..hf_attention import attached, attention_layers, kvq_attention, pre_rope_hooks
 from ..methods.base import KVMethod, LayerCalibration
 
 
@@ -102,26 +104,16 @@ def capture(
         record(st.keys, st.key_fisher, out, heads)
 
     handles = []
-    for attn, st in zip(layers, stats, strict=True):
+    if method.keys_pre_rope:  # keys where the model computes them, whatever its projection / norm / transpose order
+        for attn, st in zip(layers, stats, strict=True):
+            handles += pre_rope_hooks(attn, lambda out, heads, st=st: on_keys(st, out, heads))
 
-        def heads(t: Tensor, d=attn.head_dim) -> Tensor:
-            return split_heads(t, d)
-
-        handles.append(
-            attn.v_proj.register_forward_hook(
-                lambda m, i, out, st=st, heads=heads: record(st.values, st.value_fisher, out, heads)
-            )
-        )
-        if method.keys_pre_rope:
-            handles.append(
-                pre_rope_module(attn).register_forward_hook(
-                    lambda m, i, out, st=st, heads=heads: on_keys(st, out, heads)
-                )
-            )
-
-    def post_rope(module, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+    def seen(module, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """In the attention function: values ``(B, H, T, D)`` as attention reads them, and post-RoPE keys."""
+        same = lambda t: t  # noqa: E731
+        record(module._kvq_stats.values, module._kvq_stats.value_fisher, value, same)
         if not method.keys_pre_rope:
-            on_keys(module._kvq_stats, key, lambda t: t)
+            on_keys(module._kvq_stats, key, same)
         return key, value
 
     embed = model.get_input_embeddings()
@@ -134,7 +126,7 @@ def capture(
         with (
             kvq_attention(model),
             attached(layers, "_kvq_stats", stats),
-            attached(layers, "_kvq_transform", [post_rope] * len(layers)),
+            attached(layers, "_kvq_transform", [seen] * len(layers)),
         ):
             for ids in samples:
                 pick["idx"] = sink + torch.randperm(usable, generator=gen)[:per_sample].sort().values

@@ -34,25 +34,76 @@ Reader = Callable[[int, int], tuple[Tensor, Tensor]]
 ROPE_MEMO = 4
 
 
+class RotaryView:
+    """One layer type's frequencies inside a rotary embedding that holds several (Gemma 3: ``{type}_inv_freq`` and
+    ``{type}_attention_scaling``), seen as a module with ``inv_freq`` and ``attention_scaling``."""
+
+    def __init__(self, module: nn.Module, prefix: str):
+        self.owner, self.prefix = module, prefix
+
+    @property
+    def inv_freq(self) -> Tensor:
+        return getattr(self.owner, f"{self.prefix}inv_freq")
+
+    @property
+    def attention_scaling(self) -> float:
+        return getattr(self.owner, f"{self.prefix}attention_scaling", 1.0)
+
+
 class Rope:
-    """The model's own rotary embedding (``inv_freq`` and ``attention_scaling`` of its ``rotary_emb``).
+    """The model's own rotary embedding (``inv_freq`` and ``attention_scaling`` of its ``rotary_emb``, or of one layer
+    type inside it).
 
     Reads the module's current ``inv_freq`` at every call, so scaled and dynamic variants stay exact; the angles
-    of the last ``ROPE_MEMO`` position ranges are reused while ``inv_freq`` and the scaling are unchanged.
+    of the last ``ROPE_MEMO`` position ranges are reused while ``inv_freq`` and the scaling are unchanged. Partial
+    rotary (``inv_freq`` shorter than ``D / 2``, Phi-4-mini): the first ``2 len(inv_freq)`` channels rotate, the
+    rest pass through, as transformers' ``apply_rotary_pos_emb``.
     """
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module):
         self.module = module
         self._memo: dict[int, tuple[int, Tensor, Tensor]] = {}  # first position -> (end, cos, sin (L, D/2))
         self._made_with: tuple[Tensor, float] | None = None  # (inv_freq, scaling) of the memo
 
     @classmethod
     def of(cls, model: nn.Module) -> Rope:
+        """The model's one rotary embedding (``layers`` for models with one per layer type)."""
         for name, m in model.named_modules():
             if name.endswith("rotary_emb") and isinstance(getattr(m, "inv_freq", None), Tensor):
                 return cls(m)
         raise KvqError(f"{type(model).__name__}: no rotary embedding (rotary_emb.inv_freq) found; pre-RoPE keys "
                        "need one")
+
+    @classmethod
+    def layers(cls, model: nn.Module, layer_types: list[str | None]) -> list[Rope]:
+        """One ``Rope`` per layer (``layer_types[i]``: the layer type whose frequencies layer ``i`` uses, None: the
+        model's one ``inv_freq``); layers of one type share theirs (and its memo)."""
+        ropes: dict[str | None, Rope] = {}
+        for kind in dict.fromkeys(layer_types):
+            ropes[kind] = cls.of(model) if kind is None else cls(cls._typed(model, kind))
+        return [ropes[k] for k in layer_types]
+
+    @staticmethod
+    def _typed(model: nn.Module, kind: str):
+        modules = dict(model.named_modules())
+        for name, m in modules.items():
+            if name.endswith("rotary_emb") and isinstance(getattr(m, f"{kind}_inv_freq", None), Tensor):
+                return RotaryView(m, f"{kind}_")
+        local = next((m for n, m in modules.items() if n.endswith("rotary_emb_local")), None)  # older Gemma 3
+        if kind == "sliding_attention" and isinstance(getattr(local, "inv_freq", None), Tensor):
+            return local
+        glob = next((m for n, m in modules.items() if n.endswith("rotary_emb")), None)
+        if isinstance(getattr(glob, "inv_freq", None), Tensor):
+            return glob
+        raise KvqError(f"{type(model).__name__}: no rotary embedding for {kind} layers ({kind}_inv_freq) found")
+
+    @property
+    def inv_freq(self) -> Tensor:
+        return self.module.inv_freq
+
+    @property
+    def attention_scaling(self) -> float:
+        return float(getattr(self.module, "attention_scaling", 1.0))
 
     def _angles(self, positions: Tensor, inv_freq: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
         """``cos``, ``sin`` ``(L, D/2)`` of ``positions (L,)`` (HF's ``emb`` is ``cat([freqs, freqs])``: each half)."""
@@ -62,8 +113,8 @@ class Rope:
 
     def angles(self, a: int, b: int, device) -> tuple[Tensor, Tensor]:
         """``cos``, ``sin`` ``(b - a, D/2)`` of positions ``[a, b)``, from the memo where it has them."""
-        inv_freq = self.module.inv_freq.to(device, torch.float32)  # (D/2,)
-        scaling = float(getattr(self.module, "attention_scaling", 1.0))
+        inv_freq = self.inv_freq.to(device, torch.float32)  # (R/2,): R = D but for partial rotary
+        scaling = self.attention_scaling
         made = self._made_with
         if made is None or made[1] != scaling or made[0].device != inv_freq.device or not torch.equal(made[0],
                                                                                                         inv_freq):
@@ -88,9 +139,8 @@ class Rope:
             a = int(positions[0])
             if int(positions[-1]) == a + n - 1 and (n < 3 or torch.equal(positions, torch.arange(a, a + n))):
                 return self.apply_range(k, a)
-        inv_freq = self.module.inv_freq.to(k.device, torch.float32)
-        return rotate_half_rope(k, *self._angles(positions, inv_freq, float(getattr(self.module,
-                                                                                    "attention_scaling", 1.0))))
+        inv_freq = self.inv_freq.to(k.device, torch.float32)
+        return rotate_half_rope(k, *self._angles(positions, inv_freq, self.attention_scaling))
 
     def apply_range(self, k: Tensor, a: int) -> Tensor:
         """``apply`` at positions ``[a, a + L)`` of keys ``(B, H, L, D)``."""
@@ -98,16 +148,19 @@ class Rope:
 
 
 def rotate_half_rope(k: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """``k * cat([cos, cos]) + rotate_half(k) * cat([sin, sin])`` for ``k (B, H, L, D)``, ``cos``/``sin`` ``(L, D/2)``,
-    half by half: ``k1 cos - k2 sin`` and ``k2 cos + k1 sin`` (the same roundings: ``x + (-y) == x - y``)."""
-    half = k.shape[-1] // 2
-    k1, k2 = k[..., :half], k[..., half:]
+    """``k * cat([cos, cos]) + rotate_half(k) * cat([sin, sin])`` for ``k (B, H, L, D)``, ``cos``/``sin`` ``(L, R/2)``,
+    half by half: ``k1 cos - k2 sin`` and ``k2 cos + k1 sin`` (the same roundings: ``x + (-y) == x - y``). ``R < D``
+    (partial rotary): channels ``[R, D)`` pass through unchanged."""
+    half = cos.shape[-1]
+    k1, k2 = k[..., :half], k[..., half : 2 * half]
     out = torch.empty_like(k)
-    o1, o2 = out[..., :half], out[..., half:]
+    o1, o2 = out[..., :half], out[..., half : 2 * half]
     torch.mul(k1, cos, out=o1)
     o1.sub_(k2 * sin)
     torch.mul(k2, cos, out=o2)
     o2.add_(k1 * sin)
+    if 2 * half < k.shape[-1]:
+        out[..., 2 * half :] = k[..., 2 * half :]
     return out
 
 
@@ -126,16 +179,17 @@ def fused_cpu(query: Tensor) -> bool:
         torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
-def blockwise_attention(query: Tensor, read: Reader, total: int, scaling: float, bounds: list[tuple[int, int]]
-                        ) -> Tensor:
+def blockwise_attention(query: Tensor, read: Reader, total: int, scaling: float, bounds: list[tuple[int, int]],
+                        softcap: float | None = None) -> Tensor:
     """Causal attention of ``query (B, Hq, Tq, D)`` over keys ``[0, total)`` read block by block.
 
-    Several queries on the CPU (``fused_cpu``): each block through the fused kernel, merged by log-sum-exp
-    (``prefill.merge``); otherwise an online softmax in plain PyTorch. Returns float32 ``(B, Hq, Tq, D)``.
+    Several queries on the CPU (``fused_cpu``, no ``softcap``): each block through the fused kernel, merged by
+    log-sum-exp (``prefill.merge``); otherwise an online softmax in plain PyTorch. ``softcap``: scores capped as
+    ``cap tanh(s / cap)`` (Gemma 2). Returns float32 ``(B, Hq, Tq, D)``.
     """
     b, hq, tq, d = query.shape
     q0 = total - tq  # position of the first query
-    fused = tq > 1 and fused_cpu(query)
+    fused = tq > 1 and fused_cpu(query) and softcap is None
     q = m = l = acc = None
     for a, e in bounds:
         k, v = read(a, e)  # (B, Hkv, L, D) each
@@ -150,6 +204,8 @@ def blockwise_attention(query: Tensor, read: Reader, total: int, scaling: float,
             hkv = k.shape[1]
             q = query.float().reshape(b, hkv, hq // hkv, tq, d) * scaling  # (B, Hkv, G, Tq, D)
         s = torch.einsum("bhgtd,bhld->bhgtl", q, k)  # (B, Hkv, G, Tq, L)
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
         if causal is not None:
             s = s.masked_fill(causal, -math.inf)
         top = s.amax(-1, keepdim=True)  # (B, Hkv, G, Tq, 1)
@@ -179,19 +235,27 @@ def _fused_block(query: Tensor, k: Tensor, v: Tensor, scaling: float, causal: Te
     return out, lse
 
 
-def dense_attention(query: Tensor, k: Tensor, v: Tensor, scaling: float) -> Tensor:
-    """Reference: causal softmax attention of ``query (B, Hq, Tq, D)`` over full ``k, v (B, Hkv, T, D)``."""
+def dense_attention(query: Tensor, k: Tensor, v: Tensor, scaling: float, softcap: float | None = None,
+                    window: int | None = None) -> Tensor:
+    """Reference: causal softmax attention of ``query (B, Hq, Tq, D)`` over full ``k, v (B, Hkv, T, D)`` (the queries
+    are the last ``Tq`` positions); ``softcap``: scores capped as ``cap tanh(s / cap)``; ``window``: query ``p`` sees
+    keys ``(p - window, p]`` only (transformers' sliding window). Returns float32 ``(B, Hq, Tq, D)``."""
     b, hq, tq, d = query.shape
     hkv, t = k.shape[1], k.shape[2]
     q = query.float().reshape(b, hkv, hq // hkv, tq, d)  # (B, Hkv, G, Tq, D)
     s = torch.einsum("bhgtd,bhld->bhgtl", q, k.float()) * scaling
-    causal = torch.arange(t, device=q.device)[None, :] > torch.arange(t - tq, t, device=q.device)[:, None]
-    p = torch.softmax(s.masked_fill(causal, -math.inf), -1)
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    keys, queries = torch.arange(t, device=q.device)[None, :], torch.arange(t - tq, t, device=q.device)[:, None]
+    hidden = keys > queries  # (Tq, T)
+    if window is not None:
+        hidden |= keys <= queries - window
+    p = torch.softmax(s.masked_fill(hidden, -math.inf), -1)
     return torch.einsum("bhgtl,bhld->bhgtd", p, v.float()).reshape(b, hq, tq, d)
 
 
 def check_causal(mask: Tensor | None, total: int, tq: int) -> None:
-    """Refuse masks other than plain causal over ``[0, total)`` (padding, sliding windows)."""
+    """Refuse masks other than plain causal over ``[0, total)`` (padding; sliding windows are the window layers')."""
     if mask is None:
         return
     allowed = mask if mask.dtype == torch.bool else mask == 0  # (B, 1, Tq, Tkv)
@@ -199,8 +263,8 @@ def check_causal(mask: Tensor | None, total: int, tq: int) -> None:
     causal = torch.arange(allowed.shape[-1], device=mask.device)[None, :] <= torch.arange(
         total - tq, total, device=mask.device)[:, None]  # (Tq, Tkv)
     if allowed.shape[-1] != total or not torch.equal(allowed, causal.expand_as(allowed)):
-        raise KvqError("the kvq cache runs plain causal attention only: padded batches (attention_mask with "
-                       "padding) and sliding-window attention are not supported")
+        raise KvqError("the kvq cache runs causal attention only: padded batches (attention_mask with padding) are "
+                       "not supported")
 
 
 def packed_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
@@ -216,7 +280,10 @@ def packed_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     if layer is None or layer.pending != query.shape[2]:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        from ..hf_attention import softcap_attention
+
+        plain = softcap_attention if kwargs.get("softcap") is not None else sdpa_attention_forward
+        return plain(module, query, key, value, attention_mask, **kwargs)
     layer.pending = 0
     total = layer.get_seq_length()
     if layer.index == 0:

@@ -4,7 +4,7 @@ Per layer: a key ``Stream`` and a value ``Stream`` (fp16 sink, packed history, f
 and the method's layer state (codebooks, thresholds) in fp16 when it is exactly representable there.
 ``update()`` quantizes and appends the new tokens and returns them unchanged; the bound attention
 modules then attend over the packed cache (``attention.packed_attention``). Keys of pre-RoPE methods are
-captured by a forward hook on ``pre_rope_module(attn)`` and rotated at attention time at their own
+captured by forward hooks (``hf_attention.pre_rope_hooks``) and rotated at attention time at their own
 position with the model's rotary embedding.
 
 Usage: ``cache = kvq_cli.load_cache(artifact, model)``, then ``model.generate(ids, cache=cache)``
@@ -24,12 +24,14 @@ from .. import artifact as artifact_io
 from ..errors import KvqError
 from ..hf_attention import (
     ATTN_NAME,
+    KVGeometry,
     _register,
     attention_layers,
     geometry_from_config,
+    layer_device,
+    layer_rope_key,
     passed_cache,
-    pre_rope_module,
-    split_heads,
+    pre_rope_hooks,
     text_config,
 )
 from ..methods.base import KVMethod, State
@@ -38,7 +40,8 @@ from .fused import FusedAppend
 from .graph_steps import GraphStepsCache, GraphStepsLayer
 from .kernel_path import kernel_decode, kernels_available
 from .prefill import chunked_prefill, flash_available, history_block
-from .storage import Stream
+from .storage import Stream, check_packing
+from .window import BoundLayer, WindowLayer
 
 #: Methods whose encodings the runtime stores (per-token codes and statistics; KIVI's token groups).
 SUPPORTED = ("fp16", "int", "nf", "kvquant", "kivi", "cq", "pq")
@@ -55,7 +58,7 @@ def _fp16_state(state: State, device) -> State:
     return out
 
 
-class KVQLayer(GraphStepsLayer, CacheLayerMixin):
+class KVQLayer(GraphStepsLayer, BoundLayer, CacheLayerMixin):
     """One attention layer's packed cache; ``update`` appends ``(B, H, T, D)`` keys and values."""
 
     is_compileable = False
@@ -63,9 +66,11 @@ class KVQLayer(GraphStepsLayer, CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, method: KVMethod, state: State, index: int, batch: int, max_tokens: int | None,
-                 rope: Rope | None, block: int):
+                 rope: Rope | None, block: int, kernel_layout: bool = True):
         super().__init__()
         self.method, self.index, self.batch, self.max_tokens = method, index, batch, max_tokens
+        #: head_dim a power of two, as the Triton layout needs (else the fused append is never used)
+        self.kernel_layout = kernel_layout
         self.rope, self.state16 = rope, state
         self._state32: State | None = None
         self.step = method.group if method.name == "kivi" else 1
@@ -76,7 +81,7 @@ class KVQLayer(GraphStepsLayer, CacheLayerMixin):
         self.full_chunk = True  # a prefill chunk attends to itself in full precision (else as stored)
         #: FlashAttention prefill over dequantized history blocks: None = where available, True/False = force.
         self.prefill_fast: bool | None = None
-        self.window_limit: int | None = None  # the model's sliding window, beyond which we refuse to go
+        self.softcap: float | None = None  # the model's attention logit softcapping (Gemma 2)
         self.rope_theta = 10000.0  # the config's theta (the Triton path is given the model's own inv_freq)
         #: Triton decode and append: None = on CUDA where the layout is exact, True = wherever exact, False = never.
         self.use_kernel: bool | None = None
@@ -90,23 +95,10 @@ class KVQLayer(GraphStepsLayer, CacheLayerMixin):
         self.lens: Tensor | None = None
         self.reset()
 
-    # ---- the transformers layer interface ------------------------------------------------------
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
-
+    # ---- the transformers layer interface (the rest in ``window.BoundLayer``) --------------------------------
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """Quantize and append ``(B, H, T, D)`` keys (post-RoPE) and values; returns them unchanged."""
-        if self.attn is None or getattr(self.attn, "_kvq_layer", None) is not self:
-            raise KvqError("this KVQCache is not bound to the model: call cache.bind(model) (or load_cache again)")
-        if key_states.shape[0] != self.batch:
-            raise KvqError(f"the cache was loaded for batch_size {self.batch}, not {key_states.shape[0]} (beam search "
-                           "and num_return_sequences are not supported)")
-        if self.window_limit is not None and self.length + key_states.shape[2] > self.window_limit:
-            raise KvqError(f"sequence longer than the model's sliding window ({self.window_limit}): the kvq cache "
-                           "runs full attention only")
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+        self.check_update(key_states, value_states)
         if self.captured:  # a CUDA-graph step (``graph_steps``): static shapes, counts on the device
             return self.graph_update(key_states, value_states)
         keys = key_states
@@ -123,38 +115,15 @@ class KVQLayer(GraphStepsLayer, CacheLayerMixin):
         self.pending = key_states.shape[2]
         return key_states, value_states
 
-    def get_seq_length(self, *args) -> int:
-        return self.length
-
-    def get_mask_sizes(self, query_length, *args) -> tuple[int, int]:
-        q = query_length if isinstance(query_length, int) else int(query_length.shape[0])
-        return self.length + q, 0
-
-    def get_max_length(self) -> int:
-        return -1 if self.max_tokens is None else self.max_tokens
-
-    get_max_cache_shape = get_max_length
-
     def reset(self) -> None:
         m = self.method
         self.keys_stream = Stream(m, True, m.sink, m.residual, self.step, self.max_tokens)
         self.values_stream = Stream(m, False, m.sink, m.residual, self.step, self.max_tokens, stats_step=1)
         #: the Triton quantize-and-append of each stream, where it stores what the method's encode would
-        self.fused = tuple(FusedAppend(m, key) if FusedAppend.applies(m, key) else None for key in (True, False))
+        self.fused = tuple(FusedAppend(m, key) if self.kernel_layout and FusedAppend.applies(m, key) else None
+                           for key in (True, False))
         self.length = self.pending = 0
         self.is_initialized = False
-
-    def _refuse(self, *args, **kwargs) -> None:
-        raise KvqError("the kvq cache supports greedy/sampled generation only (no beam search, cropping or "
-                       "batch reordering)")
-
-    reorder_cache = crop = batch_repeat_interleave = batch_select_indices = _refuse
-
-    def offload(self) -> None:  # the packed cache stays where it is
-        pass
-
-    def prefetch(self) -> None:
-        pass
 
     # ---- kvq ------------------------------------------------------------------------------------
     def state(self) -> State:
@@ -200,7 +169,8 @@ class KVQLayer(GraphStepsLayer, CacheLayerMixin):
                 return chunk[0][:, :, a - hist : b - hist].float(), chunk[1][:, :, a - hist : b - hist].float()
             return self.read(a, b, state)
 
-        if full and (self.prefill_fast if self.prefill_fast is not None else flash_available(query)):
+        fast = self.prefill_fast if self.prefill_fast is not None else flash_available(query)
+        if full and fast and self.softcap is None:
             bounds = block_bounds(hist, min(self.method.sink, hist), self.prefill_block)
             return chunked_prefill(query, read, bounds, chunk[0], chunk[1], scaling)
         block = self.block if tq > 1 else self.decode_block
@@ -212,7 +182,8 @@ class KVQLayer(GraphStepsLayer, CacheLayerMixin):
                 bounds += [(a, min(a + block, end)) for a in range(hist, end, block)]
             else:
                 bounds = block_bounds(end, min(self.method.sink, end), block)
-            outs.append(blockwise_attention(query[:, :, s:e], read, end, scaling, bounds))  # (B, Hq, e - s, D)
+            outs.append(blockwise_attention(query[:, :, s:e], read, end, scaling, bounds,
+                                            self.softcap))  # (B, Hq, e - s, D)
         return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
 
     def nbytes(self, allocated: bool = False) -> int:
@@ -239,11 +210,11 @@ class KVQCache(GraphStepsCache, Cache):
         attns = attention_layers(model)
         for attn, layer in zip(attns, self.layers, strict=True):
             attn._kvq_layer, attn._kvq_attention, layer.attn = layer, packed_attention, attn
-            if self.method.keys_pre_rope:
-                def hook(_mod, _inp, out, layer=layer, attn=attn):
-                    layer.pre_rope_key = split_heads(out, attn.head_dim)  # (B, H, T, D)
+            if self.method.keys_pre_rope and isinstance(layer, KVQLayer):
+                def keep(out, heads, layer=layer):
+                    layer.pre_rope_key = heads(out)  # (B, H, T, D)
 
-                self._handles.append(pre_rope_module(attn).register_forward_hook(hook))
+                self._handles += pre_rope_hooks(attn, keep)
         self._handles.append(model.register_forward_pre_hook(self._check_inputs, with_kwargs=True))
         _register()
         self._previous_attn = model.config._attn_implementation
@@ -288,10 +259,16 @@ class KVQCache(GraphStepsCache, Cache):
         from .kernel_path import reference_reason
 
         ref = sum(layer.reference_steps for layer in self.layers)
-        reason = next((r for layer in self.layers if layer.reference_steps for r in [reference_reason(layer)] if r),
-                      None)
+        reasons = [r for layer in self.layers if layer.reference_steps for r in [reference_reason(layer)] if r]
+        reason = "; ".join(dict.fromkeys(reasons)) or None
         return {"kernel_steps": sum(layer.kernel_steps for layer in self.layers), "reference_steps": ref,
                 "reference_reason": reason}
+
+    def capturable(self) -> bool:
+        """``GraphStepsCache.capturable``, and every layer a packed ``KVQLayer`` with separate K/V projections (window
+        layers and fused ``qkv_proj`` models decode eagerly)."""
+        return all(isinstance(layer, KVQLayer) and hasattr(layer.attn, "k_proj") for layer in self.layers) and \
+            super().capturable()
 
     def avg_bits(self) -> float:
         """``8 * nbytes()`` per cached K/V element (the quantity ``kvq_cli.accounting.avg_bits`` estimates)."""
@@ -311,13 +288,31 @@ def _method_and_states(source, geom) -> tuple[KVMethod, list[State] | None]:
     return art.method, art.states or None
 
 
+def check_runtime(method: KVMethod, geom: KVGeometry) -> None:
+    """``KvqError`` when the packed cache cannot hold ``method`` for a model of this geometry (decided before any
+    weight is read)."""
+    method.validate()
+    if method.name not in SUPPORTED:
+        raise KvqError(f"the runtime cache supports {', '.join(SUPPORTED)}, not {method.name}")
+    if method.name in VECTOR_CODES:
+        method.bits_per_token(geom.kv_heads, geom.head_dim)  # KvqError when c / M does not divide head_dim
+    elif method.bits <= 4:
+        try:
+            check_packing(geom.head_dim, method.bits)
+        except ValueError as exc:
+            raise KvqError(f"the packed cache cannot hold this model's keys: {exc}") from None
+
+
 def load_cache(artifact_or_path, model: nn.Module, batch_size: int = 1, max_tokens: int | None = None,
                block: int = DEFAULT_BLOCK, full_chunk: bool = True) -> KVQCache:
     """A packed cache for ``model`` from an artifact (path or ``Artifact``), a tuning-free ``KVMethod`` or a
     ``(method, states)`` pair, bound to the model: pass it as ``cache`` (``past_key_values`` before transformers
-    5.24) to ``model(...)`` or ``model.generate(...)``. Refuses (``KvqError``) models without full causal
-    attention and RoPE where needed, padded batches (at the first forward) and head sizes the bit packing
-    cannot hold.
+    5.24) to ``model(...)`` or ``model.generate(...)``. Refuses (``KvqError``) methods the runtime cannot store,
+    padded batches (at the first forward) and head sizes the bit packing cannot hold.
+
+    Sliding-window layers (``geometry.windows``) get a ``WindowLayer``: an fp16 ring of their last ``window`` tokens,
+    not quantized; global layers the packed ``KVQLayer``. Pre-RoPE keys are rotated with each layer's own rotary
+    frequencies (one per layer type where the model has several, e.g. Gemma 3), partial rotary included.
 
     ``max_tokens`` preallocates (and caps) every buffer; ``block``: tokens dequantized at once by attention.
     ``full_chunk``: a prefill chunk attends to its own keys and values in full precision (as generation does;
@@ -325,39 +320,34 @@ def load_cache(artifact_or_path, model: nn.Module, batch_size: int = 1, max_toke
     """
     geom = geometry_from_config(model.config)
     method, states = _method_and_states(artifact_or_path, geom)
-    method.validate()
-    if method.name not in SUPPORTED:
-        raise KvqError(f"the runtime cache supports {', '.join(SUPPORTED)}, not {method.name}")
+    check_runtime(method, geom)
     if method.needs_calibration and states is None:
         raise KvqError(f"method {method.name} needs calibration: pass its artifact from `kvq calibrate`")
     cfg = text_config(model.config)
-    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"}:
-        raise KvqError(f"{geom.architecture}: layer types {sorted(kinds)}; the kvq cache supports full attention only")
     if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
         raise KvqError("batch_size and max_tokens must be >= 1")
-    if method.name in VECTOR_CODES:
-        method.bits_per_token(geom.kv_heads, geom.head_dim)  # KvqError when c / M does not divide head_dim
-    elif method.bits <= 4:
-        from kvq_kernels.reference import check_head_dim
-
-        try:
-            check_head_dim(geom.head_dim, method.bits)
-        except ValueError as exc:
-            raise KvqError(f"the packed cache cannot hold this model's keys: {exc}") from None
     attns = attention_layers(model)
     states = states if states is not None else [{} for _ in attns]
     if len(states) != len(attns):
         raise KvqError(f"the artifact has {len(states)} layer states for {len(attns)} layers")
-    rope = Rope.of(model) if method.keys_pre_rope else None
-    # each layer's state (and, as its tokens arrive, its packed cache) on that layer's device (--device-map)
-    layers = [KVQLayer(method, _fp16_state(s, attn.k_proj.weight.device), i, batch_size, max_tokens, rope, block)
-              for i, (s, attn) in enumerate(zip(states, attns, strict=True))]
-    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-    step = layers[0].step if layers else 1
+    windows = geom.windows or (None,) * len(attns)
+    types = [layer_rope_key(cfg, i) for i in range(len(attns))]
+    ropes = Rope.layers(model, types) if method.keys_pre_rope else [None] * len(attns)
+    pow2 = geom.head_dim & (geom.head_dim - 1) == 0
+    softcap = getattr(cfg, "attn_logit_softcapping", None)
+    step = method.group if method.name == "kivi" else 1
     decode_block = history_block(batch_size, geom.kv_heads, geom.head_dim, step, quarter=True)
     prefill_block = history_block(batch_size, geom.q_heads, geom.head_dim, step)
-    for layer in layers:
-        layer.window_limit, layer.rope_theta, layer.full_chunk = window, geom.rope_theta, full_chunk
-        layer.decode_block, layer.prefill_block = max(layer.block, decode_block), prefill_block
+    layers: list = []
+    for i, (s, attn) in enumerate(zip(states, attns, strict=True)):
+        if windows[i] is not None:
+            layer = WindowLayer(i, batch_size, windows[i], max_tokens)
+        else:  # its state (and, as its tokens arrive, its packed cache) on the layer's device (--device-map)
+            layer = KVQLayer(method, _fp16_state(s, layer_device(attn)), i, batch_size, max_tokens, ropes[i], block,
+                             kernel_layout=pow2)
+            theta = geom.rope_theta
+            layer.rope_theta = theta.get(types[i], next(iter(theta.values()))) if isinstance(theta, dict) else theta
+            layer.decode_block, layer.prefill_block = max(layer.block, decode_block), prefill_block
+        layer.softcap, layer.full_chunk = softcap, full_chunk
+        layers.append(layer)
     return KVQCache(layers, method, geom.kv_heads, geom.head_dim).bind(model)

@@ -17,7 +17,11 @@ layer's configuration exactly; ``KVQLayer.attend`` falls back to the blockwise P
   (``head_codebooks``); with ``rope_pairs`` the kernel's tables are built from the query in the packed keys'
   channel order (``PQCache.key_order``).
 
-All need K and V buffers of equal capacity and strides (always so with ``max_tokens``).
+All need K and V buffers of equal capacity and strides (always so with ``max_tokens``), a power-of-two head_dim
+(their tiles), no attention logit softcapping (Gemma 2; the kernels' softmax takes the plain scores) and, for keys
+rotated inside the kernel (pre-RoPE kvquant / cq), a RoPE over every channel (not partial rotary) without attention
+scaling; each layer's own ``inv_freq`` is passed (Gemma 3's sliding and full layers differ). Sliding-window layers
+(``runtime.window``) are an fp16 ring attended by PyTorch. ``layer_refusal`` names what a layer lacks.
 """
 
 from __future__ import annotations
@@ -74,10 +78,35 @@ def _vq_cache(layer, seg: dict):
         return None, f"cq with head_dim {d} and {m.channels} channels (the kernel needs powers of two, D / c >= 2)"
     if not m.pre_rope:
         return CQCache(**codes, pre_rope=False), None
-    rope = layer.rope.module if layer.rope is not None else None
-    if rope is None or float(getattr(rope, "attention_scaling", 1.0)) != 1.0:
-        return None, "a RoPE with attention scaling (the kernels rotate with inv_freq only)"
-    return CQCache(**codes, pre_rope=True, rope_theta=layer.rope_theta, inv_freq=rope.inv_freq.float()), None
+    why = rope_refusal(layer)
+    if why:
+        return None, why
+    return CQCache(**codes, pre_rope=True, rope_theta=layer.rope_theta, inv_freq=layer.rope.inv_freq.float()), None
+
+
+def rope_refusal(layer) -> str | None:
+    """Why the kernels cannot rotate ``layer``'s pre-RoPE keys themselves (None: they can, with its ``inv_freq``)."""
+    rope = layer.rope
+    if rope is None or rope.attention_scaling != 1.0:
+        return "a RoPE with attention scaling (the kernels rotate with inv_freq only)"
+    d = getattr(layer.attn, "head_dim", None) or layer.keys_stream.packed.head_dim or 2 * rope.inv_freq.numel()
+    if 2 * rope.inv_freq.numel() < d:
+        return (f"partial rotary (RoPE on {2 * rope.inv_freq.numel()} of {d} channels; the kernels rotate every "
+                "channel)")
+    return None
+
+
+def layer_refusal(layer) -> str | None:
+    """What any kernel lacks for ``layer`` whatever its method: a sliding-window ring, logit softcapping, a head_dim
+    that is not a power of two (None: nothing)."""
+    if getattr(layer, "window", None) is not None:
+        return (f"sliding-window layers (their last {layer.window:,} tokens in an fp16 ring, attended by the PyTorch "
+                "reference)")
+    if layer.softcap is not None:
+        return f"attention logit softcapping ({layer.softcap:g}; the kernels' softmax takes the plain scores)"
+    if not layer.kernel_layout:
+        return "a head_dim that is not a power of two (the kernels' tiles need one; its codes are packed in groups)"
+    return None
 
 
 def kvquant_refusal(layer) -> str | None:
@@ -87,9 +116,7 @@ def kvquant_refusal(layer) -> str | None:
         return "kvquant with per-token or post-RoPE keys (the kernel takes per-channel pre-RoPE keys)"
     if any(layer.state16[name].dim() != 1 for name in ("key_codebook", "value_codebook")):
         return "kvquant with per-head codebooks (the kernels take one codebook per layer)"
-    if float(getattr(layer.rope.module, "attention_scaling", 1.0)) != 1.0:
-        return "a RoPE with attention scaling (the kernels rotate with inv_freq only)"
-    return None
+    return layer_refusal(layer) or rope_refusal(layer)
 
 
 def kernel_cache(layer):
@@ -102,6 +129,9 @@ def _kernel_cache(layer):
     """``(kernel cache, None)`` or ``(None, why the layout cannot hold the layer)``."""
     from kvq_kernels.reference import KIVICache, KVQuantCache
 
+    why = layer_refusal(layer)
+    if why:
+        return None, why
     m, ks, vs = layer.method, layer.keys_stream, layer.values_stream
     if m.name not in ("kvquant", "kivi", "cq", "pq"):
         return None, f"{m.name} (no Triton decode kernel for this method yet)"
@@ -122,7 +152,7 @@ def _kernel_cache(layer):
         why = kvquant_refusal(layer)
         if why:
             return None, why
-        rope = layer.rope.module
+        rope = layer.rope
         state, cap = layer.state(), kf["codes"].buf.shape[2]
         no_idx = torch.empty(b, h, cap, 0, dtype=torch.int16, device=kf["codes"].buf.device)
         no_val = torch.empty(b, h, cap, 0, dtype=torch.float16, device=kf["codes"].buf.device)
@@ -141,6 +171,8 @@ def _kernel_cache(layer):
 
 def reference_reason(layer) -> str | None:
     """Why ``layer``'s decode goes (or would go) through the PyTorch reference path; None: the kernels serve it."""
+    if getattr(layer, "window", None) is not None:
+        return layer_refusal(layer)
     use = layer.use_kernel if layer.use_kernel is not None else kernels_available(
         getattr(layer, "device", None) or torch.device("cpu"), layer.method)
     if not use:

@@ -82,6 +82,52 @@ def _pow2(n: int) -> int:
     return max(16, next_pow2(n))
 
 
+def pow2_parts(head_dim: int) -> list[int]:
+    """``head_dim`` as a sum of powers of two, largest first (96 -> [64, 32]): the groups a head whose size is not a
+    power of two is packed in, each as ``kvq_kernels.reference.pack_codes`` packs a whole power-of-two head."""
+    return [1 << i for i in reversed(range(head_dim.bit_length())) if head_dim >> i & 1]
+
+
+def check_packing(head_dim: int, bits: int) -> None:
+    """``ValueError`` unless every group of ``head_dim`` (``pow2_parts``) holds ``bits``-bit codes without waste."""
+    from kvq_kernels.reference import check_head_dim
+
+    for part in pow2_parts(head_dim):
+        try:
+            check_head_dim(part, bits)
+        except ValueError:
+            raise ValueError(f"head_dim {head_dim} cannot hold {bits}-bit codes without waste (its group of {part} "
+                             "channels is too small)") from None
+
+
+def pack_any(codes: Tensor, bits: int) -> Tensor:
+    """``pack_codes`` of ``codes (..., D)`` for any ``D`` that ``check_packing`` takes: each power-of-two group packed
+    on its own, the bytes side by side (``D * bits / 8`` in all: no padding)."""
+    from kvq_kernels.reference import pack_codes
+
+    parts, out, a = pow2_parts(codes.shape[-1]), [], 0
+    if len(parts) == 1:
+        return pack_codes(codes, bits)
+    for p in parts:
+        out.append(pack_codes(codes[..., a : a + p], bits))
+        a += p
+    return torch.cat(out, -1)
+
+
+def unpack_any(packed: Tensor, bits: int, head_dim: int) -> Tensor:
+    """Inverse of ``pack_any``: ``(..., D * bits / 8)`` bytes -> ``(..., D)`` codes."""
+    from kvq_kernels.reference import unpack_codes
+
+    parts, out, a = pow2_parts(head_dim), [], 0
+    if len(parts) == 1:
+        return unpack_codes(packed, bits, head_dim)
+    for p in parts:
+        width = p * bits // 8
+        out.append(unpack_codes(packed[..., a : a + width], bits, p))
+        a += width
+    return torch.cat(out, -1)
+
+
 def sparse_rows(batch: int, heads: int, head_dim: int, device) -> SparseRows:
     """An empty per-row outlier store for a ``(B, H, T, D)`` stream: pointers every 64 tokens (fewer where
     ``D > 512``, so ``(t % block) * D + d`` fits 16 bits)."""
@@ -122,9 +168,7 @@ class PackedStore:
             return pack_vq_codes(codes, bits)
         if bits > 4:
             return codes  # 8-bit codes: one byte each already
-        from kvq_kernels.reference import pack_codes
-
-        return pack_codes(codes, bits)  # (B, H, T, D * bits / 8)
+        return pack_any(codes, bits)  # (B, H, T, D * bits / 8)
 
     def _unpack(self, packed: Tensor) -> Tensor:
         bits = self.method.bits
@@ -134,9 +178,7 @@ class PackedStore:
             return unpack_vq_codes(packed, bits, self.head_dim)  # (B, H, T, n) int16
         if bits > 4:
             return packed
-        from kvq_kernels.reference import unpack_codes
-
-        return unpack_codes(packed, bits, self.head_dim)  # (B, H, T, D)
+        return unpack_any(packed, bits, self.head_dim)  # (B, H, T, D)
 
     def append(self, enc: Encoded) -> None:
         """Store the encoding of ``T`` new tokens (``T`` a multiple of ``step``)."""
