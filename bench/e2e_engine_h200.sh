@@ -22,10 +22,34 @@ run smol-kvq3-eager --model random:smollm2-135m --artifact /tmp/smol-k3.safetens
 run l8b-kvq2-128k --model random:llama-3-8b --artifact /tmp/l8b-k2.safetensors --context 128K --max-new-tokens 64 --chunk 8192
 run l8b-kivi2-128k --model random:llama-3-8b --method kivi2 --context 128K --max-new-tokens 64 --chunk 8192
 run l8b-fp16-128k --model random:llama-3-8b --context 128K --max-new-tokens 64 --chunk 8192
-# same-command ratios against the 16-bit StaticCache of each shape (the guard against the next regression)
+if [ -n "$E2E_1M" ]; then  # 1M: the cache filled with random keys and values (--fill random; no 1M prefill)
+  run l8b-kivi2-1m --model random:llama-3-8b --method kivi2 --context 1M --max-new-tokens 32 --chunk 65536 --fill random
+  run l8b-kvq2-1m --model random:llama-3-8b --artifact /tmp/l8b-k2.safetensors --context 1M --max-new-tokens 32 --chunk 65536 --fill random
+fi
+# same-command ratios against the 16-bit StaticCache of each shape (the guard against the next regression), and
+# each run's share of the bandwidth roofline: (weights + cache bytes) per step at this GPU's copy bandwidth
 $PY - "$OUT" <<'PY'
 import json, pathlib, sys
+import torch
+x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+y = torch.empty_like(x)
+for _ in range(3):
+    y.copy_(x)
+a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+a.record()
+for _ in range(10):
+    y.copy_(x)
+b.record()
+torch.cuda.synchronize()
+bw = 10 * 2 * x.numel() / (a.elapsed_time(b) / 1e3)
+print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
 runs = {p.stem: json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("*.json")}
+for name, r in sorted(runs.items()):
+    if r.get("decode_tokens_per_s") and r.get("weights_bytes"):
+        step = r["weights_bytes"] + r["cache_bytes"]
+        print(f"{name:18s} roofline {bw / step:7.1f} tok/s  measured {r['decode_tokens_per_s']:7.1f}  "
+              f"{100 * r['decode_tokens_per_s'] * step / bw:5.1f}% of it  (weights {r['weights_bytes'] / 2**30:.2f} GiB "
+              f"+ cache {r['cache_bytes'] / 2**30:.2f} GiB a step, avg bits {r.get('avg_bits', 0):.2f})")
 for name, r in sorted(runs.items()):
     base = runs.get(name.split("-")[0] + "-fp16" + ("-128k" if name.endswith("-128k") else ""))
     if base and r.get("decode_tokens_per_s") and base.get("decode_tokens_per_s"):

@@ -383,6 +383,7 @@ def generate(
                                                        "seed": seed},
         "peak_memory_bytes": peak_memory(dev, gpus),
         "cache_bytes": cache_bytes,
+        "weights_bytes": sum(p.numel() * p.element_size() for p in net.parameters()),
         "avg_bits": 8 * cache_bytes / elements,
         "estimated_avg_bits": estimated_bits,
         "avg_bits_tokens": held,
