@@ -38,8 +38,11 @@ class Group(TyperGroup):
 
 
 def _flags_without_placeholder() -> None:
-    """typer prints ``<bool>`` beside every on/off flag (``--json <bool>``): a flag takes no value, so show none."""
-    original = TyperOption.display_type_rich
+    """typer prints ``<bool>`` beside every on/off flag (``--json <bool>``): a flag takes no value, so show none.
+    (Only typer versions with that hook print the placeholder; older ones are left as they are.)"""
+    original = getattr(TyperOption, "display_type_rich", None)
+    if original is None:
+        return
 
     def display_type_rich(self, ctx):
         return None if getattr(self, "is_flag", False) else original(self, ctx)
