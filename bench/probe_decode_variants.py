@@ -38,7 +38,7 @@ METHODS = dict(METHODS, **{"kvquant-2b-none": dict(kind="kvquant", bits=2, nok=0
 
 # (name, module switches, call kwargs)
 VARIANTS = [
-    ("base", {}, {}),
+    ("base", {}, {}),  # the defaults (F16_DOTS on since session 7: "base" of the first run is "tf32" now)
     ("f16", {"F16_DOTS": True}, {}),
     ("f16+dot", {"F16_DOTS": True, "FORCE_DOT": True}, {}),
     ("f16 s2", {"F16_DOTS": True, "NUM_STAGES": 2}, {}),
@@ -47,6 +47,7 @@ VARIANTS = [
     ("f16 bn16", {"F16_DOTS": True}, {"block_n": 16}),
     ("f16 ppsm16", {"F16_DOTS": True, "PROGRAMS_PER_SM": 16}, {}),
     ("f16+dot w8", {"F16_DOTS": True, "FORCE_DOT": True}, {"num_warps": 8}),
+    ("tf32", {"F16_DOTS": False}, {}),
     # timing ablations of kvquant (wrong results, not checked): no RoPE, no codebook lookup
     ("abl f16 norope", {"F16_DOTS": True, "ABLATE": 1}, {}),
     ("abl f16 nolut", {"F16_DOTS": True, "ABLATE": 2}, {}),
