@@ -9,11 +9,14 @@ and 8, contexts 4K..1M (while two fp16 K/V copies fit), it times one decode step
     per head (the rows layout starves SDPA at batch 1 with few KV heads);
   * ours: kvquant 4-bit-1%, kvquant 2-bit-1% (2 key + 2 value outlier slots per token-head at D=128, 4
     sink tokens, 32 residual), the same with KVQuant's own outliers as the runtime stores them (``-rows``:
-    per-row sparse entries, 1% of the key and of the value entries), kivi 2-bit (128 residual), straight
-    from the packed cache;
-  * dequantize-then-SDPA: our Triton dequantize of the packed segment into fp16 buffers, then SDPA;
+    per-row sparse entries, 1% of the key and of the value entries), kivi 2-bit (128 residual), and the
+    per-token-vector methods int 4/2-bit and nf 4-bit (``kvq_kernels.decode_token``; no sink, no residual, as
+    kvq's defaults), straight from the packed cache;
+  * dequantize-then-SDPA: our Triton dequantize of the packed segment into fp16 buffers, then SDPA (kvquant and
+    kivi; int / nf have no dequantize kernel: n/a);
   * quantize-and-append of one new token as the runtime does it (kvquant: keys and values with KVQuant's
-    outliers, ``kvq_cli.runtime.fused``, host work included; kivi: one group of 32 tokens) vs the decode step.
+    outliers, ``kvq_cli.runtime.fused``, host work included; kivi: one group of 32 tokens; int / nf: the method's
+    PyTorch encode and bit packing of one token's keys and values) vs the decode step.
 It also measures device copy bandwidth (bytes read + written) and reports the bandwidth achieved on the
 compressed bytes. Medians of triton.testing.do_bench. Prints a markdown table; writes JSON to --out.
 """
@@ -36,7 +39,9 @@ from kvq_kernels.decode_attention import (
     dequantize_packed_kivi,
     dequantize_packed_kvquant,
 )
+from kvq_kernels.decode_token import decode_attention_token
 from kvq_kernels.pack import quantize_append_kivi
+from kvq_kernels.token_reference import TokenCache, decode_attention_token_ref, pack_token_codes
 from triton.testing import do_bench
 
 MODELS = {"llama2-7b": (32, 1, 128), "llama3-8b": (8, 4, 128)}  # KV heads, G, D
@@ -48,6 +53,10 @@ METHODS = {
     # the key and 1% of the value entries at random positions, no fixed slots
     "kvquant-4b-1%-rows": dict(kind="kvquant", bits=4, nok=0, nov=0, sink=4, res=32, rows=0.01),
     "kvquant-2b-1%-rows": dict(kind="kvquant", bits=2, nok=0, nov=0, sink=4, res=32, rows=0.01),
+    # per-token vectors (kvq's int / nf): one fp16 scale (+ zero for int) per token-head, codes packed as kivi's
+    "int4": dict(kind="token", method="int", bits=4, sink=0, res=0),
+    "int2": dict(kind="token", method="int", bits=2, sink=0, res=0),
+    "nf4": dict(kind="token", method="nf", bits=4, sink=0, res=0),
 }
 DEV = "cuda"
 
@@ -108,6 +117,51 @@ def random_kivi(b, h, d, t, cfg):
     return c
 
 
+def _levels(cfg):
+    """The level table of a per-token config (nf: the NormalFloat codebook; int: None, the codes themselves)."""
+    from kvq_cli.methods.quant_ops import normal_float_codebook
+
+    return normal_float_codebook(cfg["bits"]).to(DEV) if cfg["method"] == "nf" else None
+
+
+def random_token(b, h, d, t, cfg):
+    n_packed = t - cfg["sink"] - cfg["res"]
+    c = TokenCache.empty(b, h, d, n_packed, cfg["bits"], levels=_levels(cfg), zero=cfg["method"] == "int",
+                         n_sink=cfg["sink"], max_res=cfg["res"], device=DEV)
+    for x in (c.k_packed, c.v_packed):
+        x.random_(0, 256)
+    for x in (c.k_zero, c.v_zero, c.sink_k, c.sink_v, c.res_k, c.res_v):
+        if x is not None:
+            x.normal_()
+    for x in (c.k_scale, c.v_scale):
+        x.uniform_(0.01, 0.5)
+    c.n_packed, c.n_res = n_packed, cfg["res"]
+    return c
+
+
+def token_append_ms(b, h, d, cfg) -> float:
+    """One token's keys and values through the int / nf method's own encode and the bit packing, as the runtime
+    stores them (``PackedStore.append``; there is no fused append kernel for them)."""
+    from kvq_cli.methods import make_method
+
+    method = make_method(cfg["method"], bits=cfg["bits"])
+    x = torch.randn(b, h, 1, d, device=DEV, dtype=torch.float16)
+
+    def step():
+        for enc in (method.encode_keys(x, {}), method.encode_values(x, {})):
+            pack_token_codes(enc["codes"], cfg["bits"])
+
+    return bench(step)
+
+
+#: per kind: random cache, decode attention, dequantize kernel (None: none)
+KINDS = {
+    "kvquant": (random_kvquant, decode_attention_kvquant, dequantize_packed_kvquant),
+    "kivi": (random_kivi, decode_attention_kivi, dequantize_packed_kivi),
+    "token": (random_token, decode_attention_token, None),
+}
+
+
 def runtime_append_ms(b, h, d, bits) -> float:
     """One token's quantize-and-append into a kvquant-``bits``-1% layer as the runtime does it: keys and values,
     KVQuant's outliers into per-row sparse storage (``kvq_cli.runtime.fused``), host work included
@@ -149,6 +203,12 @@ def _check_one(name, cfg, g) -> list[str]:
             ref.append_kvquant_ref(c2, k, v, 0)  # (the runtime's fused append: tests/test_append.py)
             c1, fields = c2, ()
             att, att_ref = decode_attention_kvquant, ref.decode_attention_kvquant_ref
+        elif cfg["kind"] == "token":  # (the runtime's append is the method's encode: tests/test_token_kernels.py)
+            c2 = TokenCache.empty(b, h, d, t, cfg["bits"], levels=_levels(cfg), zero=cfg["method"] == "int",
+                                  device=DEV)
+            c2.append(k, v, 0)
+            c1, fields = c2, ()
+            att, att_ref = decode_attention_token, decode_attention_token_ref
         else:
             c1 = ref.KIVICache.empty(b, h, d, t, cfg["bits"], device=DEV)
             c2 = ref.KIVICache.empty(b, h, d, t, cfg["bits"], device=DEV)
@@ -179,10 +239,9 @@ def tune(configs):
     rows = []
     for model, (h, g, d) in MODELS.items():
         for name, cfg in METHODS.items():
-            mk = random_kvquant if cfg["kind"] == "kvquant" else random_kivi
+            mk, fn, _ = KINDS[cfg["kind"]]
             cache = mk(1, h, d, 131072, cfg)
             q = torch.randn(1, h * g, d, device=DEV, dtype=torch.float16)
-            fn = decode_attention_kvquant if cfg["kind"] == "kvquant" else decode_attention_kivi
             times = {}
             for bn, nw in configs:
                 try:
@@ -232,15 +291,16 @@ def run(contexts, batches, best, bw_copy):
                     if (name, g) in BROKEN:
                         continue
                     kv = cfg["kind"] == "kvquant"
-                    cache = (random_kvquant if kv else random_kivi)(b, h, d, t, cfg)
+                    mk, fn, deq = KINDS[cfg["kind"]]
+                    cache = mk(b, h, d, t, cfg)
                     bn, nw = best.get((name, g), (None, None))
-                    fn = decode_attention_kvquant if kv else decode_attention_kivi
                     ours = bench(functools.partial(fn, q, cache, block_n=bn, num_warps=nw))
-                    deq = dequantize_packed_kvquant if kv else dequantize_packed_kivi
-                    deq_ms = float("nan") if cfg.get("rows") else bench(  # (our dequantize skips sparse rows)
+                    deq_ms = float("nan") if cfg.get("rows") or deq is None else bench(  # (ours skips sparse rows)
                         functools.partial(deq_then_sdpa, deq, cache, q4, kbuf, vbuf, cfg["sink"]))
                     if kv:
                         app, app_tokens = runtime_append_ms(b, h, d, cfg["bits"]), 1
+                    elif cfg["kind"] == "token":
+                        app, app_tokens = token_append_ms(b, h, d, cfg), 1
                     else:
                         k32 = torch.randn(b, h, 32, d, device=DEV, dtype=torch.float16)
                         off = (cache.n_packed // 32 - 1) * 32

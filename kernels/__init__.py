@@ -1,13 +1,16 @@
 """kvq Triton kernels (imported as ``kvq_kernels``)."""
 
 from .reference import KIVICache, KVQuantCache
+from .token_reference import TokenCache
 
 __all__ = [
     "KIVICache",
     "KVQuantCache",
+    "TokenCache",
     "append_kvquant",
     "decode_attention_kivi",
     "decode_attention_kvquant",
+    "decode_attention_token",
     "dequantize_packed_kivi",
     "dequantize_packed_kvquant",
     "pack_codes",
@@ -31,6 +34,10 @@ def __getattr__(name):  # Triton is optional: import the kernels lazily
         from . import decode_attention
 
         return getattr(decode_attention, name)
+    if name == "decode_attention_token":
+        from . import decode_token
+
+        return decode_token.decode_attention_token
     if name == "prefill_attention_kvquant":
         from . import prefill_attention
 

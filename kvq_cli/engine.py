@@ -15,8 +15,10 @@
   in device tensors: kivi with key group 32 has one graph for the steps whose token joins the fp16 residual
   window ("plain") and one for the steps where the full window's oldest group leaves into the packed store
   ("flush"); kvquant (sink, no residual window) one for its fused append of each token ("append"; the host
-  reserves room for the token's sparse outliers before each replay, and a reallocation means a re-capture).
-  Other steps run eagerly: the first ones (sink filling, nothing packed yet) and every step of cq, pq, int and nf.
+  reserves room for the token's sparse outliers before each replay, and a reallocation means a re-capture);
+  int and nf one "flush" graph (each step's oldest window token, or the token itself without a window, encoded into
+  the packed store). Other steps run eagerly: the first ones (sink filling, nothing packed yet) and every step of
+  cq and pq.
   ``stats`` counts both.
 
 Sampling (``Sampler``) happens inside the step: greedy by default, else temperature, top-k and top-p with

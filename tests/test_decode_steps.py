@@ -28,6 +28,11 @@ KERNEL_CONFIGS = [
     ("kivi-2b", dict(name="kivi", bits=2, residual=32, group=32), False),
     ("cq-4c8b", dict(name="cq", channels=4, bits=8, fisher=False, kmeans_iters=3), True),
     ("pq", dict(name="pq", bits=7, residual=5, kmeans_iters=3), True),
+    ("int4", dict(name="int", bits=4), False),
+    ("int3-sink-res", dict(name="int", bits=3, sink=4, residual=8), False),
+    ("int8-res", dict(name="int", bits=8, residual=3), False),
+    ("nf4", dict(name="nf", bits=4), False),
+    ("nf2-sink-res", dict(name="nf", bits=2, sink=2, residual=5), False),
 ]
 
 
@@ -59,7 +64,7 @@ def test_kernel_configurations_never_fall_back(label, opts, calibrated):
     assert steps["kernel_steps"] == steps["layers"] * steps["decode_steps"]
 
 
-@pytest.mark.parametrize("spec, why", [("int4", "int"), ("nf4", "nf"), ("kivi:bits=2,group=8,residual=16", "group 8")])
+@pytest.mark.parametrize("spec, why", [("kivi:bits=2,group=8,residual=16", "group 8")])
 def test_reference_steps_are_counted_and_named(spec, why):
     """Configurations without a kernel (yet) are not hidden: every decode layer-step is counted with its reason."""
     model = tiny_model("llama")

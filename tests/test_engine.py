@@ -69,17 +69,27 @@ def _kvquant(model, ids):
 STEPS = 8  # decode steps: each configuration's prompt puts a "flush" within them (interpreter kernels are slow)
 
 
-@pytest.mark.parametrize("config, prompt", [("kivi-r40", 70), ("kivi-r32", 94), ("kvquant-3b-2%", 40)])
+#: the per-token methods' graph configurations: their tokens leave the window (or no window) one per step
+TOKEN_SPECS = {"int3-r4": "int:bits=3,sink=2,residual=4", "nf4-r0": "nf:bits=4"}
+
+
+@pytest.mark.parametrize("config, prompt", [("kivi-r40", 70), ("kivi-r32", 94), ("kvquant-3b-2%", 40),
+                                            ("int3-r4", 40), ("nf4-r0", 40)])
 def test_graph_step_semantics_equal_eager(config, prompt):
     """What captured steps do equals the eager steps, with the Triton kernels reading the counts from the device
     and the host's counts catching up afterwards: kivi's "plain" (the token into the residual slot the device
     counts name) and "flush" (the full window's oldest group encoded into the packed store at the device's
-    offset), kvquant's "append" (its fused append at the device's index, sparse outliers included). Every step
-    after the first packed token is a graph step; the stored bytes are the eager path's."""
+    offset; int and nf: a group of one token, with or without a window), kvquant's "append" (its fused append at
+    the device's index, sparse outliers included). Every step after the first packed token is a graph step; the
+    stored bytes are the eager path's."""
     model = tiny_model("llama")
     ids = torch.randint(0, 320, (1, prompt), generator=torch.Generator().manual_seed(6))
     kivi = config.startswith("kivi")
-    spec = parse_spec(f"kivi:bits=2,group=32,residual={config[-2:]}") if kivi else _kvquant(model, ids)
+    if kivi:
+        spec = parse_spec(f"kivi:bits=2,group=32,residual={config[-2:]}")
+    else:
+        spec = parse_spec(TOKEN_SPECS[config]) if config in TOKEN_SPECS else _kvquant(model, ids)
+    expected = {"plain", "flush"} if kivi else {"flush"} if config in TOKEN_SPECS else {"append"}
     logits = []
     for graph_mode in (False, True):
         cache = load_cache(spec, model, max_tokens=120)
@@ -106,7 +116,7 @@ def test_graph_step_semantics_equal_eager(config, prompt):
                 steps.append(out[:, -1])
         cache.unbind()
         if graph_mode:
-            assert graph_steps == STEPS and kinds == ({"plain", "flush"} if kivi else {"append"})
+            assert graph_steps == STEPS and kinds == expected
             assert cache.decode_steps() == {"kernel_steps": STEPS * len(cache.layers), "reference_steps": 0,
                                             "reference_reason": None}
             layer = cache.layers[0]

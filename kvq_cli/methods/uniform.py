@@ -5,6 +5,7 @@ Both quantize each head vector ``(b, h, t, :)`` of D entries as one group, keys 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,15 @@ class UniformInt(KVMethod):
         return 2.0 * kv_heads * (head_dim * self.bits + 2 * FP16_BITS)
 
 
+@functools.cache
+def _levels_on(bits: int, device: torch.device) -> Tensor:
+    """``normal_float_codebook(bits)`` on ``device``, made once: encoding inside a captured CUDA-graph step copies no
+    host tensor, and the decode kernel reads one table at a fixed address. (A normal tensor even when first asked for
+    under ``torch.inference_mode``.)"""
+    with torch.inference_mode(False):
+        return normal_float_codebook(bits).to(device)
+
+
 @register
 @dataclass
 class NormalFloat(KVMethod):
@@ -65,15 +75,19 @@ class NormalFloat(KVMethod):
         """The ``(2^bits,)`` NormalFloat levels."""
         return normal_float_codebook(self.bits)
 
+    def levels(self, device: torch.device) -> Tensor:
+        """``codebook`` float32 on ``device``, one tensor per (bits, device)."""
+        return _levels_on(self.bits, torch.device(device))
+
     def encode_keys(self, k: Tensor, state: State) -> Encoded:
         x = as_float(k)
         scale = fp16_ceil(x.abs().amax(-1, keepdim=True))  # (B, H, T, 1)
         s = scale.float()
         y = (x / torch.where(s > 0, s, torch.ones_like(s))).clamp(-1, 1)  # (B, H, T, D)
-        return {"codes": nearest_code(y, self.codebook.to(x.device)), "scale": scale}
+        return {"codes": nearest_code(y, self.levels(x.device)), "scale": scale}
 
     def decode_keys(self, enc: Encoded, state: State) -> Tensor:
-        return self.codebook.to(enc["codes"].device)[enc["codes"].long()] * enc["scale"].float()
+        return self.levels(enc["codes"].device)[enc["codes"].long()] * enc["scale"].float()
 
     encode_values = encode_keys
     decode_values = decode_keys

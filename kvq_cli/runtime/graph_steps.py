@@ -6,8 +6,9 @@ A captured step has static shapes and reads everything that changes from token t
 capacity); the host's Python counts catch up after each replay (``graph_step_done``). Kinds of step:
 
 * "plain" (kivi): the token joins the fp16 residual window at the device's slot;
-* "flush" (kivi): the window is full; its oldest group leaves, encoded, into the packed store at the device's
-  offset (``Stream.graph_flush``) and the rest moves down (static sizes: the window is exactly full);
+* "flush" (kivi; int and nf, whose group is one token, with or without a window): the window is full; its oldest
+  group leaves, encoded by the method, into the packed store at the device's offset (``Stream.graph_flush``) and
+  the rest moves down (static sizes: the window is exactly full);
 * "append" (kvquant, no residual window): the fused append writes the token and its sparse outliers at the
   device's index; the host reserves the outliers' room before the step, and a reallocation changes
   ``graph_signature`` (the engine then captures again).
@@ -44,12 +45,15 @@ class GraphStepsLayer:
     def graph_capable(self) -> bool:
         """Whether this layer's decode steps can be captured (the Triton kernels read their counts from the
         device; fixed capacities from ``max_tokens``; kernels not switched off): kivi with key group 32 and a
-        residual window; kvquant whose kernel and fused append hold the layer exactly, with no residual window."""
+        residual window; int and nf (any window: their tokens leave it one at a time, a "flush" of one token);
+        kvquant whose kernel and fused append hold the layer exactly, with no residual window."""
         m = self.method
         if self.use_kernel is False or self.max_tokens is None:
             return False
         if m.name == "kivi":
             return m.group == 32 and m.residual >= 1 and not m.keys_pre_rope
+        if m.name in ("int", "nf"):  # one token leaves the window per step ("flush"; no window: at once)
+            return True
         from .kernel_path import kvquant_refusal
 
         return (m.name == "kvquant" and None not in self.fused and not m.residual and bool(m.sink)

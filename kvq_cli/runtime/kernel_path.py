@@ -10,6 +10,8 @@ layer's configuration exactly; ``KVQLayer.attend`` falls back to the blockwise P
   ``inv_freq``, passed to them);
 * kivi: ``group == 32`` (the kernel's key group; value groups ``min(32, D)`` then match); keys and values
   leave the residual window together, a group at a time, so their counts always agree.
+* int, nf: every configuration (2/3/4-bit packed codes, int's 8-bit codes as bytes; one fp16 scale, and for int
+  a zero, per token-head vector; nf's codebook from the method, ``NormalFloat.levels``); keys post-RoPE.
 
 * cq: no sparse outliers, D, c and D / c powers of two with D / c >= 2 (``cq_decode.supported``); pre-RoPE
   keys rotated with the model's ``inv_freq`` (no attention scaling), post-RoPE keys as they are;
@@ -109,6 +111,29 @@ def layer_refusal(layer) -> str | None:
     return None
 
 
+def _token_cache(layer, seg: dict):
+    """``(TokenCache viewing layer's int / nf buffers, None)``, or ``(None, why not)``: codes ``(B, H, cap, nb)``,
+    statistics ``(B, H, cap, 1)`` viewed as ``(B, H, cap)``."""
+    from kvq_kernels.token_reference import TokenCache, check_token_bits
+
+    m, kf, vf = layer.method, layer.keys_stream.packed.fields, layer.values_stream.packed.fields
+    try:
+        check_token_bits(layer.keys_stream.packed.head_dim, m.bits)
+    except ValueError as exc:
+        return None, f"{m.name}: {exc}"
+    stats = ("scale", "zero") if m.name == "int" else ("scale",)
+    if not _same_layout(kf["codes"].buf, vf["codes"].buf, *(f[n].buf for f in (kf, vf) for n in stats)):
+        return None, "key and value buffers of different capacities"
+
+    def stat(fields: dict, name: str) -> Tensor | None:
+        return fields[name].buf.squeeze(-1) if name in stats else None  # (B, H, cap)
+
+    levels = m.levels(kf["codes"].buf.device) if m.name == "nf" else None
+    return TokenCache(k_packed=kf["codes"].buf, k_scale=stat(kf, "scale"), k_zero=stat(kf, "zero"),
+                      v_packed=vf["codes"].buf, v_scale=stat(vf, "scale"), v_zero=stat(vf, "zero"), levels=levels,
+                      bits=m.bits, **seg), None
+
+
 def kvquant_refusal(layer) -> str | None:
     """Why the kvquant kernels cannot hold ``layer``'s configuration (None: they can)."""
     m = layer.method
@@ -120,8 +145,8 @@ def kvquant_refusal(layer) -> str | None:
 
 
 def kernel_cache(layer):
-    """A ``KVQuantCache`` / ``KIVICache`` / ``CQCache`` / ``PQCache`` viewing ``layer``'s buffers, or None where
-    the layout cannot hold it (``reference_reason`` says why)."""
+    """A ``KVQuantCache`` / ``KIVICache`` / ``TokenCache`` / ``CQCache`` / ``PQCache`` viewing ``layer``'s buffers, or
+    None where the layout cannot hold it (``reference_reason`` says why)."""
     return _kernel_cache(layer)[0]
 
 
@@ -133,7 +158,7 @@ def _kernel_cache(layer):
     if why:
         return None, why
     m, ks, vs = layer.method, layer.keys_stream, layer.values_stream
-    if m.name not in ("kvquant", "kivi", "cq", "pq"):
+    if m.name not in ("kvquant", "kivi", "int", "nf", "cq", "pq"):
         return None, f"{m.name} (no Triton decode kernel for this method yet)"
     if ks.sink is None or "codes" not in ks.packed.fields or "codes" not in vs.packed.fields:
         return None, "nothing quantized yet (the whole context is in the fp16 sink / residual window)"
@@ -144,6 +169,8 @@ def _kernel_cache(layer):
         if not _same_layout(ks.packed.fields["codes"].buf, vs.packed.fields["codes"].buf):
             return None, "key and value codes of different capacities"
         return _vq_cache(layer, seg)
+    if m.name in ("int", "nf"):
+        return _token_cache(layer, seg)
     kf, vf = ks.packed.fields, vs.packed.fields
     if not _same_layout(kf["codes"].buf, vf["codes"].buf, vf["scale"].buf, vf["zero"].buf):
         return None, "key and value buffers of different capacities"
@@ -201,6 +228,8 @@ def kernel_decode(layer, query: Tensor, scaling: float) -> Tensor | None:
     name = layer.method.name
     if name == "cq":
         from kvq_kernels.cq_decode import decode_attention_cq as fn
+    elif name in ("int", "nf"):
+        from kvq_kernels.decode_token import decode_attention_token as fn
     elif name == "pq":
         from kvq_kernels.pq_decode import decode_attention_pq as fn
     else:

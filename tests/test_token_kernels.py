@@ -1,0 +1,182 @@
+"""The per-token-vector decode kernel (``kvq_kernels.decode_token``: kvq's ``int`` and ``nf``) against its PyTorch
+reference (``kvq_kernels.token_reference``; CPU: Triton's interpreter), and the runtime's int / nf buffers as the
+kernel reads them.
+
+Codes, packing and the view of the runtime's buffers must match exactly (``torch.equal``); attention within
+``ATTN_RTOL`` relative: 1e-5 under the interpreter (float32 throughout), 2e-3 on a GPU (tf32 ``tl.dot``).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first triton import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dataclasses  # noqa: E402
+
+import pytest  # noqa: E402
+from conftest import tiny_model  # noqa: E402
+
+pytest.importorskip("triton")
+
+from kvq_kernels.decode_token import decode_attention_token  # noqa: E402
+from kvq_kernels.token_reference import (  # noqa: E402
+    TokenCache,
+    decode_attention_token_ref,
+    dequantize_token_cache,
+    pack_token_codes,
+    quantize_tokens,
+    unpack_token_codes,
+)
+
+from kvq_cli import load_cache  # noqa: E402
+from kvq_cli.hf_attention import cache_kwargs  # noqa: E402
+from kvq_cli.methods import make_method  # noqa: E402
+from kvq_cli.methods.quant_ops import normal_float_codebook  # noqa: E402
+from kvq_cli.runtime.kernel_path import kernel_cache  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ATTN_RTOL = 1e-5 if DEV == "cpu" else 2e-3
+B = 2
+
+
+def _randn(gen, *shape, scale=1.0, shift=0.0):
+    return (torch.randn(*shape, generator=gen) * scale + shift).to(DEV)
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _cache(gen, h, d, bits, nf, t, n_sink, n_res, tmax=80) -> TokenCache:
+    """A cache of ``t`` quantized random tokens (keys off-centre, so int's zero points matter) and random fp16 sink
+    and residual tokens."""
+    c = TokenCache.empty(B, h, d, tmax, bits, levels=normal_float_codebook(bits) if nf else None, zero=not nf,
+                         n_sink=n_sink, max_res=16, device=DEV)
+    if t:
+        c.append(_randn(gen, B, h, t, d, scale=1.5, shift=0.7), _randn(gen, B, h, t, d, shift=-0.3), 0)
+    c.n_packed = t
+    c.sink_k.copy_(_randn(gen, B, h, n_sink, d))
+    c.sink_v.copy_(_randn(gen, B, h, n_sink, d))
+    c.res_k[:, :, :n_res] = _randn(gen, B, h, n_res, d).half()
+    c.res_v[:, :, :n_res] = _randn(gen, B, h, n_res, d).half()
+    c.n_res = n_res
+    return c
+
+
+# (H, G, D, bits, nf, packed tokens, sink, residual): odd head counts, every G path (one row per program, tl.dot
+# rows padded to 16), contexts that are no multiple of the block, with and without sink / residual
+SHAPES = [
+    (1, 1, 32, 2, False, 45, 0, 0),
+    (3, 1, 64, 3, False, 37, 2, 5),
+    (3, 2, 128, 4, False, 70, 0, 3),
+    (1, 4, 32, 3, False, 21, 4, 0),
+    (1, 7, 64, 2, False, 53, 1, 7),
+    (3, 7, 32, 4, False, 17, 0, 16),
+    (1, 2, 64, 8, False, 39, 2, 2),
+    (3, 1, 32, 8, False, 33, 0, 0),
+    (1, 1, 64, 4, True, 45, 3, 0),
+    (3, 2, 32, 2, True, 29, 0, 4),
+    (1, 4, 128, 3, True, 61, 2, 9),
+    (3, 7, 64, 4, True, 18, 0, 0),
+    (1, 2, 32, 3, True, 47, 1, 1),
+    (3, 1, 128, 2, True, 5, 0, 2),
+]
+
+
+@pytest.mark.parametrize("h, g, d, bits, nf, t, n_sink, n_res", SHAPES,
+                         ids=[f"H{s[0]}G{s[1]}D{s[2]}-{'nf' if s[4] else 'int'}{s[3]}-t{s[5]}s{s[6]}r{s[7]}"
+                              for s in SHAPES])
+def test_decode_attention_token(h, g, d, bits, nf, t, n_sink, n_res):
+    gen = torch.Generator().manual_seed(h * 1000 + g * 100 + d + bits)
+    c = _cache(gen, h, d, bits, nf, t, n_sink, n_res)
+    q = _randn(gen, B, h * g, d)
+    want = decode_attention_token_ref(q, c)
+    for splits in (1, 3):
+        assert _rel(decode_attention_token(q, c, num_splits=splits, block_n=16), want) < ATTN_RTOL, splits
+
+
+@pytest.mark.parametrize("g, nf", [(1, False), (4, False), (2, True)])
+def test_decode_attention_token_device_counts(g, nf):
+    """Counts read from the device (``lens``, the graph-captured launch): one plan made for the capacity gives the
+    reference's attention at every fill (an empty packed segment, a partial block, the full capacity), the host's
+    stale counts ignored."""
+    gen = torch.Generator().manual_seed(30 + g)
+    h, d, tmax = 3, 32, 96
+    q = _randn(gen, B, h * g, d)
+    for t, n_res in ((0, 3), (13, 1), (45, 5), (96, 16)):
+        c = _cache(gen, h, d, 4, nf, t, 2, n_res, tmax=tmax)
+        lens = torch.tensor([t, n_res, 0, t], dtype=torch.int64, device=DEV)
+        stale = dataclasses.replace(c, n_packed=7, n_res=0)
+        got = decode_attention_token(q, stale, block_n=16, lens=lens)
+        assert _rel(got, decode_attention_token_ref(q, c)) < ATTN_RTOL, t
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_attention_token_16_bit_queries(dtype):
+    gen = torch.Generator().manual_seed(7)
+    c = _cache(gen, 2, 64, 4, False, 50, 1, 3)
+    q = _randn(gen, B, 2 * 4, 64).to(dtype)
+    got = decode_attention_token(q, c, block_n=16)
+    assert got.dtype == dtype and _rel(got, decode_attention_token_ref(q.float(), c)) < 1e-2
+
+
+def test_token_cache_packing_exact():
+    """Codes round-trip through the packing at every width; the int quantizer's codes are the uniform grid's."""
+    gen = torch.Generator().manual_seed(3)
+    for bits in (1, 2, 3, 4, 8):
+        codes = torch.randint(0, 1 << bits, (2, 3, 5, 32), generator=gen, dtype=torch.uint8)
+        packed = pack_token_codes(codes, bits)
+        assert packed.shape[-1] == 32 * bits // 8 and torch.equal(unpack_token_codes(packed, bits, 32), codes)
+    x = torch.randn(2, 3, 5, 32, generator=gen)
+    packed, scale, zero = quantize_tokens(x, 3)
+    want = torch.round((x - zero.float()[..., None]) / scale.float()[..., None]).clamp(0, 7).to(torch.uint8)
+    assert torch.equal(unpack_token_codes(packed, 3, 32), want)
+
+
+def test_decode_attention_token_refusals():
+    c = _cache(torch.Generator().manual_seed(1), 1, 32, 2, True, 5, 0, 0)
+    q = torch.zeros(B, 1, 32, device=DEV)
+    with pytest.raises(ValueError, match="levels"):
+        decode_attention_token(q, dataclasses.replace(c, levels=c.levels[:3].contiguous()))
+    with pytest.raises(ValueError, match="zero"):
+        decode_attention_token(q, dataclasses.replace(c, k_zero=c.k_scale))
+    with pytest.raises(ValueError, match="-bit codes"):
+        TokenCache.empty(1, 1, 32, 8, 5)
+
+
+def _decode(model, method, ids, new: int, use_kernel: bool):
+    """Prefill ``ids[:, :-new]``, then decode the last ``new`` tokens one at a time: (logits, cache)."""
+    cache = load_cache(method, model, batch_size=ids.shape[0])
+    for layer in cache.layers:
+        layer.use_kernel = use_kernel
+    with torch.inference_mode():  # as kvq generate runs
+        model(ids[:, :-new], **cache_kwargs(model, cache))
+        steps = [model(ids[:, t : t + 1], **cache_kwargs(model, cache)).logits for t in range(ids.shape[1] - new,
+                                                                                               ids.shape[1])]
+    cache.unbind()
+    return torch.cat(steps, 1), cache
+
+
+@pytest.mark.parametrize("spec", [dict(name="int", bits=3, sink=3, residual=4), dict(name="nf", bits=4),
+                                  dict(name="int", bits=8, residual=2)], ids=["int3", "nf4", "int8"])
+def test_runtime_int_nf_decode_through_the_kernel(spec):
+    """The runtime's int / nf layers, read zero-copy by the kernel: the view dequantizes to exactly what the
+    method's own decode gives (same bytes, same layout), and decoding through the kernel gives the reference
+    path's logits within 1e-4 at every step, every layer-step served by the kernel."""
+    model = tiny_model("llama", hidden_size=128, num_attention_heads=4, num_key_value_heads=2)  # D = 32, G = 2
+    ids = torch.randint(0, 320, (2, 41), generator=torch.Generator().manual_seed(9))
+    method = make_method(**spec)
+    got, cache = _decode(model, method, ids, 5, True)
+    want, _ = _decode(model, method, ids, 5, False)
+    assert (got - want).abs().max().item() < 1e-4
+    steps = cache.decode_steps()
+    assert steps["reference_steps"] == 0 and steps["kernel_steps"] == 5 * len(cache.layers)
+    for layer in cache.layers:
+        view = kernel_cache(layer)
+        assert isinstance(view, TokenCache) and view.k_packed.data_ptr() == layer.keys_stream.packed.fields[
+            "codes"].buf.data_ptr()  # zero-copy
+        k, v = dequantize_token_cache(view)
+        k_ref, v_ref = layer.read(0, layer.length)
+        assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
