@@ -74,8 +74,8 @@ Model = Annotated[str, typer.Option(
 Method = Annotated[list[str] | None, typer.Option(
     "--method", metavar="SPEC",
     help="A configuration, repeatable: NAME, NAMEbits or NAME:key=value,... e.g. kivi2, int4, nf:bits=3, "
-         "kivi:bits=4,group=64, kvquant:bits=2,outliers=1%, cq:channels=8,bits=8, pq. Names: kvquant, kivi, int, nf, "
-         "fp16, cq, pq (`kvq methods` lists bits and options).")]
+         "kivi:bits=4,group=64, kvquant:bits=2,outliers=1%, cq:channels=8,bits=8, pq, turbo3. Names: kvquant, kivi, "
+         "int, nf, fp16, cq, pq, turbo (`kvq methods` lists bits and options).")]
 Artifact = Annotated[list[str] | None, typer.Option(
     "--artifact", "-a", metavar="FILE", help="A calibrated artifact from `kvq calibrate` (repeatable).")]
 
@@ -83,7 +83,7 @@ Artifact = Annotated[list[str] | None, typer.Option(
 _PANEL = "Defaults for each --method that has the option and does not set it (refused when none has it)"
 Bits = Annotated[int | None, typer.Option(
     rich_help_panel=_PANEL, metavar="N",
-    help="Bit width: kvquant 1-4, kivi 2/4, int 2/3/4/8, nf 2-4; cq/pq: bits per code.")]
+    help="Bit width: kvquant 1-4, kivi 2/4, int 2/3/4/8, nf 2-4, turbo 1-4; cq/pq: bits per code.")]
 Group_ = Annotated[int | None, typer.Option(
     "--group", rich_help_panel=_PANEL, metavar="N",
     help="kivi: group size (tokens for keys, channels for values; default 32).")]

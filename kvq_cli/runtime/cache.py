@@ -44,7 +44,7 @@ from .storage import Stream, check_packing
 from .window import BoundLayer, WindowLayer
 
 #: Methods whose encodings the runtime stores (per-token codes and statistics; KIVI's token groups).
-SUPPORTED = ("fp16", "int", "nf", "kvquant", "kivi", "cq", "pq")
+SUPPORTED = ("fp16", "int", "nf", "kvquant", "kivi", "cq", "pq", "turbo")
 #: Methods with vector-quantization codes (one code per channel group / subspace, stored as bit-stream rows).
 VECTOR_CODES = ("cq", "pq")
 
@@ -297,6 +297,7 @@ def check_runtime(method: KVMethod, geom: KVGeometry) -> None:
     if method.name in VECTOR_CODES:
         method.bits_per_token(geom.kv_heads, geom.head_dim)  # KvqError when c / M does not divide head_dim
     elif method.bits <= 4:
+        method.bits_per_token(geom.kv_heads, geom.head_dim)  # KvqError for a head_dim the method refuses (turbo)
         try:
             check_packing(geom.head_dim, method.bits)
         except ValueError as exc:
