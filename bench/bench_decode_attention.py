@@ -7,9 +7,9 @@ and 8, contexts 4K..1M (while two fp16 K/V copies fit), it times one decode step
   * fp16 SDPA: torch.nn.functional.scaled_dot_product_attention on fp16 K/V, the faster of two layouts:
     the G query heads of a KV head passed as G query rows, and (GQA) ``enable_gqa=True`` with one query row
     per head (the rows layout starves SDPA at batch 1 with few KV heads);
-  * ours: kvquant 4-bit-1%, kvquant 2-bit-1% (2 key + 2 value outlier slots per token-head at D=128, 4
-    sink tokens, 32 residual), the same with KVQuant's own outliers as the runtime stores them (``-rows``:
-    per-row sparse entries, 1% of the key and of the value entries), kivi 2-bit (128 residual), and the
+  * ours: kvquant 4-bit-1% and 2-bit-1% with KVQuant's own outliers as the runtime stores them (``-rows``:
+    per-row sparse entries, 1% of the key and of the value entries; 4 sink tokens, 32 residual), kvquant
+    2-bit without outliers (``-0%``, the dense part alone), kivi 2-bit (128 residual), and the
     per-token-vector methods int 4/2-bit and nf 4-bit (``kvq_kernels.decode_token``; no sink, no residual, as
     kvq's defaults), straight from the packed cache;
   * dequantize-then-SDPA: our Triton dequantize of the packed segment into fp16 buffers, then SDPA (kvquant and
@@ -46,13 +46,12 @@ from triton.testing import do_bench
 
 MODELS = {"llama2-7b": (32, 1, 128), "llama3-8b": (8, 4, 128)}  # KV heads, G, D
 METHODS = {
-    "kvquant-4b-1%": dict(kind="kvquant", bits=4, nok=2, nov=2, sink=4, res=32),
-    "kvquant-2b-1%": dict(kind="kvquant", bits=2, nok=2, nov=2, sink=4, res=32),
     "kivi-2b": dict(kind="kivi", bits=2, sink=0, res=128),
+    "kvquant-2b-0%": dict(kind="kvquant", bits=2, sink=4, res=32),
     # KVQuant's own outliers as the runtime stores them: per-row sparse entries (kvq_kernels.sparse), 1% of
-    # the key and 1% of the value entries at random positions, no fixed slots
-    "kvquant-4b-1%-rows": dict(kind="kvquant", bits=4, nok=0, nov=0, sink=4, res=32, rows=0.01),
-    "kvquant-2b-1%-rows": dict(kind="kvquant", bits=2, nok=0, nov=0, sink=4, res=32, rows=0.01),
+    # the key and 1% of the value entries at random positions
+    "kvquant-4b-1%-rows": dict(kind="kvquant", bits=4, sink=4, res=32, rows=0.01),
+    "kvquant-2b-1%-rows": dict(kind="kvquant", bits=2, sink=4, res=32, rows=0.01),
     # per-token vectors (kvq's int / nf): one fp16 scale (+ zero for int) per token-head, codes packed as kivi's
     "int4": dict(kind="token", method="int", bits=4, sink=0, res=0),
     "int2": dict(kind="token", method="int", bits=2, sink=0, res=0),
@@ -77,13 +76,11 @@ def random_kvquant(b, h, d, t, cfg):
     bits = cfg["bits"]
     lo, hi = -1 - torch.rand(h, d, device=DEV), 1 + torch.rand(h, d, device=DEV)
     cb = torch.sort(torch.rand(1 << bits, device=DEV) * 2 - 1).values
-    c = ref.KVQuantCache.empty(b, h, d, n_packed, bits, bits, lo, hi, cb, cb.clone(), n_outliers_k=cfg["nok"],
-                               n_outliers_v=cfg["nov"], n_sink=cfg["sink"], max_res=cfg["res"], device=DEV)
+    c = ref.KVQuantCache.empty(b, h, d, n_packed, bits, bits, lo, hi, cb, cb.clone(), n_sink=cfg["sink"],
+                               max_res=cfg["res"], device=DEV)
     for x in (c.k_packed, c.v_packed):
         x.random_(0, 256)
-    c.k_oidx.random_(-1, d)
-    c.v_oidx.random_(0, d)
-    for x in (c.k_oval, c.v_oval, c.v_min, c.sink_k, c.sink_v, c.res_k, c.res_v):
+    for x in (c.v_min, c.sink_k, c.sink_v, c.res_k, c.res_v):
         x.normal_()
     c.v_scale.uniform_(0.5, 2)
     c.n_packed, c.n_res = n_packed, cfg["res"]
@@ -198,8 +195,7 @@ def _check_one(name, cfg, g) -> list[str]:
         if cfg["kind"] == "kvquant":
             lo, hi = -1.5 * torch.ones(h, d, device=DEV), 1.5 * torch.ones(h, d, device=DEV)
             cb = torch.sort(torch.rand(1 << cfg["bits"], generator=gen) * 2 - 1).values.to(DEV)
-            c2 = ref.KVQuantCache.empty(b, h, d, t, cfg["bits"], cfg["bits"], lo, hi, cb, cb,
-                                        n_outliers_k=cfg["nok"], n_outliers_v=cfg["nov"], device=DEV)
+            c2 = ref.KVQuantCache.empty(b, h, d, t, cfg["bits"], cfg["bits"], lo, hi, cb, cb, device=DEV)
             ref.append_kvquant_ref(c2, k, v, 0)  # (the runtime's fused append: tests/test_append.py)
             c1, fields = c2, ()
             att, att_ref = decode_attention_kvquant, ref.decode_attention_kvquant_ref
@@ -255,15 +251,6 @@ def tune(configs):
             rows.append((model, name, {f"{a}/{b}": round(t * 1e3, 1) for (a, b), t in times.items()}, k))
             print(f"tune {model:10s} {name:14s} us by block_n/warps: {rows[-1][2]}", flush=True)
             del cache
-    for model, (h, g, d) in MODELS.items():  # what the fixed outlier slots cost
-        for name in ("kvquant-4b-1%", "kvquant-2b-1%"):
-            cfg = dict(METHODS[name], nok=0, nov=0)
-            cache = random_kvquant(1, h, d, 131072, cfg)
-            q = torch.randn(1, h * g, d, device=DEV, dtype=torch.float16)
-            bn, nw = best.get((name, g), (None, None))
-            t0 = bench(functools.partial(decode_attention_kvquant, q, cache, block_n=bn, num_warps=nw))
-            rows.append((model, name.replace("1%", "0%"), {f"{bn}/{nw}": round(t0 * 1e3, 1)}, (bn, nw)))
-            print(f"tune {model:10s} {name} without outlier slots: {t0 * 1e3:.1f} us", flush=True)
     for r in rows:
         print(f"tune {r[0]:10s} {r[1]:14s} us by block_n/warps: {r[2]} -> {r[3]}")
     return best

@@ -34,7 +34,7 @@ from kvq_kernels import reference as ref  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 MODELS = {"llama2-7b": (32, 1, 128), "llama3-8b": (8, 4, 128)}
 PROBE_METHODS = ("kivi-2b", "kvquant-2b-1%-rows", "kvquant-2b-none")
-METHODS = dict(METHODS, **{"kvquant-2b-none": dict(kind="kvquant", bits=2, nok=0, nov=0, sink=4, res=32)})
+METHODS = dict(METHODS, **{"kvquant-2b-none": METHODS["kvquant-2b-0%"]})
 
 # (name, module switches, call kwargs)
 VARIANTS = [

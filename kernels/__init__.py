@@ -14,7 +14,6 @@ __all__ = [
     "dequantize_packed_kivi",
     "dequantize_packed_kvquant",
     "pack_codes",
-    "prefill_attention_kvquant",
     "quantize_append_kivi",
     "unpack_codes",
 ]
@@ -38,8 +37,4 @@ def __getattr__(name):  # Triton is optional: import the kernels lazily
         from . import decode_token
 
         return decode_token.decode_attention_token
-    if name == "prefill_attention_kvquant":
-        from . import prefill_attention
-
-        return prefill_attention.prefill_attention_kvquant
     raise AttributeError(name)

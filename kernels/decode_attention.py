@@ -30,7 +30,7 @@ from torch import Tensor
 from .decode_outliers import _key_outlier_kernel, _value_outlier_kernel
 from .decode_split import _kivi_split_kernel, _kvquant_split_kernel
 from .pack import _load_codes_half
-from .reference import KIVI_KEY_GROUP, KIVICache, KVQuantCache, cdiv, next_pow2, value_group
+from .reference import KIVICache, KVQuantCache, cdiv, kivi_group_supported, next_pow2, value_group
 
 LOG2E = 1.4426950408889634
 #: split programs per SM the default plan aims for
@@ -55,18 +55,6 @@ F16_DOTS = True
 FORCE_DOT = False
 #: software-pipelining stages of the split programs (None: Triton's default)
 NUM_STAGES = None
-
-
-@triton.jit
-def _replace_slots(x1, x2, OI, OV, row, valid, NO: tl.constexpr, HALF: tl.constexpr):
-    """Sparse outliers: ``x[n, OI[row n, s]] = OV[row n, s]`` for every used slot (index -1 = unused)."""
-    ch = tl.arange(0, HALF)
-    for s in tl.static_range(NO):
-        oi = tl.load(OI + row * NO + s, mask=valid, other=-1).to(tl.int32)
-        ov = tl.load(OV + row * NO + s, mask=valid, other=0.0).to(tl.float32)
-        x1 = tl.where(ch[None, :] == oi[:, None], ov[:, None], x1)
-        x2 = tl.where((ch + HALF)[None, :] == oi[:, None], ov[:, None], x2)
-    return x1, x2
 
 
 # ----------------------------------------------------------------------------------------------- RoPE tables
@@ -156,14 +144,15 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _default_block(dot: bool, d: int, kivi: bool, block_n: int | None, num_warps: int | None) -> tuple[int, int]:
-    """(block_n, num_warps): H100 timings (results doc)."""
+def _default_block(dot: bool, d: int, group: int | None, block_n: int | None,
+                   num_warps: int | None) -> tuple[int, int]:
+    """(block_n, num_warps): H100 timings (results doc). ``group``: kivi's key group (a block must lie in one)."""
     if block_n is None:
         block_n = 32
     if dot:
         block_n = max(16, block_n)
-    if kivi:
-        block_n = min(block_n, KIVI_KEY_GROUP)  # a block must lie in one key group
+    if group:
+        block_n = min(block_n, group)
     if num_warps is None:  # 4 warps: the fastest of 16/4, 32/4, 32/8, 64/8 for every method at 128K (H100)
         num_warps = 4
     return block_n, num_warps
@@ -174,6 +163,11 @@ def plain_codes(dot: bool, d: int, block_n: int) -> bool:
     except at ``D >= 64`` with ``block_n >= 32``, the shapes where the faster join-tree expansion was verified
     on the H100 for 1-4 bits and G in {2, 3, 4, 7}; elsewhere it was mis-compiled (results doc)."""
     return dot and (d < 64 or block_n < 32)
+
+
+def check_kivi_group(group: int) -> None:
+    if not kivi_group_supported(group):
+        raise ValueError(f"the kivi kernels take groups that are powers of two >= 16, not {group}")
 
 
 def check_query(q: Tensor, heads: int, d: int) -> int:
@@ -216,7 +210,7 @@ def _launch_plan(q: Tensor, cache, sm_scale, num_splits, block_n, num_warps, kiv
             raise ValueError("fp16 sink/residual buffers must be contiguous")
     dot = (g > 1 or FORCE_DOT) and d >= 32  # tl.dot needs halves >= 16 wide; else one program per query head
     qpp, mr = (g, max(16, next_pow2(g))) if dot else (1, 1)
-    block_n, num_warps = _default_block(dot, d, kivi, block_n, num_warps)
+    block_n, num_warps = _default_block(dot, d, cache.group if kivi else None, block_n, num_warps)
     rows = b * h * (g // qpp)
     per, nsp, (mp, lp, ap) = split_plan(q, rows, tmax if dyn else cache.n_packed, block_n, num_splits,
                                         PROGRAMS_PER_SM)
@@ -301,15 +295,15 @@ def decode_attention_kvquant(q: Tensor, cache: KVQuantCache, sm_scale: float | N
         q.shape[0], q.shape[1], sst, dtype=torch.float32, device=q.device)  # scores for the values
     _kvquant_split_kernel[grid](
         q, q.stride(0), q.stride(1),
-        cache.k_packed, cache.k_oidx, cache.k_oval, ka, ksc, cache.ck,
-        cache.v_packed, cache.v_min, cache.v_scale, cache.v_oidx, cache.v_oval, cache.cv,
+        cache.k_packed, ka, ksc, cache.ck,
+        cache.v_packed, cache.v_min, cache.v_scale, cache.cv,
         sk, cache.sink_v, rk, cache.res_v, sk.stride(0), sk.stride(1), rk.stride(0), rk.stride(1),
         invf, tab, tab.shape[1], mp, lp, ap,
         cache.k_packed.shape[1], cache.k_packed.shape[2], cache.n_packed, cache.n_sink, cache.n_res, per, nsp, scale,
         q if ds is None else ds, q if ss is None else ss, sst,  # (q: a placeholder the kernel does not read)
         q if lens is None else lens,
-        BITS_K=cache.bits_k, BITS_V=cache.bits_v, NOK=cache.k_oidx.shape[-1], NOV=cache.v_oidx.shape[-1],
-        ABLATE=ABLATE, SPK=ds is not None, SPV=ss is not None, DYN=dyn, **meta,
+        BITS_K=cache.bits_k, BITS_V=cache.bits_v, ABLATE=ABLATE, SPK=ds is not None, SPV=ss is not None, DYN=dyn,
+        **meta,
     )
     if ss is not None:
         _value_outliers(cache, q, ss, mp, ap, per, nsp, lens, sst, bn)
@@ -323,6 +317,7 @@ def decode_attention_kivi(q: Tensor, cache: KIVICache, sm_scale: float | None = 
 
     ``lens``: int32 ``[n_packed, n_res]`` on the device, read by the kernel instead of the cache's counts (one
     launch, captured once in a CUDA graph, stays right as the cache grows; its split plan covers the capacity)."""
+    check_kivi_group(cache.group)
     dyn = lens is not None
     grid, per, nsp, mp, lp, ap, scale, meta = _launch_plan(q, cache, sm_scale, num_splits, block_n, num_warps, True,
                                                            dyn)
@@ -334,7 +329,7 @@ def decode_attention_kivi(q: Tensor, cache: KIVICache, sm_scale: float | None = 
         mp, lp, ap,
         cache.k_packed.shape[1], cache.k_packed.shape[2], cache.k_scale.shape[2], cache.n_packed, cache.n_sink,
         cache.n_res, per, nsp, scale, lens if dyn else q,  # (q: a placeholder the kernel does not read)
-        BITS=cache.bits, KG=KIVI_KEY_GROUP, VG=value_group(cache.head_dim), DYN=dyn, **meta,
+        BITS=cache.bits, KG=cache.group, VG=value_group(cache.head_dim, cache.group), DYN=dyn, **meta,
     )
     return _finish(q, nsp, mp, lp, ap)
 
@@ -342,9 +337,9 @@ def decode_attention_kivi(q: Tensor, cache: KIVICache, sm_scale: float | None = 
 # ----------------------------------------------------------------------------------------------- dequantize
 @triton.jit
 def _kvquant_dequant_kernel(
-    KP, KOI, KOV, KA, KSC, CK, VP, VMIN, VSC, VOI, VOV, CV, INVF, TAB, tab_rows, OK, OV, sob, soh, sot,
+    KP, KA, KSC, CK, VP, VMIN, VSC, CV, INVF, TAB, tab_rows, OK, OV, sob, soh, sot,
     H, Tmax, n_packed, n_sink, offset,
-    D: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr, NOK: tl.constexpr, NOV: tl.constexpr,
+    D: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -360,7 +355,6 @@ def _kvquant_dequant_kernel(
         CK + _load_codes_half(kp, valid, 0, BITS_K, D, BLOCK_N))
     k2 = tl.load(KA + h * D + HALF + ch)[None, :] + tl.load(KSC + h * D + HALF + ch)[None, :] * tl.load(
         CK + _load_codes_half(kp, valid, 1, BITS_K, D, BLOCK_N))
-    k1, k2 = _replace_slots(k1, k2, KOI, KOV, row, valid, NOK, HALF)
     # position n_sink + t = t0 + (n_sink + j): table angle of the block start t0, small angles in-kernel
     ang = (n_sink + tl.arange(0, BLOCK_N)).to(tl.float32)[:, None] * tl.load(INVF + ch)[None, :]
     cj = tl.cos(ang)
@@ -374,7 +368,6 @@ def _kvquant_dequant_kernel(
     vp = VP + row * (D * BITS_V // 8)
     v1 = mn[:, None] + hs[:, None] * tl.load(CV + _load_codes_half(vp, valid, 0, BITS_V, D, BLOCK_N))
     v2 = mn[:, None] + hs[:, None] * tl.load(CV + _load_codes_half(vp, valid, 1, BITS_V, D, BLOCK_N))
-    v1, v2 = _replace_slots(v1, v2, VOI, VOV, row, valid, NOV, HALF)
     o = b.to(tl.int64) * sob + h.to(tl.int64) * soh + (offset + t).to(tl.int64)[:, None] * sot + ch[None, :]
     tl.store(OK + o, (k1 * cs - k2 * sn).to(OK.dtype.element_ty), mask=valid[:, None])
     tl.store(OK + o + HALF, (k2 * cs + k1 * sn).to(OK.dtype.element_ty), mask=valid[:, None])
@@ -414,8 +407,8 @@ def _kivi_dequant_kernel(
 
 def dequantize_packed_kvquant(cache: KVQuantCache, out_k: Tensor, out_v: Tensor, offset: int = 0,
                               block_n: int = 32) -> None:
-    """Write the packed segment, dequantized (keys with outliers, RoPE'd at positions ``n_sink + i``), into
-    ``out_k / out_v (B, H, >= offset + n_packed, D)`` at token ``offset``."""
+    """Write the packed segment, dequantized (keys RoPE'd at positions ``n_sink + i``; sparse outliers not
+    applied), into ``out_k / out_v (B, H, >= offset + n_packed, D)`` at token ``offset``."""
     b, h, tmax, _ = cache.k_packed.shape
     d = cache.head_dim
     if cache.n_packed == 0:
@@ -424,12 +417,9 @@ def dequantize_packed_kvquant(cache: KVQuantCache, out_k: Tensor, out_v: Tensor,
     invf = _frequencies(cache, out_k.device)
     tab = rope_block_table(invf, block_n, grid[1] + 1)
     _kvquant_dequant_kernel[grid](
-        cache.k_packed, cache.k_oidx, cache.k_oval, ((cache.lo + cache.hi) / 2).contiguous(),
-        ((cache.hi - cache.lo) / 2).contiguous(), cache.ck, cache.v_packed, cache.v_min, cache.v_scale,
-        cache.v_oidx, cache.v_oval, cache.cv, invf, tab, tab.shape[1], out_k, out_v,
-        out_k.stride(0), out_k.stride(1), out_k.stride(2), h, tmax, cache.n_packed, cache.n_sink, offset,
-        D=d, BITS_K=cache.bits_k, BITS_V=cache.bits_v, NOK=cache.k_oidx.shape[-1], NOV=cache.v_oidx.shape[-1],
-        BLOCK_N=block_n,
+        cache.k_packed, *key_affine(cache), cache.ck, cache.v_packed, cache.v_min, cache.v_scale, cache.cv, invf,
+        tab, tab.shape[1], out_k, out_v, out_k.stride(0), out_k.stride(1), out_k.stride(2), h, tmax, cache.n_packed,
+        cache.n_sink, offset, D=d, BITS_K=cache.bits_k, BITS_V=cache.bits_v, BLOCK_N=block_n,
     )
 
 
@@ -446,5 +436,6 @@ def dequantize_packed_kivi(cache: KIVICache, out_k: Tensor, out_v: Tensor, offse
     _kivi_dequant_kernel[grid](
         cache.k_packed, cache.k_scale, cache.k_zero, cache.v_packed, cache.v_scale, cache.v_zero, out_k, out_v,
         out_k.stride(0), out_k.stride(1), out_k.stride(2), h, tmax, cache.k_scale.shape[2], cache.n_packed,
-        offset, D=d, BITS=cache.bits, KG=KIVI_KEY_GROUP, VG=value_group(d), BLOCK_N=block_n,
+        offset, D=d, BITS=cache.bits, KG=cache.group, VG=value_group(d, cache.group),
+        BLOCK_N=min(block_n, cache.group),
     )

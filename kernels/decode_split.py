@@ -254,11 +254,9 @@ def _lut(C, codes, ASM: tl.constexpr):
 
 
 @triton.jit
-def _kvq_x(P, OI, OV, C, row, valid, oa, osc, NO: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr,
-           N: tl.constexpr, ASM: tl.constexpr, LOOKUP: tl.constexpr = True, PLAIN: tl.constexpr = False):
-    """Codebook values ``x (N, D/2)`` x 2 of ``N`` packed key rows; outlier slot ``s`` (value ``OV``, channel
-    ``OI``, -1 unused) substituted in x space as ``(OV - oa[ch]) / osc[ch]`` (per-channel affine pointers)."""
-    HALF: tl.constexpr = D // 2
+def _kvq_x(P, C, row, valid, BITS: tl.constexpr, D: tl.constexpr, N: tl.constexpr, ASM: tl.constexpr,
+           LOOKUP: tl.constexpr = True, PLAIN: tl.constexpr = False):
+    """Codebook values ``x (N, D/2)`` x 2 of ``N`` packed key rows."""
     NB: tl.constexpr = D * BITS // 8
     if LOOKUP:
         x1 = _lut(C, _codes(P + row * NB, valid, 0, BITS, D, N, PLAIN), ASM)
@@ -266,23 +264,14 @@ def _kvq_x(P, OI, OV, C, row, valid, oa, osc, NO: tl.constexpr, BITS: tl.constex
     else:  # ablation (timing only): codes as values
         x1 = _codes(P + row * NB, valid, 0, BITS, D, N, PLAIN).to(tl.float32)
         x2 = _codes(P + row * NB, valid, 1, BITS, D, N, PLAIN).to(tl.float32)
-    ch = tl.arange(0, HALF)
-    for s in tl.static_range(NO):
-        oi = tl.load(OI + row * NO + s, mask=valid, other=-1).to(tl.int32)
-        ov = tl.load(OV + row * NO + s, mask=valid, other=0.0).to(tl.float32)
-        oc = tl.maximum(oi, 0)
-        xo = (ov - tl.load(oa + oc)) / tl.load(osc + oc)
-        x1 = tl.where(ch[None, :] == oi[:, None], xo[:, None], x1)
-        x2 = tl.where((ch + HALF)[None, :] == oi[:, None], xo[:, None], x2)
     return x1, x2
 
 
 @triton.jit
-def _kvq_values(VP, VMIN, VSC, VOI, VOV, CV, row, valid, NOV: tl.constexpr, BITS_V: tl.constexpr,
-                D: tl.constexpr, N: tl.constexpr, DENSE: tl.constexpr, ASM: tl.constexpr, PLAIN: tl.constexpr = False):
+def _kvq_values(VP, VMIN, VSC, CV, row, valid, BITS_V: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
+                DENSE: tl.constexpr, ASM: tl.constexpr, PLAIN: tl.constexpr = False):
     """Values of ``N`` packed rows: ``v = mn + hs * x`` with ``mn`` = min + range/2, ``hs`` = range/2 per token.
-    ``DENSE``: returns ``v`` halves with the outlier slots replaced; else the codebook values ``x`` (no slots)."""
-    HALF: tl.constexpr = D // 2
+    ``DENSE``: returns ``v`` halves; else the codebook values ``x``."""
     NBV: tl.constexpr = D * BITS_V // 8
     hs = 0.5 * tl.load(VSC + row, mask=valid, other=0.0).to(tl.float32)
     mn = tl.load(VMIN + row, mask=valid, other=0.0).to(tl.float32) + hs
@@ -291,33 +280,26 @@ def _kvq_values(VP, VMIN, VSC, VOI, VOV, CV, row, valid, NOV: tl.constexpr, BITS
     if DENSE:
         v1 = mn[:, None] + hs[:, None] * v1
         v2 = mn[:, None] + hs[:, None] * v2
-        ch = tl.arange(0, HALF)
-        for s in tl.static_range(NOV):
-            oi = tl.load(VOI + row * NOV + s, mask=valid, other=-1).to(tl.int32)
-            ov = tl.load(VOV + row * NOV + s, mask=valid, other=0.0).to(tl.float32)
-            v1 = tl.where(ch[None, :] == oi[:, None], ov[:, None], v1)
-            v2 = tl.where((ch + HALF)[None, :] == oi[:, None], ov[:, None], v2)
     return v1, v2, mn, hs
 
 
 @triton.jit
 def _kvquant_split_kernel(
     Q, sqb, sqh,
-    KP, KOI, KOV, KA, KSC, CK,
-    VP, VMIN, VSC, VOI, VOV, CV,
+    KP, KA, KSC, CK,
+    VP, VMIN, VSC, CV,
     SK, SV, RK, RV, ssb, ssh, srb, srh,
     INVF, TAB, tab_rows, MP, LP, AP,
     H, Tmax, n_packed, n_sink, n_res, tokens_per_split, NSP, qk_scale,
     DS, SS, SST, LENS,
     G: tl.constexpr, QPP: tl.constexpr, MR: tl.constexpr, D: tl.constexpr, BITS_K: tl.constexpr,
-    BITS_V: tl.constexpr, NOK: tl.constexpr, NOV: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
+    BITS_V: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
     PREC: tl.constexpr, ASM: tl.constexpr, ABLATE: tl.constexpr = 0, PLAIN: tl.constexpr = False,
     SPK: tl.constexpr = False, SPV: tl.constexpr = False, DYN: tl.constexpr = False, F16: tl.constexpr = False,
 ):
-    """Fixed outlier slots (``NOK``, ``NOV`` per token and head) are substituted in the block. Per-row sparse
-    outliers are corrections (``decode_outliers``): with ``SPK`` the scores add ``DS (B, Hq, SST)``, with
-    ``SPV`` they are stored to ``SS`` (same shape) for the value-outlier kernel. ``DYN``: the packed and residual
-    counts come from ``LENS`` on the device (as the kivi kernel; a graph-captured launch)."""
+    """KVQuant's per-row sparse outliers are corrections (``decode_outliers``): with ``SPK`` the scores add
+    ``DS (B, Hq, SST)``, with ``SPV`` they are stored to ``SS`` (same shape) for the value-outlier kernel. ``DYN``:
+    the packed and residual counts come from ``LENS`` on the device (as the kivi kernel; a graph-captured launch)."""
     HALF: tl.constexpr = D // 2
     b, h, hq0, sp, prow0 = _program_ids(H, NSP, G, QPP)
     ch = tl.arange(0, HALF)
@@ -342,7 +324,7 @@ def _kvquant_split_kernel(
     qs1, qs2 = _rot_t(q1, q2, tl.cos(ns), tl.sin(ns))
     m, l, pm, acc1, acc2 = _init_state(MR, BLOCK_N, HALF, 1, DOT)
     qrow0 = b.to(tl.int64) * H * G + hq0  # first query row of the program in DS / SS
-    FOLD: tl.constexpr = (not DOT) and NOV == 0  # one row, no value slots: accumulate (p hs) x and p mn
+    FOLD: tl.constexpr = not DOT  # one row: accumulate (p hs) x per element and p mn per token
     npk, nrs, per = _counts(LENS, n_packed, n_res, tokens_per_split, NSP, BLOCK_N, DYN)
     start = sp * per
     end = tl.minimum(start + per, npk)
@@ -351,8 +333,7 @@ def _kvquant_split_kernel(
         t = t0 + tl.arange(0, BLOCK_N)
         valid = t < end
         row = bh * Tmax + t
-        x1, x2 = _kvq_x(KP, KOI, KOV, CK, row, valid, KA + h * D, KSC + h * D, NOK, BITS_K, D, BLOCK_N, ASM,
-                        ABLATE != 2, PLAIN)
+        x1, x2 = _kvq_x(KP, CK, row, valid, BITS_K, D, BLOCK_N, ASM, ABLATE != 2, PLAIN)
         if ABLATE == 1:  # ablation (timing only): no RoPE
             s = _mask(_scores(qs1, qs2, a1 + s1 * x1, a2 + s2 * x2, DOT, PREC, F16), valid, DOT)
         else:
@@ -367,8 +348,7 @@ def _kvquant_split_kernel(
             if SPV:
                 tl.store(SS + srow, s, mask=smask)
         p, m, l, pm, acc1, acc2 = _softmax(s, m, l, pm, acc1, acc2, DOT)
-        v1, v2, mn, hs = _kvq_values(VP, VMIN, VSC, VOI, VOV, CV, row, valid, NOV, BITS_V, D, BLOCK_N, not FOLD,
-                                     ASM, PLAIN)
+        v1, v2, mn, hs = _kvq_values(VP, VMIN, VSC, CV, row, valid, BITS_V, D, BLOCK_N, not FOLD, ASM, PLAIN)
         if FOLD:
             pm += (p * mn)[:, None]
             acc1, acc2 = _accumulate(p * hs, v1, v2, acc1, acc2, DOT, PREC, F16)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .reference import KIVI_KEY_GROUP, KIVICache, cdiv, check_head_dim, packed_bytes, value_group
+from .reference import KIVICache, cdiv, check_head_dim, packed_bytes, value_group
 
 
 # ----------------------------------------------------------------------------------------------- jit helpers
@@ -212,22 +212,23 @@ def _kivi_append_kernel(
 
 
 def quantize_append_kivi(cache: KIVICache, k: Tensor, v: Tensor, offset: int, num_warps: int = 4) -> None:
-    """Quantize post-RoPE keys and values ``(B, H, Tn, D)`` into ``cache`` at token ``offset`` (a multiple of 32;
-    keys get one scale/zero per channel per group of 32 tokens, a partial last group its own). Does not
-    change ``cache.n_packed``."""
+    """Quantize post-RoPE keys and values ``(B, H, Tn, D)`` into ``cache`` at token ``offset`` (a multiple of the
+    group; keys get one scale/zero per channel per group of ``cache.group`` tokens, a partial last group its own).
+    Does not change ``cache.n_packed``."""
     b, h, tn, d = k.shape
     tmax = cache.k_packed.shape[2]
-    if offset % KIVI_KEY_GROUP:
-        raise ValueError("kivi keys are appended a whole group of 32 tokens at a time")
+    g = cache.group
+    if offset % g:
+        raise ValueError(f"kivi keys are appended a whole group of {g} tokens at a time")
     if offset + tn > tmax:
         raise ValueError(f"append of {tn} tokens at {offset} overflows {tmax}")
     check_head_dim(d, cache.bits)
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         k, v = k.contiguous(), v.contiguous()
-    grid = (b * h, cdiv(tn, KIVI_KEY_GROUP))
+    grid = (b * h, cdiv(tn, g))
     _kivi_append_kernel[grid](
         k, v, *k.stride()[:3], *v.stride()[:3],
         cache.k_packed, cache.k_scale, cache.k_zero, cache.v_packed, cache.v_scale, cache.v_zero,
         h, tn, tmax, cache.k_scale.shape[2], offset,
-        D=d, BITS=cache.bits, KG=KIVI_KEY_GROUP, VG=value_group(d), num_warps=num_warps,
+        D=d, BITS=cache.bits, KG=g, VG=value_group(d, g), num_warps=num_warps,
     )

@@ -12,27 +12,22 @@ Bit packing (``pack_codes`` / ``unpack_codes``)
     Requirements: ``D`` a power of two, ``D/2 * p`` a multiple of 8 for every plane (D >= 16 for odd b).
 
 KVQuant flavour (``KVQuantCache``; keys pre-RoPE per channel, values per token, NUQ codebooks)
-    k_packed ``uint8 (B, H, Tmax, D*bk/8)``; k_oidx ``int16 (B, H, Tmax, NOK)`` channel of each key outlier
-    slot (-1 = unused); k_oval ``float16 (B, H, Tmax, NOK)`` its pre-RoPE value.
-    v_packed ``uint8 (B, H, Tmax, D*bv/8)``; v_min, v_scale ``float16 (B, H, Tmax)``;
-    v_oidx ``int16 (B, H, Tmax, NOV)``; v_oval ``float16 (B, H, Tmax, NOV)``.
-    lo, hi ``float32 (H, D)``; ck ``float32 (2^bk,)``, cv ``float32 (2^bv,)`` sorted codebooks in [-1, 1].
-    Key outliers: entries outside ``[lo, hi]``; the NOK with the largest exceedance ``max(k-hi, lo-k)/(hi-lo)``
-    are kept (the rest are clamped, i.e. quantized at the clipped range: a per-token cap).
-    Value outliers: the ``NOV/2`` largest and ``NOV/2`` smallest entries of each token (KVQuant's per-token
-    top-k); v_min / v_scale are the min / (max - min) of the remaining entries, rounded to fp16, and the
-    codes are computed from the rounded fp16 statistics. Outliers replace the dequantized entry (keys:
-    before RoPE).
-    Optional per-row sparse outliers (``k_sparse`` / ``v_sparse``, ``kvq_kernels.sparse.SparseRows``: any
-    number per token and head, as the runtime stores KVQuant's own) replace dequantized entries the same way;
-    the dense codes under them are those of the clipped value. They must not share an entry with a slot.
-    Codes: ``x = clamp(2*(k-lo)/(hi-lo) - 1, -1, 1)``; code = number of codebook midpoints
-    ``(c[j] + c[j+1]) / 2`` strictly below x (= the nearest centroid, the lower one on an exact tie).
+    k_packed ``uint8 (B, H, Tmax, D*bk/8)``; v_packed ``uint8 (B, H, Tmax, D*bv/8)``;
+    v_min, v_scale ``float16 (B, H, Tmax)``; lo, hi ``float32 (H, D)``; ck ``float32 (2^bk,)``, cv ``float32
+    (2^bv,)`` sorted codebooks in [-1, 1].
+    Keys: ``x = clamp(2*(k-lo)/(hi-lo) - 1, -1, 1)`` (entries outside ``[lo, hi]`` are clipped); values:
+    v_min / v_scale are the token-head's min / (max - min), rounded to fp16, and the codes are computed from the
+    rounded statistics. Code = number of codebook midpoints ``(c[j] + c[j+1]) / 2`` strictly below x (= the
+    nearest centroid, the lower one on an exact tie).
+    KVQuant's dense-and-sparse outliers are per-row sparse entries (``k_sparse`` / ``v_sparse``,
+    ``kvq_kernels.sparse.SparseRows``: any number per token and head, as the runtime stores them), each replacing
+    its dequantized entry (keys: before RoPE); the dense codes under them are those of the clipped value (the
+    runtime's encode decides which entries are outliers and what range the rest span).
 
 KIVI flavour (``KIVICache``; keys post-RoPE per channel, grouped along tokens; values per token)
-    k_packed ``uint8 (B, H, Tmax, D*b/8)``; k_scale, k_zero ``float16 (B, H, ceil(Tmax/32), D)`` per group of
-    32 consecutive tokens (a partial last group uses the tokens it has).
-    v_packed ``uint8 (B, H, Tmax, D*b/8)``; v_scale, v_zero ``float16 (B, H, Tmax, D/VG)``, VG = min(32, D).
+    k_packed ``uint8 (B, H, Tmax, D*b/8)``; k_scale, k_zero ``float16 (B, H, ceil(Tmax/g), D)`` per group of
+    g consecutive tokens (``group``, 32 by default; a partial last group uses the tokens it has).
+    v_packed ``uint8 (B, H, Tmax, D*b/8)``; v_scale, v_zero ``float16 (B, H, Tmax, D/VG)``, VG = min(g, D).
     zero = min, scale = (max - min) / (2^b - 1) (fp16), code = clamp(floor((x - zero)/scale + 0.5), 0, 2^b-1)
     from the fp16 statistics (scale 0 -> code 0); dequant ``zero + code * scale``.
 
@@ -176,91 +171,35 @@ def nearest_code(x: Tensor, codebook: Tensor) -> Tensor:
     return (x[..., None] > mids).sum(-1).to(torch.uint8)
 
 
-def _top_slots(score: Tensor, n: int, largest: bool, valid_if_positive: bool = False):
-    """Iterative arg-max (first index on ties) ``n`` times over the last dim; returns idx, taken mask."""
-    work = score.clone()
-    fill = -math.inf if largest else math.inf
-    idx_list = []
-    taken = torch.zeros_like(score, dtype=torch.bool)
-    for _ in range(n):
-        j = work.argmax(-1) if largest else work.argmin(-1)
-        best = work.gather(-1, j[..., None])[..., 0]
-        ok = best > 0 if valid_if_positive else torch.ones_like(best, dtype=torch.bool)
-        idx_list.append(torch.where(ok, j, torch.full_like(j, -1)))
-        hit = torch.nn.functional.one_hot(j, score.shape[-1]).bool() & ok[..., None]
-        taken |= hit
-        work = work.masked_fill(torch.nn.functional.one_hot(j, score.shape[-1]).bool(), fill)
-    if not idx_list:
-        return torch.zeros(*score.shape[:-1], 0, dtype=torch.int64, device=score.device), taken
-    return torch.stack(idx_list, -1), taken
-
-
-def _gather_slots(x: Tensor, idx: Tensor) -> Tensor:
-    return x.gather(-1, idx.clamp(min=0))
-
-
-def _scatter_slots(xhat: Tensor, idx: Tensor, val: Tensor) -> Tensor:
-    """Replace ``xhat[..., idx]`` by ``val`` where ``idx >= 0``."""
-    out = xhat.clone()
-    for s in range(idx.shape[-1]):
-        i = idx[..., s].long()
-        ok = i >= 0
-        cur = out.gather(-1, i.clamp(min=0)[..., None])[..., 0]
-        new = torch.where(ok, val[..., s].to(out.dtype), cur)
-        out.scatter_(-1, i.clamp(min=0)[..., None], new[..., None])
-    return out
-
-
 # ----------------------------------------------------------------------------------------------- kvquant
-def quantize_keys_kvquant(k: Tensor, lo: Tensor, hi: Tensor, ck: Tensor, bits: int, n_outliers: int):
-    """Pre-RoPE keys ``(B, H, T, D)`` -> (k_packed uint8, k_oidx int16, k_oval fp16)."""
+def quantize_keys_kvquant(k: Tensor, lo: Tensor, hi: Tensor, ck: Tensor, bits: int) -> Tensor:
+    """Pre-RoPE keys ``(B, H, T, D)`` -> k_packed uint8 (entries outside ``[lo, hi]`` clipped)."""
     kf = k.to(torch.float32)
     lo_, hi_ = lo.to(torch.float32)[:, None, :], hi.to(torch.float32)[:, None, :]
-    rng = hi_ - lo_
-    exceed = torch.clamp(torch.maximum(kf - hi_, lo_ - kf), min=0) / rng
-    idx, _ = _top_slots(exceed, n_outliers, largest=True, valid_if_positive=True)
-    oval = torch.where(idx >= 0, _gather_slots(kf, idx), torch.zeros((), device=k.device)).to(torch.float16)
-    x = torch.clamp(2 * (kf - lo_) / rng - 1, -1, 1)
-    codes = nearest_code(x, ck)
-    return pack_codes(codes, bits), idx.to(torch.int16), oval
+    x = torch.clamp(2 * (kf - lo_) / (hi_ - lo_) - 1, -1, 1)
+    return pack_codes(nearest_code(x, ck), bits)
 
 
-def dequantize_keys_kvquant(k_packed, k_oidx, k_oval, lo, hi, ck, bits: int, head_dim: int) -> Tensor:
-    """-> pre-RoPE keys float32 ``(B, H, T, D)`` (outliers restored)."""
+def dequantize_keys_kvquant(k_packed, lo, hi, ck, bits: int, head_dim: int) -> Tensor:
+    """-> pre-RoPE keys float32 ``(B, H, T, D)``."""
     codes = unpack_codes(k_packed, bits, head_dim).long()
     lo_, hi_ = lo.to(torch.float32)[:, None, :], hi.to(torch.float32)[:, None, :]
-    khat = lo_ + (ck.to(torch.float32)[codes] + 1) / 2 * (hi_ - lo_)
-    return _scatter_slots(khat, k_oidx, k_oval.to(torch.float32))
+    return lo_ + (ck.to(torch.float32)[codes] + 1) / 2 * (hi_ - lo_)
 
 
-def quantize_values_nuq(v: Tensor, cv: Tensor, bits: int, n_outliers: int):
-    """Values ``(B, H, T, D)`` -> (v_packed, v_min fp16, v_scale fp16, v_oidx int16, v_oval fp16).
-
-    ``n_outliers`` must be even: half of the slots take the largest entries, half the smallest.
-    """
-    if n_outliers % 2:
-        raise ValueError("value outlier slots come in pairs (largest, smallest)")
+def quantize_values_nuq(v: Tensor, cv: Tensor, bits: int):
+    """Values ``(B, H, T, D)`` -> (v_packed, v_min fp16, v_scale fp16) over each token-head's D entries."""
     vf = v.to(torch.float32)
-    half = n_outliers // 2
-    idx_hi, taken_hi = _top_slots(vf, half, largest=True)
-    idx_lo, taken_lo = _top_slots(vf.masked_fill(taken_hi, math.inf), half, largest=False)
-    idx = torch.cat([idx_hi, idx_lo], -1)
-    taken = taken_hi | taken_lo
-    vmin = vf.masked_fill(taken, math.inf).amin(-1)
-    vmax = vf.masked_fill(taken, -math.inf).amax(-1)
-    vmin16, vscale16 = vmin.to(torch.float16), (vmax - vmin).to(torch.float16)
+    vmin16, vscale16 = vf.amin(-1).to(torch.float16), (vf.amax(-1) - vf.amin(-1)).to(torch.float16)
     mn, sc = vmin16.to(torch.float32)[..., None], vscale16.to(torch.float32)[..., None]
     x = torch.clamp(2 * (vf - mn) / torch.where(sc > 0, sc, torch.ones_like(sc)) - 1, -1, 1)
-    codes = nearest_code(x, cv)
-    oval = _gather_slots(vf, idx).to(torch.float16)
-    return pack_codes(codes, bits), vmin16, vscale16, idx.to(torch.int16), oval
+    return pack_codes(nearest_code(x, cv), bits), vmin16, vscale16
 
 
-def dequantize_values_nuq(v_packed, v_min, v_scale, v_oidx, v_oval, cv, bits: int, head_dim: int) -> Tensor:
+def dequantize_values_nuq(v_packed, v_min, v_scale, cv, bits: int, head_dim: int) -> Tensor:
     codes = unpack_codes(v_packed, bits, head_dim).long()
     mn, sc = v_min.to(torch.float32)[..., None], v_scale.to(torch.float32)[..., None]
-    vhat = mn + (cv.to(torch.float32)[codes] + 1) / 2 * sc
-    return _scatter_slots(vhat, v_oidx, v_oval.to(torch.float32))
+    return mn + (cv.to(torch.float32)[codes] + 1) / 2 * sc
 
 
 # ----------------------------------------------------------------------------------------------- kivi
@@ -298,14 +237,20 @@ def dequantize_keys_kivi(k_packed, k_scale, k_zero, bits: int, head_dim: int, gr
     return zt + codes * st
 
 
-def value_group(head_dim: int) -> int:
-    return min(32, head_dim)
+def kivi_group_supported(group: int) -> bool:
+    """The kivi kernels' groups: powers of two >= 16 (a tensor-core block of 16 tokens lies in one key group)."""
+    return group >= 16 and group & (group - 1) == 0
 
 
-def quantize_values_kivi(v: Tensor, bits: int):
+def value_group(head_dim: int, group: int = KIVI_KEY_GROUP) -> int:
+    """Channels per value group: the kivi group, at most the head."""
+    return min(group, head_dim)
+
+
+def quantize_values_kivi(v: Tensor, bits: int, group: int = KIVI_KEY_GROUP):
     """Values ``(B, H, T, D)`` -> (v_packed, v_scale fp16, v_zero fp16) with ``(B, H, T, D/VG)`` statistics."""
     b, h, t, d = v.shape
-    vg = value_group(d)
+    vg = value_group(d, group)
     vf = v.to(torch.float32).reshape(b, h, t, d // vg, vg)
     mn, mx = vf.amin(-1), vf.amax(-1)
     zero16, scale16 = mn.to(torch.float16), ((mx - mn) / ((1 << bits) - 1)).to(torch.float16)
@@ -313,9 +258,9 @@ def quantize_values_kivi(v: Tensor, bits: int):
     return pack_codes(codes, bits), scale16, zero16
 
 
-def dequantize_values_kivi(v_packed, v_scale, v_zero, bits: int, head_dim: int) -> Tensor:
+def dequantize_values_kivi(v_packed, v_scale, v_zero, bits: int, head_dim: int, group: int = KIVI_KEY_GROUP):
     codes = unpack_codes(v_packed, bits, head_dim).to(torch.float32)
-    vg = value_group(head_dim)
+    vg = value_group(head_dim, group)
     s = v_scale.to(torch.float32).repeat_interleave(vg, -1)
     z = v_zero.to(torch.float32).repeat_interleave(vg, -1)
     return z + codes * s
@@ -348,13 +293,9 @@ class KVQuantCache(FP16Segments):
     """One layer of the kvquant-flavour packed cache (see the module docstring for shapes)."""
 
     k_packed: Tensor
-    k_oidx: Tensor
-    k_oval: Tensor
     v_packed: Tensor
     v_min: Tensor
     v_scale: Tensor
-    v_oidx: Tensor
-    v_oval: Tensor
     lo: Tensor
     hi: Tensor
     ck: Tensor
@@ -364,8 +305,8 @@ class KVQuantCache(FP16Segments):
     rope_theta: float = 10000.0
     #: The model's own RoPE inverse frequencies ``(D/2,)`` float32; None: computed from ``rope_theta``.
     inv_freq: Tensor | None = None
-    #: Per-row sparse outliers of the packed tokens (``kvq_kernels.sparse``), on top of any fixed slots: keys
-    #: pre-RoPE, each replacing its dequantized entry, as the slots do.
+    #: Per-row sparse outliers of the packed tokens (``kvq_kernels.sparse``): keys pre-RoPE, each replacing its
+    #: dequantized entry.
     k_sparse: SparseRows | None = None
     v_sparse: SparseRows | None = None
 
@@ -376,19 +317,15 @@ class KVQuantCache(FP16Segments):
         return rope_inv_freq(self.head_dim, self.rope_theta, device)
 
     @classmethod
-    def empty(cls, batch, heads, head_dim, max_tokens, bits_k, bits_v, lo, hi, ck, cv, n_outliers_k=0,
-              n_outliers_v=0, n_sink=0, max_res=0, rope_theta=10000.0, device=None) -> KVQuantCache:
+    def empty(cls, batch, heads, head_dim, max_tokens, bits_k, bits_v, lo, hi, ck, cv, n_sink=0, max_res=0,
+              rope_theta=10000.0, device=None) -> KVQuantCache:
         dev = device if device is not None else lo.device
         bh = (batch, heads, max_tokens)
         return cls(
             k_packed=torch.zeros(*bh, packed_bytes(head_dim, bits_k), dtype=torch.uint8, device=dev),
-            k_oidx=torch.full((*bh, n_outliers_k), -1, dtype=torch.int16, device=dev),
-            k_oval=torch.zeros(*bh, n_outliers_k, dtype=torch.float16, device=dev),
             v_packed=torch.zeros(*bh, packed_bytes(head_dim, bits_v), dtype=torch.uint8, device=dev),
             v_min=torch.zeros(bh, dtype=torch.float16, device=dev),
             v_scale=torch.zeros(bh, dtype=torch.float16, device=dev),
-            v_oidx=torch.full((*bh, n_outliers_v), -1, dtype=torch.int16, device=dev),
-            v_oval=torch.zeros(*bh, n_outliers_v, dtype=torch.float16, device=dev),
             lo=lo.to(dev, torch.float32).contiguous(), hi=hi.to(dev, torch.float32).contiguous(),
             ck=ck.to(dev, torch.float32).contiguous(), cv=cv.to(dev, torch.float32).contiguous(),
             sink_k=torch.zeros(batch, heads, n_sink, head_dim, dtype=torch.float16, device=dev),
@@ -405,9 +342,8 @@ class KVQuantCache(FP16Segments):
     def compressed_bytes(self) -> int:
         """Bytes attention reads from the packed segment plus the fp16 segments (codebooks ignored)."""
         t = self.n_packed
-        per_tok = sum(x[:, :, :t].numel() * x.element_size() for x in (
-            self.k_packed, self.k_oidx, self.k_oval, self.v_packed, self.v_min, self.v_scale, self.v_oidx,
-            self.v_oval))
+        per_tok = sum(x[:, :, :t].numel() * x.element_size() for x in (self.k_packed, self.v_packed, self.v_min,
+                                                                        self.v_scale))
         return per_tok + self.fp16_bytes() + sum(r.nbytes() for r in (self.k_sparse, self.v_sparse) if r is not None)
 
 
@@ -422,12 +358,15 @@ class KIVICache(FP16Segments):
     v_scale: Tensor
     v_zero: Tensor
     bits: int
+    #: tokens per key group and channels per value group (at most D); the kernels take powers of two >= 16
+    group: int = KIVI_KEY_GROUP
 
     @classmethod
-    def empty(cls, batch, heads, head_dim, max_tokens, bits, n_sink=0, max_res=0, device=None) -> KIVICache:
+    def empty(cls, batch, heads, head_dim, max_tokens, bits, n_sink=0, max_res=0, device=None,
+              group: int = KIVI_KEY_GROUP) -> KIVICache:
         bh = (batch, heads, max_tokens)
-        ng = cdiv(max_tokens, KIVI_KEY_GROUP)
-        nvg = head_dim // value_group(head_dim)
+        ng = cdiv(max_tokens, group)
+        nvg = head_dim // value_group(head_dim, group)
         f16 = dict(dtype=torch.float16, device=device)
         return cls(
             k_packed=torch.zeros(*bh, packed_bytes(head_dim, bits), dtype=torch.uint8, device=device),
@@ -440,7 +379,7 @@ class KIVICache(FP16Segments):
             sink_v=torch.zeros(batch, heads, n_sink, head_dim, **f16),
             res_k=torch.zeros(batch, heads, max_res, head_dim, **f16),
             res_v=torch.zeros(batch, heads, max_res, head_dim, **f16),
-            bits=bits,
+            bits=bits, group=group,
         )
 
     @property
@@ -449,7 +388,7 @@ class KIVICache(FP16Segments):
 
     def compressed_bytes(self) -> int:
         t = self.n_packed
-        ng = cdiv(t, KIVI_KEY_GROUP)
+        ng = cdiv(t, self.group)
         per = sum(x[:, :, :t].numel() * x.element_size() for x in (self.k_packed, self.v_packed, self.v_scale,
                                                                     self.v_zero))
         per += sum(x[:, :, :ng].numel() * x.element_size() for x in (self.k_scale, self.k_zero))
@@ -468,10 +407,9 @@ def _with_sparse(rows: SparseRows | None, x: Tensor) -> Tensor:
 def dequantize_kvquant_cache(cache: KVQuantCache) -> tuple[Tensor, Tensor]:
     """-> (keys post-RoPE, values), float32 ``(B, H, S + n_packed + n_res, D)``."""
     d, t = cache.head_dim, cache.n_packed
-    kq = dequantize_keys_kvquant(cache.k_packed[:, :, :t], cache.k_oidx[:, :, :t], cache.k_oval[:, :, :t],
-                                 cache.lo, cache.hi, cache.ck, cache.bits_k, d)
-    vq = dequantize_values_nuq(cache.v_packed[:, :, :t], cache.v_min[:, :, :t], cache.v_scale[:, :, :t],
-                               cache.v_oidx[:, :, :t], cache.v_oval[:, :, :t], cache.cv, cache.bits_v, d)
+    kq = dequantize_keys_kvquant(cache.k_packed[:, :, :t], cache.lo, cache.hi, cache.ck, cache.bits_k, d)
+    vq = dequantize_values_nuq(cache.v_packed[:, :, :t], cache.v_min[:, :, :t], cache.v_scale[:, :, :t], cache.cv,
+                               cache.bits_v, d)
     kq, vq = _with_sparse(cache.k_sparse, kq), _with_sparse(cache.v_sparse, vq)
     k = torch.cat([cache.sink_k.float(), kq, cache.res_k[:, :, : cache.n_res].float()], 2)
     v = torch.cat([cache.sink_v.float(), vq, cache.res_v[:, :, : cache.n_res].float()], 2)
@@ -480,12 +418,12 @@ def dequantize_kvquant_cache(cache: KVQuantCache) -> tuple[Tensor, Tensor]:
 
 
 def dequantize_kivi_cache(cache: KIVICache) -> tuple[Tensor, Tensor]:
-    d, t = cache.head_dim, cache.n_packed
-    ng = cdiv(t, KIVI_KEY_GROUP)
+    d, t, g = cache.head_dim, cache.n_packed, cache.group
+    ng = cdiv(t, g)
     kq = dequantize_keys_kivi(cache.k_packed[:, :, :t], cache.k_scale[:, :, :ng], cache.k_zero[:, :, :ng],
-                              cache.bits, d)
+                              cache.bits, d, g)
     vq = dequantize_values_kivi(cache.v_packed[:, :, :t], cache.v_scale[:, :, :t], cache.v_zero[:, :, :t],
-                                cache.bits, d)
+                                cache.bits, d, g)
     k = torch.cat([cache.sink_k.float(), kq, cache.res_k[:, :, : cache.n_res].float()], 2)
     v = torch.cat([cache.sink_v.float(), vq, cache.res_v[:, :, : cache.n_res].float()], 2)
     return k, v
@@ -514,33 +452,24 @@ def decode_attention_kivi_ref(q: Tensor, cache: KIVICache, sm_scale: float | Non
 
 
 # ----------------------------------------------------------------------------------------------- append (reference)
-def append_kvquant_ref(cache: KVQuantCache, k: Tensor, v: Tensor, offset: int, n_outliers_k=None, n_outliers_v=None):
-    """Quantize ``k`` (pre-RoPE) and ``v`` ``(B, H, Tn, D)`` into the packed buffers at ``offset`` (in place)."""
-    tn = k.shape[2]
-    nok = cache.k_oidx.shape[-1] if n_outliers_k is None else n_outliers_k
-    nov = cache.v_oidx.shape[-1] if n_outliers_v is None else n_outliers_v
-    kp, koi, kov = quantize_keys_kvquant(k, cache.lo, cache.hi, cache.ck, cache.bits_k, nok)
-    vp, vmn, vsc, voi, vov = quantize_values_nuq(v, cache.cv, cache.bits_v, nov)
-    sl = slice(offset, offset + tn)
-    cache.k_packed[:, :, sl] = kp
-    cache.k_oidx[:, :, sl] = koi
-    cache.k_oval[:, :, sl] = kov
-    cache.v_packed[:, :, sl] = vp
-    cache.v_min[:, :, sl] = vmn
-    cache.v_scale[:, :, sl] = vsc
-    cache.v_oidx[:, :, sl] = voi
-    cache.v_oval[:, :, sl] = vov
+def append_kvquant_ref(cache: KVQuantCache, k: Tensor, v: Tensor, offset: int):
+    """Quantize ``k`` (pre-RoPE) and ``v`` ``(B, H, Tn, D)`` into the packed buffers at ``offset`` (in place; the
+    dense part only: outliers go to ``k_sparse`` / ``v_sparse``)."""
+    sl = slice(offset, offset + k.shape[2])
+    cache.k_packed[:, :, sl] = quantize_keys_kvquant(k, cache.lo, cache.hi, cache.ck, cache.bits_k)
+    cache.v_packed[:, :, sl], cache.v_min[:, :, sl], cache.v_scale[:, :, sl] = quantize_values_nuq(
+        v, cache.cv, cache.bits_v)
 
 
 def append_kivi_ref(cache: KIVICache, k: Tensor, v: Tensor, offset: int):
-    """Quantize ``k`` (post-RoPE) and ``v`` ``(B, H, Tn, D)`` at ``offset`` (a multiple of 32) in place."""
-    if offset % KIVI_KEY_GROUP:
-        raise ValueError("kivi keys are appended a whole group of 32 tokens at a time")
+    """Quantize ``k`` (post-RoPE) and ``v`` ``(B, H, Tn, D)`` at ``offset`` (a multiple of the group) in place."""
+    if offset % cache.group:
+        raise ValueError(f"kivi keys are appended a whole group of {cache.group} tokens at a time")
     tn = k.shape[2]
-    kp, ks, kz = quantize_keys_kivi(k, cache.bits)
-    vp, vs, vz = quantize_values_kivi(v, cache.bits)
+    kp, ks, kz = quantize_keys_kivi(k, cache.bits, cache.group)
+    vp, vs, vz = quantize_values_kivi(v, cache.bits, cache.group)
     sl = slice(offset, offset + tn)
-    g0 = offset // KIVI_KEY_GROUP
+    g0 = offset // cache.group
     cache.k_packed[:, :, sl] = kp
     cache.k_scale[:, :, g0 : g0 + ks.shape[2]] = ks
     cache.k_zero[:, :, g0 : g0 + ks.shape[2]] = kz

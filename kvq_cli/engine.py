@@ -12,7 +12,7 @@
   ratio compares engine with engine. Eager steps hold SDPA to its FlashAttention / memory-efficient kernels
   (cuDNN attention re-plans at each eager call); captured steps keep torch's choice (``SDPA``).
 * A ``KVQCache`` replays a graph on the steps where every layer can (``KVQCache.graph_kind``), with the counts
-  in device tensors: kivi with key group 32 has one graph for the steps whose token joins the fp16 residual
+  in device tensors: kivi (any group the kernels take) has one graph for the steps whose token joins the fp16 residual
   window ("plain") and one for the steps where the full window's oldest group leaves into the packed store
   ("flush"); kvquant (sink, no residual window) one for its fused append of each token ("append"; the host
   reserves room for the token's sparse outliers before each replay, and a reallocation means a re-capture);

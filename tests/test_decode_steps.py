@@ -26,6 +26,8 @@ KERNEL_CONFIGS = [
     ("kvquant-3b-2%", dict(name="kvquant", bits=3, outliers=0.02, fisher=False, kmeans_iters=3), True),
     ("kvquant-2b-0%", dict(name="kvquant", bits=2, outliers=0.0, fisher=False, kmeans_iters=3), True),
     ("kivi-2b", dict(name="kivi", bits=2, residual=32, group=32), False),
+    ("kivi-4b-g16", dict(name="kivi", bits=4, residual=16, group=16), False),
+    ("kivi-2b-g64", dict(name="kivi", bits=2, residual=64, group=64), False),
     ("cq-4c8b", dict(name="cq", channels=4, bits=8, fisher=False, kmeans_iters=3), True),
     ("pq", dict(name="pq", bits=7, residual=5, kmeans_iters=3), True),
     ("int4", dict(name="int", bits=4), False),

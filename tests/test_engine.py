@@ -73,7 +73,8 @@ STEPS = 8  # decode steps: each configuration's prompt puts a "flush" within the
 TOKEN_SPECS = {"int3-r4": "int:bits=3,sink=2,residual=4", "nf4-r0": "nf:bits=4"}
 
 
-@pytest.mark.parametrize("config, prompt", [("kivi-r40", 70), ("kivi-r32", 94), ("kvquant-3b-2%", 40),
+@pytest.mark.parametrize("config, prompt", [("kivi-r40", 70), ("kivi-r32", 94), ("kivi-g16-r20", 45),
+                                            ("kvquant-3b-2%", 40),
                                             ("int3-r4", 40), ("nf4-r0", 40)])
 def test_graph_step_semantics_equal_eager(config, prompt):
     """What captured steps do equals the eager steps, with the Triton kernels reading the counts from the device
@@ -85,8 +86,9 @@ def test_graph_step_semantics_equal_eager(config, prompt):
     model = tiny_model("llama")
     ids = torch.randint(0, 320, (1, prompt), generator=torch.Generator().manual_seed(6))
     kivi = config.startswith("kivi")
+    group = 16 if "-g16" in config else 32
     if kivi:
-        spec = parse_spec(f"kivi:bits=2,group=32,residual={config[-2:]}")
+        spec = parse_spec(f"kivi:bits=2,group={group},residual={config[-2:]}")
     else:
         spec = parse_spec(TOKEN_SPECS[config]) if config in TOKEN_SPECS else _kvquant(model, ids)
     expected = {"plain", "flush"} if kivi else {"flush"} if config in TOKEN_SPECS else {"append"}
@@ -122,7 +124,7 @@ def test_graph_step_semantics_equal_eager(config, prompt):
             layer = cache.layers[0]
             assert layer.length == prompt + STEPS  # the prompt and the tokens fed back
             for stream in (layer.keys_stream, layer.values_stream):
-                assert len(stream) == layer.length and stream.packed.n % (32 if kivi else 1) == 0
+                assert len(stream) == layer.length and stream.packed.n % (group if kivi else 1) == 0
                 assert all(f.n * (1 if name == "codes" else stream.packed.step) >= stream.packed.n
                            for name, f in stream.packed.fields.items())
             stored = [layer.read(0, layer.length) for layer in cache.layers]

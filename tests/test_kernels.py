@@ -61,14 +61,21 @@ def _fill_fp16_segments(c, gen, d, n_sink, n_res):
     return c
 
 
-def _kvquant_cache(gen, d, bits_k, bits_v, t, n_sink, n_res, tmax=64, nok=2, nov=2):
+def _kvquant_cache(gen, d, bits_k, bits_v, t, n_sink, n_res, tmax=64, sparse=True):
+    """A kvquant cache of ``t`` packed tokens; ``sparse``: KVQuant's per-row outliers too (every key entry outside
+    the thresholds, 3% of the value entries at 3x)."""
+    from kvq_kernels.sparse import SparseRows
+
     lo = (-1 - torch.rand(H, d, generator=gen)).to(DEV)
     hi = (1 + torch.rand(H, d, generator=gen)).to(DEV)
     c = ref.KVQuantCache.empty(B, H, d, tmax, bits_k, bits_v, lo, hi, _codebook(gen, bits_k), _codebook(gen, bits_v),
-                               n_outliers_k=nok, n_outliers_v=nov, n_sink=n_sink, max_res=16, rope_theta=500.0)
+                               n_sink=n_sink, max_res=16, rope_theta=500.0)
     if t:
         k, v = _randn(gen, B, H, t, d, scale=1.3), _randn(gen, B, H, t, d)
         ref.append_kvquant_ref(c, k, v, 0)
+        if sparse:
+            c.k_sparse = SparseRows.from_dense((k < lo[None, :, None]) | (k > hi[None, :, None]), k)
+            c.v_sparse = SparseRows.from_dense((torch.rand(v.shape, generator=gen) < 0.03).to(DEV), v * 3)
     c.n_packed = t
     return _fill_fp16_segments(c, gen, d, n_sink, n_res)
 
@@ -113,16 +120,14 @@ def test_reference_quantizers_roundtrip():
     k = torch.randn(B, H, t, d, generator=gen) * 1.5
     lo, hi = -torch.ones(H, d), torch.ones(H, d)
     ck = torch.linspace(-1, 1, 16)
-    kp, oi, ov = ref.quantize_keys_kvquant(k, lo, hi, ck, 4, 3)
-    kh = ref.dequantize_keys_kvquant(kp, oi, ov, lo, hi, ck, 4, d)
-    outside = ((k < lo[:, None]) | (k > hi[:, None])).sum(-1)
-    assert torch.equal((oi >= 0).sum(-1), outside.clamp(max=3))
+    kh = ref.dequantize_keys_kvquant(ref.quantize_keys_kvquant(k, lo, hi, ck, 4), lo, hi, ck, 4, d)
     inside = (k >= -1) & (k <= 1)
     assert (kh - k)[inside].abs().max() <= 1 / 15 + 1e-6  # half a step of a 16-level uniform codebook
+    assert torch.equal(kh[~inside], k[~inside].clamp(-1, 1))  # clipped to the thresholds (the end codes)
     v = torch.randn(B, H, t, d, generator=gen)
-    vp, mn, sc, voi, vov = ref.quantize_values_nuq(v, ck, 4, 2)
-    vh = ref.dequantize_values_nuq(vp, mn, sc, voi, vov, ck, 4, d)
-    assert torch.equal(voi[..., 0].long(), v.argmax(-1)) and torch.equal(voi[..., 1].long(), v.argmin(-1))
+    vp, mn, sc = ref.quantize_values_nuq(v, ck, 4)
+    vh = ref.dequantize_values_nuq(vp, mn, sc, ck, 4, d)
+    assert torch.equal(mn, v.amin(-1).half()) and torch.equal(sc, (v.amax(-1) - v.amin(-1)).half())
     assert (vh - v).abs().max() <= sc.float().max() / 30 + 2e-3
     kp, ks, kz = ref.quantize_keys_kivi(k, 2)
     assert ks.shape == (B, H, 2, d)
@@ -171,6 +176,32 @@ def test_quantize_append_kivi_exact(bits, d):
         fn(c, k, v, 32)
     for f in ("k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero"):
         assert torch.equal(getattr(c1, f), getattr(c2, f)), f
+
+
+@pytest.mark.parametrize("group,d,g,bits", [(16, 64, 4, 2), (64, 64, 1, 4), (128, 32, 3, 2), (16, 128, 1, 3)])
+def test_kivi_other_groups(group, d, g, bits):
+    """kivi at groups other than 32 (powers of two >= 16; value groups min(group, D)): the Triton append stores
+    exactly the reference's bytes, and decode attention (host and device counts) matches the reference over a
+    packed segment that ends mid-group, with a sink and a residual."""
+    gen = _gen(600 + group + d + g)
+    tmax, t = 4 * group, 2 * group + 5
+    c1 = ref.KIVICache.empty(B, H, d, tmax, bits, n_sink=2, max_res=16, device=DEV, group=group)
+    c2 = ref.KIVICache.empty(B, H, d, tmax, bits, n_sink=2, max_res=16, device=DEV, group=group)
+    k, v = _randn(gen, B, H, t, d), _randn(gen, B, H, t, d)
+    for c, fn in ((c1, ref.append_kivi_ref), (c2, quantize_append_kivi)):
+        fn(c, k, v, 0)
+    for f in ("k_packed", "k_scale", "k_zero", "v_packed", "v_scale", "v_zero"):
+        assert torch.equal(getattr(c1, f), getattr(c2, f)), f
+    assert c2.v_scale.shape[-1] == d // min(group, d)
+    c2.n_packed = t
+    c2 = _fill_fp16_segments(c2, gen, d, 2, 7)
+    q = _randn(gen, B, H * g, d)
+    want = ref.decode_attention_kivi_ref(q, c2)
+    assert _rel(decode_attention_kivi(q, c2, num_splits=3), want) < ATTN_RTOL
+    lens = torch.tensor([c2.n_packed, c2.n_res, 0, 0], dtype=torch.int64, device=DEV)
+    assert _rel(decode_attention_kivi(q, c2, lens=lens), want) < ATTN_RTOL
+    with pytest.raises(ValueError, match="powers of two"):
+        decode_attention_kivi(q, ref.KIVICache.empty(B, H, d, 48, bits, device=DEV, group=24))
 
 
 @pytest.mark.parametrize("block", [4, 16, 64])
@@ -235,13 +266,13 @@ def test_decode_attention_kvquant(bits, gqa):
 def test_decode_attention_kvquant_sparse_outliers(bits, gqa, density):
     """Per-row sparse outliers (any number per token and head, as the runtime stores KVQuant's): keys beyond the
     calibrated range and random value entries, as corrections in the kernel. Dense rows (more than MAXO entries
-    in a block), rows with none, a packed segment ending mid-block, value slots off (the one-row fold)."""
+    in a block), rows with none, a packed segment ending mid-block (the one-row fold)."""
     from kvq_kernels.sparse import SparseRows
 
     gen = _gen(400 + 8 * bits + gqa)
     d = 32
     t = 83
-    c = _kvquant_cache(gen, d, bits, 4 - bits % 2, t=0, n_sink=5, n_res=4, tmax=96, nok=0, nov=0)
+    c = _kvquant_cache(gen, d, bits, 4 - bits % 2, t=0, n_sink=5, n_res=4, tmax=96, sparse=False)
     k, v = _randn(gen, B, H, t, d, scale=1.3), _randn(gen, B, H, t, d)
     ref.append_kvquant_ref(c, k, v, 0)
     c.n_packed = t
@@ -318,7 +349,7 @@ def test_decode_attention_kvquant_device_counts(gqa):
     d, tmax, block = 32, 96, 16
     q = _randn(gen, B, H * gqa, d)
     for t in (0, 21, 83):
-        c = _kvquant_cache(gen, d, 2, 2, t=0, n_sink=3, n_res=0, tmax=tmax, nok=0, nov=0)
+        c = _kvquant_cache(gen, d, 2, 2, t=0, n_sink=3, n_res=0, tmax=tmax, sparse=False)
         k, v = _randn(gen, B, H, max(t, 1), d, scale=1.3), _randn(gen, B, H, max(t, 1), d)
         if t:
             ref.append_kvquant_ref(c, k, v, 0)
@@ -343,7 +374,7 @@ def test_decode_attention_edge_segments():
     q = _randn(gen, B, H, d)
     c = _kvquant_cache(gen, d, 2, 2, t=0, n_sink=2, n_res=3)
     assert _rel(decode_attention_kvquant(q, c), ref.decode_attention_kvquant_ref(q, c)) < ATTN_RTOL
-    c = _kvquant_cache(gen, d, 4, 4, t=19, n_sink=0, n_res=0, nok=0, nov=0)
+    c = _kvquant_cache(gen, d, 4, 4, t=19, n_sink=0, n_res=0, sparse=False)
     assert _rel(decode_attention_kvquant(q, c, block_n=16), ref.decode_attention_kvquant_ref(q, c)) < ATTN_RTOL
     kc = _kivi_cache(gen, d, 4, t=0, n_sink=0, n_res=6)
     assert _rel(decode_attention_kivi(q, kc), ref.decode_attention_kivi_ref(q, kc)) < ATTN_RTOL
@@ -355,11 +386,11 @@ def test_decode_attention_edge_segments():
 
 @pytest.mark.parametrize("gqa", [1, 2])
 def test_decode_attention_kvquant_long_sink_and_offsets(gqa):
-    """A sink longer than a block, a packed segment that ends mid-block (the residual's rotation offset), value
-    outlier slots off (the one-row path then folds the per-token value affine map into its accumulators)."""
+    """A sink longer than a block, a packed segment that ends mid-block (the residual's rotation offset), sparse
+    outliers (the one-row path folds the per-token value affine map into its accumulators)."""
     gen = _gen(160 + gqa)
     d = 32
-    c = _kvquant_cache(gen, d, 2, 3, t=29, n_sink=11, n_res=6, nok=1, nov=0)
+    c = _kvquant_cache(gen, d, 2, 3, t=29, n_sink=11, n_res=6)
     q = _randn(gen, B, H * gqa, d)
     want = ref.decode_attention_kvquant_ref(q, c)
     for bn in (8, 16):
@@ -389,7 +420,7 @@ def test_decode_attention_gqa_16_bit_queries(dtype, d, g):
 
     gen = _gen(210 + g)
     t = 70
-    c = _kvquant_cache(gen, d, 2, 2, t=t, n_sink=1, n_res=3, tmax=96, nok=0, nov=0)
+    c = _kvquant_cache(gen, d, 2, 2, t=t, n_sink=1, n_res=3, tmax=96, sparse=False)
     c.k_sparse = SparseRows.from_dense((torch.rand(B, H, t, d, generator=gen) < 0.02).to(DEV),
                                        _randn(gen, B, H, t, d, scale=3.0))
     c.v_sparse = SparseRows.from_dense((torch.rand(B, H, t, d, generator=gen) < 0.02).to(DEV),
@@ -443,9 +474,10 @@ def test_rope_block_table_exact_and_cached():
 
 @pytest.mark.parametrize("bits", [2, 3])
 def test_dequantize_packed_kernels(bits):
+    """The dequantize kernels write the dense part (kvquant: no sparse outliers; keys RoPE'd) of the reference."""
     gen = _gen(100 + bits)
     d, t = 32, 41
-    c = _kvquant_cache(gen, d, bits, bits, t=t, n_sink=2, n_res=0)
+    c = _kvquant_cache(gen, d, bits, bits, t=t, n_sink=2, n_res=0, sparse=False)
     k, v = ref.dequantize_kvquant_cache(c)
     ok, ov = torch.zeros(B, H, t + 2, d, device=DEV), torch.zeros(B, H, t + 2, d, device=DEV)
     dequantize_packed_kvquant(c, ok, ov, offset=2)
@@ -455,51 +487,3 @@ def test_dequantize_packed_kernels(bits):
     ok, ov = torch.zeros(B, H, t, d, device=DEV), torch.zeros(B, H, t, d, device=DEV)
     dequantize_packed_kivi(kc, ok, ov)
     assert torch.allclose(ok, k, atol=1e-5) and torch.allclose(ov, v, atol=1e-5)
-
-
-# ----------------------------------------------------------------------------------------------- chunked prefill
-@pytest.mark.parametrize("bits,gqa,tq", [(2, 1, 21), (3, 3, 16), (4, 2, 9)])
-def test_prefill_attention_kvquant(bits, gqa, tq):
-    """A chunk of queries over sink + packed + residual + itself (causal) equals the dense reference."""
-    from kvq_kernels.prefill_attention import prefill_attention_kvquant, prefill_attention_kvquant_ref
-
-    gen = _gen(120 + 7 * bits + gqa)
-    d = 32
-    c = _kvquant_cache(gen, d, bits, bits, t=37, n_sink=2, n_res=5)
-    q = _randn(gen, B, H * gqa, tq, d)
-    k_new, v_new = _randn(gen, B, H, tq, d), _randn(gen, B, H, tq, d)
-    want = prefill_attention_kvquant_ref(q, c, k_new, v_new)
-    got = prefill_attention_kvquant(q, c, k_new, v_new, block_m=16, block_n=16)
-    assert got.shape == q.shape and torch.isfinite(got).all()
-    assert _rel(got, want) < ATTN_RTOL
-
-
-
-def test_prefill_reference_with_one_token_is_decode_attention():
-    """Independent check of the prefill reference: a one-token chunk equals decode attention over the cache
-    with that token appended to the fp16 residual (pre-RoPE there, rotated by the decode reference)."""
-    from kvq_kernels.prefill_attention import prefill_attention_kvquant_ref
-
-    gen = _gen(150)
-    c = _kvquant_cache(gen, 32, 3, 3, t=20, n_sink=1, n_res=4)
-    pos = c.n_sink + c.n_packed + c.n_res
-    k_pre = _randn(gen, B, H, 1, 32).half().float()  # representable in the fp16 residual
-    v_new = _randn(gen, B, H, 1, 32).half().float()
-    k_new = ref.apply_rope(k_pre, torch.tensor([pos], device=DEV), c.rope_theta)
-    q = _randn(gen, B, H * 2, 1, 32)
-    got = prefill_attention_kvquant_ref(q, c, k_new, v_new)[:, :, 0]
-    c.res_k[:, :, c.n_res] = k_pre[:, :, 0].half()
-    c.res_v[:, :, c.n_res] = v_new[:, :, 0].half()
-    c.n_res += 1
-    torch.testing.assert_close(got, ref.decode_attention_kvquant_ref(q[:, :, 0], c), rtol=1e-4, atol=1e-5)
-
-
-def test_prefill_attention_empty_history():
-    """Nothing cached yet (the first chunk): plain causal attention over the chunk."""
-    from kvq_kernels.prefill_attention import prefill_attention_kvquant, prefill_attention_kvquant_ref
-
-    gen = _gen(140)
-    c = _kvquant_cache(gen, 32, 2, 2, t=0, n_sink=0, n_res=0)
-    q, k_new, v_new = _randn(gen, B, H, 19, 32), _randn(gen, B, H, 19, 32), _randn(gen, B, H, 19, 32)
-    want = prefill_attention_kvquant_ref(q, c, k_new, v_new)
-    assert _rel(prefill_attention_kvquant(q, c, k_new, v_new), want) < ATTN_RTOL

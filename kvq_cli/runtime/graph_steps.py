@@ -44,14 +44,17 @@ class GraphStepsLayer:
 
     def graph_capable(self) -> bool:
         """Whether this layer's decode steps can be captured (the Triton kernels read their counts from the
-        device; fixed capacities from ``max_tokens``; kernels not switched off): kivi with key group 32 and a
-        residual window; int and nf (any window: their tokens leave it one at a time, a "flush" of one token);
+        device; fixed capacities from ``max_tokens``; kernels not switched off): kivi with a group the kernels take
+        (a power of two >= 16) and a residual window; int and nf (any window: their tokens leave it one at a time,
+        a "flush" of one token);
         kvquant whose kernel and fused append hold the layer exactly, with no residual window."""
         m = self.method
         if self.use_kernel is False or self.max_tokens is None:
             return False
         if m.name == "kivi":
-            return m.group == 32 and m.residual >= 1 and not m.keys_pre_rope
+            from kvq_kernels.reference import kivi_group_supported
+
+            return kivi_group_supported(m.group) and m.residual >= 1 and not m.keys_pre_rope
         if m.name in ("int", "nf"):  # one token leaves the window per step ("flush"; no window: at once)
             return True
         from .kernel_path import kvquant_refusal

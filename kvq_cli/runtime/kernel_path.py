@@ -8,8 +8,9 @@ layer's configuration exactly; ``KVQLayer.attend`` falls back to the blockwise P
   ``SparseRows`` go to the kernel as they are), one codebook per layer (not ``head_codebooks``), per-head value
   ranges (not ``token_scales``), a RoPE without attention scaling (the kernels rotate with the model's own
   ``inv_freq``, passed to them);
-* kivi: ``group == 32`` (the kernel's key group; value groups ``min(32, D)`` then match); keys and values
-  leave the residual window together, a group at a time, so their counts always agree.
+* kivi: a group that is a power of two >= 16 (tokens per key group; value groups ``min(group, D)`` channels, as
+  the method stores them); keys and values leave the residual window together, a group at a time, so their
+  counts always agree.
 * int, nf: every configuration (2/3/4-bit packed codes, int's 8-bit codes as bytes; one fp16 scale, and for int
   a zero, per token-head vector; nf's codebook from the method, ``NormalFloat.levels``); keys post-RoPE.
 
@@ -174,26 +175,24 @@ def _kernel_cache(layer):
     kf, vf = ks.packed.fields, vs.packed.fields
     if not _same_layout(kf["codes"].buf, vf["codes"].buf, vf["scale"].buf, vf["zero"].buf):
         return None, "key and value buffers of different capacities"
-    b, h = kf["codes"].buf.shape[:2]
     if m.name == "kvquant":
         why = kvquant_refusal(layer)
         if why:
             return None, why
-        rope = layer.rope
-        state, cap = layer.state(), kf["codes"].buf.shape[2]
-        no_idx = torch.empty(b, h, cap, 0, dtype=torch.int16, device=kf["codes"].buf.device)
-        no_val = torch.empty(b, h, cap, 0, dtype=torch.float16, device=kf["codes"].buf.device)
+        rope, state = layer.rope, layer.state()
         return KVQuantCache(
-            k_packed=kf["codes"].buf, k_oidx=no_idx, k_oval=no_val, v_packed=vf["codes"].buf,
-            v_min=vf["zero"].buf.squeeze(-1), v_scale=vf["scale"].buf.squeeze(-1), v_oidx=no_idx, v_oval=no_val,
-            lo=state["key_lo"], hi=state["key_hi"], ck=state["key_codebook"], cv=state["value_codebook"],
+            k_packed=kf["codes"].buf, v_packed=vf["codes"].buf, v_min=vf["zero"].buf.squeeze(-1),
+            v_scale=vf["scale"].buf.squeeze(-1), lo=state["key_lo"], hi=state["key_hi"], ck=state["key_codebook"],
+            cv=state["value_codebook"],
             bits_k=m.bits, bits_v=m.bits, rope_theta=layer.rope_theta, inv_freq=rope.inv_freq.float(),
             k_sparse=ks.packed.outliers, v_sparse=vs.packed.outliers, **seg), None
-    if m.group != 32:
-        return None, f"kivi with group {m.group} (the kernel takes key groups of 32)"
+    from kvq_kernels.reference import kivi_group_supported
+
+    if not kivi_group_supported(m.group):
+        return None, f"kivi with group {m.group} (the kernels take groups that are powers of two >= 16)"
     return KIVICache(k_packed=kf["codes"].buf, k_scale=kf["scale"].buf, k_zero=kf["zero"].buf,
                      v_packed=vf["codes"].buf, v_scale=vf["scale"].buf, v_zero=vf["zero"].buf, bits=m.bits,
-                     **seg), None
+                     group=m.group, **seg), None
 
 
 def reference_reason(layer) -> str | None:
