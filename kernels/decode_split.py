@@ -220,6 +220,14 @@ def _counts(LENS, n_packed, n_res, tokens_per_split, NSP, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def _split_range(LENS, n_packed, n_res, tokens_per_split, NSP, sp, BLOCK_N: tl.constexpr, DYN: tl.constexpr):
+    """-> packed tokens, residual tokens, and split ``sp``'s packed range ``[start, end)`` (``_counts``)."""
+    npk, nrs, per = _counts(LENS, n_packed, n_res, tokens_per_split, NSP, BLOCK_N, DYN)
+    start = sp * per
+    return npk, nrs, start, tl.minimum(start + per, npk)
+
+
+@triton.jit
 def split_tokens(npk, NSP, BLOCK_N: tl.constexpr):
     """Packed tokens per split when the kernel plans the split itself (``DYN``)."""
     return tl.cdiv(tl.cdiv(npk, BLOCK_N), NSP - 1) * BLOCK_N
@@ -325,9 +333,7 @@ def _kvquant_split_kernel(
     m, l, pm, acc1, acc2 = _init_state(MR, BLOCK_N, HALF, 1, DOT)
     qrow0 = b.to(tl.int64) * H * G + hq0  # first query row of the program in DS / SS
     FOLD: tl.constexpr = not DOT  # one row: accumulate (p hs) x per element and p mn per token
-    npk, nrs, per = _counts(LENS, n_packed, n_res, tokens_per_split, NSP, BLOCK_N, DYN)
-    start = sp * per
-    end = tl.minimum(start + per, npk)
+    npk, nrs, start, end = _split_range(LENS, n_packed, n_res, tokens_per_split, NSP, sp, BLOCK_N, DYN)
     bh = (b * H + h).to(tl.int64)
     for t0 in range(start, end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
@@ -412,9 +418,7 @@ def _kivi_split_kernel(
     cg = tl.arange(0, NVG)
     q1, q2 = _load_query(Q, sqb, sqh, b, hq0, qk_scale, QPP, MR, D)
     m, l, pm, acc1, acc2 = _init_state(MR, BLOCK_N, HALF, NVG, DOT)
-    npk, nrs, per = _counts(LENS, n_packed, n_res, tokens_per_split, NSP, BLOCK_N, DYN)
-    start = sp * per
-    end = tl.minimum(start + per, npk)
+    npk, nrs, start, end = _split_range(LENS, n_packed, n_res, tokens_per_split, NSP, sp, BLOCK_N, DYN)
     bh = (b * H + h).to(tl.int64)
     for t0 in range(start, end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)

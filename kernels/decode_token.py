@@ -29,7 +29,6 @@ from .decode_attention import _finish, _launch_plan
 from .decode_split import (
     _accumulate,
     _codes,
-    _counts,
     _fp16_segment,
     _init_state,
     _load_query,
@@ -38,6 +37,7 @@ from .decode_split import (
     _program_ids,
     _scores,
     _softmax,
+    _split_range,
     _store_partial,
 )
 from .token_reference import TokenCache, check_token_bits
@@ -87,9 +87,7 @@ def _token_split_kernel(
     else:
         qsum = tl.sum(tl.sum(q1 + q2, axis=1), axis=0)
     m, l, pm, acc1, acc2 = _init_state(MR, BLOCK_N, HALF, 1, DOT)
-    npk, nrs, per = _counts(LENS, n_packed, n_res, tokens_per_split, NSP, BLOCK_N, DYN)
-    start = sp * per
-    end = tl.minimum(start + per, npk)
+    npk, nrs, start, end = _split_range(LENS, n_packed, n_res, tokens_per_split, NSP, sp, BLOCK_N, DYN)
     bh = (b * H + h).to(tl.int64)
     for t0 in range(start, end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
