@@ -193,10 +193,13 @@ def calibrate(
     progress: Progress = _no_progress,
     device_map: str | None = None,
     trust_remote_code: bool = False,
+    avg_bits_budget: float | None = None,
 ) -> dict[str, Any]:
     """Fit ``method`` on calibration text and write its artifact to ``out`` (atomically).
 
     Tuning-free methods get a configuration-only artifact without loading the model's weights.
+    ``avg_bits_budget`` (kvquant only): key and value widths 1-4 per layer chosen to minimize the Fisher-weighted error
+    within that many average bits at ``seqlen`` tokens (``calibration.allocate``), recorded in the artifact.
     """
     from .calibration.capture import capture, sample_windows
 
@@ -214,6 +217,8 @@ def calibrate(
     geom = geometry_from_config(supported_config(source))
     if method.needs_calibration and geom.max_positions and seqlen > geom.max_positions:
         raise KvqError(f"--seqlen {seqlen} is beyond the model's {geom.max_positions} positions")
+    if avg_bits_budget is not None:
+        _check_budget(method, geom, seqlen, avg_bits_budget)
     start = time.perf_counter()
     calibration: dict[str, Any] = {"dataset": dataset, "samples": samples, "seqlen": seqlen, "seed": seed}
     states: list = [{} for _ in range(geom.layers)]
@@ -228,11 +233,17 @@ def calibrate(
         net, first = load_net(source, resolve_dtype(dtype, device), device, device_map)
         stats = capture(net, windows_.to(first), method, max_tokens, seed, progress("capture", samples))
         del net
-        advance = progress("fit", geom.layers)
-        states = []
-        for layer in stats:
-            states.append({k: v.cpu() for k, v in method.fit(layer).items()})
-            advance(1)
+        if avg_bits_budget is not None:
+            from .calibration.allocate import allocate, error_curves
+
+            errors, fits = error_curves(method, stats, progress("fit 1-4 bits", geom.layers))
+            method, states, calibration["allocation"] = allocate(method, errors, fits, geom, seqlen, avg_bits_budget)
+        else:
+            advance = progress("fit", geom.layers)
+            states = []
+            for i, layer in enumerate(stats):
+                states.append({k: v.cpu() for k, v in method.for_layer(i).fit(layer).items()})
+                advance(1)
         calibration["tokens"] = stats[0].tokens
     else:
         calibration = {"dataset": None, "note": "tuning-free: configuration only"}
@@ -250,6 +261,25 @@ def calibrate(
         "avg_bits_tokens": seqlen,
         "calibration": calibration,
     }
+
+
+def _check_budget(method: KVMethod, geom: KVGeometry, seqlen: int, budget: float) -> None:
+    """``--avg-bits`` before any model loads: kvquant without layer_bits, global layers only, a reachable budget."""
+    import math
+
+    from .calibration.allocate import least_avg_bits
+
+    if method.name != "kvquant" or getattr(method, "layer_bits", ""):
+        raise KvqError(f"--avg-bits chooses kvquant's widths per layer; {method.label} does not take it")
+    if not math.isfinite(budget) or not 1 <= budget <= 16:
+        raise KvqError(f"--avg-bits is a number of bits in [1, 16], not {budget:g}")
+    if geom.windows and any(w is not None for w in geom.windows):
+        raise KvqError("--avg-bits: models with sliding-window layers are not supported yet (their fp16 rings count "
+                       "in the average but take no width)")
+    least = least_avg_bits(method, geom, seqlen)
+    if budget < least:
+        raise KvqError(f"--avg-bits {budget:g} is below what {method.label} can hold here (1 bit everywhere: "
+                       f"{least:.3f} bits at {seqlen:,} tokens)")
 
 
 def _device_name(device: str) -> str:

@@ -80,10 +80,19 @@ def check_metadata(meta: dict[str, Any]) -> KVMethod:
 
 def expected_shapes(method: KVMethod, model: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every tensor name of the artifact and its shape, from the method and the fingerprint's geometry."""
-    per_layer = method.state_shapes(model["kv_heads"], model["head_dim"])
-    if per_layer and not method.needs_calibration:
+    layers = _layer_methods(method, model["layers"])
+    per_layer = [m.state_shapes(model["kv_heads"], model["head_dim"]) for m in layers]
+    if per_layer[0] and not method.needs_calibration:
         raise KvqError(f"method {method.name} has no state")  # a bug in a method, not in the file
-    return {f"layers.{i}.{name}": shape for i in range(model["layers"]) for name, shape in per_layer.items()}
+    return {f"layers.{i}.{name}": shape for i, shapes in enumerate(per_layer) for name, shape in shapes.items()}
+
+
+def _layer_methods(method: KVMethod, layers: int) -> list[KVMethod]:
+    """Each layer's configuration (``for_layer``); a method with per-layer widths for another layer count is refused."""
+    widths = getattr(method, "widths", None)
+    if widths is not None and widths() and len(widths()) != layers:
+        raise KvqError(f"metadata field method: layer_bits gives {len(widths())} layers for a model of {layers}")
+    return [method.for_layer(i) for i in range(layers)]
 
 
 def check_names(names: list[str], expected: dict[str, tuple[int, ...]]) -> None:
@@ -131,6 +140,6 @@ def check_values(method: KVMethod, states: list[dict[str, Tensor]]) -> None:
                 raise KvqError(f"tensor layers.{i}.{name} has NaN or infinite entries")
             if t.numel() and t.abs().max().item() > _FP16_MAX:
                 raise KvqError(f"tensor layers.{i}.{name} has entries beyond fp16's range")
-        why = method.check_state(state) if state else None
+        why = method.for_layer(i).check_state(state) if state else None
         if why:
             raise KvqError(f"layer {i}: {why}")

@@ -148,6 +148,7 @@ def calibrate(
     seed: o.Seed = 0,
     max_tokens: Annotated[int, typer.Option(metavar="N", help="Token vectors kept per layer for codebook fitting.")
                           ] = 16384,
+    avg_bits: o.AvgBits = None,
     json_out: o.Json = False,
     defaults: dict[str, Any] | None = None,
     run: dict[str, Any] | None = None,
@@ -162,6 +163,7 @@ def calibrate(
 
         kvq calibrate --method kvquant --bits 3 --outliers 0.01 --data-dir ../shared/data --out kvq3.safetensors
         kvq calibrate --method cq:channels=8,bits=8 --method pq --data-dir ../shared/data --out artifacts/
+        kvq calibrate --method kvquant --outliers 0.01 --avg-bits 2.5 --data-dir ../shared/data --out mix.safetensors
     """
     defaults = {**defaults, **o.default_options(per_channel=per_channel, pre_rope=pre_rope, nuq=nuq, fisher=fisher,
                                                 qnorm=qnorm)}
@@ -184,7 +186,7 @@ def calibrate(
         with progress() as bar:
             result = api.calibrate(
                 spec, path, model=model, dataset=dataset, data_dir=data_dir, samples=samples, seqlen=seqlen,
-                seed=seed, max_tokens=max_tokens, progress=bar.factory, **run,
+                seed=seed, max_tokens=max_tokens, progress=bar.factory, avg_bits_budget=avg_bits, **run,
             )
         results.append(result)
         if not json_out:

@@ -97,6 +97,11 @@ Sink = Annotated[int | None, typer.Option(
     rich_help_panel=_PANEL, metavar="N",
     help="First tokens kept in 16 bits, the attention sink (kvquant and cq default 1).")]
 
+AvgBits = Annotated[float | None, typer.Option(
+    "--avg-bits", metavar="B",
+    help="kvquant: choose key and value widths 1-4 per layer to minimize the Fisher-weighted error within B average "
+         "bits (counted as everywhere in kvq, overheads included, at --seqlen tokens); the artifact records them.")]
+
 # --- data -----------------------------------------------------------------------------------------------------------
 DATASETS = "wikitext2 (test split), wikitext2-valid, shakespeare, war-and-peace, pg19, c4, or a path to a text file"
 Dataset = Annotated[str, typer.Option("--dataset", "-d", metavar="NAME", help=DATASETS + ".")]

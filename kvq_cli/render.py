@@ -69,9 +69,15 @@ def ppl_notes(result: dict[str, Any]) -> list[str]:
 # --- calibrate ------------------------------------------------------------------------------------------------------
 def calibrated(result: dict[str, Any], seqlen: int) -> str:
     cal = result["calibration"]
-    return (f"{result['artifact']}: {result['name']} for {result['model']} ({result['layers']} layers, "
+    line = (f"{result['artifact']}: {result['name']} for {result['model']} ({result['layers']} layers, "
             f"{result['avg_bits']:.2f} avg bits at {seqlen:,} tokens with its 16-bit sink and residual window, as "
             f"every kvq command counts them; {cal['seconds']} s)")
+    alloc = cal.get("allocation")
+    if alloc:
+        widths = " ".join(f"{k}/{v}" for k, v in alloc["widths"])
+        line += (f"\n  widths per layer (keys/values), chosen for at most {alloc['avg_bits_budget']:g} avg bits by "
+                 f"{alloc['criterion']}: {widths}")
+    return line
 
 
 # --- estimate-memory ------------------------------------------------------------------------------------------------

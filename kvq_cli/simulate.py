@@ -2,7 +2,8 @@
 
 Keys are quantized before RoPE (a forward hook on the key projection) when the method asks for it,
 otherwise after RoPE (in kvq's registered attention function); values in the attention function.
-The first ``method.sink`` tokens stay in full precision. Residual windows need the runtime's
+The first ``method.sink`` tokens stay in full precision. Each layer runs ``method.for_layer(i)`` (its own bit widths
+where the method has them). Residual windows need the runtime's
 streaming mode and are not simulated here. Sliding-window layers stay in full precision, as the runtime keeps them
 (``runtime.window``: an fp16 ring of their last ``window`` tokens).
 """
@@ -39,30 +40,34 @@ def simulated(model: nn.Module, method: KVMethod, states: list[State] | None) ->
     windows = layer_windows(model.config)
     handles = []
     sink = method.sink
+    methods = [method.for_layer(i) for i in range(len(layers))]
 
     if method.keys_pre_rope:
-        for attn, state, window in zip(layers, states, windows, strict=True):
+        for attn, state, window, m in zip(layers, states, windows, methods, strict=True):
             if window is not None:
                 continue
 
-            def pre_hook(out, heads, state=state):
-                return _quantize_tail(heads(out), sink, lambda t: method.fake_quant_keys(t, state))  # (B, H, T, D)
+            def pre_hook(out, heads, state=state, m=m):
+                return _quantize_tail(heads(out), sink, lambda t: m.fake_quant_keys(t, state))  # (B, H, T, D)
 
             handles += pre_rope_hooks(attn, pre_hook)
 
-    def transform(module, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        state = module._kvq_state
-        if state is None:  # a sliding-window layer: full precision
+    def transform_for(m: KVMethod):
+        def transform(module, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+            state = module._kvq_state
+            if state is None:  # a sliding-window layer: full precision
+                return key, value
+            if not m.keys_pre_rope:
+                key = _quantize_tail(key, sink, lambda t: m.fake_quant_keys(t, state))
+            value = _quantize_tail(value, sink, lambda t: m.fake_quant_values(t, state))
             return key, value
-        if not method.keys_pre_rope:
-            key = _quantize_tail(key, sink, lambda t: method.fake_quant_keys(t, state))
-        value = _quantize_tail(value, sink, lambda t: method.fake_quant_values(t, state))
-        return key, value
+
+        return transform
 
     states = [None if w is not None else s for s, w in zip(states, windows, strict=True)]
     try:
         with kvq_attention(model), attached(layers, "_kvq_state", states), attached(
-            layers, "_kvq_transform", [transform] * len(layers)
+            layers, "_kvq_transform", [transform_for(m) for m in methods]
         ):
             yield
     finally:

@@ -103,7 +103,7 @@ def _hostile_metadata(meta: dict, tensors: dict) -> list[tuple[dict, dict]]:
     out = []
     for key, kind in kinds.items():
         for bad in BAD[kind]:
-            if key in ("bits", "sink") and bad == 1:
+            if (key in ("bits", "sink") and bad == 1) or (key == "layer_bits" and bad == ""):  # valid values
                 continue
             out.append({**meta, "method": {**meta["method"], key: bad}})
         out.append({**meta, "method": {k: v for k, v in meta["method"].items() if k != key} | {key: None}})

@@ -102,6 +102,15 @@ class KVMethod:
         """Whether keys are quantized before the rotary embedding."""
         return False
 
+    def for_layer(self, index: int) -> KVMethod:
+        """The configuration layer ``index`` runs: itself, unless the method gives layers their own bit widths
+        (kvquant from ``kvq calibrate --avg-bits``)."""
+        return self
+
+    def stream_bits(self, is_key: bool) -> int:
+        """Code width of the key (``is_key``) or value stream: ``bits`` unless the method sets them apart."""
+        return self.bits
+
     @property
     def outlier_streams(self) -> int:
         """How many of K and V keep sparse outliers (each adds row pointers: ``outlier_pointer_bits``)."""

@@ -11,12 +11,19 @@ off for ablations. The first ``sink`` tokens stay in fp16 (handled by the caller
 
 With ``head_codebooks`` (not in the paper; off by default) each KV head gets its own codebooks.
 
+Mixed widths (not in the paper): ``value_bits`` gives values their own width (0: ``bits``); ``layer_bits`` gives each
+layer its key and value widths, two digits per layer joined by dashes (``"32-43-22"``: layer 0 keys 3 bits, values
+2...), as ``kvq calibrate --avg-bits`` chooses them (``calibration.allocate``); ``bits`` is then the widest of them
+and ``for_layer(i)`` the configuration layer ``i`` runs.
+
 Layer state: ``key_codebook``, ``value_codebook`` ``(2^bits,)`` (``(H, 2^bits)`` per head) sorted in [-1, 1]; with
 ``per_channel`` also ``key_lo``, ``key_hi`` ``(H, D)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass
 
 import torch
@@ -73,9 +80,21 @@ class KVQuant(KVMethod):
     seed: int = 0
     head_codebooks: bool = False
     token_scales: bool = False
+    value_bits: int = 0
+    layer_bits: str = ""
 
     def validate(self) -> None:
         super().validate()
+        if self.value_bits and self.value_bits not in self.supported_bits:
+            raise KvqError(f"kvquant value_bits is 0 (= bits) or one of {list(self.supported_bits)}, not "
+                           f"{self.value_bits}")
+        if self.layer_bits:
+            if not re.fullmatch(r"[1-4]{2}(-[1-4]{2})*", self.layer_bits):
+                raise KvqError("kvquant layer_bits is two digits 1-4 per layer (key, value) joined by dashes, e.g. "
+                               f"32-43-22, not {self.layer_bits[:40]!r}")
+            widest = max(int(c) for c in self.layer_bits if c != "-")
+            if self.bits != widest or self.value_bits:
+                raise KvqError(f"kvquant with layer_bits takes bits = its widest width ({widest}) and no value_bits")
         if not 0.0 <= self.outliers <= 0.1:
             raise KvqError(f"kvquant --outliers is a fraction in [0, 0.1] (0.01 = 1%), not {self.outliers}")
         if self.kmeans_iters < 1:
@@ -86,9 +105,31 @@ class KVQuant(KVMethod):
         """Fisher information is used only by the weighted k-means of NUQ."""
         return self.nuq and self.fisher
 
+    def widths(self) -> list[tuple[int, int]]:
+        """``(key bits, value bits)`` per layer from ``layer_bits`` (``[]`` without it)."""
+        return [(int(p[0]), int(p[1])) for p in self.layer_bits.split("-")] if self.layer_bits else []
+
+    def for_layer(self, index: int) -> KVQuant:
+        if not self.layer_bits:
+            return self
+        widths = self.widths()
+        if not 0 <= index < len(widths):
+            raise KvqError(f"kvquant layer_bits gives {len(widths)} layers, not layer {index}")
+        k, v = widths[index]
+        return dataclasses.replace(self, bits=k, value_bits=v, layer_bits="")
+
+    def stream_bits(self, is_key: bool) -> int:
+        return self.bits if is_key or not self.value_bits else self.value_bits
+
     @property
     def label(self) -> str:
-        parts = [f"kvquant-{self.bits}b"]
+        if self.layer_bits:
+            mean = sum(k + v for k, v in self.widths()) / (2 * len(self.widths()))
+            parts = [f"kvquant-mix{mean:.3g}b"]
+        elif self.value_bits and self.value_bits != self.bits:
+            parts = [f"kvquant-k{self.bits}v{self.value_bits}b"]
+        else:
+            parts = [f"kvquant-{self.bits}b"]
         if self.outliers > 0:
             parts.append(f"{self.outliers * 100:g}%")
         if not self.pre_rope:
@@ -99,6 +140,8 @@ class KVQuant(KVMethod):
             parts.append("head-cb")
         if self.token_scales:
             parts.append("token-scales")
+        if self.residual:
+            parts.append(f"r{self.residual}")
         if not self.nuq:
             parts.append("uniform")
         else:
@@ -117,6 +160,8 @@ class KVQuant(KVMethod):
     # ---- calibration ---------------------------------------------------------------------------
     def fit(self, calib: LayerCalibration) -> State:
         """Thresholds (per-channel keys) and the K and V codebooks from ``(N, H, D)`` calibration samples."""
+        if self.layer_bits:
+            raise KvqError("kvquant with layer_bits is fitted layer by layer: call for_layer(i).fit")
         keys, values = as_float(calib.keys), as_float(calib.values)
         state: State = {}
         if self.per_channel:
@@ -130,21 +175,22 @@ class KVQuant(KVMethod):
             mask = (keys < state["key_lo"]) | (keys > state["key_hi"]) if self.outliers > 0 else None
         else:
             y, mask = self._normalize_samples(keys)
-        state["key_codebook"] = self._fit_codebook(y, mask, calib.key_fisher)
+        state["key_codebook"] = self._fit_codebook(y, mask, calib.key_fisher, self.stream_bits(True))
         y, mask = self._normalize_samples(values)
-        state["value_codebook"] = self._fit_codebook(y, mask, calib.value_fisher)
+        state["value_codebook"] = self._fit_codebook(y, mask, calib.value_fisher, self.stream_bits(False))
         return state
 
-    def _fit_codebook(self, y: Tensor, mask: Tensor | None, fisher: Tensor | None) -> Tensor:
+    def _fit_codebook(self, y: Tensor, mask: Tensor | None, fisher: Tensor | None, bits: int) -> Tensor:
         """``(2^bits,)`` codebook (``(H, 2^bits)`` with head_codebooks) from normalized ``y (N, H, D)``."""
         if not self.nuq:
-            return uniform_codebook(self.bits).to(y.device)
+            return uniform_codebook(bits).to(y.device)
         if self.head_codebooks:
             part = (lambda t, h: None if t is None else t[:, h : h + 1])  # noqa: E731 - (N, 1, D)
-            return torch.stack([self._fit_one(part(y, h), part(mask, h), part(fisher, h)) for h in range(y.shape[1])])
-        return self._fit_one(y, mask, fisher)
+            return torch.stack([self._fit_one(part(y, h), part(mask, h), part(fisher, h), bits)
+                                for h in range(y.shape[1])])
+        return self._fit_one(y, mask, fisher, bits)
 
-    def _fit_one(self, y: Tensor, mask: Tensor | None, fisher: Tensor | None) -> Tensor:
+    def _fit_one(self, y: Tensor, mask: Tensor | None, fisher: Tensor | None, bits: int) -> Tensor:
         """One ``(2^bits,)`` codebook from the normalized entries ``y`` (outliers in ``mask`` dropped)."""
         if self.fisher and fisher is None:
             raise KvqError("kvquant with fisher=True needs Fisher information in the calibration (or fisher=False)")
@@ -155,7 +201,7 @@ class KVQuant(KVMethod):
             gen = torch.Generator().manual_seed(self.seed)  # CPU draws: the same subsample on every device
             sub = torch.randperm(pts.numel(), generator=gen)[:MAX_KMEANS_POINTS].to(pts.device)
             pts, w = pts[sub], None if w is None else w[sub]
-        c = weighted_kmeans(pts, 1 << self.bits, w, iters=self.kmeans_iters, seed=self.seed)  # (2^bits,)
+        c = weighted_kmeans(pts, 1 << bits, w, iters=self.kmeans_iters, seed=self.seed)  # (2^bits,)
         if self.qnorm:
             c = q_norm(c, pts, w)
         return c.half().float().sort().values
@@ -220,8 +266,10 @@ class KVQuant(KVMethod):
 
     # ---- artifact checks -----------------------------------------------------------------------
     def state_shapes(self, kv_heads: int, head_dim: int) -> dict[str, tuple[int, ...]]:
-        book = (kv_heads, 1 << self.bits) if self.head_codebooks and self.nuq else (1 << self.bits,)
-        shapes = {"key_codebook": book, "value_codebook": book}
+        """One layer's tensors (with ``layer_bits``: ask ``for_layer(i)``; each layer has its own widths)."""
+        heads = (kv_heads,) if self.head_codebooks and self.nuq else ()
+        shapes = {"key_codebook": (*heads, 1 << self.stream_bits(True)),
+                  "value_codebook": (*heads, 1 << self.stream_bits(False))}
         if self.per_channel:
             shapes.update(key_lo=(kv_heads, head_dim), key_hi=(kv_heads, head_dim))
         return shapes
@@ -236,17 +284,34 @@ class KVQuant(KVMethod):
         return None
 
     # ---- bit accounting ------------------------------------------------------------------------
-    def encoded_bits(self, enc: Encoded) -> int:
-        return packed_bits(enc, self.bits)
+    def encoded_bits(self, enc: Encoded, is_key: bool = True) -> int:
+        """``KVMethod.encoded_bits`` of a key (``is_key``) or value encoding (their widths may differ)."""
+        return packed_bits(enc, self.stream_bits(is_key))
+
+    def _mean_over_layers(self, fn) -> float:
+        """With ``layer_bits``: the mean of ``fn(for_layer(i))`` over layers (the accounting counts layers alike)."""
+        layers = [self.for_layer(i) for i in range(len(self.widths()))]
+        return sum(fn(m) for m in layers) / len(layers)
 
     def state_bits_estimate(self, kv_heads: int, head_dim: int) -> int:
-        """Two ``2^bits`` codebooks (per head with head_codebooks), plus ``key_lo``/``key_hi`` ``(H, D)``, in fp16."""
-        books = 2 * (1 << self.bits) * (kv_heads if self.head_codebooks and self.nuq else 1)
+        """The K and V codebooks (``2^bits`` each, per head with head_codebooks), plus ``key_lo``/``key_hi``
+        ``(H, D)``, in fp16 (with ``layer_bits``: the mean over layers, rounded)."""
+        if self.layer_bits:
+            return round(self._mean_over_layers(lambda m: m.state_bits_estimate(kv_heads, head_dim)))
+        books = sum(1 << self.stream_bits(s) for s in (True, False)) * (
+            kv_heads if self.head_codebooks and self.nuq else 1)
         return FP16_BITS * (books + (2 * kv_heads * head_dim if self.per_channel else 0))
 
     def bits_per_token(self, kv_heads: int, head_dim: int) -> float:
+        """Keys and values of one token in one layer (with ``layer_bits``: the mean over layers)."""
+        if self.layer_bits:
+            return self._mean_over_layers(lambda m: m.bits_per_token(kv_heads, head_dim))
         token_outliers = 2 * outliers_per_side(self.outliers, kv_heads * head_dim) * OUTLIER_BITS
         scales = 2 * FP16_BITS * (1 if self.token_scales else kv_heads)  # one scale + zero per token or per head
-        per_token = kv_heads * head_dim * self.bits + scales + token_outliers  # codes, scale, zero, outliers
-        key = kv_heads * head_dim * (self.bits + self.outliers * OUTLIER_BITS) if self.per_channel else per_token
-        return float(key + per_token)
+
+        def per_token(bits: int) -> float:  # codes, scale, zero, outliers
+            return kv_heads * head_dim * bits + scales + token_outliers
+
+        kb = self.stream_bits(True)
+        key = kv_heads * head_dim * (kb + self.outliers * OUTLIER_BITS) if self.per_channel else per_token(kb)
+        return float(key + per_token(self.stream_bits(False)))

@@ -39,8 +39,10 @@ def get_method_class(name: str) -> type[KVMethod]:
 BOUNDS: dict[str, tuple[float, float]] = {
     "sink": (0, 1 << 20), "residual": (0, 1 << 20), "group": (1, 1024), "kmeans_iters": (1, 10_000),
     "seed": (0, 2**32 - 1), "max_samples": (1, 1 << 24), "channels": (1, 256), "subspaces": (0, 4096),
-    "bits": (1, 16), "outliers": (0.0, 0.1),
+    "bits": (1, 16), "outliers": (0.0, 0.1), "value_bits": (0, 16),
 }
+#: Longest text option (kvquant's ``layer_bits``: two digits and a dash per layer).
+MAX_TEXT = 3 * 4096
 
 
 def _field_types(cls: type[KVMethod]) -> dict[str, type]:
@@ -49,9 +51,13 @@ def _field_types(cls: type[KVMethod]) -> dict[str, type]:
 
 
 def check_option(name: str, key: str, value: Any, kind: type) -> Any:
-    """``value`` as an option ``key`` of method ``name`` of type ``kind`` (bool, int or float) within ``BOUNDS``;
-    ``KvqError`` otherwise. Booleans are never numbers, floats never ints, and numbers are finite."""
+    """``value`` as an option ``key`` of method ``name`` of type ``kind`` (bool, int, float or str) within
+    ``BOUNDS``; ``KvqError`` otherwise. Booleans are never numbers, floats never ints, and numbers are finite."""
     where = f"method {name} option {key}"
+    if kind is str:
+        if not isinstance(value, str) or len(value) > MAX_TEXT:
+            raise KvqError(f"{where} is a text of at most {MAX_TEXT} characters, not {str(value)[:40]!r}")
+        return value
     if kind is bool:
         if not isinstance(value, bool):
             raise KvqError(f"{where} is true or false, not {value!r}")
@@ -134,6 +140,8 @@ def _parse_value(name: str, key: str, text: str, kind: type) -> Any:
     low = text.lower()
     if kind is bool and low in ("true", "yes", "on", "1", "false", "no", "off", "0"):
         return low in ("true", "yes", "on", "1")
+    if kind is str:
+        return text
     try:
         if kind is int and low.lstrip("+-").isdigit() and len(low) <= 20:
             return int(low)

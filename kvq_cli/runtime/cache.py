@@ -296,10 +296,13 @@ def check_runtime(method: KVMethod, geom: KVGeometry) -> None:
         raise KvqError(f"the runtime cache supports {', '.join(SUPPORTED)}, not {method.name}")
     if method.name in VECTOR_CODES:
         method.bits_per_token(geom.kv_heads, geom.head_dim)  # KvqError when c / M does not divide head_dim
-    elif method.bits <= 4:
-        method.bits_per_token(geom.kv_heads, geom.head_dim)  # KvqError for a head_dim the method refuses (turbo)
+        return
+    method.bits_per_token(geom.kv_heads, geom.head_dim)  # KvqError for a head_dim the method refuses (turbo)
+    layers = [method.for_layer(i) for i in range(geom.layers)]  # each layer's own widths (kvquant --avg-bits)
+    for bits in sorted({m.stream_bits(s) for m in layers for s in (True, False)}):
         try:
-            check_packing(geom.head_dim, method.bits)
+            if bits <= 4:
+                check_packing(geom.head_dim, bits)
         except ValueError as exc:
             raise KvqError(f"the packed cache cannot hold this model's keys: {exc}") from None
 
@@ -344,8 +347,8 @@ def load_cache(artifact_or_path, model: nn.Module, batch_size: int = 1, max_toke
         if windows[i] is not None:
             layer = WindowLayer(i, batch_size, windows[i], max_tokens)
         else:  # its state (and, as its tokens arrive, its packed cache) on the layer's device (--device-map)
-            layer = KVQLayer(method, _fp16_state(s, layer_device(attn)), i, batch_size, max_tokens, ropes[i], block,
-                             kernel_layout=pow2)
+            layer = KVQLayer(method.for_layer(i), _fp16_state(s, layer_device(attn)), i, batch_size, max_tokens,
+                             ropes[i], block, kernel_layout=pow2)
             theta = geom.rope_theta
             layer.rope_theta = theta.get(types[i], next(iter(theta.values()))) if isinstance(theta, dict) else theta
             layer.decode_block, layer.prefill_block = max(layer.block, decode_block), prefill_block

@@ -22,13 +22,14 @@ class FusedAppend:
 
     def __init__(self, method: KVMethod, is_key: bool):
         self.method, self.per_channel = method, is_key and method.per_channel
+        self.bits = method.stream_bits(is_key)  # this stream's code width (kvquant's values may have their own)
         self.codebook = "key_codebook" if is_key else "value_codebook"
         self._mids: tuple[Tensor, Tensor] | None = None
 
     @staticmethod
     def applies(method: KVMethod, is_key: bool) -> bool:
         """Whether the kernel represents ``method``'s encoding of this stream exactly."""
-        if method.name != "kvquant" or method.head_codebooks or not 1 <= method.bits <= 4:
+        if method.name != "kvquant" or method.head_codebooks or not 1 <= method.stream_bits(is_key) <= 4:
             return False
         return (is_key and method.per_channel) or not method.token_scales
 
@@ -64,7 +65,7 @@ class FusedAppend:
         extra = (dict(lo=state["key_lo"], hi=state["key_hi"]) if self.per_channel else
                  dict(scale=f["scale"].buf, zero=f["zero"].buf, n_out=n_out))
         rows = store.outliers if m.outliers > 0 else None
-        append_kvquant(x, f["codes"].buf, store.n, self.mids(state), m.bits, rows=rows, at=at, **extra)
+        append_kvquant(x, f["codes"].buf, store.n, self.mids(state), self.bits, rows=rows, at=at, **extra)
 
     def __call__(self, store: PackedStore, x: Tensor, state: State) -> None:
         from kvq_kernels.append import append_kvquant
@@ -72,7 +73,7 @@ class FusedAppend:
 
         b, h, t, d = x.shape
         m = self.method
-        fields = {"codes": (packed_bytes(d, m.bits), torch.uint8)}
+        fields = {"codes": (packed_bytes(d, self.bits), torch.uint8)}
         if not self.per_channel:
             fields |= {"scale": (1, torch.float16), "zero": (1, torch.float16)}
         n = store.n
@@ -84,7 +85,7 @@ class FusedAppend:
             rows.reserve(t, self.per_token(d, h))
         extra = (dict(lo=state["key_lo"], hi=state["key_hi"]) if self.per_channel else
                  dict(scale=bufs["scale"], zero=bufs["zero"], n_out=n_out))
-        append_kvquant(x, bufs["codes"], n, self.mids(state), m.bits, rows=rows, **extra)
+        append_kvquant(x, bufs["codes"], n, self.mids(state), self.bits, rows=rows, **extra)
         if rows is not None:
             rows.advance(t)
         store.n += t

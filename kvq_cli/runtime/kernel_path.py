@@ -142,6 +142,9 @@ def kvquant_refusal(layer) -> str | None:
         return "kvquant with per-token or post-RoPE keys (the kernel takes per-channel pre-RoPE keys)"
     if any(layer.state16[name].dim() != 1 for name in ("key_codebook", "value_codebook")):
         return "kvquant with per-head codebooks (the kernels take one codebook per layer)"
+    if m.stream_bits(False) != m.bits:
+        return (f"kvquant with {m.bits}-bit keys and {m.stream_bits(False)}-bit values in one layer (the kernel path "
+                "passes one width)")
     return layer_refusal(layer) or rope_refusal(layer)
 
 

@@ -161,7 +161,7 @@ class PackedStore:
         return -(-self.capacity // self._per(name))
 
     def _pack(self, codes: Tensor) -> Tensor:
-        bits = self.method.bits
+        bits = self.method.stream_bits(self.is_key)
         if self.vector:  # cq / pq: int16 codes (B, H, T, n) -> bit-stream rows (B, H, T, ceil(n * bits / 8))
             from kvq_kernels.vq_reference import pack_vq_codes
 
@@ -171,7 +171,7 @@ class PackedStore:
         return pack_any(codes, bits)  # (B, H, T, D * bits / 8)
 
     def _unpack(self, packed: Tensor) -> Tensor:
-        bits = self.method.bits
+        bits = self.method.stream_bits(self.is_key)
         if self.vector:
             from kvq_kernels.vq_reference import unpack_vq_codes
 

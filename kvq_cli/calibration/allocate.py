@@ -1,0 +1,114 @@
+"""Bit widths per layer, keys and values apart, under an average-bits budget (``kvq calibrate --avg-bits``).
+
+For every layer and every width ``b`` in 1-4, kvquant is fitted at ``b`` bits on the layer's calibration samples and
+the *error curve* measured on those same samples: the Fisher-weighted squared error ``sum F (x - Q_b(x))^2`` of the
+keys and of the values apart (plain squared error with ``fisher=False``), which approximates the loss increase that
+quantizing the stream adds (the diagonal-Fisher second-order term). A dynamic program over the 2L streams then picks
+one width per stream minimizing the summed error at each total code width; the widest total whose configuration the
+accounting (``accounting.avg_bits``, at the calibration's ``seqlen``: codes, scales, outliers and their pointers,
+codebooks, thresholds, the 16-bit sink and residual window) holds within the budget wins. Every width step costs each
+stream the same ``H * D`` bits per token, so the total code width orders the candidates by cost up to the codebooks
+(at most ``16 * 2^4`` bits a stream), which the exact check settles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..accounting import avg_bits
+from ..errors import KvqError
+from ..methods.base import KVMethod, LayerCalibration, State
+
+WIDTHS = (1, 2, 3, 4)
+
+
+def _uniform(method: KVMethod, bits: int) -> KVMethod:
+    return dataclasses.replace(method, bits=bits, value_bits=0, layer_bits="")
+
+
+def mixed(method: KVMethod, widths: list[tuple[int, int]]) -> KVMethod:
+    """``method`` with ``(key bits, value bits)`` per layer (``layer_bits``; ``bits`` the widest)."""
+    text = "-".join(f"{k}{v}" for k, v in widths)
+    return dataclasses.replace(method, bits=max(max(w) for w in widths), value_bits=0, layer_bits=text)
+
+
+def _weighted_error(x: Tensor, xq: Tensor, fisher: Tensor | None) -> float:
+    d = (xq - x).square()
+    return float((d * fisher if fisher is not None else d).double().sum())
+
+
+def error_curves(method: KVMethod, stats: list[LayerCalibration], progress: Callable[[int], None] | None = None
+                 ) -> tuple[Tensor, list[dict[int, State]]]:
+    """Errors ``(L, 2, 4)`` float64 (layer, keys/values, width 1-4) and each layer's state fitted at each width."""
+    errors = torch.zeros(len(stats), 2, len(WIDTHS), dtype=torch.float64)
+    states: list[dict[int, State]] = []
+    for i, calib in enumerate(stats):
+        def seq(x: Tensor | None) -> Tensor | None:  # (N, H, D) -> (1, H, N, D), as the cache sees a sequence
+            return None if x is None else x.float().transpose(0, 1)[None]
+
+        keys, values = seq(calib.keys), seq(calib.values)
+        kf, vf = (seq(f) if method.fisher else None for f in (calib.key_fisher, calib.value_fisher))
+        per_width: dict[int, State] = {}
+        for j, bits in enumerate(WIDTHS):
+            m = _uniform(method, bits)
+            state = m.fit(calib)
+            errors[i, 0, j] = _weighted_error(keys, m.fake_quant_keys(keys, state), kf)
+            errors[i, 1, j] = _weighted_error(values, m.fake_quant_values(values, state), vf)
+            per_width[bits] = {k: v.cpu() for k, v in state.items()}
+        states.append(per_width)
+        if progress:
+            progress(1)
+    return errors, states
+
+
+def _best_by_total(errors: Tensor) -> dict[int, tuple[float, list[int]]]:
+    """For each total width over the ``S = 2L`` streams: the least summed error and the widths that reach it."""
+    streams = errors.reshape(-1, len(WIDTHS))  # (2L, 4): layer 0 keys, layer 0 values, layer 1 keys, ...
+    best: dict[int, tuple[float, list[int]]] = {0: (0.0, [])}
+    for row in streams.tolist():
+        nxt: dict[int, tuple[float, list[int]]] = {}
+        for total, (err, picks) in best.items():
+            for bits, e in zip(WIDTHS, row, strict=True):
+                cand = (err + e, picks + [bits])
+                if total + bits not in nxt or cand[0] < nxt[total + bits][0]:
+                    nxt[total + bits] = cand
+        best = nxt
+    return best
+
+
+def allocate(method: KVMethod, errors: Tensor, states: list[dict[int, State]], geom, seqlen: int, budget: float
+             ) -> tuple[KVMethod, list[State], dict]:
+    """The mixed configuration with the least summed error whose average bits at ``seqlen`` are at most ``budget``:
+    ``(method, per-layer states, a record for the artifact)``."""
+    best = _best_by_total(errors)
+    for total in sorted(best, reverse=True):
+        err, picks = best[total]
+        widths = list(zip(picks[0::2], picks[1::2], strict=True))  # (key, value) per layer
+        chosen = [{"key_lo": s[k]["key_lo"], "key_hi": s[k]["key_hi"], "key_codebook": s[k]["key_codebook"],
+                   "value_codebook": s[v]["value_codebook"]} if "key_lo" in s[k] else
+                  {"key_codebook": s[k]["key_codebook"], "value_codebook": s[v]["value_codebook"]}
+                  for s, (k, v) in zip(states, widths, strict=True)]
+        m = mixed(method, widths)
+        state_bits = sum(m.for_layer(i).state_bits(s) for i, s in enumerate(chosen))
+        bits = avg_bits(m, geom, seqlen, state_bits, with_residual=True)
+        if bits <= budget:
+            uniform = {b: float(errors[:, :, WIDTHS.index(b)].sum()) for b in WIDTHS}
+            record = {"avg_bits_budget": budget, "avg_bits": bits, "at_tokens": seqlen,
+                      "criterion": "fisher-weighted squared error" if method.fisher else "squared error",
+                      "widths": [list(w) for w in widths], "error": err,
+                      "error_uniform": {f"{b}": e for b, e in uniform.items()},
+                      "curves": [[[float(e) for e in row] for row in layer] for layer in errors]}
+            return m, chosen, record
+    raise KvqError(f"--avg-bits {budget:g} is below what kvquant can hold here (1 bit everywhere: "
+                   f"{least_avg_bits(method, geom, seqlen):.3f} bits at {seqlen:,} tokens)")
+
+
+def least_avg_bits(method: KVMethod, geom, seqlen: int) -> float:
+    """Average bits of 1-bit keys and values in every layer, state estimated from the configuration."""
+    m = _uniform(method, 1)
+    return avg_bits(m, geom, seqlen, geom.layers * m.state_bits_estimate(geom.kv_heads, geom.head_dim),
+                    with_residual=True)
