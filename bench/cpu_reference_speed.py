@@ -8,8 +8,9 @@ Each round runs ``kvq generate``'s library function (``kvq_cli.generate.generate
 decoding, timed) on the same haystack prompt for the 16-bit ``DynamicCache`` (the baseline), the calibrated
 ``--artifact`` and each tuning-free ``--method`` (default kivi4), one after the other. A configuration's ratio
 is taken against the baseline of its own round; the table gives the median over rounds (CPU timings on a
-shared machine vary by 2x between minutes: only same-round ratios mean anything). ``--threads`` sets torch's
-intra-op threads (default: torch's own choice).
+shared machine vary by 2x between minutes: only same-round ratios mean anything), the cache's bytes and the
+decoded float K/V that the CPU reference path keeps beside it (``runtime.decoded``, not in the cache's bytes).
+``--threads`` sets torch's intra-op threads (default: torch's own choice).
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def summarize(rounds: list[dict[str, dict]]) -> list[dict]:
     """Per configuration: median tokens/s over rounds and the median of same-round ratios to the baseline."""
     rows = []
     for name in rounds[0]:
-        row = {"name": name, "passkey_correct": [r[name].get("passkey_correct") for r in rounds]}
+        row = {"name": name, "passkey_correct": [r[name].get("passkey_correct") for r in rounds],
+               "cache_bytes": rounds[0][name]["cache_bytes"], "mirror_bytes": rounds[0][name].get("mirror_bytes", 0)}
         for key in SPEEDS:
             row[key] = statistics.median(r[name][key] for r in rounds)
             row[key.replace("tokens_per_s", "ratio")] = statistics.median(
@@ -72,10 +74,12 @@ def summarize(rounds: list[dict[str, dict]]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| configuration | prefill tok/s | x 16-bit | decode tok/s | x 16-bit |", "|---|---:|---:|---:|---:|"]
+    lines = ["| configuration | prefill tok/s | x 16-bit | decode tok/s | x 16-bit | cache MiB | decoded mirror MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['prefill_tokens_per_s']:.1f} | {r['prefill_ratio']:.2f} | "
-                     f"{r['decode_tokens_per_s']:.2f} | {r['decode_ratio']:.2f} |")
+                     f"{r['decode_tokens_per_s']:.2f} | {r['decode_ratio']:.2f} | {r['cache_bytes'] / 2**20:.1f} | "
+                     f"{r['mirror_bytes'] / 2**20:.1f} |")
     return "\n".join(lines)
 
 

@@ -384,6 +384,9 @@ def generate(
                                                        "seed": seed},
         "peak_memory_bytes": peak_memory(dev, gpus),
         "cache_bytes": cache_bytes,
+        # decoded float K/V the CPU reference path kept beside the packed cache (``runtime.decoded``; not in
+        # cache_bytes or avg_bits)
+        "mirror_bytes": cache.mirror_nbytes() if hasattr(cache, "mirror_nbytes") else 0,
         "weights_bytes": sum(p.numel() * p.element_size() for p in net.parameters()),
         "avg_bits": 8 * cache_bytes / elements,
         "estimated_avg_bits": estimated_bits,

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 from kvq_kernels.reference import pack_codes, planes, unpack_codes
 from kvq_kernels.sparse import SparseRows
 from torch import nn
 
+from kvq_cli import load_cache
+from kvq_cli.calibration.capture import capture
+from kvq_cli.hf_attention import cache_kwargs
 from kvq_cli.methods import make_method
 from kvq_cli.methods.quant_ops import denormalize, dequantize_codes
 from kvq_cli.runtime.attention import Rope, block_bounds, blockwise_attention, dense_attention, fused_cpu
@@ -177,3 +181,72 @@ def test_fused_cpu_blocks_equal_the_online_softmax(hq, hkv, total, tq, block):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     one = blockwise_attention(q[:, :, -1:], lambda a, e: (k[:, :, a:e], v[:, :, a:e]), total, 0.2, bounds)
     torch.testing.assert_close(one, want[:, :, -1:], rtol=0, atol=1e-5)  # one query: the online softmax
+
+
+def _decode_run(model, method, states, ids, steps, **load):
+    """Prefill ``ids`` in chunks of 13, then ``steps`` decode steps (fed ``ids`` again): the logits of every step
+    ``(steps, V)``, the cache, and per step whether each layer's mirror held exactly what its streams decode."""
+    cache = load_cache((method, states), model, block=16, **load)
+    kw, logits, exact = cache_kwargs(model, cache), [], []
+    with torch.no_grad():
+        for s in range(0, ids.shape[1], 13):
+            out = model(ids[:, s : s + 13], **kw, use_cache=True).logits
+        for i in range(steps):  # fixed tokens (not greedy: a near tie must not fork the two runs)
+            out = model(ids[:, i : i + 1], **kw, use_cache=True).logits
+            logits.append(out[0, -1])
+            for layer in cache.layers:
+                m = layer.mirror
+                if m is not None and m.n:
+                    k, v = layer.decode(0, m.n)
+                    exact.append(torch.equal(m.k[:, :, : m.n], k) and torch.equal(m.v[:, :, : m.n], v))
+    cache.unbind()
+    return torch.stack(logits), cache, exact
+
+
+@pytest.mark.parametrize("spec", [dict(name="kvquant", bits=3, outliers=0.05),
+                                  dict(name="kivi", bits=2, group=8, residual=8)])
+def test_decoded_mirror_gives_the_reference_logits(spec):
+    """The CPU mirror of decoded blocks (``runtime.decoded``) against re-dequantizing the history every step: over
+    20 decode steps (past block edges at 16 tokens, kvquant's key and value outliers, KIVI's key groups leaving the
+    window), each layer's mirror equals what its streams decode, bit for bit, and the logits agree to 1e-5 (the
+    same numbers; only the attention reads them as views). A mirror capped at 23 tokens (KIVI: 16, whole groups)
+    decodes the rest per read (blocks straddle its end). ``nbytes`` never counts the mirror."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 320, (1, 40), generator=_gen(3))
+    spec = dict(spec)
+    method = make_method(spec.pop("name"), **({"fisher": False, "kmeans_iters": 5} if "outliers" in spec else {}),
+                         **spec)
+    states = [method.fit(s) for s in capture(model, ids, method)] if method.needs_calibration else None
+    want, plain, _ = _decode_run(model, method, states, ids, 20, mirror_budget=0)
+    layer = plain.layers[0]
+    per_token = len(plain.layers) * 2 * layer.keys_stream.sink.buf.shape[1] * layer.keys_stream.sink.buf.shape[3] * 4
+    for budget, held in [(1 << 20, 60), (23 * per_token, 23)]:
+        got, cache, exact = _decode_run(model, method, states, ids, 20, mirror_budget=budget)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        assert exact and all(exact)
+        for la in cache.layers:  # KIVI's mirror stops at a whole key group (sink 0, group 8)
+            assert la.mirror.n == min(held - held % la.step, la.mirror.stable(la))
+        assert cache.nbytes() == plain.nbytes() and plain.mirror_nbytes() == 0 < cache.mirror_nbytes() <= budget
+    if method.name == "kvquant":
+        assert layer.keys_stream.packed.outliers.n and layer.values_stream.packed.outliers.n
+
+
+def test_decoded_mirror_extends_and_resets():
+    """The mirror follows appends (fresh encodings or read back), is dropped by ``reset`` and rebuilt from the new
+    streams."""
+    model = tiny_model("llama")
+    cache = load_cache(make_method("int", bits=4), model, block=16)
+    kw = cache_kwargs(model, cache)
+    layer = cache.layers[0]
+    with torch.no_grad():
+        model(torch.arange(1, 30)[None], **kw, use_cache=True)
+        assert layer.mirror.n == layer.length == 29
+        model(torch.tensor([[5]]), **kw, use_cache=True)  # one token: decoded from its fresh encoding
+        assert layer.mirror.n == 30
+        k, v = layer.decode(0, 30)
+        assert torch.equal(layer.read(0, 30)[0], k) and torch.equal(layer.read(3, 30)[1], v[:, :, 3:])
+        cache.reset()
+        assert layer.mirror.n == 0 and cache.mirror_nbytes() == 0
+        model(torch.arange(7, 12)[None], **kw, use_cache=True)
+        assert layer.mirror.n == 5 and torch.equal(layer.read(0, 5)[0], layer.decode(0, 5)[0])
+    cache.unbind()

@@ -3,8 +3,9 @@
 The cache's ``update()`` has already appended the current chunk, so the keys are positions ``[0, total)``
 (sink, packed history, residual, the chunk itself) and query ``i`` of ``Tq`` sits at position
 ``total - Tq + i``. Blocks of at most ``block`` tokens are dequantized one at a time and merged with a
-running log-sum-exp; no layer's whole K/V ever exists in 16 or 32 bits. GQA/MQA: query head ``i`` reads
-KV head ``i // G`` (``G = Hq / Hkv``), as ``repeat_kv``.
+running log-sum-exp; no layer's whole K/V ever exists in 16 or 32 bits, except the bounded float copy that
+layers on the CPU keep of their history (``decoded.DecodedMirror``: blocks then come as views of it).
+GQA/MQA: query head ``i`` reads KV head ``i // G`` (``G = Hq / Hkv``), as ``repeat_kv``.
 """
 
 from __future__ import annotations

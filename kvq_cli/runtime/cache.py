@@ -36,6 +36,7 @@ from ..hf_attention import (
 )
 from ..methods.base import KVMethod, State
 from .attention import DEFAULT_BLOCK, QUERY_TILE, Rope, block_bounds, blockwise_attention, packed_attention
+from .decoded import MIRROR_BUDGET, DecodedMirror, mirror_tokens
 from .fused import FusedAppend
 from .graph_steps import GraphStepsCache, GraphStepsLayer
 from .kernel_path import kernel_decode, kernels_available
@@ -93,6 +94,8 @@ class KVQLayer(GraphStepsLayer, BoundLayer, CacheLayerMixin):
         #: Its counts are in ``lens`` (``KVQCache.enter_graph_step``)
         self.captured: str | None = None
         self.lens: Tensor | None = None
+        #: the CPU reference path's decoded float copy of the sink and packed history (``decoded``), None: off
+        self.mirror: DecodedMirror | None = None
         self.reset()
 
     # ---- the transformers layer interface (the rest in ``window.BoundLayer``) --------------------------------
@@ -109,10 +112,12 @@ class KVQLayer(GraphStepsLayer, BoundLayer, CacheLayerMixin):
         state = self.state()
         use = self.use_kernel if self.use_kernel is not None else kernels_available(key_states.device, self.method)
         fk, fv = self.fused if use else (None, None)
-        self.keys_stream.append(keys, state, self.method.encode_keys, fk)
-        self.values_stream.append(value_states, state, self.method.encode_values, fv)
+        ek = self.keys_stream.append(keys, state, self.method.encode_keys, fk)
+        ev = self.values_stream.append(value_states, state, self.method.encode_values, fv)
         self.length += key_states.shape[2]
         self.pending = key_states.shape[2]
+        if self.mirror is not None and not use:  # decode what was just packed (its cost counted here)
+            self.mirror.extend(self, (ek, ev))
         return key_states, value_states
 
     def reset(self) -> None:
@@ -124,6 +129,8 @@ class KVQLayer(GraphStepsLayer, BoundLayer, CacheLayerMixin):
                            for key in (True, False))
         self.length = self.pending = 0
         self.is_initialized = False
+        if self.mirror is not None:
+            self.mirror = DecodedMirror(self.mirror.limit)
 
     # ---- kvq ------------------------------------------------------------------------------------
     def state(self) -> State:
@@ -133,7 +140,22 @@ class KVQLayer(GraphStepsLayer, BoundLayer, CacheLayerMixin):
         return self._state32
 
     def read(self, a: int, b: int, state: State | None = None) -> tuple[Tensor, Tensor]:
-        """Keys (post-RoPE) and values of positions ``[a, b)``: float32 ``(B, H, b - a, D)`` each."""
+        """Keys (post-RoPE) and values of positions ``[a, b)``: float32 ``(B, H, b - a, D)`` each; what the mirror
+        holds as views of it (the same numbers, ``decode``d once), the rest through ``decode``."""
+        mirror = self.mirror if self.use_kernel is not True else None
+        if mirror is None:
+            return self.decode(a, b, state)
+        mirror.extend(self)
+        m = mirror.n
+        if b <= m:
+            return mirror.read(a, b)
+        if a >= m:
+            return self.decode(a, b, state)
+        (k0, v0), (k1, v1) = mirror.read(a, m), self.decode(m, b, state)
+        return torch.cat([k0, k1], 2), torch.cat([v0, v1], 2)
+
+    def decode(self, a: int, b: int, state: State | None = None) -> tuple[Tensor, Tensor]:
+        """``read`` from the streams: dequantized (keys rotated) from what is stored."""
         state = self.state() if state is None else state
         k = self.keys_stream.read(a, b, state)
         if self.method.keys_pre_rope:
@@ -252,6 +274,10 @@ class KVQCache(GraphStepsCache, Cache):
         ``allocated``: the buffers' capacity instead of their filled part."""
         return sum(layer.nbytes(allocated) for layer in self.layers)
 
+    def mirror_nbytes(self) -> int:
+        """Bytes of decoded float K/V the CPU reference path keeps beside the cache (``decoded``; not in ``nbytes``)."""
+        return sum(layer.mirror.nbytes() for layer in self.layers if getattr(layer, "mirror", None) is not None)
+
     def decode_steps(self) -> dict:
         """Layer-steps of single-token decoding so far: ``{"kernel_steps", "reference_steps", "reference_reason"}``
         (the Triton kernels against the PyTorch reference; the reason names what the kernels cannot express,
@@ -308,7 +334,7 @@ def check_runtime(method: KVMethod, geom: KVGeometry) -> None:
 
 
 def load_cache(artifact_or_path, model: nn.Module, batch_size: int = 1, max_tokens: int | None = None,
-               block: int = DEFAULT_BLOCK, full_chunk: bool = True) -> KVQCache:
+               block: int = DEFAULT_BLOCK, full_chunk: bool = True, mirror_budget: int = MIRROR_BUDGET) -> KVQCache:
     """A packed cache for ``model`` from an artifact (path or ``Artifact``), a tuning-free ``KVMethod`` or a
     ``(method, states)`` pair, bound to the model: pass it as ``cache`` (``past_key_values`` before transformers
     5.24) to ``model(...)`` or ``model.generate(...)``. Refuses (``KvqError``) methods the runtime cannot store,
@@ -320,7 +346,8 @@ def load_cache(artifact_or_path, model: nn.Module, batch_size: int = 1, max_toke
 
     ``max_tokens`` preallocates (and caps) every buffer; ``block``: tokens dequantized at once by attention.
     ``full_chunk``: a prefill chunk attends to its own keys and values in full precision (as generation does;
-    False: as stored, i.e. exactly what simulated quantization computes).
+    False: as stored, i.e. exactly what simulated quantization computes). ``mirror_budget``: bytes of decoded
+    float32 K/V that layers on the CPU keep to skip re-dequantizing their history every step (``decoded``; 0: none).
     """
     geom = geometry_from_config(model.config)
     method, states = _method_and_states(artifact_or_path, geom)
@@ -354,4 +381,9 @@ def load_cache(artifact_or_path, model: nn.Module, batch_size: int = 1, max_toke
             layer.decode_block, layer.prefill_block = max(layer.block, decode_block), prefill_block
         layer.softcap, layer.full_chunk = softcap, full_chunk
         layers.append(layer)
+    cpu = [la for la, attn in zip(layers, attns, strict=True) if isinstance(la, KVQLayer)
+           and torch.device(layer_device(attn)).type == "cpu"]
+    tokens = mirror_tokens(mirror_budget, len(cpu), batch_size, geom.kv_heads, geom.head_dim)
+    for layer in cpu if tokens > 0 else []:
+        layer.mirror = DecodedMirror(tokens, max_tokens)
     return KVQCache(layers, method, geom.kv_heads, geom.head_dim).bind(model)

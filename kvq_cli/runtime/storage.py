@@ -286,9 +286,10 @@ class Stream:
     def __len__(self) -> int:
         return (self.sink.n if self.sink else 0) + self.packed.n + (self.residual.n if self.residual else 0)
 
-    def append(self, x: Tensor, state: State, encode, fused=None) -> None:
+    def append(self, x: Tensor, state: State, encode, fused=None) -> Encoded | None:
         """Append ``x (B, H, T, D)``; tokens leaving the residual window are encoded by ``encode(x, state)``,
-        or, at most ``FUSED_TOKENS`` at a time, stored by ``fused(packed, x, state)`` (``runtime.fused``)."""
+        or, at most ``FUSED_TOKENS`` at a time, stored by ``fused(packed, x, state)`` (``runtime.fused``).
+        Returns the encoding stored by ``encode`` (the last ``T'`` packed tokens), None when none was."""
         if self.capacity is not None and len(self) + x.shape[2] > self.capacity:
             raise KvqError(f"the cache is full ({self.capacity} tokens): load it with a larger max_tokens")
         if self.sink is None:
@@ -309,17 +310,20 @@ class Stream:
         if leave == 0:
             if rest.shape[2]:
                 self.residual.append(rest)
-            return
+            return None
         # leaving: the oldest ``leave`` of residual + new tokens (new ones quantized from full precision,
         # those that waited in the window from their fp16 copy)
         seq = torch.cat([self.residual.view().to(x.dtype), rest], 2) if self.residual.n else rest  # (B, H, r, D)
+        enc = None
         if fused is not None and leave <= FUSED_TOKENS:
             fused(self.packed, seq[:, :, :leave], state)
         else:
-            self.packed.append(encode(seq[:, :, :leave], state))
+            enc = encode(seq[:, :, :leave], state)
+            self.packed.append(enc)
         self.residual.n = 0
         if seq.shape[2] > leave:
             self.residual.append(seq[:, :, leave:])
+        return enc
 
     def graph_flush(self, x: Tensor, state: State, encode, offset: Tensor) -> None:
         """The graph-step twin of ``append`` when the residual window is full: ``x (B, H, 1, D)`` joins it and the
