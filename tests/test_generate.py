@@ -106,8 +106,9 @@ def test_cli_prompt_file_baseline_and_random_model(tiny_model_dir, tiny_text_fil
                 3, "--json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert doc["configuration"] == "fp16 (DynamicCache)" and doc["prompt_tokens"] == 100 and "passkey" not in doc
-    assert doc["avg_bits"] == pytest.approx(32.0)  # a float32 model on the CPU keeps float32 K/V
+    # a float32 model on the CPU keeps float32 K/V: the baseline is named for what it holds
+    assert doc["configuration"] == "fp32 (DynamicCache)" and doc["prompt_tokens"] == 100 and "passkey" not in doc
+    assert doc["avg_bits"] == pytest.approx(32.0)
     r = _invoke("--model", "random:smollm2-135m", "--method", "int4", "--context", 40, "--max-new-tokens", 2)
     assert r.exit_code == 0, r.output
     assert "prompt tokens" in r.stdout
