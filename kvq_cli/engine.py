@@ -142,20 +142,22 @@ class Decoder:
         layer through the cache's own append path, ``chunk`` at a time, without running the model: a context far
         longer than a prefill could make in the time (speed and memory only; nothing is attended). Pre-RoPE
         methods take the same random keys as pre-RoPE keys."""
+        from .hf_attention import attention_layers, layer_device
+
         layers = _cache_layers(self.net)
-        gen = torch.Generator(self.device).manual_seed(seed)
+        devices = [layer_device(attn) for attn in attention_layers(self.net)]  # (--device-map: one per layer)
+        gens = {d: torch.Generator(d).manual_seed(seed) for d in set(devices)}
         weight = self.net.get_input_embeddings().weight
         for s in range(0, tokens, chunk):
             n = min(chunk, tokens - s)
-            for i, (heads, dim) in enumerate(layers):
-                k = torch.randn(1, heads, n, dim, device=self.device, dtype=weight.dtype, generator=gen)
-                v = torch.randn(1, heads, n, dim, device=self.device, dtype=weight.dtype, generator=gen)
+            for i, ((heads, dim), dev) in enumerate(zip(layers, devices, strict=True)):
+                k = torch.randn(1, heads, n, dim, device=dev, dtype=weight.dtype, generator=gens[dev])
+                v = torch.randn(1, heads, n, dim, device=dev, dtype=weight.dtype, generator=gens[dev])
                 layer = getattr(self.cache, "layers", [None] * len(layers))[i]
                 if getattr(getattr(layer, "method", None), "keys_pre_rope", False):
                     layer.pre_rope_key = k
                 self.cache.update(k, v, i, {"cache_position": torch.arange(self.position + s,
-                                                                           self.position + s + n,
-                                                                           device=self.device)})
+                                                                           self.position + s + n, device=dev)})
             advance(n)
         self.position += tokens
 
