@@ -233,9 +233,10 @@ def _finish(q, nsp, mp, lp, ap):
 
 
 def _sparse_grid(cache: KVQuantCache, rows, tokens: int) -> tuple[int, int]:
-    """One program per (batch, KV head) row and sparse block of the first ``tokens`` packed tokens."""
+    """One program per sparse block of the first ``tokens`` packed tokens and (batch, KV head) row; the blocks on
+    axis 0, whose limit is 2**31 - 1 (axis 1 stops at 65,535 programs: 10M tokens have 163,840 blocks of 64)."""
     b, h = cache.k_packed.shape[:2]
-    return b * h, cdiv(tokens, rows.block)
+    return cdiv(tokens, rows.block), b * h
 
 
 def _key_outliers(cache: KVQuantCache, q: Tensor, ka, ksc, invf, tab, block_n: int, scale: float,
@@ -342,12 +343,12 @@ def _kvquant_dequant_kernel(
     D: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
+    pid_bh = tl.program_id(1)  # grid (token blocks, B*H): see ``_sparse_grid``
     b = pid_bh // H
     h = pid_bh % H
     HALF: tl.constexpr = D // 2
     ch = tl.arange(0, HALF)
-    t = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    t = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     valid = t < n_packed
     row = pid_bh.to(tl.int64) * Tmax + t
     kp = KP + row * (D * BITS_K // 8)
@@ -359,8 +360,8 @@ def _kvquant_dequant_kernel(
     ang = (n_sink + tl.arange(0, BLOCK_N)).to(tl.float32)[:, None] * tl.load(INVF + ch)[None, :]
     cj = tl.cos(ang)
     sj = tl.sin(ang)
-    c0 = tl.load(TAB + tl.program_id(1) * HALF + ch)[None, :]
-    s0 = tl.load(TAB + (tab_rows + tl.program_id(1)) * HALF + ch)[None, :]
+    c0 = tl.load(TAB + tl.program_id(0) * HALF + ch)[None, :]
+    s0 = tl.load(TAB + (tab_rows + tl.program_id(0)) * HALF + ch)[None, :]
     cs = c0 * cj - s0 * sj
     sn = s0 * cj + c0 * sj
     hs = 0.5 * tl.load(VSC + row, mask=valid, other=0.0).to(tl.float32)
@@ -381,12 +382,12 @@ def _kivi_dequant_kernel(
     H, Tmax, NGmax, n_packed, offset,
     D: tl.constexpr, BITS: tl.constexpr, KG: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
+    pid_bh = tl.program_id(1)  # grid (token blocks, B*H): see ``_sparse_grid``
     b = pid_bh // H
     h = pid_bh % H
     HALF: tl.constexpr = D // 2
     ch = tl.arange(0, HALF)
-    t = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    t = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     valid = t < n_packed
     row = pid_bh.to(tl.int64) * Tmax + t
     NB: tl.constexpr = D * BITS // 8
@@ -413,9 +414,9 @@ def dequantize_packed_kvquant(cache: KVQuantCache, out_k: Tensor, out_v: Tensor,
     d = cache.head_dim
     if cache.n_packed == 0:
         return
-    grid = (b * h, cdiv(cache.n_packed, block_n))
+    grid = (cdiv(cache.n_packed, block_n), b * h)
     invf = _frequencies(cache, out_k.device)
-    tab = rope_block_table(invf, block_n, grid[1] + 1)
+    tab = rope_block_table(invf, block_n, grid[0] + 1)
     _kvquant_dequant_kernel[grid](
         cache.k_packed, *key_affine(cache), cache.ck, cache.v_packed, cache.v_min, cache.v_scale, cache.cv, invf,
         tab, tab.shape[1], out_k, out_v, out_k.stride(0), out_k.stride(1), out_k.stride(2), h, tmax, cache.n_packed,
@@ -432,7 +433,7 @@ def dequantize_packed_kivi(cache: KIVICache, out_k: Tensor, out_v: Tensor, offse
         return
     if out_k.stride() != out_v.stride():
         raise ValueError("out_k and out_v must share strides")
-    grid = (b * h, cdiv(cache.n_packed, block_n))
+    grid = (cdiv(cache.n_packed, block_n), b * h)
     _kivi_dequant_kernel[grid](
         cache.k_packed, cache.k_scale, cache.k_zero, cache.v_packed, cache.v_scale, cache.v_zero, out_k, out_v,
         out_k.stride(0), out_k.stride(1), out_k.stride(2), h, tmax, cache.k_scale.shape[2], cache.n_packed,

@@ -35,8 +35,8 @@ def _code_at(P, row, c, valid, BITS: tl.constexpr, D: tl.constexpr):
 def _program_block(SP, npt, H):
     """This program's row ``bh`` (its batch ``b`` and KV head ``h``), sparse block ``k`` and the block's entries
     ``[start, stop)``."""
-    bh = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # grid (sparse blocks, B*H): axis 0 holds 2**31 - 1 blocks, axis 1 65535
+    k = tl.program_id(0)
     return bh, bh // H, bh % H, k, tl.load(SP + bh * npt + k), tl.load(SP + bh * npt + k + 1)
 
 
