@@ -8,7 +8,7 @@ entries, L2/L1 resident), so a token costs ``NG * b`` bits of HBM traffic per K 
 rotated on the fly exactly as ``decode_attention`` does for kvquant (the key by ``R(j)`` from a per-program
 table, the query by ``-p0`` once per block). The G query heads of the KV head share every read. The last
 program attends over the fp16 sink and residual; ``decode_attention``'s reduce kernel merges the partials
-(``vq_split``: the online-softmax helpers of both vector-quantized kernels).
+(``decode_split``: the building blocks of every split program, here with ``FMA``: float32 products on CUDA cores).
 
 Layout requirements (``supported``): D, c and ``NG = D / c`` powers of two, ``NG >= 2`` (each half of the
 head is whole channel groups, so rotate_half needs no shuffles).
@@ -26,21 +26,24 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .decode_attention import LOG2E, _finish, check_query, split_plan
+from .decode_split import (
+    VQ_PROGRAMS_PER_SM,
+    _fp16_segments,
+    _init_state,
+    _load_query,
+    _mask,
+    _program_ids,
+    _rope_offsets,
+    _rot_pos,
+    _scores,
+    _split_range,
+    _store_partial,
+    _update,
+)
 from .reference import next_pow2
 from .vq_pack import _load_vq_codes, code_span
 from .vq_reference import CQCache, row_bytes
-from .vq_split import (
-    LOG2E,
-    _fp16_segment,
-    _load_query,
-    _online,
-    _rotate_query,
-    _scores,
-    _store_partial,
-    check_query,
-    plan,
-    reduce,
-)
 
 
 def _pow2(n: int) -> bool:
@@ -73,47 +76,36 @@ def _cq_split_kernel(
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, NG: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr,
     SPAN: tl.constexpr, NB: tl.constexpr, ROPE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    sp = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    """One program per (b, KV head) and split: query rows ``(GP, D/2)``, centroid tiles ``(BLOCK_N, D/2)``."""
     HALF: tl.constexpr = D // 2
     K: tl.constexpr = 1 << BITS
-    q1, q2 = _load_query(Q, sqb, sqh, b, h, qk_scale, G, GP, D)
-    ang = tl.arange(0, BLOCK_N).to(tl.float32)[:, None] * tl.load(INVF + tl.arange(0, HALF))[None, :]
-    cj = tl.cos(ang)  # RoPE table for offsets j in [0, BLOCK_N) inside a block (unused without ROPE)
-    sj = tl.sin(ang)
-    m = tl.full((GP,), -float("inf"), tl.float32)
-    l = tl.zeros((GP,), tl.float32)
-    acc1 = tl.zeros((GP, HALF), tl.float32)
-    acc2 = tl.zeros((GP, HALF), tl.float32)
-    last = sp == NSP - 1  # the last program has an empty packed range and does the fp16 segments
-    start = sp * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, n_packed)
+    b, h, hq0, sp, prow0 = _program_ids(H, NSP, G, G)
+    q1, q2 = _load_query(Q, sqb, sqh, b, hq0, qk_scale, G, GP, D)
+    invf, cj, sj = _rope_offsets(INVF, BLOCK_N, HALF)  # R(j), j < BLOCK_N (unused without ROPE)
+    m, l, pm, acc1, acc2 = _init_state(GP, BLOCK_N, HALF, 1, True)
+    npk, nrs, start, end = _split_range(Q, n_packed, n_res, tokens_per_split, NSP, sp, BLOCK_N, False)
+    bh = (b * H + h).to(tl.int64)
     for t0 in range(start, end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         valid = t < end
-        row = pid_bh.to(tl.int64) * Tmax + t
+        row = bh * Tmax + t
         kp = KC + row * NB
         k1 = _cq_half(kp, valid, CK, h, 0, NG, K, C, BITS, SPAN, NB, BLOCK_N)
         k2 = _cq_half(kp, valid, CK, h, 1, NG, K, C, BITS, SPAN, NB, BLOCK_N)
         if ROPE:
-            qr1, qr2 = _rotate_query(q1, q2, INVF, n_sink + t0, HALF)
-            s = _scores(qr1, qr2, k1 * cj - k2 * sj, k2 * cj + k1 * sj)
+            qr1, qr2 = _rot_pos(q1, q2, invf, n_sink + t0)
+            s = _scores(qr1, qr2, k1 * cj - k2 * sj, k2 * cj + k1 * sj, True, "ieee", FMA=True)
         else:
-            s = _scores(q1, q2, k1, k2)
-        s = tl.where(valid[None, :], s, -float("inf"))
+            s = _scores(q1, q2, k1, k2, True, "ieee", FMA=True)
+        s = _mask(s, valid, True)
         vp = VC + row * NB
         v1 = _cq_half(vp, valid, CV, h, 0, NG, K, C, BITS, SPAN, NB, BLOCK_N)
         v2 = _cq_half(vp, valid, CV, h, 1, NG, K, C, BITS, SPAN, NB, BLOCK_N)
-        m, l, acc1, acc2 = _online(s, v1, v2, m, l, acc1, acc2)
-    n_s = tl.where(last, n_sink, 0)
-    n_r = tl.where(last, n_res, 0)
-    m, l, acc1, acc2 = _fp16_segment(q1, q2, SK, SV, b.to(tl.int64) * ssb + h * ssh, n_s, 0, cj, sj, INVF,
-                                     m, l, acc1, acc2, ROPE, D, BLOCK_N)
-    m, l, acc1, acc2 = _fp16_segment(q1, q2, RK, RV, b.to(tl.int64) * srb + h * srh, n_r, n_sink + n_packed, cj, sj,
-                                     INVF, m, l, acc1, acc2, ROPE, D, BLOCK_N)
-    _store_partial(MP, LP, AP, pid_bh, sp, NSP, m, l, acc1, acc2, G, GP, D)
+        m, l, pm, acc1, acc2 = _update(s, v1, v2, m, l, pm, acc1, acc2, True, "ieee", FMA=True)
+    m, l, pm, acc1, acc2 = _fp16_segments(q1, q2, SK, SV, RK, RV, b.to(tl.int64) * ssb + h * ssh,
+                                          b.to(tl.int64) * srb + h * srh, sp == NSP - 1, n_sink, npk, nrs, invf, Q, 0,
+                                          cj, sj, m, l, pm, acc1, acc2, ROPE, D, BLOCK_N, True, "ieee", FMA=True)
+    _store_partial(MP, LP, AP, prow0, NSP, m, l, acc1, acc2, G, GP, D, True)
 
 
 def decode_attention_cq(q: Tensor, cache: CQCache, sm_scale: float | None = None, num_splits: int | None = None,
@@ -132,7 +124,7 @@ def decode_attention_cq(q: Tensor, cache: CQCache, sm_scale: float | None = None
         block_n = max(16, min(64, 4096 // (gp * d // 2)))
     if num_warps is None:
         num_warps = 8 if gp * block_n * d >= 16384 else 4
-    per, nsp, partials = plan(q, h, cache.n_packed, block_n, num_splits)
+    per, nsp, partials = split_plan(q, q.shape[0] * h, cache.n_packed, block_n, num_splits, VQ_PROGRAMS_PER_SM)
     scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
     invf = cache.rope_frequencies(q.device) if cache.pre_rope else torch.zeros(d // 2, device=q.device)
     sk, rk = cache.sink_k, cache.res_k
@@ -144,4 +136,4 @@ def decode_attention_cq(q: Tensor, cache: CQCache, sm_scale: float | None = None
         G=g, GP=gp, D=d, NG=ng, C=c, BITS=cache.bits, SPAN=code_span(cache.bits), NB=nb, ROPE=cache.pre_rope,
         BLOCK_N=block_n, num_warps=num_warps,
     )
-    return reduce(q, nsp, partials)
+    return _finish(q, nsp, *partials)

@@ -1,15 +1,21 @@
-"""The split-K programs behind ``decode_attention`` (layout: ``kvq_kernels.reference``; wrappers there).
+"""The split-K programs behind ``decode_attention``, ``decode_token``, ``cq_decode`` and ``pq_decode``, and the
+building blocks they share (layout: ``kvq_kernels.reference``; wrappers there).
 
 Grid ``(B*H*G/QPP, n_splits + 1)``: a program takes ``QPP`` query heads of one KV head and one chunk of the
-packed tokens (the last split does the fp16 sink and residual instead), walks it in blocks of ``BLOCK_N``
-tokens and writes its running max / sum / unnormalized output (log2 domain) for the reduce kernel.
+packed tokens (the last split does the fp16 sink and residual instead, ``_fp16_segments``), walks it in blocks of
+``BLOCK_N`` tokens and writes its running max / sum / unnormalized output (log2 domain) for the reduce kernel:
+``m, l (B*Hq, NSP)`` and ``acc (B*Hq, NSP, D)`` float32, row ``b*Hq + query head``. Query, key and value tiles
+are halves ``(rows, D/2)``: RoPE's rotate_half pairs channel i with i + D/2.
 
-Two ways to consume a dequantized block, both with the same dequantization:
+Three ways to consume a dequantized block, all with the same dequantization:
 * ``DOT=False`` (one query head per program, MHA): CUDA-core 2-D tiles. The value product is *deferred*: the
   accumulators are ``(BLOCK_N, D/2)`` tiles (one FMA per element, reduced over tokens once at the end), and
   the softmax max is rescaled lazily (only when a block's max exceeds the running one by ``2^8``), so the
   per-element work is unpack + codebook load + a few FMAs.
 * ``DOT=True`` (G > 1 query heads per KV head, padded to ``MR >= 16`` rows): ``tl.dot`` for scores and values.
+* ``DOT=True, FMA=True`` (the ``cq`` / ``pq`` programs: all G query heads of a KV head, padded to ``MR`` a power of
+  two, possibly 1): the rows of ``DOT``, but the products broadcast to ``(MR, BLOCK_N, D/2)`` and summed on CUDA
+  cores in float32, the softmax rescaled every block, and RoPE angles ``p * inv_freq`` taken on the device.
 
 kvquant keys are pre-RoPE: a key at position ``p0 + j`` (``p0`` a block start, a multiple of ``BLOCK_N`` past
 the segment origin) is ``R(j) (a + s x)`` with ``x`` the codebook value, so per program six ``(BLOCK_N, D/2)``
@@ -24,6 +30,10 @@ import triton
 import triton.language as tl
 
 from .pack import _code_bytes, _load_codes_half
+
+#: split programs per SM the default plan of the cq / pq wrappers aims for (one program per sequence and KV head;
+#: ``decode_attention.PROGRAMS_PER_SM`` is the others')
+VQ_PROGRAMS_PER_SM = 4
 
 
 # ----------------------------------------------------------------------------------------------- small helpers
@@ -58,6 +68,21 @@ def _table_row(TAB, tab_rows, r, HALF: tl.constexpr):
 
 
 @triton.jit
+def _rot_pos(q1, q2, invf, p):
+    """``R(p)^T q`` with the angles ``p * inv_freq`` (``invf (1, D/2)``) taken on the device in float32."""
+    ang = invf * p
+    return _rot_t(q1, q2, tl.cos(ang), tl.sin(ang))
+
+
+@triton.jit
+def _rope_offsets(INVF, BLOCK_N: tl.constexpr, HALF: tl.constexpr):
+    """``inv_freq (1, D/2)`` and the in-block RoPE table ``cos, sin (j * inv_freq)`` ``(BLOCK_N, D/2)``, j < BLOCK_N."""
+    invf = tl.load(INVF + tl.arange(0, HALF))[None, :]
+    ang = tl.arange(0, BLOCK_N).to(tl.float32)[:, None] * invf  # small angles: R(j), j < BLOCK_N
+    return invf, tl.cos(ang), tl.sin(ang)
+
+
+@triton.jit
 def _load_query(Q, sqb, sqh, b, hq0, qk_scale, QPP: tl.constexpr, MR: tl.constexpr, D: tl.constexpr):
     """Rows ``hq0 .. hq0+QPP-1`` of ``q`` (zero rows up to ``MR``), scaled, as halves ``(MR, D/2)``."""
     HALF: tl.constexpr = D // 2
@@ -70,10 +95,14 @@ def _load_query(Q, sqb, sqh, b, hq0, qk_scale, QPP: tl.constexpr, MR: tl.constex
 
 
 @triton.jit
-def _scores(q1, q2, k1, k2, DOT: tl.constexpr, PREC: tl.constexpr, F16: tl.constexpr = False):
+def _scores(q1, q2, k1, k2, DOT: tl.constexpr, PREC: tl.constexpr, F16: tl.constexpr = False,
+            FMA: tl.constexpr = False):
     """``q (MR, D/2)`` halves against key halves ``(N, D/2)``: ``(N,)`` for one row, else ``(MR, N)``.
-    ``F16``: the dot's operands rounded to fp16 (tensor-core fp16 MMA, float32 accumulation)."""
-    if DOT and F16:
+    ``F16``: the dot's operands rounded to fp16 (tensor-core fp16 MMA, float32 accumulation). ``FMA``: float32
+    products ``(MR, N, D/2)`` summed over channels, per half."""
+    if FMA:
+        return tl.sum(q1[:, None, :] * k1[None, :, :], axis=2) + tl.sum(q2[:, None, :] * k2[None, :, :], axis=2)
+    elif DOT and F16:
         s = tl.dot(q1.to(tl.float16), tl.trans(k1.to(tl.float16)))
         return tl.dot(q2.to(tl.float16), tl.trans(k2.to(tl.float16)), s)
     elif DOT:
@@ -83,12 +112,23 @@ def _scores(q1, q2, k1, k2, DOT: tl.constexpr, PREC: tl.constexpr, F16: tl.const
 
 
 @triton.jit
-def _softmax(s, m, l, pm, acc1, acc2, DOT: tl.constexpr):
-    """Online softmax with a lazy max: rescale the state only when a block's max exceeds it by 2^8.
+def _softmax(s, m, l, pm, acc1, acc2, DOT: tl.constexpr, FMA: tl.constexpr = False):
+    """Online softmax with a lazy max: rescale the state only when a block's max exceeds it by 2^8 (``FMA``: at
+    every block, to the running max).
 
     One row (``DOT=False``): ``s (N,)``, ``m`` scalar, ``l, pm (N,)`` and ``acc (N, D/2)`` deferred per token.
-    Several rows: ``s (MR, N)``, ``m, l (MR,)``, ``acc (MR, D/2)``. Returns ``p`` and the updated state."""
-    if DOT:
+    Several rows: ``s (MR, N)``, ``m, l (MR,)``, ``pm (MR, NPM)``, ``acc (MR, D/2)``. Returns ``p`` and the updated
+    state (``acc`` rescaled; ``_accumulate`` adds the block)."""
+    if FMA:
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        pm = pm * alpha[:, None]
+        acc1 = acc1 * alpha[:, None]
+        acc2 = acc2 * alpha[:, None]
+        m = m_new
+    elif DOT:
         mb = tl.max(s, axis=1)
         if tl.max(mb - m, axis=0) > 8.0:
             m_new = tl.maximum(m, mb)
@@ -115,14 +155,29 @@ def _softmax(s, m, l, pm, acc1, acc2, DOT: tl.constexpr):
 
 
 @triton.jit
-def _accumulate(p, v1, v2, acc1, acc2, DOT: tl.constexpr, PREC: tl.constexpr, F16: tl.constexpr = False):
-    if DOT and F16:
+def _accumulate(p, v1, v2, acc1, acc2, DOT: tl.constexpr, PREC: tl.constexpr, F16: tl.constexpr = False,
+                FMA: tl.constexpr = False):
+    """``acc += p v`` with value halves ``(N, D/2)``: ``p (MR, N)`` into ``acc (MR, D/2)``, or one row's ``p (N,)``
+    into the deferred ``acc (N, D/2)``."""
+    if FMA:
+        return (acc1 + tl.sum(p[:, :, None] * v1[None, :, :], axis=1),
+                acc2 + tl.sum(p[:, :, None] * v2[None, :, :], axis=1))
+    elif DOT and F16:
         p16 = p.to(tl.float16)
         return tl.dot(p16, v1.to(tl.float16), acc1), tl.dot(p16, v2.to(tl.float16), acc2)
     elif DOT:
         return acc1 + tl.dot(p, v1, input_precision=PREC), acc2 + tl.dot(p, v2, input_precision=PREC)
     else:
         return acc1 + p[:, None] * v1, acc2 + p[:, None] * v2
+
+
+@triton.jit
+def _update(s, v1, v2, m, l, pm, acc1, acc2, DOT: tl.constexpr, PREC: tl.constexpr, F16: tl.constexpr = False,
+            FMA: tl.constexpr = False):
+    """One block: ``_softmax`` of its masked scores, then ``_accumulate`` of its values. -> the updated state."""
+    p, m, l, pm, acc1, acc2 = _softmax(s, m, l, pm, acc1, acc2, DOT, FMA)
+    acc1, acc2 = _accumulate(p, v1, v2, acc1, acc2, DOT, PREC, F16, FMA)
+    return m, l, pm, acc1, acc2
 
 
 @triton.jit
@@ -137,11 +192,13 @@ def _init_state(MR: tl.constexpr, N: tl.constexpr, HALF: tl.constexpr, NPM: tl.c
 
 
 @triton.jit
-def _fp16_segment(q1, q2, K, V, base, n, row0, TAB, tab_rows, cj, sj, m, l, pm, acc1, acc2,
+def _fp16_segment(q1, q2, K, V, base, n, r0, invf, TAB, tab_rows, cj, sj, m, l, pm, acc1, acc2,
                   ROPE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                  F16: tl.constexpr = False):
-    """Attend over ``n`` fp16 tokens at ``K/V + base`` (rows of D). With ``ROPE`` the keys are pre-RoPE at
-    positions ``row0 * BLOCK_N + i`` plus the offset that ``q1, q2`` were already rotated back by."""
+                  F16: tl.constexpr = False, FMA: tl.constexpr = False):
+    """Attend over ``n`` fp16 tokens at ``K/V + base`` (rows of D). With ``ROPE`` the keys are pre-RoPE, rotated by
+    ``cj, sj (BLOCK_N, D/2)`` in a block and the query by the block start: from the host table ``TAB (2, tab_rows,
+    D/2)`` at row ``r0 + i / BLOCK_N`` (plus the offset that ``q1, q2`` were already rotated back by), or with
+    ``FMA`` from the angles ``(r0 + i) * invf`` (``r0`` the position of token 0, ``invf (1, D/2)``)."""
     HALF: tl.constexpr = D // 2
     ch = tl.arange(0, HALF)
     for t0 in range(0, n, BLOCK_N):
@@ -153,15 +210,40 @@ def _fp16_segment(q1, q2, K, V, base, n, row0, TAB, tab_rows, cj, sj, m, l, pm, 
         v1 = tl.load(V + off, mask=valid[:, None], other=0.0).to(tl.float32)
         v2 = tl.load(V + off + HALF, mask=valid[:, None], other=0.0).to(tl.float32)
         if ROPE:
-            c0, s0 = _table_row(TAB, tab_rows, row0 + t0 // BLOCK_N, HALF)
-            qr1, qr2 = _rot_t(q1, q2, c0, s0)
-            s = _scores(qr1, qr2, k1 * cj - k2 * sj, k2 * cj + k1 * sj, DOT, PREC, F16)
+            if FMA:
+                qr1, qr2 = _rot_pos(q1, q2, invf, r0 + t0)
+            else:
+                c0, s0 = _table_row(TAB, tab_rows, r0 + t0 // BLOCK_N, HALF)
+                qr1, qr2 = _rot_t(q1, q2, c0, s0)
+            s = _scores(qr1, qr2, k1 * cj - k2 * sj, k2 * cj + k1 * sj, DOT, PREC, F16, FMA)
         else:  # q made loop-variant (+ 0 * t0): works around a Triton 3.6 layout-pass bug (GQA, two loops)
-            s = _scores(q1 + 0.0 * t0, q2 + 0.0 * t0, k1, k2, DOT, PREC, F16)
-        s = _mask(s, valid, DOT)
-        p, m, l, pm, acc1, acc2 = _softmax(s, m, l, pm, acc1, acc2, DOT)
-        acc1, acc2 = _accumulate(p, v1, v2, acc1, acc2, DOT, PREC, F16)
+            s = _scores(q1 + 0.0 * t0, q2 + 0.0 * t0, k1, k2, DOT, PREC, F16, FMA)
+        m, l, pm, acc1, acc2 = _update(_mask(s, valid, DOT), v1, v2, m, l, pm, acc1, acc2, DOT, PREC, F16, FMA)
     return m, l, pm, acc1, acc2
+
+
+@triton.jit
+def _fp16_segments(q1, q2, SK, SV, RK, RV, sink_base, res_base, last, n_sink, npk, nrs, invf, TAB, tab_rows, cj, sj,
+                   m, l, pm, acc1, acc2, ROPE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DOT: tl.constexpr, PREC: tl.constexpr, F16: tl.constexpr = False, FMA: tl.constexpr = False):
+    """The last split's work (``last``; the other splits attend over nothing): the ``n_sink`` fp16 sink tokens at
+    ``SK/SV + sink_base`` (positions from 0), then the ``nrs`` residual tokens at ``RK/RV + res_base`` (positions
+    from ``n_sink + npk``, after the ``npk`` packed tokens). ``ROPE``, ``invf``, the table and ``cj, sj``: as
+    ``_fp16_segment`` (without ``ROPE`` placeholders; without ``FMA`` the residual's query is rotated back by its
+    origin's offset in a block, so that it reads whole table rows)."""
+    n_s = tl.where(last, n_sink, 0)
+    n_r = tl.where(last, nrs, 0)
+    m, l, pm, acc1, acc2 = _fp16_segment(q1, q2, SK, SV, sink_base, n_s, 0, invf, TAB, tab_rows, cj, sj,
+                                         m, l, pm, acc1, acc2, ROPE, D, BLOCK_N, DOT, PREC, F16, FMA)
+    p_res = n_sink + npk
+    if ROPE and not FMA:  # residual token i at p_res + i = (p_res // N + i // N) * N + p_res % N + i % N
+        qd1, qd2 = _rot_pos(q1, q2, invf, (p_res % BLOCK_N).to(tl.float32))
+        r0 = p_res // BLOCK_N
+    else:
+        qd1, qd2 = q1, q2
+        r0 = p_res
+    return _fp16_segment(qd1, qd2, RK, RV, res_base, n_r, r0, invf, TAB, tab_rows, cj, sj,
+                         m, l, pm, acc1, acc2, ROPE, D, BLOCK_N, DOT, PREC, F16, FMA)
 
 
 @triton.jit
@@ -312,10 +394,7 @@ def _kvquant_split_kernel(
     b, h, hq0, sp, prow0 = _program_ids(H, NSP, G, QPP)
     ch = tl.arange(0, HALF)
     q1, q2 = _load_query(Q, sqb, sqh, b, hq0, qk_scale, QPP, MR, D)
-    invf = tl.load(INVF + ch)[None, :]
-    ang = tl.arange(0, BLOCK_N).to(tl.float32)[:, None] * invf  # small angles: R(j), j < BLOCK_N
-    cj = tl.cos(ang)
-    sj = tl.sin(ang)
+    invf, cj, sj = _rope_offsets(INVF, BLOCK_N, HALF)
     # per-channel affine map folded into R(j): kr1 = TA1 + TB1 x1 - TC1 x2, kr2 = TA2 + TB2 x2 + TC2 x1
     a1 = tl.load(KA + h * D + ch)[None, :]
     a2 = tl.load(KA + h * D + HALF + ch)[None, :]
@@ -328,8 +407,7 @@ def _kvquant_split_kernel(
     tb2 = s2 * cj
     tc2 = s1 * sj
     # packed token i sits at n_sink + i: rotate the query back by n_sink once, by i0 (table) per block
-    ns = (n_sink * 1.0) * invf  # not n_sink.to(): an int argument equal to 1 arrives as a constexpr
-    qs1, qs2 = _rot_t(q1, q2, tl.cos(ns), tl.sin(ns))
+    qs1, qs2 = _rot_pos(q1, q2, invf, n_sink * 1.0)  # not n_sink.to(): an int argument equal to 1 is a constexpr
     m, l, pm, acc1, acc2 = _init_state(MR, BLOCK_N, HALF, 1, DOT)
     qrow0 = b.to(tl.int64) * H * G + hq0  # first query row of the program in DS / SS
     FOLD: tl.constexpr = not DOT  # one row: accumulate (p hs) x per element and p mn per token
@@ -360,16 +438,9 @@ def _kvquant_split_kernel(
             acc1, acc2 = _accumulate(p * hs, v1, v2, acc1, acc2, DOT, PREC, F16)
         else:
             acc1, acc2 = _accumulate(p, v1, v2, acc1, acc2, DOT, PREC, F16)
-    last = sp == NSP - 1  # the last split has an empty packed range and does the fp16 segments
-    n_s = tl.where(last, n_sink, 0)
-    n_r = tl.where(last, nrs, 0)
-    m, l, pm, acc1, acc2 = _fp16_segment(q1, q2, SK, SV, b.to(tl.int64) * ssb + h * ssh, n_s, 0, TAB, tab_rows,
-                                         cj, sj, m, l, pm, acc1, acc2, True, D, BLOCK_N, DOT, PREC, F16)
-    p_res = n_sink + npk  # residual token i at p_res + i = (p_res // N + i // N) * N + p_res % N + i % N
-    dr = (p_res % BLOCK_N).to(tl.float32) * invf
-    qd1, qd2 = _rot_t(q1, q2, tl.cos(dr), tl.sin(dr))
-    m, l, pm, acc1, acc2 = _fp16_segment(qd1, qd2, RK, RV, b.to(tl.int64) * srb + h * srh, n_r, p_res // BLOCK_N,
-                                         TAB, tab_rows, cj, sj, m, l, pm, acc1, acc2, True, D, BLOCK_N, DOT, PREC, F16)
+    m, l, pm, acc1, acc2 = _fp16_segments(q1, q2, SK, SV, RK, RV, b.to(tl.int64) * ssb + h * ssh,
+                                          b.to(tl.int64) * srb + h * srh, sp == NSP - 1, n_sink, npk, nrs, invf, TAB,
+                                          tab_rows, cj, sj, m, l, pm, acc1, acc2, True, D, BLOCK_N, DOT, PREC, F16)
     if DOT:
         _store_partial(MP, LP, AP, prow0, NSP, m, l, acc1, acc2, QPP, MR, D, DOT)
     else:
@@ -452,13 +523,9 @@ def _kivi_split_kernel(
             pm += p[:, None] * vz
             acc1 += _group_tile(VS, row, valid, p, 0, HALF, VG, NVG) * d1
             acc2 += _group_tile(VS, row, valid, p, 1, HALF, VG, NVG) * d2
-    last = sp == NSP - 1
-    n_s = tl.where(last, n_sink, 0)
-    n_r = tl.where(last, nrs, 0)
-    m, l, pm, acc1, acc2 = _fp16_segment(q1, q2, SK, SV, b.to(tl.int64) * ssb + h * ssh, n_s, 0, Q, 0, q1, q1,
-                                         m, l, pm, acc1, acc2, False, D, BLOCK_N, DOT, PREC, F16)
-    m, l, pm, acc1, acc2 = _fp16_segment(q1, q2, RK, RV, b.to(tl.int64) * srb + h * srh, n_r, 0, Q, 0, q1, q1,
-                                         m, l, pm, acc1, acc2, False, D, BLOCK_N, DOT, PREC, F16)
+    m, l, pm, acc1, acc2 = _fp16_segments(q1, q2, SK, SV, RK, RV, b.to(tl.int64) * ssb + h * ssh,
+                                          b.to(tl.int64) * srb + h * srh, sp == NSP - 1, n_sink, npk, nrs, q1, Q, 0,
+                                          q1, q1, m, l, pm, acc1, acc2, False, D, BLOCK_N, DOT, PREC, F16)
     if DOT:
         _store_partial(MP, LP, AP, prow0, NSP, m, l, acc1, acc2, QPP, MR, D, DOT)
     else:

@@ -29,7 +29,7 @@ from .decode_attention import _finish, _launch_plan
 from .decode_split import (
     _accumulate,
     _codes,
-    _fp16_segment,
+    _fp16_segments,
     _init_state,
     _load_query,
     _lut,
@@ -108,13 +108,9 @@ def _token_split_kernel(
                 pm += tl.sum(pz, axis=1)[:, None]
             else:
                 pm += pz[:, None]
-    last = sp == NSP - 1  # the last split has an empty packed range and does the fp16 segments
-    n_s = tl.where(last, n_sink, 0)
-    n_r = tl.where(last, nrs, 0)
-    m, l, pm, acc1, acc2 = _fp16_segment(q1, q2, SK, SV, b.to(tl.int64) * ssb + h * ssh, n_s, 0, Q, 0, q1, q1,
-                                         m, l, pm, acc1, acc2, False, D, BLOCK_N, DOT, PREC, F16)
-    m, l, pm, acc1, acc2 = _fp16_segment(q1, q2, RK, RV, b.to(tl.int64) * srb + h * srh, n_r, 0, Q, 0, q1, q1,
-                                         m, l, pm, acc1, acc2, False, D, BLOCK_N, DOT, PREC, F16)
+    m, l, pm, acc1, acc2 = _fp16_segments(q1, q2, SK, SV, RK, RV, b.to(tl.int64) * ssb + h * ssh,
+                                          b.to(tl.int64) * srb + h * srh, sp == NSP - 1, n_sink, npk, nrs, q1, Q, 0,
+                                          q1, q1, m, l, pm, acc1, acc2, False, D, BLOCK_N, DOT, PREC, F16)
     if DOT:
         _store_partial(MP, LP, AP, prow0, NSP, m, l, acc1 + pm, acc2 + pm, QPP, MR, D, DOT)
     else:

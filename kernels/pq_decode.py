@@ -8,7 +8,8 @@ its chunk of packed tokens; a block's key codes ``(BLOCK_N, M)`` are read once f
 each of the G query heads' scores is ``sum_m T[m, code_m]`` (a gather from its table, no key is ever
 decoded); values are decoded by gathering ``cv[m, code_m]`` (the shared value codebook, per half of the
 head). The last program attends over the fp16 sink and residual; ``decode_attention``'s reduce kernel
-merges the partials (``vq_split``: the online-softmax helpers of both vector-quantized kernels).
+merges the partials (``decode_split``: the building blocks of every split program, here with ``FMA``: float32
+products on CUDA cores).
 
 Per-head codebooks (``ck, cv (H, M, K, D/M)``) and a key channel order (``PQCache.key_order``) are handled
 where the tables are built (on the host); a KV head's program gathers its values from ``cv[h]``.
@@ -28,10 +29,21 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .decode_attention import LOG2E, _finish, check_query, split_plan
+from .decode_split import (
+    VQ_PROGRAMS_PER_SM,
+    _fp16_segments,
+    _init_state,
+    _load_query,
+    _mask,
+    _program_ids,
+    _split_range,
+    _store_partial,
+    _update,
+)
 from .reference import next_pow2
 from .vq_pack import _load_vq_codes, code_span
 from .vq_reference import PQCache, row_bytes
-from .vq_split import LOG2E, _fp16_segment, _load_query, _online, _store_partial, check_query, plan, reduce
 
 
 def _pow2(n: int) -> bool:
@@ -64,45 +76,36 @@ def _pq_split_kernel(
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr, SPAN: tl.constexpr,
     NB: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    sp = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    """One program per (b, KV head) and split: score tables ``(GP, M, K)``, value tiles ``(BLOCK_N, D/2)``."""
     HALF: tl.constexpr = D // 2
     K: tl.constexpr = 1 << BITS
     DM: tl.constexpr = D // M
-    q1, q2 = _load_query(Q, sqb, sqh, b, h, qk_scale, G, GP, D)  # for the fp16 segments
+    b, h, hq0, sp, prow0 = _program_ids(H, NSP, G, G)
+    q1, q2 = _load_query(Q, sqb, sqh, b, hq0, qk_scale, G, GP, D)  # for the fp16 segments
     CVH = CV + h * cv_sh  # this KV head's value codebook (cv_sh = 0: shared by the heads)
+    bh = (b * H + h).to(tl.int64)
     gq = tl.arange(0, GP)
-    tab = TAB + (pid_bh.to(tl.int64) * G + gq) * (M * K)  # (GP,) this KV head's query heads' tables
+    tab = TAB + (bh * G + gq) * (M * K)  # (GP,) this KV head's query heads' tables
     gmask = (gq < G)[:, None, None]
     sub = tl.arange(0, M)
-    m = tl.full((GP,), -float("inf"), tl.float32)
-    l = tl.zeros((GP,), tl.float32)
-    acc1 = tl.zeros((GP, HALF), tl.float32)
-    acc2 = tl.zeros((GP, HALF), tl.float32)
-    last = sp == NSP - 1  # the last program has an empty packed range and does the fp16 segments
-    start = sp * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, n_packed)
+    m, l, pm, acc1, acc2 = _init_state(GP, BLOCK_N, HALF, 1, True)
+    npk, nrs, start, end = _split_range(Q, n_packed, n_res, tokens_per_split, NSP, sp, BLOCK_N, False)
     for t0 in range(start, end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         valid = t < end
-        row = pid_bh.to(tl.int64) * Tmax + t
+        row = bh * Tmax + t
         codes = _load_vq_codes(KC + row * NB, valid, 0, M, BITS, SPAN, NB, BLOCK_N)  # (BLOCK_N, M)
         off = (sub[None, :] * K + codes)[None, :, :]  # (1, BLOCK_N, M)
         entries = tl.load(tab[:, None, None] + off, mask=gmask & valid[None, :, None], other=0.0)
-        s = tl.where(valid[None, :], tl.sum(entries, axis=2), -float("inf"))  # (GP, BLOCK_N)
+        s = _mask(tl.sum(entries, axis=2), valid, True)  # (GP, BLOCK_N)
         vp = VC + row * NB
         v1 = _pq_half(vp, valid, CVH, 0, M, K, DM, BITS, SPAN, NB, BLOCK_N)
         v2 = _pq_half(vp, valid, CVH, 1, M, K, DM, BITS, SPAN, NB, BLOCK_N)
-        m, l, acc1, acc2 = _online(s, v1, v2, m, l, acc1, acc2)
-    n_s = tl.where(last, n_sink, 0)
-    n_r = tl.where(last, n_res, 0)
-    m, l, acc1, acc2 = _fp16_segment(q1, q2, SK, SV, b.to(tl.int64) * ssb + h * ssh, n_s, 0, q1, q1, Q,
-                                     m, l, acc1, acc2, False, D, BLOCK_N)
-    m, l, acc1, acc2 = _fp16_segment(q1, q2, RK, RV, b.to(tl.int64) * srb + h * srh, n_r, 0, q1, q1, Q,
-                                     m, l, acc1, acc2, False, D, BLOCK_N)
-    _store_partial(MP, LP, AP, pid_bh, sp, NSP, m, l, acc1, acc2, G, GP, D)
+        m, l, pm, acc1, acc2 = _update(s, v1, v2, m, l, pm, acc1, acc2, True, "ieee", FMA=True)
+    m, l, pm, acc1, acc2 = _fp16_segments(q1, q2, SK, SV, RK, RV, b.to(tl.int64) * ssb + h * ssh,
+                                          b.to(tl.int64) * srb + h * srh, sp == NSP - 1, n_sink, npk, nrs, q1, Q, 0,
+                                          q1, q1, m, l, pm, acc1, acc2, False, D, BLOCK_N, True, "ieee", FMA=True)
+    _store_partial(MP, LP, AP, prow0, NSP, m, l, acc1, acc2, G, GP, D, True)
 
 
 def score_table(q: Tensor, codebook: Tensor, scale: float) -> Tensor:
@@ -139,7 +142,7 @@ def decode_attention_pq(q: Tensor, cache: PQCache, sm_scale: float | None = None
         block_n = max(16, min(64, 8192 // (gp * msub)))
     if num_warps is None:
         num_warps = 8 if gp * block_n * msub >= 8192 else 4
-    per, nsp, partials = plan(q, h, cache.n_packed, block_n, num_splits)
+    per, nsp, partials = split_plan(q, q.shape[0] * h, cache.n_packed, block_n, num_splits, VQ_PROGRAMS_PER_SM)
     scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
     table = score_table(cache.table_query(q), cache.ck, scale)
     sk, rk = cache.sink_k, cache.res_k
@@ -153,4 +156,4 @@ def decode_attention_pq(q: Tensor, cache: PQCache, sm_scale: float | None = None
         G=g, GP=gp, D=d, M=msub, BITS=cache.bits, SPAN=code_span(cache.bits), NB=nb, BLOCK_N=block_n,
         num_warps=num_warps,
     )
-    return reduce(q, nsp, partials)
+    return _finish(q, nsp, *partials)
