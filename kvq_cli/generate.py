@@ -383,6 +383,8 @@ def generate(
         "sampling": "greedy" if sampler.greedy else {"temperature": temperature, "top_k": top_k, "top_p": top_p,
                                                        "seed": seed},
         "peak_memory_bytes": peak_memory(dev, gpus),
+        "peak_memory_per_gpu_bytes": [int(torch.cuda.max_memory_allocated(i)) for i in range(gpus)]
+        if dev.type == "cuda" and gpus > 1 else None,
         "cache_bytes": cache_bytes,
         # decoded float K/V the CPU reference path kept beside the packed cache (``runtime.decoded``; not in
         # cache_bytes or avg_bits)
