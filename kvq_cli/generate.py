@@ -109,8 +109,9 @@ def run(net: nn.Module, cache, ids: Tensor, max_new_tokens: int, chunk: int, eos
     decoder = Decoder(net, cache, sampler, graphs)
     _sync(device)
     start = time.perf_counter()
-    decoder.fill(fill, chunk, advance)
-    _sync(device)
+    if fill:
+        decoder.fill(fill, chunk, advance)
+        _sync(device)
     fill_s = time.perf_counter() - start
     start = time.perf_counter()
     token = decoder.prefill(ids[:, fill:], chunk, advance)
@@ -332,7 +333,8 @@ def generate(
             on_text(text[len(shown[0]):])
             shown[0] = text
 
-    advance = progress("prefill", n, 0) if progress else (lambda k: None)
+    label = "fill (random K/V) + prefill" if fill else "prefill"
+    advance = progress(label, n, 0) if progress else (lambda k: None)
     try:
         torch.manual_seed(seed)  # the sampler's random numbers (greedy uses none)
         out = run(net, cache, prompt.ids.to(first), max_new_tokens, chunk, _eos_ids(net, tokenizer), advance,
