@@ -124,3 +124,20 @@ def test_calibrate_with_a_device_map(tiny_model_dir, tiny_text_file, tmp_path):
     for a, b in zip(plain.states, spread.states, strict=True):
         for name in a:
             torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_random_model_with_a_device_map_is_made_on_its_devices():
+    """``random:<preset> --device-map``: every weight is made on the device the map names (no CPU copy first,
+    which took minutes for 8B on one CPU thread), with ``from_config``'s distributions, tied embeddings kept."""
+    from kvq_cli.models import load_model, resolve_model
+
+    model = load_model(resolve_model("random:smollm2-135m"), dtype="bfloat16", device_map="kvq")
+    params = dict(model.named_parameters())
+    assert not any(p.is_meta for p in params.values())
+    std = model.config.initializer_range
+    assert abs(params["model.layers.0.self_attn.q_proj.weight"].float().std().item() - std) < 0.1 * std
+    assert torch.equal(params["model.norm.weight"].float(), torch.ones(model.config.hidden_size))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    again = load_model(resolve_model("random:smollm2-135m"), dtype="bfloat16", device_map="kvq")
+    assert torch.equal(again.model.layers[3].mlp.up_proj.weight, model.model.layers[3].mlp.up_proj.weight)  # seeded
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
