@@ -7,7 +7,8 @@ attention for kivi-2b and kvquant-2b-1% (KVQuant's own per-row sparse outliers) 
 switches of ``kvq_kernels.decode_attention``:
   * ``F16_DOTS``: fp16 tensor-core operands instead of one-pass tf32;
   * ``FORCE_DOT``: MHA through ``tl.dot`` (one query row padded to 16) instead of CUDA-core tiles;
-  * ``NUM_STAGES``: software-pipelining depth; ``block_n`` / ``num_warps`` / ``PROGRAMS_PER_SM``.
+  * ``NUM_STAGES``: software-pipelining depth; ``block_n`` / ``num_warps`` / ``PROGRAMS_PER_SM``;
+  * ``SWAP_AB``: the GQA dots with the dequantized tile as the MMA's first operand (1: scores, 2: and values).
 Each variant is first checked against the PyTorch reference at a small shape (relative error printed; a variant
 above 2e-3 is reported and not timed). Prints one line per (shape, method, variant) with µs, x SDPA and the
 share of copy bandwidth on the compressed bytes; writes JSON to --out. ``--check-only`` runs the checks (CPU:
@@ -48,11 +49,14 @@ VARIANTS = [
     ("f16 ppsm16", {"F16_DOTS": True, "PROGRAMS_PER_SM": 16}, {}),
     ("f16+dot w8", {"F16_DOTS": True, "FORCE_DOT": True}, {"num_warps": 8}),
     ("tf32", {"F16_DOTS": False}, {}),
+    ("f16 swap k", {"F16_DOTS": True, "SWAP_AB": 1}, {}),  # session 8: key tile as the MMA's A operand
+    ("f16 swap kv", {"F16_DOTS": True, "SWAP_AB": 2}, {}),
     # timing ablations of kvquant (wrong results, not checked): no RoPE, no codebook lookup
     ("abl f16 norope", {"F16_DOTS": True, "ABLATE": 1}, {}),
     ("abl f16 nolut", {"F16_DOTS": True, "ABLATE": 2}, {}),
 ]
-DEFAULTS = {k: getattr(da, k) for k in ("F16_DOTS", "FORCE_DOT", "NUM_STAGES", "PROGRAMS_PER_SM", "ABLATE")}
+DEFAULTS = {k: getattr(da, k) for k in ("F16_DOTS", "FORCE_DOT", "NUM_STAGES", "PROGRAMS_PER_SM", "ABLATE",
+                                         "SWAP_AB")}
 
 
 def switch(flags: dict) -> None:

@@ -55,6 +55,10 @@ F16_DOTS = True
 FORCE_DOT = False
 #: software-pipelining stages of the split programs (None: Triton's default)
 NUM_STAGES = None
+#: an experiment for the GQA fp16 dots (``bench/probe_decode_variants.py``; not yet timed on a GPU): 1 computes
+#: the scores as ``k q^T`` (the dequantized key tile as the MMA's first operand, which Hopper can read from
+#: registers, instead of staging it through shared memory as the second), 2 also the values as ``v^T p^T``. 0: off.
+SWAP_AB = 0
 
 
 # ----------------------------------------------------------------------------------------------- RoPE tables
@@ -217,7 +221,7 @@ def _launch_plan(q: Tensor, cache, sm_scale, num_splits, block_n, num_warps, kiv
     scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
     prec = DOT_PRECISION if q.dtype == torch.float32 else DOT_PRECISION_16
     meta = dict(G=g, QPP=qpp, MR=mr, D=d, BLOCK_N=block_n, DOT=dot, PREC=prec, num_warps=num_warps,
-                PLAIN=plain_codes(dot, d, block_n), F16=dot and F16_DOTS and q.dtype != torch.float32)
+                PLAIN=plain_codes(dot, d, block_n), F16=(1 + SWAP_AB) * (dot and F16_DOTS and q.dtype != torch.float32))
     if NUM_STAGES is not None:
         meta["num_stages"] = NUM_STAGES
     if not kivi:  # inline-asm codebook loads on the GPU (the interpreter runs the tl.load form)

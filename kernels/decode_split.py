@@ -98,10 +98,14 @@ def _load_query(Q, sqb, sqh, b, hq0, qk_scale, QPP: tl.constexpr, MR: tl.constex
 def _scores(q1, q2, k1, k2, DOT: tl.constexpr, PREC: tl.constexpr, F16: tl.constexpr = False,
             FMA: tl.constexpr = False):
     """``q (MR, D/2)`` halves against key halves ``(N, D/2)``: ``(N,)`` for one row, else ``(MR, N)``.
-    ``F16``: the dot's operands rounded to fp16 (tensor-core fp16 MMA, float32 accumulation). ``FMA``: float32
+    ``F16``: the dot's operands rounded to fp16 (tensor-core fp16 MMA, float32 accumulation); 2 or more: the key
+    tile as the MMA's first operand, the query's rows as its columns (``decode_attention.SWAP_AB``). ``FMA``: float32
     products ``(MR, N, D/2)`` summed over channels, per half."""
     if FMA:
         return tl.sum(q1[:, None, :] * k1[None, :, :], axis=2) + tl.sum(q2[:, None, :] * k2[None, :, :], axis=2)
+    elif DOT and F16 >= 2:  # swapped operands (``decode_attention.SWAP_AB``): the key tile is the MMA's A, (N, MR)
+        st = tl.dot(k1.to(tl.float16), tl.trans(q1.to(tl.float16)))
+        return tl.trans(tl.dot(k2.to(tl.float16), tl.trans(q2.to(tl.float16)), st))
     elif DOT and F16:
         s = tl.dot(q1.to(tl.float16), tl.trans(k1.to(tl.float16)))
         return tl.dot(q2.to(tl.float16), tl.trans(k2.to(tl.float16)), s)
@@ -162,6 +166,10 @@ def _accumulate(p, v1, v2, acc1, acc2, DOT: tl.constexpr, PREC: tl.constexpr, F1
     if FMA:
         return (acc1 + tl.sum(p[:, :, None] * v1[None, :, :], axis=1),
                 acc2 + tl.sum(p[:, :, None] * v2[None, :, :], axis=1))
+    elif DOT and F16 >= 3:  # swapped: ``acc^T += v^T p^T``, the value tile as the MMA's A
+        pt = tl.trans(p.to(tl.float16))
+        return (acc1 + tl.trans(tl.dot(tl.trans(v1.to(tl.float16)), pt)),
+                acc2 + tl.trans(tl.dot(tl.trans(v2.to(tl.float16)), pt)))
     elif DOT and F16:
         p16 = p.to(tl.float16)
         return tl.dot(p16, v1.to(tl.float16), acc1), tl.dot(p16, v2.to(tl.float16), acc2)

@@ -410,13 +410,18 @@ def test_decode_attention_gqa_dot_shapes(bits):
     assert _rel(decode_attention_kivi(q, k, num_splits=2, block_n=16), ref.decode_attention_kivi_ref(q, k)) < ATTN_RTOL
 
 
+@pytest.mark.parametrize("swap", [0, 1, 2])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d,g", [(128, 4), (64, 3), (32, 7)])
-def test_decode_attention_gqa_16_bit_queries(dtype, d, g):
+def test_decode_attention_gqa_16_bit_queries(dtype, d, g, swap, monkeypatch):
     """16-bit queries take fp16 tensor-core dots (``F16_DOTS``: operands rounded to fp16, float32 accumulation):
     within the stated tolerance plus the output dtype's epsilon of the float32 reference, at the runtime's shapes
-    (D=128, G=4, block_n=32, sparse kvquant outliers) and odd ones (G=3, 7; D=64, 32)."""
+    (D=128, G=4, block_n=32, sparse kvquant outliers) and odd ones (G=3, 7; D=64, 32); also with the dots' operands
+    swapped (``SWAP_AB`` 1: scores as ``k q^T``, 2: and values as ``v^T p^T``)."""
+    import kvq_kernels.decode_attention as da
     from kvq_kernels.sparse import SparseRows
+
+    monkeypatch.setattr(da, "SWAP_AB", swap)
 
     gen = _gen(210 + g)
     t = 70
