@@ -38,10 +38,12 @@ test: install
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q
 
 # The oldest transformers kvq supports (the GPU machines' version), in a second environment that shares
-# everything else: the tests that touch transformers' interfaces (cache, attention hooks, generate, the real model).
+# everything else: the tests that touch transformers' interfaces (cache, attention hooks, generate, the real model,
+# config.json read as transformers reads it).
 TRANSFORMERS_OLDEST ?= 5.17.0
 OLDEST_ENV ?= .venv-transformers-oldest
-OLDEST_TESTS ?= tests/test_runtime.py tests/test_generate.py tests/test_calibration.py tests/test_integration_smollm2.py
+OLDEST_TESTS ?= tests/test_runtime.py tests/test_generate.py tests/test_calibration.py tests/test_integration_smollm2.py \
+	tests/test_startup.py
 test-oldest: install
 	@test -x $(OLDEST_ENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(OLDEST_ENV)
 	$(OLDEST_ENV)/bin/python -m pip install -q "transformers==$(TRANSFORMERS_OLDEST)"

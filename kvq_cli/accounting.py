@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .hf_attention import KVGeometry
+    from .hf_config import KVGeometry
     from .methods.base import KVMethod
 
 FP16_TOKEN_BITS_PER_ELEMENT = 16

@@ -1,21 +1,24 @@
-"""The library API behind the CLI: each function returns data and never prints (progress goes to a callback)."""
+"""The library API behind the CLI: each function returns data and never prints (progress goes to a callback).
+
+torch, and the modules that use it, are imported inside the functions that need them: ``list_methods`` and
+``estimate_memory`` (without artifacts) import neither torch nor transformers."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from . import artifact as artifact_io
 from .accounting import avg_bits
 from .data import load_text, tokenize, windows
 from .errors import KvqError
-from .hf_attention import KVGeometry, geometry_from_config
+from .hf_config import KVGeometry, geometry_from_config
 from .methods import KVMethod
 from .models import load_config, load_model, load_tokenizer, resolve_model, supported_config
-from .perplexity import MODES, Configuration, evaluate
+
+if TYPE_CHECKING:
+    from . import artifact as artifact_io
+    from .perplexity import Configuration
 
 Progress = Callable[[str, int, int], Callable[[int], None]]
 """``progress(description, total, unit_total)`` returns an ``advance(n)`` callback."""
@@ -25,13 +28,20 @@ def _no_progress(description: str, total: int, _units: int = 0) -> Callable[[int
     return lambda n: None
 
 
+def check_device(device: str) -> None:
+    """``--device`` names auto, cpu or cuda[:N] (whether a GPU is there is asked by ``resolve_device``)."""
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise KvqError(f"--device must be auto, cpu or cuda, not {device!r}")
+
+
 def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    check_device(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise KvqError("--device cuda asked for, but no CUDA GPU is available")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise KvqError(f"--device must be auto, cpu or cuda, not {device!r}")
     return device
 
 
@@ -54,6 +64,8 @@ def load_net(source, dtype: str, device: str, device_map: str | None = None):
 
 def load_artifact(path: str, geom: KVGeometry) -> artifact_io.Artifact:
     """Load an artifact, checked against a model of this geometry before any tensor is read."""
+    from . import artifact as artifact_io
+
     if not path:
         raise KvqError("--artifact is empty: name an artifact file")
     return artifact_io.load(path, geom)
@@ -61,6 +73,8 @@ def load_artifact(path: str, geom: KVGeometry) -> artifact_io.Artifact:
 
 #: Largest ``--batch-size`` of eval-ppl.
 MAX_BATCH = 4096
+#: eval-ppl's ``--mode``: one pass with every K/V quantize-dequantized, or chunks through the packed cache.
+MODES = ("simulated", "streaming")
 
 
 def check_sink(method: KVMethod, seqlen: int, streaming: bool = False) -> None:
@@ -78,11 +92,33 @@ def configuration_for(
     method: KVMethod, geom: KVGeometry, seqlen: int, states=None, source: str = "", with_residual: bool = False
 ) -> Configuration:
     """A table row for a method (tuning-free ones need no states)."""
+    from .perplexity import Configuration
+
     if method.needs_calibration and states is None:
         raise KvqError(f"method {method.name} needs calibration: run `kvq calibrate` and pass --artifact")
     state_bits = sum(method.state_bits(s) for s in states) if states else 0
     bits = avg_bits(method, geom, seqlen, state_bits, with_residual=with_residual)
     return Configuration(method.label, method, states, bits, source)
+
+
+def check_eval_options(datasets: Sequence[str], seqlens: Sequence[int], max_windows: int | None, batch_size: int,
+                       methods: Sequence[KVMethod], mode: str, chunk: int, chunk_attention: str) -> None:
+    """The mistakes ``eval_ppl``'s options alone show (the CLI asks before torch loads)."""
+    if chunk_attention not in ("full", "stored"):
+        raise KvqError(f"--chunk-attention must be full or stored, not {chunk_attention!r}")
+    if mode not in MODES:
+        raise KvqError(f"--mode must be simulated or streaming, not {mode!r}")
+    if chunk < 1:
+        raise KvqError("--chunk must be at least 1")
+    if not datasets or not seqlens or min(seqlens) < 2:
+        raise KvqError("--seqlen must be at least 2 (and --dataset not empty)")
+    if max_windows is not None and max_windows < 1:
+        raise KvqError("--max-windows must be at least 1")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise KvqError(f"--batch (--batch-size) must be in 1..{MAX_BATCH}, not {batch_size}")
+    for m in methods:
+        for n in seqlens:
+            check_sink(m, n, mode == "streaming")
 
 
 def eval_ppl(
@@ -110,24 +146,12 @@ def eval_ppl(
     Several datasets and/or seqlens: the model loads once and the result is ``{"model", "mode", "device",
     "dtype", "seconds", "runs": [one single-run result per dataset and seqlen]}``.
     """
+    from .perplexity import evaluate
+
     datasets = [dataset] if isinstance(dataset, str) else list(dict.fromkeys(dataset))
     seqlens = [seqlen] if isinstance(seqlen, int) else list(dict.fromkeys(seqlen))
-    if chunk_attention not in ("full", "stored"):
-        raise KvqError(f"--chunk-attention must be full or stored, not {chunk_attention!r}")
-    if mode not in MODES:
-        raise KvqError(f"--mode must be simulated or streaming, not {mode!r}")
-    if chunk < 1:
-        raise KvqError("--chunk must be at least 1")
+    check_eval_options(datasets, seqlens, max_windows, batch_size, methods, mode, chunk, chunk_attention)
     streaming = mode == "streaming"
-    if not datasets or not seqlens or min(seqlens) < 2:
-        raise KvqError("--seqlen must be at least 2 (and --dataset not empty)")
-    if max_windows is not None and max_windows < 1:
-        raise KvqError("--max-windows must be at least 1")
-    if not 1 <= batch_size <= MAX_BATCH:
-        raise KvqError(f"--batch (--batch-size) must be in 1..{MAX_BATCH}, not {batch_size}")
-    for m in methods:
-        for n in seqlens:
-            check_sink(m, n, streaming)
     device = resolve_device(device)
     texts = {name: load_text(name, data_dir) for name in datasets}  # a missing corpus is said before any model
     source = resolve_model(model, trust_remote_code)
@@ -178,6 +202,21 @@ def eval_ppl(
     return {**{k: runs[0][k] for k in keep}, "seconds": round(time.perf_counter() - start, 2), **extra, "runs": runs}
 
 
+def check_calibrate_options(method: KVMethod, out: str, samples: int, seqlen: int, max_tokens: int, seed: int) -> None:
+    """The mistakes ``calibrate``'s options alone show (the CLI asks before torch loads)."""
+    from .artifact import check_writable
+
+    if not 1 <= samples <= 1 << 16 or seqlen < 2:
+        raise KvqError("--samples must be in 1..65536 and --seqlen >= 2")
+    if not 1 <= max_tokens <= 1 << 24:
+        raise KvqError(f"--max-tokens must be in 1..{1 << 24}, not {max_tokens}")
+    if not 0 <= seed < 1 << 63:
+        raise KvqError(f"--seed must be in 0..2^63-1, not {seed}")
+    check_writable(out)
+    if method.needs_calibration:
+        check_sink(method, seqlen)
+
+
 def calibrate(
     method: KVMethod,
     out: str,
@@ -201,17 +240,12 @@ def calibrate(
     ``avg_bits_budget`` (kvquant only): key and value widths 1-4 per layer chosen to minimize the Fisher-weighted error
     within that many average bits at ``seqlen`` tokens (``calibration.allocate``), recorded in the artifact.
     """
+    import torch
+
+    from . import artifact as artifact_io
     from .calibration.capture import capture, sample_windows
 
-    if not 1 <= samples <= 1 << 16 or seqlen < 2:
-        raise KvqError("--samples must be in 1..65536 and --seqlen >= 2")
-    if not 1 <= max_tokens <= 1 << 24:
-        raise KvqError(f"--max-tokens must be in 1..{1 << 24}, not {max_tokens}")
-    if not 0 <= seed < 1 << 63:
-        raise KvqError(f"--seed must be in 0..2^63-1, not {seed}")
-    artifact_io.check_writable(out)
-    if method.needs_calibration:
-        check_sink(method, seqlen)
+    check_calibrate_options(method, out, samples, seqlen, max_tokens, seed)
     device = resolve_device(device)
     source = resolve_model(model, trust_remote_code)
     geom = geometry_from_config(supported_config(source))
@@ -284,6 +318,8 @@ def _check_budget(method: KVMethod, geom: KVGeometry, seqlen: int, budget: float
 
 def _device_name(device: str) -> str:
     if device.startswith("cuda"):
+        import torch
+
         return torch.cuda.get_device_name(torch.device(device))
     return "cpu"
 

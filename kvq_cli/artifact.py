@@ -23,12 +23,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import __version__
 from . import artifact_checks as checks
 from .errors import KvqError
-from .hf_attention import KVGeometry
+from .hf_config import KVGeometry
+from .lazy import torch
 from .methods import KVMethod
 from .methods.base import State
 

@@ -17,14 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from .errors import KvqError
-from .hf_attention import check_geometry
+from .hf_config import check_geometry
+from .lazy import torch
 from .methods import KVMethod, method_from_config
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 SCHEMA_VERSION = 2
 FINGERPRINT_KEYS = ("architecture", "layers", "kv_heads", "head_dim", "q_heads", "rope_theta")

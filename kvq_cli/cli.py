@@ -101,12 +101,15 @@ def eval_ppl(
         kvq eval-ppl --data-dir ../shared/data --max-windows 4 --method kivi2 --method int4
         kvq eval-ppl --dataset wikitext2 --dataset shakespeare --seqlen 512 --seqlen 2048 --method kivi2
     """
-    run = {**run, "dtype": o.model_dtype(run["dtype"])}
-    o.check_corpora(dataset or ["wikitext2"], data_dir)
-    _import_torch_holding_ctrl_c()
-    methods = o.methods(method, defaults, tuning_free=True)
     from . import api
 
+    run = {**run, "dtype": o.model_dtype(run["dtype"])}
+    methods = o.methods(method, defaults, tuning_free=True)
+    api.check_eval_options(dataset or ["wikitext2"], seqlen or [2048], max_windows, batch, methods, mode, chunk,
+                           chunk_attention)
+    o.check_corpora(dataset or ["wikitext2"], data_dir)
+    o.check_run(model, run)
+    _import_torch_holding_ctrl_c()
     with progress() as bar:
         result = api.eval_ppl(
             model=model, dataset=dataset or ["wikitext2"], data_dir=data_dir, seqlen=seqlen or [2048],
@@ -165,22 +168,25 @@ def calibrate(
         kvq calibrate --method cq:channels=8,bits=8 --method pq --data-dir ../shared/data --out artifacts/
         kvq calibrate --method kvquant --outliers 0.01 --avg-bits 2.5 --data-dir ../shared/data --out mix.safetensors
     """
+    from pathlib import Path
+
+    from . import api
+
     defaults = {**defaults, **o.default_options(per_channel=per_channel, pre_rope=pre_rope, nuq=nuq, fisher=fisher,
                                                 qnorm=qnorm)}
     run = {**run, "dtype": o.model_dtype(run["dtype"])}
-    _import_torch_holding_ctrl_c()
     specs = o.methods(method, defaults, fallback=["kvquant"])
+    outs = [out] if len(specs) == 1 else [str(Path(out) / _artifact_name(m)) for m in specs]
+    if len(specs) > 1 and (Path(out).suffix == ".safetensors" or Path(out).is_file()):
+        raise KvqError(f"--out {out}: with {len(specs)} --method entries --out is a folder (one artifact each)")
+    for spec, path in zip(specs, outs, strict=True):
+        api.check_calibrate_options(spec, path, samples, seqlen, max_tokens, seed)
     if any(m.needs_calibration for m in specs) and not model.startswith("random:"):
         o.check_corpora([dataset], data_dir)
-    from pathlib import Path
-
-    outs = [out] if len(specs) == 1 else [str(Path(out) / _artifact_name(m)) for m in specs]
+    o.check_run(model, run)
     if len(specs) > 1:
-        if Path(out).suffix == ".safetensors" or Path(out).is_file():
-            raise KvqError(f"--out {out}: with {len(specs)} --method entries --out is a folder (one artifact each)")
         Path(out).mkdir(parents=True, exist_ok=True)
-    from . import api
-
+    _import_torch_holding_ctrl_c()
     results = []
     for spec, path in zip(specs, outs, strict=True):
         with progress() as bar:
@@ -258,8 +264,12 @@ def estimate_memory(
 
 
 def _check_generate_options(model: str, prompt_file, haystack: bool, context, depth, max_new_tokens: int,
-                            temperature: float, top_p: float) -> None:
+                            temperature: float, top_p: float, chunk: int, fill: str | None) -> None:
     """The mistakes the options alone show, said before torch or any model loads."""
+    if chunk < 1:
+        raise KvqError("--chunk must be at least 1")
+    if fill not in (None, "random"):
+        raise KvqError(f"--fill takes 'random', not {fill!r}")
     if haystack and prompt_file:
         raise KvqError("give --prompt-file or --haystack, not both")
     if depth is not None and not haystack:
@@ -341,12 +351,14 @@ def generate(
         kvq generate --method kivi4 --haystack --context 4K --depth 0.25 --data-dir ../shared/data
         kvq generate --model random:llama-3.2-1b --method kivi2 --method int4 --context 32K --json
     """
-    _check_generate_options(model, prompt_file, haystack, context, depth, max_new_tokens, temperature, top_p)
+    _check_generate_options(model, prompt_file, haystack, context, depth, max_new_tokens, temperature, top_p, chunk,
+                            fill)
     run = {**run, "dtype": o.model_dtype(run["dtype"])}
+    methods = o.methods(method or ([] if artifact else None), defaults, tuning_free=True)
     if haystack:
         o.check_corpora([filler], data_dir)
+    o.check_run(model, run)
     _import_torch_holding_ctrl_c()
-    methods = o.methods(method or ([] if artifact else None), defaults, tuning_free=True)
     runs: list[dict[str, Any]] = [{"artifact": a} for a in artifact or []] + [{"method": m} for m in methods]
     shared = dict(model=model, prompt_file=prompt_file, haystack=haystack, context=context, depth=depth,
                   max_new_tokens=max_new_tokens, chunk=chunk, seed=seed, data_dir=data_dir, filler=filler,

@@ -3,8 +3,8 @@
 * ``attention_layers(model)``: the attention modules, found by their public attributes (``layer_idx``,
   ``k_proj``/``v_proj`` or a fused ``qkv_proj``), for Llama-like architectures (Llama, Mistral, Qwen2/3, Gemma 2/3,
   Phi-3).
-* ``geometry_from_config``: layers, KV heads, head_dim, query heads, RoPE thetas (one per layer type where the
-  model has several), each layer's sliding window.
+* ``geometry_from_config`` (from ``kvq_cli.hf_config``, which reads configurations without torch): layers, KV heads,
+  head_dim, query heads, RoPE thetas (one per layer type where the model has several), each layer's sliding window.
 * A registered attention function (``AttentionInterface``) that lets kvq see post-RoPE keys and
   values of each layer (with the model's masks, sliding windows and logit softcapping), and forward hooks that
   see pre-RoPE keys whatever the projection / norm / transpose order (``pre_rope_hooks``).
@@ -19,12 +19,18 @@ import functools
 import inspect
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from .errors import KvqError
+from .hf_config import (  # noqa: F401 - the configuration's part (torch-free), named here too for the runtime
+    KVGeometry,
+    geometry_from_config,
+    layer_rope_key,
+    layer_windows,
+    text_config,
+)
 
 #: The runtime's attention (no masks: the packed cache's attention is causal by construction, and windowed where the
 #: layer is); ``MASKED_NAME``: simulation and calibration, with the masks transformers makes for SDPA.
@@ -57,106 +63,6 @@ def passed_cache(kwargs: dict):
         if kwargs.get(name) is not None:
             return kwargs[name]
     return None
-
-
-@dataclass(frozen=True)
-class KVGeometry:
-    """Shapes of a model's KV cache."""
-
-    layers: int
-    kv_heads: int
-    head_dim: int
-    q_heads: int
-    rope_theta: float | dict[str, float]  # one theta, or one per layer type (Gemma 3: sliding / full attention)
-    max_positions: int | None
-    architecture: str
-    #: each layer's sliding window (None: global attention); None: every layer global
-    windows: tuple[int | None, ...] | None = None
-
-
-def text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def rope_thetas(cfg) -> float | dict[str, float] | None:
-    """The config's RoPE theta: one number, or ``{layer type: theta}`` where ``rope_parameters`` is nested by layer
-    type (Gemma 3); None where the config names no RoPE at all."""
-    rope = getattr(cfg, "rope_parameters", None)
-    if isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values()):
-        thetas = {k: v.get("rope_theta") for k, v in rope.items()}
-        return None if any(t is None for t in thetas.values()) else thetas
-    theta = rope.get("rope_theta") if isinstance(rope, dict) else None
-    theta = theta or getattr(cfg, "rope_theta", None)
-    local = getattr(cfg, "rope_local_base_freq", None)  # Gemma 3 configs before nested rope_parameters
-    if theta is not None and local is not None and local != theta:
-        return {"full_attention": theta, "sliding_attention": local}
-    return theta
-
-
-def layer_windows(config) -> tuple[int | None, ...]:
-    """Each layer's sliding window (None: global attention), as the model's attention applies it: ``layer_types``
-    where the config has them, else ``sliding_window`` on every layer (Mistral), unless ``use_sliding_window`` is
-    off (Qwen2/3)."""
-    cfg = text_config(config)
-    window = getattr(cfg, "sliding_window", None)
-    if getattr(cfg, "use_sliding_window", True) is False or isinstance(window, bool) or not isinstance(window, int):
-        window = None
-    types = getattr(cfg, "layer_types", None)
-    if types and len(types) == cfg.num_hidden_layers:
-        return tuple(window if t == "sliding_attention" else None for t in types)
-    return (window,) * cfg.num_hidden_layers
-
-
-def layer_rope_key(config, layer: int) -> str | None:
-    """The layer type whose RoPE ``layer`` uses when thetas differ per type (``rope_thetas``), else None."""
-    cfg = text_config(config)
-    types = getattr(cfg, "layer_types", None)
-    return types[layer] if types and isinstance(rope_thetas(cfg), dict) else None
-
-
-def geometry_from_config(config) -> KVGeometry:
-    """KV geometry from a config alone (no weights)."""
-    cfg = text_config(config)
-    heads = cfg.num_attention_heads
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-        raise KvqError(f"the model's config: num_attention_heads must be a positive integer, not {heads!r}")
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    theta = rope_thetas(cfg) or 10000.0
-    if isinstance(theta, dict):
-        theta = {k: float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for k, v in theta.items()}
-    arch = (getattr(cfg, "architectures", None) or [cfg.model_type])[0]
-    positions = getattr(cfg, "max_position_embeddings", None)
-    check_geometry(cfg.num_hidden_layers, kv_heads, head_dim, heads, theta, positions, where="the model's config")
-    windows = layer_windows(cfg)
-    return KVGeometry(cfg.num_hidden_layers, kv_heads, head_dim, heads, theta if isinstance(theta, dict)
-                      else float(theta), positions, arch, windows if any(w is not None for w in windows) else None)
-
-
-#: Largest sizes a configuration may claim (beyond any released model, small enough to allocate per layer).
-GEOMETRY_LIMITS = {"layers": 4096, "kv_heads": 4096, "head_dim": 8192, "q_heads": 4096}
-
-
-def check_geometry(layers, kv_heads, head_dim, q_heads, rope_theta, max_positions=None, where="config") -> None:
-    """``KvqError`` unless every size is an integer in ``1..GEOMETRY_LIMITS``, the query heads a multiple of the KV
-    heads, ``rope_theta`` a positive finite number (or ``{layer type: theta}``) and ``max_positions`` None or a
-    positive integer."""
-    sizes = {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "q_heads": q_heads}
-    for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= GEOMETRY_LIMITS[name]:
-            raise KvqError(f"{where}: {name} must be an integer in 1..{GEOMETRY_LIMITS[name]}, not {value!r}")
-    if q_heads % kv_heads:
-        raise KvqError(f"{where}: {q_heads} query heads are not a multiple of {kv_heads} KV heads")
-    thetas = rope_theta.values() if isinstance(rope_theta, dict) and 0 < len(rope_theta) <= 16 else [rope_theta]
-    for theta in thetas:
-        if isinstance(theta, bool) or not isinstance(theta, int | float) or not 0 < theta < float("inf"):
-            raise KvqError(f"{where}: rope_theta must be a positive number (or one per layer type), not "
-                           f"{str(rope_theta)[:80]!r}")
-    if isinstance(rope_theta, dict) and not all(isinstance(k, str) and 0 < len(k) <= 64 for k in rope_theta):
-        raise KvqError(f"{where}: rope_theta's layer types must be names")
-    if max_positions is not None and (isinstance(max_positions, bool) or not isinstance(max_positions, int)
-                                      or max_positions < 1):
-        raise KvqError(f"{where}: max_position_embeddings must be a positive integer, not {max_positions!r}")
 
 
 def attention_layers(model: nn.Module) -> list[nn.Module]:

@@ -13,7 +13,7 @@ The KV arithmetic is the runtime's own (``kvq_cli.accounting.cache_bits``, resid
       x context x 2 bytes, and one layer's K/V repeated to the query heads plus the concatenation copy,
       batch x context x 2 (q_heads + kv_heads) x head_dim x 2 bytes;
     - the packed kvq cache (no mask: its attention is causal by construction), its GPU prefill
-      (``runtime.prefill``): one history block of L tokens (``history_block``: L x q_heads x head_dim
+      (``runtime.prefill``, ``blocks``): one history block of L tokens (``history_block``: L x q_heads x head_dim
       <= 2^26) dequantized, 4 x batch x kv_heads x L x head_dim x 4 bytes (fp32 K and V and their
       temporaries), repeated to the query heads in bf16, 2 x batch x q_heads x L x head_dim x 2 bytes,
       and four fp32 partial outputs of the chunk, 4 x batch x q_heads x chunk x head_dim x 4 bytes;
@@ -36,10 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from .accounting import avg_bits, cache_bits
+from .blocks import history_block
 from .errors import KvqError
 from .methods import KVMethod, parse_spec
 from .methods.base import FP16_BITS
-from .presets import GPU_PRESETS, MODEL_PRESETS, ModelShape, shape_from_config
+from .presets import GPU_PRESETS, MODEL_PRESETS, ModelShape, random_shape, shape_from_config
 
 GiB = 1 << 30
 PREFILL_CHUNK = 4096
@@ -93,8 +94,9 @@ def gpu_bytes(name: str) -> int:
 
 def resolve_shape(spec: str, trust_remote_code: bool = False) -> ModelShape:
     """A preset's shapes, else the configuration of anything the model resolver takes (never weights; the model's
-    own code runs only with ``trust_remote_code``)."""
-    from .models import load_config, resolve_model
+    own code runs only with ``trust_remote_code``). Presets, ``random:<preset>`` and a local folder whose config.json
+    says all (``models.quick_config``) are read without transformers or torch."""
+    from .models import load_config, quick_config, resolve_model
 
     if spec.lower() in MODEL_PRESETS:
         return MODEL_PRESETS[spec.lower()]
@@ -102,7 +104,9 @@ def resolve_shape(spec: str, trust_remote_code: bool = False) -> ModelShape:
         source = resolve_model(spec, trust_remote_code)
     except KvqError as exc:
         raise KvqError(f"{exc}; presets for estimates: {', '.join(MODEL_PRESETS)}") from None
-    return shape_from_config(load_config(source), source.name)
+    if source.random:
+        return random_shape(source.random, source.name)
+    return shape_from_config(quick_config(source) or load_config(source), source.name)
 
 
 def state_bits_estimate(method: KVMethod, kv_heads: int, head_dim: int) -> int:
@@ -154,8 +158,6 @@ def weights_bytes(shape: ModelShape, dtype: str = "bf16") -> float:
 def activation_parts(shape: ModelShape, tokens: int, batch: int = 1, method: KVMethod | None = None,
                      chunk: int = PREFILL_CHUNK) -> dict[str, int]:
     """Allocator bytes beyond weights and KV at the peak of a chunked prefill (module docstring), by part."""
-    from .runtime.prefill import history_block
-
     chunk = min(chunk, tokens)
     parts = {"hidden and MLP buffers": batch * chunk * (4 * shape.hidden + 2 * shape.intermediate) * 2}
     if method is None or method.name == "fp16":  # SDPA gets a materialized causal mask and repeated K/V

@@ -139,6 +139,42 @@ def _resolve(spec: str | None) -> ModelSource:
     return ModelSource(spec, spec)  # a hub id; checked when loaded
 
 
+def config_json(source: ModelSource) -> tuple[Any, bool] | None:
+    """A local folder's config.json read without transformers (``hf_config.json_config``): the configuration, and
+    whether it is exactly what transformers reads. None for other sources (random presets, GGUF files, hub ids), for a
+    model that brings its own configuration code (``auto_map``: transformers decides) or a file that is not JSON."""
+    from .hf_config import json_config, read_json
+
+    if source.random or source.gguf_file or not (Path(source.path) / "config.json").is_file():
+        return None
+    raw = read_json(Path(source.path) / "config.json")
+    return None if raw is None or "auto_map" in raw else json_config(raw)
+
+
+def quick_config(source: ModelSource):
+    """``load_config``'s answer without importing transformers or torch where the folder's config.json gives it
+    exactly (``config_json``), else None."""
+    found = config_json(source)
+    return found[0] if found is not None and found[1] else None
+
+
+def precheck(spec: str | None, trust_remote_code: bool = False) -> None:
+    """Refuse at once, before torch or transformers load, a local model whose config.json shows that kvq cannot run
+    it (``check_supported``, and its geometry's sizes). Models this cannot judge without transformers (aliases, random
+    presets, GGUF files, hub ids) are checked when they load, as every model is."""
+    if not spec or spec.startswith("random:") or spec in ALIASES:
+        return
+    found = config_json(resolve_model(spec, trust_remote_code))
+    if found is None:
+        return
+    config, exact = found
+    check_supported(config, exact)
+    if exact:
+        from .hf_config import geometry_from_config
+
+        geometry_from_config(config)
+
+
 def supported_config(source: ModelSource):
     """``load_config``, refused (``check_supported``) when kvq cannot quantize the model: fast, no weights read."""
     config = load_config(source)
@@ -151,9 +187,9 @@ def load_config(source: ModelSource):
     from transformers import AutoConfig
 
     if source.random:
-        from .presets import MODEL_PRESETS, config_for
+        from .presets import MODEL_PRESETS, RANDOM_POSITIONS, config_for
 
-        return config_for(MODEL_PRESETS[source.random], max_positions=1 << 24)
+        return config_for(MODEL_PRESETS[source.random], max_positions=RANDOM_POSITIONS)
     return _hub_call(lambda: AutoConfig.from_pretrained(source.path, **source.load_kwargs()), source.name)
 
 
@@ -192,17 +228,22 @@ def load_model(source: ModelSource, dtype: str = "float32", device: str = "cpu",
 DEVICE_MAPS = ("auto", "balanced", "sequential", "kvq")
 
 
+def check_device_map(spec: str | dict) -> None:
+    """``--device-map`` is an explicit map or one of ``DEVICE_MAPS``."""
+    if not isinstance(spec, dict) and spec not in DEVICE_MAPS:
+        raise KvqError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, not {spec!r}")
+
+
 def resolve_device_map(spec: str | dict, config) -> str | dict:
     """``kvq`` -> ``placement.device_map`` over the visible GPUs (or the CPU); accelerate's names as they are."""
     import torch
 
+    check_device_map(spec)
     if isinstance(spec, dict):
         return spec
-    if spec not in DEVICE_MAPS:
-        raise KvqError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, not {spec!r}")
     if spec != "kvq":
         return spec
-    from .hf_attention import text_config
+    from .hf_config import text_config
     from .placement import device_map
 
     text = text_config(config)
@@ -277,21 +318,26 @@ def load_tokenizer(source: ModelSource):
     return _hub_call(lambda: AutoTokenizer.from_pretrained(source.path, **source.load_kwargs()), source.name)
 
 
-def check_supported(config) -> None:
+def check_supported(config, exact: bool = True) -> None:
     """Refuse, from the configuration alone (before any weight is read), models kvq cannot quantize: no rotary
-    position embedding, compressed latent K/V (MLA), encoder-decoders, or not a decoder with attention heads."""
-    from .hf_attention import rope_thetas, text_config
+    position embedding, compressed latent K/V (MLA), encoder-decoders, or not a decoder with attention heads.
+
+    ``exact=False``: ``config`` is a config.json's keys alone (``hf_config.json_config`` of a model type it does not
+    know: no class defaults, no renamed keys), and only what the file itself proves is refused."""
+    from .hf_config import mentions_rope, rope_thetas, text_config
 
     text = text_config(config)
+    if not exact and not isinstance(getattr(text, "model_type", None), str):
+        return
     kind = getattr(text, "model_type", None) or type(text).__name__
     if getattr(config, "is_encoder_decoder", False):
         raise KvqError(f"model type {kind!r} is an encoder-decoder: kvq supports decoder-only models")
-    if getattr(text, "num_attention_heads", None) is None:
+    if exact and getattr(text, "num_attention_heads", None) is None:
         raise KvqError(f"model type {kind!r} is not a supported decoder-only attention model")
     if getattr(text, "kv_lora_rank", None):
         raise KvqError(f"model type {kind!r} caches compressed latent K/V (multi-head latent attention): kvq "
                        "quantizes per-head keys and values")
-    if rope_thetas(text) is None:
+    if rope_thetas(text) is None and (exact or not mentions_rope(config.to_dict())):
         raise KvqError(f"model type {kind!r} has no rotary position embedding (no rope_theta in its configuration): "
                        "kvq supports RoPE models")
 

@@ -206,6 +206,18 @@ def check_corpora(names: list[str], data_dir: str | None) -> None:
         locate(name, data_dir)
 
 
+def check_run(model: str, run: dict[str, Any]) -> None:
+    """``--device`` and ``--device-map`` are names kvq knows, and a local model whose config.json shows that kvq
+    cannot run it is refused (``models.precheck``): said before torch loads."""
+    from .api import check_device
+    from .models import check_device_map, precheck
+
+    check_device(run["device"])
+    if run["device_map"] is not None:
+        check_device_map(run["device_map"])
+    precheck(model, run["trust_remote_code"])
+
+
 def default_options(**options: Any) -> dict[str, Any]:
     """The default-setting flags that were given (``--bits 3`` -> ``{"bits": 3}``)."""
     return {k: v for k, v in options.items() if v is not None}

@@ -45,10 +45,7 @@ def _context(model: nn.Module, config: Configuration):
     return simulated(model, config.method, config.states)
 
 
-# ---- forward by mode: simulated = one pass; streaming = chunks through the packed cache ----
-MODES = ("simulated", "streaming")
-
-
+# ---- forward by mode (``api.MODES``): simulated = one pass; streaming = chunks through the packed cache ----
 def _logits(model: nn.Module, ids: Tensor, config: Configuration, mode: str, chunk: int,
             full_chunk: bool = True) -> Tensor:
     """Logits ``(b, T, V)`` of one configuration on ``ids (b, T)`` in ``mode`` (the baseline: one plain pass)."""

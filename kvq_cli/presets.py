@@ -8,10 +8,11 @@ parameter counts are computed from them (tests check them against the published 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from .errors import KvqError
-from .hf_attention import KVGeometry, geometry_from_config, text_config
+from .hf_config import KVGeometry, geometry_from_config, text_config
 
 GiB = 1 << 30
 
@@ -136,6 +137,17 @@ def shape_from_config(config, name: str) -> ModelShape:
         windows=geom.windows,
         rope_thetas=theta if isinstance(theta, dict) else None,
     )
+
+
+#: Positions of a ``random:<preset>`` model (no trained context to stay within).
+RANDOM_POSITIONS = 1 << 24
+
+
+def random_shape(preset: str, name: str) -> ModelShape:
+    """The shapes of the model ``random:<preset>`` runs (``config_for(..., RANDOM_POSITIONS)``: one RoPE theta, every
+    layer global), without transformers."""
+    return dataclasses.replace(MODEL_PRESETS[preset], name=name, max_positions=RANDOM_POSITIONS, windows=None,
+                               rope_thetas=None)
 
 
 def config_for(shape: ModelShape, max_positions: int | None = None):

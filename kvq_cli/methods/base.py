@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
-
-import torch
-from kvq_kernels.reference import cdiv
-from kvq_kernels.sparse import sparse_block
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import KvqError
+from ..lazy import torch
 
-State = dict[str, Tensor]
-Encoded = dict[str, Tensor]
+if TYPE_CHECKING:
+    from torch import Tensor
+
+State = dict[str, "Tensor"]
+Encoded = dict[str, "Tensor"]
 
 #: Bits charged for one stored scale, zero point or outlier value (fp16).
 FP16_BITS = 16
@@ -34,12 +33,18 @@ FP16_BITS = 16
 OUTLIER_BITS = 32
 
 
+def pointer_block(head_dim: int) -> int:
+    """Tokens per sparse-outlier row pointer: ``kvq_kernels.sparse.sparse_block`` (64, fewer where ``head_dim > 512``),
+    restated here because the accounting imports no torch (tests hold the two equal)."""
+    return min(64, (1 << 15) // head_dim)
+
+
 def outlier_pointer_bits(kv_heads: int, head_dim: int, tokens: int) -> int:
     """Bits of one stream's sparse-outlier row pointers over ``tokens`` quantized tokens (``kvq_kernels.sparse``):
-    an int32 per KV head and started block of 64 tokens (fewer where ``head_dim > 512``), plus one per head."""
+    an int32 per KV head and started block of ``pointer_block(head_dim)`` tokens, plus one per head."""
     if tokens <= 0:
         return 0
-    return kv_heads * 32 * (cdiv(tokens, sparse_block(head_dim)) + 1)
+    return kv_heads * 32 * (-(-tokens // pointer_block(head_dim)) + 1)
 
 
 @dataclass

@@ -23,15 +23,16 @@ runtime cache stores them in fp16, as ``state_bits`` charges).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-
-from ..calibration.kmeans import assign, weighted_kmeans
 from ..errors import KvqError
+from ..lazy import torch
 from .base import FP16_BITS, OUTLIER_BITS, Encoded, KVMethod, LayerCalibration, State, as_float
 from .quant_ops import outliers_per_side, packed_bits, restore_outliers, token_outlier_mask, with_outliers
 from .registry import register
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 #: Calibration vectors one k-means problem sees at most (a seeded subsample beyond).
 MAX_KMEANS_VECTORS = 16384
@@ -50,6 +51,8 @@ def fit_codebooks(
     At most ``max_vectors`` vectors per problem (the same seeded subsample for every problem); when there
     are fewer than ``k``, whole copies of the vectors are appended until there are at least ``k``.
     """
+    from ..calibration.kmeans import weighted_kmeans
+
     n = x.shape[1]
     if n == 0:
         raise KvqError("no calibration vectors to fit a codebook on")
@@ -70,6 +73,8 @@ def nearest_centroids(x: Tensor, codebook: Tensor, dtype: torch.dtype) -> Tensor
 
     The distance matrix is built in chunks over N (``kmeans.assign``), so memory stays bounded.
     """
+    from ..calibration.kmeans import assign
+
     idx, _ = assign(x.float(), codebook.float())
     return idx.to(dtype)
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-
+from ..lazy import torch
 from .base import Encoded, KVMethod, State
 from .registry import register
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @register

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from ..errors import KvqError
 from .base import FP16_BITS, Encoded, KVMethod, State, as_float
 from .quant_ops import minmax_dequantize, minmax_quantize, packed_bits, pad_to_multiple
 from .registry import register
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @register

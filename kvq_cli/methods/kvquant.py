@@ -25,12 +25,10 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-
-from ..calibration.kmeans import weighted_kmeans
 from ..errors import KvqError
+from ..lazy import torch
 from .base import FP16_BITS, OUTLIER_BITS, Encoded, KVMethod, LayerCalibration, State, as_float
 from .quant_ops import (
     channel_thresholds,
@@ -49,6 +47,9 @@ from .quant_ops import (
     with_outliers,
 )
 from .registry import register
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 #: Calibration entries k-means sees at most (a seeded subsample beyond).
 MAX_KMEANS_POINTS = 1 << 20
@@ -192,6 +193,8 @@ class KVQuant(KVMethod):
 
     def _fit_one(self, y: Tensor, mask: Tensor | None, fisher: Tensor | None, bits: int) -> Tensor:
         """One ``(2^bits,)`` codebook from the normalized entries ``y`` (outliers in ``mask`` dropped)."""
+        from ..calibration.kmeans import weighted_kmeans
+
         if self.fisher and fisher is None:
             raise KvqError("kvquant with fisher=True needs Fisher information in the calibration (or fisher=False)")
         keep = torch.ones_like(y, dtype=torch.bool) if mask is None else ~mask

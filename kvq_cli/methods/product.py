@@ -32,15 +32,17 @@ Layer state: ``key_codebook``, ``value_codebook`` float32 ``(M, 2^nbits, D / M)`
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from ..errors import KvqError
+from ..lazy import torch
 from .base import FP16_BITS, OUTLIER_BITS, Encoded, KVMethod, LayerCalibration, State, as_float
 from .coupled import code_dtype, fit_codebooks, nearest_centroids
 from .quant_ops import outliers_per_side, packed_bits, restore_outliers, token_outlier_mask, with_outliers
 from .registry import register
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @register

@@ -15,11 +15,13 @@ still covers every entry: round trips reflect fp16 storage and the min/max error
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-
+from ..lazy import torch
 from .base import FP16_BITS, OUTLIER_BITS, Encoded
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 FP16_MAX = 65504.0
 

@@ -13,14 +13,16 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from ..errors import KvqError
+from ..lazy import torch
 from .base import FP16_BITS, Encoded, KVMethod, State, as_float
 from .quant_ops import nearest_code, packed_bits
 from .registry import register
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 #: Largest fp16 value: a norm beyond it is stored saturated.
 _FP16_MAX = 65504.0
@@ -60,11 +62,16 @@ def _rotation_cpu(head_dim: int, seed: int) -> Tensor:
     return (h * signs[None, :] / math.sqrt(head_dim)).float()  # (D, D): H diag(s) / sqrt(D)
 
 
+def check_head_dim(head_dim: int) -> None:
+    """``KvqError`` unless ``head_dim`` is a power of two (the Hadamard rotation's size)."""
+    if not is_pow2(head_dim):
+        raise KvqError(f"turbo needs a head_dim that is a power of two (its Hadamard rotation), not {head_dim}")
+
+
 def rotation(head_dim: int, seed: int, device=None) -> Tensor:
     """The orthogonal ``(D, D)`` float32 matrix ``Q = H_D diag(s) / sqrt(D)`` (rotate: ``x @ Q.T``; undo: ``y @ Q``).
     ``KvqError`` unless ``D`` is a power of two."""
-    if not is_pow2(head_dim):
-        raise KvqError(f"turbo needs a head_dim that is a power of two (its Hadamard rotation), not {head_dim}")
+    check_head_dim(head_dim)
     return _rotation_cpu(head_dim, seed).to(device)
 
 
@@ -108,5 +115,5 @@ class TurboQuant(KVMethod):
         return packed_bits(enc, self.bits)
 
     def bits_per_token(self, kv_heads: int, head_dim: int) -> float:
-        rotation(head_dim, self.seed)  # KvqError for a head_dim that is not a power of two, before any model loads
+        check_head_dim(head_dim)  # before any model loads
         return 2.0 * kv_heads * (head_dim * self.bits + FP16_BITS)

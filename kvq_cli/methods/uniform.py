@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-
+from ..lazy import torch
 from .base import FP16_BITS, Encoded, KVMethod, State, as_float
 from .quant_ops import fp16_ceil, minmax_dequantize, minmax_quantize, nearest_code, normal_float_codebook, packed_bits
 from .registry import register
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @register
