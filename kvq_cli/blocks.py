@@ -1,6 +1,5 @@
 """The block sizes the packed cache's prefill and decode work in, as plain integers (no torch): ``estimate-memory``
-counts the same blocks the runtime allocates (``runtime.prefill`` restates ``history_block``, with torch around it;
-tests hold the two equal)."""
+counts the same blocks the runtime allocates (``runtime.prefill`` imports them from here)."""
 
 from __future__ import annotations
 
