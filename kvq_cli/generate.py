@@ -65,12 +65,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def peak_memory_per_gpu(device: torch.device, gpus: int = 1) -> list[int] | None:
+    """Peak bytes allocated by torch on each of ``gpus`` devices (``device`` alone for one) since the last reset;
+    None on the CPU."""
+    if device.type != "cuda":
+        return None
+    return [int(torch.cuda.max_memory_allocated(i)) for i in range(gpus)] if gpus > 1 else [
+        int(torch.cuda.max_memory_allocated(device))]
+
+
 def peak_memory(device: torch.device, gpus: int = 1) -> int:
     """Peak bytes allocated by torch on the GPU (summed over ``gpus`` devices) since the last reset; on the CPU
     the process's peak RSS."""
     if device.type == "cuda":
-        return sum(int(torch.cuda.max_memory_allocated(i)) for i in range(gpus)) if gpus > 1 else int(
-            torch.cuda.max_memory_allocated(device))
+        return sum(peak_memory_per_gpu(device, gpus))
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
@@ -385,8 +393,7 @@ def generate(
         "sampling": "greedy" if sampler.greedy else {"temperature": temperature, "top_k": top_k, "top_p": top_p,
                                                        "seed": seed},
         "peak_memory_bytes": peak_memory(dev, gpus),
-        "peak_memory_per_gpu_bytes": [int(torch.cuda.max_memory_allocated(i)) for i in range(gpus)]
-        if dev.type == "cuda" and gpus > 1 else None,
+        "peak_memory_per_gpu_bytes": peak_memory_per_gpu(dev, gpus) if gpus > 1 else None,
         "cache_bytes": cache_bytes,
         # decoded float K/V the CPU reference path kept beside the packed cache (``runtime.decoded``; not in
         # cache_bytes or avg_bits)
