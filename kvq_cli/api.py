@@ -237,7 +237,7 @@ def calibrate(
     """Fit ``method`` on calibration text and write its artifact to ``out`` (atomically).
 
     Tuning-free methods get a configuration-only artifact without loading the model's weights.
-    ``avg_bits_budget`` (kvquant only): key and value widths 1-4 per layer chosen to minimize the Fisher-weighted error
+    ``avg_bits_budget`` (kvquant and kvquant-rot): key and value widths 1-4 per layer chosen to minimize the Fisher-weighted error
     within that many average bits at ``seqlen`` tokens (``calibration.allocate``), recorded in the artifact.
     """
     import torch
@@ -298,13 +298,14 @@ def calibrate(
 
 
 def _check_budget(method: KVMethod, geom: KVGeometry, seqlen: int, budget: float) -> None:
-    """``--avg-bits`` before any model loads: kvquant without layer_bits, global layers only, a reachable budget."""
+    """``--avg-bits`` before any model loads: kvquant or kvquant-rot without layer_bits, global layers only, a reachable budget."""
     import math
 
     from .calibration.allocate import least_avg_bits
 
-    if method.name != "kvquant" or getattr(method, "layer_bits", ""):
-        raise KvqError(f"--avg-bits chooses kvquant's widths per layer; {method.label} does not take it")
+    if method.name not in ("kvquant", "kvquant-rot") or getattr(method, "layer_bits", ""):
+        raise KvqError(f"--avg-bits chooses kvquant's (or kvquant-rot's) widths per layer; {method.label} does not "
+                       "take it")
     if not math.isfinite(budget) or not 1 <= budget <= 16:
         raise KvqError(f"--avg-bits is a number of bits in [1, 16], not {budget:g}")
     if geom.windows and any(w is not None for w in geom.windows):

@@ -99,7 +99,7 @@ Sink = Annotated[int | None, typer.Option(
 
 AvgBits = Annotated[float | None, typer.Option(
     "--avg-bits", metavar="B",
-    help="kvquant: choose key and value widths 1-4 per layer to minimize the Fisher-weighted error within B average "
+    help="kvquant, kvquant-rot: choose key and value widths 1-4 per layer to minimize the Fisher-weighted error within B average "
          "bits (counted as everywhere in kvq, overheads included, at --seqlen tokens); the artifact records them.")]
 
 # --- data -----------------------------------------------------------------------------------------------------------

@@ -193,6 +193,7 @@ def test_cli_avg_bits(tiny_model_dir, tiny_text_file, tmp_path):
     row = json.loads(res.stdout)["results"][1]
     assert row["name"] == info["name"] and row["avg_bits"] == pytest.approx(alloc["avg_bits"])  # one count
     for extra, message in [(["--method", "int", "--avg-bits", 3], "does not take it"),
+                           (["--method", "turbo", "--avg-bits", 3], "does not take it"),
                            (["--method", "kvquant", "--avg-bits", 1.5], "below what kvquant"),
                            (["--method", "kvquant", "--avg-bits", "nan"], "in [1, 16]")]:
         res = run("calibrate", "--model", tiny_model_dir, "--dataset", tiny_text_file, "--seqlen", 48, "--out",

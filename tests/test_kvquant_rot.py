@@ -116,3 +116,26 @@ def test_calibrate_artifact_reload_eval_and_runtime_refusal(tiny_model_dir, tiny
     assert res.exit_code == 2, res.output
     assert "runtime cache supports" in res.output and "not kvquant-rot" in res.output
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_avg_bits_chooses_rotated_widths_per_layer(tiny_model_dir, tiny_text_file, tmp_path):
+    """``--avg-bits`` with kvquant-rot: widths per layer fitted in the rotated space, recorded, reloaded, evaluated."""
+    art = tmp_path / "rot-mix.safetensors"
+    res = _cli("calibrate", "--model", tiny_model_dir, "--dataset", tiny_text_file, "--samples", 2, "--seqlen", 48,
+               "--method", "kvquant-rot:kmeans_iters=5", "--outliers", 0.01, "--avg-bits", 5.0, "--out", art, "--json")
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    alloc = info["calibration"]["allocation"]
+    assert info["name"].startswith("kvquant-rot-mix") and alloc["avg_bits"] <= 5.0
+    assert info["avg_bits"] == pytest.approx(alloc["avg_bits"])
+    loaded = artifact.load(art)
+    assert loaded.method.name == "kvquant-rot" and loaded.method.rotate_keys and loaded.method.rotate_values
+    assert [list(w) for w in loaded.method.widths()] == alloc["widths"]
+    res = _cli("eval-ppl", "--model", tiny_model_dir, "--dataset", tiny_text_file, "--seqlen", 48, "--max-windows", 1,
+               "--artifact", art, "--json")
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.stdout)["results"][1]
+    assert row["name"] == info["name"] and row["avg_bits"] == pytest.approx(alloc["avg_bits"])
+    res = _cli("calibrate", "--model", tiny_model_dir, "--dataset", tiny_text_file, "--seqlen", 48, "--out",
+               tmp_path / "r.safetensors", "--method", "kvquant-rot", "--avg-bits", 1.5)
+    assert res.exit_code == 2 and "below what kvquant-rot" in res.output, res.output

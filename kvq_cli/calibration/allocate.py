@@ -1,6 +1,6 @@
 """Bit widths per layer, keys and values apart, under an average-bits budget (``kvq calibrate --avg-bits``).
 
-For every layer and every width ``b`` in 1-4, kvquant is fitted at ``b`` bits on the layer's calibration samples and
+For every layer and every width ``b`` in 1-4, kvquant (or kvquant-rot, in its rotated space) is fitted at ``b`` bits on the layer's calibration samples and
 the *error curve* measured on those same samples: the Fisher-weighted squared error ``sum F (x - Q_b(x))^2`` of the
 keys and of the values apart (plain squared error with ``fisher=False``), which approximates the loss increase that
 quantizing the stream adds (the diagonal-Fisher second-order term). A dynamic program over the 2L streams then picks
@@ -103,7 +103,7 @@ def allocate(method: KVMethod, errors: Tensor, states: list[dict[int, State]], g
                       "error_uniform": {f"{b}": e for b, e in uniform.items()},
                       "curves": [[[float(e) for e in row] for row in layer] for layer in errors]}
             return m, chosen, record
-    raise KvqError(f"--avg-bits {budget:g} is below what kvquant can hold here (1 bit everywhere: "
+    raise KvqError(f"--avg-bits {budget:g} is below what {method.name} can hold here (1 bit everywhere: "
                    f"{least_avg_bits(method, geom, seqlen):.3f} bits at {seqlen:,} tokens)")
 
 
