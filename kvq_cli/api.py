@@ -237,8 +237,9 @@ def calibrate(
     """Fit ``method`` on calibration text and write its artifact to ``out`` (atomically).
 
     Tuning-free methods get a configuration-only artifact without loading the model's weights.
-    ``avg_bits_budget`` (kvquant and kvquant-rot): key and value widths 1-4 per layer chosen to minimize the Fisher-weighted error
-    within that many average bits at ``seqlen`` tokens (``calibration.allocate``), recorded in the artifact.
+    ``avg_bits_budget`` (kvquant and kvquant-rot): key and value widths 1-4 per layer chosen to minimize the
+    Fisher-weighted error within that many average bits at ``seqlen`` tokens (``calibration.allocate``), recorded in
+    the artifact.
     """
     import torch
 
@@ -298,7 +299,8 @@ def calibrate(
 
 
 def _check_budget(method: KVMethod, geom: KVGeometry, seqlen: int, budget: float) -> None:
-    """``--avg-bits`` before any model loads: kvquant or kvquant-rot without layer_bits, global layers only, a reachable budget."""
+    """``--avg-bits`` before any model loads: kvquant or kvquant-rot without layer_bits, global layers only, a
+    reachable budget."""
     import math
 
     from .calibration.allocate import least_avg_bits

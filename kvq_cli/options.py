@@ -99,8 +99,9 @@ Sink = Annotated[int | None, typer.Option(
 
 AvgBits = Annotated[float | None, typer.Option(
     "--avg-bits", metavar="B",
-    help="kvquant, kvquant-rot: choose key and value widths 1-4 per layer to minimize the Fisher-weighted error within B average "
-         "bits (counted as everywhere in kvq, overheads included, at --seqlen tokens); the artifact records them.")]
+    help="kvquant, kvquant-rot: choose key and value widths 1-4 per layer to minimize the Fisher-weighted error "
+         "within B average bits (counted as everywhere in kvq, overheads included, at --seqlen tokens); the artifact "
+         "records them.")]
 
 # --- data -----------------------------------------------------------------------------------------------------------
 DATASETS = "wikitext2 (test split), wikitext2-valid, shakespeare, war-and-peace, pg19, c4, or a path to a text file"

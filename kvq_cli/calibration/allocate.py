@@ -1,14 +1,15 @@
 """Bit widths per layer, keys and values apart, under an average-bits budget (``kvq calibrate --avg-bits``).
 
-For every layer and every width ``b`` in 1-4, kvquant (or kvquant-rot, in its rotated space) is fitted at ``b`` bits on the layer's calibration samples and
-the *error curve* measured on those same samples: the Fisher-weighted squared error ``sum F (x - Q_b(x))^2`` of the
-keys and of the values apart (plain squared error with ``fisher=False``), which approximates the loss increase that
-quantizing the stream adds (the diagonal-Fisher second-order term). A dynamic program over the 2L streams then picks
-one width per stream minimizing the summed error at each total code width; the widest total whose configuration the
-accounting (``accounting.avg_bits``, at the calibration's ``seqlen``: codes, scales, outliers and their pointers,
-codebooks, thresholds, the 16-bit sink and residual window) holds within the budget wins. Every width step costs each
-stream the same ``H * D`` bits per token, so the total code width orders the candidates by cost up to the codebooks
-(at most ``16 * 2^4`` bits a stream), which the exact check settles.
+For every layer and every width ``b`` in 1-4, kvquant (or kvquant-rot, in its rotated space) is fitted at ``b`` bits
+on the layer's calibration samples and the *error curve* measured on those same samples: the Fisher-weighted squared
+error ``sum F (x - Q_b(x))^2`` of the keys and of the values apart (plain squared error with ``fisher=False``),
+which approximates the loss increase that quantizing the stream adds (the diagonal-Fisher second-order term). A
+dynamic program over the 2L streams then picks one width per stream minimizing the summed error at each total code
+width; the widest total whose configuration the accounting (``accounting.avg_bits``, at the calibration's
+``seqlen``: codes, scales, outliers and their pointers, codebooks, thresholds, the 16-bit sink and residual window)
+holds within the budget wins. Every width step costs each stream the same ``H * D`` bits per token, so the total
+code width orders the candidates by cost up to the codebooks (at most ``16 * 2^4`` bits a stream), which the exact
+check settles.
 """
 
 from __future__ import annotations
