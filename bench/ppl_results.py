@@ -8,6 +8,8 @@ Tables: (1) main: baseline, int4/3/2, nf4/3, kivi4/2, kvquant 4/3/2/1 bits with 
 (2) KVQuant ablation at 3 bits 1% (each component off in turn); (3) calibration shift on Tiny
 Shakespeare (calibrated on WikiText-2 valid vs on the first half of Shakespeare; evaluated on the
 second half, so calibration and evaluation text never overlap).
+``--only fidelity``: issue 21's table, every method in one run: kvquant and kvquant-rot at 4/3/2 bits and under
+``--avg-bits`` budgets (a spec ending ``@B``), cq and pq, and the calibration-free int, nf, kivi and turbo.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ from kvq_cli.methods import parse_spec  # noqa: E402
 
 MAIN_METHODS = ["int4", "int3", "int2", "nf4", "nf3", "kivi4", "kivi2"]
 KVQ_BITS = [4, 3, 2, 1]
+# issue 21: every method at every budget, one run, one baseline (``@B``: ``kvq calibrate --avg-bits B``)
+FIDELITY_SPECS = [f"{m}:bits={b},outliers=0.01" for m in ("kvquant", "kvquant-rot") for b in (4, 3, 2)] + [
+    f"{m}:outliers=0.01@{b}" for m in ("kvquant", "kvquant-rot") for b in (4.0, 3.0, 2.5)] + [
+    # the outlier fraction under a budget: fewer outliers leave bits for wider codes
+    "kvquant-rot:outliers=0@2.5", "kvquant-rot:outliers=0.005@2.5", "kvquant-rot:outliers=0.005@3.0",
+    "kvquant-rot:outliers=0.02@3.0", "kvquant-rot:outliers=0.005@4.0"] + [
+    "cq:channels=2,bits=8", "cq:channels=4,bits=8", "cq:channels=8,bits=8", "pq:bits=8", "pq:bits=8,subspaces=16"]
+FIDELITY_METHODS = ["int4", "int3", "int2", "nf4", "nf3", "nf2", "kivi4", "kivi2", "turbo4", "turbo3", "turbo2"]
 ABLATION = {  # name -> kvquant options at 3 bits, 1% outliers
     "all components": {},
     "post-RoPE keys": {"pre_rope": False},
@@ -44,10 +54,10 @@ def spec(options: dict) -> str:
 
 
 def calibrate(options: dict | str, out: Path, args, dataset: str = "wikitext2-valid") -> str:
-    """Calibrate kvquant ``options`` (or any method spec string) into ``out``."""
-    method = parse_spec(options if isinstance(options, str) else spec(options))
-    info = api.calibrate(method, str(out), model=args.model, dataset=dataset, data_dir=args.data_dir,
-                         samples=args.samples, seqlen=args.seqlen)
+    """Calibrate kvquant ``options`` (or any method spec string; ``spec@B``: under ``--avg-bits B``) into ``out``."""
+    text, _, budget = (options if isinstance(options, str) else spec(options)).partition("@")
+    info = api.calibrate(parse_spec(text), str(out), model=args.model, dataset=dataset, data_dir=args.data_dir,
+                         samples=args.samples, seqlen=args.seqlen, avg_bits_budget=float(budget) if budget else None)
     print(f"  calibrated {info['name']} on {dataset} in {info['calibration']['seconds']} s", flush=True)
     return str(out)
 
@@ -85,12 +95,14 @@ def main() -> None:
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default="docs/results/ppl-smollm2")
-    p.add_argument("--only", choices=["main", "ablation", "shift", "extras", "streaming", "cq"], action="append")
+    p.add_argument("--only", choices=["main", "ablation", "shift", "extras", "streaming", "cq", "fidelity"],
+                   action="append")
     p.add_argument("--chunk", type=int, default=128, help="streaming: tokens per chunk")
     p.add_argument("--chunk-attention", default="full", choices=["full", "stored"],
                    help="streaming: a chunk attends to itself in full precision or as stored")
     p.add_argument("--streaming-windows", type=int, default=32, help="streaming: windows evaluated")
-    p.add_argument("--specs", default=None, help="cq: ';'-separated method specs instead of the built-in list")
+    p.add_argument("--specs", default=None,
+                   help="cq, fidelity: ';'-separated method specs instead of the built-in list")
     args = p.parse_args()
     parts = args.only or ["main", "ablation", "shift"]
     tmp = Path(tempfile.mkdtemp(prefix="kvq-results-"))
@@ -144,6 +156,13 @@ def main() -> None:
         arts = [calibrate(s, tmp / f"cq{i}.safetensors", args) for i, s in enumerate(specs)]
         doc["cq_specs"] = specs
         doc["results"]["cq"] = evaluate("wikitext2", arts, [], args)
+        save()
+    if "fidelity" in parts:
+        print("fidelity (issue 21)", flush=True)
+        specs = args.specs.split(";") if args.specs else FIDELITY_SPECS
+        arts = [calibrate(s, tmp / f"f{i}.safetensors", args) for i, s in enumerate(specs)]
+        doc["fidelity_specs"] = specs
+        doc["results"]["fidelity"] = evaluate("wikitext2", arts, FIDELITY_METHODS, args)
         save()
     if "shift" in parts:
         print("calibration shift", flush=True)
