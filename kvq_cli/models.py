@@ -414,6 +414,23 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+#: a sentence every subword tokenizer splits into far fewer tokens than it has characters (about 10 of 44)
+_PROBE = "The quick brown fox jumps over the lazy dog."
+
+
+def check_tokenizer(tokenizer, name: str) -> None:
+    """Refuse a tokenizer that splits plain English into single characters: transformers 5.17 converts Gemma 3's
+    GGUF tokenizer into a Unigram model without scores (44 tokens for ``_PROBE``, perplexity 300x too high), where
+    5.24 builds its BPE (11 tokens). Raised before anything is written to the cache."""
+    n = len(tokenizer(_PROBE, add_special_tokens=False)["input_ids"])
+    if n > len(_PROBE) // 2:
+        import transformers
+
+        raise KvqError(f"transformers {transformers.__version__} converts the tokenizer of {name} wrongly ({n} tokens "
+                       f"for a {len(_PROBE)}-character sentence: one per character); upgrade transformers "
+                       "(5.24 converts it correctly) and run again")
+
+
 def _convert_gguf(gguf: Path, folder: Path) -> None:
     """GGUF -> plain safetensors folder (transformers refuses to save a GGUF-loaded model directly)."""
     import torch
@@ -423,6 +440,7 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     config = AutoConfig.from_pretrained(gguf.parent, **kw)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    check_tokenizer(tokenizer, gguf.name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)

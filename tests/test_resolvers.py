@@ -86,3 +86,19 @@ def test_local_only_corpus_needs_data_dir(monkeypatch):
     monkeypatch.delenv("KVQ_DATA_DIR", raising=False)
     with pytest.raises(KvqError, match="--data-dir"):
         load_text("shakespeare", None)
+
+
+def test_a_tokenizer_that_splits_into_characters_is_refused():
+    """transformers 5.17 turns Gemma 3's GGUF tokenizer into one token per character: refused before any write."""
+    from kvq_cli.models import check_tokenizer
+
+    class Split:
+        def __init__(self, per_char: bool):
+            self.per_char = per_char
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": list(range(len(text) if self.per_char else len(text.split())))}
+
+    check_tokenizer(Split(per_char=False), "m.gguf")
+    with pytest.raises(KvqError, match=r"converts the tokenizer of m.gguf wrongly \(44 tokens .* upgrade"):
+        check_tokenizer(Split(per_char=True), "m.gguf")
