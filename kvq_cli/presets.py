@@ -85,12 +85,14 @@ MODEL_PRESETS: dict[str, ModelShape] = {
     )
 }
 
-#: GPU name -> memory in bytes (the card's nominal size: GiB as sold, except the H200's 141 GB).
+#: GPU name -> memory in bytes: the card's nominal size in GiB, except the H200's, which is what CUDA reports on one
+#: (``torch.cuda.get_device_properties(0).total_memory``, measured on the device tool's H200s; nvidia-smi says
+#: 143,771 MiB). Its data sheet's "141 GB" read as 10**9 bytes gave 131.3 GiB, 8.5 GiB short of the real card.
 GPU_PRESETS: dict[str, int] = {
     "h100-80gb": 80 * GiB,
     "a100-80gb": 80 * GiB,
     "a100-40gb": 40 * GiB,
-    "h200": 141 * 10**9,
+    "h200": 150_109_880_320,  # 139.8 GiB
     "l40s": 48 * GiB,
     "a6000": 48 * GiB,
     "rtx4090": 24 * GiB,

@@ -82,7 +82,7 @@ def test_parse_budget_refusals(text):
 
 def test_gpu_presets():
     assert GPU_PRESETS["h100-80gb"] == GPU_PRESETS["a100-80gb"] == 80 * GiB
-    assert GPU_PRESETS["h200"] == 141 * 10**9 and GPU_PRESETS["rtx4090"] == 24 * GiB
+    assert GPU_PRESETS["h200"] == 150_109_880_320 and GPU_PRESETS["rtx4090"] == 24 * GiB
     with pytest.raises(KvqError, match="h100-80gb"):
         memory.gpu_bytes("v100")
 
