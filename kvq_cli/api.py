@@ -202,7 +202,8 @@ def eval_ppl(
     return {**{k: runs[0][k] for k in keep}, "seconds": round(time.perf_counter() - start, 2), **extra, "runs": runs}
 
 
-def check_calibrate_options(method: KVMethod, out: str, samples: int, seqlen: int, max_tokens: int, seed: int) -> None:
+def check_calibrate_options(method: KVMethod, out: str, samples: int, seqlen: int, max_tokens: int, seed: int,
+                            avg_bits_budget: float | None = None, search_outliers: bool = False) -> None:
     """The mistakes ``calibrate``'s options alone show (the CLI asks before torch loads)."""
     from .artifact import check_writable
 
@@ -212,6 +213,11 @@ def check_calibrate_options(method: KVMethod, out: str, samples: int, seqlen: in
         raise KvqError(f"--max-tokens must be in 1..{1 << 24}, not {max_tokens}")
     if not 0 <= seed < 1 << 63:
         raise KvqError(f"--seed must be in 0..2^63-1, not {seed}")
+    if search_outliers and avg_bits_budget is None:
+        raise KvqError("--outliers auto (outliers=auto) searches the outlier fraction within an --avg-bits budget: "
+                       "give --avg-bits too")
+    if avg_bits_budget is not None:
+        _check_budget_options(method, avg_bits_budget)
     check_writable(out)
     if method.needs_calibration:
         check_sink(method, seqlen)
@@ -233,27 +239,29 @@ def calibrate(
     device_map: str | None = None,
     trust_remote_code: bool = False,
     avg_bits_budget: float | None = None,
+    search_outliers: bool = False,
 ) -> dict[str, Any]:
     """Fit ``method`` on calibration text and write its artifact to ``out`` (atomically).
 
     Tuning-free methods get a configuration-only artifact without loading the model's weights.
     ``avg_bits_budget`` (kvquant and kvquant-rot): key and value widths 1-4 per layer chosen to minimize the
     Fisher-weighted error within that many average bits at ``seqlen`` tokens (``calibration.allocate``), recorded in
-    the artifact.
+    the artifact. ``search_outliers`` (with ``avg_bits_budget``): the outlier fraction too, the least-error
+    allocation over ``allocate.OUTLIER_FRACTIONS`` (``method.outliers`` is then ignored; one capture serves them all).
     """
     import torch
 
     from . import artifact as artifact_io
-    from .calibration.capture import capture, sample_windows
+    from .calibration.capture import capture_each, sample_windows
 
-    check_calibrate_options(method, out, samples, seqlen, max_tokens, seed)
+    check_calibrate_options(method, out, samples, seqlen, max_tokens, seed, avg_bits_budget, search_outliers)
     device = resolve_device(device)
     source = resolve_model(model, trust_remote_code)
     geom = geometry_from_config(supported_config(source))
     if method.needs_calibration and geom.max_positions and seqlen > geom.max_positions:
         raise KvqError(f"--seqlen {seqlen} is beyond the model's {geom.max_positions} positions")
     if avg_bits_budget is not None:
-        _check_budget(method, geom, seqlen, avg_bits_budget)
+        _check_budget(method, geom, seqlen, avg_bits_budget, search_outliers)
     start = time.perf_counter()
     calibration: dict[str, Any] = {"dataset": dataset, "samples": samples, "seqlen": seqlen, "seed": seed}
     states: list = [{} for _ in range(geom.layers)]
@@ -266,9 +274,17 @@ def calibrate(
             ids = tokenize(load_text(dataset, data_dir), load_tokenizer(source))
         windows_ = sample_windows(ids, samples, seqlen, seed)
         net, first = load_net(source, resolve_dtype(dtype, device), device, device_map)
-        stats = capture(net, windows_.to(first), method, max_tokens, seed, progress("capture", samples))
+        candidates = _outlier_candidates(method) if search_outliers else [method]
+        stats_each = capture_each(net, windows_.to(first), candidates, max_tokens, seed, progress("capture", samples))
+        stats = stats_each[0]
         del net
-        if avg_bits_budget is not None:
+        if avg_bits_budget is not None and search_outliers:
+            from .calibration.allocate import allocate_with_outliers
+
+            advance = progress("fit 1-4 bits at each outlier fraction", geom.layers * len(candidates))
+            method, states, calibration["allocation"] = allocate_with_outliers(
+                method, stats_each, geom, seqlen, avg_bits_budget, advance, tuple(m.outliers for m in candidates))
+        elif avg_bits_budget is not None:
             from .calibration.allocate import allocate, error_curves
 
             errors, fits = error_curves(method, stats, progress("fit 1-4 bits", geom.layers))
@@ -298,25 +314,43 @@ def calibrate(
     }
 
 
-def _check_budget(method: KVMethod, geom: KVGeometry, seqlen: int, budget: float) -> None:
-    """``--avg-bits`` before any model loads: kvquant or kvquant-rot without layer_bits, global layers only, a
-    reachable budget."""
+def _check_budget_options(method: KVMethod, budget: float) -> None:
+    """``--avg-bits`` as the options show it: kvquant or kvquant-rot without layer_bits, a number of bits."""
     import math
-
-    from .calibration.allocate import least_avg_bits
 
     if method.name not in ("kvquant", "kvquant-rot") or getattr(method, "layer_bits", ""):
         raise KvqError(f"--avg-bits chooses kvquant's (or kvquant-rot's) widths per layer; {method.label} does not "
                        "take it")
     if not math.isfinite(budget) or not 1 <= budget <= 16:
         raise KvqError(f"--avg-bits is a number of bits in [1, 16], not {budget:g}")
+
+
+def _check_budget(method: KVMethod, geom: KVGeometry, seqlen: int, budget: float, search_outliers: bool = False
+                  ) -> None:
+    """``--avg-bits`` before any model loads: the options (``_check_budget_options``), global layers only, a
+    reachable budget (with ``search_outliers``: at the least outlier fraction searched)."""
+    import dataclasses
+
+    from .calibration.allocate import OUTLIER_FRACTIONS, least_avg_bits
+
+    _check_budget_options(method, budget)
     if geom.windows and any(w is not None for w in geom.windows):
         raise KvqError("--avg-bits: models with sliding-window layers are not supported yet (their fp16 rings count "
                        "in the average but take no width)")
-    least = least_avg_bits(method, geom, seqlen)
+    cheapest = dataclasses.replace(method, outliers=min(OUTLIER_FRACTIONS)) if search_outliers else method
+    least = least_avg_bits(cheapest, geom, seqlen)
     if budget < least:
-        raise KvqError(f"--avg-bits {budget:g} is below what {method.label} can hold here (1 bit everywhere: "
+        raise KvqError(f"--avg-bits {budget:g} is below what {cheapest.label} can hold here (1 bit everywhere: "
                        f"{least:.3f} bits at {seqlen:,} tokens)")
+
+
+def _outlier_candidates(method: KVMethod) -> list[KVMethod]:
+    """``method`` at each outlier fraction ``--outliers auto`` tries (``allocate.OUTLIER_FRACTIONS``)."""
+    import dataclasses
+
+    from .calibration.allocate import OUTLIER_FRACTIONS
+
+    return [dataclasses.replace(method, outliers=f) for f in OUTLIER_FRACTIONS]
 
 
 def _device_name(device: str) -> str:

@@ -123,13 +123,13 @@ def eval_ppl(
         console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
-def _artifact_name(method) -> str:
-    return method.label.replace("%", "pct") + ".safetensors"
+def _artifact_name(method, search_outliers: bool = False) -> str:
+    return method.label.replace("%", "pct") + ("-outliers-auto" if search_outliers else "") + ".safetensors"
 
 
 @app.command()
 @user_errors(torch=False)
-@o.with_method_defaults
+@o.with_calibrate_defaults
 @o.runs_model
 def calibrate(
     method: o.Method = None,
@@ -160,13 +160,15 @@ def calibrate(
 
     --method: kvquant (the default; 1-4 bits), cq (coupled quantization), pq (MILLION's product quantization), or a
     tuning-free kivi, int, nf, fp16 (a configuration-only artifact, no model weights read). Avg bits are counted as
-    everywhere in kvq (see `kvq estimate-memory --help`), at --seqlen tokens.
+    everywhere in kvq (see `kvq estimate-memory --help`), at --seqlen tokens. With --avg-bits, --outliers auto (or
+    outliers=auto in the spec) also chooses the outlier fraction: 0, 0.5% or 1%, the least error within the budget.
 
     Examples:
 
         kvq calibrate --method kvquant --bits 3 --outliers 0.01 --data-dir ../shared/data --out kvq3.safetensors
         kvq calibrate --method cq:channels=8,bits=8 --method pq --data-dir ../shared/data --out artifacts/
         kvq calibrate --method kvquant --outliers 0.01 --avg-bits 2.5 --data-dir ../shared/data --out mix.safetensors
+        kvq calibrate --method kvquant-rot --outliers auto --avg-bits 2.5 --data-dir ../shared/data -o rot.safetensors
     """
     from pathlib import Path
 
@@ -175,12 +177,13 @@ def calibrate(
     defaults = {**defaults, **o.default_options(per_channel=per_channel, pre_rope=pre_rope, nuq=nuq, fisher=fisher,
                                                 qnorm=qnorm)}
     run = {**run, "dtype": o.model_dtype(run["dtype"])}
-    specs = o.methods(method, defaults, fallback=["kvquant"])
-    outs = [out] if len(specs) == 1 else [str(Path(out) / _artifact_name(m)) for m in specs]
+    searched = o.calibration_methods(method, defaults, fallback=["kvquant"])
+    specs = [m for m, _ in searched]
+    outs = [out] if len(specs) == 1 else [str(Path(out) / _artifact_name(m, auto)) for m, auto in searched]
     if len(specs) > 1 and (Path(out).suffix == ".safetensors" or Path(out).is_file()):
         raise KvqError(f"--out {out}: with {len(specs)} --method entries --out is a folder (one artifact each)")
-    for spec, path in zip(specs, outs, strict=True):
-        api.check_calibrate_options(spec, path, samples, seqlen, max_tokens, seed)
+    for (spec, auto), path in zip(searched, outs, strict=True):
+        api.check_calibrate_options(spec, path, samples, seqlen, max_tokens, seed, avg_bits, auto)
     if any(m.needs_calibration for m in specs) and not model.startswith("random:"):
         o.check_corpora([dataset], data_dir)
     o.check_run(model, run)
@@ -188,11 +191,12 @@ def calibrate(
         Path(out).mkdir(parents=True, exist_ok=True)
     _import_torch_holding_ctrl_c()
     results = []
-    for spec, path in zip(specs, outs, strict=True):
+    for (spec, auto), path in zip(searched, outs, strict=True):
         with progress() as bar:
             result = api.calibrate(
                 spec, path, model=model, dataset=dataset, data_dir=data_dir, samples=samples, seqlen=seqlen,
-                seed=seed, max_tokens=max_tokens, progress=bar.factory, avg_bits_budget=avg_bits, **run,
+                seed=seed, max_tokens=max_tokens, progress=bar.factory, avg_bits_budget=avg_bits,
+                search_outliers=auto, **run,
             )
         results.append(result)
         if not json_out:

@@ -93,6 +93,11 @@ Residual = Annotated[int | None, typer.Option(
 Outliers = Annotated[float | None, typer.Option(
     rich_help_panel=_PANEL, metavar="F",
     help="Fraction kept as sparse fp16 outliers: 0.01 = 1% (kvquant, cq, pq; default 0).")]
+OutliersOrAuto = Annotated[str | None, typer.Option(
+    rich_help_panel=_PANEL, metavar="F|auto",
+    help="Fraction kept as sparse fp16 outliers: 0.01 = 1% (kvquant, cq, pq; default 0). auto, with --avg-bits "
+         "(kvquant, kvquant-rot; or outliers=auto in a --method spec): try 0, 0.5% and 1% and keep the fraction "
+         "whose widths have the least error within the budget; the artifact records each one's error.")]
 Sink = Annotated[int | None, typer.Option(
     rich_help_panel=_PANEL, metavar="N",
     help="First tokens kept in 16 bits, the attention sink (kvquant and cq default 1).")]
@@ -164,6 +169,8 @@ def weights_dtype(text: str) -> str:
 #: The default-setting flags every command that takes --method has (``with_method_defaults``).
 METHOD_DEFAULTS = {"bits": (Bits, None), "group": (Group_, None), "residual": (Residual, None),
                    "outliers": (Outliers, None), "sink": (Sink, None)}
+#: calibrate's: ``--outliers`` also takes ``auto`` (``calibration_methods``).
+CALIBRATE_DEFAULTS = {**METHOD_DEFAULTS, "outliers": (OutliersOrAuto, None)}
 #: How a command that runs a model places it (``runs_model``).
 MODEL_RUN = {"device": (Device, "auto"), "device_map": (DeviceMap, None), "dtype": (Dtype, "auto"),
              "trust_remote_code": (Trust, False)}
@@ -195,6 +202,8 @@ def _adds(options: dict[str, tuple[Any, Any]], into: str, after: str | None = No
 #: ``--bits``, ``--group``, ``--residual``, ``--outliers``, ``--sink`` after ``--method``; the command gets those
 #: given as ``defaults`` (``{"bits": 3}``): declared once here, not five parameters in every command.
 with_method_defaults = _adds(METHOD_DEFAULTS, "defaults", after="method", given_only=True)
+#: The same for calibrate, whose ``--outliers`` may be ``auto`` (a text then).
+with_calibrate_defaults = _adds(CALIBRATE_DEFAULTS, "defaults", after="method", given_only=True)
 #: ``--device``, ``--device-map``, ``--dtype``, ``--trust-remote-code``; the command gets them as ``run``.
 runs_model = _adds(MODEL_RUN, "run")
 
@@ -236,15 +245,61 @@ def methods(specs: list[str] | None, defaults: dict[str, Any], fallback: list[st
         raise KvqError(f"--{_flag(next(iter(defaults)))} sets a default for --method entries: give --method too")
     built = [parse_spec(s, defaults) for s in specs]
     for key in defaults:
-        if not any(key in m.config() for m in built):
-            names = list(dict.fromkeys(m.name for m in built))
-            which = f"method {names[0]} does" if len(names) == 1 else f"methods {', '.join(names)} do"
-            raise KvqError(f"{which} not take --{_flag(key)} (`kvq methods` lists each method's options)")
+        _check_taken(built, key)
     for m in built:
         if tuning_free and get_method_class(m.name).needs_calibration:
             raise KvqError(f"method {m.name} needs calibration: run `kvq calibrate --method {m.name} ...` and pass "
                            "the artifact with --artifact")
     return built
+
+
+def _check_taken(built: list, key: str) -> None:
+    """A default ``--KEY`` some method of ``built`` has; ``KvqError`` otherwise."""
+    if not any(key in m.config() for m in built):
+        names = list(dict.fromkeys(m.name for m in built))
+        which = f"method {names[0]} does" if len(names) == 1 else f"methods {', '.join(names)} do"
+        raise KvqError(f"{which} not take --{_flag(key)} (`kvq methods` lists each method's options)")
+
+
+#: ``--outliers auto``, ``outliers=auto``: the outlier fraction searched under ``--avg-bits``.
+AUTO = "auto"
+
+
+def calibration_methods(specs: list[str] | None, defaults: dict[str, Any], fallback: list[str]) -> list[tuple]:
+    """calibrate's ``--method`` entries, ``methods`` where the outlier fraction may be ``auto`` (``--outliers auto``
+    for every spec that does not set outliers, or ``outliers=auto`` in a spec): ``(method, whether its outlier
+    fraction is searched)`` each (a searched method is built at its default fraction)."""
+    given = defaults.get("outliers")
+    auto_default = isinstance(given, str) and given.strip().lower() == AUTO
+    defaults = {**defaults, "outliers": None if auto_default else _fraction(given)}
+    split = [_without_auto(s) for s in list(specs or fallback)]
+    built = methods([s for s, _, _ in split], default_options(**defaults))
+    if auto_default:
+        _check_taken(built, "outliers")
+    return [(m, asked or (auto_default and not sets)) for m, (_, asked, sets) in zip(built, split, strict=True)]
+
+
+def _fraction(text: str | None) -> float | None:
+    """``--outliers`` as a number: ``0.01`` or ``1%`` (None stays None)."""
+    if text is None:
+        return None
+    try:
+        low = text.strip().lower()
+        return float(low[:-1]) / 100 if low.endswith("%") else float(low)
+    except ValueError:
+        raise KvqError(f"--outliers is a fraction (0.01 or 1%) or auto, not {text!r}") from None
+
+
+def _without_auto(spec: str) -> tuple[str, bool, bool]:
+    """``spec`` without its ``outliers=auto`` item, whether it had one, and whether it sets outliers at all
+    (given twice, the spec is left for ``parse_spec`` to refuse)."""
+    name, _, rest = spec.partition(":")
+    items = [part.strip() for part in rest.split(",") if part.strip()]
+    ours = [i for i in items if i.partition("=")[0].strip().replace("-", "_") == "outliers"]
+    if len(ours) != 1 or ours[0].partition("=")[2].strip().lower() != AUTO:
+        return spec, False, bool(ours)
+    items.remove(ours[0])
+    return name + (":" + ",".join(items) if items else ""), True, True
 
 
 def _flag(key: str) -> str:

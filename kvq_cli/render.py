@@ -77,7 +77,16 @@ def calibrated(result: dict[str, Any], seqlen: int) -> str:
         widths = " ".join(f"{k}/{v}" for k, v in alloc["widths"])
         line += (f"\n  widths per layer (keys/values), chosen for at most {alloc['avg_bits_budget']:g} avg bits by "
                  f"{alloc['criterion']}: {widths}")
+    if alloc and "outlier_search" in alloc:
+        line += "\n  " + _outlier_search(alloc)
     return line
+
+
+def _outlier_search(alloc: dict[str, Any]) -> str:
+    """The outlier fraction ``--outliers auto`` chose, and each fraction's least error within the budget."""
+    tried = ", ".join(f"{float(f) * 100:g}%: " + (f"{e:.4g}" if e is not None else "over the budget")
+                      for f, e in alloc["outlier_search"].items())
+    return f"outlier fraction {alloc['outliers'] * 100:g}%, the least error of those tried ({tried})"
 
 
 # --- estimate-memory ------------------------------------------------------------------------------------------------

@@ -1,9 +1,13 @@
-"""kvquant with mixed widths (``value_bits``, ``layer_bits``, ``kvq calibrate --avg-bits``), its fp16 recent window."""
+"""kvquant with mixed widths (``value_bits``, ``layer_bits``, ``kvq calibrate --avg-bits``, ``--outliers auto``),
+its fp16 recent window."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,8 +17,16 @@ from test_cli import run
 from kvq_cli import artifact as artifact_io
 from kvq_cli import load_cache
 from kvq_cli.accounting import avg_bits, layer_bits
-from kvq_cli.calibration.allocate import WIDTHS, _best_by_total, allocate, error_curves
-from kvq_cli.calibration.capture import capture
+from kvq_cli.calibration.allocate import (
+    OUTLIER_FRACTIONS,
+    WIDTHS,
+    _best_by_total,
+    allocate,
+    allocate_with_outliers,
+    error_curves,
+    least_avg_bits,
+)
+from kvq_cli.calibration.capture import capture, capture_each
 from kvq_cli.errors import KvqError
 from kvq_cli.hf_attention import cache_kwargs, geometry_from_config
 from kvq_cli.methods import make_method, method_from_config, parse_spec
@@ -200,3 +212,126 @@ def test_cli_avg_bits(tiny_model_dir, tiny_text_file, tmp_path):
                   tmp_path / "r.safetensors", *extra)
         assert res.exit_code == 2 and message in res.output, res.output
         assert len(res.output.strip().splitlines()) == 1
+
+
+# --- --outliers auto: the outlier fraction searched under the budget (issue 21) ------------------------------------
+def test_capture_each_thresholds_are_each_fractions_own():
+    """One capture for several outlier fractions gives each exactly the thresholds its own capture would, and the
+    same samples (shared tensors)."""
+    model = tiny_model("llama")
+    ids = _ids(2, 128, seed=4)
+    each = [make_method("kvquant", bits=2, outliers=f, sink=0, kmeans_iters=5) for f in (0.0, 0.005, 0.01, 0.05)]
+    together = capture_each(model, ids, each)
+    for m, stats in zip(each, together, strict=True):
+        alone = capture(model, ids, m)
+        for a, b in zip(alone, stats, strict=True):
+            assert torch.equal(a.key_lo, b.key_lo) and torch.equal(a.key_hi, b.key_hi) and a.tokens == b.tokens
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.value_fisher, b.value_fisher)
+    assert together[0][0].keys is together[3][0].keys  # shared, not copied
+    assert (together[3][0].key_hi < together[0][0].key_hi).any()  # 5% sets more aside than none
+    with pytest.raises(ValueError, match="more than their outlier fraction"):
+        capture_each(model, ids, [each[0], make_method("kvquant", bits=3)])
+
+
+@pytest.fixture(scope="module")
+def searched():
+    """A tiny llama, kvquant (Fisher-weighted) captured once for every fraction of OUTLIER_FRACTIONS."""
+    model = tiny_model("llama")
+    method = make_method("kvquant", bits=4, sink=0, kmeans_iters=5)
+    each = [make_method("kvquant", **{**method.config(), "outliers": f} | {"method": None}) for f in OUTLIER_FRACTIONS]
+    return model, method, each, capture_each(model, _ids(2, 64, seed=3), each)
+
+
+def test_outlier_search_keeps_the_least_error_within_budget(searched):
+    model, method, each, stats_each = searched
+    geom = geometry_from_config(model.config)
+    least = {m.outliers: least_avg_bits(m, geom, 64) for m in each}
+    assert least[0.0] < least[0.005] <= least[0.01]  # outliers cost bits
+    curves_each = [error_curves(m, stats) for m, stats in zip(each, stats_each, strict=True)]
+    wins = []
+    for budget in ((least[0.0] + least[0.005]) / 2, 5.0, 6.5):
+        m, states, record = allocate_with_outliers(method, stats_each, geom, 64, budget)
+        direct = {}  # allocate at each fraction, called directly
+        for cand, curves in zip(each, curves_each, strict=True):
+            try:
+                direct[cand.outliers] = allocate(cand, *curves, geom, 64, budget)
+            except KvqError:
+                direct[cand.outliers] = None
+        assert list(record["outlier_search"]) == ["0", "0.005", "0.01"]  # every fraction tried
+        assert record["outlier_search"] == {f"{f:g}": d and d[2]["error"] for f, d in direct.items()}
+        win = min((d[2]["error"], f) for f, d in direct.items() if d is not None)[1]
+        assert record["outliers"] == win == m.outliers and record["error"] == direct[win][2]["error"]
+        assert m == direct[win][0] and record["avg_bits"] <= budget
+        wins.append(win)
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(states, direct[win][1], strict=True) for k in a)
+        if budget < least[0.005]:
+            assert record["outlier_search"]["0.005"] is None and win == 0.0  # only 0 holds within the budget
+    assert wins[0] == 0.0 and wins[-1] > 0  # a wide budget buys outliers: less error than more code bits
+    with pytest.raises(KvqError, match="at any outlier fraction"):
+        allocate_with_outliers(method, stats_each, geom, 64, least[0.0] - 0.01)
+
+
+def test_cli_outliers_auto(tiny_model_dir, tiny_text_file, tmp_path):
+    """``--outliers auto`` (kvquant-rot) and ``outliers=auto`` (plain kvquant): the fraction chosen is recorded with
+    each fraction's error, said in the human output, and the artifact reloads at it and evaluates."""
+    common = ["--model", tiny_model_dir, "--dataset", tiny_text_file, "--samples", 2, "--seqlen", 48, "--avg-bits", 5.0]
+    for method, auto in [("kvquant-rot:kmeans_iters=5", ["--outliers", "auto"]),
+                         ("kvquant:kmeans_iters=5,outliers=auto", [])]:
+        art = tmp_path / f"{method.partition(':')[0]}.safetensors"
+        res = run("calibrate", *common, "--method", method, *auto, "--out", art, "--json")
+        assert res.exit_code == 0, res.output
+        info = json.loads(res.stdout)
+        alloc = info["calibration"]["allocation"]
+        tried = alloc["outlier_search"]
+        assert list(tried) == [f"{f:g}" for f in OUTLIER_FRACTIONS] and alloc["avg_bits"] <= 5.0
+        assert tried[f"{alloc['outliers']:g}"] == alloc["error"] == min(e for e in tried.values() if e is not None)
+        loaded = artifact_io.load(art)
+        assert loaded.method.outliers == alloc["outliers"] and loaded.method.label == info["name"]
+        assert [list(w) for w in loaded.method.widths()] == alloc["widths"]
+        res = run("eval-ppl", "--model", tiny_model_dir, "--dataset", tiny_text_file, "--seqlen", 48,
+                  "--max-windows", 1, "--artifact", art, "--json")
+        assert res.exit_code == 0, res.output
+        row = json.loads(res.stdout)["results"][1]
+        assert row["name"] == info["name"] and row["avg_bits"] == pytest.approx(alloc["avg_bits"])
+    res = run("calibrate", *common, "--method", "kvquant-rot:kmeans_iters=5", "--outliers", "auto",
+              "--out", tmp_path / "h.safetensors")
+    assert res.exit_code == 0 and "outlier fraction" in res.output and "the least error" in res.output, res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--outliers", "auto"], "give --avg-bits too"),
+    (["--method", "kvquant-rot:outliers=auto"], "give --avg-bits too"),
+    (["--method", "int", "--outliers", "auto", "--avg-bits", 3], "does not take --outliers"),
+    (["--method", "cq:outliers=auto", "--avg-bits", 3], "does not take it"),
+    (["--outliers", "many", "--avg-bits", 3], "--outliers is a fraction"),
+    (["--method", "kvquant:outliers=auto,outliers=1%", "--avg-bits", 3], "given twice"),
+])
+def test_outliers_auto_refusals(args, message, tmp_path):
+    """Said from the options alone, in one line, exit 2, before any model or corpus is read."""
+    res = run("calibrate", "--model", tmp_path / "no-model", "--dataset", tmp_path / "no.txt", "--out",
+              tmp_path / "x.safetensors", *args)
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+
+
+def test_outliers_auto_help_and_other_commands():
+    """calibrate's --help names the fractions tried (``OUTLIER_FRACTIONS``); eval-ppl takes no auto."""
+    fractions = ", ".join(f"{f * 100:g}%" if f else "0" for f in OUTLIER_FRACTIONS[:-1])
+    text = " ".join(run("calibrate", "--help").output.split())
+    assert f"try {fractions} and {OUTLIER_FRACTIONS[-1] * 100:g}%" in text
+    res = run("eval-ppl", "--method", "kvquant:outliers=auto", "--model", "random:llama-3.2-1b")
+    assert res.exit_code == 2 and "is a number" in res.output, res.output
+
+
+def test_outliers_auto_refusal_imports_no_torch(tmp_path):
+    """Start-up (issue 20): the refusal of ``--outliers auto`` without ``--avg-bits`` imports neither torch nor
+    transformers."""
+    out = str(tmp_path / "x.safetensors")
+    script = ("import json, sys; from typer.testing import CliRunner; from kvq_cli.cli import app; "
+              f"res = CliRunner().invoke(app, ['calibrate', '--outliers', 'auto', '--out', {out!r}]); "
+              "assert res.exit_code == 2 and 'give --avg-bits' in res.output, res.output; "
+              "print(json.dumps([m for m in ('torch', 'transformers') if m in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1]) == []

@@ -10,6 +10,11 @@ width; the widest total whose configuration the accounting (``accounting.avg_bit
 holds within the budget wins. Every width step costs each stream the same ``H * D`` bits per token, so the total
 code width orders the candidates by cost up to the codebooks (at most ``16 * 2^4`` bits a stream), which the exact
 check settles.
+
+With ``--outliers auto`` the outlier fraction is searched too (``allocate_with_outliers``): the curves and the
+allocation are computed at each fraction of ``OUTLIER_FRACTIONS`` (one capture: ``capture.capture_each``) and the
+allocation with the least summed error within the budget wins. The errors are comparable (the same error on the same
+samples) and the accounting charges each fraction its outliers: what outliers cost in bits, the widths give up.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from ..errors import KvqError
 from ..methods.base import KVMethod, LayerCalibration, State
 
 WIDTHS = (1, 2, 3, 4)
+#: Outlier fractions ``kvq calibrate --avg-bits B --outliers auto`` tries (``allocate_with_outliers``).
+OUTLIER_FRACTIONS = (0.0, 0.005, 0.01)
 
 
 def _uniform(method: KVMethod, bits: int) -> KVMethod:
@@ -85,6 +92,16 @@ def allocate(method: KVMethod, errors: Tensor, states: list[dict[int, State]], g
              ) -> tuple[KVMethod, list[State], dict]:
     """The mixed configuration with the least summed error whose average bits at ``seqlen`` are at most ``budget``:
     ``(method, per-layer states, a record for the artifact)``."""
+    found = _within_budget(method, errors, states, geom, seqlen, budget)
+    if found is None:
+        raise KvqError(f"--avg-bits {budget:g} is below what {method.name} can hold here (1 bit everywhere: "
+                       f"{least_avg_bits(method, geom, seqlen):.3f} bits at {seqlen:,} tokens)")
+    return found
+
+
+def _within_budget(method: KVMethod, errors: Tensor, states: list[dict[int, State]], geom, seqlen: int,
+                   budget: float) -> tuple[KVMethod, list[State], dict] | None:
+    """``allocate``'s answer, or None when no configuration holds within ``budget``."""
     best = _best_by_total(errors)
     for total in sorted(best, reverse=True):
         err, picks = best[total]
@@ -104,8 +121,34 @@ def allocate(method: KVMethod, errors: Tensor, states: list[dict[int, State]], g
                       "error_uniform": {f"{b}": e for b, e in uniform.items()},
                       "curves": [[[float(e) for e in row] for row in layer] for layer in errors]}
             return m, chosen, record
-    raise KvqError(f"--avg-bits {budget:g} is below what {method.name} can hold here (1 bit everywhere: "
-                   f"{least_avg_bits(method, geom, seqlen):.3f} bits at {seqlen:,} tokens)")
+    return None
+
+
+def allocate_with_outliers(method: KVMethod, stats_each: list[list[LayerCalibration]], geom, seqlen: int,
+                           budget: float, progress: Callable[[int], None] | None = None,
+                           fractions: tuple[float, ...] = OUTLIER_FRACTIONS) -> tuple[KVMethod, list[State], dict]:
+    """``allocate`` at each outlier fraction of ``fractions`` (``stats_each[i]``: the calibrations captured for
+    ``fractions[i]``, ``capture.capture_each``); the answer with the least summed error within ``budget`` (the
+    first of them on a tie). Its record adds ``outliers`` (the fraction chosen) and ``outlier_search``: each
+    fraction's least error (``"0.005": err``), None where nothing at that fraction holds within the budget."""
+    best, tried = None, {}
+    for fraction, stats in zip(fractions, stats_each, strict=True):
+        m = dataclasses.replace(method, outliers=fraction)
+        found = None
+        if least_avg_bits(m, geom, seqlen) <= budget:
+            found = _within_budget(m, *error_curves(m, stats, progress), geom, seqlen, budget)
+        elif progress:
+            progress(len(stats))
+        tried[f"{fraction:g}"] = None if found is None else found[2]["error"]
+        if found is not None and (best is None or found[2]["error"] < best[2]["error"]):
+            best = found
+    if best is None:
+        raise KvqError(f"--avg-bits {budget:g} is below what {method.name} can hold here at any outlier fraction "
+                       f"tried ({', '.join(tried)}; 1 bit everywhere, no outliers: "
+                       f"{least_avg_bits(dataclasses.replace(method, outliers=0.0), geom, seqlen):.3f} bits at "
+                       f"{seqlen:,} tokens)")
+    m, states, record = best
+    return m, states, {**record, "outliers": m.outliers, "outlier_search": tried}
 
 
 def least_avg_bits(method: KVMethod, geom, seqlen: int) -> float:

@@ -9,7 +9,9 @@ sample. Hooks keep, per layer:
   ``qkv_proj``), or the post-RoPE keys when the method quantizes keys after RoPE, and the values as attention
   reads them);
 * exact per-channel key thresholds over *all* tokens: a streaming top-k of the largest and smallest
-  values per channel, so the ``key_outlier_fraction / 2`` quantiles on each side are exact.
+  values per channel, so the ``key_outlier_fraction / 2`` quantiles on each side are exact. ``capture_each`` keeps
+  enough extremes for the largest of several fractions and reads every fraction's thresholds from them: one pass for
+  configurations that differ only in their outlier fraction (``kvq calibrate --avg-bits --outliers auto``).
 
 Only the subsample and the top-k trackers are held: never every layer's full activations. The first
 ``method.sink`` tokens of each sample are left out (the cache keeps them in full precision).
@@ -17,8 +19,9 @@ Only the subsample and the top-k trackers are held: never every layer's full act
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -49,19 +52,23 @@ class _LayerStats:
         self.bottom = (-bottom).topk(n, dim=0).values.neg()
         self.tokens += x.shape[0]
 
-    def result(self, fisher: bool) -> LayerCalibration:
+    def results(self, fisher: bool, keeps: Sequence[int]) -> list[LayerCalibration]:
+        """The layer's calibration for each count of extremes per side in ``keeps`` (each at most ``self.keep``):
+        thresholds at the ``keep``-th largest and smallest key value per channel, the samples shared."""
         cat = lambda xs: torch.cat(xs) if xs else None  # noqa: E731
-        hi = self.top[-1] if self.top is not None else None
-        lo = self.bottom[-1] if self.bottom is not None else None
-        return LayerCalibration(
+        base = LayerCalibration(
             keys=cat(self.keys),
             values=cat(self.values),
             key_fisher=cat(self.key_fisher) if fisher else None,
             value_fisher=cat(self.value_fisher) if fisher else None,
-            key_lo=lo,
-            key_hi=hi,
             tokens=self.tokens,
         )
+        return [dataclasses.replace(base, key_lo=_at(self.bottom, k), key_hi=_at(self.top, k)) for k in keeps]
+
+
+def _at(extremes: Tensor | None, keep: int) -> Tensor | None:
+    """The ``keep``-th of the tracked extremes ``(n, H, D)`` (sorted, the most extreme first): ``(H, D)``."""
+    return None if extremes is None else extremes[min(keep, extremes.shape[0]) - 1]
 
 
 def capture(
@@ -76,13 +83,30 @@ def capture(
 
     ``max_tokens``: token vectors kept per layer for codebook fitting (spread evenly over samples).
     """
+    return capture_each(model, samples, [method], max_tokens, seed, progress)[0]
+
+
+def capture_each(
+    model: nn.Module,
+    samples: Tensor,
+    methods: Sequence[KVMethod],
+    max_tokens: int = 16384,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[LayerCalibration]]:
+    """``capture`` for configurations that differ only in their outlier fraction, in one pass: each one's
+    calibrations, in order, exactly as ``capture`` gives them. They share the subsampled ``(N, H, D)`` keys, values
+    and Fisher information (the same tensors); each has its own exact thresholds ``key_lo``/``key_hi`` ``(H, D)``."""
+    method = methods[0]
+    if any(_without_outliers(m) != _without_outliers(method) for m in methods):
+        raise ValueError("capture_each: the configurations differ in more than their outlier fraction")
     layers = attention_layers(model)
     n_samples, seqlen = samples.shape
     sink = min(method.sink, seqlen - 1)
     usable = seqlen - sink
     total = n_samples * usable
-    keep = math.ceil(method.key_outlier_fraction / 2 * total) + 1
-    stats = [_LayerStats(keep) for _ in layers]
+    keeps = [math.ceil(m.key_outlier_fraction / 2 * total) + 1 for m in methods]
+    stats = [_LayerStats(max(keeps)) for _ in layers]
     per_sample = min(usable, math.ceil(max_tokens / n_samples))
     fisher = method.needs_fisher
     gen = torch.Generator().manual_seed(seed)
@@ -142,7 +166,13 @@ def capture(
             h.remove()
         for p, r in zip(model.parameters(), requires, strict=True):
             p.requires_grad_(r)
-    return [st.result(fisher) for st in stats]
+    per_layer = [st.results(fisher, keeps) for st in stats]
+    return [list(calibs) for calibs in zip(*per_layer, strict=True)]
+
+
+def _without_outliers(method: KVMethod) -> KVMethod:
+    """``method`` at outlier fraction 0 (what ``capture_each`` requires its configurations to share)."""
+    return dataclasses.replace(method, outliers=0.0) if hasattr(method, "outliers") else method
 
 
 def sample_windows(ids: Tensor, samples: int, seqlen: int, seed: int = 0) -> Tensor:
