@@ -158,10 +158,11 @@ def calibrate(
 ) -> None:
     """Fit each --method's per-layer codebooks and outlier thresholds on sample text; write one artifact each.
 
-    --method: kvquant (the default; 1-4 bits), cq (coupled quantization), pq (MILLION's product quantization), or a
-    tuning-free kivi, int, nf, fp16 (a configuration-only artifact, no model weights read). Avg bits are counted as
-    everywhere in kvq (see `kvq estimate-memory --help`), at --seqlen tokens. With --avg-bits, --outliers auto (or
-    outliers=auto in the spec) also chooses the outlier fraction: 0, 0.5% or 1%, the least error within the budget.
+    --method: kvquant (the default; 1-4 bits), kvquant-rot (kvquant after turbo's rotation), cq (coupled
+    quantization), pq (MILLION's product quantization), or a tuning-free kivi, int, nf, fp16 (a configuration-only
+    artifact, no model weights read). Avg bits are counted as everywhere in kvq (see `kvq estimate-memory --help`),
+    at --seqlen tokens. With --avg-bits, --outliers auto (or outliers=auto in the spec) also chooses the outlier
+    fraction: 0, 0.5% or 1%, the least error within the budget.
 
     Examples:
 

@@ -69,13 +69,13 @@ _help_width()
 # --- what to run ---------------------------------------------------------------------------------------------------
 Model = Annotated[str, typer.Option(
     "--model", "-m", metavar="MODEL",
-    help="A built-in alias (smollm2-135m: SmolLM2-135M-Instruct, dequantized from a Q4_1 GGUF), a local Hugging Face "
-         "folder, a .gguf file, or a hub id.")]
+    help="A built-in alias (smollm2-135m: SmolLM2-135M-Instruct, dequantized from a Q4_1 GGUF; gemma3-270m: "
+         "Gemma-3-270M from a Q4_K_M GGUF), a local Hugging Face folder, a .gguf file, or a hub id.")]
 Method = Annotated[list[str] | None, typer.Option(
     "--method", metavar="SPEC",
     help="A configuration, repeatable: NAME, NAMEbits or NAME:key=value,... e.g. kivi2, int4, nf:bits=3, "
-         "kivi:bits=4,group=64, kvquant:bits=2,outliers=1%, cq:channels=8,bits=8, pq, turbo3. Names: kvquant, kivi, "
-         "int, nf, fp16, cq, pq, turbo (`kvq methods` lists bits and options).")]
+         "kivi:bits=4,group=64, kvquant:bits=2,outliers=1%, cq:channels=8,bits=8, pq, turbo3. Names: kvquant, "
+         "kvquant-rot, kivi, int, nf, fp16, cq, pq, turbo (`kvq methods` lists bits and options).")]
 Artifact = Annotated[list[str] | None, typer.Option(
     "--artifact", "-a", metavar="FILE", help="A calibrated artifact from `kvq calibrate` (repeatable).")]
 
