@@ -281,11 +281,12 @@ def calibration_methods(specs: list[str] | None, defaults: dict[str, Any], fallb
 
 def _fraction(text: str | None) -> float | None:
     """``--outliers`` as a number: ``0.01`` or ``1%`` (None stays None)."""
+    from .methods.registry import parse_fraction
+
     if text is None:
         return None
     try:
-        low = text.strip().lower()
-        return float(low[:-1]) / 100 if low.endswith("%") else float(low)
+        return parse_fraction(text)
     except ValueError:
         raise KvqError(f"--outliers is a fraction (0.01 or 1%) or auto, not {text!r}") from None
 

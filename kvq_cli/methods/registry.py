@@ -135,6 +135,12 @@ def parse_spec(spec: str, defaults: dict[str, Any] | None = None) -> KVMethod:
     return make_method(name, **options)
 
 
+def parse_fraction(text: str) -> float:
+    """A fraction as users write it: ``0.01`` or ``1%`` (``ValueError`` otherwise)."""
+    low = text.strip().lower()
+    return float(low[:-1]) / 100 if low.endswith("%") else float(low)
+
+
 def _parse_value(name: str, key: str, text: str, kind: type) -> Any:
     """The text of option ``key`` as its ``kind``: ``KvqError`` when it is not one."""
     low = text.lower()
@@ -146,7 +152,7 @@ def _parse_value(name: str, key: str, text: str, kind: type) -> Any:
         if kind is int and low.lstrip("+-").isdigit() and len(low) <= 20:
             return int(low)
         if kind is float:
-            return float(low[:-1]) / 100 if low.endswith("%") else float(low)
+            return parse_fraction(low)
     except ValueError:
         pass
     what = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, str(kind))
