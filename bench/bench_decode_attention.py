@@ -47,6 +47,7 @@ from triton.testing import do_bench
 MODELS = {"llama2-7b": (32, 1, 128), "llama3-8b": (8, 4, 128)}  # KV heads, G, D
 METHODS = {
     "kivi-2b": dict(kind="kivi", bits=2, sink=0, res=128),
+    "kivi-4b": dict(kind="kivi", bits=4, sink=0, res=128),
     "kvquant-2b-0%": dict(kind="kvquant", bits=2, sink=4, res=32),
     # KVQuant's own outliers as the runtime stores them: per-row sparse entries (kvq_kernels.sparse), 1% of
     # the key and 1% of the value entries at random positions

@@ -51,12 +51,22 @@ VARIANTS = [
     ("tf32", {"F16_DOTS": False}, {}),
     ("f16 swap k", {"F16_DOTS": True, "SWAP_AB": 1}, {}),  # session 8: key tile as the MMA's A operand
     ("f16 swap kv", {"F16_DOTS": True, "SWAP_AB": 2}, {}),
+    ("no words", {"KIVI_WORDS": False}, {}),  # session 10: kivi's byte/join-tree expansion and int-to-float casts
+    ("no prefetch", {"KIVI_PREFETCH": False}, {}),  # session 10: words, without the next block's loads in flight
+    ("no pf+ppsm3", {"KIVI_PREFETCH": False, "PROGRAMS_PER_SM": 3}, {}),
+    ("no pf+ppsm6", {"KIVI_PREFETCH": False, "PROGRAMS_PER_SM": 6}, {}),
+    ("ppsm3", {"PROGRAMS_PER_SM": 3}, {}),
+    ("ppsm6", {"PROGRAMS_PER_SM": 6}, {}),
+    ("ppsm4", {"PROGRAMS_PER_SM": 4}, {}),
     # timing ablations of kvquant (wrong results, not checked): no RoPE, no codebook lookup
     ("abl f16 norope", {"F16_DOTS": True, "ABLATE": 1}, {}),
     ("abl f16 nolut", {"F16_DOTS": True, "ABLATE": 2}, {}),
+] + [  # session 10: occupancy sweep (register cap, pipelining stages, warps, programs per SM)
+    (f"r{r or 0} s{s or 0} w{w} p{p}", {"MAXNREG": r, "NUM_STAGES": s, "PROGRAMS_PER_SM": p}, {"num_warps": w})
+    for r in (None, 128, 96) for s in (None, 1, 2) for w in (4, 8) for p in (8, 16)
 ]
 DEFAULTS = {k: getattr(da, k) for k in ("F16_DOTS", "FORCE_DOT", "NUM_STAGES", "PROGRAMS_PER_SM", "ABLATE",
-                                         "SWAP_AB")}
+                                         "SWAP_AB", "KIVI_WORDS", "KIVI_PREFETCH", "MAXNREG")}
 
 
 def switch(flags: dict) -> None:
@@ -94,12 +104,14 @@ def main():
     ap.add_argument("--contexts", default="131072")
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--variants", default="", help="comma-separated subset of variant names")
+    ap.add_argument("--methods", default=",".join(PROBE_METHODS), help="comma-separated subset of the methods")
     args = ap.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
     want = set(filter(None, args.variants.split(",")))
     variants = [v for v in VARIANTS if not want or v[0] in want]
     results = dict(device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu", rows=[], checks=[])
     ok = set()
-    for (model, (h, g, _)), name, (vname, flags, kw) in itertools.product(MODELS.items(), PROBE_METHODS, variants):
+    for (model, (h, g, _)), name, (vname, flags, kw) in itertools.product(MODELS.items(), methods, variants):
         if vname.startswith("abl"):
             ok.add((model, name, vname)) if name.startswith("kvquant") else None
             continue
@@ -128,7 +140,7 @@ def main():
                            bench(functools.partial(F.scaled_dot_product_attention, q.view(1, h, g, d), kb, vb)))
                 del kb, vb
                 print(f"{model} {t}: fp16 SDPA {sdpa * 1e3:.1f} us", flush=True)
-                for name in PROBE_METHODS:
+                for name in methods:
                     cache, kv = make(name, 1, h, d, t)
                     nbytes = cache.compressed_bytes()
                     fn = da.decode_attention_kvquant if kv else da.decode_attention_kivi

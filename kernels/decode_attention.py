@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .decode_outliers import _key_outlier_kernel, _value_outlier_kernel
 from .decode_split import _kivi_split_kernel, _kvquant_split_kernel
-from .pack import _load_codes_half
+from .pack import _load_codes_half, words_supported
 from .reference import KIVICache, KVQuantCache, cdiv, kivi_group_supported, next_pow2, value_group
 
 LOG2E = 1.4426950408889634
@@ -55,10 +55,18 @@ F16_DOTS = True
 FORCE_DOT = False
 #: software-pipelining stages of the split programs (None: Triton's default)
 NUM_STAGES = None
+#: a register cap per thread for the split programs (None: the compiler's choice; a probe switch: fewer registers
+#: let more programs share an SM)
+MAXNREG = None
 #: an experiment for the GQA fp16 dots (``bench/probe_decode_variants.py``; not yet timed on a GPU): 1 computes
 #: the scores as ``k q^T`` (the dequantized key tile as the MMA's first operand, which Hopper can read from
 #: registers, instead of staging it through shared memory as the second), 2 also the values as ``v^T p^T``. 0: off.
 SWAP_AB = 0
+#: kivi codes read as int32 words and made floats by bit tricks (``decode_split._kivi_words_kernel``) where the
+#: head holds whole words per half; False: the byte/join-tree expansion and int-to-float conversions
+KIVI_WORDS = True
+#: ... with the next block's loads issued before this block's math (register double-buffering)
+KIVI_PREFETCH = True
 
 
 # ----------------------------------------------------------------------------------------------- RoPE tables
@@ -169,6 +177,13 @@ def plain_codes(dot: bool, d: int, block_n: int) -> bool:
     return dot and (d < 64 or block_n < 32)
 
 
+def kivi_words(meta: dict, d: int, bits: int) -> bool:
+    """Whether the kivi programs read codes as words (``KIVI_WORDS``): where the halves are whole words, the
+    codes not bytewise (``plain_codes``), and for the ``tl.dot`` programs at 1-2 bits only (4-bit words measured
+    slower there, results doc)."""
+    return KIVI_WORDS and words_supported(d, bits) and not meta["PLAIN"] and (not meta["DOT"] or bits <= 2)
+
+
 def check_kivi_group(group: int) -> None:
     if not kivi_group_supported(group):
         raise ValueError(f"the kivi kernels take groups that are powers of two >= 16, not {group}")
@@ -224,6 +239,8 @@ def _launch_plan(q: Tensor, cache, sm_scale, num_splits, block_n, num_warps, kiv
                 PLAIN=plain_codes(dot, d, block_n), F16=(1 + SWAP_AB) * (dot and F16_DOTS and q.dtype != torch.float32))
     if NUM_STAGES is not None:
         meta["num_stages"] = NUM_STAGES
+    if MAXNREG is not None:
+        meta["maxnreg"] = MAXNREG
     if not kivi:  # inline-asm codebook loads on the GPU (the interpreter runs the tl.load form)
         meta["ASM"] = q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
     return (rows, nsp), per, nsp, mp, lp, ap, scale, meta
@@ -334,7 +351,8 @@ def decode_attention_kivi(q: Tensor, cache: KIVICache, sm_scale: float | None = 
         mp, lp, ap,
         cache.k_packed.shape[1], cache.k_packed.shape[2], cache.k_scale.shape[2], cache.n_packed, cache.n_sink,
         cache.n_res, per, nsp, scale, lens if dyn else q,  # (q: a placeholder the kernel does not read)
-        BITS=cache.bits, KG=cache.group, VG=value_group(cache.head_dim, cache.group), DYN=dyn, **meta,
+        BITS=cache.bits, KG=cache.group, VG=value_group(cache.head_dim, cache.group), DYN=dyn,
+        WORDS=kivi_words(meta, cache.head_dim, cache.bits), PREFETCH=KIVI_PREFETCH and not meta["DOT"], **meta,
     )
     return _finish(q, nsp, mp, lp, ap)
 

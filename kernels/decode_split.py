@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .pack import _code_bytes, _load_codes_half
+from .pack import MAGIC_F16, MAGIC_F32, UNIT_SCALE, _code_bytes, _load_codes_half, _spread, _unpack_words, _words
 
 #: split programs per SM the default plan of the cq / pq wrappers aims for (one program per sequence and KV head;
 #: ``decode_attention.PROGRAMS_PER_SM`` is the others')
@@ -474,6 +474,39 @@ def _group_tile(P, row, valid, p, HH: tl.constexpr, HALF: tl.constexpr, VG: tl.c
 
 
 @triton.jit
+def _kivi_finish(Q, q1, q2, SK, SV, RK, RV, sink_base, res_base, last, n_sink, npk, nrs, m, l, pm, acc1, acc2,
+                 MP, LP, AP, prow0, NSP, QPP: tl.constexpr, MR: tl.constexpr, D: tl.constexpr, VG: tl.constexpr,
+                 BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, F16: tl.constexpr):
+    """The kivi programs' end: the fp16 segments (last split), then the partials; one row adds its per-group sums
+    ``pm (N, D/VG)`` to every channel of the group."""
+    HALF: tl.constexpr = D // 2
+    NVG: tl.constexpr = D // VG
+    m, l, pm, acc1, acc2 = _fp16_segments(q1, q2, SK, SV, RK, RV, sink_base, res_base, last, n_sink, npk, nrs, q1, Q,
+                                          0, q1, q1, m, l, pm, acc1, acc2, False, D, BLOCK_N, DOT, PREC, F16)
+    if DOT:
+        _store_partial(MP, LP, AP, prow0, NSP, m, l, acc1, acc2, QPP, MR, D, DOT)
+    else:
+        ch = tl.arange(0, HALF)
+        cg = tl.arange(0, NVG)
+        pz = tl.sum(pm, axis=0)  # (NVG,) -> channels
+        e1 = tl.sum(tl.where(cg[:, None] == (ch // VG)[None, :], pz[:, None], 0.0), axis=0)
+        e2 = tl.sum(tl.where(cg[:, None] == ((ch + HALF) // VG)[None, :], pz[:, None], 0.0), axis=0)
+        _store_partial(MP, LP, AP, prow0, NSP, m, l, tl.sum(acc1, axis=0) + e1, tl.sum(acc2, axis=0) + e2,
+                       QPP, MR, D, DOT)
+
+
+@triton.jit
+def _word_values(w, sc, zr, BITS: tl.constexpr, F16: tl.constexpr, N: tl.constexpr):
+    """Values ``code * s + z`` ``(N, W * 32/BITS)`` of words ``w (N, W)`` with a scale and zero per word
+    ``(N, W)``: in fp16 (``F16``) or float32."""
+    if F16:
+        return (_unpack_words(w, BITS, 0, N) - MAGIC_F16) * _spread(sc, BITS, N) + _spread(zr, BITS, N)
+    else:
+        return (_unpack_words(w, BITS, 1, N) - MAGIC_F32) * _spread(sc.to(tl.float32), BITS, N) + _spread(
+            zr.to(tl.float32), BITS, N)
+
+
+@triton.jit
 def _kivi_split_kernel(
     Q, sqb, sqh,
     KP, KS, KZ, VP, VS, VZ,
@@ -482,13 +515,14 @@ def _kivi_split_kernel(
     H, Tmax, NGmax, n_packed, n_sink, n_res, tokens_per_split, NSP, qk_scale, LENS,
     G: tl.constexpr, QPP: tl.constexpr, MR: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, KG: tl.constexpr,
     VG: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, PLAIN: tl.constexpr = False,
-    DYN: tl.constexpr = False, F16: tl.constexpr = False,
+    DYN: tl.constexpr = False, F16: tl.constexpr = False, WORDS: tl.constexpr = False, PREFETCH: tl.constexpr = False,
 ):
     """As the kvquant kernel; ``BLOCK_N`` divides the key group ``KG``, so a block has one key scale/zero row:
     scores are ``q . z + (q * s) . codes``. ``DYN``: the packed and residual counts are read from ``LENS``
     (int32 ``[n_packed, n_res]`` on the device) and the packed tokens split evenly over the ``NSP - 1`` splits
     here, so a launch captured in a CUDA graph stays right as the cache grows (``n_packed``, ``n_res`` and
-    ``tokens_per_split`` are then ignored)."""
+    ``tokens_per_split`` are then ignored). ``WORDS``: the codes are read as int32 words and made floats by bit
+    tricks (``pack._unpack_words``), the value scales and zeros applied per word (``_kivi_words_loop``)."""
     HALF: tl.constexpr = D // 2
     NB: tl.constexpr = D * BITS // 8
     NVG: tl.constexpr = D // VG
@@ -499,47 +533,132 @@ def _kivi_split_kernel(
     m, l, pm, acc1, acc2 = _init_state(MR, BLOCK_N, HALF, NVG, DOT)
     npk, nrs, start, end = _split_range(LENS, n_packed, n_res, tokens_per_split, NSP, sp, BLOCK_N, DYN)
     bh = (b * H + h).to(tl.int64)
+    if WORDS:
+        m, l, pm, acc1, acc2 = _kivi_words_loop(q1, q2, KP, KS, KZ, VP, VS, VZ, bh, Tmax, NGmax, start, end,
+                                                m, l, pm, acc1, acc2, D, BITS, KG, VG, BLOCK_N, DOT, PREC, F16,
+                                                PREFETCH)
+    else:  # byte-wise codes
+        for t0 in range(start, end, BLOCK_N):
+            t = t0 + tl.arange(0, BLOCK_N)
+            valid = t < end
+            row = bh * Tmax + t
+            goff = (bh * NGmax + t0 // KG) * D + ch
+            z1 = tl.load(KZ + goff).to(tl.float32)[None, :]
+            z2 = tl.load(KZ + goff + HALF).to(tl.float32)[None, :]
+            c1 = _codes(KP + row * NB, valid, 0, BITS, D, BLOCK_N, PLAIN).to(tl.float32)
+            c2 = _codes(KP + row * NB, valid, 1, BITS, D, BLOCK_N, PLAIN).to(tl.float32)
+            qk1 = q1 * tl.load(KS + goff).to(tl.float32)[None, :]
+            qk2 = q2 * tl.load(KS + goff + HALF).to(tl.float32)[None, :]
+            if DOT:
+                qz = tl.sum(q1 * z1 + q2 * z2, axis=1)[:, None]
+            else:
+                qz = tl.sum(tl.sum(q1 * z1 + q2 * z2, axis=1), axis=0)
+            s = _mask(_scores(qk1, qk2, c1, c2, DOT, PREC, F16) + qz, valid, DOT)
+            p, m, l, pm, acc1, acc2 = _softmax(s, m, l, pm, acc1, acc2, DOT)
+            # values: per-token scale / zero of each group of VG channels
+            d1 = _codes(VP + row * NB, valid, 0, BITS, D, BLOCK_N, PLAIN).to(tl.float32)
+            d2 = _codes(VP + row * NB, valid, 1, BITS, D, BLOCK_N, PLAIN).to(tl.float32)
+            if DOT:
+                one = tl.full((BLOCK_N,), 1.0, tl.float32)
+                v1 = _group_tile(VZ, row, valid, one, 0, HALF, VG, NVG) + _group_tile(VS, row, valid, one, 0, HALF, VG,
+                                                                                      NVG) * d1
+                v2 = _group_tile(VZ, row, valid, one, 1, HALF, VG, NVG) + _group_tile(VS, row, valid, one, 1, HALF, VG,
+                                                                                      NVG) * d2
+                acc1, acc2 = _accumulate(p, v1, v2, acc1, acc2, DOT, PREC, F16)
+            else:  # accumulate (p s) codes per element and p z per token and group
+                vz = tl.load(VZ + row[:, None] * NVG + cg[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+                pm += p[:, None] * vz
+                acc1 += _group_tile(VS, row, valid, p, 0, HALF, VG, NVG) * d1
+                acc2 += _group_tile(VS, row, valid, p, 1, HALF, VG, NVG) * d2
+    _kivi_finish(Q, q1, q2, SK, SV, RK, RV, b.to(tl.int64) * ssb + h * ssh, b.to(tl.int64) * srb + h * srh,
+                 sp == NSP - 1, n_sink, npk, nrs, m, l, pm, acc1, acc2, MP, LP, AP, prow0, NSP, QPP, MR, D, VG, BLOCK_N,
+                 DOT, PREC, F16)
+
+
+@triton.jit
+def _kivi_word_loads(KP, KS, KZ, VP, VS, VZ, bh, Tmax, NGmax, t0, end, D: tl.constexpr, BITS: tl.constexpr,
+                     KG: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Everything one block of ``_kivi_words_kernel`` reads, raw: key and value words ``(N, W)`` per half, the
+    key scale / zero ``(D/2,)`` per half, the value scale / zero per word ``(N, W)`` and per group ``(N, D/VG)``."""
+    HALF: tl.constexpr = D // 2
+    NVG: tl.constexpr = D // VG
+    CPW: tl.constexpr = 32 // BITS
+    NWH: tl.constexpr = D * BITS // 64
+    t = t0 + tl.arange(0, BLOCK_N)
+    valid = t < end
+    row = bh * Tmax + t
+    ch = tl.arange(0, HALF)
+    goff = (bh * NGmax + tl.maximum(tl.minimum(t0, end - 1), 0) // KG) * D + ch  # (clamped: no unmasked stray read)
+    wrow1 = row[:, None] * NVG + (tl.arange(0, NWH) * CPW // VG)[None, :]
+    wrow2 = row[:, None] * NVG + ((HALF + tl.arange(0, NWH) * CPW) // VG)[None, :]
+    grow = row[:, None] * NVG + tl.arange(0, NVG)[None, :]
+    vm = valid[:, None]
+    return (_words(KP, row, valid, 0, BITS, D), _words(KP, row, valid, 1, BITS, D), tl.load(KS + goff),
+            tl.load(KS + goff + HALF), tl.load(KZ + goff), tl.load(KZ + goff + HALF),
+            _words(VP, row, valid, 0, BITS, D), _words(VP, row, valid, 1, BITS, D),
+            tl.load(VS + wrow1, mask=vm, other=0.0), tl.load(VS + wrow2, mask=vm, other=0.0),
+            tl.load(VZ + wrow1, mask=vm, other=0.0), tl.load(VZ + wrow2, mask=vm, other=0.0),
+            tl.load(VS + grow, mask=vm, other=0.0), tl.load(VZ + grow, mask=vm, other=0.0))
+
+
+@triton.jit
+def _kivi_words_loop(q1, q2, KP, KS, KZ, VP, VS, VZ, bh, Tmax, NGmax, start, end, m, l, pm, acc1, acc2,
+                     D: tl.constexpr, BITS: tl.constexpr, KG: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr,
+                     DOT: tl.constexpr, PREC: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr):
+    """``_kivi_split_kernel``'s packed blocks ``[start, end)`` with codes read as words (1, 2 or 4 bits, halves of
+    whole words). No conversion instruction per element:
+
+    * fp16 dots (``DOT`` and ``F16``): key tiles are ``1024 + code`` in fp16, straight into the dot, the offset
+      corrected per row (``- 1024 sum(q s)``, exact products, float32 sums); value tiles ``(e - 1024) s + z`` in fp16
+      with each word's scale and zero (a word lies in one value group);
+    * one row (``DOT`` False): float32 ``x = 1 + code/16``; scores ``(16 q s) . x`` less ``sum(16 q s)``, values
+      accumulated as ``(16 p s) x`` per element (``p s`` per word) and ``p (z - 16 s)`` per value group;
+    * float32 dots: ``2^23 + code`` minus ``2^23`` (exact).
+
+    ``PREFETCH``: the next block's loads (``_kivi_word_loads``) are issued before this block's math, a register
+    double buffer (H200, 128K, MHA: 586 -> 507 us; the GQA programs, bound by staging dot operands through shared
+    memory, measured 191 -> 212 us with it and leave it off). -> the updated softmax state."""
+    H16: tl.constexpr = DOT and F16
+    (kw1, kw2, ks1, ks2, kz1, kz2, vw1, vw2, vs1, vs2, vz1, vz2, vsg, vzg) = _kivi_word_loads(
+        KP, KS, KZ, VP, VS, VZ, bh, Tmax, NGmax, start, end, D, BITS, KG, VG, BLOCK_N)
+    MODE: tl.constexpr = 0 if H16 else (1 if DOT else 2)
     for t0 in range(start, end, BLOCK_N):
-        t = t0 + tl.arange(0, BLOCK_N)
-        valid = t < end
-        row = bh * Tmax + t
-        goff = (bh * NGmax + t0 // KG) * D + ch
-        z1 = tl.load(KZ + goff).to(tl.float32)[None, :]
-        z2 = tl.load(KZ + goff + HALF).to(tl.float32)[None, :]
-        c1 = _codes(KP + row * NB, valid, 0, BITS, D, BLOCK_N, PLAIN).to(tl.float32)
-        c2 = _codes(KP + row * NB, valid, 1, BITS, D, BLOCK_N, PLAIN).to(tl.float32)
-        qk1 = q1 * tl.load(KS + goff).to(tl.float32)[None, :]
-        qk2 = q2 * tl.load(KS + goff + HALF).to(tl.float32)[None, :]
-        if DOT:
-            qz = tl.sum(q1 * z1 + q2 * z2, axis=1)[:, None]
+        valid = t0 + tl.arange(0, BLOCK_N) < end
+        if PREFETCH:  # the next block's loads in flight while this one computes
+            (nkw1, nkw2, nks1, nks2, nkz1, nkz2, nvw1, nvw2, nvs1, nvs2, nvz1, nvz2, nvsg, nvzg) = _kivi_word_loads(
+                KP, KS, KZ, VP, VS, VZ, bh, Tmax, NGmax, t0 + BLOCK_N, end, D, BITS, KG, VG, BLOCK_N)
         else:
-            qz = tl.sum(tl.sum(q1 * z1 + q2 * z2, axis=1), axis=0)
-        s = _mask(_scores(qk1, qk2, c1, c2, DOT, PREC, F16) + qz, valid, DOT)
-        p, m, l, pm, acc1, acc2 = _softmax(s, m, l, pm, acc1, acc2, DOT)
-        # values: per-token scale / zero of each group of VG channels
-        d1 = _codes(VP + row * NB, valid, 0, BITS, D, BLOCK_N, PLAIN).to(tl.float32)
-        d2 = _codes(VP + row * NB, valid, 1, BITS, D, BLOCK_N, PLAIN).to(tl.float32)
+            (kw1, kw2, ks1, ks2, kz1, kz2, vw1, vw2, vs1, vs2, vz1, vz2, vsg, vzg) = _kivi_word_loads(
+                KP, KS, KZ, VP, VS, VZ, bh, Tmax, NGmax, t0, end, D, BITS, KG, VG, BLOCK_N)
+        z1 = kz1.to(tl.float32)[None, :]
+        z2 = kz2.to(tl.float32)[None, :]
+        qk1 = q1 * ks1.to(tl.float32)[None, :]
+        qk2 = q2 * ks2.to(tl.float32)[None, :]
+        e1 = _unpack_words(kw1, BITS, MODE, BLOCK_N)
+        e2 = _unpack_words(kw2, BITS, MODE, BLOCK_N)
+        if H16:
+            qk1 = qk1.to(tl.float16)
+            qk2 = qk2.to(tl.float16)
+            qz = tl.sum(q1 * z1 + q2 * z2 - MAGIC_F16 * (qk1.to(tl.float32) + qk2.to(tl.float32)), axis=1)[:, None]
+            s = tl.dot(qk2, tl.trans(e2), tl.dot(qk1, tl.trans(e1))) + qz
+        elif DOT:
+            qz = tl.sum(q1 * z1 + q2 * z2, axis=1)[:, None]
+            s = _scores(qk1, qk2, e1 - MAGIC_F32, e2 - MAGIC_F32, DOT, PREC, F16) + qz
+        else:
+            qk1 = qk1 * UNIT_SCALE
+            qk2 = qk2 * UNIT_SCALE
+            qz = tl.sum(tl.sum(q1 * z1 + q2 * z2 - qk1 - qk2, axis=1), axis=0)
+            s = _scores(qk1, qk2, e1, e2, DOT, PREC, F16) + qz
+        p, m, l, pm, acc1, acc2 = _softmax(_mask(s, valid, DOT), m, l, pm, acc1, acc2, DOT)
         if DOT:
-            one = tl.full((BLOCK_N,), 1.0, tl.float32)
-            v1 = _group_tile(VZ, row, valid, one, 0, HALF, VG, NVG) + _group_tile(VS, row, valid, one, 0, HALF, VG,
-                                                                                  NVG) * d1
-            v2 = _group_tile(VZ, row, valid, one, 1, HALF, VG, NVG) + _group_tile(VS, row, valid, one, 1, HALF, VG,
-                                                                                  NVG) * d2
-            acc1, acc2 = _accumulate(p, v1, v2, acc1, acc2, DOT, PREC, F16)
-        else:  # accumulate (p s) codes per element and p z per token and group
-            vz = tl.load(VZ + row[:, None] * NVG + cg[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            pm += p[:, None] * vz
-            acc1 += _group_tile(VS, row, valid, p, 0, HALF, VG, NVG) * d1
-            acc2 += _group_tile(VS, row, valid, p, 1, HALF, VG, NVG) * d2
-    m, l, pm, acc1, acc2 = _fp16_segments(q1, q2, SK, SV, RK, RV, b.to(tl.int64) * ssb + h * ssh,
-                                          b.to(tl.int64) * srb + h * srh, sp == NSP - 1, n_sink, npk, nrs, q1, Q, 0,
-                                          q1, q1, m, l, pm, acc1, acc2, False, D, BLOCK_N, DOT, PREC, F16)
-    if DOT:
-        _store_partial(MP, LP, AP, prow0, NSP, m, l, acc1, acc2, QPP, MR, D, DOT)
-    else:
-        pz = tl.sum(pm, axis=0)  # (NVG,) -> channels
-        gsel = ch // VG
-        e1 = tl.sum(tl.where(cg[:, None] == gsel[None, :], pz[:, None], 0.0), axis=0)
-        e2 = tl.sum(tl.where(cg[:, None] == ((ch + HALF) // VG)[None, :], pz[:, None], 0.0), axis=0)
-        _store_partial(MP, LP, AP, prow0, NSP, m, l, tl.sum(acc1, axis=0) + e1, tl.sum(acc2, axis=0) + e2,
-                       QPP, MR, D, DOT)
+            acc1, acc2 = _accumulate(p, _word_values(vw1, vs1, vz1, BITS, H16, BLOCK_N),
+                                     _word_values(vw2, vs2, vz2, BITS, H16, BLOCK_N), acc1, acc2, DOT, PREC, F16)
+        else:  # (16 p s) x per element, p (z - 16 s) per token and group
+            pm += p[:, None] * (vzg.to(tl.float32) - UNIT_SCALE * vsg.to(tl.float32))
+            pu = p[:, None] * UNIT_SCALE
+            acc1 += _spread(pu * vs1.to(tl.float32), BITS, BLOCK_N) * _unpack_words(vw1, BITS, 2, BLOCK_N)
+            acc2 += _spread(pu * vs2.to(tl.float32), BITS, BLOCK_N) * _unpack_words(vw2, BITS, 2, BLOCK_N)
+        if PREFETCH:
+            kw1, kw2, ks1, ks2, kz1, kz2 = nkw1, nkw2, nks1, nks2, nkz1, nkz2
+            vw1, vw2, vs1, vs2, vz1, vz2, vsg, vzg = nvw1, nvw2, nvs1, nvs2, nvz1, nvz2, nvsg, nvzg
+    return m, l, pm, acc1, acc2

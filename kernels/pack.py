@@ -103,6 +103,90 @@ def _load_codes_half(row_ptr, rmask, HIDX: tl.constexpr, BITS: tl.constexpr, D: 
         return _expand_plane(bb, BITS, R, W)
 
 
+# ----------------------------------------------------------------------------------------------- word unpacking
+# Codes of 1, 2 or 4 bits read as 32-bit words (code i of a word at bits [b*i, b*(i+1)): the byte layout above, read
+# little-endian) and turned into floats by bit tricks instead of conversion instructions (which issue at an eighth
+# of the FP32 rate on Hopper). ``MODE`` (``_field``):
+#   0: fp16 ``1024 + code`` (``code | 0x6400`` read as fp16);
+#   1: float32 ``2^23 + code`` (``code | 0x4B000000``);
+#   2: float32 ``1 + code / 16`` (the code in the mantissa's top bits under ``0x3F800000``): a product needs no
+#      subtraction first, its offset is taken off a sum (``sum(a x) = sum(a) + sum(a code) / 16``).
+# Every value is exact; the caller takes the offset off (or corrects a sum for it).
+MAGIC_F16 = tl.constexpr(1024.0)
+MAGIC_F32 = tl.constexpr(8388608.0)
+UNIT_SCALE = tl.constexpr(16.0)
+
+
+def words_supported(head_dim: int, bits: int) -> bool:
+    """Whether each half of a packed row is whole 32-bit words (``_words``)."""
+    return bits in (1, 2, 4) and (head_dim // 2 * bits) % 32 == 0
+
+
+@triton.jit
+def _words(P, row, valid, HIDX: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr):
+    """uint32 words ``(N, D*BITS/64)`` of half ``HIDX`` of the packed rows ``row (N,)`` at ``P`` (uint8)."""
+    NWH: tl.constexpr = D * BITS // 64
+    wp = P.to(tl.pointer_type(tl.uint32)) + row[:, None] * (2 * NWH) + HIDX * NWH + tl.arange(0, NWH)[None, :]
+    return tl.load(wp, mask=valid[:, None], other=0)
+
+
+@triton.jit
+def _field(w, I: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr):
+    """Code ``I`` of every word as a float (``MODE``: see above)."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if MODE == 2:  # the code to bits [19, 19 + BITS)
+        if BITS * I <= 19:
+            c = (w << (19 - BITS * I)) & (MASK << 19)
+        else:
+            c = (w >> (BITS * I - 19)) & (MASK << 19)
+        return (c | 0x3F800000).to(tl.float32, bitcast=True)
+    c = (w >> (BITS * I)) & MASK
+    if MODE == 0:
+        return (c | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
+    else:
+        return (c | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _leaf(w, K: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr):
+    """Codes ``K + 8 j`` of every word, joined on new minor axes (the most significant index of a word's code)."""
+    if BITS == 4:
+        return _field(w, K, BITS, MODE)
+    elif BITS == 2:
+        return tl.join(_field(w, K, BITS, MODE), _field(w, K + 8, BITS, MODE))
+    else:
+        return tl.join(tl.join(_field(w, K, BITS, MODE), _field(w, K + 16, BITS, MODE)),
+                       tl.join(_field(w, K + 8, BITS, MODE), _field(w, K + 24, BITS, MODE)))
+
+
+@triton.jit
+def _unpack_words(w, BITS: tl.constexpr, MODE: tl.constexpr, N: tl.constexpr):
+    """Words ``(N, W)`` -> ``(N, W * 32/BITS)`` floats of the codes (``_field``), in channel order: a tree of
+    ``tl.join`` (register local; the first join is the most significant index) and one reshape."""
+    W: tl.constexpr = w.shape[1]
+    x = tl.join(tl.join(tl.join(_leaf(w, 0, BITS, MODE), _leaf(w, 4, BITS, MODE)),
+                        tl.join(_leaf(w, 2, BITS, MODE), _leaf(w, 6, BITS, MODE))),
+                tl.join(tl.join(_leaf(w, 1, BITS, MODE), _leaf(w, 5, BITS, MODE)),
+                        tl.join(_leaf(w, 3, BITS, MODE), _leaf(w, 7, BITS, MODE))))
+    return tl.reshape(x, (N, W * 32 // BITS))
+
+
+@triton.jit
+def _spread(x, BITS: tl.constexpr, N: tl.constexpr):
+    """``(N, W)`` per-word values -> ``(N, W * 32/BITS)``, each repeated over its word's codes (``_unpack_words``'s
+    layout: the joins copy registers)."""
+    W: tl.constexpr = x.shape[1]
+    y = x
+    y = tl.join(y, y)
+    y = tl.join(y, y)
+    y = tl.join(y, y)
+    if BITS <= 2:
+        y = tl.join(y, y)
+    if BITS == 1:
+        y = tl.join(y, y)
+    return tl.reshape(y, (N, W * 32 // BITS))
+
+
 @triton.jit
 def _nearest(x, MID, NM: tl.constexpr):
     """Count of codebook midpoints strictly below ``x`` (= nearest centroid of a sorted codebook)."""

@@ -322,6 +322,33 @@ def test_decode_attention_kivi(bits, gqa):
     assert _rel(got, want) < ATTN_RTOL
 
 
+@pytest.mark.parametrize("d,bits,gqa,dtype", [(128, 2, 4, torch.float16), (64, 2, 3, torch.float16),
+                                              (64, 4, 1, torch.float16), (64, 1, 2, torch.float16),
+                                              (64, 2, 4, torch.float32), (64, 2, 1, torch.float32),
+                                              (128, 4, 1, torch.float32), (64, 1, 1, torch.float16)])
+def test_decode_attention_kivi_words(d, bits, gqa, dtype):
+    """The word-wise path (codes read as 32-bit words and made floats by bit tricks, ``KIVI_WORDS``) at the shapes
+    that take it (blocks of 32, halves of whole words): the reference's attention, on a fill that is not a multiple
+    of the block, with sink and residual; and the same as the byte-wise path within the fp16 dots' rounding."""
+    import kvq_kernels.decode_attention as da
+
+    gen = _gen(400 + d + 8 * bits + gqa)
+    c = _kivi_cache(gen, d, bits, t=83, n_sink=2, n_res=5, tmax=128)
+    q = _randn(gen, B, H * gqa, d).to(dtype)
+    want = ref.decode_attention_kivi_ref(q.float(), c)
+    got = {}
+    try:
+        for words in (False, True):
+            da.KIVI_WORDS = words
+            got[words] = decode_attention_kivi(q, c, num_splits=2, block_n=32).float()
+    finally:
+        da.KIVI_WORDS = True
+    tol = ATTN_RTOL if dtype == torch.float32 else 1e-2
+    assert _rel(got[True], want) < tol and _rel(got[True], got[False]) < tol
+    if dtype == torch.float32 and gqa > 1:  # float32 dots of exact codes: the same sums
+        assert _rel(got[True], got[False]) < 1e-6
+
+
 @pytest.mark.parametrize("gqa", [1, 4])
 def test_decode_attention_kivi_device_counts(gqa):
     """Counts read from the device (``lens``, the graph-captured launch): one launch plan made for the capacity
