@@ -177,11 +177,12 @@ def plain_codes(dot: bool, d: int, block_n: int) -> bool:
     return dot and (d < 64 or block_n < 32)
 
 
-def kivi_words(meta: dict, d: int, bits: int) -> bool:
-    """Whether the kivi programs read codes as words (``KIVI_WORDS``): where the halves are whole words, the
-    codes not bytewise (``plain_codes``), and for the ``tl.dot`` programs at 1-2 bits only (4-bit words measured
-    slower there, results doc)."""
-    return KIVI_WORDS and words_supported(d, bits) and not meta["PLAIN"] and (not meta["DOT"] or bits <= 2)
+def kivi_words(meta: dict, d: int, bits: int, group: int) -> bool:
+    """Whether the kivi programs read codes as words (``KIVI_WORDS``): where the halves are whole words, each word
+    lies in one value group (``32 / bits <= value_group``), the codes are not read bytewise (``plain_codes``), and
+    for the ``tl.dot`` programs at 1-2 bits only (4-bit words measured slower there, results doc)."""
+    return (KIVI_WORDS and words_supported(d, bits) and 32 // bits <= value_group(d, group) and not meta["PLAIN"]
+            and (not meta["DOT"] or bits <= 2))
 
 
 def check_kivi_group(group: int) -> None:
@@ -352,7 +353,7 @@ def decode_attention_kivi(q: Tensor, cache: KIVICache, sm_scale: float | None = 
         cache.k_packed.shape[1], cache.k_packed.shape[2], cache.k_scale.shape[2], cache.n_packed, cache.n_sink,
         cache.n_res, per, nsp, scale, lens if dyn else q,  # (q: a placeholder the kernel does not read)
         BITS=cache.bits, KG=cache.group, VG=value_group(cache.head_dim, cache.group), DYN=dyn,
-        WORDS=kivi_words(meta, cache.head_dim, cache.bits), PREFETCH=KIVI_PREFETCH and not meta["DOT"], **meta,
+        WORDS=kivi_words(meta, cache.head_dim, cache.bits, cache.group), PREFETCH=KIVI_PREFETCH and not meta["DOT"], **meta,
     )
     return _finish(q, nsp, mp, lp, ap)
 

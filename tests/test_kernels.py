@@ -178,7 +178,8 @@ def test_quantize_append_kivi_exact(bits, d):
         assert torch.equal(getattr(c1, f), getattr(c2, f)), f
 
 
-@pytest.mark.parametrize("group,d,g,bits", [(16, 64, 4, 2), (64, 64, 1, 4), (128, 32, 3, 2), (16, 128, 1, 3)])
+@pytest.mark.parametrize("group,d,g,bits", [(16, 64, 4, 2), (64, 64, 1, 4), (128, 32, 3, 2), (16, 128, 1, 3),
+                                            (16, 128, 1, 1)])
 def test_kivi_other_groups(group, d, g, bits):
     """kivi at groups other than 32 (powers of two >= 16; value groups min(group, D)): the Triton append stores
     exactly the reference's bytes, and decode attention (host and device counts) matches the reference over a
