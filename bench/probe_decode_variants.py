@@ -29,8 +29,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import kvq_kernels.decode_attention as da  # noqa: E402
-from bench_decode_attention import METHODS, bench, copy_bandwidth, random_kivi, random_kvquant  # noqa: E402
+import kvq_kernels.decode_token as dtk  # noqa: E402
+from bench_decode_attention import METHODS, bench, copy_bandwidth, random_kivi, random_kvquant, random_token  # noqa: E402
 from kvq_kernels import reference as ref  # noqa: E402
+from kvq_kernels.token_reference import decode_attention_token_ref  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 MODELS = {"llama2-7b": (32, 1, 128), "llama3-8b": (8, 4, 128)}
@@ -53,6 +55,12 @@ VARIANTS = [
     ("f16 swap kv", {"F16_DOTS": True, "SWAP_AB": 2}, {}),
     ("no words", {"KIVI_WORDS": False}, {}),  # session 10: kivi's byte/join-tree expansion and int-to-float casts
     ("no prefetch", {"KIVI_PREFETCH": False}, {}),  # session 10: words, without the next block's loads in flight
+    ("no token words", {"TOKEN_WORDS": False}, {}),  # session 10: int's byte-wise path
+    ("no token prefetch", {"TOKEN_PREFETCH": False}, {}),
+    ("w1", {}, {"num_warps": 1}),
+    ("w2", {}, {"num_warps": 2}),
+    ("w1 bn16", {}, {"num_warps": 1, "block_n": 16}),
+    ("w2 bn16", {}, {"num_warps": 2, "block_n": 16}),
     ("no pf+ppsm3", {"KIVI_PREFETCH": False, "PROGRAMS_PER_SM": 3}, {}),
     ("no pf+ppsm6", {"KIVI_PREFETCH": False, "PROGRAMS_PER_SM": 6}, {}),
     ("ppsm3", {"PROGRAMS_PER_SM": 3}, {}),
@@ -69,14 +77,26 @@ DEFAULTS = {k: getattr(da, k) for k in ("F16_DOTS", "FORCE_DOT", "NUM_STAGES", "
                                          "SWAP_AB", "KIVI_WORDS", "KIVI_PREFETCH", "MAXNREG")}
 
 
+TOKEN_DEFAULTS = {k: getattr(dtk, k) for k in ("TOKEN_WORDS", "TOKEN_PREFETCH")}
+#: kind -> (random cache, kernel, reference)
+KINDS = {"kvquant": (random_kvquant, lambda *a, **k: da.decode_attention_kvquant(*a, **k),
+                     ref.decode_attention_kvquant_ref),
+         "kivi": (random_kivi, lambda *a, **k: da.decode_attention_kivi(*a, **k), ref.decode_attention_kivi_ref),
+         "token": (random_token, lambda *a, **k: dtk.decode_attention_token(*a, **k), decode_attention_token_ref)}
+
+
 def switch(flags: dict) -> None:
     for k, v in DEFAULTS.items():
         setattr(da, k, flags.get(k, v))
+    for k, v in TOKEN_DEFAULTS.items():
+        setattr(dtk, k, flags.get(k, v))
 
 
 def make(name, b, h, d, t):
+    """-> (cache, kernel, reference) of a method of ``bench_decode_attention.METHODS``."""
     cfg = METHODS[name]
-    return (random_kvquant if cfg["kind"] == "kvquant" else random_kivi)(b, h, d, t, cfg), cfg["kind"] == "kvquant"
+    rand, fn, want = KINDS[cfg["kind"]]
+    return rand(b, h, d, t, cfg), fn, want
 
 
 def check(name, h, g, flags, kw) -> float:
@@ -85,15 +105,14 @@ def check(name, h, g, flags, kw) -> float:
 
     bda.DEV = DEV
     torch.manual_seed(0)
-    cache, kv = make(name, 1, h, 128, 700)
-    if kv:  # random codes: keep the thresholds sane
+    cache, fn, fn_ref = make(name, 1, h, 128, 700)
+    if METHODS[name]["kind"] == "kvquant":  # random codes: keep the thresholds sane
         cache.lo.fill_(-1.5)
         cache.hi.fill_(1.5)
     q = torch.randn(1, h * g, 128, device=DEV, dtype=torch.float16)
     switch(flags)
-    fn = da.decode_attention_kvquant if kv else da.decode_attention_kivi
     out = fn(q, cache, **kw).float()
-    want = (ref.decode_attention_kvquant_ref if kv else ref.decode_attention_kivi_ref)(q.float(), cache).float()
+    want = fn_ref(q.float(), cache).float()
     switch({})
     return ((out - want).norm() / want.norm()).item()
 
@@ -141,9 +160,8 @@ def main():
                 del kb, vb
                 print(f"{model} {t}: fp16 SDPA {sdpa * 1e3:.1f} us", flush=True)
                 for name in methods:
-                    cache, kv = make(name, 1, h, d, t)
+                    cache, fn, _ = make(name, 1, h, d, t)
                     nbytes = cache.compressed_bytes()
-                    fn = da.decode_attention_kvquant if kv else da.decode_attention_kivi
                     for vname, flags, kw in variants:
                         if (model, name, vname) not in ok:
                             continue

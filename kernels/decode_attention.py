@@ -353,7 +353,8 @@ def decode_attention_kivi(q: Tensor, cache: KIVICache, sm_scale: float | None = 
         cache.k_packed.shape[1], cache.k_packed.shape[2], cache.k_scale.shape[2], cache.n_packed, cache.n_sink,
         cache.n_res, per, nsp, scale, lens if dyn else q,  # (q: a placeholder the kernel does not read)
         BITS=cache.bits, KG=cache.group, VG=value_group(cache.head_dim, cache.group), DYN=dyn,
-        WORDS=kivi_words(meta, cache.head_dim, cache.bits, cache.group), PREFETCH=KIVI_PREFETCH and not meta["DOT"], **meta,
+        WORDS=kivi_words(meta, cache.head_dim, cache.bits, cache.group), PREFETCH=KIVI_PREFETCH and not meta["DOT"],
+        **meta,
     )
     return _finish(q, nsp, mp, lp, ap)
 

@@ -40,7 +40,13 @@ from .decode_split import (
     _split_range,
     _store_partial,
 )
+from .pack import MAGIC_F16, MAGIC_F32, UNIT_SCALE, _unpack_words, _words, words_supported
 from .token_reference import TokenCache, check_token_bits
+
+#: ``int`` codes read as 32-bit words and made floats by bit tricks (``_token_words_loop``) where the halves are
+#: whole words; with the next block's loads in flight in the one-row (MHA) programs
+TOKEN_WORDS = True
+TOKEN_PREFETCH = True
 
 
 @triton.jit
@@ -67,6 +73,94 @@ def _per_token(X, row, valid, p, DOT: tl.constexpr):
 
 
 @triton.jit
+def _token_word_loads(KP, KS, KZ, VP, VS, VZ, bh, Tmax, t0, end, D: tl.constexpr, BITS: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """One block's reads, raw: key and value words ``(N, W)`` per half and the per-token statistics ``(N,)``."""
+    t = t0 + tl.arange(0, BLOCK_N)
+    valid = t < end
+    row = bh * Tmax + t
+    return (_words(KP, row, valid, 0, BITS, D), _words(KP, row, valid, 1, BITS, D),
+            _words(VP, row, valid, 0, BITS, D), _words(VP, row, valid, 1, BITS, D),
+            tl.load(KS + row, mask=valid, other=0.0), tl.load(KZ + row, mask=valid, other=0.0),
+            tl.load(VS + row, mask=valid, other=0.0), tl.load(VZ + row, mask=valid, other=0.0))
+
+
+@triton.jit
+def _token_words_loop(q1, q2, qsum, KP, KS, KZ, VP, VS, VZ, bh, Tmax, start, end, m, l, pm, acc1, acc2,
+                      D: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
+                      PREC: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr):
+    """The packed blocks ``[start, end)`` of an ``int`` cache (zero points, no level table; ``qsum``: the query's
+    sum, ``(MR, 1)`` or a scalar) with codes read as words
+    (``pack._unpack_words``), no conversion instruction per element (as ``decode_split._kivi_words_loop``):
+
+    * fp16 dots: ``1024 + code`` tiles straight into the dots; the scores' offset ``1024 sum(q)`` is taken off once
+      per block row, the values' ``1024 sum_t (p s)_t`` goes into ``pm`` with ``sum_t p_t z_t``;
+    * one row: ``x = 1 + code/16`` against ``16 q`` (less ``sum(16 q)``) and ``16 p s`` per token (``p (z - 16 s)``
+      into ``pm``); ``PREFETCH``: the next block's loads issued before this block's math;
+    * float32 dots: ``2^23 + code`` minus ``2^23``. -> the updated softmax state."""
+    H16: tl.constexpr = DOT and F16
+    MODE: tl.constexpr = 0 if H16 else (1 if DOT else 2)
+    if H16:
+        qa1 = q1.to(tl.float16)
+        qa2 = q2.to(tl.float16)
+        qoff = MAGIC_F16 * (tl.sum(qa1.to(tl.float32), axis=1) + tl.sum(qa2.to(tl.float32), axis=1))[:, None]
+    elif DOT:
+        qa1 = q1
+        qa2 = q2
+        qoff = 0.0
+    else:
+        qa1 = q1 * UNIT_SCALE
+        qa2 = q2 * UNIT_SCALE
+        qoff = tl.sum(tl.sum(qa1 + qa2, axis=1), axis=0)
+    kw1, kw2, vw1, vw2, ks, kz, vs, vz = _token_word_loads(KP, KS, KZ, VP, VS, VZ, bh, Tmax, start, end, D, BITS,
+                                                           BLOCK_N)
+    for t0 in range(start, end, BLOCK_N):
+        valid = t0 + tl.arange(0, BLOCK_N) < end
+        if PREFETCH:
+            nkw1, nkw2, nvw1, nvw2, nks, nkz, nvs, nvz = _token_word_loads(KP, KS, KZ, VP, VS, VZ, bh, Tmax,
+                                                                           t0 + BLOCK_N, end, D, BITS, BLOCK_N)
+        else:
+            kw1, kw2, vw1, vw2, ks, kz, vs, vz = _token_word_loads(KP, KS, KZ, VP, VS, VZ, bh, Tmax, t0, end, D,
+                                                                   BITS, BLOCK_N)
+        e1 = _unpack_words(kw1, BITS, MODE, BLOCK_N)
+        e2 = _unpack_words(kw2, BITS, MODE, BLOCK_N)
+        if DOT and not H16:
+            e1 = e1 - MAGIC_F32
+            e2 = e2 - MAGIC_F32
+        raw = _scores(qa1, qa2, e1, e2, DOT, PREC, F16) - qoff
+        s = _scale_rows(raw, ks, DOT) + _scale_rows(qsum, kz, DOT)
+        p, m, l, pm, acc1, acc2 = _softmax(_mask(s, valid, DOT), m, l, pm, acc1, acc2, DOT)
+        f1 = _unpack_words(vw1, BITS, MODE, BLOCK_N)
+        f2 = _unpack_words(vw2, BITS, MODE, BLOCK_N)
+        if H16:
+            ps = _scale_rows(p, vs, DOT).to(tl.float16)
+            acc1, acc2 = _accumulate(ps, f1, f2, acc1, acc2, DOT, PREC, F16)
+            pm += tl.sum(_scale_rows(p, vz, DOT) - MAGIC_F16 * ps.to(tl.float32), axis=1)[:, None]
+        elif DOT:
+            acc1, acc2 = _accumulate(_scale_rows(p, vs, DOT), f1 - MAGIC_F32, f2 - MAGIC_F32, acc1, acc2, DOT, PREC,
+                                     F16)
+            pm += tl.sum(_scale_rows(p, vz, DOT), axis=1)[:, None]
+        else:
+            pu = (p * UNIT_SCALE * vs.to(tl.float32))[:, None]
+            acc1 += pu * f1
+            acc2 += pu * f2
+            pm += (p * (vz.to(tl.float32) - UNIT_SCALE * vs.to(tl.float32)))[:, None]
+        if PREFETCH:
+            kw1, kw2, vw1, vw2, ks, kz, vs, vz = nkw1, nkw2, nvw1, nvw2, nks, nkz, nvs, nvz
+    return m, l, pm, acc1, acc2
+
+
+@triton.jit
+def _scale_rows(x, st, DOT: tl.constexpr):
+    """``x * st`` with per-token statistics ``st (N,)`` (fp16): ``x (MR, N)`` (``DOT``) or ``(N,)``; a scalar or
+    ``(MR, 1)`` ``x`` broadcasts."""
+    if DOT:
+        return x * st.to(tl.float32)[None, :]
+    else:
+        return x * st.to(tl.float32)
+
+
+@triton.jit
 def _token_split_kernel(
     Q, sqb, sqh,
     KP, KS, KZ, VP, VS, VZ, L,
@@ -76,9 +170,11 @@ def _token_split_kernel(
     G: tl.constexpr, QPP: tl.constexpr, MR: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ASM: tl.constexpr, ZERO: tl.constexpr,
     LUT: tl.constexpr, PLAIN: tl.constexpr = False, DYN: tl.constexpr = False, F16: tl.constexpr = False,
+    WORDS: tl.constexpr = False, PREFETCH: tl.constexpr = False,
 ):
     """``ZERO``: the cache has zero points (``KZ``, ``VZ``); ``LUT``: codes index the level table ``L``. ``DYN``: the
-    packed and residual counts are read from ``LENS`` (as the kivi kernel: a graph-captured launch)."""
+    packed and residual counts are read from ``LENS`` (as the kivi kernel: a graph-captured launch). ``WORDS``
+    (``int`` caches: zero points, no level table): ``_token_words_loop``."""
     HALF: tl.constexpr = D // 2
     b, h, hq0, sp, prow0 = _program_ids(H, NSP, G, QPP)
     q1, q2 = _load_query(Q, sqb, sqh, b, hq0, qk_scale, QPP, MR, D)
@@ -89,25 +185,29 @@ def _token_split_kernel(
     m, l, pm, acc1, acc2 = _init_state(MR, BLOCK_N, HALF, 1, DOT)
     npk, nrs, start, end = _split_range(LENS, n_packed, n_res, tokens_per_split, NSP, sp, BLOCK_N, DYN)
     bh = (b * H + h).to(tl.int64)
-    for t0 in range(start, end, BLOCK_N):
-        t = t0 + tl.arange(0, BLOCK_N)
-        valid = t < end
-        row = bh * Tmax + t
-        x1 = _levels(KP, L, row, valid, 0, BITS, D, BLOCK_N, LUT, ASM, PLAIN)
-        x2 = _levels(KP, L, row, valid, 1, BITS, D, BLOCK_N, LUT, ASM, PLAIN)
-        s = _per_token(KS, row, valid, _scores(q1, q2, x1, x2, DOT, PREC, F16), DOT)
-        if ZERO:
-            s += _per_token(KZ, row, valid, qsum, DOT)
-        p, m, l, pm, acc1, acc2 = _softmax(_mask(s, valid, DOT), m, l, pm, acc1, acc2, DOT)
-        y1 = _levels(VP, L, row, valid, 0, BITS, D, BLOCK_N, LUT, ASM, PLAIN)
-        y2 = _levels(VP, L, row, valid, 1, BITS, D, BLOCK_N, LUT, ASM, PLAIN)
-        acc1, acc2 = _accumulate(_per_token(VS, row, valid, p, DOT), y1, y2, acc1, acc2, DOT, PREC, F16)
-        if ZERO:  # sum_t p_t z_t: (MR, 1), or per token (N, 1) for one row
-            pz = _per_token(VZ, row, valid, p, DOT)
-            if DOT:
-                pm += tl.sum(pz, axis=1)[:, None]
-            else:
-                pm += pz[:, None]
+    if WORDS:
+        m, l, pm, acc1, acc2 = _token_words_loop(q1, q2, qsum, KP, KS, KZ, VP, VS, VZ, bh, Tmax, start, end, m, l,
+                                                 pm, acc1, acc2, D, BITS, BLOCK_N, DOT, PREC, F16, PREFETCH)
+    else:
+        for t0 in range(start, end, BLOCK_N):
+            t = t0 + tl.arange(0, BLOCK_N)
+            valid = t < end
+            row = bh * Tmax + t
+            x1 = _levels(KP, L, row, valid, 0, BITS, D, BLOCK_N, LUT, ASM, PLAIN)
+            x2 = _levels(KP, L, row, valid, 1, BITS, D, BLOCK_N, LUT, ASM, PLAIN)
+            s = _per_token(KS, row, valid, _scores(q1, q2, x1, x2, DOT, PREC, F16), DOT)
+            if ZERO:
+                s += _per_token(KZ, row, valid, qsum, DOT)
+            p, m, l, pm, acc1, acc2 = _softmax(_mask(s, valid, DOT), m, l, pm, acc1, acc2, DOT)
+            y1 = _levels(VP, L, row, valid, 0, BITS, D, BLOCK_N, LUT, ASM, PLAIN)
+            y2 = _levels(VP, L, row, valid, 1, BITS, D, BLOCK_N, LUT, ASM, PLAIN)
+            acc1, acc2 = _accumulate(_per_token(VS, row, valid, p, DOT), y1, y2, acc1, acc2, DOT, PREC, F16)
+            if ZERO:  # sum_t p_t z_t: (MR, 1), or per token (N, 1) for one row
+                pz = _per_token(VZ, row, valid, p, DOT)
+                if DOT:
+                    pm += tl.sum(pz, axis=1)[:, None]
+                else:
+                    pm += pz[:, None]
     m, l, pm, acc1, acc2 = _fp16_segments(q1, q2, SK, SV, RK, RV, b.to(tl.int64) * ssb + h * ssh,
                                           b.to(tl.int64) * srb + h * srh, sp == NSP - 1, n_sink, npk, nrs, q1, Q, 0,
                                           q1, q1, m, l, pm, acc1, acc2, False, D, BLOCK_N, DOT, PREC, F16)
@@ -159,6 +259,8 @@ def decode_attention_token(q: Tensor, cache: TokenCache, sm_scale: float | None 
         mp, lp, ap,
         cache.k_packed.shape[1], cache.k_packed.shape[2], cache.n_packed, cache.n_sink, cache.n_res, per, nsp, scale,
         lens if dyn else q,
-        BITS=cache.bits, ZERO=zero, LUT=cache.levels is not None, DYN=dyn, **meta,
+        BITS=cache.bits, ZERO=zero, LUT=cache.levels is not None, DYN=dyn,
+        WORDS=TOKEN_WORDS and zero and cache.levels is None and words_supported(cache.head_dim, cache.bits)
+        and not meta["PLAIN"], PREFETCH=TOKEN_PREFETCH and not meta["DOT"], **meta,
     )
     return _finish(q, nsp, mp, lp, ap)

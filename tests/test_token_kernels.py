@@ -113,6 +113,32 @@ def test_decode_attention_token_device_counts(g, nf):
         assert _rel(got, decode_attention_token_ref(q, c)) < ATTN_RTOL, t
 
 
+@pytest.mark.parametrize("g, d, bits, dtype", [(4, 128, 2, torch.float16), (3, 64, 4, torch.float16),
+                                               (2, 64, 1, torch.float16), (1, 64, 2, torch.float32),
+                                               (1, 128, 4, torch.float16), (4, 64, 2, torch.float32)])
+def test_decode_attention_token_words(g, d, bits, dtype):
+    """``int`` codes read as words (``TOKEN_WORDS``, blocks of 32): the reference's attention on a partial last
+    block with sink and residual, and the byte-wise path's within the fp16 dots' rounding (float32 dots: the same
+    sums of exact codes)."""
+    import kvq_kernels.decode_token as dtk
+
+    gen = torch.Generator().manual_seed(500 + g * 10 + d + bits)
+    c = _cache(gen, 2, d, bits, False, 83, 2, 5, tmax=128)
+    q = _randn(gen, B, 2 * g, d).to(dtype)
+    want = decode_attention_token_ref(q.float(), c)
+    got = {}
+    try:
+        for words in (False, True):
+            dtk.TOKEN_WORDS = words
+            got[words] = decode_attention_token(q, c, num_splits=2, block_n=32).float()
+    finally:
+        dtk.TOKEN_WORDS = True
+    tol = ATTN_RTOL if dtype == torch.float32 else 1e-2
+    assert _rel(got[True], want) < tol and _rel(got[True], got[False]) < tol
+    if dtype == torch.float32 and g > 1:
+        assert _rel(got[True], got[False]) < 1e-6
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_decode_attention_token_16_bit_queries(dtype):
     gen = torch.Generator().manual_seed(7)
