@@ -31,6 +31,7 @@ from .decode_outliers import _key_outlier_kernel, _value_outlier_kernel
 from .decode_split import _kivi_split_kernel, _kvquant_split_kernel
 from .pack import _load_codes_half, words_supported
 from .reference import KIVICache, KVQuantCache, cdiv, kivi_group_supported, next_pow2, value_group
+from .token_reference import TokenCache
 
 LOG2E = 1.4426950408889634
 #: split programs per SM the default plan aims for
@@ -156,18 +157,33 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _default_block(dot: bool, d: int, group: int | None, block_n: int | None,
-                   num_warps: int | None) -> tuple[int, int]:
-    """(block_n, num_warps): H100 timings (results doc). ``group``: kivi's key group (a block must lie in one)."""
-    if block_n is None:
-        block_n = 32
+#: (block_n, num_warps) of the split programs when the caller gives none, per family and path (one query row per
+#: program, or tl.dot rows): H200, 128K, batch 1, D = 128, the fastest of 16 or 32 tokens by 1, 2 or 4 warps
+#: (session 10, ``bench/probe_decode_variants.py``, ``raw/decode-variants-session10-warps*.json``). Fewer warps
+#: mean fewer cross-warp reductions and barriers a block and more programs an SM; kvquant's tiles need more.
+DEFAULT_BLOCKS = {
+    ("kivi", False, 2): (32, 1), ("kivi", False, 4): (32, 2), ("kivi", True, 2): (32, 2), ("kivi", True, 4): (32, 4),
+    ("int", False): (16, 1), ("int", True): (32, 1), ("nf", False): (16, 1), ("nf", True): (32, 4),
+    ("kvquant", False): (16, 2), ("kvquant", True): (32, 4),
+}
+
+
+def _default_block(dot: bool, cache, kivi: bool, block_n: int | None, num_warps: int | None) -> tuple[int, int]:
+    """(block_n, num_warps): ``DEFAULT_BLOCKS`` for what the caller leaves out (kivi: a block lies in one key
+    group; kivi by code width, 1-2 bits as 2, 3-4 as 4)."""
+    if kivi:
+        key = ("kivi", dot, 2 if cache.bits <= 2 else 4)
+    elif isinstance(cache, TokenCache):
+        key = ("int" if cache.levels is None else "nf", dot)
+    else:
+        key = ("kvquant", dot)
+    bn, nw = DEFAULT_BLOCKS[key]
+    block_n = bn if block_n is None else block_n
     if dot:
         block_n = max(16, block_n)
-    if group:
-        block_n = min(block_n, group)
-    if num_warps is None:  # 4 warps: the fastest of 16/4, 32/4, 32/8, 64/8 for every method at 128K (H100)
-        num_warps = 4
-    return block_n, num_warps
+    if kivi:
+        block_n = min(block_n, cache.group)
+    return block_n, nw if num_warps is None else num_warps
 
 
 def plain_codes(dot: bool, d: int, block_n: int) -> bool:
@@ -230,7 +246,7 @@ def _launch_plan(q: Tensor, cache, sm_scale, num_splits, block_n, num_warps, kiv
             raise ValueError("fp16 sink/residual buffers must be contiguous")
     dot = (g > 1 or FORCE_DOT) and d >= 32  # tl.dot needs halves >= 16 wide; else one program per query head
     qpp, mr = (g, max(16, next_pow2(g))) if dot else (1, 1)
-    block_n, num_warps = _default_block(dot, d, cache.group if kivi else None, block_n, num_warps)
+    block_n, num_warps = _default_block(dot, cache, kivi, block_n, num_warps)
     rows = b * h * (g // qpp)
     per, nsp, (mp, lp, ap) = split_plan(q, rows, tmax if dyn else cache.n_packed, block_n, num_splits,
                                         PROGRAMS_PER_SM)
