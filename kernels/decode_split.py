@@ -17,6 +17,10 @@ Three ways to consume a dequantized block, all with the same dequantization:
   two, possibly 1): the rows of ``DOT``, but the products broadcast to ``(MR, BLOCK_N, D/2)`` and summed on CUDA
   cores in float32, the softmax rescaled every block, and RoPE angles ``p * inv_freq`` taken on the device.
 
+kivi and int codes may instead be read as 32-bit words and made floats by bit tricks (``pack._unpack_words``:
+no int-to-float conversion per element), with the next block's loads in flight in the one-row programs
+(``_kivi_words_loop``, ``decode_token._token_words_loop``).
+
 kvquant keys are pre-RoPE: a key at position ``p0 + j`` (``p0`` a block start, a multiple of ``BLOCK_N`` past
 the segment origin) is ``R(j) (a + s x)`` with ``x`` the codebook value, so per program six ``(BLOCK_N, D/2)``
 tables fold the per-channel affine map and ``R(j)`` (``kr = TA + TB x_same - / + TC x_other``: four FMAs per

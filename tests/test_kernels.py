@@ -350,6 +350,28 @@ def test_decode_attention_kivi_words(d, bits, gqa, dtype):
         assert _rel(got[True], got[False]) < 1e-6
 
 
+def test_default_blocks_per_family():
+    """The launch defaults follow ``DEFAULT_BLOCKS`` by family, path and kivi's width; a caller's block or warps win,
+    a kivi block stays inside its key group and a dot block has at least 16 tokens."""
+    import kvq_kernels.decode_attention as da
+    from kvq_kernels.token_reference import TokenCache
+
+    kivi2 = ref.KIVICache.empty(1, 1, 64, 32, 2, device=DEV)
+    kivi4 = ref.KIVICache.empty(1, 1, 64, 32, 4, device=DEV, group=16)
+    gen = _gen(5)
+    kvq = _kvquant_cache(gen, 16, 2, 2, t=0, n_sink=0, n_res=0)
+    int4 = TokenCache.empty(1, 1, 64, 32, 4, device=DEV)
+    nf4 = TokenCache.empty(1, 1, 64, 32, 4, levels=torch.linspace(-1, 1, 16, device=DEV), zero=False, device=DEV)
+    assert da._default_block(False, kivi2, True, None, None) == da.DEFAULT_BLOCKS[("kivi", False, 2)]
+    assert da._default_block(True, kivi2, True, None, None) == da.DEFAULT_BLOCKS[("kivi", True, 2)]
+    assert da._default_block(False, kivi4, True, None, None) == (16, da.DEFAULT_BLOCKS[("kivi", False, 4)][1])
+    assert da._default_block(True, int4, False, None, None) == da.DEFAULT_BLOCKS[("int", True)]
+    assert da._default_block(False, nf4, False, None, None) == da.DEFAULT_BLOCKS[("nf", False)]
+    assert da._default_block(False, kvq, False, None, None) == da.DEFAULT_BLOCKS[("kvquant", False)]
+    assert da._default_block(False, kivi2, True, 16, 4) == (16, 4)
+    assert da._default_block(True, kvq, False, 8, None) == (16, da.DEFAULT_BLOCKS[("kvquant", True)][1])
+
+
 @pytest.mark.parametrize("gqa", [1, 4])
 def test_decode_attention_kivi_device_counts(gqa):
     """Counts read from the device (``lens``, the graph-captured launch): one launch plan made for the capacity
