@@ -3,12 +3,17 @@
     python bench/probe_decode_variants.py --out variants.json [--contexts 131072] [--check-only]
 
 For Llama-2-7B heads (MHA 32 x 128) and Llama-3-8B heads (GQA 32/8 x 128), batch 1, it times one layer's decode
-attention for kivi-2b and kvquant-2b-1% (KVQuant's own per-row sparse outliers) under each variant of the module
-switches of ``kvq_kernels.decode_attention``:
+attention for kivi-2b and kvquant-2b-1% (KVQuant's own per-row sparse outliers), or ``--methods`` (any of
+``bench_decode_attention.METHODS``), under each variant of the module switches of
+``kvq_kernels.decode_attention`` and ``kvq_kernels.decode_token``:
   * ``F16_DOTS``: fp16 tensor-core operands instead of one-pass tf32;
   * ``FORCE_DOT``: MHA through ``tl.dot`` (one query row padded to 16) instead of CUDA-core tiles;
   * ``NUM_STAGES``: software-pipelining depth; ``block_n`` / ``num_warps`` / ``PROGRAMS_PER_SM``;
-  * ``SWAP_AB``: the GQA dots with the dequantized tile as the MMA's first operand (1: scores, 2: and values).
+  * ``SWAP_AB``: the GQA dots with the dequantized tile as the MMA's first operand (1: scores, 2: and values);
+  * ``KIVI_WORDS`` / ``TOKEN_WORDS``: kivi's / int's codes read as words with bit-trick floats (off: byte-wise);
+    ``KIVI_PREFETCH`` / ``TOKEN_PREFETCH``: the next block's loads in flight; ``MAXNREG``: a register cap;
+  * ``block_n`` / ``num_warps`` per call (``w1``, ``w2 bn16``, ...) and an occupancy sweep (``r<cap> s<stages>
+    w<warps> p<programs per SM>``).
 Each variant is first checked against the PyTorch reference at a small shape (relative error printed; a variant
 above 2e-3 is reported and not timed). Prints one line per (shape, method, variant) with µs, x SDPA and the
 share of copy bandwidth on the compressed bytes; writes JSON to --out. ``--check-only`` runs the checks (CPU:
