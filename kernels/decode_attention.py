@@ -63,7 +63,7 @@ MAXNREG = None
 #: the scores as ``k q^T`` (the dequantized key tile as the MMA's first operand, which Hopper can read from
 #: registers, instead of staging it through shared memory as the second), 2 also the values as ``v^T p^T``. 0: off.
 SWAP_AB = 0
-#: kivi codes read as int32 words and made floats by bit tricks (``decode_split._kivi_words_kernel``) where the
+#: kivi codes read as 32-bit words and made floats by bit tricks (``decode_split._kivi_words_loop``) where the
 #: head holds whole words per half; False: the byte/join-tree expansion and int-to-float conversions
 KIVI_WORDS = True
 #: ... with the next block's loads issued before this block's math (register double-buffering)

@@ -525,7 +525,7 @@ def _kivi_split_kernel(
     scores are ``q . z + (q * s) . codes``. ``DYN``: the packed and residual counts are read from ``LENS``
     (int32 ``[n_packed, n_res]`` on the device) and the packed tokens split evenly over the ``NSP - 1`` splits
     here, so a launch captured in a CUDA graph stays right as the cache grows (``n_packed``, ``n_res`` and
-    ``tokens_per_split`` are then ignored). ``WORDS``: the codes are read as int32 words and made floats by bit
+    ``tokens_per_split`` are then ignored). ``WORDS``: the codes are read as 32-bit words and made floats by bit
     tricks (``pack._unpack_words``), the value scales and zeros applied per word (``_kivi_words_loop``)."""
     HALF: tl.constexpr = D // 2
     NB: tl.constexpr = D * BITS // 8
@@ -582,7 +582,7 @@ def _kivi_split_kernel(
 @triton.jit
 def _kivi_word_loads(KP, KS, KZ, VP, VS, VZ, bh, Tmax, NGmax, t0, end, D: tl.constexpr, BITS: tl.constexpr,
                      KG: tl.constexpr, VG: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Everything one block of ``_kivi_words_kernel`` reads, raw: key and value words ``(N, W)`` per half, the
+    """Everything one block of ``_kivi_words_loop`` reads, raw: key and value words ``(N, W)`` per half, the
     key scale / zero ``(D/2,)`` per half, the value scale / zero per word ``(N, W)`` and per group ``(N, D/VG)``."""
     HALF: tl.constexpr = D // 2
     NVG: tl.constexpr = D // VG

@@ -12,7 +12,8 @@ residual, partials merged by ``decode_attention``'s reduce kernel) with one dequ
   one running sum of ``p z`` per query row (the extra per-token state ``pm`` the softmax rescales), added to every
   channel at the end.
 
-Keys are stored post-RoPE, so no rotation. 8-bit codes are plain bytes (``decode_split._codes`` bytewise).
+Keys are stored post-RoPE, so no rotation. 8-bit codes are plain bytes (``decode_split._codes`` bytewise). ``int``
+codes of 1, 2 or 4 bits are read as 32-bit words and made floats by bit tricks (``_token_words_loop``).
 
 Public function:
     decode_attention_token(q, cache, sm_scale=None, num_splits=None, block_n=None, num_warps=None, lens=None)
@@ -90,8 +91,8 @@ def _token_words_loop(q1, q2, qsum, KP, KS, KZ, VP, VS, VZ, bh, Tmax, start, end
                       D: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
                       PREC: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr):
     """The packed blocks ``[start, end)`` of an ``int`` cache (zero points, no level table; ``qsum``: the query's
-    sum, ``(MR, 1)`` or a scalar) with codes read as words
-    (``pack._unpack_words``), no conversion instruction per element (as ``decode_split._kivi_words_loop``):
+    sum, ``(MR, 1)`` or a scalar) with codes read as words (``pack._unpack_words``), no conversion instruction per
+    element (as ``decode_split._kivi_words_loop``):
 
     * fp16 dots: ``1024 + code`` tiles straight into the dots; the scores' offset ``1024 sum(q)`` is taken off once
       per block row, the values' ``1024 sum_t (p s)_t`` goes into ``pm`` with ``sum_t p_t z_t``;
