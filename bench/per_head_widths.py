@@ -21,7 +21,6 @@ could use, not a measured gain.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -32,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvq_cli.api import load_net, resolve_dtype  # noqa: E402
-from kvq_cli.calibration.allocate import WIDTHS, _best_by_total  # noqa: E402
+from kvq_cli.calibration.allocate import WIDTHS, _best_by_total, head_error_curves  # noqa: E402
 from kvq_cli.calibration.capture import capture, sample_windows  # noqa: E402
 from kvq_cli.data import load_text, tokenize  # noqa: E402
 from kvq_cli.hf_config import geometry_from_config  # noqa: E402
@@ -40,27 +39,8 @@ from kvq_cli.methods import parse_spec  # noqa: E402
 from kvq_cli.models import load_tokenizer, resolve_model, supported_config  # noqa: E402
 
 
-def head_errors(method, stats) -> torch.Tensor:
-    """Fisher-weighted squared errors ``(L, 2, H, 4)`` float64: layer, keys/values, KV head, width 1-4."""
-    out = []
-    for calib in stats:
-        seq = lambda x: None if x is None else x.float().transpose(0, 1)[None]  # noqa: E731  (1, H, N, D)
-        keys, values = seq(calib.keys), seq(calib.values)
-        kf, vf = (seq(f) if method.fisher else None for f in (calib.key_fisher, calib.value_fisher))
-        layer = torch.zeros(2, keys.shape[1], len(WIDTHS), dtype=torch.float64)
-        for j, bits in enumerate(WIDTHS):
-            m = dataclasses.replace(method, bits=bits, value_bits=0, layer_bits="")
-            state = m.fit(calib)
-            for s, (x, xq, f) in enumerate(((keys, m.fake_quant_keys(keys, state), kf),
-                                            (values, m.fake_quant_values(values, state), vf))):
-                d = (xq - x).square()
-                layer[s, :, j] = (d * f if f is not None else d).double().sum(dim=(0, 2, 3))
-        out.append(layer)
-    return torch.stack(out)
-
-
 def compare(errors: torch.Tensor, mean_widths: list[float]) -> list[dict]:
-    """Least summed error per layer and per head at each mean code width (``errors`` from ``head_errors``)."""
+    """Least summed error per layer and per head at each mean code width (``errors``: ``head_error_curves``)."""
     L, _, H, _ = errors.shape
     per_layer = _best_by_total(errors.sum(dim=2))  # (L, 2, 4): all heads of a stream move together
     per_head = _best_by_total(errors.reshape(L, 2 * H, len(WIDTHS)))  # every (layer, stream, head) its own width
@@ -91,7 +71,7 @@ def main() -> None:
     net, first = load_net(source, resolve_dtype("auto", device), device)
     stats = capture(net, sample_windows(ids, args.samples, args.seqlen).to(first), method)
     del net
-    errors = head_errors(method, stats)
+    errors = head_error_curves(method, stats)
     rows = compare(errors, [1.5, 2.0, 2.5, 3.0, 3.5])
     print(f"{args.model} ({geom.layers} layers, {geom.kv_heads} KV heads), {method.name} at 1-4 bits with "
           f"{100 * method.outliers:g}% outliers, {args.samples} x "

@@ -24,6 +24,7 @@ from kvq_cli.calibration.allocate import (
     allocate,
     allocate_with_outliers,
     error_curves,
+    head_error_curves,
     least_avg_bits,
 )
 from kvq_cli.calibration.capture import capture, capture_each
@@ -119,6 +120,16 @@ def test_avg_bits_allocation_within_budget(calibrated):
     assert m.layer_bits == "44-44"  # a budget beyond 4-bit everywhere takes 4 bits everywhere
     with pytest.raises(KvqError, match="below what kvquant can hold"):
         allocate(method, errors, fits, geom, 64, 3.0)
+
+
+def test_head_error_curves_sum_to_the_layer_curves(calibrated):
+    """The per-KV-head errors (``bench/per_head_widths.py``) come from the same fits as the allocation's: summed over
+    the heads they are its curves, and no head's error is negative."""
+    model, method, errors, _ = calibrated
+    stats = capture(model, _ids(2, 64, seed=3), method)
+    heads = head_error_curves(method, stats)
+    assert heads.shape == (errors.shape[0], 2, model.config.num_key_value_heads, len(WIDTHS))
+    assert (heads >= 0).all() and torch.allclose(heads.sum(dim=2), errors, rtol=1e-9, atol=0)
 
 
 def test_mixed_widths_simulated_equals_stored_and_artifact_round_trip(calibrated, tmp_path):

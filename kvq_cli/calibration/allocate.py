@@ -44,9 +44,26 @@ def mixed(method: KVMethod, widths: list[tuple[int, int]]) -> KVMethod:
     return dataclasses.replace(method, bits=max(max(w) for w in widths), value_bits=0, layer_bits=text)
 
 
-def _weighted_error(x: Tensor, xq: Tensor, fisher: Tensor | None) -> float:
+def _weighted_error(x: Tensor, xq: Tensor, fisher: Tensor | None, dims=None) -> Tensor:
+    """``sum F (xq - x)^2`` float64, over ``dims`` (all when None)."""
     d = (xq - x).square()
-    return float((d * fisher if fisher is not None else d).double().sum())
+    d = (d * fisher if fisher is not None else d).double()
+    return d.sum() if dims is None else d.sum(dim=dims)
+
+
+def _fits(method: KVMethod, calib: LayerCalibration):
+    """For each width of ``WIDTHS``: ``(index, bits, state, [(samples, fake-quantized, Fisher or None)] for keys
+    and values)``, the samples shaped ``(1, H, N, D)`` as the cache sees a sequence."""
+    def seq(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x.float().transpose(0, 1)[None]
+
+    keys, values = seq(calib.keys), seq(calib.values)
+    kf, vf = (seq(f) if method.fisher else None for f in (calib.key_fisher, calib.value_fisher))
+    for j, bits in enumerate(WIDTHS):
+        m = _uniform(method, bits)
+        state = m.fit(calib)
+        yield j, bits, state, [(keys, m.fake_quant_keys(keys, state), kf),
+                               (values, m.fake_quant_values(values, state), vf)]
 
 
 def error_curves(method: KVMethod, stats: list[LayerCalibration], progress: Callable[[int], None] | None = None
@@ -55,22 +72,28 @@ def error_curves(method: KVMethod, stats: list[LayerCalibration], progress: Call
     errors = torch.zeros(len(stats), 2, len(WIDTHS), dtype=torch.float64)
     states: list[dict[int, State]] = []
     for i, calib in enumerate(stats):
-        def seq(x: Tensor | None) -> Tensor | None:  # (N, H, D) -> (1, H, N, D), as the cache sees a sequence
-            return None if x is None else x.float().transpose(0, 1)[None]
-
-        keys, values = seq(calib.keys), seq(calib.values)
-        kf, vf = (seq(f) if method.fisher else None for f in (calib.key_fisher, calib.value_fisher))
         per_width: dict[int, State] = {}
-        for j, bits in enumerate(WIDTHS):
-            m = _uniform(method, bits)
-            state = m.fit(calib)
-            errors[i, 0, j] = _weighted_error(keys, m.fake_quant_keys(keys, state), kf)
-            errors[i, 1, j] = _weighted_error(values, m.fake_quant_values(values, state), vf)
+        for j, bits, state, streams in _fits(method, calib):
+            for s, (x, xq, f) in enumerate(streams):
+                errors[i, s, j] = _weighted_error(x, xq, f)
             per_width[bits] = {k: v.cpu() for k, v in state.items()}
         states.append(per_width)
         if progress:
             progress(1)
     return errors, states
+
+
+def head_error_curves(method: KVMethod, stats: list[LayerCalibration]) -> Tensor:
+    """``error_curves``' errors per KV head, ``(L, 2, H, 4)`` float64, with the same fit per layer and width
+    (``bench/per_head_widths.py`` asks whether widths per head would pay)."""
+    out = []
+    for calib in stats:
+        layer = torch.zeros(2, calib.keys.shape[1], len(WIDTHS), dtype=torch.float64)
+        for j, _, _, streams in _fits(method, calib):
+            for s, (x, xq, f) in enumerate(streams):
+                layer[s, :, j] = _weighted_error(x, xq, f, dims=(0, 2, 3))
+        out.append(layer)
+    return torch.stack(out)
 
 
 def _best_by_total(errors: Tensor) -> dict[int, tuple[float, list[int]]]:
