@@ -333,6 +333,8 @@ def test_decode_attention_kivi_words(d, bits, gqa, dtype):
     of the block, with sink and residual; and the same as the byte-wise path within the fp16 dots' rounding."""
     import kvq_kernels.decode_attention as da
 
+    dot = gqa > 1
+    assert da.kivi_words({"PLAIN": da.plain_codes(dot, d, 32), "DOT": dot}, d, bits, 32)  # the shape takes the path
     gen = _gen(400 + d + 8 * bits + gqa)
     c = _kivi_cache(gen, d, bits, t=83, n_sink=2, n_res=5, tmax=128)
     q = _randn(gen, B, H * gqa, d).to(dtype)

@@ -121,7 +121,10 @@ def test_decode_attention_token_words(g, d, bits, dtype):
     block with sink and residual, and the byte-wise path's within the fp16 dots' rounding (float32 dots: the same
     sums of exact codes)."""
     import kvq_kernels.decode_token as dtk
+    from kvq_kernels.decode_attention import plain_codes
+    from kvq_kernels.pack import words_supported
 
+    assert words_supported(d, bits) and not plain_codes(g > 1, d, 32)  # the shape takes the path
     gen = torch.Generator().manual_seed(500 + g * 10 + d + bits)
     c = _cache(gen, 2, d, bits, False, 83, 2, 5, tmax=128)
     q = _randn(gen, B, 2 * g, d).to(dtype)
