@@ -34,6 +34,25 @@ def tiny_config(arch: str = "llama", **overrides):
     return cls(**common)
 
 
+def check_word_path(module, switch: str, call, want, tol: float, exact: bool) -> None:
+    """A kernel's word path against its byte-wise twin: ``call()`` with ``module.<switch>`` off, then on (restored on
+    after). The word path lies within ``tol`` (relative) of ``want`` and of the byte-wise output; ``exact``: within
+    1e-6 of it (float32 dots of exact codes make the same sums)."""
+    def rel(a, b):
+        return ((a - b).norm() / b.float().norm()).item()
+
+    got = {}
+    try:
+        for on in (False, True):
+            setattr(module, switch, on)
+            got[on] = call().float()
+    finally:
+        setattr(module, switch, True)
+    assert rel(got[True], want) < tol and rel(got[True], got[False]) < tol
+    if exact:
+        assert rel(got[True], got[False]) < 1e-6
+
+
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     from transformers import AutoModelForCausalLM
 

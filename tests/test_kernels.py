@@ -14,6 +14,7 @@ import dataclasses  # noqa: E402
 import math  # noqa: E402
 
 import pytest  # noqa: E402
+from conftest import check_word_path  # noqa: E402
 
 pytest.importorskip("triton")
 
@@ -338,18 +339,9 @@ def test_decode_attention_kivi_words(d, bits, gqa, dtype):
     gen = _gen(400 + d + 8 * bits + gqa)
     c = _kivi_cache(gen, d, bits, t=83, n_sink=2, n_res=5, tmax=128)
     q = _randn(gen, B, H * gqa, d).to(dtype)
-    want = ref.decode_attention_kivi_ref(q.float(), c)
-    got = {}
-    try:
-        for words in (False, True):
-            da.KIVI_WORDS = words
-            got[words] = decode_attention_kivi(q, c, num_splits=2, block_n=32).float()
-    finally:
-        da.KIVI_WORDS = True
-    tol = ATTN_RTOL if dtype == torch.float32 else 1e-2
-    assert _rel(got[True], want) < tol and _rel(got[True], got[False]) < tol
-    if dtype == torch.float32 and gqa > 1:  # float32 dots of exact codes: the same sums
-        assert _rel(got[True], got[False]) < 1e-6
+    check_word_path(da, "KIVI_WORDS", lambda: decode_attention_kivi(q, c, num_splits=2, block_n=32),
+                    ref.decode_attention_kivi_ref(q.float(), c), ATTN_RTOL if dtype == torch.float32 else 1e-2,
+                    exact=dtype == torch.float32 and dot)
 
 
 def test_default_blocks_per_family():

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():  # must precede the first triton import
 import dataclasses  # noqa: E402
 
 import pytest  # noqa: E402
-from conftest import tiny_model  # noqa: E402
+from conftest import check_word_path, tiny_model  # noqa: E402
 
 pytest.importorskip("triton")
 
@@ -128,18 +128,9 @@ def test_decode_attention_token_words(g, d, bits, dtype):
     gen = torch.Generator().manual_seed(500 + g * 10 + d + bits)
     c = _cache(gen, 2, d, bits, False, 83, 2, 5, tmax=128)
     q = _randn(gen, B, 2 * g, d).to(dtype)
-    want = decode_attention_token_ref(q.float(), c)
-    got = {}
-    try:
-        for words in (False, True):
-            dtk.TOKEN_WORDS = words
-            got[words] = decode_attention_token(q, c, num_splits=2, block_n=32).float()
-    finally:
-        dtk.TOKEN_WORDS = True
-    tol = ATTN_RTOL if dtype == torch.float32 else 1e-2
-    assert _rel(got[True], want) < tol and _rel(got[True], got[False]) < tol
-    if dtype == torch.float32 and g > 1:
-        assert _rel(got[True], got[False]) < 1e-6
+    check_word_path(dtk, "TOKEN_WORDS", lambda: decode_attention_token(q, c, num_splits=2, block_n=32),
+                    decode_attention_token_ref(q.float(), c), ATTN_RTOL if dtype == torch.float32 else 1e-2,
+                    exact=dtype == torch.float32 and g > 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
