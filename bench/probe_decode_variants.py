@@ -84,10 +84,9 @@ DEFAULTS = {k: getattr(da, k) for k in ("F16_DOTS", "FORCE_DOT", "NUM_STAGES", "
 
 TOKEN_DEFAULTS = {k: getattr(dtk, k) for k in ("TOKEN_WORDS", "TOKEN_PREFETCH")}
 #: kind -> (random cache, kernel, reference)
-KINDS = {"kvquant": (random_kvquant, lambda *a, **k: da.decode_attention_kvquant(*a, **k),
-                     ref.decode_attention_kvquant_ref),
-         "kivi": (random_kivi, lambda *a, **k: da.decode_attention_kivi(*a, **k), ref.decode_attention_kivi_ref),
-         "token": (random_token, lambda *a, **k: dtk.decode_attention_token(*a, **k), decode_attention_token_ref)}
+KINDS = {"kvquant": (random_kvquant, da.decode_attention_kvquant, ref.decode_attention_kvquant_ref),
+         "kivi": (random_kivi, da.decode_attention_kivi, ref.decode_attention_kivi_ref),
+         "token": (random_token, dtk.decode_attention_token, decode_attention_token_ref)}
 
 
 def switch(flags: dict) -> None:

@@ -66,11 +66,7 @@ def _levels(P, L, row, valid, HIDX: tl.constexpr, BITS: tl.constexpr, D: tl.cons
 def _per_token(X, row, valid, p, DOT: tl.constexpr):
     """``p * X[row]`` per token (fp16 statistics, 0 past the end): ``(N,)`` for one row, ``(MR, N)`` for ``p``'s rows
     (``p`` a scalar 1.0: the statistics alone, as a row)."""
-    x = tl.load(X + row, mask=valid, other=0.0).to(tl.float32)
-    if DOT:
-        return p * x[None, :]
-    else:
-        return p * x
+    return _scale_rows(p, tl.load(X + row, mask=valid, other=0.0), DOT)
 
 
 @triton.jit
