@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .decode_attention import _finish, _launch_plan
+from . import decode_mma
+from .decode_attention import _finish, _launch_plan, split_plan
 from .decode_split import (
     _accumulate,
     _codes,
@@ -48,6 +49,9 @@ from .token_reference import TokenCache, check_token_bits
 #: whole words; with the next block's loads in flight in the one-row (MHA) programs
 TOKEN_WORDS = True
 TOKEN_PREFETCH = True
+#: GQA over 2-bit ``int`` codes at head dim 128 on a CUDA GPU by ``decode_mma``'s Gluon program (both tensor-core
+#: operands made in registers); a caller's ``block_n`` keeps the ``tl.dot`` programs
+TOKEN_MMA = True
 
 
 @triton.jit
@@ -167,13 +171,17 @@ def _token_split_kernel(
     G: tl.constexpr, QPP: tl.constexpr, MR: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ASM: tl.constexpr, ZERO: tl.constexpr,
     LUT: tl.constexpr, PLAIN: tl.constexpr = False, DYN: tl.constexpr = False, F16: tl.constexpr = False,
-    WORDS: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    WORDS: tl.constexpr = False, PREFETCH: tl.constexpr = False, SEG_ONLY: tl.constexpr = False,
 ):
     """``ZERO``: the cache has zero points (``KZ``, ``VZ``); ``LUT``: codes index the level table ``L``. ``DYN``: the
     packed and residual counts are read from ``LENS`` (as the kivi kernel: a graph-captured launch). ``WORDS``
-    (``int`` caches: zero points, no level table): ``_token_words_loop``."""
+    (``int`` caches: zero points, no level table): ``_token_words_loop``. ``SEG_ONLY``: launched with one split, it
+    is the last one (the fp16 segments; ``decode_mma`` does the packed splits)."""
     HALF: tl.constexpr = D // 2
     b, h, hq0, sp, prow0 = _program_ids(H, NSP, G, QPP)
+    if SEG_ONLY:  # its packed range is empty: the NSP - 1 packed splits cover every packed token
+        sp += NSP - 1
+        prow0 += NSP - 1
     q1, q2 = _load_query(Q, sqb, sqh, b, hq0, qk_scale, QPP, MR, D)
     if DOT:
         qsum = (tl.sum(q1, axis=1) + tl.sum(q2, axis=1))[:, None]  # (MR, 1)
@@ -246,6 +254,13 @@ def decode_attention_token(q: Tensor, cache: TokenCache, sm_scale: float | None 
     grid, per, nsp, mp, lp, ap, scale, meta = _launch_plan(q, cache, sm_scale, num_splits, block_n, num_warps, False,
                                                            dyn)
     meta["PLAIN"] = meta["PLAIN"] or cache.bits == 8  # plain bytes: no join-tree expansion
+    mma = TOKEN_MMA and block_n is None and decode_mma.mma_supported(q, cache)
+    if mma:  # the packed splits by decode_mma's program, in its tiles; this one does the fp16 segments
+        b, h, tmax, _ = cache.k_packed.shape
+        per, nsp, (mp, lp, ap) = split_plan(q, b * h, tmax if dyn else cache.n_packed, decode_mma.mma_tile(),
+                                            num_splits, decode_mma.PROGRAMS_PER_SM)
+        decode_mma.launch_mma(q, cache, mp, lp, ap, per, nsp, scale, lens)
+        grid = (grid[0], 1)
     zero = cache.k_zero is not None
     sk, rk = cache.sink_k, cache.res_k
     _token_split_kernel[grid](
@@ -258,6 +273,6 @@ def decode_attention_token(q: Tensor, cache: TokenCache, sm_scale: float | None 
         lens if dyn else q,
         BITS=cache.bits, ZERO=zero, LUT=cache.levels is not None, DYN=dyn,
         WORDS=TOKEN_WORDS and zero and cache.levels is None and words_supported(cache.head_dim, cache.bits)
-        and not meta["PLAIN"], PREFETCH=TOKEN_PREFETCH and not meta["DOT"], **meta,
+        and not meta["PLAIN"], PREFETCH=TOKEN_PREFETCH and not meta["DOT"], SEG_ONLY=mma, **meta,
     )
     return _finish(q, nsp, mp, lp, ap)

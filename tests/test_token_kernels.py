@@ -133,6 +133,62 @@ def test_decode_attention_token_words(g, d, bits, dtype):
                     exact=dtype == torch.float32 and g > 1)
 
 
+@pytest.mark.parametrize("g, t", [(2, 77), (4, 130), (16, 33)])
+def test_mma_reference_is_the_token_reference(g, t):
+    """``decode_mma``'s algebra in PyTorch (operands made from the words by its bit tricks and index maps, the
+    1024 offsets, channel factors, scales and zeros corrected as the program does) gives the reference's attention:
+    the index maps and corrections that the Gluon program uses are right."""
+    from kvq_kernels.decode_mma import key_channel, mma_reference, value_channel
+
+    k = torch.arange(128)
+    assert torch.equal(key_channel(k).sort().values, k) and torch.equal(value_channel(k).sort().values, k)
+    gen = torch.Generator().manual_seed(900 + g + t)
+    c = _cache(gen, 3, 128, 2, False, t, 0, 0, tmax=160)
+    q = _randn(gen, B, 3 * g, 128)
+    assert _rel(mma_reference(q, c), decode_attention_token_ref(q, c)) < 2e-3
+
+
+def test_mma_program_compiles_without_shared_memory_in_its_loop():
+    """The Gluon program compiles for sm_90 on any machine, and its token loop has its 64 MMAs, no shared-memory
+    instruction or barrier and no integer-to-float conversion (the point of making the operands in registers).
+    Compiled in a child process: Gluon does not compile under ``TRITON_INTERPRET=1``, which this module sets."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.experimental.gluon")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json; from kvq_kernels.decode_mma import compiled_counts; "
+            "print(json.dumps([compiled_counts(3, True)['loop'], compiled_counts(16, False)['loop']]))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for loop in json.loads(out.stdout.strip().splitlines()[-1]):
+        assert loop["mma.sync"] == 64 and loop["ld.global"] > 0, loop
+        assert loop["ld.shared"] == loop["st.shared"] == loop["bar.sync"] == 0, loop
+        assert loop["cvt.rn.f16.u"] == loop["cvt.rn.f32.u"] == 0, loop
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU checks: the two tests above)")
+@pytest.mark.parametrize("h, g, t, tmax, n_sink, n_res, dtype", [
+    (3, 4, 77, 128, 2, 5, torch.float16),      # one partial tile
+    (2, 16, 1000, 1024, 0, 3, torch.bfloat16),  # 16 query heads, partial last tile
+    (1, 3, 300, 300, 1, 0, torch.float16),     # a capacity that is no multiple of the tile
+    (2, 2, 4096, 4096, 0, 0, torch.float16)])  # many splits
+def test_decode_attention_token_mma(h, g, t, tmax, n_sink, n_res, dtype):
+    """int 2-bit GQA at head dim 128 on a GPU runs ``decode_mma``'s program (with this kernel's fp16 segments): the
+    reference's attention, with the counts on the host and on the device."""
+    from kvq_kernels.decode_mma import mma_supported
+
+    gen = torch.Generator().manual_seed(1000 + h + g + t)
+    c = _cache(gen, h, 128, 2, False, t, n_sink, n_res, tmax=tmax)
+    q = _randn(gen, B, h * g, 128).to(dtype)
+    assert mma_supported(q, c)
+    want = decode_attention_token_ref(q.float(), c)
+    assert _rel(decode_attention_token(q, c), want) < 5e-3
+    lens = torch.tensor([t, n_res, 0, t], dtype=torch.int64, device=DEV)
+    assert _rel(decode_attention_token(q, dataclasses.replace(c, n_packed=7, n_res=0), lens=lens), want) < 5e-3
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_decode_attention_token_16_bit_queries(dtype):
     gen = torch.Generator().manual_seed(7)
