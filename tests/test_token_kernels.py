@@ -133,17 +133,23 @@ def test_decode_attention_token_words(g, d, bits, dtype):
                     exact=dtype == torch.float32 and g > 1)
 
 
-@pytest.mark.parametrize("g, t", [(2, 77), (4, 130), (16, 33)])
-def test_mma_reference_is_the_token_reference(g, t):
-    """``decode_mma``'s algebra in PyTorch (operands made from the words by its bit tricks and index maps, the
-    1024 offsets, channel factors, scales and zeros corrected as the program does) gives the reference's attention:
-    the index maps and corrections that the Gluon program uses are right."""
-    from kvq_kernels.decode_mma import key_channel, mma_reference, value_channel
+@pytest.mark.parametrize("g, t, bits", [(2, 77, 2), (4, 130, 2), (16, 33, 2), (3, 70, 4), (8, 131, 4)])
+def test_mma_reference_is_the_token_reference(g, t, bits):
+    """``decode_mma``'s algebra in PyTorch (operands made from the stored words in the order of its
+    ``operand_maps``, the 1024 offsets, shifts, scales and zeros corrected as the program does) gives the
+    reference's attention: the maps and corrections that the Gluon program reads are right. The maps are
+    permutations, and ``(c << e) | 0x6400`` read as fp16 is ``1024 + 2^e c`` for every code and shift they use."""
+    from kvq_kernels.decode_mma import mma_reference, operand_maps
 
     k = torch.arange(128)
-    assert torch.equal(key_channel(k).sort().values, k) and torch.equal(value_channel(k).sort().values, k)
-    gen = torch.Generator().manual_seed(900 + g + t)
-    c = _cache(gen, 3, 128, 2, False, t, 0, 0, tmax=160)
+    kch, ke, vch, ve = operand_maps(bits, "cpu").long()
+    assert torch.equal(kch.sort().values, k) and torch.equal(vch.sort().values, k)
+    for e in set(ke.tolist()) | set(ve.tolist()):
+        c = torch.arange(1 << bits)
+        got = ((c << e) | 0x6400).to(torch.int16).view(torch.float16).float()
+        assert torch.equal(got, 1024.0 + c.float() * 2 ** e), e
+    gen = torch.Generator().manual_seed(900 + g + t + bits)
+    c = _cache(gen, 3, 128, bits, False, t, 0, 0, tmax=160)
     q = _randn(gen, B, 3 * g, 128)
     assert _rel(mma_reference(q, c), decode_attention_token_ref(q, c)) < 2e-3
 
@@ -159,7 +165,8 @@ def test_mma_program_compiles_without_shared_memory_in_its_loop():
     pytest.importorskip("triton.experimental.gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json; from kvq_kernels.decode_mma import compiled_counts; "
-            "print(json.dumps([compiled_counts(3, True)['loop'], compiled_counts(16, False)['loop']]))")
+            "print(json.dumps([compiled_counts(3, True, 2)['loop'], compiled_counts(16, False, 2)['loop'], "
+            "compiled_counts(4, True, 4)['loop']]))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     for loop in json.loads(out.stdout.strip().splitlines()[-1]):
@@ -169,18 +176,21 @@ def test_mma_program_compiles_without_shared_memory_in_its_loop():
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU checks: the two tests above)")
-@pytest.mark.parametrize("h, g, t, tmax, n_sink, n_res, dtype", [
-    (3, 4, 77, 128, 2, 5, torch.float16),      # one partial tile
-    (2, 16, 1000, 1024, 0, 3, torch.bfloat16),  # 16 query heads, partial last tile
-    (1, 3, 300, 300, 1, 0, torch.float16),     # a capacity that is no multiple of the tile
-    (2, 2, 4096, 4096, 0, 0, torch.float16)])  # many splits
-def test_decode_attention_token_mma(h, g, t, tmax, n_sink, n_res, dtype):
-    """int 2-bit GQA at head dim 128 on a GPU runs ``decode_mma``'s program (with this kernel's fp16 segments): the
-    reference's attention, with the counts on the host and on the device."""
+@pytest.mark.parametrize("h, g, t, tmax, n_sink, n_res, dtype, bits", [
+    (3, 4, 77, 128, 2, 5, torch.float16, 2),      # one partial tile
+    (2, 16, 1000, 1024, 0, 3, torch.bfloat16, 2),  # 16 query heads, partial last tile
+    (1, 3, 300, 300, 1, 0, torch.float16, 2),     # a capacity that is no multiple of the tile
+    (2, 2, 4096, 4096, 0, 0, torch.float16, 2),   # many splits
+    (3, 4, 77, 128, 2, 5, torch.float16, 4),
+    (1, 5, 1000, 1030, 0, 3, torch.bfloat16, 4),
+    (2, 8, 4096, 4096, 1, 0, torch.float16, 4)])
+def test_decode_attention_token_mma(h, g, t, tmax, n_sink, n_res, dtype, bits):
+    """int 2- and 4-bit GQA at head dim 128 on a GPU runs ``decode_mma``'s program (with this kernel's fp16
+    segments): the reference's attention, with the counts on the host and on the device."""
     from kvq_kernels.decode_mma import mma_supported
 
     gen = torch.Generator().manual_seed(1000 + h + g + t)
-    c = _cache(gen, h, 128, 2, False, t, n_sink, n_res, tmax=tmax)
+    c = _cache(gen, h, 128, bits, False, t, n_sink, n_res, tmax=tmax)
     q = _randn(gen, B, h * g, 128).to(dtype)
     assert mma_supported(q, c)
     want = decode_attention_token_ref(q.float(), c)
