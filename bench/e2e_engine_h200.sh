@@ -21,6 +21,7 @@ run smol-kivi2 --model random:smollm2-135m --method kivi2 --context 4K --max-new
 run smol-kvq3-eager --model random:smollm2-135m --artifact /tmp/smol-k3.safetensors --context 4K --max-new-tokens 256 --no-graphs
 run l8b-kvq2-128k --model random:llama-3-8b --artifact /tmp/l8b-k2.safetensors --context 128K --max-new-tokens 64 --chunk 8192
 run l8b-kivi2-128k --model random:llama-3-8b --method kivi2 --context 128K --max-new-tokens 64 --chunk 8192
+run l8b-int2-128k --model random:llama-3-8b --method int2 --context 128K --max-new-tokens 64 --chunk 8192
 run l8b-fp16-128k --model random:llama-3-8b --context 128K --max-new-tokens 64 --chunk 8192
 if [ -n "$E2E_1M" ]; then  # 1M: the cache filled with random keys and values (--fill random; no 1M prefill)
   run l8b-kivi2-1m --model random:llama-3-8b --method kivi2 --context 1M --max-new-tokens 32 --chunk 65536 --fill random
