@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import decode_mma, decode_mma_kivi
 from .decode_outliers import _key_outlier_kernel, _value_outlier_kernel
 from .decode_split import _kivi_split_kernel, _kvquant_split_kernel
 from .pack import _load_codes_half, words_supported
@@ -68,6 +69,9 @@ SWAP_AB = 0
 KIVI_WORDS = True
 #: ... with the next block's loads issued before this block's math (register double-buffering)
 KIVI_PREFETCH = True
+#: 2-bit KIVI GQA at head dim 128 by ``decode_mma_kivi``'s Gluon program. Off: it has not yet run on a GPU (its CPU
+#: checks pass: the PyTorch mirror of its algebra, and it compiles for sm_90 with no shared memory in its loop)
+KIVI_MMA = False
 
 
 # ----------------------------------------------------------------------------------------------- RoPE tables
@@ -360,6 +364,14 @@ def decode_attention_kivi(q: Tensor, cache: KIVICache, sm_scale: float | None = 
     dyn = lens is not None
     grid, per, nsp, mp, lp, ap, scale, meta = _launch_plan(q, cache, sm_scale, num_splits, block_n, num_warps, True,
                                                            dyn)
+    mma = KIVI_MMA and block_n is None and decode_mma_kivi.kivi_mma_supported(q, cache)
+    if mma:  # the packed splits by decode_mma_kivi's program, in its tiles; this one does the fp16 segments
+        b, h, tmax, _ = cache.k_packed.shape
+        per, nsp, (mp, lp, ap) = split_plan(q, b * h, tmax if dyn else cache.n_packed,
+                                            decode_mma.WARPS * decode_mma_kivi.KIVI_BLOCK, num_splits,
+                                            decode_mma.PROGRAMS_PER_SM)
+        decode_mma_kivi.launch_kivi_mma(q, cache, mp, lp, ap, per, nsp, scale, lens)
+        grid = (grid[0], 1)
     sk, rk = cache.sink_k, cache.res_k
     _kivi_split_kernel[grid](
         q, q.stride(0), q.stride(1),
@@ -370,7 +382,7 @@ def decode_attention_kivi(q: Tensor, cache: KIVICache, sm_scale: float | None = 
         cache.n_res, per, nsp, scale, lens if dyn else q,  # (q: a placeholder the kernel does not read)
         BITS=cache.bits, KG=cache.group, VG=value_group(cache.head_dim, cache.group), DYN=dyn,
         WORDS=kivi_words(meta, cache.head_dim, cache.bits, cache.group), PREFETCH=KIVI_PREFETCH and not meta["DOT"],
-        **meta,
+        SEG_ONLY=mma, **meta,
     )
     return _finish(q, nsp, mp, lp, ap)
 

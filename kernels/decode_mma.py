@@ -48,7 +48,7 @@ except ImportError:  # a Triton without Gluon (< 3.5): the tl.dot programs run i
     gluon = None
 
 #: warps a program and tokens a warp (a tile is W * BN tokens), programs an SM: H200, 128K, Llama-3-8B heads
-#: (``bench/bench_int_mma.py``, ``docs/results/kernels-decode-attention.md``, session 11)
+#: (``bench/bench_mma.py``, ``docs/results/kernels-decode-attention.md``, session 11)
 WARPS, BLOCK, PROGRAMS_PER_SM = 2, 32, 4
 
 
@@ -362,7 +362,17 @@ if gluon is not None:
 
 def compiled_counts(g: int = 4, dyn: bool = True, bits: int = 2, warps: int = WARPS, block: int = BLOCK) -> dict:
     """Compile the program for sm_90 on any machine (no GPU needed) -> PTX instruction counts of the whole kernel and
-    of its token loop (the longest backward branch), registers per thread and shared bytes."""
+    of its token loop (the longest backward branch), and shared bytes."""
+    sig = dict(Q="*fp16", KW="*i32", KS="*fp16", KZ="*fp16", VW="*i32", VS="*fp16", VZ="*fp16", MAPS="*i32",
+               MP="*fp32", LP="*fp32", AP="*fp32", qk_scale="fp32", LENS="*i64")
+    aligned = ("Q", "sqb", "sqh", "KW", "KS", "KZ", "VW", "VS", "VZ", "MAPS", "MP", "LP", "AP", "Tmax",
+               "tokens_per_split")
+    return _compile_counts(int_mma_kernel, sig, dict(G=g, BITS=bits, W=warps, BN=block, DYN=dyn), aligned, warps)
+
+
+def _compile_counts(fn, typed: dict, consts: dict, aligned: tuple, warps: int) -> dict:
+    """Compile Gluon kernel ``fn`` for sm_90 (``typed``: the non-int32 arguments' types; ``aligned``: arguments a
+    launch specializes as multiples of 16) -> PTX counts of the kernel and of its longest loop, shared bytes."""
     import re
 
     import triton
@@ -372,16 +382,11 @@ def compiled_counts(g: int = 4, dyn: bool = True, bits: int = 2, warps: int = WA
         from triton.experimental.gluon import GluonASTSource
     except ImportError:  # Triton 3.6
         from triton.experimental.gluon._runtime import GluonASTSource
-    fn = int_mma_kernel
     names = list(fn.arg_names)
     sig = {n: "i32" for n in names}
-    sig.update(Q="*fp16", KW="*i32", KS="*fp16", KZ="*fp16", VW="*i32", VS="*fp16", VZ="*fp16", MAPS="*i32",
-               MP="*fp32", LP="*fp32", AP="*fp32", qk_scale="fp32", LENS="*i64")
-    consts = dict(G=g, BITS=bits, W=warps, BN=block, DYN=dyn)
+    sig.update(typed)
     sig.update({k: "constexpr" for k in consts})
-    aligned = ("Q", "sqb", "sqh", "KW", "KS", "KZ", "VW", "VS", "VZ", "MAPS", "MP", "LP", "AP", "Tmax",
-               "tokens_per_split")
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}  # what a launch specializes
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     done = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
     lines = done.asm["ptx"].splitlines()

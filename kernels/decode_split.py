@@ -520,17 +520,23 @@ def _kivi_split_kernel(
     G: tl.constexpr, QPP: tl.constexpr, MR: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, KG: tl.constexpr,
     VG: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, PLAIN: tl.constexpr = False,
     DYN: tl.constexpr = False, F16: tl.constexpr = False, WORDS: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    SEG_ONLY: tl.constexpr = False,
 ):
     """As the kvquant kernel; ``BLOCK_N`` divides the key group ``KG``, so a block has one key scale/zero row:
     scores are ``q . z + (q * s) . codes``. ``DYN``: the packed and residual counts are read from ``LENS``
     (int32 ``[n_packed, n_res]`` on the device) and the packed tokens split evenly over the ``NSP - 1`` splits
     here, so a launch captured in a CUDA graph stays right as the cache grows (``n_packed``, ``n_res`` and
     ``tokens_per_split`` are then ignored). ``WORDS``: the codes are read as 32-bit words and made floats by bit
-    tricks (``pack._unpack_words``), the value scales and zeros applied per word (``_kivi_words_loop``)."""
+    tricks (``pack._unpack_words``), the value scales and zeros applied per word (``_kivi_words_loop``).
+    ``SEG_ONLY``: launched with one split, it is the last one (the fp16 segments; ``decode_mma_kivi`` does the
+    packed splits)."""
     HALF: tl.constexpr = D // 2
     NB: tl.constexpr = D * BITS // 8
     NVG: tl.constexpr = D // VG
     b, h, hq0, sp, prow0 = _program_ids(H, NSP, G, QPP)
+    if SEG_ONLY:  # its packed range is empty: the NSP - 1 packed splits cover every packed token
+        sp += NSP - 1
+        prow0 += NSP - 1
     ch = tl.arange(0, HALF)
     cg = tl.arange(0, NVG)
     q1, q2 = _load_query(Q, sqb, sqh, b, hq0, qk_scale, QPP, MR, D)

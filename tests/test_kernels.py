@@ -344,6 +344,64 @@ def test_decode_attention_kivi_words(d, bits, gqa, dtype):
                     exact=dtype == torch.float32 and dot)
 
 
+@pytest.mark.parametrize("gqa, t", [(2, 96), (4, 77), (16, 160)])
+def test_kivi_mma_reference_is_the_kivi_reference(gqa, t):
+    """``decode_mma_kivi``'s algebra in PyTorch (key operands in ``decode_mma``'s order with a query operand and
+    offset per 32-token group; value operands in ``kivi_value_map``'s order, one per 32-channel group with its own
+    ``p s``) gives the reference's attention over the packed tokens, a partial last group included: the maps and
+    corrections the Gluon program reads are right, and each value operand's columns stay inside one group."""
+    from kvq_kernels.decode_mma_kivi import kivi_maps, kivi_mma_reference
+
+    k = torch.arange(128)
+    _, _, vch, _ = kivi_maps("cpu").long()
+    assert torch.equal(vch.sort().values, k) and torch.equal(vch // 32, k // 32)
+    gen = _gen(700 + gqa + t)
+    c = _kivi_cache(gen, 128, 2, t, 0, 0, tmax=192)
+    q = _randn(gen, B, H * gqa, 128)
+    assert _rel(kivi_mma_reference(q, c), ref.decode_attention_kivi_ref(q, c)) < 2e-3
+
+
+def test_kivi_mma_program_compiles_without_shared_memory_in_its_loop():
+    """The KIVI Gluon program compiles for sm_90 on any machine; its token loop has its 88 MMAs (32 for the scores, 8
+    for their offsets, and 8 + 2 + 2 for each value group's values, sums and zeros) and no shared-memory instruction,
+    barrier or int-to-float conversion. In a child process: Gluon does not compile under ``TRITON_INTERPRET=1``."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.experimental.gluon")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json; from kvq_kernels.decode_mma_kivi import kivi_compiled_counts; "
+            "print(json.dumps([kivi_compiled_counts(3, True)['loop'], kivi_compiled_counts(16, False)['loop']]))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for loop in json.loads(out.stdout.strip().splitlines()[-1]):
+        assert loop["mma.sync"] == 88 and loop["ld.global"] > 0, loop
+        assert loop["ld.shared"] == loop["st.shared"] == loop["bar.sync"] == 0, loop
+        assert loop["cvt.rn.f16.u"] == loop["cvt.rn.f32.u"] == 0, loop
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU checks: the two tests above)")
+@pytest.mark.parametrize("gqa, t, tmax, n_sink, n_res, dtype", [
+    (4, 96, 128, 2, 5, torch.float16), (16, 1000, 1024, 0, 3, torch.bfloat16), (3, 320, 330, 1, 0, torch.float16),
+    (2, 4096, 4096, 0, 0, torch.float16)])
+def test_decode_attention_kivi_mma(gqa, t, tmax, n_sink, n_res, dtype, monkeypatch):
+    """2-bit KIVI GQA at head dim 128 on a GPU through ``decode_mma_kivi``'s program (``KIVI_MMA`` on, with the
+    ``tl.dot`` program's fp16 segments): the reference's attention, counts on the host and on the device."""
+    import kvq_kernels.decode_attention as da
+    from kvq_kernels.decode_mma_kivi import kivi_mma_supported
+
+    monkeypatch.setattr(da, "KIVI_MMA", True)
+    gen = _gen(800 + gqa + t)
+    c = _kivi_cache(gen, 128, 2, t, n_sink, n_res, tmax=tmax)
+    q = _randn(gen, B, H * gqa, 128).to(dtype)
+    assert kivi_mma_supported(q, c)
+    want = ref.decode_attention_kivi_ref(q.float(), c)
+    assert _rel(decode_attention_kivi(q, c), want) < 5e-3
+    lens = torch.tensor([t, n_res], dtype=torch.int32, device=DEV)
+    assert _rel(decode_attention_kivi(q, dataclasses.replace(c, n_packed=0, n_res=0), lens=lens), want) < 5e-3
+
+
 def test_default_blocks_per_family():
     """The launch defaults follow ``DEFAULT_BLOCKS`` by family, path and kivi's width; a caller's block or warps win,
     a kivi block stays inside its key group and a dot block has at least 16 tokens."""

@@ -1,0 +1,185 @@
+"""GQA decode attention on a GPU (not a test): the Gluon programs (``decode_mma``: int 2/4-bit; ``decode_mma_kivi``:
+KIVI 2-bit) against fp16 SDPA and the ``tl.dot`` programs they replace, all in one run, and a sweep of their tile and
+occupancy settings.
+
+    python bench/bench_mma.py --out mma.json [--contexts 32768,131072,1048576] [--batches 1,8]
+                              [--methods int2,int4,kivi2] [--sweep]
+
+Times the decode function as the runtime calls it (the Gluon packed splits, the fp16-segment split, the merge) with
+the Gluon path's switch on and off (``decode_token.TOKEN_MMA``, ``decode_attention.KIVI_MMA``), replayed from CUDA
+graphs as ``kvq generate`` runs it, L2 flushed before every call (``graph_ms``), at Llama-3-8B's heads (8 KV heads,
+4 query heads each, D = 128), and ``F.scaled_dot_product_attention(enable_gqa=True)`` over fp16 K/V of the same shape
+the same way; also the host time a call takes to issue (what eager use, ``--no-graphs``, pays). First each method's
+Gluon path against its reference. ``--sweep``: warps a program, tokens a warp and programs an SM
+(``decode_mma.WARPS``, ``BLOCK``, ``PROGRAMS_PER_SM``) at each context, batch 1.
+Results: ``docs/results/kernels-decode-attention.md`` (session 11).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+import kvq_kernels.decode_attention as da  # noqa: E402
+import kvq_kernels.decode_mma as mma  # noqa: E402
+import kvq_kernels.decode_mma_kivi as kmma  # noqa: E402
+import kvq_kernels.decode_token as dtk  # noqa: E402
+from bench_decode_attention import METHODS, copy_bandwidth, random_kivi, random_token  # noqa: E402
+from kvq_kernels import reference as ref  # noqa: E402
+from kvq_kernels.token_reference import decode_attention_token_ref  # noqa: E402
+
+H, G, D = 8, 4, 128
+
+
+_FLUSH = {}
+
+
+def graph_ms(fn, reps: int = 20) -> float:
+    """Device ms of ``fn`` replayed from a CUDA graph (as ``kvq generate`` runs it: no host launch cost), with L2
+    flushed before every call as in a real step (other layers' weights and caches pass through L2 in between): a
+    graph of ``reps`` (flush, fn) pairs minus a graph of ``reps`` flushes, the median of 10 replays each."""
+    if "buf" not in _FLUSH:
+        _FLUSH["buf"] = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    flush = _FLUSH["buf"].zero_
+    fn()  # compile outside the capture
+    torch.cuda.synchronize()
+
+    def replay_ms(body) -> float:
+        s = torch.cuda.Stream()
+        with torch.cuda.stream(s):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(reps):
+                    body()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(10):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                g.replay()
+                b.record()
+                torch.cuda.synchronize()
+                times.append(a.elapsed_time(b) / reps)
+        return sorted(times)[len(times) // 2]
+
+    return replay_ms(lambda: (flush(), fn())) - replay_ms(flush)
+
+
+def host_us(fn, n: int = 50) -> float:
+    """Host microseconds a call takes to issue (eager use: ``--no-graphs``, prefill-free benches)."""
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return dt / n * 1e6
+
+
+def _timed(settings: dict, fn, q, cache, what=graph_ms) -> float:
+    """``what`` of ``fn(q, cache)`` with module settings ``{(module, name): value}``, restored after."""
+    old = {k: getattr(*k) for k in settings}
+    try:
+        for (mod, name), v in settings.items():
+            setattr(mod, name, v)
+        return what(functools.partial(fn, q, cache))
+    finally:
+        for (mod, name), v in old.items():
+            setattr(mod, name, v)
+
+
+def _rel_err(call, want) -> float:
+    return ((call().float() - want).norm() / want.norm()).item()
+
+
+def _methods() -> dict:
+    """name -> (cache maker, decode function, switch of the Gluon path, its gate, the reference)."""
+    return {
+        "int2": (functools.partial(random_token, cfg=METHODS["int2"]), dtk.decode_attention_token,
+                 (dtk, "TOKEN_MMA"), mma.mma_supported, decode_attention_token_ref),
+        "int4": (functools.partial(random_token, cfg=METHODS["int4"]), dtk.decode_attention_token,
+                 (dtk, "TOKEN_MMA"), mma.mma_supported, decode_attention_token_ref),
+        "kivi2": (functools.partial(random_kivi, cfg=METHODS["kivi-2b"]), da.decode_attention_kivi,
+                  (da, "KIVI_MMA"), kmma.kivi_mma_supported, ref.decode_attention_kivi_ref),
+    }
+
+
+def run(contexts, batches, names, sweep: bool) -> dict:
+    res = dict(device=torch.cuda.get_device_name(), copy_gbps=copy_bandwidth(), rows=[], sweep=[])
+    print(f"{res['device']}: copy bandwidth {res['copy_gbps']:.0f} GB/s", flush=True)
+    table = _methods()
+    for name in names:
+        make, fn, switch, _, reference = table[name]
+        small = make(2, 3, D, 1000)
+        q = torch.randn(2, 3 * G, D, device="cuda", dtype=torch.float16)
+        want = reference(q.float(), small)
+        err = _timed({switch: True}, fn, q, small, functools.partial(_rel_err, want=want))
+        res[f"check_rel_err_{name}"] = err
+        print(f"{name} (Gluon path) against the reference: relative error {err:.2e}", flush=True)
+    for name, t, b in itertools.product(names, contexts, batches):
+        make, fn, switch, supported, _ = table[name]
+        cache = make(b, H, D, t)
+        q = torch.randn(b, H * G, D, device="cuda", dtype=torch.float16)
+        assert supported(q, cache), name
+        kb = torch.randn(b, H, t, D, device="cuda", dtype=torch.float16)
+        vb = torch.randn_like(kb)
+        sdpa = graph_ms(functools.partial(F.scaled_dot_product_attention, q[:, :, None], kb, vb, enable_gqa=True))
+        del kb, vb
+        on = _timed({switch: True}, fn, q, cache)
+        off = _timed({switch: False}, fn, q, cache)
+        hosts = dict(mma_host_us=_timed({switch: True}, fn, q, cache, host_us),
+                     dot_host_us=_timed({switch: False}, fn, q, cache, host_us))
+        nbytes = sum(x.numel() * x.element_size() for x in (cache.k_packed, cache.v_packed, cache.k_scale,
+                                                             cache.k_zero, cache.v_scale, cache.v_zero))
+        row = dict(method=name, context=t, batch=b, sdpa_us=sdpa * 1e3, mma_us=on * 1e3, dot_us=off * 1e3,
+                   x_sdpa=sdpa / on, dot_x_sdpa=sdpa / off,
+                   bandwidth_share=nbytes / (on / 1e3) / (res["copy_gbps"] * 1e9), **hosts)
+        res["rows"].append(row)
+        print(f"{name} {t:8d} tokens, batch {b}: SDPA {sdpa * 1e3:7.1f} us | Gluon {on * 1e3:7.1f} us "
+              f"({sdpa / on:.2f}x, {100 * row['bandwidth_share']:.0f}% of copy bandwidth) | tl.dot "
+              f"{off * 1e3:7.1f} us ({sdpa / off:.2f}x) | host per call: Gluon {hosts['mma_host_us']:.0f} us, "
+              f"tl.dot {hosts['dot_host_us']:.0f} us", flush=True)
+        if sweep and b == 1:
+            for w, bn, k in ((4, 32, 2), (4, 32, 3), (4, 16, 3), (4, 16, 4), (2, 32, 4), (2, 32, 6)):
+                if name.startswith("kivi") and bn != 32:
+                    continue  # a warp takes one key group
+                s = {switch: True, (mma, "WARPS"): w, (mma, "BLOCK"): bn, (mma, "PROGRAMS_PER_SM"): k}
+                ms = _timed(s, fn, q, cache)
+                res["sweep"].append(dict(method=name, context=t, warps=w, block=bn, programs_per_sm=k,
+                                         us=ms * 1e3, x_sdpa=sdpa / ms))
+                print(f"   {w} warps x {bn} tokens, {k} programs an SM: {ms * 1e3:7.1f} us ({sdpa / ms:.2f}x)",
+                      flush=True)
+        del cache
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="")
+    ap.add_argument("--contexts", default="32768,131072")
+    ap.add_argument("--batches", default="1")
+    ap.add_argument("--methods", default="int2,int4,kivi2")
+    ap.add_argument("--sweep", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print(json.dumps(mma.compiled_counts(), indent=1))  # no GPU: what the compiler makes of it
+        return
+    res = run([int(x) for x in args.contexts.split(",")], [int(x) for x in args.batches.split(",")],
+              args.methods.split(","), args.sweep)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
