@@ -249,6 +249,76 @@ if gluon is not None:
         return gl.convert_layout(gl.reshape(y, [W, BN, 128]), vb)
 
     @gluon.jit
+    def _program(H, LENS, n_packed, tokens_per_split, NSP, TILE: gl.constexpr, DYN: gl.constexpr):
+        """Program ``(b * H + h, sp)`` -> ``pid, sp, b, h`` and its packed range ``[start, end)``: ``NSP - 1`` packed
+        splits of whole tiles (``DYN``: the count read from ``LENS`` and the split made here, as
+        ``decode_split._counts``)."""
+        pid = gl.program_id(0)
+        sp = gl.program_id(1)
+        if DYN:
+            npk = gl.load(LENS).to(gl.int32)
+            per = gl.cdiv(gl.cdiv(npk, TILE), NSP - 1) * TILE
+        else:
+            npk = n_packed
+            per = tokens_per_split
+        start = sp * per
+        return pid, sp, pid // H, pid % H, start, gl.minimum(start + per, npk)
+
+    @gluon.jit
+    def _query(Q, sqb, sqh, b, h, MAPS, qk_scale, G: gl.constexpr, W: gl.constexpr, qa: gl.constexpr):
+        """Query heads ``h G ..`` of batch ``b`` (rows past G zero), scaled, in key-operand channel order (``MAPS``)
+        -> float32 ``(W, 16, 128)`` in the A layout (every warp all rows), and the shifts ``2^e`` of those channels."""
+        qh = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, qa)))
+        qk = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, qa)))
+        qw = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, qa)))
+        qch = gl.load(MAPS + qk)
+        qf = (1 << gl.load(MAPS + 128 + qk)).to(gl.float32)
+        qoff = qw[:, None, None] * 0 + (h * G + qh)[None, :, None] * sqh + qch[None, None, :]
+        qmask = (qw[:, None, None] * 0 + qh[None, :, None]) < G
+        return gl.load(Q + b.to(gl.int64) * sqb + qoff, mask=qmask, other=0.0).to(gl.float32) * qk_scale, qf
+
+    @gluon.jit
+    def _tile_offsets(W: gl.constexpr, BN: gl.constexpr, N: gl.constexpr, TOK_AXIS: gl.constexpr,
+                      layout: gl.constexpr):
+        """Element offsets in a tile of ``W BN`` token rows of ``N`` elements, ``layout`` over ``(W, N, BN)``
+        (``TOK_AXIS`` 2) or ``(W, BN, N)`` (1); warp ``w`` takes tokens ``w BN ..``."""
+        if TOK_AXIS == 2:
+            return ((gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout)))[:, None, None] * BN +
+                     gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))[None, None, :]) * N +
+                    gl.arange(0, N, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout)))[None, :, None])
+        else:
+            return ((gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout)))[:, None, None] * BN +
+                     gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout)))[None, :, None]) * N +
+                    gl.arange(0, N, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))[None, None, :])
+
+    @gluon.jit
+    def _score_tokens(W: gl.constexpr, BN: gl.constexpr, m3: gl.constexpr):
+        """Token offsets ``w BN + n`` of the score columns ``(W, BN)``, in ``SliceLayout(1, m3)``."""
+        return (gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(1, m3)))[:, None] * BN +
+                gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(1, m3)))[None, :])
+
+    @gluon.jit
+    def _online(s, m_i, l_i):
+        """Online softmax of a tile's scores (-inf where not valid) -> ``p``, the rescale ``alpha``, new ``m, l``."""
+        m_new = gl.maximum(m_i, gl.max(s, 2))
+        base = _safe(m_new)
+        alpha = gl.exp2(m_i - base)
+        p = gl.exp2(s - base[:, :, None])
+        return p, alpha, m_new, l_i * alpha + gl.sum(p, 2)
+
+    @gluon.jit
+    def _store_ml(MP, LP, b, h, H, NSP, sp, m_i, l_i, G: gl.constexpr, rows: gl.constexpr):
+        """The warps' running max and sum merged -> written for the split; returns the warps' rescales."""
+        m_all = gl.max(m_i, 0)
+        sc = gl.exp2(m_i - _safe(m_all)[None, :])
+        l_all = gl.sum(l_i * sc, 0)
+        rr = gl.arange(0, 16, layout=gl.SliceLayout(0, rows))
+        prow_r = (b.to(gl.int64) * H * G + h * G + rr) * NSP + sp
+        gl.store(MP + prow_r, m_all, mask=rr < G)
+        gl.store(LP + prow_r, l_all, mask=rr < G)
+        return sc
+
+    @gluon.jit
     def _tile_loads(KW, VW, KS, KZ, VS, VZ, base, koff, voff, ct, NW: gl.constexpr):
         """One tile's K words, V words and per-token statistics (in the score layout), its first token at row
         ``base`` of the buffers: the offsets are the same for every tile, only the scalar base moves."""
@@ -274,45 +344,21 @@ if gluon is not None:
         ``decode_split._counts``), ``BITS``-bit codes as int32 words, ``MAPS`` the ``operand_maps``. Writes ``m, l``
         and the unnormalized ``acc (128,)`` of each query head."""
         NW: gl.constexpr = 4 * BITS  # words a token row
-        pid = gl.program_id(0)
-        sp = gl.program_id(1)
-        b = pid // H
-        h = pid % H
-        if DYN:
-            npk = gl.load(LENS).to(gl.int32)
-            per = gl.cdiv(gl.cdiv(npk, W * BN), NSP - 1) * (W * BN)
-        else:
-            npk = n_packed
-            per = tokens_per_split
-        start = sp * per
-        end = gl.minimum(start + per, npk)
+        pid, sp, b, h, start, end = _program(H, LENS, n_packed, tokens_per_split, NSP, W * BN, DYN)
         m3: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
         qa: gl.constexpr = gl.DotOperandLayout(0, m3, 2)
         kb: gl.constexpr = gl.DotOperandLayout(1, m3, 2)
         rows: gl.constexpr = gl.SliceLayout(2, m3)
         kwl: gl.constexpr = _words_layout(W, BN, True, BITS)
         vwl: gl.constexpr = _words_layout(W, BN, False, BITS)
-        # the query rows (zero past G), scaled, in key-operand channel order and divided by the factors
-        qh = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, qa)))
-        qk = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, qa)))
-        qw = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, qa)))
-        qch = gl.load(MAPS + qk)
-        qf = (1 << gl.load(MAPS + 128 + qk)).to(gl.float32)
-        qoff = qw[:, None, None] * 0 + (h * G + qh)[None, :, None] * sqh + qch[None, None, :]
-        qmask = (qw[:, None, None] * 0 + qh[None, :, None]) < G
-        qs = gl.load(Q + b.to(gl.int64) * sqb + qoff, mask=qmask, other=0.0).to(gl.float32) * qk_scale
-        qp = (qs / qf[None, None, :]).to(gl.float16)
+        qs, qf = _query(Q, sqb, sqh, b, h, MAPS, qk_scale, G, W, qa)
+        qp = (qs / qf[None, None, :]).to(gl.float16)  # divided by the shifts: the key MMA's query operand
         a_row = gl.convert_layout(gl.sum(qp.to(gl.float32), 2) * 1024.0, rows)
         b_row = gl.convert_layout(gl.sum(qs.to(gl.float16).to(gl.float32), 2), rows)
         # tile offsets (tokens of warp w: w BN + n): K words, V words, statistics in the score layout
-        koff = ((gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, kwl)))[:, None, None] * BN +
-                 gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(1, kwl)))[None, None, :]) * NW +
-                gl.arange(0, NW, layout=gl.SliceLayout(0, gl.SliceLayout(2, kwl)))[None, :, None])
-        voff = ((gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, vwl)))[:, None, None] * BN +
-                 gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(2, vwl)))[None, :, None]) * NW +
-                gl.arange(0, NW, layout=gl.SliceLayout(0, gl.SliceLayout(1, vwl)))[None, None, :])
-        ct = (gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(1, m3)))[:, None] * BN +
-              gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(1, m3)))[None, :])
+        koff = _tile_offsets(W, BN, NW, 2, kwl)
+        voff = _tile_offsets(W, BN, NW, 1, vwl)
+        ct = _score_tokens(W, BN, m3)
         row = pid.to(gl.int64) * Tmax
         last = Tmax - W * BN  # tiles start at or before it (Tmax >= W BN), so every read is inside the buffers
         m_i = gl.full([W, 16], float("-inf"), gl.float32, rows)
@@ -332,20 +378,13 @@ if gluon is not None:
             s = ks.to(gl.float32)[:, None, :] * (s - a_row[:, :, None]) + \
                 kz.to(gl.float32)[:, None, :] * b_row[:, :, None]
             s = gl.where(valid[:, None, :], s, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, 2))
-            base = _safe(m_new)
-            alpha = gl.exp2(m_i - base)
-            p = gl.exp2(s - base[:, :, None])
-            l_i = l_i * alpha + gl.sum(p, 2)
-            m_i = m_new
+            p, alpha, m_i, l_i = _online(s, m_i, l_i)
             pf = (p * vs[:, None, :]).to(gl.float16)
             u_i = u_i * alpha + gl.sum(pf.to(gl.float32), 2)
             z_i = z_i * alpha + gl.sum(p * vz[:, None, :], 2)
             acc = mma_v2(gl.convert_layout(pf, qa), _values(vw, W, BN, BITS, kb), acc * alpha[:, :, None])
         # the warps' states, once a split
-        m_all = gl.max(m_i, 0)
-        sc = gl.exp2(m_i - _safe(m_all)[None, :])
-        l_all = gl.sum(l_i * sc, 0)
+        sc = _store_ml(MP, LP, b, h, H, NSP, sp, m_i, l_i, G, rows)
         nn = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(0, m3)))
         och = gl.load(MAPS + 256 + nn)
         vf = (1 << gl.load(MAPS + 384 + nn)).to(gl.float32)
@@ -354,10 +393,6 @@ if gluon is not None:
         oh = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(0, m3)))
         prow = (b.to(gl.int64) * H * G + h * G + oh) * NSP + sp
         gl.store(AP + prow[:, None] * 128 + och[None, :], o, mask=(oh < G)[:, None])
-        rr = gl.arange(0, 16, layout=gl.SliceLayout(0, rows))
-        prow_r = (b.to(gl.int64) * H * G + h * G + rr) * NSP + sp
-        gl.store(MP + prow_r, m_all, mask=rr < G)
-        gl.store(LP + prow_r, l_all, mask=rr < G)
 
 
 def compiled_counts(g: int = 4, dyn: bool = True, bits: int = 2, warps: int = WARPS, block: int = BLOCK) -> dict:

@@ -37,7 +37,17 @@ if gluon is not None:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-    from .decode_mma import _keys, _safe, _warp_bases, _words_layout
+    from .decode_mma import (
+        _keys,
+        _online,
+        _program,
+        _query,
+        _score_tokens,
+        _store_ml,
+        _tile_offsets,
+        _warp_bases,
+        _words_layout,
+    )
 
 #: tokens a warp: one key group
 KIVI_BLOCK = 32
@@ -219,18 +229,7 @@ if gluon is not None:
         and outputs) of a 2-bit KIVI cache: ``KW`` the key codes as int32 words, ``VB`` the value codes as bytes,
         ``KS, KZ (B*H, NG, 128)``, ``VS, VZ (B*H, Tmax, 4)``, ``MAPS`` the ``kivi_maps``."""
         BN: gl.constexpr = 32
-        pid = gl.program_id(0)
-        sp = gl.program_id(1)
-        b = pid // H
-        h = pid % H
-        if DYN:
-            npk = gl.load(LENS).to(gl.int32)
-            per = gl.cdiv(gl.cdiv(npk, W * BN), NSP - 1) * (W * BN)
-        else:
-            npk = n_packed
-            per = tokens_per_split
-        start = sp * per
-        end = gl.minimum(start + per, npk)
+        pid, sp, b, h, start, end = _program(H, LENS, n_packed, tokens_per_split, NSP, W * BN, DYN)
         m3: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
         qa: gl.constexpr = gl.DotOperandLayout(0, m3, 2)
         kb: gl.constexpr = gl.DotOperandLayout(1, m3, 2)
@@ -239,30 +238,16 @@ if gluon is not None:
         vbl: gl.constexpr = _bytes_layout(W, BN)
         qk_l: gl.constexpr = gl.SliceLayout(1, qa)  # (W, 128): a warp's per-channel key statistics
         # the query rows (zero past G), scaled, in key-operand order, divided by the shifts (fp32) and as fp16
-        qh = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, qa)))
-        qk = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, qa)))
-        qw = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, qa)))
-        qch = gl.load(MAPS + qk)
-        qf = (1 << gl.load(MAPS + 128 + qk)).to(gl.float32)
-        qoff = qw[:, None, None] * 0 + (h * G + qh)[None, :, None] * sqh + qch[None, None, :]
-        qmask = (qw[:, None, None] * 0 + qh[None, :, None]) < G
-        qs = gl.load(Q + b.to(gl.int64) * sqb + qoff, mask=qmask, other=0.0).to(gl.float32) * qk_scale
+        qs, qf = _query(Q, sqb, sqh, b, h, MAPS, qk_scale, G, W, qa)
         qsf = (qs / qf[None, None, :]).to(gl.float16)  # times a warp's key scales: its query operand
         q16 = qs.to(gl.float16)
         # tile offsets: key words, value bytes, statistics in the score layout, key statistics of each warp
-        koff = ((gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, kwl)))[:, None, None] * BN +
-                 gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(1, kwl)))[None, None, :]) * 8 +
-                gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, kwl)))[None, :, None])
-        voff = ((gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, vbl)))[:, None, None] * BN +
-                 gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(2, vbl)))[None, :, None]) * 32 +
-                gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, vbl)))[None, None, :])
-        ct = (gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(1, m3)))[:, None] * BN +
-              gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(1, m3)))[None, :])
+        koff = _tile_offsets(W, BN, 8, 2, kwl)
+        voff = _tile_offsets(W, BN, 32, 1, vbl)
+        ct = _score_tokens(W, BN, m3)
         rows_n: gl.constexpr = gl.SliceLayout(1, m3)  # (W, BN): per-token values in the score layout
         gsl: gl.constexpr = _stats_layout(W, BN)
-        goff = ((gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gsl)))[:, None, None] * BN +
-                 gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(2, gsl)))[None, :, None]) * 4 +
-                gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gsl)))[None, None, :])
+        goff = _tile_offsets(W, BN, 4, 1, gsl)
         row = pid.to(gl.int64) * Tmax
         grow = pid.to(gl.int64) * NG
         last = Tmax - W * BN  # tiles start at or before it, so every read is inside the buffers
@@ -297,12 +282,7 @@ if gluon is not None:
             off = _wide(mma_v2(q16, kzb, gl.zeros([W, 16, 8], gl.float32, m3)), W, m3)  # sum(q z) every column
             s = mma_v2(qp, _keys(kw, W, BN, 2, kb) - 1024.0, off)
             s = gl.where(valid[:, None, :], s, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, 2))
-            bse = _safe(m_new)
-            alpha = gl.exp2(m_i - bse)
-            p = gl.exp2(s - bse[:, :, None])
-            l_i = l_i * alpha + gl.sum(p, 2)
-            m_i = m_new
+            p, alpha, m_i, l_i = _online(s, m_i, l_i)
             # values: one operand, scale and zero per 32-channel group
             x = gl.reshape(gl.permute(gl.reshape(vb8, [W, BN, 4, 8]), (0, 1, 3, 2)), [W, BN, 8, 2, 2])
             xe, xo = gl.split(x)  # byte groups m = 2 m1 + 0, 2 m1 + 1: [W, BN, 8, 2 (m1)]
@@ -319,19 +299,13 @@ if gluon is not None:
                                      z2, qa, kb)
             a3, u3, z3 = _group_step(p16, _group_values(x3, W, BN, kb), vs3, vz3, ones, alpha, a3, u3,
                                      z3, qa, kb)
-        m_all = gl.max(m_i, 0)
-        sc = gl.exp2(m_i - _safe(m_all)[None, :])
-        l_all = gl.sum(l_i * sc, 0)
+        sc = _store_ml(MP, LP, b, h, H, NSP, sp, m_i, l_i, G, rows)
         oh = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(0, m3)))
         prow = (b.to(gl.int64) * H * G + h * G + oh) * NSP + sp
         _group_out(AP, prow, oh, G, MAPS, 0, a0, u0, z0, sc, W, m3)
         _group_out(AP, prow, oh, G, MAPS, 1, a1, u1, z1, sc, W, m3)
         _group_out(AP, prow, oh, G, MAPS, 2, a2, u2, z2, sc, W, m3)
         _group_out(AP, prow, oh, G, MAPS, 3, a3, u3, z3, sc, W, m3)
-        rr = gl.arange(0, 16, layout=gl.SliceLayout(0, rows))
-        prow_r = (b.to(gl.int64) * H * G + h * G + rr) * NSP + sp
-        gl.store(MP + prow_r, m_all, mask=rr < G)
-        gl.store(LP + prow_r, l_all, mask=rr < G)
 
 
 def kivi_compiled_counts(g: int = 4, dyn: bool = True, warps: int = 2) -> dict:

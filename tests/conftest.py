@@ -53,6 +53,26 @@ def check_word_path(module, switch: str, call, want, tol: float, exact: bool) ->
         assert rel(got[True], got[False]) < 1e-6
 
 
+def check_gluon_loop(module: str, calls: list[str], mmas: int) -> None:
+    """Compile Gluon programs for sm_90 in a child process (Gluon does not compile under ``TRITON_INTERPRET=1``,
+    which the kernel tests set): ``module.<call>['loop']`` for each call must have ``mmas`` MMAs, global loads, and
+    no shared-memory instruction, barrier or integer-to-float conversion."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.experimental.gluon")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (f"import json; import kvq_kernels.{module} as m; print(json.dumps([" +
+            ", ".join(f"m.{c}['loop']" for c in calls) + "]))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for loop in json.loads(out.stdout.strip().splitlines()[-1]):
+        assert loop["mma.sync"] == mmas and loop["ld.global"] > 0, loop
+        assert loop["ld.shared"] == loop["st.shared"] == loop["bar.sync"] == 0, loop
+        assert loop["cvt.rn.f16.u"] == loop["cvt.rn.f32.u"] == 0, loop
+
+
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     from transformers import AutoModelForCausalLM
 

@@ -14,7 +14,7 @@ import dataclasses  # noqa: E402
 import math  # noqa: E402
 
 import pytest  # noqa: E402
-from conftest import check_word_path  # noqa: E402
+from conftest import check_gluon_loop, check_word_path  # noqa: E402
 
 pytest.importorskip("triton")
 
@@ -364,21 +364,8 @@ def test_kivi_mma_reference_is_the_kivi_reference(gqa, t):
 def test_kivi_mma_program_compiles_without_shared_memory_in_its_loop():
     """The KIVI Gluon program compiles for sm_90 on any machine; its token loop has its 88 MMAs (32 for the scores, 8
     for their offsets, and 8 + 2 + 2 for each value group's values, sums and zeros) and no shared-memory instruction,
-    barrier or int-to-float conversion. In a child process: Gluon does not compile under ``TRITON_INTERPRET=1``."""
-    import json
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.experimental.gluon")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json; from kvq_kernels.decode_mma_kivi import kivi_compiled_counts; "
-            "print(json.dumps([kivi_compiled_counts(3, True)['loop'], kivi_compiled_counts(16, False)['loop']]))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    for loop in json.loads(out.stdout.strip().splitlines()[-1]):
-        assert loop["mma.sync"] == 88 and loop["ld.global"] > 0, loop
-        assert loop["ld.shared"] == loop["st.shared"] == loop["bar.sync"] == 0, loop
-        assert loop["cvt.rn.f16.u"] == loop["cvt.rn.f32.u"] == 0, loop
+    barrier or int-to-float conversion (``conftest.check_gluon_loop``)."""
+    check_gluon_loop("decode_mma_kivi", ["kivi_compiled_counts(3, True)", "kivi_compiled_counts(16, False)"], 88)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU checks: the two tests above)")

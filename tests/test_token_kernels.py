@@ -16,7 +16,7 @@ if not torch.cuda.is_available():  # must precede the first triton import
 import dataclasses  # noqa: E402
 
 import pytest  # noqa: E402
-from conftest import check_word_path, tiny_model  # noqa: E402
+from conftest import check_gluon_loop, check_word_path, tiny_model  # noqa: E402
 
 pytest.importorskip("triton")
 
@@ -157,22 +157,9 @@ def test_mma_reference_is_the_token_reference(g, t, bits):
 def test_mma_program_compiles_without_shared_memory_in_its_loop():
     """The Gluon program compiles for sm_90 on any machine, and its token loop has its 64 MMAs, no shared-memory
     instruction or barrier and no integer-to-float conversion (the point of making the operands in registers).
-    Compiled in a child process: Gluon does not compile under ``TRITON_INTERPRET=1``, which this module sets."""
-    import json
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.experimental.gluon")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json; from kvq_kernels.decode_mma import compiled_counts; "
-            "print(json.dumps([compiled_counts(3, True, 2)['loop'], compiled_counts(16, False, 2)['loop'], "
-            "compiled_counts(4, True, 4)['loop']]))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    for loop in json.loads(out.stdout.strip().splitlines()[-1]):
-        assert loop["mma.sync"] == 64 and loop["ld.global"] > 0, loop
-        assert loop["ld.shared"] == loop["st.shared"] == loop["bar.sync"] == 0, loop
-        assert loop["cvt.rn.f16.u"] == loop["cvt.rn.f32.u"] == 0, loop
+    (``conftest.check_gluon_loop``)."""
+    check_gluon_loop("decode_mma", ["compiled_counts(3, True, 2)", "compiled_counts(16, False, 2)",
+                                    "compiled_counts(4, True, 4)"], 64)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU checks: the two tests above)")
