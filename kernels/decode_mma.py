@@ -112,10 +112,11 @@ def mma_supported(q: Tensor, cache) -> bool:
 
 # ----------------------------------------------------------------------------------------------- PyTorch mirror
 def mma_reference(q: Tensor, cache, sm_scale: float | None = None) -> Tensor:
-    """The program's algebra in PyTorch over the packed tokens only (no fp16 segments): operands made from the
-    stored words by the same bit tricks in the order of ``operand_maps``, the same corrections -> ``(B, H*G, 128)``
-    float32. Against ``token_reference`` it checks the maps and the corrections that the program uses."""
-    b, h, _, nb = cache.k_packed.shape
+    """The program's algebra in PyTorch over the packed tokens only (no fp16 segments): the operands its bit tricks
+    make (``1024 + 2^e c``) from the stored words, in the order of ``operand_maps``, and the same corrections ->
+    ``(B, H*G, 128)`` float32. Against ``token_reference`` it checks the maps and the corrections the program uses
+    (the tests check the bit tricks' values themselves)."""
+    b, h = cache.k_packed.shape[:2]
     n, bits = cache.n_packed, cache.bits
     g = q.shape[1] // h
     scale = (1.0 / 128 ** 0.5 if sm_scale is None else sm_scale)

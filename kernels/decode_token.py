@@ -13,7 +13,8 @@ residual, partials merged by ``decode_attention``'s reduce kernel) with one dequ
   channel at the end.
 
 Keys are stored post-RoPE, so no rotation. 8-bit codes are plain bytes (``decode_split._codes`` bytewise). ``int``
-codes of 1, 2 or 4 bits are read as 32-bit words and made floats by bit tricks (``_token_words_loop``).
+codes of 1, 2 or 4 bits are read as 32-bit words and made floats by bit tricks (``_token_words_loop``). On a GPU,
+2- and 4-bit ``int`` GQA at head dim 128 runs ``decode_mma``'s Gluon program for the packed splits (``TOKEN_MMA``).
 
 Public function:
     decode_attention_token(q, cache, sm_scale=None, num_splits=None, block_n=None, num_warps=None, lens=None)
@@ -49,8 +50,9 @@ from .token_reference import TokenCache, check_token_bits
 #: whole words; with the next block's loads in flight in the one-row (MHA) programs
 TOKEN_WORDS = True
 TOKEN_PREFETCH = True
-#: GQA over 2-bit ``int`` codes at head dim 128 on a CUDA GPU by ``decode_mma``'s Gluon program (both tensor-core
-#: operands made in registers); a caller's ``block_n`` keeps the ``tl.dot`` programs
+#: GQA over 2- and 4-bit ``int`` codes at head dim 128 on a CUDA GPU by ``decode_mma``'s Gluon program (both
+#: tensor-core operands made in registers; this module's program does the fp16 segments); a caller's ``block_n``
+#: keeps the ``tl.dot`` programs
 TOKEN_MMA = True
 
 
