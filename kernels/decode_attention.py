@@ -238,10 +238,13 @@ def split_plan(q: Tensor, rows: int, n_packed: int, block_n: int, num_splits: in
     return per, nsp, (mp, torch.empty_like(mp), ap)
 
 
-def _launch_plan(q: Tensor, cache, sm_scale, num_splits, block_n, num_warps, kivi: bool, dyn: bool = False):
+def _launch_plan(q: Tensor, cache, sm_scale, num_splits, block_n, num_warps, kivi: bool, dyn: bool = False,
+                 split: tuple[int, int] | None = None):
     """Shapes, the program layout (QPP query heads per program, MR padded rows, DOT), block sizes, the
     split-K plan, partial-result buffers and the log2-domain score scale. ``dyn``: counts live on the device
-    (a graph-captured launch), so the plan is made for the buffers' capacity and the kernel splits the tokens."""
+    (a graph-captured launch), so the plan is made for the buffers' capacity and the kernel splits the tokens.
+    ``split``: (tokens a tile, programs an SM) of a Gluon program that does the packed splits (``decode_mma``); the
+    plan is made in its tiles and the grid keeps only the last split (the fp16 segments, ``SEG_ONLY``)."""
     b, h, tmax, _ = cache.k_packed.shape
     d = cache.head_dim
     g = check_query(q, h, d)
@@ -252,8 +255,8 @@ def _launch_plan(q: Tensor, cache, sm_scale, num_splits, block_n, num_warps, kiv
     qpp, mr = (g, max(16, next_pow2(g))) if dot else (1, 1)
     block_n, num_warps = _default_block(dot, cache, kivi, block_n, num_warps)
     rows = b * h * (g // qpp)
-    per, nsp, (mp, lp, ap) = split_plan(q, rows, tmax if dyn else cache.n_packed, block_n, num_splits,
-                                        PROGRAMS_PER_SM)
+    tile, programs = split or (block_n, PROGRAMS_PER_SM)
+    per, nsp, (mp, lp, ap) = split_plan(q, rows, tmax if dyn else cache.n_packed, tile, num_splits, programs)
     scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
     prec = DOT_PRECISION if q.dtype == torch.float32 else DOT_PRECISION_16
     meta = dict(G=g, QPP=qpp, MR=mr, D=d, BLOCK_N=block_n, DOT=dot, PREC=prec, num_warps=num_warps,
@@ -264,7 +267,7 @@ def _launch_plan(q: Tensor, cache, sm_scale, num_splits, block_n, num_warps, kiv
         meta["maxnreg"] = MAXNREG
     if not kivi:  # inline-asm codebook loads on the GPU (the interpreter runs the tl.load form)
         meta["ASM"] = q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
-    return (rows, nsp), per, nsp, mp, lp, ap, scale, meta
+    return (rows, 1 if split else nsp), per, nsp, mp, lp, ap, scale, meta
 
 
 def _finish(q, nsp, mp, lp, ap):
@@ -362,16 +365,12 @@ def decode_attention_kivi(q: Tensor, cache: KIVICache, sm_scale: float | None = 
     launch, captured once in a CUDA graph, stays right as the cache grows; its split plan covers the capacity)."""
     check_kivi_group(cache.group)
     dyn = lens is not None
-    grid, per, nsp, mp, lp, ap, scale, meta = _launch_plan(q, cache, sm_scale, num_splits, block_n, num_warps, True,
-                                                           dyn)
     mma = KIVI_MMA and block_n is None and decode_mma_kivi.kivi_mma_supported(q, cache)
-    if mma:  # the packed splits by decode_mma_kivi's program, in its tiles; this one does the fp16 segments
-        b, h, tmax, _ = cache.k_packed.shape
-        per, nsp, (mp, lp, ap) = split_plan(q, b * h, tmax if dyn else cache.n_packed,
-                                            decode_mma.WARPS * decode_mma_kivi.KIVI_BLOCK, num_splits,
-                                            decode_mma.PROGRAMS_PER_SM)
+    grid, per, nsp, mp, lp, ap, scale, meta = _launch_plan(q, cache, sm_scale, num_splits, block_n, num_warps, True,
+                                                           dyn, decode_mma.mma_split(decode_mma_kivi.KIVI_BLOCK)
+                                                           if mma else None)
+    if mma:  # the packed splits by decode_mma_kivi's program; this one does the fp16 segments
         decode_mma_kivi.launch_kivi_mma(q, cache, mp, lp, ap, per, nsp, scale, lens)
-        grid = (grid[0], 1)
     sk, rk = cache.sink_k, cache.res_k
     _kivi_split_kernel[grid](
         q, q.stride(0), q.stride(1),

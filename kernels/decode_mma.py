@@ -28,8 +28,9 @@ There is no CPU interpreter for Gluon: the CPU tests compile this for sm_90 (its
 instruction) and check the maps and corrections with ``mma_reference``, the program's algebra in PyTorch; the GPU
 tests run it.
 
-Public: ``mma_supported(q, cache)``, ``mma_tile()``, ``launch_mma(q, cache, mp, lp, ap, per, nsp, scale, lens)``,
-``mma_reference(q, cache, sm_scale)``, ``operand_maps(bits, device)``, ``key_map``, ``value_map``,
+Public: ``mma_supported(q, cache)``, ``mma_tile()``, ``mma_split(block)``,
+``launch_mma(q, cache, mp, lp, ap, per, nsp, scale, lens)``, ``mma_reference(q, cache, sm_scale)``,
+``operand_maps(bits, device)``, ``key_map``, ``value_map``,
 ``compiled_counts(...)``.
 """
 
@@ -55,6 +56,12 @@ WARPS, BLOCK, PROGRAMS_PER_SM = 2, 32, 4
 def mma_tile() -> int:
     """Tokens a tile (the split plan's block): ``WARPS * BLOCK``."""
     return WARPS * BLOCK
+
+
+def mma_split(block: int | None = None) -> tuple[int, int]:
+    """(tokens a tile, programs an SM) for ``decode_attention._launch_plan``'s split plan; ``block``: tokens a warp
+    (``BLOCK`` when None; the settings read at call time)."""
+    return WARPS * (BLOCK if block is None else block), PROGRAMS_PER_SM
 
 
 # ----------------------------------------------------------------------------------------------- index maps

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import decode_mma
-from .decode_attention import _finish, _launch_plan, split_plan
+from .decode_attention import _finish, _launch_plan
 from .decode_split import (
     _accumulate,
     _codes,
@@ -253,16 +253,12 @@ def decode_attention_token(q: Tensor, cache: TokenCache, sm_scale: float | None 
     launch, captured once in a CUDA graph, stays right as the cache grows; its split plan covers the capacity)."""
     _check(cache)
     dyn = lens is not None
-    grid, per, nsp, mp, lp, ap, scale, meta = _launch_plan(q, cache, sm_scale, num_splits, block_n, num_warps, False,
-                                                           dyn)
-    meta["PLAIN"] = meta["PLAIN"] or cache.bits == 8  # plain bytes: no join-tree expansion
     mma = TOKEN_MMA and block_n is None and decode_mma.mma_supported(q, cache)
-    if mma:  # the packed splits by decode_mma's program, in its tiles; this one does the fp16 segments
-        b, h, tmax, _ = cache.k_packed.shape
-        per, nsp, (mp, lp, ap) = split_plan(q, b * h, tmax if dyn else cache.n_packed, decode_mma.mma_tile(),
-                                            num_splits, decode_mma.PROGRAMS_PER_SM)
+    grid, per, nsp, mp, lp, ap, scale, meta = _launch_plan(q, cache, sm_scale, num_splits, block_n, num_warps, False,
+                                                           dyn, decode_mma.mma_split() if mma else None)
+    meta["PLAIN"] = meta["PLAIN"] or cache.bits == 8  # plain bytes: no join-tree expansion
+    if mma:  # the packed splits by decode_mma's program; this one does the fp16 segments
         decode_mma.launch_mma(q, cache, mp, lp, ap, per, nsp, scale, lens)
-        grid = (grid[0], 1)
     zero = cache.k_zero is not None
     sk, rk = cache.sink_k, cache.res_k
     _token_split_kernel[grid](
