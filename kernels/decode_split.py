@@ -328,10 +328,14 @@ def split_tokens(npk, NSP, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _program_ids(H, NSP, G: tl.constexpr, QPP: tl.constexpr):
-    """-> b, h, first query head, the split index, and the row of its first partial."""
+def _program_ids(H, NSP, G: tl.constexpr, QPP: tl.constexpr, SEG_ONLY: tl.constexpr = False):
+    """-> b, h, first query head, the split index, and the row of its first partial. ``SEG_ONLY``: launched with one
+    split, the program is the last one (the fp16 segments: its packed range is empty, the ``NSP - 1`` packed splits
+    of a Gluon program, ``decode_mma``, cover every packed token)."""
     pid = tl.program_id(0)
     sp = tl.program_id(1)
+    if SEG_ONLY:
+        sp += NSP - 1
     GS: tl.constexpr = G // QPP
     bh = pid // GS
     b = bh // H
@@ -533,10 +537,7 @@ def _kivi_split_kernel(
     HALF: tl.constexpr = D // 2
     NB: tl.constexpr = D * BITS // 8
     NVG: tl.constexpr = D // VG
-    b, h, hq0, sp, prow0 = _program_ids(H, NSP, G, QPP)
-    if SEG_ONLY:  # its packed range is empty: the NSP - 1 packed splits cover every packed token
-        sp += NSP - 1
-        prow0 += NSP - 1
+    b, h, hq0, sp, prow0 = _program_ids(H, NSP, G, QPP, SEG_ONLY)
     ch = tl.arange(0, HALF)
     cg = tl.arange(0, NVG)
     q1, q2 = _load_query(Q, sqb, sqh, b, hq0, qk_scale, QPP, MR, D)

@@ -180,10 +180,7 @@ def _token_split_kernel(
     (``int`` caches: zero points, no level table): ``_token_words_loop``. ``SEG_ONLY``: launched with one split, it
     is the last one (the fp16 segments; ``decode_mma`` does the packed splits)."""
     HALF: tl.constexpr = D // 2
-    b, h, hq0, sp, prow0 = _program_ids(H, NSP, G, QPP)
-    if SEG_ONLY:  # its packed range is empty: the NSP - 1 packed splits cover every packed token
-        sp += NSP - 1
-        prow0 += NSP - 1
+    b, h, hq0, sp, prow0 = _program_ids(H, NSP, G, QPP, SEG_ONLY)
     q1, q2 = _load_query(Q, sqb, sqh, b, hq0, qk_scale, QPP, MR, D)
     if DOT:
         qsum = (tl.sum(q1, axis=1) + tl.sum(q2, axis=1))[:, None]  # (MR, 1)
