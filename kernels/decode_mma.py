@@ -30,7 +30,7 @@ tests run it.
 
 Public: ``mma_supported(q, cache)``, ``mma_tile()``, ``mma_split(block)``,
 ``launch_mma(q, cache, mp, lp, ap, per, nsp, scale, lens)``, ``mma_reference(q, cache, sm_scale)``,
-``operand_maps(bits, device)``, ``key_map``, ``value_map``,
+``operand_maps(bits, device, values)``, ``operand_codes``, ``key_map``, ``value_map``,
 ``compiled_counts(...)``.
 """
 
@@ -94,13 +94,21 @@ def value_map(n: Tensor, bits: int) -> tuple[Tensor, Tensor]:
 _MAPS: dict = {}
 
 
-def operand_maps(bits: int, device) -> Tensor:
-    """int32 ``(4, 128)``: key channel, key shift, value channel, value shift (``key_map``, ``value_map``)."""
-    key = (bits, str(device))
+def operand_maps(bits: int, device, values=None) -> Tensor:
+    """int32 ``(4, 128)``: key channel, key shift, value channel, value shift (``key_map``; ``values(n)`` ->
+    (channel, shift), ``value_map`` when None), made once per device."""
+    key = (bits, str(device), values)
     if key not in _MAPS:
         i = torch.arange(128)
-        _MAPS[key] = torch.stack([*key_map(i, bits), *value_map(i, bits)]).to(device, torch.int32).contiguous()
+        v = value_map(i, bits) if values is None else values(i)
+        _MAPS[key] = torch.stack([*key_map(i, bits), *v]).to(device, torch.int32).contiguous()
     return _MAPS[key]
+
+
+def operand_codes(words: Tensor, channels: Tensor, bits: int) -> Tensor:
+    """The codes of ``channels`` from int64 ``words (..., D b / 32)`` of rows packed LSB first -> ``(..., len)``."""
+    per_word = 32 // bits
+    return (words[..., channels // per_word] >> (bits * (channels % per_word))) & ((1 << bits) - 1)
 
 
 # ----------------------------------------------------------------------------------------------- the gate
@@ -129,12 +137,7 @@ def mma_reference(q: Tensor, cache, sm_scale: float | None = None) -> Tensor:
     scale = (1.0 / 128 ** 0.5 if sm_scale is None else sm_scale)
     kw, vw = [x[:, :, :n].contiguous().view(torch.int32).to(torch.int64) for x in (cache.k_packed, cache.v_packed)]
     kch, ke, vch, ve = operand_maps(bits, q.device).long()
-    mask = (1 << bits) - 1
-    # keys: row k = code (kch % (32 / b)) of the half word, moved to bit e of its half
-    per_word = 32 // bits
-    word, code = kch // per_word, kch % per_word
-    c = (kw[..., word] >> (bits * code)) & mask  # (B, H, n, 128)
-    kop = 1024.0 + c.float() * (1 << ke).float()
+    kop = 1024.0 + operand_codes(kw, kch, bits).float() * (1 << ke).float()  # (B, H, n, 128) in operand order
     qs = (q.float() * scale).view(b, h, g, 128)
     qp = (qs[..., kch] / (1 << ke).float()).half().float()  # the operand query
     mma = torch.einsum("bhgk,bhnk->bhgn", qp, kop)
@@ -142,9 +145,7 @@ def mma_reference(q: Tensor, cache, sm_scale: float | None = None) -> Tensor:
     b_row = qs.half().float().sum(-1, keepdim=True)
     ks, kz = cache.k_scale[:, :, :n].float(), cache.k_zero[:, :, :n].float()
     p = torch.softmax(ks[:, :, None, :] * (mma - a_row) + kz[:, :, None, :] * b_row, -1)
-    # values: column n = code (vch % per_word) of word vch // per_word, at bit e of its half
-    c = (vw[..., vch // per_word] >> (bits * (vch % per_word))) & mask
-    vop = 1024.0 + c.float() * (1 << ve).float()
+    vop = 1024.0 + operand_codes(vw, vch, bits).float() * (1 << ve).float()  # (B, H, n, 128) in operand order
     vs, vz = cache.v_scale[:, :, :n].float(), cache.v_zero[:, :, :n].float()
     pf = (p * vs[:, :, None, :]).half().float()
     acc = torch.einsum("bhgn,bhnc->bhgc", pf, vop)

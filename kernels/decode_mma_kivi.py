@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from . import decode_mma as _mma
-from .decode_mma import gluon, key_map
+from .decode_mma import gluon
 
 if gluon is not None:
     from triton.experimental.gluon import language as gl
@@ -60,15 +60,10 @@ def kivi_value_map(n: Tensor) -> tuple[Tensor, Tensor]:
     return 32 * m + 16 * (g >> 2) + 4 * (g & 3) + j, 2 * j
 
 
-_MAPS: dict = {}
-
-
 def kivi_maps(device) -> Tensor:
-    """int32 ``(4, 128)``: key channel, key shift (``decode_mma.key_map``, 2 bits), value channel, value shift."""
-    if str(device) not in _MAPS:
-        i = torch.arange(128)
-        _MAPS[str(device)] = torch.stack([*key_map(i, 2), *kivi_value_map(i)]).to(device, torch.int32).contiguous()
-    return _MAPS[str(device)]
+    """int32 ``(4, 128)``: key channel, key shift (``decode_mma.key_map``, 2 bits), value channel, value shift
+    (``kivi_value_map``)."""
+    return _mma.operand_maps(2, device, kivi_value_map)
 
 
 def kivi_mma_supported(q: Tensor, cache) -> bool:
@@ -93,8 +88,7 @@ def kivi_mma_reference(q: Tensor, cache, sm_scale: float | None = None) -> Tenso
     scale = (1.0 / 128 ** 0.5 if sm_scale is None else sm_scale)
     kw, vw = [x[:, :, :n].contiguous().view(torch.int32).to(torch.int64) for x in (cache.k_packed, cache.v_packed)]
     kch, ke, vch, ve = kivi_maps(q.device).long()
-    c = (kw[..., kch // 16] >> (2 * (kch % 16))) & 3  # (B, H, n, 128) in key-operand order
-    kop = 1024.0 + c.float() * (1 << ke).float()
+    kop = 1024.0 + _mma.operand_codes(kw, kch, 2).float() * (1 << ke).float()  # (B, H, n, 128) in operand order
     grp = torch.arange(n, device=q.device) // KIVI_BLOCK
     ks = cache.k_scale[:, :, grp][..., kch].float()  # (B, H, n, 128): each token's group statistics
     kz = cache.k_zero[:, :, grp][..., kch].float()
@@ -102,8 +96,7 @@ def kivi_mma_reference(q: Tensor, cache, sm_scale: float | None = None) -> Tenso
     qp = ((qs / (1 << ke).float()).half() * ks.half()[:, :, None]).float()  # (B, H, G, n, 128): per group
     scores = (qp * (kop[:, :, None] - 1024)).sum(-1) + (qs.half().float() * kz[:, :, None]).sum(-1)
     p = torch.softmax(scores, -1)  # (B, H, G, n)
-    c = (vw[..., vch // 16] >> (2 * (vch % 16))) & 3  # (B, H, n, 128) in value-operand order
-    vop = 1024.0 + c.float() * (1 << ve).float()
+    vop = 1024.0 + _mma.operand_codes(vw, vch, 2).float() * (1 << ve).float()
     m = torch.arange(128, device=q.device) >> 5  # the value group of each operand column
     vs = cache.v_scale[:, :, :n].float()[..., m]  # (B, H, n, 128)
     vz = cache.v_zero[:, :, :n].float()[..., m]
