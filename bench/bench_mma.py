@@ -11,7 +11,8 @@ graphs as ``kvq generate`` runs it, L2 flushed before every call (``graph_ms``),
 4 query heads each, D = 128), and ``F.scaled_dot_product_attention(enable_gqa=True)`` over fp16 K/V of the same shape
 the same way; also the host time a call takes to issue (what eager use, ``--no-graphs``, pays). First each method's
 Gluon path against its reference. ``--sweep``: warps a program, tokens a warp and programs an SM
-(``decode_mma.WARPS``, ``BLOCK``, ``PROGRAMS_PER_SM``) at each context, batch 1.
+and a register cap (``decode_mma.WARPS``, ``BLOCK``, ``PROGRAMS_PER_SM``, ``MAXNREG``) at each context, batch 1,
+with the registers and spills each compiled to.
 Results: ``docs/results/kernels-decode-attention.md`` (session 11).
 """
 
@@ -86,13 +87,13 @@ def host_us(fn, n: int = 50) -> float:
     return dt / n * 1e6
 
 
-def _timed(settings: dict, fn, q, cache, what=graph_ms) -> float:
-    """``what`` of ``fn(q, cache)`` with module settings ``{(module, name): value}``, restored after."""
+def _timed(settings: dict, fn, q, cache, what=graph_ms, **kw) -> float:
+    """``what`` of ``fn(q, cache, **kw)`` with module settings ``{(module, name): value}``, restored after."""
     old = {k: getattr(*k) for k in settings}
     try:
         for (mod, name), v in settings.items():
             setattr(mod, name, v)
-        return what(functools.partial(fn, q, cache))
+        return what(functools.partial(fn, q, cache, **kw))
     finally:
         for (mod, name), v in old.items():
             setattr(mod, name, v)
@@ -112,6 +113,13 @@ def _methods() -> dict:
         "kivi2": (functools.partial(random_kivi, cfg=METHODS["kivi-2b"]), da.decode_attention_kivi,
                   (da, "KIVI_MMA"), kmma.kivi_mma_supported, ref.decode_attention_kivi_ref),
     }
+
+
+#: (warps a program, tokens a warp, programs an SM, register cap) settings ``--sweep`` times; a cap of ``64K / (32 *
+#: warps * programs)`` registers a thread lets all of a wave's programs be resident at once
+#: ``None`` programs an SM: as many as the registers allow (``decode_mma.resident``, the default)
+SWEEP = ((2, 32, None, None), (4, 32, None, None), (4, 16, None, None), (2, 32, 4, None), (2, 32, 6, None),
+         (2, 32, None, 168), (2, 32, None, 128))
 
 
 def run(contexts, batches, names, sweep: bool) -> dict:
@@ -137,28 +145,41 @@ def run(contexts, batches, names, sweep: bool) -> dict:
         del kb, vb
         on = _timed({switch: True}, fn, q, cache)
         off = _timed({switch: False}, fn, q, cache)
+        # counts on the device, as ``kvq generate``'s captured steps read them (another compiled variant)
+        lens = torch.tensor([cache.n_packed, cache.n_res, 0, 0], dtype=torch.int64, device="cuda")
+        on_dyn = _timed({switch: True}, fn, q, cache, lens=lens)
+        dyn_regs = mma.COMPILED.get("kivi" if name.startswith("kivi") else "int")
+        off_dyn = _timed({switch: False}, fn, q, cache, lens=lens)
         hosts = dict(mma_host_us=_timed({switch: True}, fn, q, cache, host_us),
                      dot_host_us=_timed({switch: False}, fn, q, cache, host_us))
         nbytes = sum(x.numel() * x.element_size() for x in (cache.k_packed, cache.v_packed, cache.k_scale,
                                                              cache.k_zero, cache.v_scale, cache.v_zero))
-        row = dict(method=name, context=t, batch=b, sdpa_us=sdpa * 1e3, mma_us=on * 1e3, dot_us=off * 1e3,
-                   x_sdpa=sdpa / on, dot_x_sdpa=sdpa / off,
+        regs = mma.COMPILED.get("kivi" if name.startswith("kivi") else "int")
+        row = dict(method=name, context=t, batch=b, registers_spills=regs, sdpa_us=sdpa * 1e3, mma_us=on * 1e3,
+                   dot_us=off * 1e3, x_sdpa=sdpa / on, dot_x_sdpa=sdpa / off, dyn_registers_spills=dyn_regs,
+                   mma_dyn_us=on_dyn * 1e3, dot_dyn_us=off_dyn * 1e3, dyn_x_sdpa=sdpa / on_dyn,
+                   dot_dyn_x_sdpa=sdpa / off_dyn,
                    bandwidth_share=nbytes / (on / 1e3) / (res["copy_gbps"] * 1e9), **hosts)
         res["rows"].append(row)
         print(f"{name} {t:8d} tokens, batch {b}: SDPA {sdpa * 1e3:7.1f} us | Gluon {on * 1e3:7.1f} us "
               f"({sdpa / on:.2f}x, {100 * row['bandwidth_share']:.0f}% of copy bandwidth) | tl.dot "
               f"{off * 1e3:7.1f} us ({sdpa / off:.2f}x) | host per call: Gluon {hosts['mma_host_us']:.0f} us, "
-              f"tl.dot {hosts['dot_host_us']:.0f} us", flush=True)
+              f"tl.dot {hosts['dot_host_us']:.0f} us\n    counts on the device: Gluon {on_dyn * 1e3:7.1f} us "
+              f"({sdpa / on_dyn:.2f}x, {dyn_regs} registers, spills) | tl.dot {off_dyn * 1e3:7.1f} us "
+              f"({sdpa / off_dyn:.2f}x)", flush=True)
         if sweep and b == 1:
-            for w, bn, k in ((4, 32, 2), (4, 32, 3), (4, 16, 3), (4, 16, 4), (2, 32, 4), (2, 32, 6)):
+            for w, bn, k, cap in SWEEP:
                 if name.startswith("kivi") and bn != 32:
                     continue  # a warp takes one key group
-                s = {switch: True, (mma, "WARPS"): w, (mma, "BLOCK"): bn, (mma, "PROGRAMS_PER_SM"): k}
+                s = {switch: True, (mma, "WARPS"): w, (mma, "BLOCK"): bn, (mma, "PROGRAMS_PER_SM"): k,
+                     (mma, "MAXNREG"): cap}
                 ms = _timed(s, fn, q, cache)
-                res["sweep"].append(dict(method=name, context=t, warps=w, block=bn, programs_per_sm=k,
-                                         us=ms * 1e3, x_sdpa=sdpa / ms))
-                print(f"   {w} warps x {bn} tokens, {k} programs an SM: {ms * 1e3:7.1f} us ({sdpa / ms:.2f}x)",
-                      flush=True)
+                regs, spills = mma.COMPILED.get("kivi" if name.startswith("kivi") else "int", (None, None))
+                k = k or (regs and mma.resident(regs, w))
+                res["sweep"].append(dict(method=name, context=t, warps=w, block=bn, programs_per_sm=k, maxnreg=cap,
+                                         registers=regs, spilled_bytes=spills, us=ms * 1e3, x_sdpa=sdpa / ms))
+                print(f"   {w} warps x {bn} tokens, {k} programs an SM, register cap {cap} ({regs} registers, "
+                      f"{spills} spilled): {ms * 1e3:7.1f} us ({sdpa / ms:.2f}x)", flush=True)
         del cache
     return res
 

@@ -28,8 +28,8 @@ There is no CPU interpreter for Gluon: the CPU tests compile this for sm_90 (its
 instruction) and check the maps and corrections with ``mma_reference``, the program's algebra in PyTorch; the GPU
 tests run it.
 
-Public: ``mma_supported(q, cache)``, ``mma_tile()``, ``mma_split(block)``,
-``launch_mma(q, cache, mp, lp, ap, per, nsp, scale, lens)``, ``mma_reference(q, cache, sm_scale)``,
+Public: ``mma_supported(q, cache)``, ``mma_tile()``, ``mma_split(q, cache, lens)``, ``program_split``,
+``resident``, ``launch_mma(q, cache, mp, lp, ap, per, nsp, scale, lens)``, ``mma_reference(q, cache, sm_scale)``,
 ``operand_maps(bits, device, values)``, ``operand_codes``, ``key_map``, ``value_map``,
 ``compiled_counts(...)``.
 """
@@ -48,9 +48,16 @@ try:
 except ImportError:  # a Triton without Gluon (< 3.5): the tl.dot programs run instead
     gluon = None
 
-#: warps a program and tokens a warp (a tile is W * BN tokens), programs an SM: H200, 128K, Llama-3-8B heads
-#: (``bench/bench_mma.py``, ``docs/results/kernels-decode-attention.md``, session 11)
-WARPS, BLOCK, PROGRAMS_PER_SM = 2, 32, 4
+#: warps a program and tokens a warp (a tile is W * BN tokens): H200, 128K, Llama-3-8B heads (``bench/bench_mma.py``,
+#: ``docs/results/kernels-decode-attention.md``, sessions 11-12). ``PROGRAMS_PER_SM``: programs an SM in the split
+#: plan; None: as many as the compiled program's registers let an SM hold at once (``resident``), the best setting
+#: of every sweep so far. ``MAXNREG``: a register cap (``maxnreg``; None: the compiler's choice).
+WARPS, BLOCK = 2, 32
+PROGRAMS_PER_SM: int | None = None
+MAXNREG: int | None = None
+#: what the last launch of each program compiled to: ``{"int" | "kivi": (registers a thread, spilled bytes)}``
+COMPILED: dict = {}
+_RESIDENT: dict = {}
 
 
 def mma_tile() -> int:
@@ -58,10 +65,37 @@ def mma_tile() -> int:
     return WARPS * BLOCK
 
 
-def mma_split(block: int | None = None) -> tuple[int, int]:
-    """(tokens a tile, programs an SM) for ``decode_attention._launch_plan``'s split plan; ``block``: tokens a warp
-    (``BLOCK`` when None; the settings read at call time)."""
-    return WARPS * (BLOCK if block is None else block), PROGRAMS_PER_SM
+def launch_options() -> dict:
+    """The compile options the Gluon programs launch with (``num_warps``, and ``maxnreg`` when ``MAXNREG`` is set)."""
+    return dict(num_warps=WARPS) if MAXNREG is None else dict(num_warps=WARPS, maxnreg=MAXNREG)
+
+
+def remember(name: str, kernel) -> None:
+    """Record a launched program's registers a thread and spilled bytes in ``COMPILED[name]``."""
+    COMPILED[name] = (getattr(kernel, "n_regs", None), getattr(kernel, "n_spills", None))
+
+
+def resident(regs: int, warps: int) -> int:
+    """Programs of ``warps`` warps at ``regs`` registers a thread that one SM holds at once (sm_80 and sm_90: 64K
+    registers, allocated 256 at a time a warp; 64 warps; 32 programs)."""
+    per_warp = -(-regs * 32 // 256) * 256
+    return max(1, min(65536 // (per_warp * warps), 64 // warps, 32))
+
+
+def program_split(kernel, args: tuple, consts: dict, block: int | None = None) -> tuple[int, int]:
+    """(tokens a tile, programs an SM) of Gluon program ``kernel`` for ``decode_attention._launch_plan``'s split plan.
+    ``args, consts``: a launch's arguments (buffers may be dtypes) and constants; ``block``: tokens a warp (``BLOCK``
+    when None). With ``PROGRAMS_PER_SM`` None the program is compiled once (no launch) for these constants, and the
+    count is what its registers allow (``resident``), kept a process."""
+    tile = WARPS * (BLOCK if block is None else block)
+    if PROGRAMS_PER_SM is not None:
+        return tile, PROGRAMS_PER_SM
+    key = (kernel.__name__, tuple(sorted(consts.items())), MAXNREG, args[0].device)
+    if key not in _RESIDENT:
+        done = kernel.warmup(*args, grid=(1, 1), **consts, **launch_options())
+        done._init_handles()
+        _RESIDENT[key] = resident(done.n_regs, consts["W"])
+    return tile, _RESIDENT[key]
 
 
 # ----------------------------------------------------------------------------------------------- index maps
@@ -446,15 +480,27 @@ def _compile_counts(fn, typed: dict, consts: dict, aligned: tuple, warps: int) -
                 shared_bytes=done.metadata.shared)
 
 
+def _int_launch(q: Tensor, cache, mp, lp, ap, per: int, nsp: int, scale: float, lens: Tensor | None):
+    """The program's arguments and constants for one launch."""
+    h = cache.k_packed.shape[1]
+    args = (q, q.stride(0), q.stride(1), cache.k_packed.view(torch.int32), cache.k_scale, cache.k_zero,
+            cache.v_packed.view(torch.int32), cache.v_scale, cache.v_zero, operand_maps(cache.bits, q.device), mp, lp,
+            ap, h, cache.k_packed.shape[2], cache.n_packed, per, nsp, scale, q if lens is None else lens)
+    return args, dict(G=q.shape[1] // h, BITS=cache.bits, W=WARPS, BN=BLOCK, DYN=lens is not None)
+
+
+def mma_split(q: Tensor, cache, lens: Tensor | None) -> tuple[int, int]:
+    """(tokens a tile, programs an SM) of this program on ``q, cache`` (``program_split``)."""
+    f32 = torch.float32
+    return program_split(int_mma_kernel, *_int_launch(q, cache, f32, f32, f32, mma_tile(), 2, 1.0, lens))
+
+
 def launch_mma(q: Tensor, cache, mp: Tensor, lp: Tensor, ap: Tensor, per: int, nsp: int, scale: float,
                lens: Tensor | None) -> None:
     """Splits ``0 .. nsp - 2`` of ``decode_token``'s plan (``per`` tokens each, a multiple of ``mma_tile()``;
     ``lens``: counts on the device) into the partial buffers ``mp, lp (B*Hq, nsp)``, ``ap (B*Hq, nsp, 128)``."""
-    b, h, tmax, _ = cache.k_packed.shape
     if nsp < 2:
         return
-    int_mma_kernel[(b * h, nsp - 1)](
-        q, q.stride(0), q.stride(1), cache.k_packed.view(torch.int32), cache.k_scale, cache.k_zero,
-        cache.v_packed.view(torch.int32), cache.v_scale, cache.v_zero, operand_maps(cache.bits, q.device), mp, lp, ap,
-        h, tmax, cache.n_packed, per, nsp, scale, q if lens is None else lens, G=q.shape[1] // h, BITS=cache.bits,
-        W=WARPS, BN=BLOCK, DYN=lens is not None, num_warps=WARPS)
+    args, consts = _int_launch(q, cache, mp, lp, ap, per, nsp, scale, lens)
+    remember("int", int_mma_kernel[(cache.k_packed.shape[0] * cache.k_packed.shape[1], nsp - 1)](
+        *args, **consts, **launch_options()))

@@ -1,6 +1,6 @@
 """GQA decode attention over a 2-bit KIVI cache with both tensor-core operands made in registers (Gluon, sm_80+):
-``decode_mma``'s program with KIVI's statistics. **Not yet run on a GPU**: off by default
-(``decode_attention.KIVI_MMA``) until the GPU tests and the bench have run it.
+``decode_mma``'s program with KIVI's statistics. ``decode_attention_kivi`` runs it for 2-bit GQA at head dim 128
+(``decode_attention.KIVI_MMA``; H200 results in ``docs/results/kernels-decode-attention.md``, session 12).
 
 KIVI stores codes as ``int`` does (channels in order, 4 a byte), so the key operand is ``decode_mma._keys``. Its
 statistics differ:
@@ -19,7 +19,8 @@ statistics differ:
 The fp16 sink and residual split is the ``tl.dot`` kivi program's (``SEG_ONLY``). ``kivi_mma_reference`` is the
 algebra in PyTorch, checked against ``reference.decode_attention_ref`` on the CPU.
 
-Public: ``kivi_mma_supported(q, cache)``, ``launch_kivi_mma(...)``, ``kivi_mma_reference(q, cache, sm_scale)``,
+Public: ``kivi_mma_supported(q, cache)``, ``kivi_split(q, cache, lens)``, ``launch_kivi_mma(...)``,
+``kivi_mma_reference(q, cache, sm_scale)``,
 ``kivi_value_map``, ``kivi_compiled_counts(...)``.
 """
 
@@ -312,20 +313,32 @@ def kivi_compiled_counts(g: int = 4, dyn: bool = True, warps: int = 2) -> dict:
     return _compile_counts(kivi_mma_kernel, sig, dict(G=g, W=warps, DYN=dyn), aligned, warps)
 
 
+def _kivi_launch(q: Tensor, cache, mp, lp, ap, per: int, nsp: int, scale: float, lens: Tensor | None):
+    """The program's arguments and constants for one launch."""
+    h = cache.k_packed.shape[1]
+    args = (q, q.stride(0), q.stride(1), cache.k_packed.view(torch.int32), cache.k_scale, cache.k_zero,
+            cache.v_packed, cache.v_scale, cache.v_zero, kivi_maps(q.device), mp, lp, ap, h, cache.k_packed.shape[2],
+            cache.k_scale.shape[2], cache.n_packed, per, nsp, scale, q if lens is None else lens)
+    return args, dict(G=q.shape[1] // h, W=_mma.WARPS, DYN=lens is not None)
+
+
+def kivi_split(q: Tensor, cache, lens: Tensor | None) -> tuple[int, int]:
+    """(tokens a tile, programs an SM) of this program on ``q, cache`` (``decode_mma.program_split``)."""
+    f32 = torch.float32
+    return _mma.program_split(kivi_mma_kernel, *_kivi_launch(q, cache, f32, f32, f32, _mma.WARPS * KIVI_BLOCK, 2,
+                                                              1.0, lens), KIVI_BLOCK)
+
+
 def launch_kivi_mma(q: Tensor, cache, mp: Tensor, lp: Tensor, ap: Tensor, per: int, nsp: int, scale: float,
                     lens: Tensor | None) -> None:
     """Splits ``0 .. nsp - 2`` of ``decode_attention_kivi``'s plan (``per`` a multiple of ``decode_mma.WARPS * 32``,
-    the warps read at call time as the plan does) into the
-    partial buffers, as ``decode_mma.launch_mma``."""
-    b, h, tmax, _ = cache.k_packed.shape
+    the warps read at call time as the plan does) into the partial buffers, as ``decode_mma.launch_mma``."""
     if nsp < 2:
         return
-    kivi_mma_kernel[(b * h, nsp - 1)](
-        q, q.stride(0), q.stride(1), cache.k_packed.view(torch.int32), cache.k_scale, cache.k_zero, cache.v_packed,
-        cache.v_scale, cache.v_zero, kivi_maps(q.device), mp, lp, ap, h, tmax, cache.k_scale.shape[2],
-        cache.n_packed, per, nsp, scale, q if lens is None else lens, G=q.shape[1] // h, W=_mma.WARPS,
-        DYN=lens is not None, num_warps=_mma.WARPS)
+    args, consts = _kivi_launch(q, cache, mp, lp, ap, per, nsp, scale, lens)
+    _mma.remember("kivi", kivi_mma_kernel[(cache.k_packed.shape[0] * cache.k_packed.shape[1], nsp - 1)](
+        *args, **consts, **_mma.launch_options()))
 
 
 __all__ = ["KIVI_BLOCK", "kivi_mma_supported", "launch_kivi_mma", "kivi_mma_reference", "kivi_value_map",
-           "kivi_maps", "kivi_compiled_counts"]
+           "kivi_maps", "kivi_compiled_counts", "kivi_split"]

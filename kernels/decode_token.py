@@ -252,7 +252,7 @@ def decode_attention_token(q: Tensor, cache: TokenCache, sm_scale: float | None 
     dyn = lens is not None
     mma = TOKEN_MMA and block_n is None and decode_mma.mma_supported(q, cache)
     grid, per, nsp, mp, lp, ap, scale, meta = _launch_plan(q, cache, sm_scale, num_splits, block_n, num_warps, False,
-                                                           dyn, decode_mma.mma_split() if mma else None)
+                                                           dyn, decode_mma.mma_split(q, cache, lens) if mma else None)
     meta["PLAIN"] = meta["PLAIN"] or cache.bits == 8  # plain bytes: no join-tree expansion
     if mma:  # the packed splits by decode_mma's program; this one does the fp16 segments
         decode_mma.launch_mma(q, cache, mp, lp, ap, per, nsp, scale, lens)

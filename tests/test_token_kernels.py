@@ -162,6 +162,31 @@ def test_mma_program_compiles_without_shared_memory_in_its_loop():
                                     "compiled_counts(4, True, 4)"], 64)
 
 
+def test_mma_programs_an_sm_follow_the_registers():
+    """The split plan's programs an SM are as many as fit in an SM's 64K registers (allocated 256 a warp), its 64
+    warps and 32 programs: the register counts the H200 sweeps saw (168 for int, 248 for kivi, 2 warps) and the
+    bounds; a fixed ``PROGRAMS_PER_SM`` wins."""
+    from kvq_kernels import decode_mma
+
+    assert decode_mma.resident(168, 2) == 6 and decode_mma.resident(216, 2) == 4
+    assert decode_mma.resident(248, 2) == 4 and decode_mma.resident(168, 4) == 3
+    assert decode_mma.resident(255, 8) == 1 and decode_mma.resident(16, 2) == 32 and decode_mma.resident(16, 4) == 16
+
+    def fits(k, regs, warps):
+        return k * warps * -(-regs * 32 // 256) * 256 <= 65536 and k * warps <= 64 and k <= 32
+
+    for regs in range(8, 256, 7):
+        for warps in (1, 2, 4, 8):
+            n = decode_mma.resident(regs, warps)
+            assert fits(n, regs, warps) and not fits(n + 1, regs, warps)
+    old = decode_mma.PROGRAMS_PER_SM
+    try:
+        decode_mma.PROGRAMS_PER_SM = 3
+        assert decode_mma.program_split(None, (), {}, 16) == (decode_mma.WARPS * 16, 3)
+    finally:
+        decode_mma.PROGRAMS_PER_SM = old
+
+
 @pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU checks: the two tests above)")
 @pytest.mark.parametrize("h, g, t, tmax, n_sink, n_res, dtype, bits", [
     (3, 4, 77, 128, 2, 5, torch.float16, 2),      # one partial tile
