@@ -11,8 +11,8 @@ graphs as ``kvq generate`` runs it, L2 flushed before every call (``graph_ms``),
 4 query heads each, D = 128), and ``F.scaled_dot_product_attention(enable_gqa=True)`` over fp16 K/V of the same shape
 the same way; also the host time a call takes to issue (what eager use, ``--no-graphs``, pays). First each method's
 Gluon path against its reference. ``--sweep``: warps a program, tokens a warp and programs an SM
-and a register cap (``decode_mma.WARPS``, ``BLOCK``, ``PROGRAMS_PER_SM``, ``MAXNREG``) at each context, batch 1,
-with the registers and spills each compiled to.
+and a register cap (``decode_mma.WARPS``, ``BLOCK``, ``PROGRAMS_PER_SM``, ``MAXNREG``) at each context and batch, with
+counts on the device (the variant ``kvq generate``'s graphs run), and the registers and spills each compiled to.
 Results: ``docs/results/kernels-decode-attention.md`` (session 11).
 """
 
@@ -128,7 +128,7 @@ def run(contexts, batches, names, sweep: bool) -> dict:
     table = _methods()
     for name in names:
         make, fn, switch, _, reference = table[name]
-        small = make(2, 3, D, 1000)
+        small = make(2, 3, D, 1056)  # (kivi packs whole 32-token groups: 1056 - 128 residual tokens)
         q = torch.randn(2, 3 * G, D, device="cuda", dtype=torch.float16)
         want = reference(q.float(), small)
         err = _timed({switch: True}, fn, q, small, functools.partial(_rel_err, want=want))
@@ -167,19 +167,20 @@ def run(contexts, batches, names, sweep: bool) -> dict:
               f"tl.dot {hosts['dot_host_us']:.0f} us\n    counts on the device: Gluon {on_dyn * 1e3:7.1f} us "
               f"({sdpa / on_dyn:.2f}x, {dyn_regs} registers, spills) | tl.dot {off_dyn * 1e3:7.1f} us "
               f"({sdpa / off_dyn:.2f}x)", flush=True)
-        if sweep and b == 1:
+        if sweep:  # with counts on the device (the variant ``kvq generate`` runs)
             for w, bn, k, cap in SWEEP:
                 if name.startswith("kivi") and bn != 32:
                     continue  # a warp takes one key group
                 s = {switch: True, (mma, "WARPS"): w, (mma, "BLOCK"): bn, (mma, "PROGRAMS_PER_SM"): k,
                      (mma, "MAXNREG"): cap}
-                ms = _timed(s, fn, q, cache)
+                ms = _timed(s, fn, q, cache, lens=lens)
                 regs, spills = mma.COMPILED.get("kivi" if name.startswith("kivi") else "int", (None, None))
                 k = k or (regs and mma.resident(regs, w))
-                res["sweep"].append(dict(method=name, context=t, warps=w, block=bn, programs_per_sm=k, maxnreg=cap,
-                                         registers=regs, spilled_bytes=spills, us=ms * 1e3, x_sdpa=sdpa / ms))
-                print(f"   {w} warps x {bn} tokens, {k} programs an SM, register cap {cap} ({regs} registers, "
-                      f"{spills} spilled): {ms * 1e3:7.1f} us ({sdpa / ms:.2f}x)", flush=True)
+                res["sweep"].append(dict(method=name, context=t, batch=b, warps=w, block=bn, programs_per_sm=k,
+                                         maxnreg=cap, registers=regs, spilled_bytes=spills, us=ms * 1e3,
+                                         x_sdpa=sdpa / ms))
+                print(f"   batch {b}, {w} warps x {bn} tokens, {k} programs an SM, register cap {cap} ({regs} "
+                      f"registers, {spills} spilled): {ms * 1e3:7.1f} us ({sdpa / ms:.2f}x)", flush=True)
         del cache
     return res
 

@@ -69,13 +69,14 @@ def kivi_maps(device) -> Tensor:
 
 def kivi_mma_supported(q: Tensor, cache) -> bool:
     """A CUDA GPU of compute capability 8.0+, Gluon, a 2-bit KIVI cache of head dim 128 with 32-token key groups
-    and 32-channel value groups and room for a tile, 2 to 16 query heads a KV head."""
+    and 32-channel value groups, whole key groups packed and room for a tile, 2 to 16 query heads a KV head."""
     if gluon is None or not q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1":
         return False
     h = cache.k_packed.shape[1]
     g = q.shape[1] // h
     return (cache.bits == 2 and cache.head_dim == 128 and cache.group == KIVI_BLOCK and 1 < g <= 16
             and cache.v_scale.shape[-1] == 4 and cache.k_packed.shape[2] >= _mma.WARPS * KIVI_BLOCK
+            and cache.n_packed % KIVI_BLOCK == 0
             and torch.cuda.get_device_capability(q.device)[0] >= 8)
 
 
@@ -244,7 +245,9 @@ if gluon is not None:
         goff = _tile_offsets(W, BN, 4, 1, gsl)
         row = pid.to(gl.int64) * Tmax
         grow = pid.to(gl.int64) * NG
-        last = Tmax - W * BN  # tiles start at or before it, so every read is inside the buffers
+        # tiles start at or before it, so every read is inside the buffers; a multiple of 32, so that each warp's
+        # tokens stay one key group when the last tile is moved back (the packed tokens are whole groups)
+        last = Tmax // BN * BN - W * BN
         m_i = gl.full([W, 16], float("-inf"), gl.float32, rows)
         l_i = gl.zeros([W, 16], gl.float32, rows)
         u0 = gl.zeros([W, 16, 8], gl.float32, m3)  # sum(p') and sum(p z) of each group: equal columns
