@@ -270,8 +270,7 @@ if gluon is not None:
             vb8 = gl.load(VB + base * 32 + voff)
             ks = _key_stats(KS + (grow + t0c // BN) * 128, W, qk_l)  # (W, 128) fp16: the warps' groups
             kz = _key_stats(KZ + (grow + t0c // BN) * 128, W, qk_l)
-            tok = t0c + ct
-            valid = (tok >= t0) & (tok < end)
+            valid = (ct - (t0 - t0c)).to(gl.uint32) < (end - t0).to(gl.uint32)  # t0c + ct in [t0, end)
             # scores: each warp's query operand and offset for its group
             qp = qsf * ks[:, None, :]
             kzb = gl.convert_layout(gl.convert_layout(kz, gl.SliceLayout(2, kb))[:, :, None] +
