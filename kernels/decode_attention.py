@@ -219,16 +219,20 @@ def check_query(q: Tensor, heads: int, d: int) -> int:
     return q.shape[1] // heads
 
 
-def split_plan(q: Tensor, rows: int, n_packed: int, block_n: int, num_splits: int | None, programs_per_sm: int):
+def split_plan(q: Tensor, rows: int, n_packed: int, block_n: int, num_splits: int | None, programs_per_sm: int,
+               one_wave: bool = False):
     """Split-K plan over the packed tokens for ``rows`` programs per split (``programs_per_sm`` programs per
     SM by default): (tokens per split, splits + 1 for the fp16 sink/residual segments, partial buffers
-    ``m, l (B*Hq, NSP)`` and ``acc (B*Hq, NSP, D)`` float32)."""
+    ``m, l (B*Hq, NSP)`` and ``acc (B*Hq, NSP, D)`` float32). ``one_wave``: ``programs_per_sm`` is what an SM holds
+    at once, so the splits are rounded down to keep the grid in one wave (rounding up, at batch 8 and 8 KV heads,
+    left a second wave of 48 programs after 528 and nearly doubled the time)."""
     b, hq, d = q.shape
     nblocks = cdiv(n_packed, block_n)
     per, nsplit = block_n, 0
     if nblocks:
         if num_splits is None:
-            num_splits = cdiv(programs_per_sm * _num_sms(q.device), rows)
+            slots = programs_per_sm * _num_sms(q.device)
+            num_splits = slots // rows if one_wave else cdiv(slots, rows)
         num_splits = max(1, min(num_splits, nblocks))
         per = cdiv(nblocks, num_splits) * block_n
         nsplit = cdiv(n_packed, per)
@@ -256,7 +260,8 @@ def _launch_plan(q: Tensor, cache, sm_scale, num_splits, block_n, num_warps, kiv
     block_n, num_warps = _default_block(dot, cache, kivi, block_n, num_warps)
     rows = b * h * (g // qpp)
     tile, programs = split or (block_n, PROGRAMS_PER_SM)
-    per, nsp, (mp, lp, ap) = split_plan(q, rows, tmax if dyn else cache.n_packed, tile, num_splits, programs)
+    per, nsp, (mp, lp, ap) = split_plan(q, rows, tmax if dyn else cache.n_packed, tile, num_splits, programs,
+                                        one_wave=split is not None)
     scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
     prec = DOT_PRECISION if q.dtype == torch.float32 else DOT_PRECISION_16
     meta = dict(G=g, QPP=qpp, MR=mr, D=d, BLOCK_N=block_n, DOT=dot, PREC=prec, num_warps=num_warps,

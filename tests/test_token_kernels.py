@@ -165,7 +165,7 @@ def test_mma_program_compiles_without_shared_memory_in_its_loop():
 def test_mma_programs_an_sm_follow_the_registers():
     """The split plan's programs an SM are as many as fit in an SM's 64K registers (allocated 256 a warp), its 64
     warps and 32 programs: the register counts the H200 sweeps saw (168 for int, 248 for kivi, 2 warps) and the
-    bounds; a fixed ``PROGRAMS_PER_SM`` wins."""
+    bounds; the plan's splits keep those programs in one wave; a fixed ``PROGRAMS_PER_SM`` wins."""
     from kvq_kernels import decode_mma
 
     assert decode_mma.resident(168, 2) == 6 and decode_mma.resident(216, 2) == 4
@@ -179,6 +179,14 @@ def test_mma_programs_an_sm_follow_the_registers():
         for warps in (1, 2, 4, 8):
             n = decode_mma.resident(regs, warps)
             assert fits(n, regs, warps) and not fits(n + 1, regs, warps)
+    # the Gluon programs' plan keeps its grid in one wave of resident programs (4 SMs on the CPU)
+    from kvq_kernels.decode_attention import split_plan
+
+    q = torch.zeros(2, 8, 128)
+    for rows, programs in ((3, 4), (8, 4), (5, 6), (64, 4), (40, 1)):
+        one = split_plan(q, rows, 4096, 64, None, programs, one_wave=True)[1] - 1
+        assert rows * one <= max(rows, 4 * programs) and rows * (one + 1) > 4 * programs
+        assert split_plan(q, rows, 4096, 64, None, programs)[1] - 1 == -(-4 * programs // rows)
     old = decode_mma.PROGRAMS_PER_SM
     try:
         decode_mma.PROGRAMS_PER_SM = 3
