@@ -53,6 +53,8 @@ except ImportError:  # a Triton without Gluon (< 3.5): the tl.dot programs run i
 #: plan; None: as many as the compiled program's registers let an SM hold at once (``resident``), the best setting
 #: of every sweep so far. ``MAXNREG``: a register cap (``maxnreg``; None: the compiler's choice).
 WARPS, BLOCK = 2, 32
+#: G <= 8: the value product transposed (``acc^T (128, 8)``; ``int_mma_kernel``'s ``SWAP``)
+SWAP_PV = True
 PROGRAMS_PER_SM: int | None = None
 MAXNREG: int | None = None
 #: what the last launch of each program compiled to: ``{"int" | "kivi": (registers a thread, spilled bytes)}``
@@ -277,8 +279,11 @@ if gluon is not None:
             return gl.join(_vpair(a, b, X, 0, 4), _vpair(a, b, X, 1, 4))
 
     @gluon.jit
-    def _values(vw, W: gl.constexpr, BN: gl.constexpr, BITS: gl.constexpr, vb: gl.constexpr):
-        """V words ``(W, BN, NW)`` -> the B operand ``(W, BN, 128)`` (columns in ``value_map`` order)."""
+    def _values(vw, W: gl.constexpr, BN: gl.constexpr, BITS: gl.constexpr, vb: gl.constexpr,
+                T: gl.constexpr = False):
+        """V words ``(W, BN, NW)`` -> the B operand ``(W, BN, 128)`` (columns in ``value_map`` order); ``T``: the A
+        operand ``(W, 128, BN)`` of the transposed product (rows in ``value_map`` order; each thread holds the same
+        codes either way)."""
         NW: gl.constexpr = 4 * BITS
         a, b = gl.split(gl.permute(gl.reshape(vw, [W, BN // 2, 2, NW]), (0, 1, 3, 2)))  # tokens 2 tp, 2 tp + 1
         y = gl.join(gl.join(_vbyte(a, b, 0, BITS), _vbyte(a, b, 1, BITS)),
@@ -289,7 +294,23 @@ if gluon is not None:
         else:
             y = gl.reshape(y, [W, BN // 2, 2, 2, 2, 2, 2, 2, 2, 2])  # [W, tp, g2, g1, g0, u, pair, j, x0, x1]
             y = gl.permute(y, (0, 1, 6, 5, 9, 8, 7, 2, 3, 4))  # [W, tp, pair, u, x1, x0, j, g2, g1, g0]
-        return gl.convert_layout(gl.reshape(y, [W, BN, 128]), vb)
+        y = gl.reshape(y, [W, BN, 128])
+        if T:
+            y = gl.permute(y, (0, 2, 1))
+        return gl.convert_layout(y, vb)
+
+    @gluon.jit
+    def _rows8(x):
+        """Rows ``0..7`` of ``x (W, 16, N)`` in an MMA accumulator layout (rows 8..15 are a register bit), transposed
+        -> ``(W, N, 8)``."""
+        a, _ = gl.split(gl.permute(gl.reshape(x, [x.shape[0], 2, 8, x.shape[2]]), (0, 2, 3, 1)))
+        return gl.permute(a, (0, 2, 1))
+
+    @gluon.jit
+    def _first8(v, layout: gl.constexpr):
+        """Entries ``0..7`` of per-row ``v (W, 16)`` -> ``(W, 8)`` in ``layout``."""
+        a, _ = gl.split(gl.permute(gl.reshape(v, [v.shape[0], 2, 8]), (0, 2, 1)))
+        return gl.convert_layout(a, layout)
 
     @gluon.jit
     def _program(H, LENS, n_packed, tokens_per_split, NSP, TILE: gl.constexpr, DYN: gl.constexpr):
@@ -379,13 +400,33 @@ if gluon is not None:
         return gl.where(m == float("-inf"), 0.0, m)
 
     @gluon.jit
+    def _swap_out(AP, b, h, H, G: gl.constexpr, NSP, sp, MAPS, acc, u_i, z_i, sc, W: gl.constexpr, m3: gl.constexpr):
+        """``SWAP``'s output: ``acc^T (W, 128, 8)`` and the rows' ``u, z, sc (W, 16)`` -> the split's ``acc`` of the
+        ``G <= 8`` query heads."""
+        col: gl.constexpr = gl.SliceLayout(1, m3)  # (W, 8): per query head, along acc^T's columns
+        u8 = _first8(u_i, col)
+        z8 = _first8(z_i, col)
+        s8 = _first8(sc, col)
+        nn = gl.arange(0, 128, layout=gl.SliceLayout(1, gl.SliceLayout(0, m3)))
+        och = gl.load(MAPS + 256 + nn)
+        vf = (1 << gl.load(MAPS + 384 + nn)).to(gl.float32)
+        o = gl.sum((acc - 1024.0 * u8[:, None, :]) * s8[:, None, :], 0) / vf[:, None]
+        o = o + gl.convert_layout(gl.sum(z8 * s8, 0), gl.SliceLayout(0, gl.SliceLayout(0, m3)))[None, :]
+        oh = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, m3)))
+        prow = (b.to(gl.int64) * H * G + h * G + oh) * NSP + sp
+        gl.store(AP + prow[None, :] * 128 + och[:, None], o, mask=(oh < G)[None, :])
+
+    @gluon.jit
     def int_mma_kernel(Q, sqb, sqh, KW, KS, KZ, VW, VS, VZ, MAPS, MP, LP, AP, H, Tmax, n_packed, tokens_per_split,
                        NSP, qk_scale, LENS, G: gl.constexpr, BITS: gl.constexpr, W: gl.constexpr, BN: gl.constexpr,
-                       DYN: gl.constexpr):
+                       DYN: gl.constexpr, SWAP: gl.constexpr = False):
         """Program ``(b * H + h, sp)``: query heads ``h G ..`` of batch ``b`` over split ``sp`` of the packed tokens
         (``NSP - 1`` packed splits; ``DYN``: counts read from ``LENS`` and the split made here, as
         ``decode_split._counts``), ``BITS``-bit codes as int32 words, ``MAPS`` the ``operand_maps``. Writes ``m, l``
-        and the unnormalized ``acc (128,)`` of each query head."""
+        and the unnormalized ``acc (128,)`` of each query head. ``SWAP`` (G <= 8): the value product transposed,
+        ``acc^T (128, 8) += V^T (128, BN) p'^T (BN, 8)``, so the accumulator and the value MMAs are half those of
+        ``(16, BN) x (BN, 128)`` with rows 8..15 empty; ``p'^T`` is rows 0..7 of ``p'`` in place, and only the
+        rescale ``alpha`` moves across lanes a tile."""
         NW: gl.constexpr = 4 * BITS  # words a token row
         pid, sp, b, h, start, end = _program(H, LENS, n_packed, tokens_per_split, NSP, W * BN, DYN)
         m3: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
@@ -408,7 +449,10 @@ if gluon is not None:
         l_i = gl.zeros([W, 16], gl.float32, rows)
         u_i = gl.zeros([W, 16], gl.float32, rows)
         z_i = gl.zeros([W, 16], gl.float32, rows)
-        acc = gl.zeros([W, 16, 128], gl.float32, m3)
+        if SWAP:
+            acc = gl.zeros([W, 128, 8], gl.float32, m3)
+        else:
+            acc = gl.zeros([W, 16, 128], gl.float32, m3)
         nxt = _tile_loads(KW, VW, KS, KZ, VS, VZ, row + gl.minimum(start, last), koff, voff, ct, NW)
         for t0 in range(start, end, W * BN):
             kw, vw, ks, kz, vs, vz = nxt
@@ -427,27 +471,37 @@ if gluon is not None:
             pf = (p * vs[:, None, :]).to(gl.float16)
             u_i = u_i * alpha + gl.sum(pf.to(gl.float32), 2)
             z_i = z_i * alpha + gl.sum(p * vz[:, None, :], 2)
-            acc = mma_v2(gl.convert_layout(pf, qa), _values(vw, W, BN, BITS, kb), acc * alpha[:, :, None])
+            if SWAP:
+                a8 = _first8(alpha, gl.SliceLayout(1, m3))
+                acc = mma_v2(_values(vw, W, BN, BITS, qa, True), gl.convert_layout(_rows8(pf), kb),
+                             acc * a8[:, None, :])
+            else:
+                acc = mma_v2(gl.convert_layout(pf, qa), _values(vw, W, BN, BITS, kb), acc * alpha[:, :, None])
         # the warps' states, once a split
         sc = _store_ml(MP, LP, b, h, H, NSP, sp, m_i, l_i, G, rows)
-        nn = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(0, m3)))
-        och = gl.load(MAPS + 256 + nn)
-        vf = (1 << gl.load(MAPS + 384 + nn)).to(gl.float32)
-        o = gl.sum((acc - 1024.0 * u_i[:, :, None]) * sc[:, :, None], 0) / vf[None, :]
-        o = o + gl.convert_layout(gl.sum(z_i * sc, 0), gl.SliceLayout(1, gl.SliceLayout(0, m3)))[:, None]
-        oh = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(0, m3)))
-        prow = (b.to(gl.int64) * H * G + h * G + oh) * NSP + sp
-        gl.store(AP + prow[:, None] * 128 + och[None, :], o, mask=(oh < G)[:, None])
+        if SWAP:
+            _swap_out(AP, b, h, H, G, NSP, sp, MAPS, acc, u_i, z_i, sc, W, m3)
+        else:
+            nn = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(0, m3)))
+            och = gl.load(MAPS + 256 + nn)
+            vf = (1 << gl.load(MAPS + 384 + nn)).to(gl.float32)
+            o = gl.sum((acc - 1024.0 * u_i[:, :, None]) * sc[:, :, None], 0) / vf[None, :]
+            o = o + gl.convert_layout(gl.sum(z_i * sc, 0), gl.SliceLayout(1, gl.SliceLayout(0, m3)))[:, None]
+            oh = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(0, m3)))
+            prow = (b.to(gl.int64) * H * G + h * G + oh) * NSP + sp
+            gl.store(AP + prow[:, None] * 128 + och[None, :], o, mask=(oh < G)[:, None])
 
 
-def compiled_counts(g: int = 4, dyn: bool = True, bits: int = 2, warps: int = WARPS, block: int = BLOCK) -> dict:
+def compiled_counts(g: int = 4, dyn: bool = True, bits: int = 2, warps: int = WARPS, block: int = BLOCK,
+                    swap: bool = False) -> dict:
     """Compile the program for sm_90 on any machine (no GPU needed) -> PTX instruction counts of the whole kernel and
     of its token loop (the longest backward branch), and shared bytes."""
     sig = dict(Q="*fp16", KW="*i32", KS="*fp16", KZ="*fp16", VW="*i32", VS="*fp16", VZ="*fp16", MAPS="*i32",
                MP="*fp32", LP="*fp32", AP="*fp32", qk_scale="fp32", LENS="*i64")
     aligned = ("Q", "sqb", "sqh", "KW", "KS", "KZ", "VW", "VS", "VZ", "MAPS", "MP", "LP", "AP", "Tmax",
                "tokens_per_split")
-    return _compile_counts(int_mma_kernel, sig, dict(G=g, BITS=bits, W=warps, BN=block, DYN=dyn), aligned, warps)
+    return _compile_counts(int_mma_kernel, sig, dict(G=g, BITS=bits, W=warps, BN=block, DYN=dyn, SWAP=swap), aligned,
+                           warps)
 
 
 def _compile_counts(fn, typed: dict, consts: dict, aligned: tuple, warps: int) -> dict:
@@ -488,7 +542,8 @@ def _int_launch(q: Tensor, cache, mp, lp, ap, per: int, nsp: int, scale: float, 
     args = (q, q.stride(0), q.stride(1), cache.k_packed.view(torch.int32), cache.k_scale, cache.k_zero,
             cache.v_packed.view(torch.int32), cache.v_scale, cache.v_zero, operand_maps(cache.bits, q.device), mp, lp,
             ap, h, cache.k_packed.shape[2], cache.n_packed, per, nsp, scale, q if lens is None else lens)
-    return args, dict(G=q.shape[1] // h, BITS=cache.bits, W=WARPS, BN=BLOCK, DYN=lens is not None)
+    g = q.shape[1] // h
+    return args, dict(G=g, BITS=cache.bits, W=WARPS, BN=BLOCK, DYN=lens is not None, SWAP=SWAP_PV and g <= 8)
 
 
 def mma_split(q: Tensor, cache, lens: Tensor | None) -> tuple[int, int]:

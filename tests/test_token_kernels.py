@@ -155,11 +155,13 @@ def test_mma_reference_is_the_token_reference(g, t, bits):
 
 
 def test_mma_program_compiles_without_shared_memory_in_its_loop():
-    """The Gluon program compiles for sm_90 on any machine, and its token loop has its 64 MMAs, no shared-memory
-    instruction or barrier and no integer-to-float conversion (the point of making the operands in registers).
-    (``conftest.check_gluon_loop``)."""
-    check_gluon_loop("decode_mma", ["compiled_counts(3, True, 2)", "compiled_counts(16, False, 2)",
-                                    "compiled_counts(4, True, 4)"], 64)
+    """The Gluon program compiles for sm_90 on any machine, and its token loop has its 64 MMAs (48 with the value
+    product transposed, G <= 8), no shared-memory instruction or barrier and no integer-to-float conversion (the
+    point of making the operands in registers). (``conftest.check_gluon_loop``)."""
+    check_gluon_loop("decode_mma", ["compiled_counts(16, True, 2)", "compiled_counts(16, False, 4)"], 64)
+    # G <= 8, the value product transposed: half the value MMAs (32 for the scores, 16 for the values)
+    check_gluon_loop("decode_mma", ["compiled_counts(3, True, 2, swap=True)", "compiled_counts(8, False, 2, swap=True)",
+                                    "compiled_counts(4, True, 4, swap=True)"], 48)
 
 
 def test_mma_programs_an_sm_follow_the_registers():
