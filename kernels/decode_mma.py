@@ -55,7 +55,7 @@ except ImportError:  # a Triton without Gluon (< 3.5): the tl.dot programs run i
 WARPS, BLOCK = 2, 32
 #: G <= 8: the value product transposed (``acc^T (128, 8)``; ``int_mma_kernel``'s ``SWAP``). Off: on the H200 it
 #: was 1.3-1.4x slower than the plain product (int2 128K 91 against 71 µs, int4 97 against 74), though it compiles to
-#: 13% fewer instructions a tile and int4 to 186 registers against 236 (session 12, not yet profiled)
+#: 13% fewer instructions a tile and int4 to 186 registers against 236 (session 12, `bench/bench_swap_pv.py`)
 SWAP_PV = False
 PROGRAMS_PER_SM: int | None = None
 MAXNREG: int | None = None
