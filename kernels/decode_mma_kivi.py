@@ -20,8 +20,7 @@ The fp16 sink and residual split is the ``tl.dot`` kivi program's (``SEG_ONLY``)
 algebra in PyTorch, checked against ``reference.decode_attention_ref`` on the CPU.
 
 Public: ``kivi_mma_supported(q, cache)``, ``kivi_split(q, cache, lens)``, ``launch_kivi_mma(...)``,
-``kivi_mma_reference(q, cache, sm_scale)``,
-``kivi_value_map``, ``kivi_compiled_counts(...)``.
+``kivi_mma_reference(q, cache, sm_scale)``, ``kivi_value_map``, ``kivi_compiled_counts(...)``.
 """
 
 from __future__ import annotations
