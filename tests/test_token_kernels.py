@@ -206,10 +206,15 @@ def test_mma_programs_an_sm_follow_the_registers():
     (3, 4, 77, 128, 2, 5, torch.float16, 4),
     (1, 5, 1000, 1030, 0, 3, torch.bfloat16, 4),
     (2, 8, 4096, 4096, 1, 0, torch.float16, 4)])
-def test_decode_attention_token_mma(h, g, t, tmax, n_sink, n_res, dtype, bits):
+@pytest.mark.parametrize("swap", [False, True])
+def test_decode_attention_token_mma(h, g, t, tmax, n_sink, n_res, dtype, bits, swap, monkeypatch):
     """int 2- and 4-bit GQA at head dim 128 on a GPU runs ``decode_mma``'s program (with this kernel's fp16
-    segments): the reference's attention, with the counts on the host and on the device."""
+    segments): the reference's attention, with the counts on the host and on the device; ``swap``: with the value
+    product transposed where G <= 8 (``SWAP_PV``, off by default)."""
+    from kvq_kernels import decode_mma
     from kvq_kernels.decode_mma import mma_supported
+
+    monkeypatch.setattr(decode_mma, "SWAP_PV", swap)
 
     gen = torch.Generator().manual_seed(1000 + h + g + t)
     c = _cache(gen, h, 128, bits, False, t, n_sink, n_res, tmax=tmax)
