@@ -1,0 +1,36 @@
+"""One GQA decode call of a Gluon program for Nsight Compute (not a test): a random int2 or kivi2 cache at
+Llama-3-8B's heads (8 KV heads, 4 query heads each, D = 128), counts on the device as ``kvq generate``'s graphs read
+them, called four times so that ncu can skip the compiling launches.
+
+    ncu --kernel-name regex:int_mma --launch-skip 2 --launch-count 1 --section SpeedOfLight --section Occupancy \\
+        --section WarpStateStats --section SchedulerStats --section LaunchStats --section MemoryWorkloadAnalysis \\
+        python bench/ncu_mma.py int2 131072
+    (kivi2: --kernel-name regex:kivi_mma)
+
+Results: ``docs/results/kernels-decode-attention.md`` (session 12, ``raw/session12-ncu-*-mma.txt``).
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import kvq_kernels.decode_attention as da  # noqa: E402
+import kvq_kernels.decode_token as dtk  # noqa: E402
+from bench_decode_attention import METHODS, random_kivi, random_token  # noqa: E402
+
+
+def main(method: str = "int2", tokens: int = 131072, batch: int = 1) -> None:
+    if method == "kivi2":
+        cache, fn = random_kivi(batch, 8, 128, tokens, cfg=METHODS["kivi-2b"]), da.decode_attention_kivi
+    else:
+        cache, fn = random_token(batch, 8, 128, tokens, cfg=METHODS[method]), dtk.decode_attention_token
+    q = torch.randn(batch, 32, 128, device="cuda").half()
+    lens = torch.tensor([cache.n_packed, cache.n_res, 0, 0], dtype=torch.int64, device="cuda")
+    for _ in range(4):
+        fn(q, cache, lens=lens)
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "int2", *(int(x) for x in sys.argv[2:4]))
