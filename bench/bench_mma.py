@@ -136,6 +136,7 @@ def run(contexts, batches, names, sweep: bool) -> dict:
         print(f"{name} (Gluon path) against the reference: relative error {err:.2e}", flush=True)
     for name, t, b in itertools.product(names, contexts, batches):
         make, fn, switch, supported, _ = table[name]
+        prog = "kivi" if name.startswith("kivi") else "int"  # its key in ``decode_mma.COMPILED``
         cache = make(b, H, D, t)
         q = torch.randn(b, H * G, D, device="cuda", dtype=torch.float16)
         assert supported(q, cache), name
@@ -148,13 +149,13 @@ def run(contexts, batches, names, sweep: bool) -> dict:
         # counts on the device, as ``kvq generate``'s captured steps read them (another compiled variant)
         lens = torch.tensor([cache.n_packed, cache.n_res, 0, 0], dtype=torch.int64, device="cuda")
         on_dyn = _timed({switch: True}, fn, q, cache, lens=lens)
-        dyn_regs = mma.COMPILED.get("kivi" if name.startswith("kivi") else "int")
+        dyn_regs = mma.COMPILED.get(prog)
         off_dyn = _timed({switch: False}, fn, q, cache, lens=lens)
         hosts = dict(mma_host_us=_timed({switch: True}, fn, q, cache, host_us),
                      dot_host_us=_timed({switch: False}, fn, q, cache, host_us))
         nbytes = sum(x.numel() * x.element_size() for x in (cache.k_packed, cache.v_packed, cache.k_scale,
                                                              cache.k_zero, cache.v_scale, cache.v_zero))
-        regs = mma.COMPILED.get("kivi" if name.startswith("kivi") else "int")
+        regs = mma.COMPILED.get(prog)  # the host-count launch, the last one (``host_us``)
         row = dict(method=name, context=t, batch=b, registers_spills=regs, sdpa_us=sdpa * 1e3, mma_us=on * 1e3,
                    dot_us=off * 1e3, x_sdpa=sdpa / on, dot_x_sdpa=sdpa / off, dyn_registers_spills=dyn_regs,
                    mma_dyn_us=on_dyn * 1e3, dot_dyn_us=off_dyn * 1e3, dyn_x_sdpa=sdpa / on_dyn,
@@ -169,12 +170,12 @@ def run(contexts, batches, names, sweep: bool) -> dict:
               f"({sdpa / off_dyn:.2f}x)", flush=True)
         if sweep:  # with counts on the device (the variant ``kvq generate`` runs)
             for w, bn, k, cap in SWEEP:
-                if name.startswith("kivi") and bn != 32:
+                if prog == "kivi" and bn != 32:
                     continue  # a warp takes one key group
                 s = {switch: True, (mma, "WARPS"): w, (mma, "BLOCK"): bn, (mma, "PROGRAMS_PER_SM"): k,
                      (mma, "MAXNREG"): cap}
                 ms = _timed(s, fn, q, cache, lens=lens)
-                regs, spills = mma.COMPILED.get("kivi" if name.startswith("kivi") else "int", (None, None))
+                regs, spills = mma.COMPILED.get(prog, (None, None))
                 k = k or (regs and mma.resident(regs, w))
                 res["sweep"].append(dict(method=name, context=t, batch=b, warps=w, block=bn, programs_per_sm=k,
                                          maxnreg=cap, registers=regs, spilled_bytes=spills, us=ms * 1e3,

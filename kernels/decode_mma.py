@@ -86,17 +86,18 @@ def resident(regs: int, warps: int) -> int:
     return max(1, min(65536 // (per_warp * warps), 64 // warps, 32))
 
 
-def program_split(kernel, args: tuple, consts: dict, block: int | None = None) -> tuple[int, int]:
+def program_split(kernel, consts: dict, device, launch_args, block: int | None = None) -> tuple[int, int]:
     """(tokens a tile, programs an SM) of Gluon program ``kernel`` for ``decode_attention._launch_plan``'s split plan.
-    ``args, consts``: a launch's arguments (buffers may be dtypes) and constants; ``block``: tokens a warp (``BLOCK``
-    when None). With ``PROGRAMS_PER_SM`` None the program is compiled once (no launch) for these constants, and the
-    count is what its registers allow (``resident``), kept a process."""
+    ``consts``: a launch's constants; ``launch_args()``: its arguments (buffers may be dtypes), made only the first
+    time; ``block``: tokens a warp (``BLOCK`` when None). With ``PROGRAMS_PER_SM`` None the program is compiled once
+    (no launch) for these constants on ``device``, and the count is what its registers allow (``resident``), kept a
+    process."""
     tile = WARPS * (BLOCK if block is None else block)
     if PROGRAMS_PER_SM is not None:
         return tile, PROGRAMS_PER_SM
-    key = (kernel.__name__, tuple(sorted(consts.items())), MAXNREG, args[0].device)
+    key = (kernel.__name__, tuple(sorted(consts.items())), MAXNREG, device)
     if key not in _RESIDENT:
-        done = kernel.warmup(*args, grid=(1, 1), **consts, **launch_options())
+        done = kernel.warmup(*launch_args(), grid=(1, 1), **consts, **launch_options())
         done._init_handles()
         _RESIDENT[key] = resident(done.n_regs, consts["W"])
     return tile, _RESIDENT[key]
@@ -538,20 +539,25 @@ def _compile_counts(fn, typed: dict, consts: dict, aligned: tuple, warps: int) -
                 shared_bytes=done.metadata.shared)
 
 
-def _int_launch(q: Tensor, cache, mp, lp, ap, per: int, nsp: int, scale: float, lens: Tensor | None):
-    """The program's arguments and constants for one launch."""
-    h = cache.k_packed.shape[1]
-    args = (q, q.stride(0), q.stride(1), cache.k_packed.view(torch.int32), cache.k_scale, cache.k_zero,
+def _int_consts(q: Tensor, cache, lens: Tensor | None) -> dict:
+    """The program's constants for a launch on ``q, cache``."""
+    g = q.shape[1] // cache.k_packed.shape[1]
+    return dict(G=g, BITS=cache.bits, W=WARPS, BN=BLOCK, DYN=lens is not None, SWAP=SWAP_PV and g <= 8)
+
+
+def _int_args(q: Tensor, cache, mp, lp, ap, per: int, nsp: int, scale: float, lens: Tensor | None) -> tuple:
+    """The program's arguments for one launch."""
+    return (q, q.stride(0), q.stride(1), cache.k_packed.view(torch.int32), cache.k_scale, cache.k_zero,
             cache.v_packed.view(torch.int32), cache.v_scale, cache.v_zero, operand_maps(cache.bits, q.device), mp, lp,
-            ap, h, cache.k_packed.shape[2], cache.n_packed, per, nsp, scale, q if lens is None else lens)
-    g = q.shape[1] // h
-    return args, dict(G=g, BITS=cache.bits, W=WARPS, BN=BLOCK, DYN=lens is not None, SWAP=SWAP_PV and g <= 8)
+            ap, cache.k_packed.shape[1], cache.k_packed.shape[2], cache.n_packed, per, nsp, scale,
+            q if lens is None else lens)
 
 
 def mma_split(q: Tensor, cache, lens: Tensor | None) -> tuple[int, int]:
     """(tokens a tile, programs an SM) of this program on ``q, cache`` (``program_split``)."""
     f32 = torch.float32
-    return program_split(int_mma_kernel, *_int_launch(q, cache, f32, f32, f32, mma_tile(), 2, 1.0, lens))
+    return program_split(int_mma_kernel, _int_consts(q, cache, lens), q.device,
+                         lambda: _int_args(q, cache, f32, f32, f32, mma_tile(), 2, 1.0, lens))
 
 
 def launch_mma(q: Tensor, cache, mp: Tensor, lp: Tensor, ap: Tensor, per: int, nsp: int, scale: float,
@@ -560,6 +566,5 @@ def launch_mma(q: Tensor, cache, mp: Tensor, lp: Tensor, ap: Tensor, per: int, n
     ``lens``: counts on the device) into the partial buffers ``mp, lp (B*Hq, nsp)``, ``ap (B*Hq, nsp, 128)``."""
     if nsp < 2:
         return
-    args, consts = _int_launch(q, cache, mp, lp, ap, per, nsp, scale, lens)
     remember("int", int_mma_kernel[(cache.k_packed.shape[0] * cache.k_packed.shape[1], nsp - 1)](
-        *args, **consts, **launch_options()))
+        *_int_args(q, cache, mp, lp, ap, per, nsp, scale, lens), **_int_consts(q, cache, lens), **launch_options()))

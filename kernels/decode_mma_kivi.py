@@ -314,20 +314,25 @@ def kivi_compiled_counts(g: int = 4, dyn: bool = True, warps: int = 2) -> dict:
     return _compile_counts(kivi_mma_kernel, sig, dict(G=g, W=warps, DYN=dyn), aligned, warps)
 
 
-def _kivi_launch(q: Tensor, cache, mp, lp, ap, per: int, nsp: int, scale: float, lens: Tensor | None):
-    """The program's arguments and constants for one launch."""
-    h = cache.k_packed.shape[1]
-    args = (q, q.stride(0), q.stride(1), cache.k_packed.view(torch.int32), cache.k_scale, cache.k_zero,
-            cache.v_packed, cache.v_scale, cache.v_zero, kivi_maps(q.device), mp, lp, ap, h, cache.k_packed.shape[2],
-            cache.k_scale.shape[2], cache.n_packed, per, nsp, scale, q if lens is None else lens)
-    return args, dict(G=q.shape[1] // h, W=_mma.WARPS, DYN=lens is not None)
+def _kivi_consts(q: Tensor, cache, lens: Tensor | None) -> dict:
+    """The program's constants for a launch on ``q, cache``."""
+    return dict(G=q.shape[1] // cache.k_packed.shape[1], W=_mma.WARPS, DYN=lens is not None)
+
+
+def _kivi_args(q: Tensor, cache, mp, lp, ap, per: int, nsp: int, scale: float, lens: Tensor | None) -> tuple:
+    """The program's arguments for one launch."""
+    return (q, q.stride(0), q.stride(1), cache.k_packed.view(torch.int32), cache.k_scale, cache.k_zero,
+            cache.v_packed, cache.v_scale, cache.v_zero, kivi_maps(q.device), mp, lp, ap, cache.k_packed.shape[1],
+            cache.k_packed.shape[2], cache.k_scale.shape[2], cache.n_packed, per, nsp, scale,
+            q if lens is None else lens)
 
 
 def kivi_split(q: Tensor, cache, lens: Tensor | None) -> tuple[int, int]:
     """(tokens a tile, programs an SM) of this program on ``q, cache`` (``decode_mma.program_split``)."""
     f32 = torch.float32
-    return _mma.program_split(kivi_mma_kernel, *_kivi_launch(q, cache, f32, f32, f32, _mma.WARPS * KIVI_BLOCK, 2,
-                                                              1.0, lens), KIVI_BLOCK)
+    return _mma.program_split(kivi_mma_kernel, _kivi_consts(q, cache, lens), q.device,
+                              lambda: _kivi_args(q, cache, f32, f32, f32, _mma.WARPS * KIVI_BLOCK, 2, 1.0, lens),
+                              KIVI_BLOCK)
 
 
 def launch_kivi_mma(q: Tensor, cache, mp: Tensor, lp: Tensor, ap: Tensor, per: int, nsp: int, scale: float,
@@ -336,9 +341,9 @@ def launch_kivi_mma(q: Tensor, cache, mp: Tensor, lp: Tensor, ap: Tensor, per: i
     the warps read at call time as the plan does) into the partial buffers, as ``decode_mma.launch_mma``."""
     if nsp < 2:
         return
-    args, consts = _kivi_launch(q, cache, mp, lp, ap, per, nsp, scale, lens)
     _mma.remember("kivi", kivi_mma_kernel[(cache.k_packed.shape[0] * cache.k_packed.shape[1], nsp - 1)](
-        *args, **consts, **_mma.launch_options()))
+        *_kivi_args(q, cache, mp, lp, ap, per, nsp, scale, lens), **_kivi_consts(q, cache, lens),
+        **_mma.launch_options()))
 
 
 __all__ = ["KIVI_BLOCK", "kivi_mma_supported", "launch_kivi_mma", "kivi_mma_reference", "kivi_value_map",

@@ -192,7 +192,7 @@ def test_mma_programs_an_sm_follow_the_registers():
     old = decode_mma.PROGRAMS_PER_SM
     try:
         decode_mma.PROGRAMS_PER_SM = 3
-        assert decode_mma.program_split(None, (), {}, 16) == (decode_mma.WARPS * 16, 3)
+        assert decode_mma.program_split(None, {}, "cpu", None, 16) == (decode_mma.WARPS * 16, 3)
     finally:
         decode_mma.PROGRAMS_PER_SM = old
 
