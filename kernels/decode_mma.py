@@ -496,20 +496,22 @@ if gluon is not None:
 
 
 def compiled_counts(g: int = 4, dyn: bool = True, bits: int = 2, warps: int = WARPS, block: int = BLOCK,
-                    swap: bool = False) -> dict:
+                    swap: bool = False, sass: bool = False) -> dict:
     """Compile the program for sm_90 on any machine (no GPU needed) -> PTX instruction counts of the whole kernel and
-    of its token loop (the longest backward branch), and shared bytes."""
+    of its token loop (the longest backward branch), and shared bytes (``sass``: and ``_cubin_stats``)."""
     sig = dict(Q="*fp16", KW="*i32", KS="*fp16", KZ="*fp16", VW="*i32", VS="*fp16", VZ="*fp16", MAPS="*i32",
                MP="*fp32", LP="*fp32", AP="*fp32", qk_scale="fp32", LENS="*i64")
     aligned = ("Q", "sqb", "sqh", "KW", "KS", "KZ", "VW", "VS", "VZ", "MAPS", "MP", "LP", "AP", "Tmax",
                "tokens_per_split")
     return _compile_counts(int_mma_kernel, sig, dict(G=g, BITS=bits, W=warps, BN=block, DYN=dyn, SWAP=swap), aligned,
-                           warps)
+                           warps, sass)
 
 
-def _compile_counts(fn, typed: dict, consts: dict, aligned: tuple, warps: int) -> dict:
+def _compile_counts(fn, typed: dict, consts: dict, aligned: tuple, warps: int, sass: bool = False) -> dict:
     """Compile Gluon kernel ``fn`` for sm_90 (``typed``: the non-int32 arguments' types; ``aligned``: arguments a
-    launch specializes as multiples of 16) -> PTX counts of the kernel and of its longest loop, shared bytes."""
+    launch specializes as multiples of 16) -> PTX counts of the kernel and of its longest loop, shared bytes;
+    ``sass``: also the registers a thread, spilled bytes and the SASS instructions of the longest loop, read from the
+    cubin by the Triton wheel's ``cuobjdump`` (``bench/ptxas_registers.py``)."""
     import re
 
     import triton
@@ -535,8 +537,41 @@ def _compile_counts(fn, typed: dict, consts: dict, aligned: tuple, warps: int) -
             loop = (labels[m.group(1)], i + 1)
     body = "\n".join(lines[loop[0]:loop[1]])
     pats = ("ld.shared", "st.shared", "bar.sync", "mma.sync", "ld.global", "cvt.rn.f16.u", "cvt.rn.f32.u")
-    return dict(loop={p: body.count(p) for p in pats}, kernel={p: done.asm["ptx"].count(p) for p in pats},
-                shared_bytes=done.metadata.shared)
+    out = dict(loop={p: body.count(p) for p in pats}, kernel={p: done.asm["ptx"].count(p) for p in pats},
+               shared_bytes=done.metadata.shared)
+    if sass:
+        out.update(_cubin_stats(done.asm["cubin"]))
+    return out
+
+
+def _cubin_stats(cubin: bytes) -> dict:
+    """Registers a thread, spilled bytes and the SASS instructions of the longest loop of a sm_90 cubin."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        dump = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+    ins = [(int(m.group(1), 16), m.group(2)) for ln in dump.splitlines()
+           if (m := re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", ln))]
+    at = {a: i for i, (a, _) in enumerate(ins)}
+    loop = 0
+    for i, (a, text) in enumerate(ins):
+        m = re.search(r"BRA\s+0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < a:
+            loop = max(loop, i - at.get(int(m.group(1), 16), i) + 1)
+    regs = re.search(r"REG:(\d+)", usage)
+    spill = re.search(r"STACK:(\d+)", usage)
+    return dict(registers=int(regs.group(1)) if regs else None, stack_bytes=int(spill.group(1)) if spill else None,
+                sass_loop=loop)
 
 
 def _int_consts(q: Tensor, cache, lens: Tensor | None) -> dict:

@@ -303,7 +303,7 @@ if gluon is not None:
         _group_out(AP, prow, oh, G, MAPS, 3, a3, u3, z3, sc, W, m3)
 
 
-def kivi_compiled_counts(g: int = 4, dyn: bool = True, warps: int = 2) -> dict:
+def kivi_compiled_counts(g: int = 4, dyn: bool = True, warps: int = 2, sass: bool = False) -> dict:
     """As ``decode_mma.compiled_counts``, for this program."""
     from .decode_mma import _compile_counts
 
@@ -311,7 +311,7 @@ def kivi_compiled_counts(g: int = 4, dyn: bool = True, warps: int = 2) -> dict:
                MP="*fp32", LP="*fp32", AP="*fp32", qk_scale="fp32", LENS="*i32")
     aligned = ("Q", "sqb", "sqh", "KW", "KS", "KZ", "VB", "VS", "VZ", "MAPS", "MP", "LP", "AP", "Tmax",
                "tokens_per_split")
-    return _compile_counts(kivi_mma_kernel, sig, dict(G=g, W=warps, DYN=dyn), aligned, warps)
+    return _compile_counts(kivi_mma_kernel, sig, dict(G=g, W=warps, DYN=dyn), aligned, warps, sass)
 
 
 def _kivi_consts(q: Tensor, cache, lens: Tensor | None) -> dict:

@@ -1,0 +1,43 @@
+"""Registers, spills and SASS instructions a token-loop iteration of the Gluon decode programs, compiled for sm_90 on
+any machine (no GPU; not a test). The register count decides how many programs an SM holds (``decode_mma.resident``),
+and it moves with small code changes, so check it here before spending device time.
+
+    python bench/ptxas_registers.py [--json out.json]
+
+Uses the installed Triton's compiler and ``cuobjdump``: the numbers in ``docs/results/kernels-decode-attention.md``
+(session 12) are Triton 3.6's, the GPU image's (``pip install triton==3.6.0`` in a separate environment); another
+Triton version gives other counts.
+"""
+import argparse
+import json
+
+import triton
+from kvq_kernels import decode_mma, decode_mma_kivi
+
+VARIANTS = [(f"int{bits} G=4 {'device' if dyn else 'host'} counts{' transposed' if swap else ''}",
+             lambda bits=bits, dyn=dyn, swap=swap: decode_mma.compiled_counts(4, dyn, bits, swap=swap, sass=True))
+            for bits in (2, 4) for dyn in (False, True) for swap in (False, True)]
+VARIANTS += [(f"kivi2 G=4 {'device' if dyn else 'host'} counts",
+              lambda dyn=dyn: decode_mma_kivi.kivi_compiled_counts(4, dyn, sass=True)) for dyn in (False, True)]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    rows = []
+    print(f"Triton {triton.__version__}, sm_90")
+    for name, compile_it in VARIANTS:
+        c = compile_it()
+        rows.append(dict(variant=name, registers=c["registers"], stack_bytes=c["stack_bytes"],
+                         sass_loop=c["sass_loop"], mma_loop=c["loop"]["mma.sync"]))
+        print(f"{name:38s} {c['registers']:4d} registers, {c['stack_bytes']} stack bytes, loop {c['sass_loop']} "
+              f"SASS ({c['loop']['mma.sync']} mma.sync), {decode_mma.resident(c['registers'], decode_mma.WARPS)} "
+              f"programs an SM", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(triton=triton.__version__, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
