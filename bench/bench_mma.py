@@ -33,8 +33,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 import kvq_kernels.decode_attention as da  # noqa: E402
 import kvq_kernels.decode_mma as mma  # noqa: E402
 import kvq_kernels.decode_mma_kivi as kmma  # noqa: E402
+import kvq_kernels.decode_mma_kvquant as qmma  # noqa: E402
 import kvq_kernels.decode_token as dtk  # noqa: E402
-from bench_decode_attention import METHODS, copy_bandwidth, random_kivi, random_token  # noqa: E402
+from bench_decode_attention import METHODS, copy_bandwidth, random_kivi, random_kvquant, random_token  # noqa: E402
 from kvq_kernels import reference as ref  # noqa: E402
 from kvq_kernels.token_reference import decode_attention_token_ref  # noqa: E402
 
@@ -112,6 +113,10 @@ def _methods() -> dict:
                  (dtk, "TOKEN_MMA"), mma.mma_supported, decode_attention_token_ref),
         "kivi2": (functools.partial(random_kivi, cfg=METHODS["kivi-2b"]), da.decode_attention_kivi,
                   (da, "KIVI_MMA"), kmma.kivi_mma_supported, ref.decode_attention_kivi_ref),
+        **{name: (functools.partial(random_kvquant, cfg=METHODS[cfg]), da.decode_attention_kvquant,
+                  (da, "KVQ_MMA"), qmma.kvq_mma_supported, ref.decode_attention_kvquant_ref)
+           for name, cfg in (("kvq2", "kvquant-2b-0%"), ("kvq4", "kvquant-4b-1%-rows"),
+                             ("kvq2-1%", "kvquant-2b-1%-rows"))},
     }
 
 
@@ -136,7 +141,8 @@ def run(contexts, batches, names, sweep: bool) -> dict:
         print(f"{name} (Gluon path) against the reference: relative error {err:.2e}", flush=True)
     for name, t, b in itertools.product(names, contexts, batches):
         make, fn, switch, supported, _ = table[name]
-        prog = "kivi" if name.startswith("kivi") else "int"  # its key in ``decode_mma.COMPILED``
+        prog = "kivi" if name.startswith("kivi") else "kvquant" if name.startswith("kvq") else "int"  # its key in
+        # ``decode_mma.COMPILED``
         cache = make(b, H, D, t)
         q = torch.randn(b, H * G, D, device="cuda", dtype=torch.float16)
         assert supported(q, cache), name
@@ -153,8 +159,7 @@ def run(contexts, batches, names, sweep: bool) -> dict:
         off_dyn = _timed({switch: False}, fn, q, cache, lens=lens)
         hosts = dict(mma_host_us=_timed({switch: True}, fn, q, cache, host_us),
                      dot_host_us=_timed({switch: False}, fn, q, cache, host_us))
-        nbytes = sum(x.numel() * x.element_size() for x in (cache.k_packed, cache.v_packed, cache.k_scale,
-                                                             cache.k_zero, cache.v_scale, cache.v_zero))
+        nbytes = cache.compressed_bytes()
         regs = mma.COMPILED.get(prog)  # the host-count launch, the last one (``host_us``)
         row = dict(method=name, context=t, batch=b, registers_spills=regs, sdpa_us=sdpa * 1e3, mma_us=on * 1e3,
                    dot_us=off * 1e3, x_sdpa=sdpa / on, dot_x_sdpa=sdpa / off, dyn_registers_spills=dyn_regs,

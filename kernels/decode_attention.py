@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import decode_mma_kivi
+from . import decode_mma_kivi, decode_mma_kvquant
 from .decode_outliers import _key_outlier_kernel, _value_outlier_kernel
 from .decode_split import _kivi_split_kernel, _kvquant_split_kernel
 from .pack import _load_codes_half, words_supported
@@ -72,6 +72,8 @@ KIVI_PREFETCH = True
 #: 2-bit KIVI GQA at head dim 128 by ``decode_mma_kivi``'s Gluon program (H200, Llama-3-8B heads: 1.18-1.35x SDPA
 #: at 128K and 1M, batch 1 and 8, against 0.62-0.74x for the ``tl.dot`` program; session 12)
 KIVI_MMA = True
+#: KVQuant GQA (2- or 4-bit keys and values) at head dim 128 by ``decode_mma_kvquant``'s Gluon program
+KVQ_MMA = True
 
 
 # ----------------------------------------------------------------------------------------------- RoPE tables
@@ -328,8 +330,11 @@ def decode_attention_kvquant(q: Tensor, cache: KVQuantCache, sm_scale: float | N
     ``lens``: the counts on the device (as ``decode_attention_kivi``): one launch plan for the capacity, the
     sparse outliers' programs over every pointer block of it (the pointer arrays must cover the capacity)."""
     dyn = lens is not None
+    mma = KVQ_MMA and block_n is None and decode_mma_kvquant.kvq_mma_supported(q, cache)
+    spk, spv = cache.k_sparse is not None, cache.v_sparse is not None
     grid, per, nsp, mp, lp, ap, scale, meta = _launch_plan(q, cache, sm_scale, num_splits, block_n, num_warps, False,
-                                                           dyn)
+                                                           dyn, decode_mma_kvquant.kvq_split(q, cache, lens, spk, spv)
+                                                           if mma else None)
     ka, ksc = key_affine(cache)
     invf = _frequencies(cache, q.device)
     bn = meta["BLOCK_N"]
@@ -344,6 +349,8 @@ def decode_attention_kvquant(q: Tensor, cache: KVQuantCache, sm_scale: float | N
     ds = _key_outliers(cache, q, ka, ksc, invf, tab, bn, scale, lens, sst)
     ss = None if cache.v_sparse is None or (not dyn and cache.n_packed == 0) else torch.empty(
         q.shape[0], q.shape[1], sst, dtype=torch.float32, device=q.device)  # scores for the values
+    if mma:  # the packed splits by decode_mma_kvquant's program; this one does the fp16 segments
+        decode_mma_kvquant.launch_kvq_mma(q, cache, mp, lp, ap, per, nsp, scale, lens, ds, ss, sst)
     _kvquant_split_kernel[grid](
         q, q.stride(0), q.stride(1),
         cache.k_packed, ka, ksc, cache.ck,
@@ -354,10 +361,11 @@ def decode_attention_kvquant(q: Tensor, cache: KVQuantCache, sm_scale: float | N
         q if ds is None else ds, q if ss is None else ss, sst,  # (q: a placeholder the kernel does not read)
         q if lens is None else lens,
         BITS_K=cache.bits_k, BITS_V=cache.bits_v, ABLATE=ABLATE, SPK=ds is not None, SPV=ss is not None, DYN=dyn,
-        **meta,
+        SEG_ONLY=mma, **meta,
     )
-    if ss is not None:
-        _value_outliers(cache, q, ss, mp, ap, per, nsp, lens, sst, bn)
+    if ss is not None:  # (the split plan's tokens: the Gluon program's tiles when it ran)
+        _value_outliers(cache, q, ss, mp, ap, per, nsp, lens, sst,
+                        decode_mma_kvquant.KVQ_BLOCK * decode_mma_kvquant._mma.WARPS if mma else bn)
     return _finish(q, nsp, mp, lp, ap)
 
 

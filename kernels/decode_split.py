@@ -402,12 +402,15 @@ def _kvquant_split_kernel(
     BITS_V: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
     PREC: tl.constexpr, ASM: tl.constexpr, ABLATE: tl.constexpr = 0, PLAIN: tl.constexpr = False,
     SPK: tl.constexpr = False, SPV: tl.constexpr = False, DYN: tl.constexpr = False, F16: tl.constexpr = False,
+    SEG_ONLY: tl.constexpr = False,
 ):
     """KVQuant's per-row sparse outliers are corrections (``decode_outliers``): with ``SPK`` the scores add
     ``DS (B, Hq, SST)``, with ``SPV`` they are stored to ``SS`` (same shape) for the value-outlier kernel. ``DYN``:
-    the packed and residual counts come from ``LENS`` on the device (as the kivi kernel; a graph-captured launch)."""
+    the packed and residual counts come from ``LENS`` on the device (as the kivi kernel; a graph-captured launch).
+    ``SEG_ONLY``: launched with one split, it is the last one (the fp16 segments; ``decode_mma_kvquant`` does the
+    packed splits)."""
     HALF: tl.constexpr = D // 2
-    b, h, hq0, sp, prow0 = _program_ids(H, NSP, G, QPP)
+    b, h, hq0, sp, prow0 = _program_ids(H, NSP, G, QPP, SEG_ONLY)
     ch = tl.arange(0, HALF)
     q1, q2 = _load_query(Q, sqb, sqh, b, hq0, qk_scale, QPP, MR, D)
     invf, cj, sj = _rope_offsets(INVF, BLOCK_N, HALF)

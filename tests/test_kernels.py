@@ -390,6 +390,78 @@ def test_decode_attention_kivi_mma(gqa, t, tmax, n_sink, n_res, dtype, monkeypat
     assert _rel(decode_attention_kivi(q, dataclasses.replace(c, n_packed=0, n_res=0), lens=lens), want) < 5e-3
 
 
+@pytest.mark.parametrize("bk, bv, gqa, t, n_sink", [(2, 2, 4, 77, 3), (4, 4, 2, 200, 0), (4, 2, 16, 64, 5),
+                                                    (2, 4, 3, 33, 1)])
+def test_kvq_mma_reference_is_the_kvquant_reference(bk, bv, gqa, t, n_sink):
+    """``decode_mma_kvquant``'s algebra in PyTorch (keys in ``kvq_key_map`` order, dequantized in fp16 and rotated
+    by their place in a 32-token block; the query rotated back by the block's start; values in ``value_map`` order)
+    gives the reference's attention over the packed tokens at their positions after the sink: the maps, the two
+    rotation tables and the corrections the Gluon program reads are right (fp16 operands: 2e-3)."""
+    from kvq_kernels.decode_mma_kvquant import kvq_key_map, kvq_mma_reference
+
+    k = torch.arange(128)
+    ch = kvq_key_map(k)
+    assert torch.equal(ch.sort().values, k) and torch.equal(kvq_key_map((k + 64) % 128), (ch + 64) % 128)
+    gen = _gen(900 + 10 * bk + bv + t)
+    c = _kvquant_cache(gen, 128, bk, bv, t, n_sink, 0, tmax=256, sparse=False)
+    q = _randn(gen, B, H * gqa, 128)
+    kk, vv = ref.dequantize_kvquant_cache(c)
+    want = ref.attention_ref(q, kk[:, :, n_sink:n_sink + t], vv[:, :, n_sink:n_sink + t])
+    assert _rel(kvq_mma_reference(q, c), want) < 2e-3
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kvq_lane_table_lookups(bits):
+    """The shuffle lookup: lane ``l`` of ``lane_table`` holds fp16 pairs such that an index made of the codes (2 bits:
+    two codes, 4 bits: one) with any bit 4 above them returns their codebook values."""
+    from kvq_kernels.decode_mma_kvquant import lane_table
+
+    gen = _gen(40 + bits)
+    cb = _codebook(gen, bits)
+    tab = lane_table(cb, bits).view(torch.float16).reshape(32, 2).float()
+    c16 = cb.half().float()
+    for idx in range(32):
+        if bits == 2:
+            assert tab[idx, 0] == c16[idx & 3] and tab[idx, 1] == c16[(idx >> 2) & 3]
+        else:
+            assert tab[idx, 0] == tab[idx, 1] == c16[idx & 15]
+
+
+def test_kvq_mma_program_compiles_without_shared_memory_in_its_loop():
+    """The KVQuant Gluon program compiles for sm_90 on any machine, 2- and 4-bit, with and without outliers; its
+    token loop has its 64 MMAs (32 for the scores, 32 for the values) and no shared-memory instruction, barrier or
+    int-to-float conversion (the codebook lookups are lane shuffles; ``conftest.check_gluon_loop``)."""
+    check_gluon_loop("decode_mma_kvquant", ["kvq_compiled_counts(3, True, 2, 2)",
+                                            "kvq_compiled_counts(16, False, 4, 4, True, True)",
+                                            "kvq_compiled_counts(4, True, 4, 2, False, True)"], 64)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU checks: the three tests above)")
+@pytest.mark.parametrize("bk, bv, gqa, t, tmax, n_sink, n_res, dtype, sparse", [
+    (2, 2, 4, 96, 128, 2, 5, torch.float16, False), (4, 4, 16, 992, 1024, 0, 3, torch.bfloat16, True),
+    (2, 4, 3, 320, 330, 1, 0, torch.float16, True), (4, 2, 2, 4096, 4096, 4, 0, torch.float16, False),
+    (2, 2, 4, 861, 872, 3, 2, torch.float16, True)])
+def test_decode_attention_kvquant_mma(bk, bv, gqa, t, tmax, n_sink, n_res, dtype, sparse, monkeypatch):
+    """KVQuant GQA at head dim 128 on a GPU through ``decode_mma_kvquant``'s program (``KVQ_MMA`` on, with the
+    ``tl.dot`` program's fp16 segments and the outliers' passes): the reference's attention, counts on the host and
+    on the device (fp16 operands: 5e-3)."""
+    import kvq_kernels.decode_attention as da
+    from kvq_kernels.decode_mma_kvquant import kvq_mma_supported
+
+    monkeypatch.setattr(da, "KVQ_MMA", True)
+    gen = _gen(1000 + 10 * bk + bv + t)
+    c = _kvquant_cache(gen, 128, bk, bv, t, n_sink, n_res, tmax=tmax, sparse=sparse)
+    q = _randn(gen, B, H * gqa, 128).to(dtype)
+    assert kvq_mma_supported(q, c)
+    want = ref.decode_attention_kvquant_ref(q.float(), c)
+    assert _rel(decode_attention_kvquant(q, c), want) < 5e-3
+    for rows in (c.k_sparse, c.v_sparse):
+        if rows is not None:
+            rows._grow(0, -(-tmax // rows.block) + 2)  # pointer arrays covering the capacity
+    lens = torch.tensor([t, n_res], dtype=torch.int32, device=DEV)
+    assert _rel(decode_attention_kvquant(q, dataclasses.replace(c, n_packed=0, n_res=0), lens=lens), want) < 5e-3
+
+
 def test_default_blocks_per_family():
     """The launch defaults follow ``DEFAULT_BLOCKS`` by family, path and kivi's width; a caller's block or warps win,
     a kivi block stays inside its key group and a dot block has at least 16 tokens."""
