@@ -84,12 +84,13 @@ def rope_tables(invf: Tensor, n_sink: int, rows: int, block: int = KVQ_BLOCK) ->
 
     * ``qt (2, R >= rows, 128)``: row ``r`` is ``[cos, cos]`` and ``[sin, -sin]`` of ``r * block * invf``, the
       query's rotation back by the start of a warp's tokens (channel ``c`` and ``c + 64`` share ``invf[c % 64]``);
-    * ``kt (2, block, 64)``: row ``n`` is cos and sin of ``(n_sink + n) * invf``, each key's rotation inside its
-      warp's tokens."""
+    * ``kt (2, 2 block, 64)``: row ``n`` is cos and sin of ``(n_sink + n) * invf``, each key's rotation inside its
+      warp's tokens (rows ``d ..`` when the warp starts ``d`` tokens past a multiple of ``block``: the last tile of a
+      capacity that is no multiple of ``block``)."""
     r = torch.arange(rows, dtype=torch.float64, device=invf.device)[:, None] * block * invf.double()[None, :]
     c, s = r.cos(), r.sin()
     qt = torch.stack([torch.cat([c, c], -1), torch.cat([s, -s], -1)]).half().contiguous()
-    a = (n_sink + torch.arange(block, dtype=torch.float64, device=invf.device))[:, None] * invf.double()[None, :]
+    a = (n_sink + torch.arange(2 * block, dtype=torch.float64, device=invf.device))[:, None] * invf.double()[None, :]
     return qt, torch.stack([a.cos(), a.sin()]).half().contiguous()
 
 
@@ -153,7 +154,12 @@ def kvq_mma_reference(q: Tensor, cache, sm_scale: float | None = None) -> Tensor
     ka, ksc = [x.half()[None, :, None, kch] for x in key_affine(cache)]  # (1, H, 1, 128)
     k = (ka + ksc * cache.ck.half()[kc]).float()  # pre-RoPE, fp16 as the program makes it
     qt, kt = rope_tables(_frequencies(cache, q.device), s0, (n + KVQ_BLOCK - 1) // KVQ_BLOCK + 1)
-    blk, j = torch.arange(n, device=q.device) // KVQ_BLOCK, torch.arange(n, device=q.device) % KVQ_BLOCK
+    # tiles as the program reads them: from multiples of 32, the last moved back to end at the capacity
+    tmax = cache.k_packed.shape[2]
+    i = torch.arange(n, device=q.device)
+    tile = _mma.WARPS * KVQ_BLOCK
+    t0 = torch.minimum(i // tile * tile, torch.tensor(tmax - tile))
+    blk, j = (i - t0) // KVQ_BLOCK + t0 // KVQ_BLOCK, (i - t0) % KVQ_BLOCK + t0 % KVQ_BLOCK
     half = kch % 64
     kc_, ks_ = kt[0][j][:, half].float(), kt[1][j][:, half].float()  # (n, 128)
     sign = torch.where(kch < 64, -1.0, 1.0).to(q.device)
@@ -440,8 +446,9 @@ if gluon is not None:
         vtab = gl.load(CVT + _lane_ids(W, BN, NWV, vwl, 1, 3, BV // 2 - 1, 7))
         ct = _score_tokens(W, BN, m3)
         row = pid.to(gl.int64) * Tmax
-        # tiles start at or before it, a multiple of 32 (the query table's rows), so every read is inside
-        last = Tmax // BN * BN - W * BN
+        # tiles start at or before it, so every read is inside the buffers; a warp's tokens start d = t0c % 32 past
+        # a multiple of 32 (the query table's rows), 0 but in the last tile, and its keys read the table from row d
+        last = Tmax - W * BN
         srow = gl.arange(0, 16, layout=gl.SliceLayout(0, rows))
         soff = (b.to(gl.int64) * H * G + h * G + srow)[None, :, None] * SST  # + token
         smask = (srow < G)[None, :, None]
@@ -464,8 +471,8 @@ if gluon is not None:
             qc, _ = gl.broadcast(qc[:, None, :], q16)
             qs, _ = gl.broadcast(qs[:, None, :], q16)
             qr = _rotate(q16, q16p, qc, qs)
-            cs = gl.load(KT32 + ctoff)
-            sn = gl.load(KT32 + 32 * BN + ctoff)
+            cs = gl.load(KT32 + (t0c % BN) * 32 + ctoff)
+            sn = gl.load(KT32 + 64 * BN + (t0c % BN) * 32 + ctoff)
             kop = _keys_kvq(lo, hi, ktab, kal, ksl, kah, ksh, cs, sn, W, BN, BK, kb, hw)
             s = mma_v2(qr, kop, gl.zeros([W, 16, BN], gl.float32, m3))
             if SPK or SPV:

@@ -390,20 +390,22 @@ def test_decode_attention_kivi_mma(gqa, t, tmax, n_sink, n_res, dtype, monkeypat
     assert _rel(decode_attention_kivi(q, dataclasses.replace(c, n_packed=0, n_res=0), lens=lens), want) < 5e-3
 
 
-@pytest.mark.parametrize("bk, bv, gqa, t, n_sink", [(2, 2, 4, 77, 3), (4, 4, 2, 200, 0), (4, 2, 16, 64, 5),
-                                                    (2, 4, 3, 33, 1)])
-def test_kvq_mma_reference_is_the_kvquant_reference(bk, bv, gqa, t, n_sink):
+@pytest.mark.parametrize("bk, bv, gqa, t, n_sink, tmax", [(2, 2, 4, 77, 3, 256), (4, 4, 2, 200, 0, 256),
+                                                          (4, 2, 16, 64, 5, 256), (2, 4, 3, 33, 1, 256),
+                                                          (2, 2, 4, 250, 2, 250)])
+def test_kvq_mma_reference_is_the_kvquant_reference(bk, bv, gqa, t, n_sink, tmax):
     """``decode_mma_kvquant``'s algebra in PyTorch (keys in ``kvq_key_map`` order, dequantized in fp16 and rotated
     by their place in a 32-token block; the query rotated back by the block's start; values in ``value_map`` order)
-    gives the reference's attention over the packed tokens at their positions after the sink: the maps, the two
-    rotation tables and the corrections the Gluon program reads are right (fp16 operands: 2e-3)."""
+    gives the reference's attention over the packed tokens at their positions after the sink, a last tile moved back
+    off the 32-token grid included: the maps, the two rotation tables and the corrections the Gluon program reads are
+    right (fp16 operands: 2e-3)."""
     from kvq_kernels.decode_mma_kvquant import kvq_key_map, kvq_mma_reference
 
     k = torch.arange(128)
     ch = kvq_key_map(k)
     assert torch.equal(ch.sort().values, k) and torch.equal(kvq_key_map((k + 64) % 128), (ch + 64) % 128)
     gen = _gen(900 + 10 * bk + bv + t)
-    c = _kvquant_cache(gen, 128, bk, bv, t, n_sink, 0, tmax=256, sparse=False)
+    c = _kvquant_cache(gen, 128, bk, bv, t, n_sink, 0, tmax=tmax, sparse=False)
     q = _randn(gen, B, H * gqa, 128)
     kk, vv = ref.dequantize_kvquant_cache(c)
     want = ref.attention_ref(q, kk[:, :, n_sink:n_sink + t], vv[:, :, n_sink:n_sink + t])
@@ -440,7 +442,7 @@ def test_kvq_mma_program_compiles_without_shared_memory_in_its_loop():
 @pytest.mark.parametrize("bk, bv, gqa, t, tmax, n_sink, n_res, dtype, sparse", [
     (2, 2, 4, 96, 128, 2, 5, torch.float16, False), (4, 4, 16, 992, 1024, 0, 3, torch.bfloat16, True),
     (2, 4, 3, 320, 330, 1, 0, torch.float16, True), (4, 2, 2, 4096, 4096, 4, 0, torch.float16, False),
-    (2, 2, 4, 861, 872, 3, 2, torch.float16, True)])
+    (2, 2, 4, 861, 872, 3, 2, torch.float16, True), (2, 2, 4, 1020, 1020, 4, 3, torch.float16, True)])
 def test_decode_attention_kvquant_mma(bk, bv, gqa, t, tmax, n_sink, n_res, dtype, sparse, monkeypatch):
     """KVQuant GQA at head dim 128 on a GPU through ``decode_mma_kvquant``'s program (``KVQ_MMA`` on, with the
     ``tl.dot`` program's fp16 segments and the outliers' passes): the reference's attention, counts on the host and
