@@ -46,9 +46,6 @@ DOT_PRECISION_16 = "tf32"
 #: than 32 / 4 at 128K on the H100, the best of five shapes; ``bench/probe_kvquant_ablations.py``)
 OUTLIER_CHUNK = 128
 OUTLIER_WARPS = 4
-#: sparse blocks a program of the outlier kernels takes, and its chunk then (fewer, longer programs: one wave)
-OUTLIER_BLOCKS = 8
-OUTLIER_BIG_CHUNK = 1024
 #: timing ablations of the kvquant kernel (wrong results): 1 = no RoPE, 2 = no codebook lookup
 ABLATE = 0
 #: fp16 / bf16 queries: the ``tl.dot`` operands rounded to fp16 (fp16 tensor-core MMA, float32 accumulation)
@@ -287,15 +284,11 @@ def _finish(q, nsp, mp, lp, ap):
     return out
 
 
-def _sparse_grid(cache: KVQuantCache, rows, tokens: int) -> tuple[tuple[int, int], dict]:
-    """One program per ``OUTLIER_BLOCKS`` sparse blocks of the first ``tokens`` packed tokens and (batch, KV head)
-    row (the blocks on axis 0, whose limit is 2**31 - 1: axis 1 stops at 65,535 programs, and 10M tokens have
-    163,840 blocks of 64) -> the grid, and the launch's ``nblocks``, ``NB``, ``MAXO`` and warps."""
+def _sparse_grid(cache: KVQuantCache, rows, tokens: int) -> tuple[int, int]:
+    """One program per sparse block of the first ``tokens`` packed tokens and (batch, KV head) row; the blocks on
+    axis 0, whose limit is 2**31 - 1 (axis 1 stops at 65,535 programs: 10M tokens have 163,840 blocks of 64)."""
     b, h = cache.k_packed.shape[:2]
-    nb = cdiv(tokens, rows.block)
-    k = OUTLIER_BLOCKS
-    return (cdiv(nb, k), b * h), dict(nblocks=nb, NB=k, MAXO=OUTLIER_BIG_CHUNK if k > 1 else OUTLIER_CHUNK,
-                                      num_warps=OUTLIER_WARPS)
+    return cdiv(tokens, rows.block), b * h
 
 
 def _key_outliers(cache: KVQuantCache, q: Tensor, ka, ksc, invf, tab, block_n: int, scale: float,
@@ -305,14 +298,13 @@ def _key_outliers(cache: KVQuantCache, q: Tensor, ka, ksc, invf, tab, block_n: i
     if rows is None or (lens is None and cache.n_packed == 0):
         return None
     ds = torch.zeros(q.shape[0], q.shape[1], sst, dtype=torch.float32, device=q.device)
-    grid, kw = _sparse_grid(cache, rows, sst)
-    _key_outlier_kernel[grid](
+    _key_outlier_kernel[_sparse_grid(cache, rows, sst)](
         q, q.stride(0), q.stride(1), rows.val, rows.idx, rows.ptr, rows.val.shape[-1], rows.ptr.shape[-1],
         cache.k_packed, ka, ksc, cache.ck, invf, tab, tab.shape[1], ds,
         cache.k_packed.shape[1], cache.k_packed.shape[2], cache.n_packed, cache.n_sink, scale, sst,
         q if lens is None else lens,
         G=q.shape[1] // cache.k_packed.shape[1], D=cache.head_dim, BITS=cache.bits_k, SB=rows.block, TB=block_n,
-        DYN=lens is not None, **kw,
+        MAXO=OUTLIER_CHUNK, DYN=lens is not None, num_warps=OUTLIER_WARPS,
     )
     return ds
 
@@ -321,12 +313,12 @@ def _value_outliers(cache: KVQuantCache, q: Tensor, ss: Tensor, mp: Tensor, ap: 
                     lens: Tensor | None, sst: int, block_n: int) -> None:
     """Add the value outliers' corrections to the split partials ``ap`` (scores ``ss``, split maxima ``mp``)."""
     rows = cache.v_sparse
-    grid, kw = _sparse_grid(cache, rows, sst)
-    _value_outlier_kernel[grid](
+    _value_outlier_kernel[_sparse_grid(cache, rows, sst)](
         rows.val, rows.idx, rows.ptr, rows.val.shape[-1], rows.ptr.shape[-1], cache.v_packed, cache.v_min,
         cache.v_scale, cache.cv, ss, mp, ap, cache.k_packed.shape[1], cache.k_packed.shape[2], cache.n_packed, per,
         nsp, sst, q if lens is None else lens, G=q.shape[1] // cache.k_packed.shape[1], D=cache.head_dim,
-        BITS=cache.bits_v, SB=rows.block, TB=block_n, DYN=lens is not None, **kw,
+        BITS=cache.bits_v, SB=rows.block, MAXO=OUTLIER_CHUNK, TB=block_n, DYN=lens is not None,
+        num_warps=OUTLIER_WARPS,
     )
 
 

@@ -13,10 +13,7 @@ The dense codes at an outlier's position still decode to a (clipped) value ``x_d
   output of the split that holds the token (``m_split``: that split's running max, which its partial output is
   relative to); the reduce kernel then normalizes it with everything else.
 
-Grid ``(cdiv(sparse blocks, NB), B*H)``: one program per row and ``NB`` blocks of ``SB`` tokens, ``MAXO`` entries
-at a time. A program's work is a short chain of dependent loads and atomics, so the time is the number of waves
-times that chain: ``NB`` blocks a program and a chunk that holds their entries make one wave (H200, 128K, 1%
-outliers, Llama-3-8B heads: one block a program took 76 us for the keys and 89 us for the values, session 13).
+Grid ``(B*H, sparse blocks)``: one program per row and block of ``SB`` tokens, ``MAXO`` entries at a time.
 """
 
 from __future__ import annotations
@@ -35,39 +32,32 @@ def _code_at(P, row, c, valid, BITS: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def _program_block(SP, npt, H, nblocks, NB: tl.constexpr):
-    """This program's row ``bh`` (its batch ``b`` and KV head ``h``), first sparse block ``k`` (of ``NB``, fewer at
-    the end of the ``nblocks`` filled ones) and their entries ``[start, stop)`` (empty past the filled blocks: the
-    pointers there may be stale)."""
+def _program_block(SP, npt, H):
+    """This program's row ``bh`` (its batch ``b`` and KV head ``h``), sparse block ``k`` and the block's entries
+    ``[start, stop)``."""
     bh = tl.program_id(1).to(tl.int64)  # grid (sparse blocks, B*H): axis 0 holds 2**31 - 1 blocks, axis 1 65535
-    k = tl.program_id(0) * NB
-    return (bh, bh // H, bh % H, k, tl.load(SP + bh * npt + tl.minimum(k, nblocks)),
-            tl.load(SP + bh * npt + tl.minimum(k + NB, nblocks)))
+    k = tl.program_id(0)
+    return bh, bh // H, bh % H, k, tl.load(SP + bh * npt + k), tl.load(SP + bh * npt + k + 1)
 
 
 @triton.jit
-def _entries(SV, SI, SP, npt, nblocks, bh, cap, k, s0, stop, n_packed, SB: tl.constexpr, D: tl.constexpr,
-             MAXO: tl.constexpr, NB: tl.constexpr):
-    """Entries ``s0 + [0, MAXO)`` (below ``stop``) of sparse blocks ``k .. k + NB`` of row ``bh``: value, token,
-    channel, usable (an entry's block: how many of the blocks' starts it is at or past; the pointers past
-    ``nblocks`` are not read, they may be stale)."""
+def _entries(SV, SI, bh, cap, k, s0, stop, n_packed, SB: tl.constexpr, D: tl.constexpr, MAXO: tl.constexpr):
+    """Entries ``s0 + [0, MAXO)`` (below ``stop``) of sparse block ``k`` of row ``bh``: value, token, channel,
+    usable."""
     e = s0 + tl.arange(0, MAXO)
     ok = e < stop
     ix = tl.load(SI + bh * cap + e, mask=ok, other=0).to(tl.int32)
     ov = tl.load(SV + bh * cap + e, mask=ok, other=0.0).to(tl.float32)
-    kb = k
-    for j in tl.static_range(1, NB):
-        kb += (e >= tl.load(SP + bh * npt + tl.minimum(k + j, nblocks))).to(tl.int32)
-    t = kb * SB + ix // D
+    t = k * SB + ix // D
     ok = ok & (t < n_packed)
     return ov, tl.where(ok, t, 0), ix % D, ok
 
 
 @triton.jit
 def _key_outlier_kernel(Q, sqb, sqh, SV, SI, SP, cap, npt, KP, KA, KSC, CK, INVF, TAB, tab_rows, DS,
-                        H, Tmax, n_packed, n_sink, qk_scale, SST, LENS, nblocks,
+                        H, Tmax, n_packed, n_sink, qk_scale, SST, LENS,
                         G: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, SB: tl.constexpr, TB: tl.constexpr,
-                        MAXO: tl.constexpr, DYN: tl.constexpr = False, NB: tl.constexpr = 1):
+                        MAXO: tl.constexpr, DYN: tl.constexpr = False):
     """``DS[b, h*G + g, t] += delta * (R(n_sink + t)^T q_g)[c] * qk_scale`` for every key outlier (atomics);
     ``DS`` rows of ``SST``. ``DYN``: ``n_packed`` is read from ``LENS`` (a graph-captured launch)."""
     HALF: tl.constexpr = D // 2
@@ -75,10 +65,9 @@ def _key_outlier_kernel(Q, sqb, sqh, SV, SI, SP, cap, npt, KP, KA, KSC, CK, INVF
         npk = tl.load(LENS).to(tl.int32)
     else:
         npk = n_packed
-    nblocks = tl.minimum(nblocks, tl.cdiv(npk, SB))  # the filled blocks
-    bh, b, h, k, start, stop = _program_block(SP, npt, H, nblocks, NB)
+    bh, b, h, k, start, stop = _program_block(SP, npt, H)
     for s0 in range(start, stop, MAXO):
-        ov, t, c, ok = _entries(SV, SI, SP, npt, nblocks, bh, cap, k, s0, stop, npk, SB, D, MAXO, NB)
+        ov, t, c, ok = _entries(SV, SI, bh, cap, k, s0, stop, npk, SB, D, MAXO)
         dense = tl.load(KA + h * D + c) + tl.load(KSC + h * D + c) * tl.load(
             CK + _code_at(KP, bh * Tmax + t, c, ok, BITS, D))
         delta = tl.where(ok, ov - dense, 0.0) * qk_scale
@@ -102,10 +91,9 @@ def _key_outlier_kernel(Q, sqb, sqh, SV, SI, SP, cap, npt, KP, KA, KSC, CK, INVF
 
 @triton.jit
 def _value_outlier_kernel(SV, SI, SP, cap, npt, VP, VMIN, VSC, CV, S, MP, AP,
-                          H, Tmax, n_packed, tokens_per_split, NSP, SST, LENS, nblocks,
+                          H, Tmax, n_packed, tokens_per_split, NSP, SST, LENS,
                           G: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, SB: tl.constexpr,
-                          MAXO: tl.constexpr, TB: tl.constexpr = 16, DYN: tl.constexpr = False,
-                          NB: tl.constexpr = 1):
+                          MAXO: tl.constexpr, TB: tl.constexpr = 16, DYN: tl.constexpr = False):
     """``AP[b, h*G + g, split, c] += exp2(S[b, h*G + g, t] - MP[.., split]) * delta`` for every value outlier;
     ``S`` rows of ``SST``. ``DYN``: ``n_packed`` from ``LENS`` and the split kernel's own plan (blocks of ``TB``)."""
     if DYN:
@@ -114,10 +102,9 @@ def _value_outlier_kernel(SV, SI, SP, cap, npt, VP, VMIN, VSC, CV, S, MP, AP,
     else:
         npk = n_packed
         per = tokens_per_split
-    nblocks = tl.minimum(nblocks, tl.cdiv(npk, SB))  # the filled blocks
-    bh, b, h, k, start, stop = _program_block(SP, npt, H, nblocks, NB)
+    bh, b, h, k, start, stop = _program_block(SP, npt, H)
     for s0 in range(start, stop, MAXO):
-        ov, t, c, ok = _entries(SV, SI, SP, npt, nblocks, bh, cap, k, s0, stop, npk, SB, D, MAXO, NB)
+        ov, t, c, ok = _entries(SV, SI, bh, cap, k, s0, stop, npk, SB, D, MAXO)
         row = bh * Tmax + t
         hs = 0.5 * tl.load(VSC + row, mask=ok, other=0.0).to(tl.float32)
         mn = tl.load(VMIN + row, mask=ok, other=0.0).to(tl.float32) + hs
