@@ -46,10 +46,6 @@ DOT_PRECISION_16 = "tf32"
 #: than 32 / 4 at 128K on the H100, the best of five shapes; ``bench/probe_kvquant_ablations.py``)
 OUTLIER_CHUNK = 128
 OUTLIER_WARPS = 4
-#: the key-outlier program sums its block's corrections per token and writes them whole (no atomics, no zeroed
-#: buffer), in chunks of ``OUTLIER_ROWS_ELEMS / (query heads x block)`` entries; False: atomics into a zeroed buffer
-KEY_OUTLIER_ROWS = True
-OUTLIER_ROWS_ELEMS = 8192
 #: timing ablations of the kvquant kernel (wrong results): 1 = no RoPE, 2 = no codebook lookup
 ABLATE = 0
 #: fp16 / bf16 queries: the ``tl.dot`` operands rounded to fp16 (fp16 tensor-core MMA, float32 accumulation)
@@ -301,18 +297,14 @@ def _key_outliers(cache: KVQuantCache, q: Tensor, ka, ksc, invf, tab, block_n: i
     rows = cache.k_sparse
     if rows is None or (lens is None and cache.n_packed == 0):
         return None
-    rows_ = KEY_OUTLIER_ROWS
-    ds = (torch.empty if rows_ else torch.zeros)(q.shape[0], q.shape[1], sst, dtype=torch.float32, device=q.device)
-    g = q.shape[1] // cache.k_packed.shape[1]
-    gp = next_pow2(g)
+    ds = torch.zeros(q.shape[0], q.shape[1], sst, dtype=torch.float32, device=q.device)
     _key_outlier_kernel[_sparse_grid(cache, rows, sst)](
         q, q.stride(0), q.stride(1), rows.val, rows.idx, rows.ptr, rows.val.shape[-1], rows.ptr.shape[-1],
         cache.k_packed, ka, ksc, cache.ck, invf, tab, tab.shape[1], ds,
         cache.k_packed.shape[1], cache.k_packed.shape[2], cache.n_packed, cache.n_sink, scale, sst,
         q if lens is None else lens,
-        G=g, D=cache.head_dim, BITS=cache.bits_k, SB=rows.block, TB=block_n,
-        MAXO=max(8, min(OUTLIER_CHUNK, OUTLIER_ROWS_ELEMS // (gp * rows.block))) if rows_ else OUTLIER_CHUNK,
-        DYN=lens is not None, ROWS=rows_, GP=gp, num_warps=OUTLIER_WARPS,
+        G=q.shape[1] // cache.k_packed.shape[1], D=cache.head_dim, BITS=cache.bits_k, SB=rows.block, TB=block_n,
+        MAXO=OUTLIER_CHUNK, DYN=lens is not None, num_warps=OUTLIER_WARPS,
     )
     return ds
 

@@ -57,22 +57,15 @@ def _entries(SV, SI, bh, cap, k, s0, stop, n_packed, SB: tl.constexpr, D: tl.con
 def _key_outlier_kernel(Q, sqb, sqh, SV, SI, SP, cap, npt, KP, KA, KSC, CK, INVF, TAB, tab_rows, DS,
                         H, Tmax, n_packed, n_sink, qk_scale, SST, LENS,
                         G: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, SB: tl.constexpr, TB: tl.constexpr,
-                        MAXO: tl.constexpr, DYN: tl.constexpr = False, ROWS: tl.constexpr = False,
-                        GP: tl.constexpr = 1):
-    """``DS[b, h*G + g, t] += delta * (R(n_sink + t)^T q_g)[c] * qk_scale`` for every key outlier (atomics into a
-    zeroed ``DS``); ``DS`` rows of ``SST``. ``ROWS``: the program sums its block's corrections per token itself
-    (``GP >= G`` query heads at a time) and writes the block's ``DS`` entries whole, zeros included: no atomics and
-    no zeroed buffer. ``DYN``: ``n_packed`` is read from ``LENS`` (a graph-captured launch)."""
+                        MAXO: tl.constexpr, DYN: tl.constexpr = False):
+    """``DS[b, h*G + g, t] += delta * (R(n_sink + t)^T q_g)[c] * qk_scale`` for every key outlier (atomics);
+    ``DS`` rows of ``SST``. ``DYN``: ``n_packed`` is read from ``LENS`` (a graph-captured launch)."""
     HALF: tl.constexpr = D // 2
     if DYN:
         npk = tl.load(LENS).to(tl.int32)
     else:
         npk = n_packed
     bh, b, h, k, start, stop = _program_block(SP, npt, H)
-    if ROWS:
-        gq = tl.arange(0, GP)
-        tok = tl.arange(0, SB)
-        acc = tl.zeros((GP, SB), dtype=tl.float32)
     for s0 in range(start, stop, MAXO):
         ov, t, c, ok = _entries(SV, SI, bh, cap, k, s0, stop, npk, SB, D, MAXO)
         dense = tl.load(KA + h * D + c) + tl.load(KSC + h * D + c) * tl.load(
@@ -89,24 +82,11 @@ def _key_outlier_kernel(Q, sqb, sqh, SV, SI, SP, cap, npt, KP, KA, KSC, CK, INVF
         sn = sb * ca + cb * sa
         partner = tl.where(c < HALF, c + HALF, c - HALF)
         sign = tl.where(c < HALF, 1.0, -1.0)
-        if ROWS:  # (entries, heads) corrections, summed per token of the block: (heads, SB)
-            qrows = Q + b * sqb + (h * G + gq)[None, :] * sqh
-            qm = ok[:, None] & (gq < G)[None, :]
-            qc = tl.load(qrows + c[:, None], mask=qm, other=0.0).to(tl.float32)
-            qp = tl.load(qrows + partner[:, None], mask=qm, other=0.0).to(tl.float32)
-            corr = (qc * cs[:, None] + (sign * sn)[:, None] * qp) * delta[:, None]
-            hit = (t - k * SB)[:, None] == tok[None, :]
-            acc += tl.sum(tl.where(hit[:, None, :], corr[:, :, None], 0.0), axis=0)
-        else:
-            for g in range(G):
-                qrow = Q + b * sqb + (h * G + g) * sqh
-                qc = tl.load(qrow + c, mask=ok, other=0.0).to(tl.float32)
-                qp = tl.load(qrow + partner, mask=ok, other=0.0).to(tl.float32)
-                tl.atomic_add(DS + ((b * H + h) * G + g) * SST + t, (qc * cs + sign * qp * sn) * delta, mask=ok)
-    if ROWS:
-        col = k * SB + tok
-        tl.store(DS + ((b * H + h) * G + gq)[:, None] * SST + col[None, :], acc,
-                 mask=(gq < G)[:, None] & (col < SST)[None, :])
+        for g in range(G):
+            qrow = Q + b * sqb + (h * G + g) * sqh
+            qc = tl.load(qrow + c, mask=ok, other=0.0).to(tl.float32)
+            qp = tl.load(qrow + partner, mask=ok, other=0.0).to(tl.float32)
+            tl.atomic_add(DS + ((b * H + h) * G + g) * SST + t, (qc * cs + sign * qp * sn) * delta, mask=ok)
 
 
 @triton.jit
