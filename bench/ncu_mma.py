@@ -1,11 +1,12 @@
-"""One GQA decode call of a Gluon program for Nsight Compute (not a test): a random int2 or kivi2 cache at
+"""One GQA decode call of a Gluon program for Nsight Compute (not a test): a random int2, kivi2 or kvq2-1% cache at
 Llama-3-8B's heads (8 KV heads, 4 query heads each, D = 128), counts on the device as ``kvq generate``'s graphs read
 them, called four times so that ncu can skip the compiling launches.
 
     ncu --kernel-name regex:int_mma --launch-skip 2 --launch-count 1 --section SpeedOfLight --section Occupancy \\
         --section WarpStateStats --section SchedulerStats --section LaunchStats --section MemoryWorkloadAnalysis \\
         python bench/ncu_mma.py int2 131072
-    (kivi2: --kernel-name regex:kivi_mma)
+    (kivi2: --kernel-name regex:kivi_mma; kvq2-1%, KVQuant 2-bit with 1% outliers: regex:kvq_mma, and
+    regex:outlier for the outliers' two passes)
 
 Results: ``docs/results/kernels-decode-attention.md`` (session 12, ``raw/session12-ncu-*-mma.txt``).
 """
@@ -17,12 +18,17 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import kvq_kernels.decode_attention as da  # noqa: E402
 import kvq_kernels.decode_token as dtk  # noqa: E402
-from bench_decode_attention import METHODS, random_kivi, random_token  # noqa: E402
+from bench_decode_attention import METHODS, random_kivi, random_kvquant, random_token  # noqa: E402
 
 
 def main(method: str = "int2", tokens: int = 131072, batch: int = 1) -> None:
     if method == "kivi2":
         cache, fn = random_kivi(batch, 8, 128, tokens, cfg=METHODS["kivi-2b"]), da.decode_attention_kivi
+    elif method == "kvq2-1%":
+        cache = random_kvquant(batch, 8, 128, tokens, cfg=METHODS["kvquant-2b-1%-rows"])
+        fn = da.decode_attention_kvquant
+        for rows in (cache.k_sparse, cache.v_sparse):
+            rows.cover(cache.k_packed.shape[2])  # device counts read pointers over the capacity
     else:
         cache, fn = random_token(batch, 8, 128, tokens, cfg=METHODS[method]), dtk.decode_attention_token
     q = torch.randn(batch, 32, 128, device="cuda").half()
