@@ -11,9 +11,9 @@ The cache is read as it is stored (``KVQuantCache``: channels in order, codes LS
 * **Keys** (B operand, ``k`` = channel, ``n`` = token; ``kvq_key_map``). Each thread holds the two halves of a
   rotation pair (channels ``c`` and ``c + 64``) for the same token, as fp16 pairs ``(c, c + 1)``. The pre-RoPE
   key is ``ka + ksc * cb[code]`` (fp16 ``fma``), then rotated in registers by the token's angle *within its warp's
-  32 tokens* (``(n_sink + n) theta``, a 32-row table that stays in L1); the rest of the angle, ``(t0 + 32 w)
-  theta``, is taken off the query once a tile (``q . R(a + b) k = (R(a)^T q) . (R(b) k)``), from a table with one
-  row per 32 tokens.
+  32 tokens* (``(n_sink + d + n) theta``, a 64-row table that stays in L1; ``d`` is the warp's offset past a multiple
+  of 32, nonzero only in a last tile moved back to end at the capacity); the rest of the angle is taken off the query
+  once a tile (``q . R(a + b) k = (R(a)^T q) . (R(b) k)``), from a table with one row per 32 tokens.
 * **Values** (B operand, ``k`` = token, ``n`` = channel; ``decode_mma.value_map`` order): the codebook value
   ``cv[code]`` of two tokens per register, by shuffle; ``v = (v_min + v_scale / 2) + (v_scale / 2) cv`` is folded as
   ``p' = p v_scale / 2`` into the MMA and ``sum(p (v_min + v_scale / 2))`` per row.
@@ -25,7 +25,7 @@ in tiles of ``W`` warps by 32 tokens (``decode_mma``'s split plan, outputs and f
 interpreter for Gluon: the CPU tests compile it for sm_90 and check the maps, tables and algebra with
 ``kvq_mma_reference``; the GPU tests run it.
 
-Public: ``kvq_mma_supported(q, cache)``, ``kvq_split(q, cache, lens)``, ``launch_kvq_mma(...)``,
+Public: ``kvq_mma_supported(q, cache)``, ``kvq_tile()``, ``kvq_split(q, cache, lens)``, ``launch_kvq_mma(...)``,
 ``kvq_mma_reference(q, cache, sm_scale)``, ``kvq_key_map``, ``lane_table``, ``rope_tables``,
 ``kvq_compiled_counts(...)``.
 """
@@ -48,6 +48,11 @@ if gluon is not None:
 
 #: tokens a warp (the in-warp rotation table's rows)
 KVQ_BLOCK = 32
+
+
+def kvq_tile() -> int:
+    """Tokens a tile (the split plan's block): ``decode_mma.WARPS * KVQ_BLOCK``."""
+    return _mma.WARPS * KVQ_BLOCK
 
 
 def kvq_key_map(k: Tensor) -> Tensor:
@@ -157,7 +162,7 @@ def kvq_mma_reference(q: Tensor, cache, sm_scale: float | None = None) -> Tensor
     # tiles as the program reads them: from multiples of 32, the last moved back to end at the capacity
     tmax = cache.k_packed.shape[2]
     i = torch.arange(n, device=q.device)
-    tile = _mma.WARPS * KVQ_BLOCK
+    tile = kvq_tile()
     t0 = torch.minimum(i // tile * tile, torch.tensor(tmax - tile))
     blk, j = (i - t0) // KVQ_BLOCK + t0 // KVQ_BLOCK, (i - t0) % KVQ_BLOCK + t0 % KVQ_BLOCK
     half = kch % 64
@@ -534,8 +539,8 @@ def kvq_split(q: Tensor, cache, lens: Tensor | None, spk: bool = False, spv: boo
     """(tokens a tile, programs an SM) of this program on ``q, cache`` (``decode_mma.program_split``)."""
     f32 = torch.float32
     return _mma.program_split(kvq_mma_kernel, _kvq_consts(q, cache, lens, spk, spv), q.device,
-                              lambda: _kvq_args(q, cache, f32, f32, f32, _mma.WARPS * KVQ_BLOCK, 2, 1.0, lens, None,
-                                                None, 1), KVQ_BLOCK)
+                              lambda: _kvq_args(q, cache, f32, f32, f32, kvq_tile(), 2, 1.0, lens, None, None, 1),
+                              KVQ_BLOCK)
 
 
 def launch_kvq_mma(q: Tensor, cache, mp: Tensor, lp: Tensor, ap: Tensor, per: int, nsp: int, scale: float,
@@ -550,5 +555,5 @@ def launch_kvq_mma(q: Tensor, cache, mp: Tensor, lp: Tensor, ap: Tensor, per: in
         **_kvq_consts(q, cache, lens, ds is not None, ss is not None), **_mma.launch_options()))
 
 
-__all__ = ["KVQ_BLOCK", "kvq_mma_supported", "launch_kvq_mma", "kvq_mma_reference", "kvq_key_map", "kvq_maps",
-           "lane_table", "rope_tables", "kvq_compiled_counts", "kvq_split"]
+__all__ = ["KVQ_BLOCK", "kvq_tile", "kvq_mma_supported", "launch_kvq_mma", "kvq_mma_reference", "kvq_key_map",
+           "kvq_maps", "lane_table", "rope_tables", "kvq_compiled_counts", "kvq_split"]
