@@ -385,7 +385,7 @@ if gluon is not None:
                        SPK: gl.constexpr, SPV: gl.constexpr):
         """Program ``(b * H + h, sp)`` over split ``sp`` of the packed tokens (``decode_mma.int_mma_kernel``'s plan
         and outputs) of a KVQuant cache: ``KW, VW`` the codes as int32 words, ``VMIN, VSC (B*H, Tmax)``, ``KA, KSC
-        (H, 64)`` fp16 pairs as int32, ``CKT, CVT`` the lane tables, ``QT (2, tab_rows, 128)`` fp16 and ``KT (2, 32,
+        (H, 64)`` fp16 pairs as int32, ``CKT, CVT`` the lane tables, ``QT (2, tab_rows, 128)`` fp16 and ``KT (2, 64,
         32)`` fp16 pairs as int32 the rotations (``rope_tables``), ``MAPS`` the ``kvq_maps``; ``DS`` / ``SS`` the
         outliers' score rows of ``SST``."""
         BN: gl.constexpr = 32
@@ -440,7 +440,6 @@ if gluon is not None:
         ctww = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, hws))))
         ctoff = ((ctww[:, None, None] * 0 + ctn[None, None, :] * 32 + ctw[None, :, None] * SW)[:, :, :, None] +
                  cts[None, None, None, :])  # (W, NP, BN, SW): pair index of row n
-        KT32 = KT
         ktab = gl.load(CKT + _lane_ids(W, NP, BN, hw, BK // 4, 3, 0, 7))
         # word offsets: key half rows (W, NP, BN), value rows, statistics in the score layout
         kwn = gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(1, hw)))
@@ -476,8 +475,8 @@ if gluon is not None:
             qc, _ = gl.broadcast(qc[:, None, :], q16)
             qs, _ = gl.broadcast(qs[:, None, :], q16)
             qr = _rotate(q16, q16p, qc, qs)
-            cs = gl.load(KT32 + (t0c % BN) * 32 + ctoff)
-            sn = gl.load(KT32 + 64 * BN + (t0c % BN) * 32 + ctoff)
+            cs = gl.load(KT + (t0c % BN) * 32 + ctoff)
+            sn = gl.load(KT + 64 * BN + (t0c % BN) * 32 + ctoff)
             kop = _keys_kvq(lo, hi, ktab, kal, ksl, kah, ksh, cs, sn, W, BN, BK, kb, hw)
             s = mma_v2(qr, kop, gl.zeros([W, 16, BN], gl.float32, m3))
             if SPK or SPV:
