@@ -1,9 +1,9 @@
 """GQA decode attention on a GPU (not a test): the Gluon programs (``decode_mma``: int 2/4-bit; ``decode_mma_kivi``:
-KIVI 2-bit) against fp16 SDPA and the ``tl.dot`` programs they replace, all in one run, and a sweep of their tile and
-occupancy settings.
+KIVI 2-bit; ``decode_mma_kvquant``: kvq2, kvq4, kvq2-1%; ``decode_mma_nf``: nf2, nf4) against fp16 SDPA and the
+``tl.dot`` programs they replace, all in one run, and a sweep of their tile and occupancy settings.
 
     python bench/bench_mma.py --out mma.json [--contexts 32768,131072,1048576] [--batches 1,8]
-                              [--methods int2,int4,kivi2] [--sweep]
+                              [--methods int2,int4,kivi2,kvq2,kvq2-1%,nf4] [--sweep]
 
 Times the decode function as the runtime calls it (the Gluon packed splits, the fp16-segment split, the merge) with
 the Gluon path's switch on and off (``decode_token.TOKEN_MMA``, ``decode_attention.KIVI_MMA``), replayed from CUDA
@@ -34,6 +34,7 @@ import kvq_kernels.decode_attention as da  # noqa: E402
 import kvq_kernels.decode_mma as mma  # noqa: E402
 import kvq_kernels.decode_mma_kivi as kmma  # noqa: E402
 import kvq_kernels.decode_mma_kvquant as qmma  # noqa: E402
+import kvq_kernels.decode_mma_nf as nmma  # noqa: E402
 import kvq_kernels.decode_token as dtk  # noqa: E402
 from bench_decode_attention import METHODS, copy_bandwidth, random_kivi, random_kvquant, random_token  # noqa: E402
 from kvq_kernels import reference as ref  # noqa: E402
@@ -117,6 +118,8 @@ def _methods() -> dict:
                   (da, "KVQ_MMA"), qmma.kvq_mma_supported, ref.decode_attention_kvquant_ref)
            for name, cfg in (("kvq2", "kvquant-2b-0%"), ("kvq4", "kvquant-4b-1%-rows"),
                              ("kvq2-1%", "kvquant-2b-1%-rows"))},
+        **{f"nf{b}": (functools.partial(random_token, cfg=dict(METHODS["nf4"], bits=b)), dtk.decode_attention_token,
+                      (dtk, "NF_MMA"), nmma.nf_mma_supported, decode_attention_token_ref) for b in (2, 4)},
     }
 
 
@@ -141,8 +144,8 @@ def run(contexts, batches, names, sweep: bool) -> dict:
         print(f"{name} (Gluon path) against the reference: relative error {err:.2e}", flush=True)
     for name, t, b in itertools.product(names, contexts, batches):
         make, fn, switch, supported, _ = table[name]
-        prog = "kivi" if name.startswith("kivi") else "kvquant" if name.startswith("kvq") else "int"  # its key in
-        # ``decode_mma.COMPILED``
+        prog = next(p for p in ("kivi", "kvquant", "nf", "int") if name.startswith(p[:3]))  # ``decode_mma.COMPILED``
+        # key
         cache = make(b, H, D, t)
         q = torch.randn(b, H * G, D, device="cuda", dtype=torch.float16)
         assert supported(q, cache), name
@@ -175,8 +178,8 @@ def run(contexts, batches, names, sweep: bool) -> dict:
               f"({sdpa / off_dyn:.2f}x)", flush=True)
         if sweep:  # with counts on the device (the variant ``kvq generate`` runs)
             for w, bn, k, cap in SWEEP:
-                if prog == "kivi" and bn != 32:
-                    continue  # a warp takes one key group
+                if prog != "int" and bn != 32:
+                    continue  # 32 tokens a warp (KIVI: one key group; kvquant and nf: the in-warp tables)
                 s = {switch: True, (mma, "WARPS"): w, (mma, "BLOCK"): bn, (mma, "PROGRAMS_PER_SM"): k,
                      (mma, "MAXNREG"): cap}
                 ms = _timed(s, fn, q, cache, lens=lens)

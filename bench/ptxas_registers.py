@@ -5,20 +5,27 @@ and it moves with small code changes, so check it here before spending device ti
     python bench/ptxas_registers.py [--json out.json]
 
 Uses the installed Triton's compiler and ``cuobjdump``: the numbers in ``docs/results/kernels-decode-attention.md``
-(session 12) are Triton 3.6's, the GPU image's (``pip install triton==3.6.0`` in a separate environment); another
+(sessions 12-13) are Triton 3.6's, the GPU image's (``pip install triton==3.6.0`` in a separate environment); another
 Triton version gives other counts.
 """
 import argparse
 import json
 
 import triton
-from kvq_kernels import decode_mma, decode_mma_kivi
+from kvq_kernels import decode_mma, decode_mma_kivi, decode_mma_kvquant, decode_mma_nf
 
 VARIANTS = [(f"int{bits} G=4 {'device' if dyn else 'host'} counts{' transposed' if swap else ''}",
              lambda bits=bits, dyn=dyn, swap=swap: decode_mma.compiled_counts(4, dyn, bits, swap=swap, sass=True))
             for bits in (2, 4) for dyn in (False, True) for swap in (False, True)]
 VARIANTS += [(f"kivi2 G=4 {'device' if dyn else 'host'} counts",
               lambda dyn=dyn: decode_mma_kivi.kivi_compiled_counts(4, dyn, sass=True)) for dyn in (False, True)]
+VARIANTS += [(f"kvquant k{bk} v{bv} G=4 {'device' if dyn else 'host'} counts{' outliers' if sp else ''}",
+              lambda bk=bk, bv=bv, dyn=dyn, sp=sp: decode_mma_kvquant.kvq_compiled_counts(4, dyn, bk, bv, sp, sp,
+                                                                                           sass=True))
+             for bk, bv in ((2, 2), (4, 4)) for dyn in (False, True) for sp in (False, True)]
+VARIANTS += [(f"nf{bits} G=4 {'device' if dyn else 'host'} counts",
+              lambda bits=bits, dyn=dyn: decode_mma_nf.nf_compiled_counts(4, dyn, bits, sass=True))
+             for bits in (2, 4) for dyn in (False, True)]
 
 
 def main():

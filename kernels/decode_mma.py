@@ -151,17 +151,23 @@ def operand_codes(words: Tensor, channels: Tensor, bits: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- the gate
-def mma_supported(q: Tensor, cache) -> bool:
-    """Whether this program runs ``q`` against ``cache``: a CUDA GPU of compute capability 8.0+, Gluon, a 2- or
-    4-bit ``int`` cache (zero points, no level table) of head dim 128 and room for a tile, 2 to 16 query heads a KV
-    head."""
-    if gluon is None or not q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return False
-    h = cache.k_packed.shape[1]
-    g = q.shape[1] // h
-    return (cache.bits in (2, 4) and cache.head_dim == 128 and cache.k_zero is not None and cache.levels is None
-            and 1 < g <= 16 and cache.k_packed.shape[2] >= mma_tile()
+def gluon_ready(q: Tensor) -> bool:
+    """Whether a Gluon program can run on ``q``'s device: Gluon present, a CUDA GPU of compute capability 8.0+, not
+    under the Triton interpreter."""
+    return (gluon is not None and q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
             and torch.cuda.get_device_capability(q.device)[0] >= 8)
+
+
+def query_groups(q: Tensor, cache) -> int:
+    """Query heads a KV head of ``cache``."""
+    return q.shape[1] // cache.k_packed.shape[1]
+
+
+def mma_supported(q: Tensor, cache) -> bool:
+    """Whether this program runs ``q`` against ``cache``: ``gluon_ready``, a 2- or 4-bit ``int`` cache (zero points,
+    no level table) of head dim 128 and room for a tile, 2 to 16 query heads a KV head."""
+    return (gluon_ready(q) and cache.bits in (2, 4) and cache.head_dim == 128 and cache.k_zero is not None
+            and cache.levels is None and 1 < query_groups(q, cache) <= 16 and cache.k_packed.shape[2] >= mma_tile())
 
 
 # ----------------------------------------------------------------------------------------------- PyTorch mirror

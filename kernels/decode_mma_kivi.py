@@ -25,8 +25,6 @@ Public: ``kivi_mma_supported(q, cache)``, ``kivi_split(q, cache, lens)``, ``laun
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -69,14 +67,9 @@ def kivi_maps(device) -> Tensor:
 def kivi_mma_supported(q: Tensor, cache) -> bool:
     """A CUDA GPU of compute capability 8.0+, Gluon, a 2-bit KIVI cache of head dim 128 with 32-token key groups
     and 32-channel value groups, whole key groups packed and room for a tile, 2 to 16 query heads a KV head."""
-    if gluon is None or not q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return False
-    h = cache.k_packed.shape[1]
-    g = q.shape[1] // h
-    return (cache.bits == 2 and cache.head_dim == 128 and cache.group == KIVI_BLOCK and 1 < g <= 16
-            and cache.v_scale.shape[-1] == 4 and cache.k_packed.shape[2] >= _mma.WARPS * KIVI_BLOCK
-            and cache.n_packed % KIVI_BLOCK == 0
-            and torch.cuda.get_device_capability(q.device)[0] >= 8)
+    return (_mma.gluon_ready(q) and cache.bits == 2 and cache.head_dim == 128 and cache.group == KIVI_BLOCK
+            and 1 < _mma.query_groups(q, cache) <= 16 and cache.v_scale.shape[-1] == 4
+            and cache.k_packed.shape[2] >= _mma.WARPS * KIVI_BLOCK and cache.n_packed % KIVI_BLOCK == 0)
 
 
 def kivi_mma_reference(q: Tensor, cache, sm_scale: float | None = None) -> Tensor:

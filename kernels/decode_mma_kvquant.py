@@ -32,8 +32,6 @@ Public: ``kvq_mma_supported(q, cache)``, ``kvq_tile()``, ``kvq_split(q, cache, l
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -132,13 +130,8 @@ def _operands(q: Tensor, cache) -> tuple:
 def kvq_mma_supported(q: Tensor, cache) -> bool:
     """A CUDA GPU of compute capability 8.0+, Gluon, a KVQuant cache of 2- or 4-bit keys and values at head dim 128
     with room for a tile, 2 to 16 query heads a KV head."""
-    if gluon is None or not q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return False
-    h = cache.k_packed.shape[1]
-    g = q.shape[1] // h
-    return (cache.bits_k in (2, 4) and cache.bits_v in (2, 4) and cache.head_dim == 128 and 1 < g <= 16
-            and cache.k_packed.shape[2] >= _mma.WARPS * KVQ_BLOCK
-            and torch.cuda.get_device_capability(q.device)[0] >= 8)
+    return (_mma.gluon_ready(q) and cache.bits_k in (2, 4) and cache.bits_v in (2, 4) and cache.head_dim == 128
+            and 1 < _mma.query_groups(q, cache) <= 16 and cache.k_packed.shape[2] >= kvq_tile())
 
 
 # ----------------------------------------------------------------------------------------------- PyTorch mirror
@@ -206,10 +199,11 @@ if gluon is not None:
                                           block_bases=[], shape=[w, 2 * bits, bn] + ([] if slots == 1 else [slots]))
 
     @gluon.constexpr_function
-    def _key_asm(shift, bits):
+    def _key_asm(shift, bits, rot=True):
         """Key pair slot: words ``$4`` (low half) and ``$5`` (high half) shifted by ``shift``, looked up in lane
-        table ``$6``, dequantized (``$7 + $8 x``, ``$9 + $10 x``: ka, ksc of each half) and rotated by ``$11`` (cos)
-        and ``$12`` (sin) -> fp16 pairs ``{$0, $1}`` (low half) and ``{$2, $3}`` (high half)."""
+        table ``$6`` into ``fl, fh``; ``rot``: dequantized (``$7 + $8 x``, ``$9 + $10 x``: ka, ksc of each half) and
+        rotated by ``$11`` (cos) and ``$12`` (sin) -> fp16 pairs ``{$0, $1}`` (low half) and ``{$2, $3}`` (high
+        half)."""
         sh = "" if shift == 0 else f"shr.b32 i, $4, {shift}; shr.b32 j, $5, {shift}; "
         li, lj = ("$4", "$5") if shift == 0 else ("i", "j")
         if bits == 2:
@@ -220,6 +214,8 @@ if gluon is not None:
                     f"shfl.sync.idx.b32 fl, $6, {li}, 0x1f, 0xffffffff; shfl.sync.idx.b32 u, $6, u, 0x1f, 0xffffffff; "
                     f"shfl.sync.idx.b32 fh, $6, {lj}, 0x1f, 0xffffffff; shfl.sync.idx.b32 v, $6, v, 0x1f, 0xffffffff; "
                     "prmt.b32 fl, fl, u, 0x5410; prmt.b32 fh, fh, v, 0x5410; ")
+        if not rot:
+            return "{.reg .b32 i, j, u, v, fl, fh; " + sh + look + "mov.b32 {$0, $1}, fl; mov.b32 {$2, $3}, fh;}"
         return ("{.reg .b32 i, j, u, v, fl, fh, kl, kh, t; " + sh + look +
                 "fma.rn.f16x2 kl, fl, $8, $7; fma.rn.f16x2 kh, fh, $10, $9; "
                 "mul.rn.f16x2 t, kh, $12; neg.f16x2 t, t; fma.rn.f16x2 i, kl, $11, t; "
@@ -306,8 +302,6 @@ if gluon is not None:
                                         _key_slot(lo, hi, tab, a5, s5, h5, g5, c5, n5, 20, 2, L)),
                                 gl.join(_key_slot(lo, hi, tab, a6, s6, h6, g6, c6, n6, 24, 2, L),
                                         _key_slot(lo, hi, tab, a7, s7, h7, g7, c7, n7, 28, 2, L))))
-            x = gl.reshape(x, [W, 2, 2, BN, 2, 2, 2, 2, 2])  # [W, t1, t0, n, e, kh, hh, kl0, kl1]
-            x = gl.permute(x, (0, 5, 8, 7, 6, 1, 2, 4, 3))  # [W, kh, kl1, kl0, hh, t1, t0, e, n]
         else:  # word 2 t + u, byte b (slot b; both nibbles): hh = b0, kl0 = b1, kl1 = u
             a0, a1, a2, a3 = _split4(gl.reshape(kal, [W, NP, 2, 2]))
             s0, s1, s2, s3 = _split4(gl.reshape(ksl, [W, NP, 2, 2]))
@@ -319,9 +313,43 @@ if gluon is not None:
                                 _key_slot(lo, hi, tab, a1, s1, h1, g1, c1, n1, 8, 4, L)),
                         gl.join(_key_slot(lo, hi, tab, a2, s2, h2, g2, c2, n2, 16, 4, L),
                                 _key_slot(lo, hi, tab, a3, s3, h3, g3, c3, n3, 24, 4, L)))
+        return _arrange_keys(x, W, BN, BITS, kb)
+
+    @gluon.jit
+    def _arrange_keys(x, W: gl.constexpr, BN: gl.constexpr, BITS: gl.constexpr, kb: gl.constexpr):
+        """The slots' fp16 ``(W, NP, BN, e, kh, slot bits...)`` -> the B operand ``(W, 128, BN)`` in ``kvq_key_map``
+        order. 2 bits: slot ``m = hh + 2 kl`` of word ``t``; 4 bits: byte ``b`` of word ``2 t + u`` (``hh = b0``,
+        ``kl0 = b1``, ``kl1 = u``)."""
+        if BITS == 2:
+            x = gl.reshape(x, [W, 2, 2, BN, 2, 2, 2, 2, 2])  # [W, t1, t0, n, e, kh, hh, kl0, kl1]
+            x = gl.permute(x, (0, 5, 8, 7, 6, 1, 2, 4, 3))  # [W, kh, kl1, kl0, hh, t1, t0, e, n]
+        else:
             x = gl.reshape(x, [W, 2, 2, 2, BN, 2, 2, 2, 2])  # [W, t1, t0, u, n, e, kh, hh, kl0]
             x = gl.permute(x, (0, 6, 3, 8, 7, 1, 2, 5, 4))  # [W, kh, kl1, kl0, hh, t1, t0, e, n]
         return gl.convert_layout(gl.reshape(x, [W, 128, BN]), kb)
+
+    @gluon.jit
+    def _lut_slot(lo, hi, tab, SHIFT: gl.constexpr, BITS: gl.constexpr):
+        """One pair slot of words ``lo, hi (W, NP, BN)`` looked up (no dequantization, no rotation) -> fp16 on minor
+        axes ``[e, kh]``."""
+        a0, a1, b0, b1 = gl.inline_asm_elementwise(
+            _key_asm(SHIFT, BITS, False), "=h,=h,=h,=h,r,r,r", [lo, hi, tab],
+            dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=1)
+        return gl.join(gl.join(a0, a1), gl.join(b0, b1))
+
+    @gluon.jit
+    def _keys_lut(lo, hi, tab, W: gl.constexpr, BN: gl.constexpr, BITS: gl.constexpr, kb: gl.constexpr):
+        """Half-row words ``lo, hi (W, NP, BN)`` and lane table ``tab`` -> the B operand ``(W, 128, BN)`` of table
+        values in ``kvq_key_map`` order (``_keys_kvq`` without its dequantization and rotation)."""
+        if BITS == 2:
+            x = gl.join(gl.join(gl.join(_lut_slot(lo, hi, tab, 0, 2), _lut_slot(lo, hi, tab, 4, 2)),
+                                gl.join(_lut_slot(lo, hi, tab, 8, 2), _lut_slot(lo, hi, tab, 12, 2))),
+                        gl.join(gl.join(_lut_slot(lo, hi, tab, 16, 2), _lut_slot(lo, hi, tab, 20, 2)),
+                                gl.join(_lut_slot(lo, hi, tab, 24, 2), _lut_slot(lo, hi, tab, 28, 2))))
+        else:
+            x = gl.join(gl.join(_lut_slot(lo, hi, tab, 0, 4), _lut_slot(lo, hi, tab, 8, 4)),
+                        gl.join(_lut_slot(lo, hi, tab, 16, 4), _lut_slot(lo, hi, tab, 24, 4)))
+        return _arrange_keys(x, W, BN, BITS, kb)
 
     @gluon.constexpr_function
     def _vlut_asm(x, j, bits):

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import decode_mma
+from . import decode_mma, decode_mma_nf
 from .decode_attention import _finish, _launch_plan
 from .decode_split import (
     _accumulate,
@@ -54,6 +54,9 @@ TOKEN_PREFETCH = True
 #: tensor-core operands made in registers; this module's program does the fp16 segments); a caller's ``block_n``
 #: keeps the ``tl.dot`` programs
 TOKEN_MMA = True
+#: GQA over 2- and 4-bit ``nf`` codes (a level table, no zero) at head dim 128 by ``decode_mma_nf``'s Gluon program.
+#: Off: built and checked on the CPU (its algebra against the reference, its sm_90 compile), not yet run on a GPU
+NF_MMA = False
 
 
 @triton.jit
@@ -251,11 +254,15 @@ def decode_attention_token(q: Tensor, cache: TokenCache, sm_scale: float | None 
     _check(cache)
     dyn = lens is not None
     mma = TOKEN_MMA and block_n is None and decode_mma.mma_supported(q, cache)
+    nf = not mma and NF_MMA and block_n is None and decode_mma_nf.nf_mma_supported(q, cache)
+    split = decode_mma.mma_split(q, cache, lens) if mma else decode_mma_nf.nf_split(q, cache, lens) if nf else None
     grid, per, nsp, mp, lp, ap, scale, meta = _launch_plan(q, cache, sm_scale, num_splits, block_n, num_warps, False,
-                                                           dyn, decode_mma.mma_split(q, cache, lens) if mma else None)
+                                                           dyn, split)
     meta["PLAIN"] = meta["PLAIN"] or cache.bits == 8  # plain bytes: no join-tree expansion
-    if mma:  # the packed splits by decode_mma's program; this one does the fp16 segments
+    if mma:  # the packed splits by a Gluon program; this one does the fp16 segments
         decode_mma.launch_mma(q, cache, mp, lp, ap, per, nsp, scale, lens)
+    elif nf:
+        decode_mma_nf.launch_nf_mma(q, cache, mp, lp, ap, per, nsp, scale, lens)
     zero = cache.k_zero is not None
     sk, rk = cache.sink_k, cache.res_k
     _token_split_kernel[grid](
@@ -268,6 +275,6 @@ def decode_attention_token(q: Tensor, cache: TokenCache, sm_scale: float | None 
         lens if dyn else q,
         BITS=cache.bits, ZERO=zero, LUT=cache.levels is not None, DYN=dyn,
         WORDS=TOKEN_WORDS and zero and cache.levels is None and words_supported(cache.head_dim, cache.bits)
-        and not meta["PLAIN"], PREFETCH=TOKEN_PREFETCH and not meta["DOT"], SEG_ONLY=mma, **meta,
+        and not meta["PLAIN"], PREFETCH=TOKEN_PREFETCH and not meta["DOT"], SEG_ONLY=mma or nf, **meta,
     )
     return _finish(q, nsp, mp, lp, ap)

@@ -226,6 +226,45 @@ def test_decode_attention_token_mma(h, g, t, tmax, n_sink, n_res, dtype, bits, s
     assert _rel(decode_attention_token(q, dataclasses.replace(c, n_packed=7, n_res=0), lens=lens), want) < 5e-3
 
 
+@pytest.mark.parametrize("bits, g, t", [(4, 4, 77), (2, 16, 130), (4, 3, 64)])
+def test_nf_mma_reference_is_the_token_reference(bits, g, t):
+    """``decode_mma_nf``'s algebra in PyTorch (key and value operands of fp16 levels in ``kvq_maps`` order, token
+    scales on the scores and on ``p``) gives the reference's attention over an ``nf`` cache's packed tokens."""
+    from kvq_kernels.decode_mma_nf import nf_mma_reference
+
+    gen = torch.Generator().manual_seed(60 + bits + g + t)
+    c = _cache(gen, 2, 128, bits, True, t, 0, 0, tmax=160)
+    q = _randn(gen, B, 2 * g, 128)
+    assert _rel(nf_mma_reference(q, c), decode_attention_token_ref(q, c)) < 2e-3
+
+
+def test_nf_mma_program_compiles_without_shared_memory_in_its_loop():
+    """The nf Gluon program compiles for sm_90 on any machine, 2- and 4-bit; its token loop has 64 MMAs and no
+    shared-memory instruction, barrier or int-to-float conversion (the levels are lane shuffles)."""
+    check_gluon_loop("decode_mma_nf", ["nf_compiled_counts(4, True, 4)", "nf_compiled_counts(16, False, 2)"], 64)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU checks: the two tests above)")
+@pytest.mark.parametrize("h, g, t, tmax, n_sink, n_res, dtype, bits", [
+    (3, 4, 77, 128, 2, 5, torch.float16, 4), (2, 16, 1000, 1030, 0, 3, torch.bfloat16, 4),
+    (1, 3, 300, 300, 1, 0, torch.float16, 2), (2, 8, 4096, 4096, 1, 0, torch.float16, 2)])
+def test_decode_attention_token_nf_mma(h, g, t, tmax, n_sink, n_res, dtype, bits, monkeypatch):
+    """nf 2- and 4-bit GQA at head dim 128 on a GPU through ``decode_mma_nf``'s program (``NF_MMA`` on, with this
+    kernel's fp16 segments): the reference's attention, counts on the host and on the device."""
+    import kvq_kernels.decode_token as dtk
+    from kvq_kernels.decode_mma_nf import nf_mma_supported
+
+    monkeypatch.setattr(dtk, "NF_MMA", True)
+    gen = torch.Generator().manual_seed(2000 + h + g + t)
+    c = _cache(gen, h, 128, bits, True, t, n_sink, n_res, tmax=tmax)
+    q = _randn(gen, B, h * g, 128).to(dtype)
+    assert nf_mma_supported(q, c)
+    want = decode_attention_token_ref(q.float(), c)
+    assert _rel(decode_attention_token(q, c), want) < 5e-3
+    lens = torch.tensor([t, n_res, 0, t], dtype=torch.int64, device=DEV)
+    assert _rel(decode_attention_token(q, dataclasses.replace(c, n_packed=7, n_res=0), lens=lens), want) < 5e-3
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_decode_attention_token_16_bit_queries(dtype):
     gen = torch.Generator().manual_seed(7)

@@ -1,0 +1,182 @@
+"""GQA decode attention over a 2- or 4-bit ``nf`` cache (a level table, a scale a token-head, no zero) with both
+tensor-core operands made in registers (Gluon, sm_80+): ``decode_mma_kvquant``'s lookups without its rotation.
+``decode_token.decode_attention_token`` runs it for GQA at head dim 128 when ``decode_token.NF_MMA`` is on (off:
+not yet run on a GPU).
+
+* **Keys** (B operand, ``kvq_key_map`` order): the level table looked up by lane shuffle (``lane_table``), two
+  channels a register; the scores are ``s_k (q . L[c])``, the token's scale applied to the MMA's column.
+* **Values** (B operand, ``value_map`` order): the levels of two tokens a register (``decode_mma_kvquant``'s value
+  operand); ``p' = p s_v`` (fp16) into the MMA, and nothing else: no zero.
+
+One program: a (batch, KV head) row's ``G <= 16`` query heads over one split of the packed tokens, in tiles of ``W``
+warps by 32 tokens (``decode_mma``'s plan, outputs and fp16-segment split). ``nf_mma_reference`` is the algebra in
+PyTorch, checked against ``token_reference`` on the CPU; the CPU tests compile the program for sm_90, the GPU tests
+run it.
+
+Public: ``nf_mma_supported(q, cache)``, ``nf_split(q, cache, lens)``, ``launch_nf_mma(...)``,
+``nf_mma_reference(q, cache, sm_scale)``, ``nf_compiled_counts(...)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import decode_mma as _mma
+from .decode_mma import gluon
+from .decode_mma_kvquant import KVQ_BLOCK, kvq_maps, kvq_tile, lane_table
+
+if gluon is not None:
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+    from .decode_mma import _online, _program, _score_tokens, _store_ml, _tile_offsets, _words_layout
+    from .decode_mma_kvquant import _half_words_layout, _keys_lut, _lane_ids, _values_kvq
+
+_LUTS: dict = {}
+
+
+def _lut(cache) -> Tensor:
+    """The lane table of the cache's levels, made once per levels tensor (its identity and version)."""
+    from .decode_attention import _version
+
+    lv = cache.levels
+    hit = _LUTS.get(id(lv))
+    if hit is None or hit[0] is not lv or hit[1] != _version(lv):
+        if len(_LUTS) > 64:
+            _LUTS.clear()
+        hit = _LUTS[id(lv)] = (lv, _version(lv), lane_table(lv, cache.bits))
+    return hit[2]
+
+
+def nf_mma_supported(q: Tensor, cache) -> bool:
+    """A CUDA GPU of compute capability 8.0+, Gluon, a 2- or 4-bit ``TokenCache`` with a level table and no zero
+    points at head dim 128 with room for a tile, 2 to 16 query heads a KV head."""
+    return (_mma.gluon_ready(q) and cache.bits in (2, 4) and cache.head_dim == 128 and cache.levels is not None
+            and cache.k_zero is None and 1 < _mma.query_groups(q, cache) <= 16
+            and cache.k_packed.shape[2] >= kvq_tile())
+
+
+def nf_mma_reference(q: Tensor, cache, sm_scale: float | None = None) -> Tensor:
+    """The program's algebra in PyTorch over the packed tokens only: key and value operands of fp16 levels in the
+    order of ``kvq_maps``, the scaled fp16 query, the token scales on the scores and ``p' = p s_v`` in fp16 ->
+    ``(B, H*G, 128)`` float32. Against ``token_reference`` it checks the maps and the scales the program uses."""
+    b, h = cache.k_packed.shape[:2]
+    n, bits = cache.n_packed, cache.bits
+    g = q.shape[1] // h
+    scale = (1.0 / 128 ** 0.5 if sm_scale is None else sm_scale)
+    kch, vch = kvq_maps(bits, q.device).long()
+    lv = cache.levels.half().float()
+    kw, vw = [x[:, :, :n].contiguous().view(torch.int32).to(torch.int64) for x in (cache.k_packed, cache.v_packed)]
+    kop = lv[_mma.operand_codes(kw, kch, bits)]  # (B, H, n, 128) in operand order
+    qs = (q.float() * scale).half().float().view(b, h, g, 128)[..., kch]
+    s = torch.einsum("bhgk,bhnk->bhgn", qs, kop) * cache.k_scale[:, :, None, :n].float()
+    p = torch.softmax(s, -1)
+    pf = (p * cache.v_scale[:, :, None, :n].float()).half().float()
+    out_n = torch.einsum("bhgn,bhnc->bhgc", pf, lv[_mma.operand_codes(vw, vch, bits)])
+    out = torch.empty_like(out_n)
+    out[..., vch] = out_n
+    return out.reshape(b, h * g, 128)
+
+
+if gluon is not None:
+    @gluon.jit
+    def nf_mma_kernel(Q, sqb, sqh, KW, KS, VW, VS, LUT, MAPS, MP, LP, AP, H, Tmax, n_packed, tokens_per_split, NSP,
+                      qk_scale, LENS, G: gl.constexpr, BITS: gl.constexpr, W: gl.constexpr, DYN: gl.constexpr):
+        """Program ``(b * H + h, sp)`` over split ``sp`` of the packed tokens (``decode_mma.int_mma_kernel``'s plan
+        and outputs) of an ``nf`` cache: ``KW, VW`` the codes as int32 words, ``KS, VS (B*H, Tmax)`` the scales,
+        ``LUT`` the lane table of the levels, ``MAPS`` the ``kvq_maps``."""
+        BN: gl.constexpr = 32
+        NW: gl.constexpr = 4 * BITS  # words a row
+        NP: gl.constexpr = 2 * BITS  # words a half row
+        pid, sp, b, h, start, end = _program(H, LENS, n_packed, tokens_per_split, NSP, W * BN, DYN)
+        m3: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
+        qa: gl.constexpr = gl.DotOperandLayout(0, m3, 2)
+        kb: gl.constexpr = gl.DotOperandLayout(1, m3, 2)
+        rows: gl.constexpr = gl.SliceLayout(2, m3)
+        hw: gl.constexpr = _half_words_layout(W, BN, BITS, 1)
+        vwl: gl.constexpr = _words_layout(W, BN, False, BITS)
+        # the query rows (zero past G), scaled, fp16, in key-operand order
+        qh = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, qa)))
+        qk = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, qa)))
+        qw = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, qa)))
+        qoff = qw[:, None, None] * 0 + (h * G + qh)[None, :, None] * sqh + gl.load(MAPS + qk)[None, None, :]
+        qmask = (qw[:, None, None] * 0 + qh[None, :, None]) < G
+        q16 = (gl.load(Q + b.to(gl.int64) * sqb + qoff, mask=qmask, other=0.0).to(gl.float32) * qk_scale).to(
+            gl.float16)
+        # offsets: key half rows (W, NP, BN), value rows, scales in the score layout; the lane tables
+        kwn = gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(1, hw)))
+        kww = gl.arange(0, NP, layout=gl.SliceLayout(0, gl.SliceLayout(2, hw)))
+        kwv = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, hw)))
+        koff = (kwv[:, None, None] * BN + kwn[None, None, :]) * NW + kww[None, :, None]
+        voff = _tile_offsets(W, BN, NW, 1, vwl)
+        ktab = gl.load(LUT + _lane_ids(W, NP, BN, hw, BITS // 4, 3, 0, 7))
+        vtab = gl.load(LUT + _lane_ids(W, BN, NW, vwl, 1, 3, BITS // 2 - 1, 7))
+        ct = _score_tokens(W, BN, m3)
+        row = pid.to(gl.int64) * Tmax
+        last = Tmax - W * BN  # tiles start at or before it, so every read is inside the buffers
+        m_i = gl.full([W, 16], float("-inf"), gl.float32, rows)
+        l_i = gl.zeros([W, 16], gl.float32, rows)
+        acc = gl.zeros([W, 16, 128], gl.float32, m3)
+        for t0 in range(start, end, W * BN):
+            t0c = gl.minimum(t0, last)
+            base = row + t0c
+            lo = gl.load(KW + base * NW + koff)
+            hi = gl.load(KW + base * NW + NP + koff)
+            vw = gl.load(VW + base * NW + voff)
+            ks = gl.load(KS + base + ct)
+            vs = gl.load(VS + base + ct)
+            valid = (ct - (t0 - t0c)).to(gl.uint32) < (end - t0).to(gl.uint32)  # t0c + ct in [t0, end)
+            s = mma_v2(q16, _keys_lut(lo, hi, ktab, W, BN, BITS, kb), gl.zeros([W, 16, BN], gl.float32, m3))
+            s = gl.where(valid[:, None, :], s * ks.to(gl.float32)[:, None, :], float("-inf"))
+            p, alpha, m_i, l_i = _online(s, m_i, l_i)
+            pf = (p * gl.where(valid, vs.to(gl.float32), 0.0)[:, None, :]).to(gl.float16)
+            acc = mma_v2(gl.convert_layout(pf, qa), _values_kvq(vw, vtab, W, BN, BITS, kb), acc * alpha[:, :, None])
+        sc = _store_ml(MP, LP, b, h, H, NSP, sp, m_i, l_i, G, rows)
+        nn = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(0, m3)))
+        och = gl.load(MAPS + 128 + nn)
+        o = gl.sum(acc * sc[:, :, None], 0)
+        oh = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(0, m3)))
+        prow = (b.to(gl.int64) * H * G + h * G + oh) * NSP + sp
+        gl.store(AP + prow[:, None] * 128 + och[None, :], o, mask=(oh < G)[:, None])
+
+
+def nf_compiled_counts(g: int = 4, dyn: bool = True, bits: int = 4, warps: int = 2, sass: bool = False) -> dict:
+    """As ``decode_mma.compiled_counts``, for this program."""
+    from .decode_mma import _compile_counts
+
+    sig = dict(Q="*fp16", KW="*i32", KS="*fp16", VW="*i32", VS="*fp16", LUT="*i32", MAPS="*i32", MP="*fp32",
+               LP="*fp32", AP="*fp32", qk_scale="fp32", LENS="*i32")
+    aligned = ("Q", "sqb", "sqh", "KW", "KS", "VW", "VS", "LUT", "MAPS", "MP", "LP", "AP", "Tmax", "tokens_per_split")
+    return _compile_counts(nf_mma_kernel, sig, dict(G=g, BITS=bits, W=warps, DYN=dyn), aligned, warps, sass)
+
+
+def _nf_consts(q: Tensor, cache, lens: Tensor | None) -> dict:
+    return dict(G=q.shape[1] // cache.k_packed.shape[1], BITS=cache.bits, W=_mma.WARPS, DYN=lens is not None)
+
+
+def _nf_args(q: Tensor, cache, mp, lp, ap, per: int, nsp: int, scale: float, lens: Tensor | None) -> tuple:
+    return (q, q.stride(0), q.stride(1), cache.k_packed.view(torch.int32), cache.k_scale,
+            cache.v_packed.view(torch.int32), cache.v_scale, _lut(cache), kvq_maps(cache.bits, q.device), mp, lp, ap,
+            cache.k_packed.shape[1], cache.k_packed.shape[2], cache.n_packed, per, nsp, scale,
+            q if lens is None else lens)
+
+
+def nf_split(q: Tensor, cache, lens: Tensor | None) -> tuple[int, int]:
+    """(tokens a tile, programs an SM) of this program on ``q, cache`` (``decode_mma.program_split``)."""
+    f32 = torch.float32
+    return _mma.program_split(nf_mma_kernel, _nf_consts(q, cache, lens), q.device,
+                              lambda: _nf_args(q, cache, f32, f32, f32, kvq_tile(), 2, 1.0, lens), KVQ_BLOCK)
+
+
+def launch_nf_mma(q: Tensor, cache, mp: Tensor, lp: Tensor, ap: Tensor, per: int, nsp: int, scale: float,
+                  lens: Tensor | None) -> None:
+    """Splits ``0 .. nsp - 2`` of ``decode_token``'s plan into the partial buffers, as ``decode_mma.launch_mma``."""
+    if nsp < 2:
+        return
+    _mma.remember("nf", nf_mma_kernel[(cache.k_packed.shape[0] * cache.k_packed.shape[1], nsp - 1)](
+        *_nf_args(q, cache, mp, lp, ap, per, nsp, scale, lens), **_nf_consts(q, cache, lens),
+        **_mma.launch_options()))
+
+
+__all__ = ["nf_mma_supported", "nf_split", "launch_nf_mma", "nf_mma_reference", "nf_compiled_counts"]
