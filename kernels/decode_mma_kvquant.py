@@ -156,7 +156,7 @@ def kvq_mma_reference(q: Tensor, cache, sm_scale: float | None = None) -> Tensor
     tmax = cache.k_packed.shape[2]
     i = torch.arange(n, device=q.device)
     tile = kvq_tile()
-    t0 = torch.minimum(i // tile * tile, torch.tensor(tmax - tile))
+    t0 = (i // tile * tile).clamp(max=tmax - tile)
     blk, j = (i - t0) // KVQ_BLOCK + t0 // KVQ_BLOCK, (i - t0) % KVQ_BLOCK + t0 % KVQ_BLOCK
     half = kch % 64
     kc_, ks_ = kt[0][j][:, half].float(), kt[1][j][:, half].float()  # (n, 128)
