@@ -293,20 +293,29 @@ if gluon is not None:
         """V words ``(W, BN, NW)`` -> the B operand ``(W, BN, 128)`` (columns in ``value_map`` order); ``T``: the A
         operand ``(W, 128, BN)`` of the transposed product (rows in ``value_map`` order; each thread holds the same
         codes either way)."""
-        NW: gl.constexpr = 4 * BITS
-        a, b = gl.split(gl.permute(gl.reshape(vw, [W, BN // 2, 2, NW]), (0, 1, 3, 2)))  # tokens 2 tp, 2 tp + 1
-        y = gl.join(gl.join(_vbyte(a, b, 0, BITS), _vbyte(a, b, 1, BITS)),
-                    gl.join(_vbyte(a, b, 2, BITS), _vbyte(a, b, 3, BITS)))
+        a, b = _token_pairs(vw, W, BN, 4 * BITS)
+        y = _arrange_values(gl.join(gl.join(_vbyte(a, b, 0, BITS), _vbyte(a, b, 1, BITS)),
+                                    gl.join(_vbyte(a, b, 2, BITS), _vbyte(a, b, 3, BITS))), W, BN, BITS)
+        if T:
+            y = gl.permute(y, (0, 2, 1))
+        return gl.convert_layout(y, vb)
+
+    @gluon.jit
+    def _token_pairs(vw, W: gl.constexpr, BN: gl.constexpr, NW: gl.constexpr):
+        """V words ``(W, BN, NW)`` -> the words of tokens ``2 tp`` and ``2 tp + 1``, each ``(W, BN / 2, NW)``."""
+        return gl.split(gl.permute(gl.reshape(vw, [W, BN // 2, 2, NW]), (0, 1, 3, 2)))
+
+    @gluon.jit
+    def _arrange_values(y, W: gl.constexpr, BN: gl.constexpr, BITS: gl.constexpr):
+        """The four bytes' operand pairs ``(W, BN / 2, NW, pair, j..., x...)`` -> ``(W, BN, 128)``, columns in
+        ``value_map`` order."""
         if BITS == 2:
             y = gl.reshape(y, [W, BN // 2, 2, 2, 2, 2, 2, 2, 2, 2])  # [W, tp, g2, g1, g0, pair, j0, j1, x0, x1]
             y = gl.permute(y, (0, 1, 5, 9, 8, 7, 6, 2, 3, 4))  # [W, tp, pair, x1, x0, j1, j0, g2, g1, g0]
         else:
             y = gl.reshape(y, [W, BN // 2, 2, 2, 2, 2, 2, 2, 2, 2])  # [W, tp, g2, g1, g0, u, pair, j, x0, x1]
             y = gl.permute(y, (0, 1, 6, 5, 9, 8, 7, 2, 3, 4))  # [W, tp, pair, u, x1, x0, j, g2, g1, g0]
-        y = gl.reshape(y, [W, BN, 128])
-        if T:
-            y = gl.permute(y, (0, 2, 1))
-        return gl.convert_layout(y, vb)
+        return gl.reshape(y, [W, BN, 128])
 
     @gluon.jit
     def _rows8(x):
@@ -338,17 +347,22 @@ if gluon is not None:
         return pid, sp, pid // H, pid % H, start, gl.minimum(start + per, npk)
 
     @gluon.jit
-    def _query(Q, sqb, sqh, b, h, MAPS, qk_scale, G: gl.constexpr, W: gl.constexpr, qa: gl.constexpr):
-        """Query heads ``h G ..`` of batch ``b`` (rows past G zero), scaled, in key-operand channel order (``MAPS``)
-        -> float32 ``(W, 16, 128)`` in the A layout (every warp all rows), and the shifts ``2^e`` of those channels."""
+    def _query_rows(Q, sqb, sqh, b, h, MAPS, qk_scale, G: gl.constexpr, W: gl.constexpr, qa: gl.constexpr):
+        """Query heads ``h G ..`` of batch ``b`` (rows past G zero), scaled, in the key-operand channel order of the
+        maps' first row (``MAPS``) -> float32 ``(W, 16, 128)`` in the A layout (every warp all rows)."""
         qh = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, qa)))
         qk = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, qa)))
         qw = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, qa)))
-        qch = gl.load(MAPS + qk)
-        qf = (1 << gl.load(MAPS + 128 + qk)).to(gl.float32)
-        qoff = qw[:, None, None] * 0 + (h * G + qh)[None, :, None] * sqh + qch[None, None, :]
+        qoff = qw[:, None, None] * 0 + (h * G + qh)[None, :, None] * sqh + gl.load(MAPS + qk)[None, None, :]
         qmask = (qw[:, None, None] * 0 + qh[None, :, None]) < G
-        return gl.load(Q + b.to(gl.int64) * sqb + qoff, mask=qmask, other=0.0).to(gl.float32) * qk_scale, qf
+        return gl.load(Q + b.to(gl.int64) * sqb + qoff, mask=qmask, other=0.0).to(gl.float32) * qk_scale
+
+    @gluon.jit
+    def _query(Q, sqb, sqh, b, h, MAPS, qk_scale, G: gl.constexpr, W: gl.constexpr, qa: gl.constexpr):
+        """``_query_rows`` of ``operand_maps``, and the shifts ``2^e`` of those channels (the maps' second row)."""
+        qs = _query_rows(Q, sqb, sqh, b, h, MAPS, qk_scale, G, W, qa)
+        qk = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, qa)))
+        return qs, (1 << gl.load(MAPS + 128 + qk)).to(gl.float32)
 
     @gluon.jit
     def _tile_offsets(W: gl.constexpr, BN: gl.constexpr, N: gl.constexpr, TOK_AXIS: gl.constexpr,

@@ -42,7 +42,17 @@ if gluon is not None:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-    from .decode_mma import _online, _program, _score_tokens, _store_ml, _tile_offsets, _words_layout
+    from .decode_mma import (
+        _arrange_values,
+        _online,
+        _program,
+        _query_rows,
+        _score_tokens,
+        _store_ml,
+        _tile_offsets,
+        _token_pairs,
+        _words_layout,
+    )
 
 #: tokens a warp (the in-warp rotation table's rows)
 KVQ_BLOCK = 32
@@ -382,18 +392,33 @@ if gluon is not None:
     def _values_kvq(vw, tab, W: gl.constexpr, BN: gl.constexpr, BITS: gl.constexpr, vb: gl.constexpr):
         """V words ``(W, BN, NW)`` and lane table ``tab`` (same shape) -> the B operand ``(W, BN, 128)`` of codebook
         values, columns in ``value_map`` order (``decode_mma._values`` with lookups for the bit tricks)."""
-        NW: gl.constexpr = 4 * BITS
-        a, b = gl.split(gl.permute(gl.reshape(vw, [W, BN // 2, 2, NW]), (0, 1, 3, 2)))  # tokens 2 tp, 2 tp + 1
-        ta, _ = gl.split(gl.permute(gl.reshape(tab, [W, BN // 2, 2, NW]), (0, 1, 3, 2)))
+        a, b = _token_pairs(vw, W, BN, 4 * BITS)
+        ta, _ = _token_pairs(tab, W, BN, 4 * BITS)  # (both tokens' lanes hold the same entry)
         y = gl.join(gl.join(_vlut_byte(a, b, ta, 0, BITS), _vlut_byte(a, b, ta, 1, BITS)),
                     gl.join(_vlut_byte(a, b, ta, 2, BITS), _vlut_byte(a, b, ta, 3, BITS)))
-        if BITS == 2:
-            y = gl.reshape(y, [W, BN // 2, 2, 2, 2, 2, 2, 2, 2, 2])  # [W, tp, g2, g1, g0, pair, j0, j1, x0, x1]
-            y = gl.permute(y, (0, 1, 5, 9, 8, 7, 6, 2, 3, 4))  # [W, tp, pair, x1, x0, j1, j0, g2, g1, g0]
-        else:
-            y = gl.reshape(y, [W, BN // 2, 2, 2, 2, 2, 2, 2, 2, 2])  # [W, tp, g2, g1, g0, u, pair, j, x0, x1]
-            y = gl.permute(y, (0, 1, 6, 5, 9, 8, 7, 2, 3, 4))  # [W, tp, pair, u, x1, x0, j, g2, g1, g0]
-        return gl.convert_layout(gl.reshape(y, [W, BN, 128]), vb)
+        return gl.convert_layout(_arrange_values(y, W, BN, BITS), vb)
+
+    @gluon.jit
+    def _query16(Q, sqb, sqh, b, h, MAPS, qk_scale, G: gl.constexpr, W: gl.constexpr, qa: gl.constexpr):
+        """``decode_mma._query_rows`` in ``kvq_key_map`` order (``kvq_maps``), as fp16: the key MMA's A operand."""
+        return _query_rows(Q, sqb, sqh, b, h, MAPS, qk_scale, G, W, qa).to(gl.float16)
+
+    @gluon.jit
+    def _half_offsets(W: gl.constexpr, BN: gl.constexpr, NW: gl.constexpr, hw: gl.constexpr):
+        """Offsets ``(W, NP, BN)`` in ``hw`` (``_half_words_layout``) of the low half-row words of a tile's tokens,
+        rows of ``NW`` words (the high half: ``+ NW / 2``)."""
+        kwn = gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(1, hw)))
+        kww = gl.arange(0, NW // 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, hw)))
+        kwv = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, hw)))
+        return (kwv[:, None, None] * BN + kwn[None, None, :]) * NW + kww[None, :, None]
+
+    @gluon.jit
+    def _lane_tables(KT, VT, W: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, BV: gl.constexpr,
+                     hw: gl.constexpr, vwl: gl.constexpr):
+        """Each thread's own lane entry of the key table ``KT`` over the key half words ``(W, NP, BN)`` and of the
+        value table ``VT`` over the value words ``(W, BN, NWV)`` (``lane_table``)."""
+        return (gl.load(KT + _lane_ids(W, 2 * BK, BN, hw, BK // 4, 3, 0, 7)),
+                gl.load(VT + _lane_ids(W, BN, 4 * BV, vwl, 1, 3, BV // 2 - 1, 7)))
 
     @gluon.jit
     def _lane_ids(W: gl.constexpr, A: gl.constexpr, B: gl.constexpr, layout: gl.constexpr, SA: gl.constexpr,
@@ -431,14 +456,7 @@ if gluon is not None:
         vwl: gl.constexpr = _words_layout(W, BN, False, BV)
         qk_l: gl.constexpr = gl.SliceLayout(1, qa)  # (W, 128): per-channel values of the query operand
         # the query rows (zero past G), scaled, fp16, in key-operand order; its partner rows (k +- 64)
-        qh = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, qa)))
-        qk = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, qa)))
-        qw = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, qa)))
-        qch = gl.load(MAPS + qk)
-        qoff = qw[:, None, None] * 0 + (h * G + qh)[None, :, None] * sqh + qch[None, None, :]
-        qmask = (qw[:, None, None] * 0 + qh[None, :, None]) < G
-        q16 = (gl.load(Q + b.to(gl.int64) * sqb + qoff, mask=qmask, other=0.0).to(gl.float32) * qk_scale).to(
-            gl.float16)
+        q16 = _query16(Q, sqb, sqh, b, h, MAPS, qk_scale, G, W, qa)
         x = gl.split(gl.permute(gl.reshape(q16, [W, 16, 2, 64]), (0, 1, 3, 2)))  # (k < 64, k >= 64)
         q16p = gl.convert_layout(gl.reshape(gl.permute(gl.join(x[1], x[0]), (0, 1, 3, 2)), [W, 16, 128]), qa)
         # the query's rotation back by each warp's first token: table row (t0 + 32 w) / 32
@@ -468,14 +486,10 @@ if gluon is not None:
         ctww = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, hws))))
         ctoff = ((ctww[:, None, None] * 0 + ctn[None, None, :] * 32 + ctw[None, :, None] * SW)[:, :, :, None] +
                  cts[None, None, None, :])  # (W, NP, BN, SW): pair index of row n
-        ktab = gl.load(CKT + _lane_ids(W, NP, BN, hw, BK // 4, 3, 0, 7))
+        ktab, vtab = _lane_tables(CKT, CVT, W, BN, BK, BV, hw, vwl)
         # word offsets: key half rows (W, NP, BN), value rows, statistics in the score layout
-        kwn = gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(1, hw)))
-        kww = gl.arange(0, NP, layout=gl.SliceLayout(0, gl.SliceLayout(2, hw)))
-        kwv = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, hw)))
-        koff = (kwv[:, None, None] * BN + kwn[None, None, :]) * NWK + kww[None, :, None]
+        koff = _half_offsets(W, BN, NWK, hw)
         voff = _tile_offsets(W, BN, NWV, 1, vwl)
-        vtab = gl.load(CVT + _lane_ids(W, BN, NWV, vwl, 1, 3, BV // 2 - 1, 7))
         ct = _score_tokens(W, BN, m3)
         row = pid.to(gl.int64) * Tmax
         # tiles start at or before it, so every read is inside the buffers; a warp's tokens start d = t0c % 32 past

@@ -31,7 +31,7 @@ if gluon is not None:
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     from .decode_mma import _online, _program, _score_tokens, _store_ml, _tile_offsets, _words_layout
-    from .decode_mma_kvquant import _half_words_layout, _keys_lut, _lane_ids, _values_kvq
+    from .decode_mma_kvquant import _half_offsets, _half_words_layout, _keys_lut, _lane_tables, _query16, _values_kvq
 
 _LUTS: dict = {}
 
@@ -96,22 +96,11 @@ if gluon is not None:
         rows: gl.constexpr = gl.SliceLayout(2, m3)
         hw: gl.constexpr = _half_words_layout(W, BN, BITS, 1)
         vwl: gl.constexpr = _words_layout(W, BN, False, BITS)
-        # the query rows (zero past G), scaled, fp16, in key-operand order
-        qh = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, qa)))
-        qk = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, qa)))
-        qw = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, qa)))
-        qoff = qw[:, None, None] * 0 + (h * G + qh)[None, :, None] * sqh + gl.load(MAPS + qk)[None, None, :]
-        qmask = (qw[:, None, None] * 0 + qh[None, :, None]) < G
-        q16 = (gl.load(Q + b.to(gl.int64) * sqb + qoff, mask=qmask, other=0.0).to(gl.float32) * qk_scale).to(
-            gl.float16)
+        q16 = _query16(Q, sqb, sqh, b, h, MAPS, qk_scale, G, W, qa)  # the query rows, in key-operand order
         # offsets: key half rows (W, NP, BN), value rows, scales in the score layout; the lane tables
-        kwn = gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(1, hw)))
-        kww = gl.arange(0, NP, layout=gl.SliceLayout(0, gl.SliceLayout(2, hw)))
-        kwv = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, hw)))
-        koff = (kwv[:, None, None] * BN + kwn[None, None, :]) * NW + kww[None, :, None]
+        koff = _half_offsets(W, BN, NW, hw)
         voff = _tile_offsets(W, BN, NW, 1, vwl)
-        ktab = gl.load(LUT + _lane_ids(W, NP, BN, hw, BITS // 4, 3, 0, 7))
-        vtab = gl.load(LUT + _lane_ids(W, BN, NW, vwl, 1, 3, BITS // 2 - 1, 7))
+        ktab, vtab = _lane_tables(LUT, LUT, W, BN, BITS, BITS, hw, vwl)
         ct = _score_tokens(W, BN, m3)
         row = pid.to(gl.int64) * Tmax
         last = Tmax - W * BN  # tiles start at or before it, so every read is inside the buffers
