@@ -144,8 +144,8 @@ def run(contexts, batches, names, sweep: bool) -> dict:
         print(f"{name} (Gluon path) against the reference: relative error {err:.2e}", flush=True)
     for name, t, b in itertools.product(names, contexts, batches):
         make, fn, switch, supported, _ = table[name]
-        prog = next(p for p in ("kivi", "kvquant", "nf", "int") if name.startswith(p[:3]))  # ``decode_mma.COMPILED``
-        # key
+        # its key in ``decode_mma.COMPILED``
+        prog = next(p for p in ("kivi", "kvquant", "nf", "int") if name.startswith(p[:3]))
         cache = make(b, H, D, t)
         q = torch.randn(b, H * G, D, device="cuda", dtype=torch.float16)
         assert supported(q, cache), name

@@ -59,7 +59,8 @@ WARPS, BLOCK = 2, 32
 SWAP_PV = False
 PROGRAMS_PER_SM: int | None = None
 MAXNREG: int | None = None
-#: what the last launch of each program compiled to: ``{"int" | "kivi": (registers a thread, spilled bytes)}``
+#: what the last launch of each program compiled to: ``{"int" | "kivi" | "kvquant" | "nf": (registers a thread,
+#: spilled bytes)}``
 COMPILED: dict = {}
 _RESIDENT: dict = {}
 
@@ -596,7 +597,7 @@ def _cubin_stats(cubin: bytes) -> dict:
 
 def _int_consts(q: Tensor, cache, lens: Tensor | None) -> dict:
     """The program's constants for a launch on ``q, cache``."""
-    g = q.shape[1] // cache.k_packed.shape[1]
+    g = query_groups(q, cache)
     return dict(G=g, BITS=cache.bits, W=WARPS, BN=BLOCK, DYN=lens is not None, SWAP=SWAP_PV and g <= 8)
 
 

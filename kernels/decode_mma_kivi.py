@@ -309,7 +309,7 @@ def kivi_compiled_counts(g: int = 4, dyn: bool = True, warps: int = 2, sass: boo
 
 def _kivi_consts(q: Tensor, cache, lens: Tensor | None) -> dict:
     """The program's constants for a launch on ``q, cache``."""
-    return dict(G=q.shape[1] // cache.k_packed.shape[1], W=_mma.WARPS, DYN=lens is not None)
+    return dict(G=_mma.query_groups(q, cache), W=_mma.WARPS, DYN=lens is not None)
 
 
 def _kivi_args(q: Tensor, cache, mp, lp, ap, per: int, nsp: int, scale: float, lens: Tensor | None) -> tuple:

@@ -561,7 +561,7 @@ def kvq_compiled_counts(g: int = 4, dyn: bool = True, bk: int = 2, bv: int = 2, 
 
 def _kvq_consts(q: Tensor, cache, lens: Tensor | None, spk: bool, spv: bool) -> dict:
     """The program's constants for a launch on ``q, cache``."""
-    return dict(G=q.shape[1] // cache.k_packed.shape[1], BK=cache.bits_k, BV=cache.bits_v, W=_mma.WARPS,
+    return dict(G=_mma.query_groups(q, cache), BK=cache.bits_k, BV=cache.bits_v, W=_mma.WARPS,
                 DYN=lens is not None, SPK=spk, SPV=spv)
 
 

@@ -141,7 +141,7 @@ def nf_compiled_counts(g: int = 4, dyn: bool = True, bits: int = 4, warps: int =
 
 
 def _nf_consts(q: Tensor, cache, lens: Tensor | None) -> dict:
-    return dict(G=q.shape[1] // cache.k_packed.shape[1], BITS=cache.bits, W=_mma.WARPS, DYN=lens is not None)
+    return dict(G=_mma.query_groups(q, cache), BITS=cache.bits, W=_mma.WARPS, DYN=lens is not None)
 
 
 def _nf_args(q: Tensor, cache, mp, lp, ap, per: int, nsp: int, scale: float, lens: Tensor | None) -> tuple:
