@@ -502,7 +502,9 @@ if gluon is not None:
         l_i = gl.zeros([W, 16], gl.float32, rows)
         z_i = gl.zeros([W, 16], gl.float32, rows)
         acc = gl.zeros([W, 16, 128], gl.float32, m3)
-        for t0 in range(start, end, W * BN):
+        n_tiles = gl.cdiv(end - start, W * BN)
+        for it in range(0, n_tiles):
+            t0 = start + it * (W * BN)
             t0c = gl.minimum(t0, last)
             base = row + t0c
             lo = gl.load(KW + base * NWK + koff)
@@ -513,6 +515,12 @@ if gluon is not None:
             qc = _operand_row(gl.load(QT + (t0c // BN) * 128 + qtoff), W, qk_l)
             qs = _operand_row(gl.load(QT + (tab_rows + t0c // BN) * 128 + qtoff), W, qk_l)
             valid = (ct - (t0 - t0c)).to(gl.uint32) < (end - t0).to(gl.uint32)  # t0c + ct in [t0, end)
+            if SPK:  # the key outliers' score corrections, loaded with the codes: the key product's start
+                sidx = soff + (t0c + ct)[:, None, :]
+                sm = smask & valid[:, None, :]
+                s0 = gl.load(DS + sidx, mask=sm, other=0.0)
+            else:
+                s0 = gl.zeros([W, 16, BN], gl.float32, m3)
             # the query rotated back by each warp's first token (fp16), the keys by their place in the warp
             qc, _ = gl.broadcast(qc[:, None, :], q16)
             qs, _ = gl.broadcast(qs[:, None, :], q16)
@@ -520,14 +528,12 @@ if gluon is not None:
             cs = gl.load(KT + (t0c % BN) * 32 + ctoff)
             sn = gl.load(KT + 64 * BN + (t0c % BN) * 32 + ctoff)
             kop = _keys_kvq(lo, hi, ktab, kal, ksl, kah, ksh, cs, sn, W, BN, BK, kb, hw)
-            s = mma_v2(qr, kop, gl.zeros([W, 16, BN], gl.float32, m3))
-            if SPK or SPV:
-                sidx = soff + (t0c + ct)[:, None, :]
-                sm = smask & valid[:, None, :]
-                if SPK:
-                    s += gl.load(DS + sidx, mask=sm, other=0.0)
-                if SPV:
-                    gl.store(SS + sidx, s, mask=sm)
+            s = mma_v2(qr, kop, s0)
+            if SPV:
+                if not SPK:
+                    sidx = soff + (t0c + ct)[:, None, :]
+                    sm = smask & valid[:, None, :]
+                gl.store(SS + sidx, s, mask=sm)
             s = gl.where(valid[:, None, :], s, float("-inf"))
             p, alpha, m_i, l_i = _online(s, m_i, l_i)
             hs = gl.where(valid, vsc.to(gl.float32) * 0.5, 0.0)
@@ -555,8 +561,8 @@ def kvq_compiled_counts(g: int = 4, dyn: bool = True, bk: int = 2, bv: int = 2, 
                SS="*fp32", qk_scale="fp32", LENS="*i32")
     aligned = ("Q", "sqb", "sqh", "KW", "VW", "VMIN", "VSC", "KA", "KSC", "CKT", "CVT", "QT", "KT", "MAPS", "MP",
                "LP", "AP", "DS", "SS", "Tmax", "tokens_per_split")
-    return _compile_counts(kvq_mma_kernel, sig, dict(G=g, BK=bk, BV=bv, W=warps, DYN=dyn, SPK=spk, SPV=spv), aligned,
-                           warps, sass)
+    consts = dict(G=g, BK=bk, BV=bv, W=warps, DYN=dyn, SPK=spk, SPV=spv)
+    return _compile_counts(kvq_mma_kernel, sig, consts, aligned, warps, sass)
 
 
 def _kvq_consts(q: Tensor, cache, lens: Tensor | None, spk: bool, spv: bool) -> dict:

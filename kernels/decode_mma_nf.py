@@ -1,7 +1,6 @@
 """GQA decode attention over a 2- or 4-bit ``nf`` cache (a level table, a scale a token-head, no zero) with both
 tensor-core operands made in registers (Gluon, sm_80+): ``decode_mma_kvquant``'s lookups without its rotation.
-``decode_token.decode_attention_token`` runs it for GQA at head dim 128 when ``decode_token.NF_MMA`` is on (off:
-not yet run on a GPU).
+``decode_token.decode_attention_token`` runs it for GQA at head dim 128 (``decode_token.NF_MMA``, on).
 
 * **Keys** (B operand, ``kvq_key_map`` order): the level table looked up by lane shuffle (``lane_table``), two
   channels a register; the scores are ``s_k (q . L[c])``, the token's scale applied to the MMA's column.
