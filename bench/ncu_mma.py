@@ -1,12 +1,13 @@
-"""One GQA decode call of a Gluon program for Nsight Compute (not a test): a random int2, kivi2 or kvq2-1% cache at
-Llama-3-8B's heads (8 KV heads, 4 query heads each, D = 128), counts on the device as ``kvq generate``'s graphs read
-them, called four times so that ncu can skip the compiling launches.
+"""One GQA decode call of a Gluon program for Nsight Compute (not a test): a random int2, nf4, kivi2, kvq2 or kvq2-1%
+cache at Llama-3-8B's heads (8 KV heads, 4 query heads each, D = 128), counts on the device as ``kvq generate``'s
+graphs read them, called four times so that ncu can skip the compiling launches.
 
     ncu --kernel-name regex:int_mma --launch-skip 2 --launch-count 1 --section SpeedOfLight --section Occupancy \\
         --section WarpStateStats --section SchedulerStats --section LaunchStats --section MemoryWorkloadAnalysis \\
         python bench/ncu_mma.py int2 131072
-    (kivi2: --kernel-name regex:kivi_mma; kvq2-1%, KVQuant 2-bit with 1% outliers: regex:kvq_mma, and
-    regex:outlier for the outliers' two passes)
+    (kivi2: --kernel-name regex:kivi_mma; kvq2 and kvq2-1%, KVQuant 2-bit without and with 1% outliers:
+    regex:kvq_mma, and regex:outlier for the outliers' two passes; nf4: regex:nf_mma)
+    Per-instruction stall samples: ``--section SourceCounters --page source --csv --print-source sass``.
 
 Results: ``docs/results/kernels-decode-attention.md`` (session 12, ``raw/session12-ncu-*-mma.txt``).
 """
@@ -24,11 +25,13 @@ from bench_decode_attention import METHODS, random_kivi, random_kvquant, random_
 def main(method: str = "int2", tokens: int = 131072, batch: int = 1) -> None:
     if method == "kivi2":
         cache, fn = random_kivi(batch, 8, 128, tokens, cfg=METHODS["kivi-2b"]), da.decode_attention_kivi
-    elif method == "kvq2-1%":
-        cache = random_kvquant(batch, 8, 128, tokens, cfg=METHODS["kvquant-2b-1%-rows"])
+    elif method in ("kvq2", "kvq2-1%"):
+        cfg = "kvquant-2b-0%" if method == "kvq2" else "kvquant-2b-1%-rows"
+        cache = random_kvquant(batch, 8, 128, tokens, cfg=METHODS[cfg])
         fn = da.decode_attention_kvquant
         for rows in (cache.k_sparse, cache.v_sparse):
-            rows.cover(cache.k_packed.shape[2])  # device counts read pointers over the capacity
+            if rows is not None:
+                rows.cover(cache.k_packed.shape[2])  # device counts read pointers over the capacity
     else:
         cache, fn = random_token(batch, 8, 128, tokens, cfg=METHODS[method]), dtk.decode_attention_token
     q = torch.randn(batch, 32, 128, device="cuda").half()
