@@ -3,7 +3,7 @@ KIVI 2-bit; ``decode_mma_kvquant``: kvq2, kvq4, kvq2-1%; ``decode_mma_nf``: nf2,
 ``tl.dot`` programs they replace, all in one run, and a sweep of their tile and occupancy settings.
 
     python bench/bench_mma.py --out mma.json [--contexts 32768,131072,1048576] [--batches 1,8]
-                              [--methods int2,int4,kivi2,kvq2,kvq2-1%,nf4] [--sweep]
+                              [--methods int2,int4,kivi2,kvq2,kvq2-1%,nf4,kvq2-nib,nf2-nib] [--sweep]
 
 Times the decode function as the runtime calls it (the Gluon packed splits, the fp16-segment split, the merge) with
 the Gluon path's switch on and off (``decode_token.TOKEN_MMA``, ``decode_attention.KIVI_MMA``), replayed from CUDA
@@ -13,6 +13,8 @@ the same way; also the host time a call takes to issue (what eager use, ``--no-g
 Gluon path against its reference. ``--sweep``: warps a program, tokens a warp and programs an SM
 and a register cap (``decode_mma.WARPS``, ``BLOCK``, ``PROGRAMS_PER_SM``, ``MAXNREG``) at each context and batch, with
 counts on the device (the variant ``kvq generate``'s graphs run), and the registers and spills each compiled to.
+A ``-nib`` suffix (``kvq2-nib``, ``kvq2-1%-nib``, ``nf2-nib``) times the Gluon path with
+``decode_mma_kvquant.VALUE_NIBBLES`` on, to set beside the plain name in the same run.
 Results: ``docs/results/kernels-decode-attention.md`` (session 11).
 """
 
@@ -105,6 +107,15 @@ def _rel_err(call, want) -> float:
     return ((call().float() - want).norm() / want.norm()).item()
 
 
+#: a method name's suffix that times its Gluon path with ``decode_mma_kvquant.VALUE_NIBBLES`` on (kvq2*, nf2)
+NIB = "-nib"
+
+
+def _extra(name: str) -> dict:
+    """Settings a method name's suffix adds to its Gluon path's switch."""
+    return {(qmma, "VALUE_NIBBLES"): True} if name.endswith(NIB) else {}
+
+
 def _methods() -> dict:
     """name -> (cache maker, decode function, switch of the Gluon path, its gate, the reference)."""
     return {
@@ -135,15 +146,16 @@ def run(contexts, batches, names, sweep: bool) -> dict:
     print(f"{res['device']}: copy bandwidth {res['copy_gbps']:.0f} GB/s", flush=True)
     table = _methods()
     for name in names:
-        make, fn, switch, _, reference = table[name]
+        make, fn, switch, _, reference = table[name.removesuffix(NIB)]
         small = make(2, 3, D, 1056)  # (kivi packs whole 32-token groups: 1056 - 128 residual tokens)
         q = torch.randn(2, 3 * G, D, device="cuda", dtype=torch.float16)
         want = reference(q.float(), small)
-        err = _timed({switch: True}, fn, q, small, functools.partial(_rel_err, want=want))
+        err = _timed({switch: True, **_extra(name)}, fn, q, small, functools.partial(_rel_err, want=want))
         res[f"check_rel_err_{name}"] = err
         print(f"{name} (Gluon path) against the reference: relative error {err:.2e}", flush=True)
     for name, t, b in itertools.product(names, contexts, batches):
-        make, fn, switch, supported, _ = table[name]
+        make, fn, switch, supported, _ = table[name.removesuffix(NIB)]
+        on_set = {switch: True, **_extra(name)}
         # its key in ``decode_mma.COMPILED``
         prog = next(p for p in ("kivi", "kvquant", "nf", "int") if name.startswith(p[:3]))
         cache = make(b, H, D, t)
@@ -153,14 +165,14 @@ def run(contexts, batches, names, sweep: bool) -> dict:
         vb = torch.randn_like(kb)
         sdpa = graph_ms(functools.partial(F.scaled_dot_product_attention, q[:, :, None], kb, vb, enable_gqa=True))
         del kb, vb
-        on = _timed({switch: True}, fn, q, cache)
+        on = _timed(on_set, fn, q, cache)
         off = _timed({switch: False}, fn, q, cache)
         # counts on the device, as ``kvq generate``'s captured steps read them (another compiled variant)
         lens = torch.tensor([cache.n_packed, cache.n_res, 0, 0], dtype=torch.int64, device="cuda")
-        on_dyn = _timed({switch: True}, fn, q, cache, lens=lens)
+        on_dyn = _timed(on_set, fn, q, cache, lens=lens)
         dyn_regs = mma.COMPILED.get(prog)
         off_dyn = _timed({switch: False}, fn, q, cache, lens=lens)
-        hosts = dict(mma_host_us=_timed({switch: True}, fn, q, cache, host_us),
+        hosts = dict(mma_host_us=_timed(on_set, fn, q, cache, host_us),
                      dot_host_us=_timed({switch: False}, fn, q, cache, host_us))
         nbytes = cache.compressed_bytes()
         regs = mma.COMPILED.get(prog)  # the host-count launch, the last one (``host_us``)
@@ -180,7 +192,7 @@ def run(contexts, batches, names, sweep: bool) -> dict:
             for w, bn, k, cap in SWEEP:
                 if prog != "int" and bn != 32:
                     continue  # 32 tokens a warp (KIVI: one key group; kvquant and nf: the in-warp tables)
-                s = {switch: True, (mma, "WARPS"): w, (mma, "BLOCK"): bn, (mma, "PROGRAMS_PER_SM"): k,
+                s = {**on_set, (mma, "WARPS"): w, (mma, "BLOCK"): bn, (mma, "PROGRAMS_PER_SM"): k,
                      (mma, "MAXNREG"): cap}
                 ms = _timed(s, fn, q, cache, lens=lens)
                 regs, spills = mma.COMPILED.get(prog, (None, None))

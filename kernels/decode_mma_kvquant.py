@@ -56,6 +56,10 @@ if gluon is not None:
 
 #: tokens a warp (the in-warp rotation table's rows)
 KVQ_BLOCK = 32
+#: 2-bit values (kvquant's and nf's programs): the two tokens' codes interleaved into nibbles, then one shift and one
+#: shuffle a lookup (``_code_nibbles``; 2 instructions a lookup against 5). Off: compiled and its index algebra checked
+#: on the CPU, not yet run on a GPU
+VALUE_NIBBLES = False
 
 
 def kvq_tile() -> int:
@@ -375,6 +379,42 @@ if gluon is not None:
         return "{.reg .b32 t, i, u; " + f"prmt.b32 t, $2, $3, {sel}; " + body + "mov.b32 {$0, $1}, t;}"
 
     @gluon.jit
+    def _code_nibbles(a, b):
+        """2-bit words ``a, b`` of two tokens -> ``(e, o)``: nibble ``m`` of ``e`` is ``a``'s code ``2 m`` then
+        ``b``'s (bits 0-1, 2-3), of ``o`` their codes ``2 m + 1``: each nibble is a lane-table index as it stands, so a
+        lookup is one shift and one shuffle (``VALUE_NIBBLES``)."""
+        return gl.inline_asm_elementwise(_nibbles_asm(), "=r,=r,r,r", [a, b], dtype=(gl.int32, gl.int32),
+                                         is_pure=True, pack=1)
+
+    @gluon.constexpr_function
+    def _nibbles_asm():
+        """2-bit words ``$2`` (token a) and ``$3`` (token b) -> ``$0``: nibble ``m`` is a's code ``2 m`` (bits 0-1)
+        and b's (bits 2-3); ``$1``: their codes ``2 m + 1`` (lop3 ``0xe4``: ``(x & c) | (y & ~c)``)."""
+        return ("{.reg .b32 u, v; shl.b32 u, $3, 2; lop3.b32 $0, $2, u, 0x33333333, 0xe4; "
+                "shr.b32 v, $2, 2; lop3.b32 $1, v, $3, 0x33333333, 0xe4;}")
+
+    @gluon.constexpr_function
+    def _nib_asm(shift):
+        """Lane-table lookup of the nibble at bit ``shift`` of ``$2`` (an index as it stands: ``shfl`` reads the
+        low 5 bits, and a 2-bit table repeats over bit 4) in table ``$3`` -> the entry's fp16 halves ``$0, $1``."""
+        sh = "mov.b32 i, $2; " if shift == 0 else f"shr.b32 i, $2, {shift}; "
+        return "{.reg .b32 i, t; " + sh + "shfl.sync.idx.b32 t, $3, i, 0x1f, 0xffffffff; mov.b32 {$0, $1}, t;}"
+
+    @gluon.jit
+    def _vlut_nib(e, o, tab, X: gl.constexpr, J: gl.constexpr):
+        """``_vlut(a, b, tab, X, J, 2)`` from ``_code_nibbles(a, b)``: code ``4 X + J`` is nibble ``2 X + J // 2``
+        of ``e`` (``J`` even) or ``o``."""
+        src = e if J % 2 == 0 else o
+        lo, hi = gl.inline_asm_elementwise(_nib_asm(4 * (2 * X + J // 2)), "=h,=h,r,r", [src, tab],
+                                           dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+        return gl.join(lo, hi)
+
+    @gluon.jit
+    def _vlut_byte_nib(e, o, tab, X: gl.constexpr):
+        return gl.join(gl.join(_vlut_nib(e, o, tab, X, 0), _vlut_nib(e, o, tab, X, 1)),
+                       gl.join(_vlut_nib(e, o, tab, X, 2), _vlut_nib(e, o, tab, X, 3)))
+
+    @gluon.jit
     def _vlut(a, b, tab, X: gl.constexpr, J: gl.constexpr, BITS: gl.constexpr):
         lo, hi = gl.inline_asm_elementwise(_vlut_asm(X, J, BITS), "=h,=h,r,r,r", [a, b, tab],
                                            dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
@@ -389,13 +429,21 @@ if gluon is not None:
             return gl.join(_vlut(a, b, tab, X, 0, 4), _vlut(a, b, tab, X, 1, 4))
 
     @gluon.jit
-    def _values_kvq(vw, tab, W: gl.constexpr, BN: gl.constexpr, BITS: gl.constexpr, vb: gl.constexpr):
+    def _values_kvq(vw, tab, W: gl.constexpr, BN: gl.constexpr, BITS: gl.constexpr, vb: gl.constexpr,
+                    NIB: gl.constexpr = False):
         """V words ``(W, BN, NW)`` and lane table ``tab`` (same shape) -> the B operand ``(W, BN, 128)`` of codebook
-        values, columns in ``value_map`` order (``decode_mma._values`` with lookups for the bit tricks)."""
+        values, columns in ``value_map`` order (``decode_mma._values`` with lookups for the bit tricks). ``NIB``
+        (2 bits): the two tokens' codes interleaved into nibbles first (``_code_nibbles``), then a shift and a
+        shuffle a lookup, instead of a byte permute, two shifts, a merge and a shuffle."""
         a, b = _token_pairs(vw, W, BN, 4 * BITS)
         ta, _ = _token_pairs(tab, W, BN, 4 * BITS)  # (both tokens' lanes hold the same entry)
-        y = gl.join(gl.join(_vlut_byte(a, b, ta, 0, BITS), _vlut_byte(a, b, ta, 1, BITS)),
-                    gl.join(_vlut_byte(a, b, ta, 2, BITS), _vlut_byte(a, b, ta, 3, BITS)))
+        if NIB and BITS == 2:
+            e, o = _code_nibbles(a, b)
+            y = gl.join(gl.join(_vlut_byte_nib(e, o, ta, 0), _vlut_byte_nib(e, o, ta, 1)),
+                        gl.join(_vlut_byte_nib(e, o, ta, 2), _vlut_byte_nib(e, o, ta, 3)))
+        else:
+            y = gl.join(gl.join(_vlut_byte(a, b, ta, 0, BITS), _vlut_byte(a, b, ta, 1, BITS)),
+                        gl.join(_vlut_byte(a, b, ta, 2, BITS), _vlut_byte(a, b, ta, 3, BITS)))
         return gl.convert_layout(_arrange_values(y, W, BN, BITS), vb)
 
     @gluon.jit
@@ -435,7 +483,7 @@ if gluon is not None:
     def kvq_mma_kernel(Q, sqb, sqh, KW, VW, VMIN, VSC, KA, KSC, CKT, CVT, QT, tab_rows, KT, MAPS, MP, LP, AP, DS,
                        SS, SST, H, Tmax, n_packed, tokens_per_split, NSP, qk_scale, LENS, G: gl.constexpr,
                        BK: gl.constexpr, BV: gl.constexpr, W: gl.constexpr, DYN: gl.constexpr,
-                       SPK: gl.constexpr, SPV: gl.constexpr):
+                       SPK: gl.constexpr, SPV: gl.constexpr, NIB: gl.constexpr = False):
         """Program ``(b * H + h, sp)`` over split ``sp`` of the packed tokens (``decode_mma.int_mma_kernel``'s plan
         and outputs) of a KVQuant cache: ``KW, VW`` the codes as int32 words, ``VMIN, VSC (B*H, Tmax)``, ``KA, KSC
         (H, 64)`` fp16 pairs as int32, ``CKT, CVT`` the lane tables, ``QT (2, tab_rows, 128)`` fp16 and ``KT (2, 64,
@@ -540,7 +588,8 @@ if gluon is not None:
             zv = gl.where(valid, vmin.to(gl.float32) + hs, 0.0)
             z_i = z_i * alpha + gl.sum(p * zv[:, None, :], 2)
             pf = (p * hs[:, None, :]).to(gl.float16)
-            acc = mma_v2(gl.convert_layout(pf, qa), _values_kvq(vw, vtab, W, BN, BV, kb), acc * alpha[:, :, None])
+            acc = mma_v2(gl.convert_layout(pf, qa), _values_kvq(vw, vtab, W, BN, BV, kb, NIB),
+                         acc * alpha[:, :, None])
         sc = _store_ml(MP, LP, b, h, H, NSP, sp, m_i, l_i, G, rows)
         nn = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(0, m3)))
         och = gl.load(MAPS + 128 + nn)
@@ -552,8 +601,8 @@ if gluon is not None:
 
 
 def kvq_compiled_counts(g: int = 4, dyn: bool = True, bk: int = 2, bv: int = 2, spk: bool = False,
-                        spv: bool = False, warps: int = 2, sass: bool = False) -> dict:
-    """As ``decode_mma.compiled_counts``, for this program."""
+                        spv: bool = False, warps: int = 2, sass: bool = False, nib: bool | None = None) -> dict:
+    """As ``decode_mma.compiled_counts``, for this program (``nib``: ``VALUE_NIBBLES`` when None)."""
     from .decode_mma import _compile_counts
 
     sig = dict(Q="*fp16", KW="*i32", VW="*i32", VMIN="*fp16", VSC="*fp16", KA="*i32", KSC="*i32", CKT="*i32",
@@ -561,14 +610,14 @@ def kvq_compiled_counts(g: int = 4, dyn: bool = True, bk: int = 2, bv: int = 2, 
                SS="*fp32", qk_scale="fp32", LENS="*i32")
     aligned = ("Q", "sqb", "sqh", "KW", "VW", "VMIN", "VSC", "KA", "KSC", "CKT", "CVT", "QT", "KT", "MAPS", "MP",
                "LP", "AP", "DS", "SS", "Tmax", "tokens_per_split")
-    consts = dict(G=g, BK=bk, BV=bv, W=warps, DYN=dyn, SPK=spk, SPV=spv)
+    consts = dict(G=g, BK=bk, BV=bv, W=warps, DYN=dyn, SPK=spk, SPV=spv, NIB=VALUE_NIBBLES if nib is None else nib)
     return _compile_counts(kvq_mma_kernel, sig, consts, aligned, warps, sass)
 
 
 def _kvq_consts(q: Tensor, cache, lens: Tensor | None, spk: bool, spv: bool) -> dict:
     """The program's constants for a launch on ``q, cache``."""
     return dict(G=_mma.query_groups(q, cache), BK=cache.bits_k, BV=cache.bits_v, W=_mma.WARPS,
-                DYN=lens is not None, SPK=spk, SPV=spv)
+                DYN=lens is not None, SPK=spk, SPV=spv, NIB=VALUE_NIBBLES)
 
 
 def _kvq_args(q: Tensor, cache, mp, lp, ap, per: int, nsp: int, scale: float, lens: Tensor | None, ds, ss,
@@ -603,4 +652,4 @@ def launch_kvq_mma(q: Tensor, cache, mp: Tensor, lp: Tensor, ap: Tensor, per: in
 
 
 __all__ = ["KVQ_BLOCK", "kvq_tile", "kvq_mma_supported", "launch_kvq_mma", "kvq_mma_reference", "kvq_key_map",
-           "kvq_maps", "lane_table", "rope_tables", "kvq_compiled_counts", "kvq_split"]
+           "kvq_maps", "lane_table", "rope_tables", "kvq_compiled_counts", "kvq_split", "VALUE_NIBBLES"]

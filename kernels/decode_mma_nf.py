@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import decode_mma as _mma
+from . import decode_mma_kvquant
 from .decode_mma import gluon
 from .decode_mma_kvquant import KVQ_BLOCK, kvq_maps, kvq_tile, lane_table
 
@@ -81,7 +82,8 @@ def nf_mma_reference(q: Tensor, cache, sm_scale: float | None = None) -> Tensor:
 if gluon is not None:
     @gluon.jit
     def nf_mma_kernel(Q, sqb, sqh, KW, KS, VW, VS, LUT, MAPS, MP, LP, AP, H, Tmax, n_packed, tokens_per_split, NSP,
-                      qk_scale, LENS, G: gl.constexpr, BITS: gl.constexpr, W: gl.constexpr, DYN: gl.constexpr):
+                      qk_scale, LENS, G: gl.constexpr, BITS: gl.constexpr, W: gl.constexpr, DYN: gl.constexpr,
+                      NIB: gl.constexpr = False):
         """Program ``(b * H + h, sp)`` over split ``sp`` of the packed tokens (``decode_mma.int_mma_kernel``'s plan
         and outputs) of an ``nf`` cache: ``KW, VW`` the codes as int32 words, ``KS, VS (B*H, Tmax)`` the scales,
         ``LUT`` the lane table of the levels, ``MAPS`` the ``kvq_maps``."""
@@ -119,7 +121,8 @@ if gluon is not None:
             s = gl.where(valid[:, None, :], s * ks.to(gl.float32)[:, None, :], float("-inf"))
             p, alpha, m_i, l_i = _online(s, m_i, l_i)
             pf = (p * gl.where(valid, vs.to(gl.float32), 0.0)[:, None, :]).to(gl.float16)
-            acc = mma_v2(gl.convert_layout(pf, qa), _values_kvq(vw, vtab, W, BN, BITS, kb), acc * alpha[:, :, None])
+            acc = mma_v2(gl.convert_layout(pf, qa), _values_kvq(vw, vtab, W, BN, BITS, kb, NIB),
+                         acc * alpha[:, :, None])
         sc = _store_ml(MP, LP, b, h, H, NSP, sp, m_i, l_i, G, rows)
         nn = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(0, m3)))
         och = gl.load(MAPS + 128 + nn)
@@ -129,18 +132,22 @@ if gluon is not None:
         gl.store(AP + prow[:, None] * 128 + och[None, :], o, mask=(oh < G)[:, None])
 
 
-def nf_compiled_counts(g: int = 4, dyn: bool = True, bits: int = 4, warps: int = 2, sass: bool = False) -> dict:
-    """As ``decode_mma.compiled_counts``, for this program."""
+def nf_compiled_counts(g: int = 4, dyn: bool = True, bits: int = 4, warps: int = 2, sass: bool = False,
+                       nib: bool | None = None) -> dict:
+    """As ``decode_mma.compiled_counts``, for this program (``nib``: ``decode_mma_kvquant.VALUE_NIBBLES`` when
+    None)."""
     from .decode_mma import _compile_counts
 
     sig = dict(Q="*fp16", KW="*i32", KS="*fp16", VW="*i32", VS="*fp16", LUT="*i32", MAPS="*i32", MP="*fp32",
                LP="*fp32", AP="*fp32", qk_scale="fp32", LENS="*i32")
     aligned = ("Q", "sqb", "sqh", "KW", "KS", "VW", "VS", "LUT", "MAPS", "MP", "LP", "AP", "Tmax", "tokens_per_split")
-    return _compile_counts(nf_mma_kernel, sig, dict(G=g, BITS=bits, W=warps, DYN=dyn), aligned, warps, sass)
+    consts = dict(G=g, BITS=bits, W=warps, DYN=dyn, NIB=decode_mma_kvquant.VALUE_NIBBLES if nib is None else nib)
+    return _compile_counts(nf_mma_kernel, sig, consts, aligned, warps, sass)
 
 
 def _nf_consts(q: Tensor, cache, lens: Tensor | None) -> dict:
-    return dict(G=_mma.query_groups(q, cache), BITS=cache.bits, W=_mma.WARPS, DYN=lens is not None)
+    return dict(G=_mma.query_groups(q, cache), BITS=cache.bits, W=_mma.WARPS, DYN=lens is not None,
+                NIB=decode_mma_kvquant.VALUE_NIBBLES)
 
 
 def _nf_args(q: Tensor, cache, mp, lp, ap, per: int, nsp: int, scale: float, lens: Tensor | None) -> tuple:

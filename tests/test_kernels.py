@@ -435,7 +435,67 @@ def test_kvq_mma_program_compiles_without_shared_memory_in_its_loop():
     int-to-float conversion (the codebook lookups are lane shuffles; ``conftest.check_gluon_loop``)."""
     check_gluon_loop("decode_mma_kvquant", ["kvq_compiled_counts(3, True, 2, 2)",
                                             "kvq_compiled_counts(16, False, 4, 4, True, True)",
-                                            "kvq_compiled_counts(4, True, 4, 2, False, True)"], 64)
+                                            "kvq_compiled_counts(4, True, 4, 2, False, True)",
+                                            "kvq_compiled_counts(4, True, 2, 2, True, True, nib=True)"], 64)
+
+
+def _run_ptx(asm: str, regs: dict, table: list[int] | None = None) -> dict:
+    """A tiny interpreter of the PTX the value lookups use (``mov``, ``shl``, ``shr``, ``lop3``, ``shfl.sync.idx``
+    against a 32-lane ``table``, and ``mov`` into an fp16 pair), on 32-bit Python ints: ``regs`` maps ``$0``.. and
+    the block's registers to values; returns them after the block."""
+    mask = 0xFFFFFFFF
+
+    def val(x: str) -> int:
+        return regs[x] if x in regs else int(x, 0)
+
+    for ins in asm.strip("{} ").split(";"):
+        ins = ins.strip()
+        if not ins or ins.startswith(".reg"):
+            continue
+        op, rest = ins.split(None, 1)
+        if rest.startswith("{"):  # mov.b32 {$lo, $hi}, src
+            lo, hi = rest[1:rest.index("}")].split(", ")
+            v = val(rest.split("}, ")[1])
+            regs[lo], regs[hi] = v & 0xFFFF, v >> 16
+            continue
+        a = [x.strip() for x in rest.split(",")]
+        if op == "mov.b32":
+            regs[a[0]] = val(a[1])
+        elif op == "shl.b32":
+            regs[a[0]] = (val(a[1]) << val(a[2])) & mask
+        elif op == "shr.b32":
+            regs[a[0]] = val(a[1]) >> val(a[2])
+        elif op == "lop3.b32":
+            x, y, z, lut = val(a[1]), val(a[2]), val(a[3]), val(a[4])
+            regs[a[0]] = sum(((lut >> ((x >> i & 1) << 2 | (y >> i & 1) << 1 | (z >> i & 1))) & 1) << i
+                             for i in range(32))
+        elif op == "shfl.sync.idx.b32":
+            regs[a[0]] = table[val(a[2]) & 31]
+        else:
+            raise AssertionError(f"unmodelled instruction {ins!r}")
+    return regs
+
+
+def test_value_nibbles_look_up_each_code_pair():
+    """``VALUE_NIBBLES``' PTX (``_nibbles_asm``, then ``_nib_asm`` at each code's nibble, as ``_vlut_nib`` places
+    them) returns, for every code ``4 X + J`` of two tokens' 2-bit words, the lane table's pair of their codebook
+    values: random words and codebook, the PTX run by a small interpreter."""
+    pytest.importorskip("triton.experimental.gluon")
+    from kvq_kernels.decode_mma_kvquant import _nib_asm, _nibbles_asm, lane_table
+
+    gen = _gen(77)
+    cb = torch.randn(4, generator=gen)
+    table = [int(x) & 0xFFFFFFFF for x in lane_table(cb, 2).tolist()]
+    c16 = cb.half().view(torch.int16).tolist()
+    for a, b in torch.randint(0, 1 << 32, (64, 2), generator=gen, dtype=torch.int64).tolist():
+        r = _run_ptx(_nibbles_asm(), {"$2": a, "$3": b})
+        e, o = r["$0"], r["$1"]
+        for x in range(4):
+            for j in range(4):
+                code = 4 * x + j
+                got = _run_ptx(_nib_asm(4 * (2 * x + j // 2)), {"$2": e if j % 2 == 0 else o}, table)
+                want = (c16[a >> 2 * code & 3] & 0xFFFF, c16[b >> 2 * code & 3] & 0xFFFF)
+                assert (got["$0"], got["$1"]) == want, (x, j)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU checks: the three tests above)")
@@ -462,6 +522,24 @@ def test_decode_attention_kvquant_mma(bk, bv, gqa, t, tmax, n_sink, n_res, dtype
             rows._grow(0, -(-tmax // rows.block) + 2)  # pointer arrays covering the capacity
     lens = torch.tensor([t, n_res], dtype=torch.int32, device=DEV)
     assert _rel(decode_attention_kvquant(q, dataclasses.replace(c, n_packed=0, n_res=0), lens=lens), want) < 5e-3
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU check: the nibbles' PTX above)")
+@pytest.mark.parametrize("bk, gqa, t, tmax, n_sink, n_res, sparse", [
+    (2, 4, 861, 872, 3, 2, True), (4, 2, 4096, 4096, 4, 0, False)])
+def test_decode_attention_kvquant_mma_value_nibbles(bk, gqa, t, tmax, n_sink, n_res, sparse, monkeypatch):
+    """kvquant's program with ``VALUE_NIBBLES`` (2-bit values looked up from interleaved nibbles) gives the
+    reference's attention, as ``test_decode_attention_kvquant_mma``."""
+    import kvq_kernels.decode_attention as da
+    import kvq_kernels.decode_mma_kvquant as km
+
+    monkeypatch.setattr(da, "KVQ_MMA", True)
+    monkeypatch.setattr(km, "VALUE_NIBBLES", True)
+    gen = _gen(3000 + bk + t)
+    c = _kvquant_cache(gen, 128, bk, 2, t, n_sink, n_res, tmax=tmax, sparse=sparse)
+    q = _randn(gen, B, H * gqa, 128)
+    assert km.kvq_mma_supported(q, c)
+    assert _rel(decode_attention_kvquant(q, c), ref.decode_attention_kvquant_ref(q.float(), c)) < 5e-3
 
 
 def test_default_blocks_per_family():

@@ -241,7 +241,8 @@ def test_nf_mma_reference_is_the_token_reference(bits, g, t):
 def test_nf_mma_program_compiles_without_shared_memory_in_its_loop():
     """The nf Gluon program compiles for sm_90 on any machine, 2- and 4-bit; its token loop has 64 MMAs and no
     shared-memory instruction, barrier or int-to-float conversion (the levels are lane shuffles)."""
-    check_gluon_loop("decode_mma_nf", ["nf_compiled_counts(4, True, 4)", "nf_compiled_counts(16, False, 2)"], 64)
+    check_gluon_loop("decode_mma_nf", ["nf_compiled_counts(4, True, 4)", "nf_compiled_counts(16, False, 2)",
+                                       "nf_compiled_counts(4, True, 2, nib=True)"], 64)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU checks: the two tests above)")
@@ -263,6 +264,23 @@ def test_decode_attention_token_nf_mma(h, g, t, tmax, n_sink, n_res, dtype, bits
     assert _rel(decode_attention_token(q, c), want) < 5e-3
     lens = torch.tensor([t, n_res, 0, t], dtype=torch.int64, device=DEV)
     assert _rel(decode_attention_token(q, dataclasses.replace(c, n_packed=7, n_res=0), lens=lens), want) < 5e-3
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU check of the nibbles' PTX: "
+                    "test_kernels.test_value_nibbles_look_up_each_code_pair)")
+@pytest.mark.parametrize("h, g, t, tmax, n_sink, n_res", [(1, 3, 300, 300, 1, 0), (2, 8, 4096, 4096, 1, 2)])
+def test_decode_attention_token_nf_mma_value_nibbles(h, g, t, tmax, n_sink, n_res, monkeypatch):
+    """nf 2-bit through ``decode_mma_nf``'s program with ``decode_mma_kvquant.VALUE_NIBBLES`` (values looked up from
+    interleaved nibbles) gives the reference's attention."""
+    import kvq_kernels.decode_mma_kvquant as km
+    import kvq_kernels.decode_token as dtk
+
+    monkeypatch.setattr(dtk, "NF_MMA", True)
+    monkeypatch.setattr(km, "VALUE_NIBBLES", True)
+    gen = torch.Generator().manual_seed(4000 + h + g + t)
+    c = _cache(gen, h, 128, 2, True, t, n_sink, n_res, tmax=tmax)
+    q = _randn(gen, B, h * g, 128)
+    assert _rel(decode_attention_token(q, c), decode_attention_token_ref(q.float(), c)) < 5e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
