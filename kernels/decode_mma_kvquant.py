@@ -397,8 +397,8 @@ if gluon is not None:
     def _nib_asm(shift):
         """Lane-table lookup of the nibble at bit ``shift`` of ``$2`` (an index as it stands: ``shfl`` reads the
         low 5 bits, and a 2-bit table repeats over bit 4) in table ``$3`` -> the entry's fp16 halves ``$0, $1``."""
-        sh = "mov.b32 i, $2; " if shift == 0 else f"shr.b32 i, $2, {shift}; "
-        return "{.reg .b32 i, t; " + sh + "shfl.sync.idx.b32 t, $3, i, 0x1f, 0xffffffff; mov.b32 {$0, $1}, t;}"
+        sh, i = ("", "$2") if shift == 0 else (f"shr.b32 i, $2, {shift}; ", "i")
+        return "{.reg .b32 i, t; " + sh + f"shfl.sync.idx.b32 t, $3, {i}, 0x1f, 0xffffffff; mov.b32 {{$0, $1}}, t;}}"
 
     @gluon.jit
     def _vlut_nib(e, o, tab, X: gl.constexpr, J: gl.constexpr):
