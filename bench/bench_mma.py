@@ -137,8 +137,8 @@ def _methods() -> dict:
 #: (warps a program, tokens a warp, programs an SM, register cap) settings ``--sweep`` times; a cap of ``64K / (32 *
 #: warps * programs)`` registers a thread lets all of a wave's programs be resident at once
 #: ``None`` programs an SM: as many as the registers allow (``decode_mma.resident``, the default)
-SWEEP = ((2, 32, None, None), (4, 32, None, None), (4, 16, None, None), (2, 32, 4, None), (2, 32, 6, None),
-         (2, 32, None, 168), (2, 32, None, 128))
+SWEEP = ((2, 32, None, None), (1, 32, None, None), (4, 32, None, None), (4, 16, None, None), (2, 32, 4, None),
+         (2, 32, 6, None), (2, 32, None, 168), (2, 32, None, 128))
 
 
 def run(contexts, batches, names, sweep: bool) -> dict:
