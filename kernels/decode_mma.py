@@ -208,6 +208,13 @@ if gluon is not None:
         return [[1 << i, 0, 0] for i in range(w.bit_length() - 1)]
 
     @gluon.constexpr_function
+    def _mma_layout(w):
+        """The Gluon programs' accumulator layout ``(W, 16, N)`` for ``w`` warps, warp ``i`` on slice ``i`` of axis 0
+        (``mma.sync`` m16n8k16); their operands are its ``DotOperandLayout`` s, per-row values its
+        ``SliceLayout(2)``."""
+        return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[w, 1, 1], instr_shape=[1, 16, 8])
+
+    @gluon.constexpr_function
     def _words_layout(w, bn, keys, bits):
         """Who loads which words. Keys ``(W, NW words, BN tokens)``: a thread the 2 (2 bits) or 4 (4 bits) adjacent
         words of its 32 channels, of 1 token in 8 (and + 8, + 16). Values ``(W, BN, NW)``: a thread word ``g``
@@ -453,7 +460,7 @@ if gluon is not None:
         rescale ``alpha`` moves across lanes a tile."""
         NW: gl.constexpr = 4 * BITS  # words a token row
         pid, sp, b, h, start, end = _program(H, LENS, n_packed, tokens_per_split, NSP, W * BN, DYN)
-        m3: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
+        m3: gl.constexpr = _mma_layout(W)
         qa: gl.constexpr = gl.DotOperandLayout(0, m3, 2)
         kb: gl.constexpr = gl.DotOperandLayout(1, m3, 2)
         rows: gl.constexpr = gl.SliceLayout(2, m3)

@@ -44,6 +44,7 @@ if gluon is not None:
 
     from .decode_mma import (
         _arrange_values,
+        _mma_layout,
         _online,
         _program,
         _query_rows,
@@ -495,7 +496,7 @@ if gluon is not None:
         NP: gl.constexpr = 2 * BK  # words a half row
         SW: gl.constexpr = 16 // BK  # pair slots a word
         pid, sp, b, h, start, end = _program(H, LENS, n_packed, tokens_per_split, NSP, W * BN, DYN)
-        m3: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
+        m3: gl.constexpr = _mma_layout(W)
         qa: gl.constexpr = gl.DotOperandLayout(0, m3, 2)
         kb: gl.constexpr = gl.DotOperandLayout(1, m3, 2)
         rows: gl.constexpr = gl.SliceLayout(2, m3)

@@ -30,7 +30,7 @@ if gluon is not None:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-    from .decode_mma import _online, _program, _score_tokens, _store_ml, _tile_offsets, _words_layout
+    from .decode_mma import _mma_layout, _online, _program, _score_tokens, _store_ml, _tile_offsets, _words_layout
     from .decode_mma_kvquant import _half_offsets, _half_words_layout, _keys_lut, _lane_tables, _query16, _values_kvq
 
 _LUTS: dict = {}
@@ -91,7 +91,7 @@ if gluon is not None:
         NW: gl.constexpr = 4 * BITS  # words a row
         NP: gl.constexpr = 2 * BITS  # words a half row
         pid, sp, b, h, start, end = _program(H, LENS, n_packed, tokens_per_split, NSP, W * BN, DYN)
-        m3: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
+        m3: gl.constexpr = _mma_layout(W)
         qa: gl.constexpr = gl.DotOperandLayout(0, m3, 2)
         kb: gl.constexpr = gl.DotOperandLayout(1, m3, 2)
         rows: gl.constexpr = gl.SliceLayout(2, m3)
