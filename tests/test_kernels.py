@@ -499,18 +499,22 @@ def test_value_nibbles_look_up_each_code_pair():
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU checks: the three tests above)")
-@pytest.mark.parametrize("bk, bv, gqa, t, tmax, n_sink, n_res, dtype, sparse", [
-    (2, 2, 4, 96, 128, 2, 5, torch.float16, False), (4, 4, 16, 992, 1024, 0, 3, torch.bfloat16, True),
-    (2, 4, 3, 320, 330, 1, 0, torch.float16, True), (4, 2, 2, 4096, 4096, 4, 0, torch.float16, False),
-    (2, 2, 4, 861, 872, 3, 2, torch.float16, True), (2, 2, 4, 1020, 1020, 4, 3, torch.float16, True)])
-def test_decode_attention_kvquant_mma(bk, bv, gqa, t, tmax, n_sink, n_res, dtype, sparse, monkeypatch):
+@pytest.mark.parametrize("bk, bv, gqa, t, tmax, n_sink, n_res, dtype, sparse, nib", [
+    (2, 2, 4, 96, 128, 2, 5, torch.float16, False, False), (4, 4, 16, 992, 1024, 0, 3, torch.bfloat16, True, False),
+    (2, 4, 3, 320, 330, 1, 0, torch.float16, True, False), (4, 2, 2, 4096, 4096, 4, 0, torch.float16, False, False),
+    (2, 2, 4, 861, 872, 3, 2, torch.float16, True, False), (2, 2, 4, 1020, 1020, 4, 3, torch.float16, True, False),
+    (2, 2, 4, 861, 872, 3, 2, torch.float16, True, True), (4, 2, 2, 4096, 4096, 4, 0, torch.float16, False, True)])
+def test_decode_attention_kvquant_mma(bk, bv, gqa, t, tmax, n_sink, n_res, dtype, sparse, nib, monkeypatch):
     """KVQuant GQA at head dim 128 on a GPU through ``decode_mma_kvquant``'s program (``KVQ_MMA`` on, with the
     ``tl.dot`` program's fp16 segments and the outliers' passes): the reference's attention, counts on the host and
-    on the device (fp16 operands: 5e-3)."""
+    on the device (fp16 operands: 5e-3); ``nib``: 2-bit values looked up from interleaved nibbles
+    (``VALUE_NIBBLES``; its PTX is checked on the CPU by ``test_value_nibbles_look_up_each_code_pair``)."""
     import kvq_kernels.decode_attention as da
+    import kvq_kernels.decode_mma_kvquant as km
     from kvq_kernels.decode_mma_kvquant import kvq_mma_supported
 
     monkeypatch.setattr(da, "KVQ_MMA", True)
+    monkeypatch.setattr(km, "VALUE_NIBBLES", nib)
     gen = _gen(1000 + 10 * bk + bv + t)
     c = _kvquant_cache(gen, 128, bk, bv, t, n_sink, n_res, tmax=tmax, sparse=sparse)
     q = _randn(gen, B, H * gqa, 128).to(dtype)
@@ -522,24 +526,6 @@ def test_decode_attention_kvquant_mma(bk, bv, gqa, t, tmax, n_sink, n_res, dtype
             rows._grow(0, -(-tmax // rows.block) + 2)  # pointer arrays covering the capacity
     lens = torch.tensor([t, n_res], dtype=torch.int32, device=DEV)
     assert _rel(decode_attention_kvquant(q, dataclasses.replace(c, n_packed=0, n_res=0), lens=lens), want) < 5e-3
-
-
-@pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU check: the nibbles' PTX above)")
-@pytest.mark.parametrize("bk, gqa, t, tmax, n_sink, n_res, sparse", [
-    (2, 4, 861, 872, 3, 2, True), (4, 2, 4096, 4096, 4, 0, False)])
-def test_decode_attention_kvquant_mma_value_nibbles(bk, gqa, t, tmax, n_sink, n_res, sparse, monkeypatch):
-    """kvquant's program with ``VALUE_NIBBLES`` (2-bit values looked up from interleaved nibbles) gives the
-    reference's attention, as ``test_decode_attention_kvquant_mma``."""
-    import kvq_kernels.decode_attention as da
-    import kvq_kernels.decode_mma_kvquant as km
-
-    monkeypatch.setattr(da, "KVQ_MMA", True)
-    monkeypatch.setattr(km, "VALUE_NIBBLES", True)
-    gen = _gen(3000 + bk + t)
-    c = _kvquant_cache(gen, 128, bk, 2, t, n_sink, n_res, tmax=tmax, sparse=sparse)
-    q = _randn(gen, B, H * gqa, 128)
-    assert km.kvq_mma_supported(q, c)
-    assert _rel(decode_attention_kvquant(q, c), ref.decode_attention_kvquant_ref(q.float(), c)) < 5e-3
 
 
 def test_default_blocks_per_family():

@@ -246,16 +246,21 @@ def test_nf_mma_program_compiles_without_shared_memory_in_its_loop():
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU checks: the two tests above)")
-@pytest.mark.parametrize("h, g, t, tmax, n_sink, n_res, dtype, bits", [
-    (3, 4, 77, 128, 2, 5, torch.float16, 4), (2, 16, 1000, 1030, 0, 3, torch.bfloat16, 4),
-    (1, 3, 300, 300, 1, 0, torch.float16, 2), (2, 8, 4096, 4096, 1, 0, torch.float16, 2)])
-def test_decode_attention_token_nf_mma(h, g, t, tmax, n_sink, n_res, dtype, bits, monkeypatch):
+@pytest.mark.parametrize("h, g, t, tmax, n_sink, n_res, dtype, bits, nib", [
+    (3, 4, 77, 128, 2, 5, torch.float16, 4, False), (2, 16, 1000, 1030, 0, 3, torch.bfloat16, 4, False),
+    (1, 3, 300, 300, 1, 0, torch.float16, 2, False), (2, 8, 4096, 4096, 1, 0, torch.float16, 2, False),
+    (1, 3, 300, 300, 1, 0, torch.float16, 2, True), (2, 8, 4096, 4096, 1, 2, torch.float16, 2, True)])
+def test_decode_attention_token_nf_mma(h, g, t, tmax, n_sink, n_res, dtype, bits, nib, monkeypatch):
     """nf 2- and 4-bit GQA at head dim 128 on a GPU through ``decode_mma_nf``'s program (``NF_MMA`` on, with this
-    kernel's fp16 segments): the reference's attention, counts on the host and on the device."""
+    kernel's fp16 segments): the reference's attention, counts on the host and on the device; ``nib``: 2-bit values
+    looked up from interleaved nibbles (``decode_mma_kvquant.VALUE_NIBBLES``; its PTX is checked on the CPU by
+    ``test_kernels.test_value_nibbles_look_up_each_code_pair``)."""
+    import kvq_kernels.decode_mma_kvquant as km
     import kvq_kernels.decode_token as dtk
     from kvq_kernels.decode_mma_nf import nf_mma_supported
 
     monkeypatch.setattr(dtk, "NF_MMA", True)
+    monkeypatch.setattr(km, "VALUE_NIBBLES", nib)
     gen = torch.Generator().manual_seed(2000 + h + g + t)
     c = _cache(gen, h, 128, bits, True, t, n_sink, n_res, tmax=tmax)
     q = _randn(gen, B, h * g, 128).to(dtype)
@@ -264,23 +269,6 @@ def test_decode_attention_token_nf_mma(h, g, t, tmax, n_sink, n_res, dtype, bits
     assert _rel(decode_attention_token(q, c), want) < 5e-3
     lens = torch.tensor([t, n_res, 0, t], dtype=torch.int64, device=DEV)
     assert _rel(decode_attention_token(q, dataclasses.replace(c, n_packed=7, n_res=0), lens=lens), want) < 5e-3
-
-
-@pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU check of the nibbles' PTX: "
-                    "test_kernels.test_value_nibbles_look_up_each_code_pair)")
-@pytest.mark.parametrize("h, g, t, tmax, n_sink, n_res", [(1, 3, 300, 300, 1, 0), (2, 8, 4096, 4096, 1, 2)])
-def test_decode_attention_token_nf_mma_value_nibbles(h, g, t, tmax, n_sink, n_res, monkeypatch):
-    """nf 2-bit through ``decode_mma_nf``'s program with ``decode_mma_kvquant.VALUE_NIBBLES`` (values looked up from
-    interleaved nibbles) gives the reference's attention."""
-    import kvq_kernels.decode_mma_kvquant as km
-    import kvq_kernels.decode_token as dtk
-
-    monkeypatch.setattr(dtk, "NF_MMA", True)
-    monkeypatch.setattr(km, "VALUE_NIBBLES", True)
-    gen = torch.Generator().manual_seed(4000 + h + g + t)
-    c = _cache(gen, h, 128, 2, True, t, n_sink, n_res, tmax=tmax)
-    q = _randn(gen, B, h * g, 128)
-    assert _rel(decode_attention_token(q, c), decode_attention_token_ref(q.float(), c)) < 5e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
