@@ -2,10 +2,14 @@
 any machine (no GPU; not a test). The register count decides how many programs an SM holds (``decode_mma.resident``),
 and it moves with small code changes, so check it here before spending device time.
 
-    python bench/ptxas_registers.py [--json out.json]
+    python bench/ptxas_registers.py [--json out.json] [--opcodes]
+
+``--opcodes``: also each variant's loop by SASS opcode (always in the JSON). Besides the defaults it compiles the
+2-bit value lookups from interleaved nibbles (``decode_mma_kvquant.VALUE_NIBBLES``, off by default) and one-warp
+programs (``decode_mma.WARPS = 1``, ``bench_mma.py --sweep``).
 
 Uses the installed Triton's compiler and ``cuobjdump``: the numbers in ``docs/results/kernels-decode-attention.md``
-(sessions 12-13) are Triton 3.6's, the GPU image's (``pip install triton==3.6.0`` in a separate environment); another
+(sessions 12-14) are Triton 3.6's, the GPU image's (``pip install triton==3.6.0`` in a separate environment); another
 Triton version gives other counts.
 """
 import argparse
@@ -26,21 +30,36 @@ VARIANTS += [(f"kvquant k{bk} v{bv} G=4 {'device' if dyn else 'host'} counts{' o
 VARIANTS += [(f"nf{bits} G=4 {'device' if dyn else 'host'} counts",
               lambda bits=bits, dyn=dyn: decode_mma_nf.nf_compiled_counts(4, dyn, bits, sass=True))
              for bits in (2, 4) for dyn in (False, True)]
+VARIANTS += [("kvquant k2 v2 G=4 device counts nibbles",
+              lambda: decode_mma_kvquant.kvq_compiled_counts(4, True, 2, 2, sass=True, nib=True)),
+             ("kvquant k2 v2 G=4 device counts outliers nibbles",
+              lambda: decode_mma_kvquant.kvq_compiled_counts(4, True, 2, 2, True, True, sass=True, nib=True)),
+             ("nf2 G=4 device counts nibbles",
+              lambda: decode_mma_nf.nf_compiled_counts(4, True, 2, sass=True, nib=True)),
+             ("int2 G=4 device counts one warp", lambda: decode_mma.compiled_counts(4, True, 2, warps=1, sass=True)),
+             ("kvquant k2 v2 G=4 device counts one warp",
+              lambda: decode_mma_kvquant.kvq_compiled_counts(4, True, 2, 2, warps=1, sass=True)),
+             ("nf2 G=4 device counts one warp",
+              lambda: decode_mma_nf.nf_compiled_counts(4, True, 2, warps=1, sass=True))]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default="")
+    ap.add_argument("--opcodes", action="store_true")
     args = ap.parse_args()
     rows = []
     print(f"Triton {triton.__version__}, sm_90")
     for name, compile_it in VARIANTS:
         c = compile_it()
+        warps = 1 if name.endswith("one warp") else decode_mma.WARPS
         rows.append(dict(variant=name, registers=c["registers"], stack_bytes=c["stack_bytes"],
-                         sass_loop=c["sass_loop"], mma_loop=c["loop"]["mma.sync"]))
+                         sass_loop=c["sass_loop"], mma_loop=c["loop"]["mma.sync"], loop_opcodes=c["loop_opcodes"]))
         print(f"{name:38s} {c['registers']:4d} registers, {c['stack_bytes']} stack bytes, loop {c['sass_loop']} "
-              f"SASS ({c['loop']['mma.sync']} mma.sync), {decode_mma.resident(c['registers'], decode_mma.WARPS)} "
+              f"SASS ({c['loop']['mma.sync']} mma.sync), {decode_mma.resident(c['registers'], warps)} "
               f"programs an SM", flush=True)
+        if args.opcodes:
+            print("    " + ", ".join(f"{op} {n}" for op, n in c["loop_opcodes"].items()), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(triton=triton.__version__, rows=rows), f, indent=1)

@@ -573,7 +573,8 @@ def _compile_counts(fn, typed: dict, consts: dict, aligned: tuple, warps: int, s
 
 
 def _cubin_stats(cubin: bytes) -> dict:
-    """Registers a thread, spilled bytes and the SASS instructions of the longest loop of a sm_90 cubin."""
+    """Registers a thread, spilled bytes and the SASS instructions of the longest loop of a sm_90 cubin, and that
+    loop's instructions by opcode (``loop_opcodes``, predicates and modifiers dropped: ``HFMA2``, ``SHFL``, ...)."""
     import os
     import re
     import subprocess
@@ -591,15 +592,19 @@ def _cubin_stats(cubin: bytes) -> dict:
     ins = [(int(m.group(1), 16), m.group(2)) for ln in dump.splitlines()
            if (m := re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", ln))]
     at = {a: i for i, (a, _) in enumerate(ins)}
-    loop = 0
+    first, last = 0, -1
     for i, (a, text) in enumerate(ins):
         m = re.search(r"BRA\s+0x([0-9a-f]+)", text)
-        if m and int(m.group(1), 16) < a:
-            loop = max(loop, i - at.get(int(m.group(1), 16), i) + 1)
+        if m and int(m.group(1), 16) < a and i - at.get(int(m.group(1), 16), i) > last - first:
+            first, last = at.get(int(m.group(1), 16), i), i
+    ops: dict = {}
+    for _, text in ins[first:last + 1]:
+        op = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+        ops[op] = ops.get(op, 0) + 1
     regs = re.search(r"REG:(\d+)", usage)
     spill = re.search(r"STACK:(\d+)", usage)
     return dict(registers=int(regs.group(1)) if regs else None, stack_bytes=int(spill.group(1)) if spill else None,
-                sass_loop=loop)
+                sass_loop=last - first + 1, loop_opcodes=dict(sorted(ops.items(), key=lambda kv: -kv[1])))
 
 
 def _int_consts(q: Tensor, cache, lens: Tensor | None) -> dict:
