@@ -33,20 +33,11 @@ if gluon is not None:
     from .decode_mma import _mma_layout, _online, _program, _score_tokens, _store_ml, _tile_offsets, _words_layout
     from .decode_mma_kvquant import _half_offsets, _half_words_layout, _keys_lut, _lane_tables, _query16, _values_kvq
 
-_LUTS: dict = {}
-
-
 def _lut(cache) -> Tensor:
-    """The lane table of the cache's levels, made once per levels tensor (its identity and version)."""
-    from .decode_attention import _version
-
+    """The lane table of the cache's levels, made once per levels tensor (its identity and version:
+    ``decode_mma_kvquant._cached``, the kvquant program's table cache)."""
     lv = cache.levels
-    hit = _LUTS.get(id(lv))
-    if hit is None or hit[0] is not lv or hit[1] != _version(lv):
-        if len(_LUTS) > 64:
-            _LUTS.clear()
-        hit = _LUTS[id(lv)] = (lv, _version(lv), lane_table(lv, cache.bits))
-    return hit[2]
+    return decode_mma_kvquant._cached(("nf-lut", id(lv), cache.bits), (lv,), lambda: lane_table(lv, cache.bits))
 
 
 def nf_mma_supported(q: Tensor, cache) -> bool:
