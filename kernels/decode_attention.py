@@ -74,7 +74,7 @@ KIVI_PREFETCH = True
 KIVI_MMA = True
 #: KVQuant GQA (2- or 4-bit keys and values) at head dim 128 by ``decode_mma_kvquant``'s Gluon program (H200,
 #: Llama-3-8B heads, 2-bit: 0.89x SDPA at 128K and 1.16x at 1M without outliers, 2.7x the ``tl.dot`` program; with
-#: 1% outliers 0.39x against 0.20x; session 13)
+#: 1% outliers 0.51x against 0.24x; sessions 13-14)
 KVQ_MMA = True
 
 
@@ -84,8 +84,20 @@ def _version(t: Tensor) -> int:
     return 0 if t.is_inference() else t._version
 
 
-_FREQS: dict = {}
+_CACHED: dict = {}
 _TABLES: dict = {}
+
+
+def _cached(key: tuple, srcs: tuple, make):
+    """``make()`` kept per ``key`` while the source tensors ``srcs`` are the same objects at the same version (the
+    host-side constants of a decode step: made once, not every step)."""
+    ver = tuple(_version(s) for s in srcs)
+    hit = _CACHED.get(key)
+    if hit is None or any(a is not b for a, b in zip(hit[0], srcs, strict=True)) or hit[1] != ver:
+        if len(_CACHED) > 256:
+            _CACHED.clear()
+        hit = _CACHED[key] = (srcs, ver, make())
+    return hit[2]
 
 
 def _frequencies(cache: KVQuantCache, device) -> Tensor:
@@ -93,14 +105,10 @@ def _frequencies(cache: KVQuantCache, device) -> Tensor:
     src = cache.inv_freq
     if src is not None and src.device == torch.device(device) and src.dtype == torch.float32 and src.is_contiguous():
         return src
-    key = ("theta", cache.rope_theta, cache.head_dim, str(device)) if src is None else ("t", id(src), str(device))
-    hit = _FREQS.get(key)
-    if hit is None or (src is not None and (hit[0] is not src or hit[1] != _version(src))):
-        if len(_FREQS) > 64:
-            _FREQS.clear()
-        f = cache.rope_frequencies(device)
-        hit = _FREQS[key] = (src, None if src is None else _version(src), f)
-    return hit[2]
+    if src is None:
+        return _cached(("theta", cache.rope_theta, cache.head_dim, str(device)), (),
+                       lambda: cache.rope_frequencies(device))
+    return _cached(("freqs", id(src), str(device)), (src,), lambda: cache.rope_frequencies(device))
 
 
 def rope_block_table(invf: Tensor, block_n: int, rows: int) -> Tensor:
@@ -120,21 +128,12 @@ def rope_block_table(invf: Tensor, block_n: int, rows: int) -> Tensor:
     return tab
 
 
-_AFFINE: dict = {}
-
-
 def key_affine(cache: KVQuantCache) -> tuple[Tensor, Tensor]:
     """Centre ``(lo + hi) / 2`` and half-range ``(hi - lo) / 2`` ``(H, D)`` of the key thresholds, made once per
     threshold tensors (their identity and version: a decode step should not spend launches on constants)."""
     lo, hi = cache.lo, cache.hi
-    key = (id(lo), id(hi))
-    hit = _AFFINE.get(key)
-    if hit is None or hit[0] is not lo or hit[1] is not hi or hit[2] != (_version(lo), _version(hi)):
-        if len(_AFFINE) > 256:
-            _AFFINE.clear()
-        hit = _AFFINE[key] = (lo, hi, (_version(lo), _version(hi)), ((lo + hi) / 2).contiguous(),
-                              ((hi - lo) / 2).contiguous())
-    return hit[3], hit[4]
+    return _cached(("key affine", id(lo), id(hi)), (lo, hi),
+                   lambda: (((lo + hi) / 2).contiguous(), ((hi - lo) / 2).contiguous()))
 
 
 # ----------------------------------------------------------------------------------------------- reduce

@@ -112,25 +112,9 @@ def rope_tables(invf: Tensor, n_sink: int, rows: int, block: int = KVQ_BLOCK) ->
     return qt, torch.stack([a.cos(), a.sin()]).half().contiguous()
 
 
-_TABLES: dict = {}
-
-
-def _cached(key: tuple, srcs: tuple, make):
-    """``make()`` kept per ``key`` while the source tensors ``srcs`` are the same objects at the same version."""
-    from .decode_attention import _version
-
-    ver = tuple(_version(s) for s in srcs)
-    hit = _TABLES.get(key)
-    if hit is None or any(a is not b for a, b in zip(hit[0], srcs, strict=True)) or hit[1] != ver:
-        if len(_TABLES) > 256:
-            _TABLES.clear()
-        hit = _TABLES[key] = (srcs, ver, make())
-    return hit[2]
-
-
 def _operands(q: Tensor, cache) -> tuple:
     """(ka, ksc as fp16 ``(H, 128)``, key and value lane tables, qt, kt) for a launch (made once per source)."""
-    from .decode_attention import _frequencies, key_affine
+    from .decode_attention import _cached, _frequencies, key_affine
 
     ka, ksc = key_affine(cache)
     invf = _frequencies(cache, q.device)

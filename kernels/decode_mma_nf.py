@@ -35,9 +35,11 @@ if gluon is not None:
 
 def _lut(cache) -> Tensor:
     """The lane table of the cache's levels, made once per levels tensor (its identity and version:
-    ``decode_mma_kvquant._cached``, the kvquant program's table cache)."""
+    ``decode_attention._cached``)."""
+    from .decode_attention import _cached
+
     lv = cache.levels
-    return decode_mma_kvquant._cached(("nf-lut", id(lv), cache.bits), (lv,), lambda: lane_table(lv, cache.bits))
+    return _cached(("nf-lut", id(lv), cache.bits), (lv,), lambda: lane_table(lv, cache.bits))
 
 
 def nf_mma_supported(q: Tensor, cache) -> bool:
