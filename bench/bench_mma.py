@@ -3,7 +3,7 @@ KIVI 2-bit; ``decode_mma_kvquant``: kvq2, kvq4, kvq2-1%; ``decode_mma_nf``: nf2,
 ``tl.dot`` programs they replace, all in one run, and a sweep of their tile and occupancy settings.
 
     python bench/bench_mma.py --out mma.json [--contexts 32768,131072,1048576] [--batches 1,8]
-                              [--methods int2,int4,kivi2,kvq2,kvq2-1%,nf4,kvq2-nib,nf2-nib] [--sweep]
+                              [--methods int2,int4,kivi2,kvq2,kvq2-1%,nf4,kvq2-bytes,nf2-bytes] [--sweep]
 
 Times the decode function as the runtime calls it (the Gluon packed splits, the fp16-segment split, the merge) with
 the Gluon path's switch on and off (``decode_token.TOKEN_MMA``, ``decode_attention.KIVI_MMA``), replayed from CUDA
@@ -13,8 +13,9 @@ the same way; also the host time a call takes to issue (what eager use, ``--no-g
 Gluon path against its reference. ``--sweep``: warps a program, tokens a warp and programs an SM
 and a register cap (``decode_mma.WARPS``, ``BLOCK``, ``PROGRAMS_PER_SM``, ``MAXNREG``) at each context and batch, with
 counts on the device (the variant ``kvq generate``'s graphs run), and the registers and spills each compiled to.
-A ``-nib`` suffix (``kvq2-nib``, ``kvq2-1%-nib``, ``nf2-nib``) times the Gluon path with
-``decode_mma_kvquant.VALUE_NIBBLES`` on, to set beside the plain name in the same run.
+A ``-bytes`` suffix (``kvq2-bytes``, ``kvq2-1%-bytes``, ``nf2-bytes``) times the Gluon path with
+``decode_mma_kvquant.VALUE_NIBBLES`` off (2-bit value lookups from byte permutes, the default until session 15), to
+set beside the plain name in the same run; ``-nib`` forces it on.
 Results: ``docs/results/kernels-decode-attention.md`` (session 11).
 """
 
@@ -107,13 +108,15 @@ def _rel_err(call, want) -> float:
     return ((call().float() - want).norm() / want.norm()).item()
 
 
-#: a method name's suffix that times its Gluon path with ``decode_mma_kvquant.VALUE_NIBBLES`` on (kvq2*, nf2)
-NIB = "-nib"
+#: method name suffixes that time the Gluon path with ``decode_mma_kvquant.VALUE_NIBBLES`` on / off (kvq2*, nf2)
+NIB, BYTES = "-nib", "-bytes"
 
 
 def _extra(name: str) -> dict:
     """Settings a method name's suffix adds to its Gluon path's switch."""
-    return {(qmma, "VALUE_NIBBLES"): True} if name.endswith(NIB) else {}
+    if name.endswith(NIB) or name.endswith(BYTES):
+        return {(qmma, "VALUE_NIBBLES"): name.endswith(NIB)}
+    return {}
 
 
 def _methods() -> dict:
@@ -146,7 +149,7 @@ def run(contexts, batches, names, sweep: bool) -> dict:
     print(f"{res['device']}: copy bandwidth {res['copy_gbps']:.0f} GB/s", flush=True)
     table = _methods()
     for name in names:
-        make, fn, switch, _, reference = table[name.removesuffix(NIB)]
+        make, fn, switch, _, reference = table[name.removesuffix(NIB).removesuffix(BYTES)]
         small = make(2, 3, D, 1056)  # (kivi packs whole 32-token groups: 1056 - 128 residual tokens)
         q = torch.randn(2, 3 * G, D, device="cuda", dtype=torch.float16)
         want = reference(q.float(), small)
@@ -154,7 +157,7 @@ def run(contexts, batches, names, sweep: bool) -> dict:
         res[f"check_rel_err_{name}"] = err
         print(f"{name} (Gluon path) against the reference: relative error {err:.2e}", flush=True)
     for name, t, b in itertools.product(names, contexts, batches):
-        make, fn, switch, supported, _ = table[name.removesuffix(NIB)]
+        make, fn, switch, supported, _ = table[name.removesuffix(NIB).removesuffix(BYTES)]
         on_set = {switch: True, **_extra(name)}
         # its key in ``decode_mma.COMPILED``
         prog = next(p for p in ("kivi", "kvquant", "nf", "int") if name.startswith(p[:3]))

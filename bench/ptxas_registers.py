@@ -5,8 +5,8 @@ and it moves with small code changes, so check it here before spending device ti
     python bench/ptxas_registers.py [--json out.json] [--opcodes]
 
 ``--opcodes``: also each variant's loop by SASS opcode (always in the JSON). Besides the defaults it compiles the
-2-bit value lookups from interleaved nibbles (``decode_mma_kvquant.VALUE_NIBBLES``, off by default) and one-warp
-programs (``decode_mma.WARPS = 1``, ``bench_mma.py --sweep``).
+2-bit value lookups of byte permutes (``decode_mma_kvquant.VALUE_NIBBLES`` off; on by default since session 15)
+and one-warp programs (``decode_mma.WARPS = 1``, ``bench_mma.py --sweep``).
 
 Uses the installed Triton's compiler and ``cuobjdump``: the numbers in ``docs/results/kernels-decode-attention.md``
 (sessions 12-14) are Triton 3.6's, the GPU image's (``pip install triton==3.6.0`` in a separate environment); another
@@ -30,12 +30,12 @@ VARIANTS += [(f"kvquant k{bk} v{bv} G=4 {'device' if dyn else 'host'} counts{' o
 VARIANTS += [(f"nf{bits} G=4 {'device' if dyn else 'host'} counts",
               lambda bits=bits, dyn=dyn: decode_mma_nf.nf_compiled_counts(4, dyn, bits, sass=True))
              for bits in (2, 4) for dyn in (False, True)]
-VARIANTS += [("kvquant k2 v2 G=4 device counts nibbles",
-              lambda: decode_mma_kvquant.kvq_compiled_counts(4, True, 2, 2, sass=True, nib=True)),
-             ("kvquant k2 v2 G=4 device counts outliers nibbles",
-              lambda: decode_mma_kvquant.kvq_compiled_counts(4, True, 2, 2, True, True, sass=True, nib=True)),
-             ("nf2 G=4 device counts nibbles",
-              lambda: decode_mma_nf.nf_compiled_counts(4, True, 2, sass=True, nib=True)),
+VARIANTS += [("kvquant k2 v2 G=4 device counts byte lookups",
+              lambda: decode_mma_kvquant.kvq_compiled_counts(4, True, 2, 2, sass=True, nib=False)),
+             ("kvquant k2 v2 G=4 device counts outliers byte lookups",
+              lambda: decode_mma_kvquant.kvq_compiled_counts(4, True, 2, 2, True, True, sass=True, nib=False)),
+             ("nf2 G=4 device counts byte lookups",
+              lambda: decode_mma_nf.nf_compiled_counts(4, True, 2, sass=True, nib=False)),
              ("int2 G=4 device counts one warp", lambda: decode_mma.compiled_counts(4, True, 2, warps=1, sass=True)),
              ("kvquant k2 v2 G=4 device counts one warp",
               lambda: decode_mma_kvquant.kvq_compiled_counts(4, True, 2, 2, warps=1, sass=True)),
