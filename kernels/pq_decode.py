@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import decode_mma_pq
 from .decode_attention import LOG2E, _finish, check_query, split_plan
 from .decode_split import (
     VQ_PROGRAMS_PER_SM,
@@ -44,6 +45,10 @@ from .decode_split import (
 from .reference import next_pow2
 from .vq_pack import _load_vq_codes, code_span
 from .vq_reference import PQCache, row_bytes
+
+
+#: GQA at head dim 128, 64 subspaces of 8-bit codes: the packed splits by ``decode_mma_pq``'s tensor-core program
+PQ_MMA = True
 
 
 def _pow2(n: int) -> bool:
@@ -74,13 +79,14 @@ def _pq_split_kernel(
     MP, LP, AP,
     H, Tmax, n_packed, n_sink, n_res, tokens_per_split, NSP, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr, SPAN: tl.constexpr,
-    NB: tl.constexpr, BLOCK_N: tl.constexpr,
+    NB: tl.constexpr, BLOCK_N: tl.constexpr, SEG_ONLY: tl.constexpr = False,
 ):
-    """One program per (b, KV head) and split: score tables ``(GP, M, K)``, value tiles ``(BLOCK_N, D/2)``."""
+    """One program per (b, KV head) and split: score tables ``(GP, M, K)``, value tiles ``(BLOCK_N, D/2)``.
+    ``SEG_ONLY``: launched with one split, the last (the fp16 segments; ``decode_mma_pq`` does the packed ones)."""
     HALF: tl.constexpr = D // 2
     K: tl.constexpr = 1 << BITS
     DM: tl.constexpr = D // M
-    b, h, hq0, sp, prow0 = _program_ids(H, NSP, G, G)
+    b, h, hq0, sp, prow0 = _program_ids(H, NSP, G, G, SEG_ONLY)
     q1, q2 = _load_query(Q, sqb, sqh, b, hq0, qk_scale, G, GP, D)  # for the fp16 segments
     CVH = CV + h * cv_sh  # this KV head's value codebook (cv_sh = 0: shared by the heads)
     bh = (b * H + h).to(tl.int64)
@@ -126,7 +132,9 @@ def score_table(q: Tensor, codebook: Tensor, scale: float) -> Tensor:
 
 def decode_attention_pq(q: Tensor, cache: PQCache, sm_scale: float | None = None, num_splits: int | None = None,
                         block_n: int | None = None, num_warps: int | None = None) -> Tensor:
-    """Decode attention of post-RoPE ``q (B, H*G, D)`` over a ``PQCache`` -> ``(B, H*G, D)`` in q's dtype."""
+    """Decode attention of post-RoPE ``q (B, H*G, D)`` over a ``PQCache`` -> ``(B, H*G, D)`` in q's dtype. With
+    ``PQ_MMA`` (and no ``block_n`` / ``num_splits`` asked for) the packed splits run ``decode_mma_pq``'s tensor-core
+    program where it supports the cache (``pq_mma_supported``), and this one the fp16 segments."""
     b, h, tmax, nb = cache.k_codes.shape
     d, msub = cache.head_dim, cache.subspaces
     if not supported(d, msub) or nb != row_bytes(msub, cache.bits) or cache.v_codes.shape != cache.k_codes.shape:
@@ -138,22 +146,28 @@ def decode_attention_pq(q: Tensor, cache: PQCache, sm_scale: float | None = None
             raise ValueError("cache buffers must be contiguous")
     g = check_query(q, h, d)
     gp = next_pow2(g)
+    mma = PQ_MMA and num_splits is None and block_n is None and decode_mma_pq.pq_mma_supported(q, cache)
     if block_n is None:  # the score gather tile is (GP, BLOCK_N, M)
         block_n = max(16, min(64, 8192 // (gp * msub)))
     if num_warps is None:
         num_warps = 8 if gp * block_n * msub >= 8192 else 4
-    per, nsp, partials = split_plan(q, q.shape[0] * h, cache.n_packed, block_n, num_splits, VQ_PROGRAMS_PER_SM)
+    tile, programs = decode_mma_pq.pq_split(q, cache) if mma else (block_n, VQ_PROGRAMS_PER_SM)
+    per, nsp, partials = split_plan(q, q.shape[0] * h, cache.n_packed, tile, num_splits, programs, one_wave=mma)
     scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
-    table = score_table(cache.table_query(q), cache.ck, scale)
+    if mma:
+        decode_mma_pq.launch_pq_mma(q, cache, *partials, per, nsp, scale)
+        table = q  # not read: the segment split has no packed tokens
+    else:
+        table = score_table(cache.table_query(q), cache.ck, scale)
     sk, rk = cache.sink_k, cache.res_k
     cv = cache.cv.contiguous()
     cv_sh = cv[0].numel() if cv.dim() == 4 else 0
-    _pq_split_kernel[(b * h, nsp)](
+    _pq_split_kernel[(b * h, 1 if mma else nsp)](
         q, q.stride(0), q.stride(1), table, cache.k_codes, cache.v_codes, cv, cv_sh,
         sk, cache.sink_v, rk, cache.res_v, sk.stride(0), sk.stride(1), rk.stride(0), rk.stride(1),
         *partials,
         h, tmax, cache.n_packed, cache.n_sink, cache.n_res, per, nsp, scale,
         G=g, GP=gp, D=d, M=msub, BITS=cache.bits, SPAN=code_span(cache.bits), NB=nb, BLOCK_N=block_n,
-        num_warps=num_warps,
+        SEG_ONLY=mma, num_warps=num_warps,
     )
     return _finish(q, nsp, *partials)

@@ -53,10 +53,11 @@ def check_word_path(module, switch: str, call, want, tol: float, exact: bool) ->
         assert rel(got[True], got[False]) < 1e-6
 
 
-def check_gluon_loop(module: str, calls: list[str], mmas: int) -> None:
+def check_gluon_loop(module: str, calls: list[str], mmas: int, shared_loads: int = 0) -> None:
     """Compile Gluon programs for sm_90 in a child process (Gluon does not compile under ``TRITON_INTERPRET=1``,
-    which the kernel tests set): ``module.<call>['loop']`` for each call must have ``mmas`` MMAs, global loads, and
-    no shared-memory instruction, barrier or integer-to-float conversion."""
+    which the kernel tests set): ``module.<call>['loop']`` for each call must have ``mmas`` MMAs, global loads,
+    ``shared_loads`` shared-memory loads (the program's own gathers) and no other shared-memory instruction, barrier
+    or integer-to-float conversion."""
     import json
     import subprocess
     import sys
@@ -69,7 +70,7 @@ def check_gluon_loop(module: str, calls: list[str], mmas: int) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     for loop in json.loads(out.stdout.strip().splitlines()[-1]):
         assert loop["mma.sync"] == mmas and loop["ld.global"] > 0, loop
-        assert loop["ld.shared"] == loop["st.shared"] == loop["bar.sync"] == 0, loop
+        assert loop["ld.shared"] == shared_loads and loop["st.shared"] == loop["bar.sync"] == 0, loop
         assert loop["cvt.rn.f16.u"] == loop["cvt.rn.f32.u"] == 0, loop
 
 

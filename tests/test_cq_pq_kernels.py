@@ -174,3 +174,83 @@ def test_decode_attention_edge_segments():
     s = 0.5 / math.sqrt(16)
     assert _rel(decode_attention_pq(q, p, sm_scale=s), ref.decode_attention_pq_ref(q, p, sm_scale=s)) < ATTN_RTOL
     assert _rel(ref.decode_attention_pq_ref(q, p, sm_scale=s), ref.decode_attention_pq_ref(q, p)) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------- pq tensor cores
+def pq128_cache(gen, h, t, tmax, n_sink, n_res, per_head=False, permuted=False):
+    """A MILLION cache at head dim 128 (64 subspaces of 2 channels, 8-bit codes) with ``h`` KV heads."""
+    shape = (h,) * per_head + (64, 256, 2)
+    ck, cv = (torch.randn(*shape, generator=gen).to(DEV) for _ in range(2))
+    order = torch.randperm(128, generator=gen).to(DEV) if permuted else None
+    c = ref.empty_vq_cache("pq", B, h, tmax, 8, ck, cv, n_sink=n_sink, max_res=8, key_order=order)
+    for buf in (c.k_codes, c.v_codes):
+        buf[:, :, :t] = ref.pack_vq_codes(torch.randint(0, 256, (B, h, t, 64), generator=gen), 8).to(DEV)
+    c.sink_k.copy_(_randn(gen, B, h, n_sink, 128))
+    c.sink_v.copy_(_randn(gen, B, h, n_sink, 128))
+    c.res_k[:, :, :n_res] = _randn(gen, B, h, n_res, 128).half()
+    c.res_v[:, :, :n_res] = _randn(gen, B, h, n_res, 128).half()
+    c.n_packed, c.n_res = t, n_res
+    return c
+
+
+def test_pq_mma_maps_give_each_thread_adjacent_code_bytes():
+    """``decode_mma_pq``'s operand orders: permutations of the 128 channels; the 16 key pairs a thread holds (lane
+    ``r = l & 3``: pairs ``r + 4 a + 8 b``) are subspaces ``16 r ..``, 16 adjacent code bytes, and the 16 value
+    columns of lane group ``g`` (``g + 8 j``) are channels ``16 g ..``, the entries of 8 adjacent code bytes."""
+    from kvq_kernels.decode_mma_pq import pq_key_map, pq_value_map
+
+    i = torch.arange(128)
+    kch, vch = pq_key_map(i), pq_value_map(i)
+    assert torch.equal(kch.sort().values, i) and torch.equal(vch.sort().values, i)
+    assert torch.equal(kch[1::2] - kch[0::2], torch.ones(64, dtype=torch.long))  # a register is one entry
+    for r in range(4):
+        pairs = torch.tensor([r + 4 * a + 8 * b for a in range(2) for b in range(8)])
+        assert torch.equal((kch[2 * pairs] // 2).sort().values, torch.arange(16 * r, 16 * r + 16))
+    for g in range(8):
+        assert torch.equal(vch[g + 8 * torch.arange(16)].sort().values, torch.arange(16 * g, 16 * g + 16))
+
+
+@pytest.mark.parametrize("g, per_head, permuted", [(3, False, False), (4, True, True), (16, False, True)])
+def test_pq_mma_reference(g, per_head, permuted):
+    """``pq_mma_reference`` (the program's operand orders, fp16 query, codebooks and probabilities) gives the
+    reference's attention over the packed tokens."""
+    from kvq_kernels.decode_mma_pq import pq_mma_reference
+
+    gen = _gen(60 + g)
+    c = pq128_cache(gen, 2, 70, 80, 0, 0, per_head, permuted)
+    q = _randn(gen, B, 2 * g, 128)
+    want = ref.decode_attention_pq_ref(q, c)
+    assert _rel(pq_mma_reference(q, c), want) < 5e-3
+    c.k_codes[:, :, :70] = c.k_codes[:, :, :70].roll(1, dims=-1)  # another channel order: not the same attention
+    assert _rel(pq_mma_reference(q, c), want) > 5e-2
+
+
+def test_pq_mma_program_compiles_with_only_its_gathers_in_its_loop():
+    """The program compiled for sm_90: its token loop's 64 MMAs and 128 shared-memory gathers (4 tokens x 16 key
+    entries and 8 x 8 value entries a thread), and no shared store or barrier that Triton made (nothing else touches
+    the codebooks' bytes while they are read)."""
+    from conftest import check_gluon_loop
+
+    check_gluon_loop("decode_mma_pq", ["pq_compiled_counts(3)", "pq_compiled_counts(16, 4)"], 64, shared_loads=128)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU checks: the three tests above)")
+@pytest.mark.parametrize("h, g, t, tmax, n_sink, n_res, per_head, permuted, dtype", [
+    (3, 4, 300, 512, 1, 5, False, False, torch.float16), (2, 3, 1000, 1030, 0, 3, True, True, torch.bfloat16),
+    (1, 16, 4096, 4096, 1, 0, True, False, torch.float16), (2, 8, 257, 300, 0, 0, False, True, torch.float16),
+    (1, 2, 9000, 9001, 1, 8, False, False, torch.float16)])
+def test_decode_attention_pq_mma(h, g, t, tmax, n_sink, n_res, per_head, permuted, dtype):
+    """MILLION GQA at head dim 128 on a GPU through ``decode_mma_pq``'s program (``PQ_MMA`` on, this kernel's fp16
+    segments): the reference's attention, shared and per-head codebooks, a key channel order, odd counts."""
+    from kvq_kernels import pq_decode
+    from kvq_kernels.decode_mma_pq import pq_mma_supported
+
+    assert pq_decode.PQ_MMA
+    gen = _gen(3000 + h + g + t)
+    c = pq128_cache(gen, h, t, tmax, n_sink, n_res, per_head, permuted)
+    q = _randn(gen, B, h * g, 128).to(dtype)
+    assert pq_mma_supported(q, c)
+    want = ref.decode_attention_pq_ref(q.float(), c)
+    got = decode_attention_pq(q, c)
+    assert got.dtype == dtype and _rel(got, want) < 5e-3
+    assert _rel(decode_attention_pq(q, c, num_splits=3), want) < ATTN_RTOL  # the CUDA-core program, same cache
