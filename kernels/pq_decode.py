@@ -46,7 +46,6 @@ from .reference import next_pow2
 from .vq_pack import _load_vq_codes, code_span
 from .vq_reference import PQCache, row_bytes
 
-
 #: GQA at head dim 128, 64 subspaces of 8-bit codes: the packed splits by ``decode_mma_pq``'s tensor-core program
 PQ_MMA = True
 
