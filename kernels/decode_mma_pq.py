@@ -5,8 +5,8 @@ sm_80+).
 ``pq_decode``'s ``tl.dot``-free program scores a token by gathering ``G * M`` entries of per-query score tables out
 of L2 and decodes its values by gathering the value codebook through L1, about one entry a cycle an SM (0.07x fp16
 SDPA on the H200, ``kernels-decode-attention.md``). Here both codebooks of the program's KV head are copied into
-shared memory once (``ck``, ``cv``: 64 x 256 entries of an fp16 pair, 64 KiB each), and every thread gathers the
-very entries its ``mma.sync`` fragments hold:
+shared memory once (``ck``, ``cv``: 64 x 256 entries of an fp16 pair, 64 KiB each, stored code-major so that one
+``prmt`` makes an entry's address), and every thread gathers the very entries its ``mma.sync`` fragments hold:
 
 * **Keys** (B operand, ``k`` = channel, ``n`` = token). A B register is a pair of adjacent operand rows, and a
   subspace entry is a pair of adjacent channels: one ``ld.shared.b32`` a register, the key decoded with no
@@ -133,40 +133,47 @@ def pq_mma_reference(q: Tensor, cache, sm_scale: float | None = None) -> Tensor:
 if gluon is not None:
     @gluon.constexpr_function
     def _fill_asm():
-        return "{.reg .b32 a; mov.b32 a, global_smem; mad.lo.u32 a, $1, 4, a; st.shared.b32 [a], $2; mov.b32 $0, 0;}"
+        return ("{.reg .b32 a; mov.b32 a, global_smem; mad.lo.u32 a, $4, 4, a; "
+                "st.shared.v4.b32 [a], {$8, $9, $10, $11}; "
+                "mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;}")
 
     @gluon.constexpr_function
     def _key_asm(j):
         """Entries of the 4 code bytes of word ``j`` of a thread's key row quarter (subspaces ``16 r + 4 j + i``;
-        ``$9`` = ``16 r`` KiB) -> 8 fp16 (entry ``i``: ``$2i``, ``$2i+1``)."""
-        body = "{.reg .b32 c, e, g; mov.b32 g, global_smem; add.u32 g, g, $9; "
+        ``$9`` = ``64 r``, the lane's byte offset) -> 8 fp16 (entry ``i``: ``$2i``, ``$2i+1``). The codebook is
+        stored code-major (entry ``(s, c)`` at byte ``256 c + 4 s``), so ``prmt`` makes an address of a code byte and
+        the lane's offset in one instruction."""
+        body = "{.reg .b32 c, e, g; mov.b32 g, global_smem; "
         for i in range(4):
-            body += (f"bfe.u32 c, $8, {8 * i}, 8; mad.lo.u32 c, c, 4, g; ld.shared.b32 e, [c+{(4 * j + i) * 1024}]; "
+            sel = 0x7604 | (i << 4)  # byte 0 from $9, byte 1 the code, bytes 2-3 from $9
+            body += (f"prmt.b32 c, $8, $9, {sel}; add.u32 c, c, g; ld.shared.b32 e, [c+{16 * j + 4 * i}]; "
                      f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, e; ")
         return body + "}"
 
     @gluon.constexpr_function
     def _value_asm(x):
-        """Entries of code byte ``x`` of two tokens' words ``$4, $5`` (subspace ``4 word + x``, ``$6`` = ``4 word``
-        KiB, past the 64 KiB of keys) -> the even channel of both tokens (``$0, $1``) and the odd (``$2, $3``)."""
-        off = 65536 + 1024 * x
-        return ("{.reg .b32 c, d, ea, eb, g; mov.b32 g, global_smem; add.u32 g, g, $6; "
-                f"bfe.u32 c, $4, {8 * x}, 8; mad.lo.u32 c, c, 4, g; ld.shared.b32 ea, [c+{off}]; "
-                f"bfe.u32 d, $5, {8 * x}, 8; mad.lo.u32 d, d, 4, g; ld.shared.b32 eb, [d+{off}]; "
+        """Entries of code byte ``x`` of two tokens' words ``$4, $5`` (subspace ``4 word + x``; ``$6`` = ``16 word``
+        plus 64 KiB: the values' codebook follows the keys') -> the even channel of both tokens (``$0, $1``) and the
+        odd (``$2, $3``)."""
+        sel = 0x7604 | (x << 4)
+        return ("{.reg .b32 c, d, ea, eb, g; mov.b32 g, global_smem; "
+                f"prmt.b32 c, $4, $6, {sel}; add.u32 c, c, g; ld.shared.b32 ea, [c+{4 * x}]; "
+                f"prmt.b32 d, $5, $6, {sel}; add.u32 d, d, g; ld.shared.b32 eb, [d+{4 * x}]; "
                 "prmt.b32 c, ea, eb, 0x5410; prmt.b32 d, ea, eb, 0x7632; mov.b32 {$0, $1}, c; mov.b32 {$2, $3}, d;}")
 
     @gluon.jit
     def _fill(CK, CV, W: gl.constexpr):
-        """Both codebooks (16384 int32 entries each) into shared memory at 0 and 64 KiB, between two barriers."""
+        """Both codebooks (16384 int32 entries each, code-major) into shared memory at 0 and 64 KiB, between two
+        barriers: every load issued before the first store."""
         fl: gl.constexpr = gl.BlockedLayout([4], [32], [W], [0])
-        CH: gl.constexpr = 128 * W * 4
-        r = gl.arange(0, CH, layout=fl)
+        r = gl.arange(0, 16384, layout=fl)
+        k = gl.load(CK + r)
+        v = gl.load(CV + r)
         _barrier()  # no warp still reads a shared buffer of the code before
-        for c in range(0, 16384, CH):
-            gl.inline_asm_elementwise(_fill_asm(), "=r,r,r", [c + r, gl.load(CK + c + r)], dtype=gl.int32,
-                                      is_pure=False, pack=1)
-            gl.inline_asm_elementwise(_fill_asm(), "=r,r,r", [16384 + c + r, gl.load(CV + c + r)], dtype=gl.int32,
-                                      is_pure=False, pack=1)
+        gl.inline_asm_elementwise(_fill_asm(), "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [r, k], dtype=gl.int32, is_pure=False,
+                                  pack=4)
+        gl.inline_asm_elementwise(_fill_asm(), "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [16384 + r, v], dtype=gl.int32,
+                                  is_pure=False, pack=4)
         _barrier()
 
     @gluon.jit
@@ -233,19 +240,20 @@ if gluon is not None:
         q16 = _query_rows(Q, sqb, sqh, b, h, MAPS, qk_scale, G, W, qa).to(gl.float16)
         koff = _tile_offsets(W, BN, 16, 2, kwl)
         voff = _tile_offsets(W, BN, 16, 1, vwl)
-        # shared byte offsets of a thread's subspaces: keys 16 r KiB (words 4 r ..), values 4 word KiB
-        kbase = (koff % 16 // 4) * 16384
-        vbase = (voff % 16) * 4096
+        # the byte offsets of a thread's first subspace in a code's row of entries: keys 64 r (words 4 r ..), values
+        # 16 word, past the keys' 64 KiB
+        kbase = (koff % 16 // 4) * 64
+        vbase = (voff % 16) * 16 + 65536
         ct = _score_tokens(W, BN, m3)
         row = pid.to(gl.int64) * Tmax
         last = Tmax - W * BN  # tiles start at or before it (Tmax >= W BN), so every read is inside the buffers
         m_i = gl.full([W, 16], float("-inf"), gl.float32, rows)
         l_i = gl.zeros([W, 16], gl.float32, rows)
         acc = gl.zeros([W, 16, 128], gl.float32, m3)
-        _fill(CK + h * ck_sh, CV + h * ck_sh, W)
         base = row + gl.minimum(start, last)
         kw = gl.load(KC + base * 16 + koff)
         vw = gl.load(VC + base * 16 + voff)
+        _fill(CK + h * ck_sh, CV + h * ck_sh, W)
         for t0 in range(start, end, W * BN):
             nb = row + gl.minimum(t0 + W * BN, last)
             kn = gl.load(KC + nb * 16 + koff)
@@ -285,12 +293,12 @@ def pq_compiled_counts(g: int = 4, warps: int = PQ_WARPS, sass: bool = False) ->
 
 
 def _codebooks(cache) -> tuple[Tensor, Tensor, int]:
-    """The codebooks as fp16 pairs viewed as int32 entries, and the entries a KV head (0: shared), converted once
-    per codebook (``decode_attention._cached``)."""
+    """The codebooks code-major (``(K, M)`` entries of an fp16 pair, viewed as int32), and the entries a KV head (0:
+    shared), made once per codebook (``decode_attention._cached``)."""
     from .decode_attention import _cached
 
     def make():
-        return tuple(c.to(torch.float16).contiguous().view(torch.int32) for c in (cache.ck, cache.cv))
+        return tuple(c.to(torch.float16).transpose(-3, -2).contiguous().view(torch.int32) for c in (cache.ck, cache.cv))
 
     ck, cv = _cached(("pq-codebooks", id(cache.ck), id(cache.cv)), (cache.ck, cache.cv), make)
     return ck, cv, (16384 if cache.ck.dim() == 4 else 0)
