@@ -5,8 +5,8 @@ sm_80+).
 ``pq_decode``'s ``tl.dot``-free program scores a token by gathering ``G * M`` entries of per-query score tables out
 of L2 and decodes its values by gathering the value codebook through L1, about one entry a cycle an SM (0.07x fp16
 SDPA on the H200, ``kernels-decode-attention.md``). Here both codebooks of the program's KV head are copied into
-shared memory once (``ck``, ``cv``: 64 x 256 entries of an fp16 pair, 64 KiB each, stored code-major so that one
-``prmt`` makes an entry's address), and every thread gathers the very entries its ``mma.sync`` fragments hold:
+shared memory once (``ck``, ``cv``: 64 x 256 entries of an fp16 pair, 64 KiB each, subspace-major: an entry's bank
+is its code's), and every thread gathers the very entries its ``mma.sync`` fragments hold:
 
 * **Keys** (B operand, ``k`` = channel, ``n`` = token). A B register is a pair of adjacent operand rows, and a
   subspace entry is a pair of adjacent channels: one ``ld.shared.b32`` a register, the key decoded with no
@@ -140,30 +140,28 @@ if gluon is not None:
     @gluon.constexpr_function
     def _key_asm(j):
         """Entries of the 4 code bytes of word ``j`` of a thread's key row quarter (subspaces ``16 r + 4 j + i``;
-        ``$9`` = ``64 r``, the lane's byte offset) -> 8 fp16 (entry ``i``: ``$2i``, ``$2i+1``). The codebook is
-        stored code-major (entry ``(s, c)`` at byte ``256 c + 4 s``), so ``prmt`` makes an address of a code byte and
-        the lane's offset in one instruction."""
-        body = "{.reg .b32 c, e, g; mov.b32 g, global_smem; "
+        ``$9`` = ``16 r`` KiB) -> 8 fp16 (entry ``i``: ``$2i``, ``$2i+1``). Entry ``(s, c)`` sits at byte
+        ``1024 s + 4 c``: its bank is the code's, so a warp's 32 gathers spread over the banks."""
+        body = "{.reg .b32 c, e, g; mov.b32 g, global_smem; add.u32 g, g, $9; "
         for i in range(4):
-            sel = 0x7604 | (i << 4)  # byte 0 from $9, byte 1 the code, bytes 2-3 from $9
-            body += (f"prmt.b32 c, $8, $9, {sel}; add.u32 c, c, g; ld.shared.b32 e, [c+{16 * j + 4 * i}]; "
+            body += (f"bfe.u32 c, $8, {8 * i}, 8; mad.lo.u32 c, c, 4, g; ld.shared.b32 e, [c+{(4 * j + i) * 1024}]; "
                      f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, e; ")
         return body + "}"
 
     @gluon.constexpr_function
     def _value_asm(x):
-        """Entries of code byte ``x`` of two tokens' words ``$4, $5`` (subspace ``4 word + x``; ``$6`` = ``16 word``
-        plus 64 KiB: the values' codebook follows the keys') -> the even channel of both tokens (``$0, $1``) and the
-        odd (``$2, $3``)."""
-        sel = 0x7604 | (x << 4)
-        return ("{.reg .b32 c, d, ea, eb, g; mov.b32 g, global_smem; "
-                f"prmt.b32 c, $4, $6, {sel}; add.u32 c, c, g; ld.shared.b32 ea, [c+{4 * x}]; "
-                f"prmt.b32 d, $5, $6, {sel}; add.u32 d, d, g; ld.shared.b32 eb, [d+{4 * x}]; "
+        """Entries of code byte ``x`` of two tokens' words ``$4, $5`` (subspace ``4 word + x``, ``$6`` = ``4 word``
+        KiB plus 64 KiB: the values' codebook follows the keys') -> the even channel of both tokens (``$0, $1``) and
+        the odd (``$2, $3``)."""
+        off = 1024 * x
+        return ("{.reg .b32 c, d, ea, eb, g; mov.b32 g, global_smem; add.u32 g, g, $6; "
+                f"bfe.u32 c, $4, {8 * x}, 8; mad.lo.u32 c, c, 4, g; ld.shared.b32 ea, [c+{off}]; "
+                f"bfe.u32 d, $5, {8 * x}, 8; mad.lo.u32 d, d, 4, g; ld.shared.b32 eb, [d+{off}]; "
                 "prmt.b32 c, ea, eb, 0x5410; prmt.b32 d, ea, eb, 0x7632; mov.b32 {$0, $1}, c; mov.b32 {$2, $3}, d;}")
 
     @gluon.jit
     def _fill(CK, CV, W: gl.constexpr):
-        """Both codebooks (16384 int32 entries each, code-major) into shared memory at 0 and 64 KiB, between two
+        """Both codebooks (16384 int32 entries each) into shared memory at 0 and 64 KiB, between two
         barriers: every load issued before the first store."""
         fl: gl.constexpr = gl.BlockedLayout([4], [32], [W], [0])
         r = gl.arange(0, 16384, layout=fl)
@@ -240,10 +238,9 @@ if gluon is not None:
         q16 = _query_rows(Q, sqb, sqh, b, h, MAPS, qk_scale, G, W, qa).to(gl.float16)
         koff = _tile_offsets(W, BN, 16, 2, kwl)
         voff = _tile_offsets(W, BN, 16, 1, vwl)
-        # the byte offsets of a thread's first subspace in a code's row of entries: keys 64 r (words 4 r ..), values
-        # 16 word, past the keys' 64 KiB
-        kbase = (koff % 16 // 4) * 64
-        vbase = (voff % 16) * 16 + 65536
+        # shared byte offsets of a thread's subspaces: keys 16 r KiB (words 4 r ..), values 4 word KiB past the keys
+        kbase = (koff % 16 // 4) * 16384
+        vbase = (voff % 16) * 4096 + 65536
         ct = _score_tokens(W, BN, m3)
         row = pid.to(gl.int64) * Tmax
         last = Tmax - W * BN  # tiles start at or before it (Tmax >= W BN), so every read is inside the buffers
@@ -293,12 +290,12 @@ def pq_compiled_counts(g: int = 4, warps: int = PQ_WARPS, sass: bool = False) ->
 
 
 def _codebooks(cache) -> tuple[Tensor, Tensor, int]:
-    """The codebooks code-major (``(K, M)`` entries of an fp16 pair, viewed as int32), and the entries a KV head (0:
-    shared), made once per codebook (``decode_attention._cached``)."""
+    """The codebooks as fp16 pairs viewed as int32 entries, and the entries a KV head (0: shared), converted once
+    per codebook (``decode_attention._cached``)."""
     from .decode_attention import _cached
 
     def make():
-        return tuple(c.to(torch.float16).transpose(-3, -2).contiguous().view(torch.int32) for c in (cache.ck, cache.cv))
+        return tuple(c.to(torch.float16).contiguous().view(torch.int32) for c in (cache.ck, cache.cv))
 
     ck, cv = _cached(("pq-codebooks", id(cache.ck), id(cache.cv)), (cache.ck, cache.cv), make)
     return ck, cv, (16384 if cache.ck.dim() == 4 else 0)
