@@ -95,18 +95,19 @@ def _pq_split_kernel(
     sub = tl.arange(0, M)
     m, l, pm, acc1, acc2 = _init_state(GP, BLOCK_N, HALF, 1, True)
     npk, nrs, start, end = _split_range(Q, n_packed, n_res, tokens_per_split, NSP, sp, BLOCK_N, False)
-    for t0 in range(start, end, BLOCK_N):
-        t = t0 + tl.arange(0, BLOCK_N)
-        valid = t < end
-        row = bh * Tmax + t
-        codes = _load_vq_codes(KC + row * NB, valid, 0, M, BITS, SPAN, NB, BLOCK_N)  # (BLOCK_N, M)
-        off = (sub[None, :] * K + codes)[None, :, :]  # (1, BLOCK_N, M)
-        entries = tl.load(tab[:, None, None] + off, mask=gmask & valid[None, :, None], other=0.0)
-        s = _mask(tl.sum(entries, axis=2), valid, True)  # (GP, BLOCK_N)
-        vp = VC + row * NB
-        v1 = _pq_half(vp, valid, CVH, 0, M, K, DM, BITS, SPAN, NB, BLOCK_N)
-        v2 = _pq_half(vp, valid, CVH, 1, M, K, DM, BITS, SPAN, NB, BLOCK_N)
-        m, l, pm, acc1, acc2 = _update(s, v1, v2, m, l, pm, acc1, acc2, True, "ieee", FMA=True)
+    if not SEG_ONLY:  # a segment-only launch compiles without the packed loop
+        for t0 in range(start, end, BLOCK_N):
+            t = t0 + tl.arange(0, BLOCK_N)
+            valid = t < end
+            row = bh * Tmax + t
+            codes = _load_vq_codes(KC + row * NB, valid, 0, M, BITS, SPAN, NB, BLOCK_N)  # (BLOCK_N, M)
+            off = (sub[None, :] * K + codes)[None, :, :]  # (1, BLOCK_N, M)
+            entries = tl.load(tab[:, None, None] + off, mask=gmask & valid[None, :, None], other=0.0)
+            s = _mask(tl.sum(entries, axis=2), valid, True)  # (GP, BLOCK_N)
+            vp = VC + row * NB
+            v1 = _pq_half(vp, valid, CVH, 0, M, K, DM, BITS, SPAN, NB, BLOCK_N)
+            v2 = _pq_half(vp, valid, CVH, 1, M, K, DM, BITS, SPAN, NB, BLOCK_N)
+            m, l, pm, acc1, acc2 = _update(s, v1, v2, m, l, pm, acc1, acc2, True, "ieee", FMA=True)
     m, l, pm, acc1, acc2 = _fp16_segments(q1, q2, SK, SV, RK, RV, b.to(tl.int64) * ssb + h * ssh,
                                           b.to(tl.int64) * srb + h * srh, sp == NSP - 1, n_sink, npk, nrs, q1, Q, 0,
                                           q1, q1, m, l, pm, acc1, acc2, False, D, BLOCK_N, True, "ieee", FMA=True)
