@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import decode_mma_cq
 from .decode_attention import LOG2E, _finish, check_query, split_plan
 from .decode_split import (
     VQ_PROGRAMS_PER_SM,
@@ -44,6 +45,10 @@ from .decode_split import (
 from .reference import next_pow2
 from .vq_pack import _load_vq_codes, code_span
 from .vq_reference import CQCache, row_bytes
+
+#: GQA at head dim 128, 32 groups of 4 channels, 8-bit codes: the packed splits by ``decode_mma_cq``'s tensor-core
+#: program
+CQ_MMA = True
 
 
 def _pow2(n: int) -> bool:
@@ -74,34 +79,36 @@ def _cq_split_kernel(
     INVF, MP, LP, AP,
     H, Tmax, n_packed, n_sink, n_res, tokens_per_split, NSP, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, NG: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr,
-    SPAN: tl.constexpr, NB: tl.constexpr, ROPE: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPAN: tl.constexpr, NB: tl.constexpr, ROPE: tl.constexpr, BLOCK_N: tl.constexpr, SEG_ONLY: tl.constexpr = False,
 ):
-    """One program per (b, KV head) and split: query rows ``(GP, D/2)``, centroid tiles ``(BLOCK_N, D/2)``."""
+    """One program per (b, KV head) and split: query rows ``(GP, D/2)``, centroid tiles ``(BLOCK_N, D/2)``.
+    ``SEG_ONLY``: launched with one split, the last (the fp16 segments; ``decode_mma_cq`` does the packed ones)."""
     HALF: tl.constexpr = D // 2
     K: tl.constexpr = 1 << BITS
-    b, h, hq0, sp, prow0 = _program_ids(H, NSP, G, G)
+    b, h, hq0, sp, prow0 = _program_ids(H, NSP, G, G, SEG_ONLY)
     q1, q2 = _load_query(Q, sqb, sqh, b, hq0, qk_scale, G, GP, D)
     invf, cj, sj = _rope_offsets(INVF, BLOCK_N, HALF)  # R(j), j < BLOCK_N (unused without ROPE)
     m, l, pm, acc1, acc2 = _init_state(GP, BLOCK_N, HALF, 1, True)
     npk, nrs, start, end = _split_range(Q, n_packed, n_res, tokens_per_split, NSP, sp, BLOCK_N, False)
     bh = (b * H + h).to(tl.int64)
-    for t0 in range(start, end, BLOCK_N):
-        t = t0 + tl.arange(0, BLOCK_N)
-        valid = t < end
-        row = bh * Tmax + t
-        kp = KC + row * NB
-        k1 = _cq_half(kp, valid, CK, h, 0, NG, K, C, BITS, SPAN, NB, BLOCK_N)
-        k2 = _cq_half(kp, valid, CK, h, 1, NG, K, C, BITS, SPAN, NB, BLOCK_N)
-        if ROPE:
-            qr1, qr2 = _rot_pos(q1, q2, invf, n_sink + t0)
-            s = _scores(qr1, qr2, k1 * cj - k2 * sj, k2 * cj + k1 * sj, True, "ieee", FMA=True)
-        else:
-            s = _scores(q1, q2, k1, k2, True, "ieee", FMA=True)
-        s = _mask(s, valid, True)
-        vp = VC + row * NB
-        v1 = _cq_half(vp, valid, CV, h, 0, NG, K, C, BITS, SPAN, NB, BLOCK_N)
-        v2 = _cq_half(vp, valid, CV, h, 1, NG, K, C, BITS, SPAN, NB, BLOCK_N)
-        m, l, pm, acc1, acc2 = _update(s, v1, v2, m, l, pm, acc1, acc2, True, "ieee", FMA=True)
+    if not SEG_ONLY:  # a segment-only launch compiles without the packed loop
+        for t0 in range(start, end, BLOCK_N):
+            t = t0 + tl.arange(0, BLOCK_N)
+            valid = t < end
+            row = bh * Tmax + t
+            kp = KC + row * NB
+            k1 = _cq_half(kp, valid, CK, h, 0, NG, K, C, BITS, SPAN, NB, BLOCK_N)
+            k2 = _cq_half(kp, valid, CK, h, 1, NG, K, C, BITS, SPAN, NB, BLOCK_N)
+            if ROPE:
+                qr1, qr2 = _rot_pos(q1, q2, invf, n_sink + t0)
+                s = _scores(qr1, qr2, k1 * cj - k2 * sj, k2 * cj + k1 * sj, True, "ieee", FMA=True)
+            else:
+                s = _scores(q1, q2, k1, k2, True, "ieee", FMA=True)
+            s = _mask(s, valid, True)
+            vp = VC + row * NB
+            v1 = _cq_half(vp, valid, CV, h, 0, NG, K, C, BITS, SPAN, NB, BLOCK_N)
+            v2 = _cq_half(vp, valid, CV, h, 1, NG, K, C, BITS, SPAN, NB, BLOCK_N)
+            m, l, pm, acc1, acc2 = _update(s, v1, v2, m, l, pm, acc1, acc2, True, "ieee", FMA=True)
     m, l, pm, acc1, acc2 = _fp16_segments(q1, q2, SK, SV, RK, RV, b.to(tl.int64) * ssb + h * ssh,
                                           b.to(tl.int64) * srb + h * srh, sp == NSP - 1, n_sink, npk, nrs, invf, Q, 0,
                                           cj, sj, m, l, pm, acc1, acc2, ROPE, D, BLOCK_N, True, "ieee", FMA=True)
@@ -110,7 +117,9 @@ def _cq_split_kernel(
 
 def decode_attention_cq(q: Tensor, cache: CQCache, sm_scale: float | None = None, num_splits: int | None = None,
                         block_n: int | None = None, num_warps: int | None = None) -> Tensor:
-    """Decode attention of post-RoPE ``q (B, H*G, D)`` over a ``CQCache`` -> ``(B, H*G, D)`` in q's dtype."""
+    """Decode attention of post-RoPE ``q (B, H*G, D)`` over a ``CQCache`` -> ``(B, H*G, D)`` in q's dtype. With
+    ``CQ_MMA`` (and no ``block_n`` / ``num_splits`` asked for) the packed splits run ``decode_mma_cq``'s tensor-core
+    program where it supports the cache (``cq_mma_supported``), and this one the fp16 segments."""
     b, h, tmax, nb = cache.k_codes.shape
     d, ng, c = cache.head_dim, cache.groups, cache.ck.shape[-1]
     if not supported(d, c) or nb != row_bytes(ng, cache.bits) or cache.v_codes.shape != cache.k_codes.shape:
@@ -120,20 +129,24 @@ def decode_attention_cq(q: Tensor, cache: CQCache, sm_scale: float | None = None
             raise ValueError("cache buffers must be contiguous")
     g = check_query(q, h, d)
     gp = next_pow2(g)
+    mma = CQ_MMA and num_splits is None and block_n is None and decode_mma_cq.cq_mma_supported(q, cache)
     if block_n is None:  # the centroid gather tile is (BLOCK_N, D/2), the score tile (GP, BLOCK_N, D/2)
         block_n = max(16, min(64, 4096 // (gp * d // 2)))
     if num_warps is None:
         num_warps = 8 if gp * block_n * d >= 16384 else 4
-    per, nsp, partials = split_plan(q, q.shape[0] * h, cache.n_packed, block_n, num_splits, VQ_PROGRAMS_PER_SM)
+    tile, programs = decode_mma_cq.cq_split(q, cache) if mma else (block_n, VQ_PROGRAMS_PER_SM)
+    per, nsp, partials = split_plan(q, q.shape[0] * h, cache.n_packed, tile, num_splits, programs, one_wave=mma)
     scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
+    if mma:
+        decode_mma_cq.launch_cq_mma(q, cache, *partials, per, nsp, scale)
     invf = cache.rope_frequencies(q.device) if cache.pre_rope else torch.zeros(d // 2, device=q.device)
     sk, rk = cache.sink_k, cache.res_k
-    _cq_split_kernel[(b * h, nsp)](
+    _cq_split_kernel[(b * h, 1 if mma else nsp)](
         q, q.stride(0), q.stride(1), cache.k_codes, cache.v_codes, cache.ck.contiguous(), cache.cv.contiguous(),
         sk, cache.sink_v, rk, cache.res_v, sk.stride(0), sk.stride(1), rk.stride(0), rk.stride(1),
         invf, *partials,
         h, tmax, cache.n_packed, cache.n_sink, cache.n_res, per, nsp, scale,
         G=g, GP=gp, D=d, NG=ng, C=c, BITS=cache.bits, SPAN=code_span(cache.bits), NB=nb, ROPE=cache.pre_rope,
-        BLOCK_N=block_n, num_warps=num_warps,
+        BLOCK_N=block_n, SEG_ONLY=mma, num_warps=num_warps,
     )
     return _finish(q, nsp, *partials)

@@ -254,3 +254,83 @@ def test_decode_attention_pq_mma(h, g, t, tmax, n_sink, n_res, per_head, permute
     got = decode_attention_pq(q, c)
     assert got.dtype == dtype and _rel(got, want) < 5e-3
     assert _rel(decode_attention_pq(q, c, num_splits=3), want) < ATTN_RTOL  # the CUDA-core program, same cache
+
+
+# ----------------------------------------------------------------------------------------------- cq tensor cores
+def cq128_cache(gen, h, t, tmax, n_sink, n_res, pre_rope=True):
+    """A CQ cache at head dim 128 (32 groups of 4 channels, 8-bit codes, per-head codebooks), ``h`` KV heads."""
+    shape = (h, 32, 256, 4)
+    ck, cv = (torch.randn(*shape, generator=gen).to(DEV) for _ in range(2))
+    c = ref.empty_vq_cache("cq", B, h, tmax, 8, ck, cv, n_sink=n_sink, max_res=8, pre_rope=pre_rope,
+                           rope_theta=10000.0)
+    for buf in (c.k_codes, c.v_codes):
+        buf[:, :, :t] = ref.pack_vq_codes(torch.randint(0, 256, (B, h, t, 32), generator=gen), 8).to(DEV)
+    c.sink_k.copy_(_randn(gen, B, h, n_sink, 128))
+    c.sink_v.copy_(_randn(gen, B, h, n_sink, 128))
+    c.res_k[:, :, :n_res] = _randn(gen, B, h, n_res, 128).half()
+    c.res_v[:, :, :n_res] = _randn(gen, B, h, n_res, 128).half()
+    c.n_packed, c.n_res = t, n_res
+    return c
+
+
+def test_cq_mma_maps_keep_each_group_in_one_thread():
+    """``decode_mma_cq``'s operand orders: each 4-channel group's key rows are two B registers of one lane
+    (``kvq_key_map``: lane ``t = (k >> 1) & 3``), with its rotation partner group in the same lane; each group's
+    value columns belong to one lane group (``n & 7``)."""
+    from kvq_kernels.decode_mma_cq import cq_maps
+
+    kch, vch = cq_maps("cpu").long()
+    k = torch.arange(128)
+    lane = (k >> 1) & 3
+    for grp in range(32):
+        rows = k[kch // 4 == grp]
+        partner = k[kch // 4 == (grp + 16) % 32]
+        assert len(rows) == 4 and len(set(lane[rows].tolist()) | set(lane[partner].tolist())) == 1
+        assert len(set((k[vch // 4 == grp] & 7).tolist())) == 1
+
+
+@pytest.mark.parametrize("g, pre_rope, n_sink, t", [(3, True, 1, 70), (4, False, 0, 64), (16, True, 0, 100)])
+def test_cq_mma_reference(g, pre_rope, n_sink, t):
+    """``cq_mma_reference`` (the program's operand orders, its two rotations from fp16 tables, fp16 operands) gives
+    the reference's attention over the packed tokens (positions from ``n_sink``)."""
+    from kvq_kernels.decode_mma_cq import cq_mma_reference
+    from kvq_kernels.reference import attention_ref
+
+    gen = _gen(70 + g)
+    c = cq128_cache(gen, 2, t, 110, n_sink, 0, pre_rope)
+    q = _randn(gen, B, 2 * g, 128)
+    k, v = ref.dequantize_cq_cache(c)  # sink + packed, keys post-RoPE
+    want = attention_ref(q, k[:, :, n_sink:], v[:, :, n_sink:])
+    assert _rel(cq_mma_reference(q, c), want) < 5e-3
+    c.k_codes[:, :, :t] = c.k_codes[:, :, :t].roll(1, dims=-1)  # other groups: not the same attention
+    assert _rel(cq_mma_reference(q, c), want) > 5e-2
+
+
+def test_cq_mma_program_compiles_with_only_its_gathers_in_its_loop():
+    """The program compiled for sm_90: its token loop's 64 MMAs and 64 shared-memory gathers of 8 bytes (4 tokens x
+    8 key entries and 8 x 4 value entries a thread), and no shared store or barrier that Triton made."""
+    from conftest import check_gluon_loop
+
+    check_gluon_loop("decode_mma_cq", ["cq_compiled_counts(3)", "cq_compiled_counts(16, 4)"], 64, shared_loads=64)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU checks: the three tests above)")
+@pytest.mark.parametrize("h, g, t, tmax, n_sink, n_res, pre_rope, dtype", [
+    (3, 4, 300, 512, 1, 5, True, torch.float16), (2, 3, 1000, 1030, 0, 3, True, torch.bfloat16),
+    (1, 16, 4096, 4096, 1, 0, False, torch.float16), (2, 8, 257, 300, 0, 0, True, torch.float16),
+    (1, 2, 9000, 9001, 1, 8, True, torch.float16)])
+def test_decode_attention_cq_mma(h, g, t, tmax, n_sink, n_res, pre_rope, dtype):
+    """CQ-4c8b GQA at head dim 128 on a GPU through ``decode_mma_cq``'s program (``CQ_MMA`` on, this kernel's fp16
+    segments): the reference's attention, pre- and post-RoPE keys, odd counts."""
+    from kvq_kernels import cq_decode
+    from kvq_kernels.decode_mma_cq import cq_mma_supported
+
+    assert cq_decode.CQ_MMA
+    gen = _gen(4000 + h + g + t)
+    c = cq128_cache(gen, h, t, tmax, n_sink, n_res, pre_rope)
+    q = _randn(gen, B, h * g, 128).to(dtype)
+    assert cq_mma_supported(q, c)
+    want = ref.decode_attention_cq_ref(q.float(), c)
+    got = decode_attention_cq(q, c)
+    assert got.dtype == dtype and _rel(got, want) < 5e-3
+    assert _rel(decode_attention_cq(q, c, num_splits=3), want) < ATTN_RTOL  # the CUDA-core program, same cache
