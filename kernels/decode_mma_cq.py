@@ -30,33 +30,25 @@ from torch import Tensor
 from . import decode_mma as _mma
 from .decode_mma import gluon
 from .decode_mma_kvquant import KVQ_BLOCK, kvq_key_map, rope_tables
-from .decode_mma_pq import SMEM_PER_SM, pq_value_map
+from .decode_mma_pq import launch_shared, pq_value_map, shared_split
 
 if gluon is not None:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-    from .decode_mma import (
-        _mma_layout,
-        _online,
-        _program,
-        _score_tokens,
-        _store_ml,
-        _tile_offsets,
-        _token_pairs,
-        _words_layout,
-    )
+    from .decode_mma import _mma_layout, _online, _program, _score_tokens, _tile_offsets, _token_pairs, _words_layout
     from .decode_mma_kvquant import (
         _arrange_keys,
         _half_offsets,
         _half_words_layout,
+        _ktable_offsets,
         _operand_row,
+        _qtable_offsets,
         _query16,
         _rotate,
-        _row_layout,
         _split8,
     )
-    from .decode_mma_pq import _barrier, _fill
+    from .decode_mma_pq import _fill, _split_out
 
 #: warps a program (tiles of 32 W tokens; one program an SM, as ``decode_mma_pq``)
 CQ_WARPS = 8
@@ -218,21 +210,8 @@ if gluon is not None:
         q16 = _query16(Q, sqb, sqh, b, h, MAPS, qk_scale, G, W, qa)
         x = gl.split(gl.permute(gl.reshape(q16, [W, 16, 2, 64]), (0, 1, 3, 2)))  # (k < 64, k >= 64)
         q16p = gl.convert_layout(gl.reshape(gl.permute(gl.join(x[1], x[0]), (0, 1, 3, 2)), [W, 16, 128]), qa)
-        qtl: gl.constexpr = _row_layout(W)
-        qtoff = (gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, qtl))))[:, None, None,
-                                                                                                      None] * 128 +
-                 gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, qtl))))[None, :, None,
-                                                                                                      None] * 64 +
-                 gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, qtl))))[None, None, :,
-                                                                                                      None] * 16 +
-                 gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, qtl))))[None, None,
-                                                                                                       None, :])
-        ctw = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, hws))))
-        ctn = gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, hws))))
-        cts = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, hws))))
-        ctww = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, hws))))
-        ctoff = ((ctww[:, None, None] * 0 + ctn[None, None, :] * 32 + ctw[None, :, None] * 8)[:, :, :, None] +
-                 cts[None, None, None, :])  # (W, 4, BN, 8): pair index of row n
+        qtoff = _qtable_offsets(W)
+        ctoff = _ktable_offsets(W, BN, 4, 8, hws)  # (W, 4, BN, 8): pair index of row n
         koff = _half_offsets(W, BN, 8, hw)
         voff = _tile_offsets(W, BN, 8, 1, vwl)
         kbase = (koff % 8) * 8192  # lane t: groups 4 t ..
@@ -263,18 +242,7 @@ if gluon is not None:
             p, alpha, m_i, l_i = _online(s, m_i, l_i)
             acc = mma_v2(gl.convert_layout(p.to(gl.float16), qa), _cq_values(vw, vbase, W, BN, kb),
                          acc * alpha[:, :, None])
-        _barrier()  # every warp is done with the codebooks before Triton's own shared buffers
-        keep_l: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
-        keep = gl.allocate_shared_memory(gl.int32, [32768], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        keep.slice(0, 32 * W).store(gl.arange(0, 32 * W, layout=keep_l))
-        kept = gl.sum(keep.slice(0, 32 * W).load(keep_l), 0).to(gl.float32) * zero
-        sc = _store_ml(MP, LP, b, h, H, NSP, sp, m_i, l_i, G, rows)
-        nn = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(0, m3)))
-        och = gl.load(MAPS + 128 + nn)
-        o = gl.sum(acc * sc[:, :, None], 0) + kept
-        oh = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(0, m3)))
-        prow = (b.to(gl.int64) * H * G + h * G + oh) * NSP + sp
-        gl.store(AP + prow[:, None] * 128 + och[None, :], o, mask=(oh < G)[:, None])
+        _split_out(MP, LP, AP, MAPS, b, h, H, NSP, sp, m_i, l_i, acc, zero, G, W, m3, rows)
 
 
 def cq_compiled_counts(g: int = 4, warps: int = CQ_WARPS, sass: bool = False) -> dict:
@@ -312,25 +280,17 @@ def _cq_args(q: Tensor, cache, mp, lp, ap, per: int, nsp: int, scale: float) -> 
 
 def cq_split(q: Tensor, cache) -> tuple[int, int]:
     """(tokens a tile, programs an SM): what the compiled program's registers and shared memory let an SM hold."""
-    g = q.shape[1] // cache.k_codes.shape[1]
-    key = (g, CQ_WARPS, q.device)
-    if key not in _SPLIT:
-        f32 = torch.float32
-        done = cq_mma_kernel.warmup(*_cq_args(q, cache, f32, f32, f32, cq_tile(), 2, 1.0), grid=(1, 1), G=g,
-                                    W=CQ_WARPS, num_warps=CQ_WARPS)
-        done._init_handles()
-        _SPLIT[key] = min(_mma.resident(done.n_regs, CQ_WARPS), max(1, SMEM_PER_SM // (done.metadata.shared + 1024)))
-    return cq_tile(), _SPLIT[key]
+    f32 = torch.float32
+    return cq_tile(), shared_split(cq_mma_kernel, lambda: _cq_args(q, cache, f32, f32, f32, cq_tile(), 2, 1.0),
+                                   q.shape[1] // cache.k_codes.shape[1], CQ_WARPS, _SPLIT, q.device)
 
 
 def launch_cq_mma(q: Tensor, cache, mp: Tensor, lp: Tensor, ap: Tensor, per: int, nsp: int, scale: float) -> None:
     """Splits ``0 .. nsp - 2`` of ``cq_decode``'s plan (``per`` a multiple of ``cq_tile()``) into the partial
     buffers; the last split (the fp16 segments) is ``cq_decode``'s."""
-    if nsp < 2:
-        return
-    g = q.shape[1] // cache.k_codes.shape[1]
-    _mma.remember("cq", cq_mma_kernel[(cache.k_codes.shape[0] * cache.k_codes.shape[1], nsp - 1)](
-        *_cq_args(q, cache, mp, lp, ap, per, nsp, scale), G=g, W=CQ_WARPS, num_warps=CQ_WARPS))
+    b, h = cache.k_codes.shape[:2]
+    launch_shared("cq", cq_mma_kernel, _cq_args(q, cache, mp, lp, ap, per, nsp, scale), q.shape[1] // h, CQ_WARPS,
+                  b * h, nsp)
 
 
 __all__ = ["CQ_WARPS", "cq_tile", "cq_mma_supported", "cq_split", "launch_cq_mma", "cq_mma_reference", "cq_maps",

@@ -432,6 +432,31 @@ if gluon is not None:
         return gl.convert_layout(_arrange_values(y, W, BN, BITS), vb)
 
     @gluon.jit
+    def _qtable_offsets(W: gl.constexpr):
+        """Offsets ``(W, 2, 4, 16)`` in ``_row_layout`` of a warp's row of the query rotation table (row ``w`` of
+        the tile: ``+ 128 w``)."""
+        qtl: gl.constexpr = _row_layout(W)
+        return (gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, qtl))))[:, None, None,
+                                                                                                     None] * 128 +
+                gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, qtl))))[None, :, None,
+                                                                                                     None] * 64 +
+                gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, qtl))))[None, None, :,
+                                                                                                     None] * 16 +
+                gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, qtl))))[None, None,
+                                                                                                      None, :])
+
+    @gluon.jit
+    def _ktable_offsets(W: gl.constexpr, BN: gl.constexpr, NP: gl.constexpr, SW: gl.constexpr, hws: gl.constexpr):
+        """Offsets ``(W, NP, BN, SW)`` in ``hws`` of the key rotation table's pair entries: row ``n`` (32 pairs a
+        row), pair ``SW word + slot``."""
+        ctw = gl.arange(0, NP, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, hws))))
+        ctn = gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, hws))))
+        cts = gl.arange(0, SW, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, hws))))
+        ctww = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, hws))))
+        return ((ctww[:, None, None] * 0 + ctn[None, None, :] * 32 + ctw[None, :, None] * SW)[:, :, :, None] +
+                cts[None, None, None, :])
+
+    @gluon.jit
     def _query16(Q, sqb, sqh, b, h, MAPS, qk_scale, G: gl.constexpr, W: gl.constexpr, qa: gl.constexpr):
         """``decode_mma._query_rows`` in ``kvq_key_map`` order (``kvq_maps``), as fp16: the key MMA's A operand."""
         return _query_rows(Q, sqb, sqh, b, h, MAPS, qk_scale, G, W, qa).to(gl.float16)
@@ -493,15 +518,7 @@ if gluon is not None:
         x = gl.split(gl.permute(gl.reshape(q16, [W, 16, 2, 64]), (0, 1, 3, 2)))  # (k < 64, k >= 64)
         q16p = gl.convert_layout(gl.reshape(gl.permute(gl.join(x[1], x[0]), (0, 1, 3, 2)), [W, 16, 128]), qa)
         # the query's rotation back by each warp's first token: table row (t0 + 32 w) / 32
-        qtl: gl.constexpr = _row_layout(W)
-        qtoff = (gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, qtl))))[:, None, None,
-                                                                                                      None] * 128 +
-                 gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, qtl))))[None, :, None,
-                                                                                                      None] * 64 +
-                 gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, qtl))))[None, None, :,
-                                                                                                      None] * 16 +
-                 gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, qtl))))[None, None,
-                                                                                                       None, :])
+        qtoff = _qtable_offsets(W)
         # keys: each half's ka, ksc (loop-invariant), the in-warp rotation table, the lane table
         kaw = gl.arange(0, NP, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(2, hws))))
         kas = gl.arange(0, SW, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, hws))))
@@ -513,12 +530,7 @@ if gluon is not None:
         kah = gl.load(KA32 + 32 + kaoff)
         ksl = gl.load(KS32 + kaoff)
         ksh = gl.load(KS32 + 32 + kaoff)
-        ctw = gl.arange(0, NP, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, hws))))
-        ctn = gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, hws))))
-        cts = gl.arange(0, SW, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, hws))))
-        ctww = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, hws))))
-        ctoff = ((ctww[:, None, None] * 0 + ctn[None, None, :] * 32 + ctw[None, :, None] * SW)[:, :, :, None] +
-                 cts[None, None, None, :])  # (W, NP, BN, SW): pair index of row n
+        ctoff = _ktable_offsets(W, BN, NP, SW, hws)
         ktab, vtab = _lane_tables(CKT, CVT, W, BN, BK, BV, hw, vwl)
         # word offsets: key half rows (W, NP, BN), value rows, statistics in the score layout
         koff = _half_offsets(W, BN, NWK, hw)

@@ -220,6 +220,25 @@ if gluon is not None:
         return gl.convert_layout(gl.reshape(y, [W, BN, 128]), kb)
 
     @gluon.jit
+    def _split_out(MP, LP, AP, MAPS, b, h, H, NSP, sp, m_i, l_i, acc, zero, G: gl.constexpr, W: gl.constexpr,
+                   m3: gl.constexpr, rows: gl.constexpr):
+        """After the token loop of a program that read its own shared bytes: a barrier (every warp is done with the
+        codebooks before Triton's own shared buffers), the 128 KiB allocation that makes the launch request them
+        (kept by ``zero`` = 0.0), then the split's ``m, l`` and ``acc`` in the value channels of ``MAPS[1]``."""
+        _barrier()
+        keep_l: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
+        keep = gl.allocate_shared_memory(gl.int32, [32768], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        keep.slice(0, 32 * W).store(gl.arange(0, 32 * W, layout=keep_l))
+        kept = gl.sum(keep.slice(0, 32 * W).load(keep_l), 0).to(gl.float32) * zero
+        sc = _store_ml(MP, LP, b, h, H, NSP, sp, m_i, l_i, G, rows)
+        nn = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(0, m3)))
+        och = gl.load(MAPS + 128 + nn)
+        o = gl.sum(acc * sc[:, :, None], 0) + kept
+        oh = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(0, m3)))
+        prow = (b.to(gl.int64) * H * G + h * G + oh) * NSP + sp
+        gl.store(AP + prow[:, None] * 128 + och[None, :], o, mask=(oh < G)[:, None])
+
+    @gluon.jit
     def pq_mma_kernel(Q, sqb, sqh, KC, VC, CK, CV, ck_sh, MAPS, MP, LP, AP, H, Tmax, n_packed, tokens_per_split,
                       NSP, qk_scale, zero, G: gl.constexpr, W: gl.constexpr):
         """Program ``(b * H + h, sp)``: query heads ``h G ..`` of batch ``b`` (``Q`` the query in the packed keys'
@@ -264,18 +283,7 @@ if gluon is not None:
                          acc * alpha[:, :, None])
             kw = kn
             vw = vn
-        _barrier()  # every warp is done with the codebooks before Triton's own shared buffers
-        keep_l: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
-        keep = gl.allocate_shared_memory(gl.int32, [32768], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        keep.slice(0, 32 * W).store(gl.arange(0, 32 * W, layout=keep_l))
-        kept = gl.sum(keep.slice(0, 32 * W).load(keep_l), 0).to(gl.float32) * zero
-        sc = _store_ml(MP, LP, b, h, H, NSP, sp, m_i, l_i, G, rows)
-        nn = gl.arange(0, 128, layout=gl.SliceLayout(0, gl.SliceLayout(0, m3)))
-        och = gl.load(MAPS + 128 + nn)
-        o = gl.sum(acc * sc[:, :, None], 0) + kept
-        oh = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(0, m3)))
-        prow = (b.to(gl.int64) * H * G + h * G + oh) * NSP + sp
-        gl.store(AP + prow[:, None] * 128 + och[None, :], o, mask=(oh < G)[:, None])
+        _split_out(MP, LP, AP, MAPS, b, h, H, NSP, sp, m_i, l_i, acc, zero, G, W, m3, rows)
 
 
 def pq_compiled_counts(g: int = 4, warps: int = PQ_WARPS, sass: bool = False) -> dict:
@@ -309,28 +317,38 @@ def _pq_args(q: Tensor, cache, mp, lp, ap, per: int, nsp: int, scale: float) -> 
             nsp, scale, 0.0)
 
 
+def shared_split(kernel, args, g: int, warps: int, store: dict, device) -> int:
+    """Programs an SM of a shared-memory Gluon program (this one, ``decode_mma_cq``'s) at ``warps`` warps and ``g``
+    query heads: what its registers and shared memory let an SM hold, compiled once (``args()``: a launch's
+    arguments) and kept in ``store``."""
+    key = (g, warps, device)
+    if key not in store:
+        done = kernel.warmup(*args(), grid=(1, 1), G=g, W=warps, num_warps=warps)
+        done._init_handles()
+        store[key] = min(_mma.resident(done.n_regs, warps), max(1, SMEM_PER_SM // (done.metadata.shared + 1024)))
+    return store[key]
+
+
+def launch_shared(name: str, kernel, args: tuple, g: int, warps: int, rows: int, nsp: int) -> None:
+    """Splits ``0 .. nsp - 2`` of a plan by a shared-memory Gluon program (``rows``: B * H programs a split)."""
+    if nsp >= 2:
+        _mma.remember(name, kernel[(rows, nsp - 1)](*args, G=g, W=warps, num_warps=warps))
+
+
 def pq_split(q: Tensor, cache) -> tuple[int, int]:
     """(tokens a tile, programs an SM): what the compiled program's registers and shared memory let an SM hold."""
-    g = q.shape[1] // cache.k_codes.shape[1]
-    key = (g, PQ_WARPS, q.device)
-    if key not in _SPLIT:
-        f32 = torch.float32
-        done = pq_mma_kernel.warmup(*_pq_args(q, cache, f32, f32, f32, pq_tile(), 2, 1.0), grid=(1, 1), G=g,
-                                    W=PQ_WARPS, num_warps=PQ_WARPS)
-        done._init_handles()
-        _SPLIT[key] = min(_mma.resident(done.n_regs, PQ_WARPS), max(1, SMEM_PER_SM // (done.metadata.shared + 1024)))
-    return pq_tile(), _SPLIT[key]
+    f32 = torch.float32
+    return pq_tile(), shared_split(pq_mma_kernel, lambda: _pq_args(q, cache, f32, f32, f32, pq_tile(), 2, 1.0),
+                                   q.shape[1] // cache.k_codes.shape[1], PQ_WARPS, _SPLIT, q.device)
 
 
 def launch_pq_mma(q: Tensor, cache, mp: Tensor, lp: Tensor, ap: Tensor, per: int, nsp: int, scale: float) -> None:
     """Splits ``0 .. nsp - 2`` of ``pq_decode``'s plan (``per`` a multiple of ``pq_tile()``) into the partial
     buffers; the last split (the fp16 segments) is ``pq_decode``'s."""
-    if nsp < 2:
-        return
-    g = q.shape[1] // cache.k_codes.shape[1]
-    _mma.remember("pq", pq_mma_kernel[(cache.k_codes.shape[0] * cache.k_codes.shape[1], nsp - 1)](
-        *_pq_args(q, cache, mp, lp, ap, per, nsp, scale), G=g, W=PQ_WARPS, num_warps=PQ_WARPS))
+    b, h = cache.k_codes.shape[:2]
+    launch_shared("pq", pq_mma_kernel, _pq_args(q, cache, mp, lp, ap, per, nsp, scale), q.shape[1] // h, PQ_WARPS,
+                  b * h, nsp)
 
 
 __all__ = ["PQ_WARPS", "pq_tile", "pq_mma_supported", "pq_split", "launch_pq_mma", "pq_mma_reference", "pq_key_map",
-           "pq_value_map", "pq_maps", "pq_compiled_counts"]
+           "pq_value_map", "pq_maps", "pq_compiled_counts", "shared_split", "launch_shared"]
