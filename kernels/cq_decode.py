@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -139,7 +138,7 @@ def decode_attention_cq(q: Tensor, cache: CQCache, sm_scale: float | None = None
     scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
     if mma:
         decode_mma_cq.launch_cq_mma(q, cache, *partials, per, nsp, scale)
-    invf = cache.rope_frequencies(q.device) if cache.pre_rope else torch.zeros(d // 2, device=q.device)
+    invf = decode_mma_cq.cq_frequencies(cache, q.device)
     sk, rk = cache.sink_k, cache.res_k
     _cq_split_kernel[(b * h, 1 if mma else nsp)](
         q, q.stride(0), q.stride(1), cache.k_codes, cache.v_codes, cache.ck.contiguous(), cache.cv.contiguous(),

@@ -82,9 +82,15 @@ def cq_mma_supported(q: Tensor, cache) -> bool:
             and cache.ck.dim() == 4 and cache.ck.shape[0] == h and cache.cv.shape == cache.ck.shape)
 
 
-def _frequencies(cache, device) -> Tensor:
-    """RoPE inverse frequencies ``(64,)`` of pre-RoPE keys; zeros (no rotation) for post-RoPE ones."""
-    return cache.rope_frequencies(device) if cache.pre_rope else torch.zeros(64, device=device)
+def cq_frequencies(cache, device) -> Tensor:
+    """RoPE inverse frequencies ``(D/2,)`` float32 of pre-RoPE keys, zeros (no rotation) for post-RoPE ones, made
+    once per cache setting (``decode_attention._cached``: a decode step computed them with four small kernels)."""
+    from .decode_attention import _cached
+
+    key = ("cq-invf", cache.pre_rope, cache.rope_theta, cache.head_dim, id(cache.inv_freq), str(device))
+    srcs = () if cache.inv_freq is None else (cache.inv_freq,)
+    return _cached(key, srcs, lambda: cache.rope_frequencies(device) if cache.pre_rope
+                   else torch.zeros(cache.head_dim // 2, device=device))
 
 
 # ----------------------------------------------------------------------------------------------- PyTorch mirror
@@ -102,7 +108,7 @@ def cq_mma_reference(q: Tensor, cache, sm_scale: float | None = None) -> Tensor:
     kch, vch = cq_maps(q.device).long()
     k = cq_decode_codes(unpack_vq_codes(cache.k_codes[:, :, :n], 8, 32), cache.ck.half()).half().float()
     v = cq_decode_codes(unpack_vq_codes(cache.v_codes[:, :, :n], 8, 32), cache.cv.half())[..., vch]
-    qt, kt = rope_tables(_frequencies(cache, q.device), cache.n_sink, n // KVQ_BLOCK + 1)
+    qt, kt = rope_tables(cq_frequencies(cache, q.device), cache.n_sink, n // KVQ_BLOCK + 1)
     j = torch.arange(n, device=q.device) % KVQ_BLOCK
     c, s = kt[0, j].float(), kt[1, j].float()  # (n, 64): the in-warp angle of each token
     k1, k2 = k[..., :64], k[..., 64:]
@@ -267,7 +273,7 @@ def _operands(q: Tensor, cache) -> tuple:
     rows = (cache.k_codes.shape[2] + KVQ_BLOCK - 1) // KVQ_BLOCK + 1
     key = ("cq-rope", cache.pre_rope, cache.rope_theta, id(cache.inv_freq), cache.n_sink, rows, str(q.device))
     srcs = () if cache.inv_freq is None else (cache.inv_freq,)
-    qt, kt = _cached(key, srcs, lambda: rope_tables(_frequencies(cache, q.device), cache.n_sink, rows))
+    qt, kt = _cached(key, srcs, lambda: rope_tables(cq_frequencies(cache, q.device), cache.n_sink, rows))
     return (*books, qt, kt.view(torch.int32))
 
 
@@ -294,4 +300,4 @@ def launch_cq_mma(q: Tensor, cache, mp: Tensor, lp: Tensor, ap: Tensor, per: int
 
 
 __all__ = ["CQ_WARPS", "cq_tile", "cq_mma_supported", "cq_split", "launch_cq_mma", "cq_mma_reference", "cq_maps",
-           "cq_compiled_counts"]
+           "cq_compiled_counts", "cq_frequencies"]
