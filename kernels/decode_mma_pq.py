@@ -29,7 +29,8 @@ nothing else can touch those bytes while they are read.
 ``vq_reference`` on the CPU; the CPU tests compile the program for sm_90, the GPU tests run it.
 
 Public: ``pq_mma_supported(q, cache)``, ``pq_split(q, cache)``, ``launch_pq_mma(...)``, ``pq_mma_reference``,
-``pq_key_map``, ``pq_value_map``, ``pq_maps``, ``pq_compiled_counts``.
+``pq_key_map``, ``pq_value_map``, ``pq_maps``, ``pq_compiled_counts``; for every shared-memory program (this one,
+``decode_mma_cq``): ``shared_split``, ``launch_shared``, and in Gluon ``_fill`` and ``_split_out``.
 """
 
 from __future__ import annotations
