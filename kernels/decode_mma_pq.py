@@ -56,6 +56,7 @@ if gluon is not None:
         _token_pairs,
         _words_layout,
     )
+    from .decode_mma_kvquant import _split4
 
     _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # Triton 3.6 / 3.7+
 
@@ -176,13 +177,9 @@ if gluon is not None:
         _barrier()
 
     @gluon.jit
-    def _split4(x, W: gl.constexpr, BN: gl.constexpr):
+    def _quarter_words(x, W: gl.constexpr, BN: gl.constexpr):
         """Key words ``(W, 16, BN)`` (word ``4 r + j``) -> words ``j = 0..3``, each ``(W, 4, BN)``."""
-        y = gl.permute(gl.reshape(x, [W, 4, 2, 2, BN]), (0, 1, 4, 2, 3))  # [W, r, n, j1, j0]
-        e, o = gl.split(y)
-        w0, w2 = gl.split(e)
-        w1, w3 = gl.split(o)
-        return w0, w1, w2, w3
+        return _split4(gl.permute(gl.reshape(x, [W, 4, 2, 2, BN]), (0, 1, 4, 2, 3)))  # [W, r, n, j1, j0]
 
     @gluon.jit
     def _kentries(w, base, J: gl.constexpr):
@@ -195,8 +192,8 @@ if gluon is not None:
     @gluon.jit
     def _pq_keys(kw, kbase, W: gl.constexpr, BN: gl.constexpr, kb: gl.constexpr):
         """Key words ``(W, 16, BN)`` -> the B operand ``(W, 128, BN)``, rows in ``pq_key_map`` order."""
-        w0, w1, w2, w3 = _split4(kw, W, BN)
-        b0, _, _, _ = _split4(kbase, W, BN)
+        w0, w1, w2, w3 = _quarter_words(kw, W, BN)
+        b0, _, _, _ = _quarter_words(kbase, W, BN)
         x = gl.join(gl.join(_kentries(w0, b0, 0), _kentries(w1, b0, 1)),
                     gl.join(_kentries(w2, b0, 2), _kentries(w3, b0, 3)))  # [W, r, n, hi, i0, i1, j0, j1]
         x = gl.permute(x, (0, 7, 6, 5, 4, 1, 3, 2))  # [W, j1, j0, i1, i0, r, hi, n]

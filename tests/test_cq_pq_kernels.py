@@ -200,6 +200,15 @@ def pq128_cache(gen, h, t, tmax, n_sink, n_res, per_head=False, permuted=False):
     return _fill128(c, gen, 64, t, n_sink, n_res)
 
 
+def _check_both_programs(decode, reference, q, c):
+    """``decode(q, c)`` (the tensor-core program for the packed splits) within 5e-3 of ``reference`` in q's dtype, and
+    the CUDA-core program (``num_splits`` asked for) on the same cache within ``ATTN_RTOL``."""
+    want = reference(q.float(), c)
+    got = decode(q, c)
+    assert got.dtype == q.dtype and _rel(got, want) < 5e-3
+    assert _rel(decode(q, c, num_splits=3), want) < ATTN_RTOL
+
+
 def test_pq_mma_maps_give_each_thread_adjacent_code_bytes():
     """``decode_mma_pq``'s operand orders: permutations of the 128 channels; the 16 key pairs a thread holds (lane
     ``r = l & 3``: pairs ``r + 4 a + 8 b``) are subspaces ``16 r ..``, 16 adjacent code bytes, and the 16 value
@@ -257,10 +266,7 @@ def test_decode_attention_pq_mma(h, g, t, tmax, n_sink, n_res, per_head, permute
     c = pq128_cache(gen, h, t, tmax, n_sink, n_res, per_head, permuted)
     q = _randn(gen, B, h * g, 128).to(dtype)
     assert pq_mma_supported(q, c)
-    want = ref.decode_attention_pq_ref(q.float(), c)
-    got = decode_attention_pq(q, c)
-    assert got.dtype == dtype and _rel(got, want) < 5e-3
-    assert _rel(decode_attention_pq(q, c, num_splits=3), want) < ATTN_RTOL  # the CUDA-core program, same cache
+    _check_both_programs(decode_attention_pq, ref.decode_attention_pq_ref, q, c)
 
 
 # ----------------------------------------------------------------------------------------------- cq tensor cores
@@ -329,7 +335,4 @@ def test_decode_attention_cq_mma(h, g, t, tmax, n_sink, n_res, pre_rope, dtype):
     c = cq128_cache(gen, h, t, tmax, n_sink, n_res, pre_rope)
     q = _randn(gen, B, h * g, 128).to(dtype)
     assert cq_mma_supported(q, c)
-    want = ref.decode_attention_cq_ref(q.float(), c)
-    got = decode_attention_cq(q, c)
-    assert got.dtype == dtype and _rel(got, want) < 5e-3
-    assert _rel(decode_attention_cq(q, c, num_splits=3), want) < ATTN_RTOL  # the CUDA-core program, same cache
+    _check_both_programs(decode_attention_cq, ref.decode_attention_cq_ref, q, c)
