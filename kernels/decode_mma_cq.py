@@ -83,14 +83,14 @@ def cq_mma_supported(q: Tensor, cache) -> bool:
 
 
 def cq_frequencies(cache, device) -> Tensor:
-    """RoPE inverse frequencies ``(D/2,)`` float32 of pre-RoPE keys, zeros (no rotation) for post-RoPE ones, made
-    once per cache setting (``decode_attention._cached``: a decode step computed them with four small kernels)."""
-    from .decode_attention import _cached
+    """RoPE inverse frequencies ``(D/2,)`` float32 of pre-RoPE keys (``decode_attention._frequencies``, as kvquant's),
+    zeros (no rotation) for post-RoPE ones; made once per source, not with small kernels every decode step."""
+    from .decode_attention import _cached, _frequencies
 
-    key = ("cq-invf", cache.pre_rope, cache.rope_theta, cache.head_dim, id(cache.inv_freq), str(device))
-    srcs = () if cache.inv_freq is None else (cache.inv_freq,)
-    return _cached(key, srcs, lambda: cache.rope_frequencies(device) if cache.pre_rope
-                   else torch.zeros(cache.head_dim // 2, device=device))
+    if cache.pre_rope:
+        return _frequencies(cache, device)
+    return _cached(("no rope", cache.head_dim, str(device)), (),
+                   lambda: torch.zeros(cache.head_dim // 2, device=device))
 
 
 # ----------------------------------------------------------------------------------------------- PyTorch mirror
@@ -271,9 +271,8 @@ def _operands(q: Tensor, cache) -> tuple:
                     lambda: tuple(c.to(torch.float16).contiguous().view(torch.int32).reshape(c.shape[0], -1)
                                   for c in (cache.ck, cache.cv)))
     rows = (cache.k_codes.shape[2] + KVQ_BLOCK - 1) // KVQ_BLOCK + 1
-    key = ("cq-rope", cache.pre_rope, cache.rope_theta, id(cache.inv_freq), cache.n_sink, rows, str(q.device))
-    srcs = () if cache.inv_freq is None else (cache.inv_freq,)
-    qt, kt = _cached(key, srcs, lambda: rope_tables(cq_frequencies(cache, q.device), cache.n_sink, rows))
+    invf = cq_frequencies(cache, q.device)  # the key of kvquant's tables: the same frequencies share them
+    qt, kt = _cached(("rope", id(invf), cache.n_sink, rows), (invf,), lambda: rope_tables(invf, cache.n_sink, rows))
     return (*books, qt, kt.view(torch.int32))
 
 
