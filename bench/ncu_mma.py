@@ -6,8 +6,10 @@ graphs read them, called four times so that ncu can skip the compiling launches.
         --section WarpStateStats --section SchedulerStats --section LaunchStats --section MemoryWorkloadAnalysis \\
         python bench/ncu_mma.py int2 131072
     (kivi2: --kernel-name regex:kivi_mma; kvq2 and kvq2-1%, KVQuant 2-bit without and with 1% outliers:
-    regex:kvq_mma, and regex:outlier for the outliers' two passes; nf4: regex:nf_mma)
-    Per-instruction stall samples: ``--section SourceCounters --page source --csv --print-source sass``.
+    regex:kvq_mma, and regex:outlier for the outliers' two passes; nf4: regex:nf_mma; pq and cq, the caches of
+    ``bench_pq_mma.py``: regex:pq_mma, regex:cq_mma)
+    Per-instruction stall samples: ``--section SourceCounters --page source --csv --print-source sass``, summed by
+    opcode with ``bench/ncu_stalls.py``.
 
 Results: ``docs/results/kernels-decode-attention.md`` (session 12, ``raw/session12-ncu-*-mma.txt``).
 """
@@ -23,6 +25,15 @@ from bench_decode_attention import METHODS, random_kivi, random_kvquant, random_
 
 
 def main(method: str = "int2", tokens: int = 131072, batch: int = 1) -> None:
+    if method in ("pq", "cq"):
+        from bench_pq_mma import METHODS as VQ
+
+        make, fn = VQ[method][:2]
+        cache, q = make(batch, tokens, False), torch.randn(batch, 32, 128, device="cuda").half()
+        for _ in range(4):
+            fn(q, cache)
+        torch.cuda.synchronize()
+        return
     if method == "kivi2":
         cache, fn = random_kivi(batch, 8, 128, tokens, cfg=METHODS["kivi-2b"]), da.decode_attention_kivi
     elif method in ("kvq2", "kvq2-1%"):

@@ -52,6 +52,9 @@ if gluon is not None:
 
 #: warps a program (tiles of 32 W tokens; one program an SM, as ``decode_mma_pq``)
 CQ_WARPS = 8
+#: load each tile's code words a tile ahead (in flight during the previous tile's math): with one program of 8 warps
+#: an SM, nothing else hides their latency (ncu at 128K without it: 40% of the stalls wait on them)
+PREFETCH = True
 _SPLIT: dict = {}
 
 
@@ -198,11 +201,13 @@ if gluon is not None:
 
     @gluon.jit
     def cq_mma_kernel(Q, sqb, sqh, KC, VC, CK, CV, QT, tab_rows, KT, MAPS, MP, LP, AP, H, Tmax, n_packed,
-                      tokens_per_split, NSP, qk_scale, zero, G: gl.constexpr, W: gl.constexpr):
+                      tokens_per_split, NSP, qk_scale, zero, G: gl.constexpr, W: gl.constexpr,
+                      PF: gl.constexpr = True):
         """Program ``(b * H + h, sp)``: query heads ``h G ..`` of batch ``b`` over split ``sp`` of the packed tokens
         (``NSP - 1`` packed splits), ``KC, VC`` the code rows as int32 words (8 a token), ``CK, CV (H, 16384)`` the
         fp16 codebooks as int32 pairs, ``QT (2, tab_rows, 128)`` fp16 and ``KT (2, 64, 32)`` fp16 pairs as int32 the
-        rotations (``rope_tables``), ``MAPS`` the ``cq_maps``; ``zero`` is 0.0 (it keeps the 128 KiB allocation)."""
+        rotations (``rope_tables``), ``MAPS`` the ``cq_maps``; ``zero`` is 0.0 (it keeps the 128 KiB allocation).
+        ``PF``: each tile's code words are loaded a tile ahead (``PREFETCH``)."""
         BN: gl.constexpr = 32
         pid, sp, b, h, start, end = _program(H, Q, n_packed, tokens_per_split, NSP, W * BN, False)
         m3: gl.constexpr = _mma_layout(W)
@@ -228,13 +233,25 @@ if gluon is not None:
         m_i = gl.full([W, 16], float("-inf"), gl.float32, rows)
         l_i = gl.zeros([W, 16], gl.float32, rows)
         acc = gl.zeros([W, 16, 128], gl.float32, m3)
+        if PF:  # the first tile's code words in flight during the fill
+            nb = row + gl.minimum(start, last)
+            lo_n = gl.load(KC + nb * 8 + koff)
+            hi_n = gl.load(KC + nb * 8 + 4 + koff)
+            vw_n = gl.load(VC + nb * 8 + voff)
         _fill(CK + h * 16384, CV + h * 16384, W)
         for t0 in range(start, end, W * BN):
             t0c = gl.minimum(t0, last)
             base = row + t0c
-            lo = gl.load(KC + base * 8 + koff)
-            hi = gl.load(KC + base * 8 + 4 + koff)
-            vw = gl.load(VC + base * 8 + voff)
+            if PF:  # this tile's words were loaded a tile ago; the next tile's go in flight now
+                lo, hi, vw = lo_n, hi_n, vw_n
+                nb = row + gl.minimum(t0 + W * BN, last)
+                lo_n = gl.load(KC + nb * 8 + koff)
+                hi_n = gl.load(KC + nb * 8 + 4 + koff)
+                vw_n = gl.load(VC + nb * 8 + voff)
+            else:
+                lo = gl.load(KC + base * 8 + koff)
+                hi = gl.load(KC + base * 8 + 4 + koff)
+                vw = gl.load(VC + base * 8 + voff)
             qc = _operand_row(gl.load(QT + (t0c // BN) * 128 + qtoff), W, qk_l)
             qs = _operand_row(gl.load(QT + (tab_rows + t0c // BN) * 128 + qtoff), W, qk_l)
             valid = (ct - (t0 - t0c)).to(gl.uint32) < (end - t0).to(gl.uint32)  # t0c + ct in [t0, end)
@@ -251,15 +268,16 @@ if gluon is not None:
         _split_out(MP, LP, AP, MAPS, b, h, H, NSP, sp, m_i, l_i, acc, zero, G, W, m3, rows)
 
 
-def cq_compiled_counts(g: int = 4, warps: int = CQ_WARPS, sass: bool = False) -> dict:
-    """As ``decode_mma.compiled_counts``, for this program."""
+def cq_compiled_counts(g: int = 4, warps: int = CQ_WARPS, sass: bool = False, pf: bool | None = None) -> dict:
+    """As ``decode_mma.compiled_counts``, for this program (``pf``: ``PREFETCH`` when None)."""
     from .decode_mma import _compile_counts
 
     sig = dict(Q="*fp16", KC="*i32", VC="*i32", CK="*i32", CV="*i32", QT="*fp16", KT="*i32", MAPS="*i32",
                MP="*fp32", LP="*fp32", AP="*fp32", qk_scale="fp32", zero="fp32")
     aligned = ("Q", "sqb", "sqh", "KC", "VC", "CK", "CV", "QT", "KT", "MAPS", "MP", "LP", "AP", "Tmax",
                "tokens_per_split")
-    return _compile_counts(cq_mma_kernel, sig, dict(G=g, W=warps), aligned, warps, sass)
+    return _compile_counts(cq_mma_kernel, sig, dict(G=g, W=warps, PF=PREFETCH if pf is None else pf), aligned,
+                           warps, sass)
 
 
 def _operands(q: Tensor, cache) -> tuple:
@@ -287,7 +305,7 @@ def cq_split(q: Tensor, cache) -> tuple[int, int]:
     """(tokens a tile, programs an SM): what the compiled program's registers and shared memory let an SM hold."""
     f32 = torch.float32
     return cq_tile(), shared_split(cq_mma_kernel, lambda: _cq_args(q, cache, f32, f32, f32, cq_tile(), 2, 1.0),
-                                   q.shape[1] // cache.k_codes.shape[1], CQ_WARPS, _SPLIT, q.device)
+                                   q.shape[1] // cache.k_codes.shape[1], CQ_WARPS, _SPLIT, q.device, PF=PREFETCH)
 
 
 def launch_cq_mma(q: Tensor, cache, mp: Tensor, lp: Tensor, ap: Tensor, per: int, nsp: int, scale: float) -> None:
@@ -295,8 +313,8 @@ def launch_cq_mma(q: Tensor, cache, mp: Tensor, lp: Tensor, ap: Tensor, per: int
     buffers; the last split (the fp16 segments) is ``cq_decode``'s."""
     b, h = cache.k_codes.shape[:2]
     launch_shared("cq", cq_mma_kernel, _cq_args(q, cache, mp, lp, ap, per, nsp, scale), q.shape[1] // h, CQ_WARPS,
-                  b * h, nsp)
+                  b * h, nsp, PF=PREFETCH)
 
 
-__all__ = ["CQ_WARPS", "cq_tile", "cq_mma_supported", "cq_split", "launch_cq_mma", "cq_mma_reference", "cq_maps",
-           "cq_compiled_counts", "cq_frequencies"]
+__all__ = ["CQ_WARPS", "PREFETCH", "cq_tile", "cq_mma_supported", "cq_split", "launch_cq_mma",
+           "cq_mma_reference", "cq_maps", "cq_compiled_counts", "cq_frequencies"]

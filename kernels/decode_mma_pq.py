@@ -315,22 +315,23 @@ def _pq_args(q: Tensor, cache, mp, lp, ap, per: int, nsp: int, scale: float) -> 
             nsp, scale, 0.0)
 
 
-def shared_split(kernel, args, g: int, warps: int, store: dict, device) -> int:
+def shared_split(kernel, args, g: int, warps: int, store: dict, device, **consts) -> int:
     """Programs an SM of a shared-memory Gluon program (this one, ``decode_mma_cq``'s) at ``warps`` warps and ``g``
-    query heads: what its registers and shared memory let an SM hold, compiled once (``args()``: a launch's
-    arguments) and kept in ``store``."""
-    key = (g, warps, device)
+    query heads (``consts``: its other compile-time arguments): what its registers and shared memory let an SM hold,
+    compiled once (``args()``: a launch's arguments) and kept in ``store``."""
+    key = (g, warps, device, *sorted(consts.items()))
     if key not in store:
-        done = kernel.warmup(*args(), grid=(1, 1), G=g, W=warps, num_warps=warps)
+        done = kernel.warmup(*args(), grid=(1, 1), G=g, W=warps, num_warps=warps, **consts)
         done._init_handles()
         store[key] = min(_mma.resident(done.n_regs, warps), max(1, SMEM_PER_SM // (done.metadata.shared + 1024)))
     return store[key]
 
 
-def launch_shared(name: str, kernel, args: tuple, g: int, warps: int, rows: int, nsp: int) -> None:
-    """Splits ``0 .. nsp - 2`` of a plan by a shared-memory Gluon program (``rows``: B * H programs a split)."""
+def launch_shared(name: str, kernel, args: tuple, g: int, warps: int, rows: int, nsp: int, **consts) -> None:
+    """Splits ``0 .. nsp - 2`` of a plan by a shared-memory Gluon program (``rows``: B * H programs a split;
+    ``consts``: its other compile-time arguments)."""
     if nsp >= 2:
-        _mma.remember(name, kernel[(rows, nsp - 1)](*args, G=g, W=warps, num_warps=warps))
+        _mma.remember(name, kernel[(rows, nsp - 1)](*args, G=g, W=warps, num_warps=warps, **consts))
 
 
 def pq_split(q: Tensor, cache) -> tuple[int, int]:

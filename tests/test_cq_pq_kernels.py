@@ -316,21 +316,24 @@ def test_cq_mma_program_compiles_with_only_its_gathers_in_its_loop():
     8 key entries and 8 x 4 value entries a thread), and no shared store or barrier that Triton made."""
     from conftest import check_gluon_loop
 
-    check_gluon_loop("decode_mma_cq", ["cq_compiled_counts(3)", "cq_compiled_counts(16, 4)"], 64, shared_loads=64)
+    check_gluon_loop("decode_mma_cq", ["cq_compiled_counts(3)", "cq_compiled_counts(16, 4)",
+                                       "cq_compiled_counts(4, pf=False)"], 64, shared_loads=64)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU checks: the three tests above)")
-@pytest.mark.parametrize("h, g, t, tmax, n_sink, n_res, pre_rope, dtype", [
-    (3, 4, 300, 512, 1, 5, True, torch.float16), (2, 3, 1000, 1030, 0, 3, True, torch.bfloat16),
-    (1, 16, 4096, 4096, 1, 0, False, torch.float16), (2, 8, 257, 300, 0, 0, True, torch.float16),
-    (1, 2, 9000, 9001, 1, 8, True, torch.float16)])
-def test_decode_attention_cq_mma(h, g, t, tmax, n_sink, n_res, pre_rope, dtype):
+@pytest.mark.parametrize("h, g, t, tmax, n_sink, n_res, pre_rope, dtype, pf", [
+    (3, 4, 300, 512, 1, 5, True, torch.float16, True), (2, 3, 1000, 1030, 0, 3, True, torch.bfloat16, False),
+    (1, 16, 4096, 4096, 1, 0, False, torch.float16, True), (2, 8, 257, 300, 0, 0, True, torch.float16, True),
+    (1, 2, 9000, 9001, 1, 8, True, torch.float16, False)])
+def test_decode_attention_cq_mma(h, g, t, tmax, n_sink, n_res, pre_rope, dtype, pf, monkeypatch):
     """CQ-4c8b GQA at head dim 128 on a GPU through ``decode_mma_cq``'s program (``CQ_MMA`` on, this kernel's fp16
-    segments): the reference's attention, pre- and post-RoPE keys, odd counts."""
-    from kvq_kernels import cq_decode
+    segments): the reference's attention, pre- and post-RoPE keys, odd counts; ``pf``: the code words a tile ahead
+    (``decode_mma_cq.PREFETCH``)."""
+    from kvq_kernels import cq_decode, decode_mma_cq
     from kvq_kernels.decode_mma_cq import cq_mma_supported
 
     assert cq_decode.CQ_MMA
+    monkeypatch.setattr(decode_mma_cq, "PREFETCH", pf)
     gen = _gen(4000 + h + g + t)
     c = cq128_cache(gen, h, t, tmax, n_sink, n_res, pre_rope)
     q = _randn(gen, B, h * g, 128).to(dtype)
