@@ -15,8 +15,7 @@ and a register cap (``decode_mma.WARPS``, ``BLOCK``, ``PROGRAMS_PER_SM``, ``MAXN
 counts on the device (the variant ``kvq generate``'s graphs run), and the registers and spills each compiled to.
 A ``-bytes`` suffix (``kvq2-bytes``, ``kvq2-1%-bytes``, ``nf2-bytes``) times the Gluon path with
 ``decode_mma_kvquant.VALUE_NIBBLES`` off (2-bit value lookups from byte permutes, the default until session 15), to
-set beside the plain name in the same run; ``-nib`` forces it on. ``-pf`` / ``-nopf`` (last) time it with the
-program's ``PREFETCH`` on / off (each tile's codes loaded a tile ahead): ``kvq2-1%-pf``, ``nf4-nopf``.
+set beside the plain name in the same run; ``-nib`` forces it on.
 Results: ``docs/results/kernels-decode-attention.md`` (session 11).
 """
 
@@ -111,28 +110,13 @@ def _rel_err(call, want) -> float:
 
 #: method name suffixes that time the Gluon path with ``decode_mma_kvquant.VALUE_NIBBLES`` on / off (kvq2*, nf2)
 NIB, BYTES = "-nib", "-bytes"
-#: suffixes that time it with its program's ``PREFETCH`` on / off (kivi2, kvq*, nf*)
-PF, NOPF = "-pf", "-nopf"
-SUFFIXES = (NIB, BYTES, PF, NOPF)
-
-
-def _base(name: str) -> str:
-    """The method of a name with suffixes."""
-    while any(name.endswith(x) for x in SUFFIXES):
-        name = next(name.removesuffix(x) for x in SUFFIXES if name.endswith(x))
-    return name
 
 
 def _extra(name: str) -> dict:
-    """Settings a method name's suffixes add to its Gluon path's switch."""
-    out = {}
-    if name.endswith(PF) or name.endswith(NOPF):
-        mod = {"ki": kmma, "kv": qmma, "nf": nmma}[name[:2]]
-        out[(mod, "PREFETCH")] = name.endswith(PF)
-        name = name.removesuffix(PF).removesuffix(NOPF)
+    """Settings a method name's suffix adds to its Gluon path's switch."""
     if name.endswith(NIB) or name.endswith(BYTES):
-        out[(qmma, "VALUE_NIBBLES")] = name.endswith(NIB)
-    return out
+        return {(qmma, "VALUE_NIBBLES"): name.endswith(NIB)}
+    return {}
 
 
 def _methods() -> dict:
@@ -165,7 +149,7 @@ def run(contexts, batches, names, sweep: bool) -> dict:
     print(f"{res['device']}: copy bandwidth {res['copy_gbps']:.0f} GB/s", flush=True)
     table = _methods()
     for name in names:
-        make, fn, switch, _, reference = table[_base(name)]
+        make, fn, switch, _, reference = table[name.removesuffix(NIB).removesuffix(BYTES)]
         small = make(2, 3, D, 1056)  # (kivi packs whole 32-token groups: 1056 - 128 residual tokens)
         q = torch.randn(2, 3 * G, D, device="cuda", dtype=torch.float16)
         want = reference(q.float(), small)
@@ -173,7 +157,7 @@ def run(contexts, batches, names, sweep: bool) -> dict:
         res[f"check_rel_err_{name}"] = err
         print(f"{name} (Gluon path) against the reference: relative error {err:.2e}", flush=True)
     for name, t, b in itertools.product(names, contexts, batches):
-        make, fn, switch, supported, _ = table[_base(name)]
+        make, fn, switch, supported, _ = table[name.removesuffix(NIB).removesuffix(BYTES)]
         on_set = {switch: True, **_extra(name)}
         # its key in ``decode_mma.COMPILED``
         prog = next(p for p in ("kivi", "kvquant", "nf", "int") if name.startswith(p[:3]))

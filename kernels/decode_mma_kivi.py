@@ -50,8 +50,6 @@ if gluon is not None:
 
 #: tokens a warp: one key group
 KIVI_BLOCK = 32
-#: load each tile's codes a tile ahead, in flight during the previous tile's math
-PREFETCH = False
 
 
 def kivi_value_map(n: Tensor) -> tuple[Tensor, Tensor]:
@@ -214,12 +212,10 @@ if gluon is not None:
 
     @gluon.jit
     def kivi_mma_kernel(Q, sqb, sqh, KW, KS, KZ, VB, VS, VZ, MAPS, MP, LP, AP, H, Tmax, NG, n_packed,
-                        tokens_per_split, NSP, qk_scale, LENS, G: gl.constexpr, W: gl.constexpr, DYN: gl.constexpr,
-                        PF: gl.constexpr = False):
+                        tokens_per_split, NSP, qk_scale, LENS, G: gl.constexpr, W: gl.constexpr, DYN: gl.constexpr):
         """Program ``(b * H + h, sp)`` over split ``sp`` of the packed tokens (``decode_mma.int_mma_kernel``'s plan
         and outputs) of a 2-bit KIVI cache: ``KW`` the key codes as int32 words, ``VB`` the value codes as bytes,
-        ``KS, KZ (B*H, NG, 128)``, ``VS, VZ (B*H, Tmax, 4)``, ``MAPS`` the ``kivi_maps``; ``PF``: each tile's codes
-        loaded a tile ahead (``PREFETCH``)."""
+        ``KS, KZ (B*H, NG, 128)``, ``VS, VZ (B*H, Tmax, 4)``, ``MAPS`` the ``kivi_maps``."""
         BN: gl.constexpr = 32
         pid, sp, b, h, start, end = _program(H, LENS, n_packed, tokens_per_split, NSP, W * BN, DYN)
         m3: gl.constexpr = _mma_layout(W)
@@ -260,21 +256,11 @@ if gluon is not None:
         a1 = gl.zeros([W, 16, 32], gl.float32, m3)
         a2 = gl.zeros([W, 16, 32], gl.float32, m3)
         a3 = gl.zeros([W, 16, 32], gl.float32, m3)
-        if PF:
-            nb = row + gl.minimum(start, last)
-            kw_n = gl.load(KW + nb * 8 + koff)
-            vb_n = gl.load(VB + nb * 32 + voff)
         for t0 in range(start, end, W * BN):
             t0c = gl.minimum(t0, last)
             base = row + t0c
-            if PF:  # this tile's codes were loaded a tile ago; the next tile's go in flight now
-                kw, vb8 = kw_n, vb_n
-                nb = row + gl.minimum(t0 + W * BN, last)
-                kw_n = gl.load(KW + nb * 8 + koff)
-                vb_n = gl.load(VB + nb * 32 + voff)
-            else:
-                kw = gl.load(KW + base * 8 + koff)
-                vb8 = gl.load(VB + base * 32 + voff)
+            kw = gl.load(KW + base * 8 + koff)
+            vb8 = gl.load(VB + base * 32 + voff)
             ks = _key_stats(KS + (grow + t0c // BN) * 128, W, qk_l)  # (W, 128) fp16: the warps' groups
             kz = _key_stats(KZ + (grow + t0c // BN) * 128, W, qk_l)
             valid = (ct - (t0 - t0c)).to(gl.uint32) < (end - t0).to(gl.uint32)  # t0c + ct in [t0, end)
@@ -311,22 +297,20 @@ if gluon is not None:
         _group_out(AP, prow, oh, G, MAPS, 3, a3, u3, z3, sc, W, m3)
 
 
-def kivi_compiled_counts(g: int = 4, dyn: bool = True, warps: int = 2, sass: bool = False,
-                         pf: bool | None = None) -> dict:
-    """As ``decode_mma.compiled_counts``, for this program (``pf``: ``PREFETCH`` when None)."""
+def kivi_compiled_counts(g: int = 4, dyn: bool = True, warps: int = 2, sass: bool = False) -> dict:
+    """As ``decode_mma.compiled_counts``, for this program."""
     from .decode_mma import _compile_counts
 
     sig = dict(Q="*fp16", KW="*i32", KS="*fp16", KZ="*fp16", VB="*u8", VS="*fp16", VZ="*fp16", MAPS="*i32",
                MP="*fp32", LP="*fp32", AP="*fp32", qk_scale="fp32", LENS="*i32")
     aligned = ("Q", "sqb", "sqh", "KW", "KS", "KZ", "VB", "VS", "VZ", "MAPS", "MP", "LP", "AP", "Tmax",
                "tokens_per_split")
-    consts = dict(G=g, W=warps, DYN=dyn, PF=PREFETCH if pf is None else pf)
-    return _compile_counts(kivi_mma_kernel, sig, consts, aligned, warps, sass)
+    return _compile_counts(kivi_mma_kernel, sig, dict(G=g, W=warps, DYN=dyn), aligned, warps, sass)
 
 
 def _kivi_consts(q: Tensor, cache, lens: Tensor | None) -> dict:
     """The program's constants for a launch on ``q, cache``."""
-    return dict(G=_mma.query_groups(q, cache), W=_mma.WARPS, DYN=lens is not None, PF=PREFETCH)
+    return dict(G=_mma.query_groups(q, cache), W=_mma.WARPS, DYN=lens is not None)
 
 
 def _kivi_args(q: Tensor, cache, mp, lp, ap, per: int, nsp: int, scale: float, lens: Tensor | None) -> tuple:
@@ -356,5 +340,5 @@ def launch_kivi_mma(q: Tensor, cache, mp: Tensor, lp: Tensor, ap: Tensor, per: i
         **_mma.launch_options()))
 
 
-__all__ = ["KIVI_BLOCK", "PREFETCH", "kivi_mma_supported", "launch_kivi_mma", "kivi_mma_reference", "kivi_value_map",
+__all__ = ["KIVI_BLOCK", "kivi_mma_supported", "launch_kivi_mma", "kivi_mma_reference", "kivi_value_map",
            "kivi_maps", "kivi_compiled_counts", "kivi_split"]

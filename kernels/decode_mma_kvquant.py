@@ -61,8 +61,6 @@ KVQ_BLOCK = 32
 #: shuffle a lookup (``_code_nibbles``; 2 instructions a lookup against 5). On: H200, 128K / 1M, same run (session 15,
 #: ``bench/bench_mma.py``): kvq2 154 -> 148 / 833 -> 780 µs, nf2 77 -> 73 / 463 -> 422 µs, kvq2-1% unchanged
 VALUE_NIBBLES = True
-#: load each tile's codes a tile ahead (kvquant's program), in flight during the previous tile's math
-PREFETCH = False
 
 
 def kvq_tile() -> int:
@@ -495,12 +493,12 @@ if gluon is not None:
     def kvq_mma_kernel(Q, sqb, sqh, KW, VW, VMIN, VSC, KA, KSC, CKT, CVT, QT, tab_rows, KT, MAPS, MP, LP, AP, DS,
                        SS, SST, H, Tmax, n_packed, tokens_per_split, NSP, qk_scale, LENS, G: gl.constexpr,
                        BK: gl.constexpr, BV: gl.constexpr, W: gl.constexpr, DYN: gl.constexpr,
-                       SPK: gl.constexpr, SPV: gl.constexpr, NIB: gl.constexpr = False, PF: gl.constexpr = False):
+                       SPK: gl.constexpr, SPV: gl.constexpr, NIB: gl.constexpr = False):
         """Program ``(b * H + h, sp)`` over split ``sp`` of the packed tokens (``decode_mma.int_mma_kernel``'s plan
         and outputs) of a KVQuant cache: ``KW, VW`` the codes as int32 words, ``VMIN, VSC (B*H, Tmax)``, ``KA, KSC
         (H, 64)`` fp16 pairs as int32, ``CKT, CVT`` the lane tables, ``QT (2, tab_rows, 128)`` fp16 and ``KT (2, 64,
         32)`` fp16 pairs as int32 the rotations (``rope_tables``), ``MAPS`` the ``kvq_maps``; ``DS`` / ``SS`` the
-        outliers' score rows of ``SST``; ``PF``: each tile's codes loaded a tile ahead (``PREFETCH``)."""
+        outliers' score rows of ``SST``."""
         BN: gl.constexpr = 32
         NWK: gl.constexpr = 4 * BK  # words a key row
         NWV: gl.constexpr = 4 * BV
@@ -550,25 +548,13 @@ if gluon is not None:
         z_i = gl.zeros([W, 16], gl.float32, rows)
         acc = gl.zeros([W, 16, 128], gl.float32, m3)
         n_tiles = gl.cdiv(end - start, W * BN)
-        if PF:
-            nb = row + gl.minimum(start, last)
-            lo_n = gl.load(KW + nb * NWK + koff)
-            hi_n = gl.load(KW + nb * NWK + NP + koff)
-            vw_n = gl.load(VW + nb * NWV + voff)
         for it in range(0, n_tiles):
             t0 = start + it * (W * BN)
             t0c = gl.minimum(t0, last)
             base = row + t0c
-            if PF:  # this tile's codes were loaded a tile ago; the next tile's go in flight now
-                lo, hi, vw = lo_n, hi_n, vw_n
-                nb = row + gl.minimum(t0 + W * BN, last)
-                lo_n = gl.load(KW + nb * NWK + koff)
-                hi_n = gl.load(KW + nb * NWK + NP + koff)
-                vw_n = gl.load(VW + nb * NWV + voff)
-            else:
-                lo = gl.load(KW + base * NWK + koff)
-                hi = gl.load(KW + base * NWK + NP + koff)
-                vw = gl.load(VW + base * NWV + voff)
+            lo = gl.load(KW + base * NWK + koff)
+            hi = gl.load(KW + base * NWK + NP + koff)
+            vw = gl.load(VW + base * NWV + voff)
             vmin = gl.load(VMIN + base + ct)
             vsc = gl.load(VSC + base + ct)
             qc = _operand_row(gl.load(QT + (t0c // BN) * 128 + qtoff), W, qk_l)
@@ -612,10 +598,8 @@ if gluon is not None:
 
 
 def kvq_compiled_counts(g: int = 4, dyn: bool = True, bk: int = 2, bv: int = 2, spk: bool = False,
-                        spv: bool = False, warps: int = 2, sass: bool = False, nib: bool | None = None,
-                        pf: bool | None = None) -> dict:
-    """As ``decode_mma.compiled_counts``, for this program (``nib``: ``VALUE_NIBBLES``, ``pf``: ``PREFETCH`` when
-    None)."""
+                        spv: bool = False, warps: int = 2, sass: bool = False, nib: bool | None = None) -> dict:
+    """As ``decode_mma.compiled_counts``, for this program (``nib``: ``VALUE_NIBBLES`` when None)."""
     from .decode_mma import _compile_counts
 
     sig = dict(Q="*fp16", KW="*i32", VW="*i32", VMIN="*fp16", VSC="*fp16", KA="*i32", KSC="*i32", CKT="*i32",
@@ -623,15 +607,14 @@ def kvq_compiled_counts(g: int = 4, dyn: bool = True, bk: int = 2, bv: int = 2, 
                SS="*fp32", qk_scale="fp32", LENS="*i32")
     aligned = ("Q", "sqb", "sqh", "KW", "VW", "VMIN", "VSC", "KA", "KSC", "CKT", "CVT", "QT", "KT", "MAPS", "MP",
                "LP", "AP", "DS", "SS", "Tmax", "tokens_per_split")
-    consts = dict(G=g, BK=bk, BV=bv, W=warps, DYN=dyn, SPK=spk, SPV=spv, NIB=VALUE_NIBBLES if nib is None else nib,
-                  PF=PREFETCH if pf is None else pf)
+    consts = dict(G=g, BK=bk, BV=bv, W=warps, DYN=dyn, SPK=spk, SPV=spv, NIB=VALUE_NIBBLES if nib is None else nib)
     return _compile_counts(kvq_mma_kernel, sig, consts, aligned, warps, sass)
 
 
 def _kvq_consts(q: Tensor, cache, lens: Tensor | None, spk: bool, spv: bool) -> dict:
     """The program's constants for a launch on ``q, cache``."""
     return dict(G=_mma.query_groups(q, cache), BK=cache.bits_k, BV=cache.bits_v, W=_mma.WARPS,
-                DYN=lens is not None, SPK=spk, SPV=spv, NIB=VALUE_NIBBLES, PF=PREFETCH)
+                DYN=lens is not None, SPK=spk, SPV=spv, NIB=VALUE_NIBBLES)
 
 
 def _kvq_args(q: Tensor, cache, mp, lp, ap, per: int, nsp: int, scale: float, lens: Tensor | None, ds, ss,
@@ -666,5 +649,4 @@ def launch_kvq_mma(q: Tensor, cache, mp: Tensor, lp: Tensor, ap: Tensor, per: in
 
 
 __all__ = ["KVQ_BLOCK", "kvq_tile", "kvq_mma_supported", "launch_kvq_mma", "kvq_mma_reference", "kvq_key_map",
-           "kvq_maps", "lane_table", "rope_tables", "kvq_compiled_counts", "kvq_split", "VALUE_NIBBLES",
-           "PREFETCH"]
+           "kvq_maps", "lane_table", "rope_tables", "kvq_compiled_counts", "kvq_split", "VALUE_NIBBLES"]

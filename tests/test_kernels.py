@@ -365,25 +365,21 @@ def test_kivi_mma_program_compiles_without_shared_memory_in_its_loop():
     """The KIVI Gluon program compiles for sm_90 on any machine; its token loop has its 88 MMAs (32 for the scores, 8
     for their offsets, and 8 + 2 + 2 for each value group's values, sums and zeros) and no shared-memory instruction,
     barrier or int-to-float conversion (``conftest.check_gluon_loop``)."""
-    check_gluon_loop("decode_mma_kivi", ["kivi_compiled_counts(3, True)", "kivi_compiled_counts(16, False)",
-                                         "kivi_compiled_counts(4, True, pf=True)"], 88)
+    check_gluon_loop("decode_mma_kivi", ["kivi_compiled_counts(3, True)", "kivi_compiled_counts(16, False)"], 88)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU checks: the two tests above)")
-@pytest.mark.parametrize("gqa, t, tmax, n_sink, n_res, dtype, pf", [
-    (4, 96, 128, 2, 5, torch.float16, False), (16, 992, 1024, 0, 3, torch.bfloat16, True),
-    (3, 320, 330, 1, 0, torch.float16, True), (2, 4096, 4096, 0, 0, torch.float16, False),
-    (4, 864, 872, 0, 2, torch.float16, True)])  # the last tile moved back inside a capacity that is no multiple of 32
-def test_decode_attention_kivi_mma(gqa, t, tmax, n_sink, n_res, dtype, pf, monkeypatch):
+@pytest.mark.parametrize("gqa, t, tmax, n_sink, n_res, dtype", [
+    (4, 96, 128, 2, 5, torch.float16), (16, 992, 1024, 0, 3, torch.bfloat16), (3, 320, 330, 1, 0, torch.float16),
+    (2, 4096, 4096, 0, 0, torch.float16),
+    (4, 864, 872, 0, 2, torch.float16)])  # the last tile moved back inside a capacity that is no multiple of 32
+def test_decode_attention_kivi_mma(gqa, t, tmax, n_sink, n_res, dtype, monkeypatch):
     """2-bit KIVI GQA at head dim 128 on a GPU through ``decode_mma_kivi``'s program (``KIVI_MMA`` on, with the
-    ``tl.dot`` program's fp16 segments): the reference's attention, counts on the host and on the device; ``pf``:
-    the codes loaded a tile ahead (``decode_mma_kivi.PREFETCH``)."""
+    ``tl.dot`` program's fp16 segments): the reference's attention, counts on the host and on the device."""
     import kvq_kernels.decode_attention as da
-    import kvq_kernels.decode_mma_kivi as kim
     from kvq_kernels.decode_mma_kivi import kivi_mma_supported
 
     monkeypatch.setattr(da, "KIVI_MMA", True)
-    monkeypatch.setattr(kim, "PREFETCH", pf)
     gen = _gen(800 + gqa + t)
     c = _kivi_cache(gen, 128, 2, t, n_sink, n_res, tmax=tmax)
     q = _randn(gen, B, H * gqa, 128).to(dtype)
@@ -440,8 +436,7 @@ def test_kvq_mma_program_compiles_without_shared_memory_in_its_loop():
     check_gluon_loop("decode_mma_kvquant", ["kvq_compiled_counts(3, True, 2, 2)",
                                             "kvq_compiled_counts(16, False, 4, 4, True, True)",
                                             "kvq_compiled_counts(4, True, 4, 2, False, True)",
-                                            "kvq_compiled_counts(4, True, 2, 2, True, True, nib=True)",
-                                            "kvq_compiled_counts(4, True, 2, 2, True, True, pf=True)"], 64)
+                                            "kvq_compiled_counts(4, True, 2, 2, True, True, nib=True)"], 64)
 
 
 def _run_ptx(asm: str, regs: dict, table: list[int] | None = None) -> dict:
@@ -504,28 +499,22 @@ def test_value_nibbles_look_up_each_code_pair():
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU checks: the three tests above)")
-@pytest.mark.parametrize("bk, bv, gqa, t, tmax, n_sink, n_res, dtype, sparse, nib, pf", [
-    (2, 2, 4, 96, 128, 2, 5, torch.float16, False, False, False),
-    (4, 4, 16, 992, 1024, 0, 3, torch.bfloat16, True, False, True),
-    (2, 4, 3, 320, 330, 1, 0, torch.float16, True, False, True),
-    (4, 2, 2, 4096, 4096, 4, 0, torch.float16, False, False, False),
-    (2, 2, 4, 861, 872, 3, 2, torch.float16, True, False, True),
-    (2, 2, 4, 1020, 1020, 4, 3, torch.float16, True, False, False),
-    (2, 2, 4, 861, 872, 3, 2, torch.float16, True, True, False),
-    (4, 2, 2, 4096, 4096, 4, 0, torch.float16, False, True, True)])
-def test_decode_attention_kvquant_mma(bk, bv, gqa, t, tmax, n_sink, n_res, dtype, sparse, nib, pf, monkeypatch):
+@pytest.mark.parametrize("bk, bv, gqa, t, tmax, n_sink, n_res, dtype, sparse, nib", [
+    (2, 2, 4, 96, 128, 2, 5, torch.float16, False, False), (4, 4, 16, 992, 1024, 0, 3, torch.bfloat16, True, False),
+    (2, 4, 3, 320, 330, 1, 0, torch.float16, True, False), (4, 2, 2, 4096, 4096, 4, 0, torch.float16, False, False),
+    (2, 2, 4, 861, 872, 3, 2, torch.float16, True, False), (2, 2, 4, 1020, 1020, 4, 3, torch.float16, True, False),
+    (2, 2, 4, 861, 872, 3, 2, torch.float16, True, True), (4, 2, 2, 4096, 4096, 4, 0, torch.float16, False, True)])
+def test_decode_attention_kvquant_mma(bk, bv, gqa, t, tmax, n_sink, n_res, dtype, sparse, nib, monkeypatch):
     """KVQuant GQA at head dim 128 on a GPU through ``decode_mma_kvquant``'s program (``KVQ_MMA`` on, with the
     ``tl.dot`` program's fp16 segments and the outliers' passes): the reference's attention, counts on the host and
     on the device (fp16 operands: 5e-3); ``nib``: 2-bit values looked up from interleaved nibbles
-    (``VALUE_NIBBLES``; its PTX is checked on the CPU by ``test_value_nibbles_look_up_each_code_pair``); ``pf``:
-    the codes loaded a tile ahead (``PREFETCH``)."""
+    (``VALUE_NIBBLES``; its PTX is checked on the CPU by ``test_value_nibbles_look_up_each_code_pair``)."""
     import kvq_kernels.decode_attention as da
     import kvq_kernels.decode_mma_kvquant as km
     from kvq_kernels.decode_mma_kvquant import kvq_mma_supported
 
     monkeypatch.setattr(da, "KVQ_MMA", True)
     monkeypatch.setattr(km, "VALUE_NIBBLES", nib)
-    monkeypatch.setattr(km, "PREFETCH", pf)
     gen = _gen(1000 + 10 * bk + bv + t)
     c = _kvquant_cache(gen, 128, bk, bv, t, n_sink, n_res, tmax=tmax, sparse=sparse)
     q = _randn(gen, B, H * gqa, 128).to(dtype)

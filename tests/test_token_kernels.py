@@ -242,29 +242,25 @@ def test_nf_mma_program_compiles_without_shared_memory_in_its_loop():
     """The nf Gluon program compiles for sm_90 on any machine, 2- and 4-bit; its token loop has 64 MMAs and no
     shared-memory instruction, barrier or int-to-float conversion (the levels are lane shuffles)."""
     check_gluon_loop("decode_mma_nf", ["nf_compiled_counts(4, True, 4)", "nf_compiled_counts(16, False, 2)",
-                                       "nf_compiled_counts(4, True, 2, nib=True)",
-                                       "nf_compiled_counts(4, True, 4, pf=False)"], 64)
+                                       "nf_compiled_counts(4, True, 2, nib=True)"], 64)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU checks: the two tests above)")
-@pytest.mark.parametrize("h, g, t, tmax, n_sink, n_res, dtype, bits, nib, pf", [
-    (3, 4, 77, 128, 2, 5, torch.float16, 4, False, True), (2, 16, 1000, 1030, 0, 3, torch.bfloat16, 4, False, False),
-    (1, 3, 300, 300, 1, 0, torch.float16, 2, False, True), (2, 8, 4096, 4096, 1, 0, torch.float16, 2, False, False),
-    (1, 3, 300, 300, 1, 0, torch.float16, 2, True, False), (2, 8, 4096, 4096, 1, 2, torch.float16, 2, True, True)])
-def test_decode_attention_token_nf_mma(h, g, t, tmax, n_sink, n_res, dtype, bits, nib, pf, monkeypatch):
+@pytest.mark.parametrize("h, g, t, tmax, n_sink, n_res, dtype, bits, nib", [
+    (3, 4, 77, 128, 2, 5, torch.float16, 4, False), (2, 16, 1000, 1030, 0, 3, torch.bfloat16, 4, False),
+    (1, 3, 300, 300, 1, 0, torch.float16, 2, False), (2, 8, 4096, 4096, 1, 0, torch.float16, 2, False),
+    (1, 3, 300, 300, 1, 0, torch.float16, 2, True), (2, 8, 4096, 4096, 1, 2, torch.float16, 2, True)])
+def test_decode_attention_token_nf_mma(h, g, t, tmax, n_sink, n_res, dtype, bits, nib, monkeypatch):
     """nf 2- and 4-bit GQA at head dim 128 on a GPU through ``decode_mma_nf``'s program (``NF_MMA`` on, with this
     kernel's fp16 segments): the reference's attention, counts on the host and on the device; ``nib``: 2-bit values
     looked up from interleaved nibbles (``decode_mma_kvquant.VALUE_NIBBLES``; its PTX is checked on the CPU by
-    ``test_kernels.test_value_nibbles_look_up_each_code_pair``); ``pf``: the loads a tile ahead
-    (``decode_mma_nf.PREFETCH``)."""
+    ``test_kernels.test_value_nibbles_look_up_each_code_pair``)."""
     import kvq_kernels.decode_mma_kvquant as km
-    import kvq_kernels.decode_mma_nf as nm
     import kvq_kernels.decode_token as dtk
     from kvq_kernels.decode_mma_nf import nf_mma_supported
 
     monkeypatch.setattr(dtk, "NF_MMA", True)
     monkeypatch.setattr(km, "VALUE_NIBBLES", nib)
-    monkeypatch.setattr(nm, "PREFETCH", pf)
     gen = torch.Generator().manual_seed(2000 + h + g + t)
     c = _cache(gen, h, 128, bits, True, t, n_sink, n_res, tmax=tmax)
     q = _randn(gen, B, h * g, 128).to(dtype)
