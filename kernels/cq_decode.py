@@ -76,19 +76,21 @@ def _cq_split_kernel(
     Q, sqb, sqh, KC, VC, CK, CV,
     SK, SV, RK, RV, ssb, ssh, srb, srh,
     INVF, MP, LP, AP,
-    H, Tmax, n_packed, n_sink, n_res, tokens_per_split, NSP, qk_scale,
+    H, Tmax, n_packed, n_sink, n_res, tokens_per_split, NSP, qk_scale, LENS,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, NG: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr,
     SPAN: tl.constexpr, NB: tl.constexpr, ROPE: tl.constexpr, BLOCK_N: tl.constexpr, SEG_ONLY: tl.constexpr = False,
+    DYN: tl.constexpr = False,
 ):
     """One program per (b, KV head) and split: query rows ``(GP, D/2)``, centroid tiles ``(BLOCK_N, D/2)``.
-    ``SEG_ONLY``: launched with one split, the last (the fp16 segments; ``decode_mma_cq`` does the packed ones)."""
+    ``SEG_ONLY``: launched with one split, the last (the fp16 segments; ``decode_mma_cq`` does the packed ones).
+    ``DYN``: the counts read from ``LENS`` (``decode_split._counts``)."""
     HALF: tl.constexpr = D // 2
     K: tl.constexpr = 1 << BITS
     b, h, hq0, sp, prow0 = _program_ids(H, NSP, G, G, SEG_ONLY)
     q1, q2 = _load_query(Q, sqb, sqh, b, hq0, qk_scale, G, GP, D)
     invf, cj, sj = _rope_offsets(INVF, BLOCK_N, HALF)  # R(j), j < BLOCK_N (unused without ROPE)
     m, l, pm, acc1, acc2 = _init_state(GP, BLOCK_N, HALF, 1, True)
-    npk, nrs, start, end = _split_range(Q, n_packed, n_res, tokens_per_split, NSP, sp, BLOCK_N, False)
+    npk, nrs, start, end = _split_range(LENS, n_packed, n_res, tokens_per_split, NSP, sp, BLOCK_N, DYN)
     bh = (b * H + h).to(tl.int64)
     if not SEG_ONLY:  # a segment-only launch compiles without the packed loop
         for t0 in range(start, end, BLOCK_N):
@@ -115,10 +117,12 @@ def _cq_split_kernel(
 
 
 def decode_attention_cq(q: Tensor, cache: CQCache, sm_scale: float | None = None, num_splits: int | None = None,
-                        block_n: int | None = None, num_warps: int | None = None) -> Tensor:
+                        block_n: int | None = None, num_warps: int | None = None, lens: Tensor | None = None) -> Tensor:
     """Decode attention of post-RoPE ``q (B, H*G, D)`` over a ``CQCache`` -> ``(B, H*G, D)`` in q's dtype. With
     ``CQ_MMA`` (and no ``block_n`` / ``num_splits`` asked for) the packed splits run ``decode_mma_cq``'s tensor-core
-    program where it supports the cache (``cq_mma_supported``), and this one the fp16 segments."""
+    program where it supports the cache (``cq_mma_supported``), and this one the fp16 segments. ``lens``: int64
+    ``[n_packed, n_res, ...]`` on the device, read by the kernels instead of the cache's counts (a launch captured in
+    a CUDA graph; the split plan covers the capacity)."""
     b, h, tmax, nb = cache.k_codes.shape
     d, ng, c = cache.head_dim, cache.groups, cache.ck.shape[-1]
     if not supported(d, c) or nb != row_bytes(ng, cache.bits) or cache.v_codes.shape != cache.k_codes.shape:
@@ -133,19 +137,21 @@ def decode_attention_cq(q: Tensor, cache: CQCache, sm_scale: float | None = None
         block_n = max(16, min(64, 4096 // (gp * d // 2)))
     if num_warps is None:
         num_warps = 8 if gp * block_n * d >= 16384 else 4
-    tile, programs = decode_mma_cq.cq_split(q, cache) if mma else (block_n, VQ_PROGRAMS_PER_SM)
-    per, nsp, partials = split_plan(q, q.shape[0] * h, cache.n_packed, tile, num_splits, programs, one_wave=mma)
+    dyn = lens is not None
+    tile, programs = decode_mma_cq.cq_split(q, cache, lens) if mma else (block_n, VQ_PROGRAMS_PER_SM)
+    per, nsp, partials = split_plan(q, q.shape[0] * h, tmax if dyn else cache.n_packed, tile, num_splits, programs,
+                                    one_wave=mma)
     scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
     if mma:
-        decode_mma_cq.launch_cq_mma(q, cache, *partials, per, nsp, scale)
+        decode_mma_cq.launch_cq_mma(q, cache, *partials, per, nsp, scale, lens)
     invf = decode_mma_cq.cq_frequencies(cache, q.device)
     sk, rk = cache.sink_k, cache.res_k
     _cq_split_kernel[(b * h, 1 if mma else nsp)](
         q, q.stride(0), q.stride(1), cache.k_codes, cache.v_codes, cache.ck.contiguous(), cache.cv.contiguous(),
         sk, cache.sink_v, rk, cache.res_v, sk.stride(0), sk.stride(1), rk.stride(0), rk.stride(1),
         invf, *partials,
-        h, tmax, cache.n_packed, cache.n_sink, cache.n_res, per, nsp, scale,
+        h, tmax, cache.n_packed, cache.n_sink, cache.n_res, per, nsp, scale, lens if dyn else q,
         G=g, GP=gp, D=d, NG=ng, C=c, BITS=cache.bits, SPAN=code_span(cache.bits), NB=nb, ROPE=cache.pre_rope,
-        BLOCK_N=block_n, SEG_ONLY=mma, num_warps=num_warps,
+        BLOCK_N=block_n, SEG_ONLY=mma, DYN=dyn, num_warps=num_warps,
     )
     return _finish(q, nsp, *partials)

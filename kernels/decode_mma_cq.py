@@ -201,15 +201,16 @@ if gluon is not None:
 
     @gluon.jit
     def cq_mma_kernel(Q, sqb, sqh, KC, VC, CK, CV, QT, tab_rows, KT, MAPS, MP, LP, AP, H, Tmax, n_packed,
-                      tokens_per_split, NSP, qk_scale, zero, G: gl.constexpr, W: gl.constexpr,
-                      PF: gl.constexpr = True):
+                      tokens_per_split, NSP, qk_scale, zero, LENS, G: gl.constexpr, W: gl.constexpr,
+                      PF: gl.constexpr = True, DYN: gl.constexpr = False):
         """Program ``(b * H + h, sp)``: query heads ``h G ..`` of batch ``b`` over split ``sp`` of the packed tokens
         (``NSP - 1`` packed splits), ``KC, VC`` the code rows as int32 words (8 a token), ``CK, CV (H, 16384)`` the
         fp16 codebooks as int32 pairs, ``QT (2, tab_rows, 128)`` fp16 and ``KT (2, 64, 32)`` fp16 pairs as int32 the
         rotations (``rope_tables``), ``MAPS`` the ``cq_maps``; ``zero`` is 0.0 (it keeps the 128 KiB allocation).
-        ``PF``: each tile's code words are loaded a tile ahead (``PREFETCH``)."""
+        ``PF``: each tile's code words are loaded a tile ahead (``PREFETCH``); ``DYN``: the packed count read from
+        ``LENS`` and the split made here (``decode_mma._program``)."""
         BN: gl.constexpr = 32
-        pid, sp, b, h, start, end = _program(H, Q, n_packed, tokens_per_split, NSP, W * BN, False)
+        pid, sp, b, h, start, end = _program(H, LENS, n_packed, tokens_per_split, NSP, W * BN, DYN)
         m3: gl.constexpr = _mma_layout(W)
         qa: gl.constexpr = gl.DotOperandLayout(0, m3, 2)
         kb: gl.constexpr = gl.DotOperandLayout(1, m3, 2)
@@ -268,16 +269,18 @@ if gluon is not None:
         _split_out(MP, LP, AP, MAPS, b, h, H, NSP, sp, m_i, l_i, acc, zero, G, W, m3, rows)
 
 
-def cq_compiled_counts(g: int = 4, warps: int = CQ_WARPS, sass: bool = False, pf: bool | None = None) -> dict:
-    """As ``decode_mma.compiled_counts``, for this program (``pf``: ``PREFETCH`` when None)."""
+def cq_compiled_counts(g: int = 4, warps: int = CQ_WARPS, sass: bool = False, pf: bool | None = None,
+                       dyn: bool = False) -> dict:
+    """As ``decode_mma.compiled_counts``, for this program (``pf``: ``PREFETCH`` when None; ``dyn``: counts on the
+    device)."""
     from .decode_mma import _compile_counts
 
     sig = dict(Q="*fp16", KC="*i32", VC="*i32", CK="*i32", CV="*i32", QT="*fp16", KT="*i32", MAPS="*i32",
-               MP="*fp32", LP="*fp32", AP="*fp32", qk_scale="fp32", zero="fp32")
+               MP="*fp32", LP="*fp32", AP="*fp32", qk_scale="fp32", zero="fp32", LENS="*i64")
     aligned = ("Q", "sqb", "sqh", "KC", "VC", "CK", "CV", "QT", "KT", "MAPS", "MP", "LP", "AP", "Tmax",
                "tokens_per_split")
-    return _compile_counts(cq_mma_kernel, sig, dict(G=g, W=warps, PF=PREFETCH if pf is None else pf), aligned,
-                           warps, sass)
+    consts = dict(G=g, W=warps, PF=PREFETCH if pf is None else pf, DYN=dyn)
+    return _compile_counts(cq_mma_kernel, sig, consts, aligned, warps, sass)
 
 
 def _operands(q: Tensor, cache) -> tuple:
@@ -294,26 +297,28 @@ def _operands(q: Tensor, cache) -> tuple:
     return (*books, qt, kt.view(torch.int32))
 
 
-def _cq_args(q: Tensor, cache, mp, lp, ap, per: int, nsp: int, scale: float) -> tuple:
+def _cq_args(q: Tensor, cache, mp, lp, ap, per: int, nsp: int, scale: float, lens: Tensor | None = None) -> tuple:
     ck, cv, qt, kt = _operands(q, cache)
     return (q, q.stride(0), q.stride(1), cache.k_codes.view(torch.int32), cache.v_codes.view(torch.int32), ck, cv,
             qt, qt.shape[1], kt, cq_maps(q.device), mp, lp, ap, cache.k_codes.shape[1], cache.k_codes.shape[2],
-            cache.n_packed, per, nsp, scale, 0.0)
+            cache.n_packed, per, nsp, scale, 0.0, q if lens is None else lens)
 
 
-def cq_split(q: Tensor, cache) -> tuple[int, int]:
+def cq_split(q: Tensor, cache, lens: Tensor | None = None) -> tuple[int, int]:
     """(tokens a tile, programs an SM): what the compiled program's registers and shared memory let an SM hold."""
     f32 = torch.float32
-    return cq_tile(), shared_split(cq_mma_kernel, lambda: _cq_args(q, cache, f32, f32, f32, cq_tile(), 2, 1.0),
-                                   q.shape[1] // cache.k_codes.shape[1], CQ_WARPS, _SPLIT, q.device, PF=PREFETCH)
+    return cq_tile(), shared_split(cq_mma_kernel, lambda: _cq_args(q, cache, f32, f32, f32, cq_tile(), 2, 1.0, lens),
+                                   q.shape[1] // cache.k_codes.shape[1], CQ_WARPS, _SPLIT, q.device, PF=PREFETCH,
+                                   DYN=lens is not None)
 
 
-def launch_cq_mma(q: Tensor, cache, mp: Tensor, lp: Tensor, ap: Tensor, per: int, nsp: int, scale: float) -> None:
+def launch_cq_mma(q: Tensor, cache, mp: Tensor, lp: Tensor, ap: Tensor, per: int, nsp: int, scale: float,
+                  lens: Tensor | None = None) -> None:
     """Splits ``0 .. nsp - 2`` of ``cq_decode``'s plan (``per`` a multiple of ``cq_tile()``) into the partial
-    buffers; the last split (the fp16 segments) is ``cq_decode``'s."""
+    buffers; the last split (the fp16 segments) is ``cq_decode``'s. ``lens``: the counts on the device."""
     b, h = cache.k_codes.shape[:2]
-    launch_shared("cq", cq_mma_kernel, _cq_args(q, cache, mp, lp, ap, per, nsp, scale), q.shape[1] // h, CQ_WARPS,
-                  b * h, nsp, PF=PREFETCH)
+    launch_shared("cq", cq_mma_kernel, _cq_args(q, cache, mp, lp, ap, per, nsp, scale, lens), q.shape[1] // h,
+                  CQ_WARPS, b * h, nsp, PF=PREFETCH, DYN=lens is not None)
 
 
 __all__ = ["CQ_WARPS", "PREFETCH", "cq_tile", "cq_mma_supported", "cq_split", "launch_cq_mma",

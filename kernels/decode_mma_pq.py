@@ -238,14 +238,15 @@ if gluon is not None:
 
     @gluon.jit
     def pq_mma_kernel(Q, sqb, sqh, KC, VC, CK, CV, ck_sh, MAPS, MP, LP, AP, H, Tmax, n_packed, tokens_per_split,
-                      NSP, qk_scale, zero, G: gl.constexpr, W: gl.constexpr):
+                      NSP, qk_scale, zero, LENS, G: gl.constexpr, W: gl.constexpr, DYN: gl.constexpr = False):
         """Program ``(b * H + h, sp)``: query heads ``h G ..`` of batch ``b`` (``Q`` the query in the packed keys'
         channel order, ``PQCache.table_query``) over split ``sp`` of the packed tokens (``NSP - 1`` packed splits),
         ``KC, VC`` the code rows as int32 words (16 a token), ``CK, CV`` the fp16 codebooks as int32 entries (KV head
-        ``h``'s at ``h ck_sh``), ``MAPS`` the ``pq_maps``; ``zero`` is 0.0 (it keeps the 128 KiB allocation).
-        Writes ``m, l`` and the unnormalized ``acc (128,)`` of each query head."""
+        ``h``'s at ``h ck_sh``), ``MAPS`` the ``pq_maps``; ``zero`` is 0.0 (it keeps the 128 KiB allocation);
+        ``DYN``: the packed count read from ``LENS`` and the split made here (``decode_mma._program``). Writes
+        ``m, l`` and the unnormalized ``acc (128,)`` of each query head."""
         BN: gl.constexpr = 32
-        pid, sp, b, h, start, end = _program(H, Q, n_packed, tokens_per_split, NSP, W * BN, False)
+        pid, sp, b, h, start, end = _program(H, LENS, n_packed, tokens_per_split, NSP, W * BN, DYN)
         m3: gl.constexpr = _mma_layout(W)
         qa: gl.constexpr = gl.DotOperandLayout(0, m3, 2)
         kb: gl.constexpr = gl.DotOperandLayout(1, m3, 2)
@@ -284,15 +285,15 @@ if gluon is not None:
         _split_out(MP, LP, AP, MAPS, b, h, H, NSP, sp, m_i, l_i, acc, zero, G, W, m3, rows)
 
 
-def pq_compiled_counts(g: int = 4, warps: int = PQ_WARPS, sass: bool = False) -> dict:
-    """As ``decode_mma.compiled_counts``, for this program; also ``loop_ptx``: the token loop's PTX lines."""
+def pq_compiled_counts(g: int = 4, warps: int = PQ_WARPS, sass: bool = False, dyn: bool = False) -> dict:
+    """As ``decode_mma.compiled_counts``, for this program (``dyn``: counts on the device)."""
     from .decode_mma import _compile_counts
 
     sig = dict(Q="*fp16", KC="*i32", VC="*i32", CK="*i32", CV="*i32", MAPS="*i32", MP="*fp32", LP="*fp32",
-               AP="*fp32", qk_scale="fp32", zero="fp32")
+               AP="*fp32", qk_scale="fp32", zero="fp32", LENS="*i64")
     aligned = ("Q", "sqb", "sqh", "KC", "VC", "CK", "CV", "ck_sh", "MAPS", "MP", "LP", "AP", "Tmax",
                "tokens_per_split")
-    return _compile_counts(pq_mma_kernel, sig, dict(G=g, W=warps), aligned, warps, sass)
+    return _compile_counts(pq_mma_kernel, sig, dict(G=g, W=warps, DYN=dyn), aligned, warps, sass)
 
 
 def _codebooks(cache) -> tuple[Tensor, Tensor, int]:
@@ -307,12 +308,12 @@ def _codebooks(cache) -> tuple[Tensor, Tensor, int]:
     return ck, cv, (16384 if cache.ck.dim() == 4 else 0)
 
 
-def _pq_args(q: Tensor, cache, mp, lp, ap, per: int, nsp: int, scale: float) -> tuple:
+def _pq_args(q: Tensor, cache, mp, lp, ap, per: int, nsp: int, scale: float, lens: Tensor | None = None) -> tuple:
     ck, cv, sh = _codebooks(cache)
     qt = cache.table_query(q).contiguous()
     return (qt, qt.stride(0), qt.stride(1), cache.k_codes.view(torch.int32), cache.v_codes.view(torch.int32), ck, cv,
             sh, pq_maps(q.device), mp, lp, ap, cache.k_codes.shape[1], cache.k_codes.shape[2], cache.n_packed, per,
-            nsp, scale, 0.0)
+            nsp, scale, 0.0, qt if lens is None else lens)
 
 
 def shared_split(kernel, args, g: int, warps: int, store: dict, device, **consts) -> int:
@@ -334,19 +335,21 @@ def launch_shared(name: str, kernel, args: tuple, g: int, warps: int, rows: int,
         _mma.remember(name, kernel[(rows, nsp - 1)](*args, G=g, W=warps, num_warps=warps, **consts))
 
 
-def pq_split(q: Tensor, cache) -> tuple[int, int]:
+def pq_split(q: Tensor, cache, lens: Tensor | None = None) -> tuple[int, int]:
     """(tokens a tile, programs an SM): what the compiled program's registers and shared memory let an SM hold."""
     f32 = torch.float32
-    return pq_tile(), shared_split(pq_mma_kernel, lambda: _pq_args(q, cache, f32, f32, f32, pq_tile(), 2, 1.0),
-                                   q.shape[1] // cache.k_codes.shape[1], PQ_WARPS, _SPLIT, q.device)
+    return pq_tile(), shared_split(pq_mma_kernel, lambda: _pq_args(q, cache, f32, f32, f32, pq_tile(), 2, 1.0, lens),
+                                   q.shape[1] // cache.k_codes.shape[1], PQ_WARPS, _SPLIT, q.device,
+                                   DYN=lens is not None)
 
 
-def launch_pq_mma(q: Tensor, cache, mp: Tensor, lp: Tensor, ap: Tensor, per: int, nsp: int, scale: float) -> None:
+def launch_pq_mma(q: Tensor, cache, mp: Tensor, lp: Tensor, ap: Tensor, per: int, nsp: int, scale: float,
+                  lens: Tensor | None = None) -> None:
     """Splits ``0 .. nsp - 2`` of ``pq_decode``'s plan (``per`` a multiple of ``pq_tile()``) into the partial
-    buffers; the last split (the fp16 segments) is ``pq_decode``'s."""
+    buffers; the last split (the fp16 segments) is ``pq_decode``'s. ``lens``: the counts on the device."""
     b, h = cache.k_codes.shape[:2]
-    launch_shared("pq", pq_mma_kernel, _pq_args(q, cache, mp, lp, ap, per, nsp, scale), q.shape[1] // h, PQ_WARPS,
-                  b * h, nsp)
+    launch_shared("pq", pq_mma_kernel, _pq_args(q, cache, mp, lp, ap, per, nsp, scale, lens), q.shape[1] // h,
+                  PQ_WARPS, b * h, nsp, DYN=lens is not None)
 
 
 __all__ = ["PQ_WARPS", "pq_tile", "pq_mma_supported", "pq_split", "launch_pq_mma", "pq_mma_reference", "pq_key_map",

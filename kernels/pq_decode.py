@@ -76,14 +76,16 @@ def _pq_split_kernel(
     Q, sqb, sqh, TAB, KC, VC, CV, cv_sh,
     SK, SV, RK, RV, ssb, ssh, srb, srh,
     MP, LP, AP,
-    H, Tmax, n_packed, n_sink, n_res, tokens_per_split, NSP, qk_scale,
+    H, Tmax, n_packed, n_sink, n_res, tokens_per_split, NSP, qk_scale, LENS,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BITS: tl.constexpr, SPAN: tl.constexpr,
     NB: tl.constexpr, BLOCK_N: tl.constexpr, SEG_ONLY: tl.constexpr = False, PREC: tl.constexpr = "ieee",
+    DYN: tl.constexpr = False,
 ):
     """One program per (b, KV head) and split: score tables ``(GP, M, K)``, value tiles ``(BLOCK_N, D/2)``.
     ``SEG_ONLY``: launched with one split, the last (the fp16 segments; ``decode_mma_pq`` does the packed ones), at
     ``GP >= 16`` rows with ``tl.dot`` products of precision ``PREC`` (float32 products on CUDA cores took 28 µs for 128
-    residual tokens on the H200, the tensor-core program's packed splits at 128K 97 µs)."""
+    residual tokens on the H200, the tensor-core program's packed splits at 128K 97 µs). ``DYN``: the counts read
+    from ``LENS`` (``decode_split._counts``)."""
     HALF: tl.constexpr = D // 2
     K: tl.constexpr = 1 << BITS
     DM: tl.constexpr = D // M
@@ -96,7 +98,7 @@ def _pq_split_kernel(
     gmask = (gq < G)[:, None, None]
     sub = tl.arange(0, M)
     m, l, pm, acc1, acc2 = _init_state(GP, BLOCK_N, HALF, 1, True)
-    npk, nrs, start, end = _split_range(Q, n_packed, n_res, tokens_per_split, NSP, sp, BLOCK_N, False)
+    npk, nrs, start, end = _split_range(LENS, n_packed, n_res, tokens_per_split, NSP, sp, BLOCK_N, DYN)
     if not SEG_ONLY:  # a segment-only launch compiles without the packed loop
         for t0 in range(start, end, BLOCK_N):
             t = t0 + tl.arange(0, BLOCK_N)
@@ -134,10 +136,12 @@ def score_table(q: Tensor, codebook: Tensor, scale: float) -> Tensor:
 
 
 def decode_attention_pq(q: Tensor, cache: PQCache, sm_scale: float | None = None, num_splits: int | None = None,
-                        block_n: int | None = None, num_warps: int | None = None) -> Tensor:
+                        block_n: int | None = None, num_warps: int | None = None, lens: Tensor | None = None) -> Tensor:
     """Decode attention of post-RoPE ``q (B, H*G, D)`` over a ``PQCache`` -> ``(B, H*G, D)`` in q's dtype. With
     ``PQ_MMA`` (and no ``block_n`` / ``num_splits`` asked for) the packed splits run ``decode_mma_pq``'s tensor-core
-    program where it supports the cache (``pq_mma_supported``), and this one the fp16 segments."""
+    program where it supports the cache (``pq_mma_supported``), and this one the fp16 segments. ``lens``: int64
+    ``[n_packed, n_res, ...]`` on the device, read by the kernels instead of the cache's counts (a launch captured in
+    a CUDA graph; the split plan covers the capacity)."""
     b, h, tmax, nb = cache.k_codes.shape
     d, msub = cache.head_dim, cache.subspaces
     if not supported(d, msub) or nb != row_bytes(msub, cache.bits) or cache.v_codes.shape != cache.k_codes.shape:
@@ -154,11 +158,13 @@ def decode_attention_pq(q: Tensor, cache: PQCache, sm_scale: float | None = None
         block_n = max(16, min(64, 8192 // (gp * msub)))
     if num_warps is None:
         num_warps = 8 if gp * block_n * msub >= 8192 else 4
-    tile, programs = decode_mma_pq.pq_split(q, cache) if mma else (block_n, VQ_PROGRAMS_PER_SM)
-    per, nsp, partials = split_plan(q, q.shape[0] * h, cache.n_packed, tile, num_splits, programs, one_wave=mma)
+    dyn = lens is not None
+    tile, programs = decode_mma_pq.pq_split(q, cache, lens) if mma else (block_n, VQ_PROGRAMS_PER_SM)
+    per, nsp, partials = split_plan(q, q.shape[0] * h, tmax if dyn else cache.n_packed, tile, num_splits, programs,
+                                    one_wave=mma)
     scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
     if mma:
-        decode_mma_pq.launch_pq_mma(q, cache, *partials, per, nsp, scale)
+        decode_mma_pq.launch_pq_mma(q, cache, *partials, per, nsp, scale, lens)
         table = q  # not read: the segment split has no packed tokens
     else:
         table = score_table(cache.table_query(q), cache.ck, scale)
@@ -169,9 +175,9 @@ def decode_attention_pq(q: Tensor, cache: PQCache, sm_scale: float | None = None
         q, q.stride(0), q.stride(1), table, cache.k_codes, cache.v_codes, cv, cv_sh,
         sk, cache.sink_v, rk, cache.res_v, sk.stride(0), sk.stride(1), rk.stride(0), rk.stride(1),
         *partials,
-        h, tmax, cache.n_packed, cache.n_sink, cache.n_res, per, nsp, scale,
+        h, tmax, cache.n_packed, cache.n_sink, cache.n_res, per, nsp, scale, lens if dyn else q,
         G=g, GP=max(16, gp) if mma else gp, D=d, M=msub, BITS=cache.bits, SPAN=code_span(cache.bits), NB=nb,
         BLOCK_N=block_n, SEG_ONLY=mma, PREC=(DOT_PRECISION if q.dtype == torch.float32 else DOT_PRECISION_16)
-        if mma else "ieee", num_warps=num_warps,
+        if mma else "ieee", DYN=dyn, num_warps=num_warps,
     )
     return _finish(q, nsp, *partials)

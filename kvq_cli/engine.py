@@ -16,9 +16,10 @@
   window ("plain") and one for the steps where the full window's oldest group leaves into the packed store
   ("flush"); kvquant (sink, no residual window) one for its fused append of each token ("append"; the host
   reserves room for the token's sparse outliers before each replay, and a reallocation means a re-capture);
-  int and nf one "flush" graph (each step's oldest window token, or the token itself without a window, encoded into
-  the packed store). Other steps run eagerly: the first ones (sink filling, nothing packed yet) and every step of
-  cq and pq.
+  int, nf, cq and pq one "flush" graph (each step's oldest window token, or the token itself without a window,
+  encoded by the method into the packed store; cq's pre-RoPE keys need no window), pq also a "plain" one. Other
+  steps run eagerly: the first ones (sink filling, nothing packed yet), and every step of a configuration the
+  kernels do not hold (``KVQLayer.graph_capable``).
   ``stats`` counts both.
 
 Sampling (``Sampler``) happens inside the step: greedy by default, else temperature, top-k and top-p with

@@ -357,7 +357,8 @@ def generate(
         notes.append(f"the decode step could not be captured as a CUDA graph; it ran eagerly: {out['capture_error']}")
     elif graphs and out["eager_steps"] and method is not None:
         why = ("no graph step for this configuration yet (graph steps: kivi with a group that is a power of two "
-               ">= 16, int, nf, kvquant with per-channel pre-RoPE keys and one codebook per layer)"
+               ">= 16, int, nf, kvquant with per-channel pre-RoPE keys and one codebook per layer, cq and pq "
+               "without outliers, pre-RoPE cq without a residual window)"
                if not cache.capturable()
                else "the first steps (sink filling, nothing packed yet) run eagerly")
         notes.append(f"{out['eager_steps']:,} of {out['decode_steps']:,} decode steps ran eagerly, not as a CUDA "

@@ -13,6 +13,7 @@ import torch
 if not torch.cuda.is_available():  # must precede the first triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import dataclasses  # noqa: E402
 import math  # noqa: E402
 
 import pytest  # noqa: E402
@@ -176,6 +177,22 @@ def test_decode_attention_edge_segments():
     assert _rel(ref.decode_attention_pq_ref(q, p, sm_scale=s), ref.decode_attention_pq_ref(q, p)) > 1e-3
 
 
+@pytest.mark.parametrize("kind, gqa", [("cq", 1), ("cq", 3), ("pq", 2)])
+def test_decode_attention_device_counts(kind, gqa):
+    """Counts read from the device (``lens``: the launch a CUDA graph captures): one plan made for the capacity,
+    with stale host counts the kernels must ignore, gives the reference's attention at every fill (nothing packed,
+    a fill that is not a multiple of the block, the full capacity)."""
+    gen = _gen(60 + gqa)
+    q = _randn(gen, B, H * gqa, 16)
+    decode, reference = ((decode_attention_cq, ref.decode_attention_cq_ref) if kind == "cq" else
+                         (decode_attention_pq, ref.decode_attention_pq_ref))
+    for t, n_res in ((0, 3), (21, 0), (53, 16)):
+        c = (cq_cache(gen, 16, 4, 6, t, 1, n_res) if kind == "cq" else pq_cache(gen, 16, 8, 6, t, 0, n_res))
+        lens = torch.tensor([t, n_res, 0, 0], dtype=torch.int64, device=DEV)
+        stale = dataclasses.replace(c, n_packed=7, n_res=1)
+        assert _rel(decode(q, stale, block_n=16, lens=lens), reference(q, c)) < ATTN_RTOL
+
+
 # ----------------------------------------------------------------------------------------------- pq tensor cores
 def _fill128(c, gen, n, t, n_sink, n_res):
     """Random 8-bit codes of ``n`` a token for ``t`` packed tokens of a head-dim-128 cache, random fp16 sink and
@@ -201,11 +218,14 @@ def pq128_cache(gen, h, t, tmax, n_sink, n_res, per_head=False, permuted=False):
 
 
 def _check_both_programs(decode, reference, q, c):
-    """``decode(q, c)`` (the tensor-core program for the packed splits) within 5e-3 of ``reference`` in q's dtype, and
-    the CUDA-core program (``num_splits`` asked for) on the same cache within ``ATTN_RTOL``."""
+    """``decode(q, c)`` (the tensor-core program for the packed splits) within 5e-3 of ``reference`` in q's dtype,
+    also with the counts on the device (``lens``, stale host counts), and the CUDA-core program (``num_splits`` asked
+    for) on the same cache within ``ATTN_RTOL``."""
     want = reference(q.float(), c)
     got = decode(q, c)
     assert got.dtype == q.dtype and _rel(got, want) < 5e-3
+    lens = torch.tensor([c.n_packed, c.n_res, 0, 0], dtype=torch.int64, device=DEV)
+    assert _rel(decode(q, dataclasses.replace(c, n_packed=3, n_res=0), lens=lens), want) < 5e-3
     assert _rel(decode(q, c, num_splits=3), want) < ATTN_RTOL
 
 
@@ -247,7 +267,8 @@ def test_pq_mma_program_compiles_with_only_its_gathers_in_its_loop():
     the codebooks' bytes while they are read)."""
     from conftest import check_gluon_loop
 
-    check_gluon_loop("decode_mma_pq", ["pq_compiled_counts(3)", "pq_compiled_counts(16, 4)"], 64, shared_loads=128)
+    check_gluon_loop("decode_mma_pq", ["pq_compiled_counts(3)", "pq_compiled_counts(16, 4)",
+                                       "pq_compiled_counts(4, dyn=True)"], 64, shared_loads=128)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU checks: the three tests above)")
@@ -317,7 +338,8 @@ def test_cq_mma_program_compiles_with_only_its_gathers_in_its_loop():
     from conftest import check_gluon_loop
 
     check_gluon_loop("decode_mma_cq", ["cq_compiled_counts(3)", "cq_compiled_counts(16, 4)",
-                                       "cq_compiled_counts(4, pf=False)"], 64, shared_loads=64)
+                                       "cq_compiled_counts(4, pf=False)", "cq_compiled_counts(4, dyn=True)"], 64,
+                     shared_loads=64)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU checks: the three tests above)")

@@ -58,12 +58,19 @@ def test_static_cache_baseline_equals_dynamic(arch):
     assert out["new_ids"] == plain and out["eager_steps"] == 7 and out["graph_steps"] == 0
 
 
-def _kvquant(model, ids):
+def _calibrated(model, ids, name: str, **options):
     from kvq_cli.calibration.capture import capture
     from kvq_cli.methods import make_method
 
-    method = make_method("kvquant", bits=3, outliers=0.02, fisher=False, kmeans_iters=3)
+    method = make_method(name, fisher=False, kmeans_iters=3, **options)
     return method, [method.fit(s) for s in capture(model, ids[:, :48], method)]
+
+
+#: the calibrated methods' graph configurations (method, options)
+CALIBRATED = {"kvquant-3b-2%": ("kvquant", dict(bits=3, outliers=0.02)),
+              "cq-4c6b": ("cq", dict(bits=6, channels=4)),  # pre-RoPE keys, no window: a "flush" of each token
+              "cq-2c5b-post": ("cq", dict(bits=5, channels=2, pre_rope=False)),
+              "pq-6b-r4": ("pq", dict(bits=6, residual=4))}
 
 
 STEPS = 8  # decode steps: each configuration's prompt puts a "flush" within them (interpreter kernels are slow)
@@ -74,14 +81,15 @@ TOKEN_SPECS = {"int3-r4": "int:bits=3,sink=2,residual=4", "nf4-r0": "nf:bits=4"}
 
 
 @pytest.mark.parametrize("config, prompt", [("kivi-r40", 70), ("kivi-r32", 94), ("kivi-g16-r20", 45),
-                                            ("kvquant-3b-2%", 40),
-                                            ("int3-r4", 40), ("nf4-r0", 40)])
+                                            ("kvquant-3b-2%", 40), ("int3-r4", 40), ("nf4-r0", 40),
+                                            ("cq-4c6b", 40), ("cq-2c5b-post", 41), ("pq-6b-r4", 40)])
 def test_graph_step_semantics_equal_eager(config, prompt):
     """What captured steps do equals the eager steps, with the Triton kernels reading the counts from the device
     and the host's counts catching up afterwards: kivi's "plain" (the token into the residual slot the device
     counts name) and "flush" (the full window's oldest group encoded into the packed store at the device's
-    offset; int and nf: a group of one token, with or without a window), kvquant's "append" (its fused append at
-    the device's index, sparse outliers included). Every step after the first packed token is a graph step; the
+    offset; int and nf: a group of one token, with or without a window; cq and pq: one token encoded by the method,
+    cq's pre-RoPE keys with no window), kvquant's "append" (its fused append at the device's index, sparse outliers
+    included). Every step after the first packed token is a graph step; the
     stored bytes are the eager path's."""
     model = tiny_model("llama")
     ids = torch.randint(0, 320, (1, prompt), generator=torch.Generator().manual_seed(6))
@@ -89,9 +97,12 @@ def test_graph_step_semantics_equal_eager(config, prompt):
     group = 16 if "-g16" in config else 32
     if kivi:
         spec = parse_spec(f"kivi:bits=2,group={group},residual={config[-2:]}")
+    elif config in TOKEN_SPECS:
+        spec = parse_spec(TOKEN_SPECS[config])
     else:
-        spec = parse_spec(TOKEN_SPECS[config]) if config in TOKEN_SPECS else _kvquant(model, ids)
-    expected = {"plain", "flush"} if kivi else {"flush"} if config in TOKEN_SPECS else {"append"}
+        name, options = CALIBRATED[config]
+        spec = _calibrated(model, ids, name, **options)
+    expected = {"plain", "flush"} if kivi else {"append"} if config.startswith("kvquant") else {"flush"}
     logits = []
     for graph_mode in (False, True):
         cache = load_cache(spec, model, max_tokens=120)

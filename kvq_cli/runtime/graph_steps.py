@@ -6,9 +6,10 @@ A captured step has static shapes and reads everything that changes from token t
 capacity); the host's Python counts catch up after each replay (``graph_step_done``). Kinds of step:
 
 * "plain" (kivi): the token joins the fp16 residual window at the device's slot;
-* "flush" (kivi; int and nf, whose group is one token, with or without a window): the window is full; its oldest
-  group leaves, encoded by the method, into the packed store at the device's offset (``Stream.graph_flush``) and
-  the rest moves down (static sizes: the window is exactly full);
+* "flush" (kivi; int, nf, cq and pq, whose group is one token, with or without a window): the window is full; its
+  oldest group leaves, encoded by the method, into the packed store at the device's offset (``Stream.graph_flush``)
+  and the rest moves down (static sizes: the window is exactly full); pre-RoPE cq keys have no window, so the
+  token's own pre-RoPE key is encoded;
 * "append" (kvquant, no residual window): the fused append writes the token and its sparse outliers at the
   device's index; the host reserves the outliers' room before the step, and a reallocation changes
   ``graph_signature`` (the engine then captures again).
@@ -36,8 +37,11 @@ class GraphStepsLayer:
             self.fused[0].at_device(self.keys_stream.packed, keys, state, at)
             self.fused[1].at_device(self.values_stream.packed, value_states, state, at)
         else:  # "flush": the full window's oldest group leaves at the device's offset
+            keys = key_states
+            if self.method.keys_pre_rope:  # cq's pre-RoPE keys (no window: the token itself leaves)
+                keys, self.pre_rope_key = self.pre_rope_key, None
             state, offset = self.state(), self.lens[3:4]
-            self.keys_stream.graph_flush(key_states, state, self.method.encode_keys, offset)
+            self.keys_stream.graph_flush(keys, state, self.method.encode_keys, offset)
             self.values_stream.graph_flush(value_states, state, self.method.encode_values, offset)
         self.pending = key_states.shape[2]
         return key_states, value_states
@@ -46,7 +50,8 @@ class GraphStepsLayer:
         """Whether this layer's decode steps can be captured (the Triton kernels read their counts from the
         device; fixed capacities from ``max_tokens``; kernels not switched off): kivi with a group the kernels take
         (a power of two >= 16) and a residual window; int and nf (any window: their tokens leave it one at a time,
-        a "flush" of one token);
+        a "flush" of one token); cq and pq whose kernels hold the layer (``vq_refusal``; pre-RoPE cq keys with no
+        residual window, as the method stores them: each token is encoded on arrival by a "flush");
         kvquant whose kernel and fused append hold the layer exactly, with no residual window."""
         m = self.method
         if self.use_kernel is False or self.max_tokens is None:
@@ -57,7 +62,10 @@ class GraphStepsLayer:
             return kivi_group_supported(m.group) and m.residual >= 1 and not m.keys_pre_rope
         if m.name in ("int", "nf"):  # one token leaves the window per step ("flush"; no window: at once)
             return True
-        from .kernel_path import kvquant_refusal
+        from .kernel_path import kvquant_refusal, vq_refusal
+
+        if m.name in ("cq", "pq"):
+            return vq_refusal(self) is None and not (m.keys_pre_rope and self.keys_stream.window)
 
         return (m.name == "kvquant" and None not in self.fused and not m.residual and bool(m.sink)
                 and kvquant_refusal(self) is None)

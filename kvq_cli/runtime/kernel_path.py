@@ -52,38 +52,46 @@ def _segments(ks: Stream, vs: Stream) -> dict | None:
                 n_packed=ks.packed.n, n_res=ks.residual.n)
 
 
+def vq_refusal(layer) -> str | None:
+    """Why the cq / pq kernels cannot hold ``layer``'s configuration (None: they can); from the method and the
+    codebooks' shapes, before anything is stored."""
+    m, ck = layer.method, layer.state16["key_codebook"]
+    if getattr(m, "outliers", 0) > 0:
+        return f"{m.name} with sparse per-token outliers (the kernel has no outlier pass)"
+    if m.name == "pq":
+        from kvq_kernels.pq_decode import supported
+
+        msub = ck.shape[-3]
+        d = msub * ck.shape[-1]
+        if not supported(d, msub):
+            return f"pq with head_dim {d} and {msub} subspaces (the kernel needs powers of two, M >= 2)"
+        return layer_refusal(layer)
+    from kvq_kernels.cq_decode import supported
+
+    d = ck.shape[1] * ck.shape[3]
+    if not supported(d, m.channels):
+        return f"cq with head_dim {d} and {m.channels} channels (the kernel needs powers of two, D / c >= 2)"
+    return layer_refusal(layer) or (rope_refusal(layer) if m.pre_rope else None)
+
+
 def _vq_cache(layer, seg: dict):
     """``(CQCache / PQCache viewing layer's buffers (codebooks as stored), None)``, or ``(None, why not)``."""
     from kvq_kernels.vq_reference import CQCache, PQCache
 
+    why = vq_refusal(layer)
+    if why:
+        return None, why
     m, kf, vf = layer.method, layer.keys_stream.packed.fields, layer.values_stream.packed.fields
     codes = dict(k_codes=kf["codes"].buf, v_codes=vf["codes"].buf, ck=layer.state16["key_codebook"],
                  cv=layer.state16["value_codebook"], bits=m.bits, **seg)
     if m.name == "pq":
-        from kvq_kernels.pq_decode import supported
-
         from ..methods.product import rope_pair_order
 
-        msub = codes["ck"].shape[-3]
-        d = msub * codes["ck"].shape[-1]
-        if getattr(m, "outliers", 0) > 0:
-            return None, "pq with sparse per-token outliers (the kernel has no outlier pass)"
-        if not supported(d, msub):
-            return None, f"pq with head_dim {d} and {msub} subspaces (the kernel needs powers of two, M >= 2)"
+        d = codes["ck"].shape[-3] * codes["ck"].shape[-1]
         order = rope_pair_order(d, codes["ck"].device) if getattr(m, "rope_pairs", False) else None
         return PQCache(**codes, key_order=order), None
-    from kvq_kernels.cq_decode import supported
-
-    d = codes["ck"].shape[1] * codes["ck"].shape[3]
-    if m.outliers > 0:
-        return None, "cq with sparse per-token outliers (the kernel has no outlier pass)"
-    if not supported(d, m.channels):
-        return None, f"cq with head_dim {d} and {m.channels} channels (the kernel needs powers of two, D / c >= 2)"
     if not m.pre_rope:
         return CQCache(**codes, pre_rope=False), None
-    why = rope_refusal(layer)
-    if why:
-        return None, why
     return CQCache(**codes, pre_rope=True, rope_theta=layer.rope_theta, inv_freq=layer.rope.inv_freq.float()), None
 
 
