@@ -6,7 +6,8 @@ and it moves with small code changes, so check it here before spending device ti
 
 ``--opcodes``: also each variant's loop by SASS opcode (always in the JSON). Besides the defaults it compiles the
 2-bit value lookups of byte permutes (``decode_mma_kvquant.VALUE_NIBBLES`` off; on by default since session 15)
-and one-warp programs (``decode_mma.WARPS = 1``, ``bench_mma.py --sweep``).
+and one-warp programs (``decode_mma.WARPS = 1``, ``bench_mma.py --sweep``), and the pq and cq programs (cq also
+without its prefetch, ``decode_mma_cq.PREFETCH``).
 
 Uses the installed Triton's compiler and ``cuobjdump``: the numbers in ``docs/results/kernels-decode-attention.md``
 (sessions 12-14) are Triton 3.6's, the GPU image's (``pip install triton==3.6.0`` in a separate environment); another
@@ -16,7 +17,7 @@ import argparse
 import json
 
 import triton
-from kvq_kernels import decode_mma, decode_mma_kivi, decode_mma_kvquant, decode_mma_nf
+from kvq_kernels import decode_mma, decode_mma_cq, decode_mma_kivi, decode_mma_kvquant, decode_mma_nf, decode_mma_pq
 
 VARIANTS = [(f"int{bits} G=4 {'device' if dyn else 'host'} counts{' transposed' if swap else ''}",
              lambda bits=bits, dyn=dyn, swap=swap: decode_mma.compiled_counts(4, dyn, bits, swap=swap, sass=True))
@@ -41,6 +42,12 @@ VARIANTS += [("kvquant k2 v2 G=4 device counts byte lookups",
               lambda: decode_mma_kvquant.kvq_compiled_counts(4, True, 2, 2, warps=1, sass=True)),
              ("nf2 G=4 device counts one warp",
               lambda: decode_mma_nf.nf_compiled_counts(4, True, 2, warps=1, sass=True))]
+# the shared-memory programs (8 warps, one program an SM): pq-d2x8b, cq-4c8b (with and without its prefetch)
+VARIANTS += [(f"pq d2x8b G=4 {'device' if dyn else 'host'} counts",
+              lambda dyn=dyn: decode_mma_pq.pq_compiled_counts(4, sass=True, dyn=dyn)) for dyn in (False, True)]
+VARIANTS += [(f"cq 4c8b G=4 {'device' if dyn else 'host'} counts{'' if pf else ' no prefetch'}",
+              lambda dyn=dyn, pf=pf: decode_mma_cq.cq_compiled_counts(4, sass=True, pf=pf, dyn=dyn))
+             for dyn in (False, True) for pf in (True, False)]
 
 
 def main():

@@ -172,6 +172,14 @@ def mma_supported(q: Tensor, cache) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- PyTorch mirror
+def value_channels(acc: Tensor, vch: Tensor) -> Tensor:
+    """The PyTorch mirrors' last step: ``acc (B, H, G, 128)`` in value-operand column order (column ``n`` is channel
+    ``vch[n]``) -> ``(B, H*G, 128)`` in channel order, as the programs store it."""
+    out = torch.empty_like(acc)
+    out[..., vch] = acc
+    return out.reshape(acc.shape[0], -1, acc.shape[-1])
+
+
 def mma_reference(q: Tensor, cache, sm_scale: float | None = None) -> Tensor:
     """The program's algebra in PyTorch over the packed tokens only (no fp16 segments): the operands its bit tricks
     make (``1024 + 2^e c``) from the stored words, in the order of ``operand_maps``, and the same corrections ->
@@ -196,9 +204,7 @@ def mma_reference(q: Tensor, cache, sm_scale: float | None = None) -> Tensor:
     pf = (p * vs[:, :, None, :]).half().float()
     acc = torch.einsum("bhgn,bhnc->bhgc", pf, vop)
     out_n = (acc - 1024 * pf.sum(-1, keepdim=True)) / (1 << ve).float() + (p * vz[:, :, None, :]).sum(-1, keepdim=True)
-    out = torch.empty_like(out_n)
-    out[..., vch] = out_n
-    return out.reshape(b, h * g, 128)
+    return value_channels(out_n, vch)
 
 
 # ----------------------------------------------------------------------------------------------- Gluon program

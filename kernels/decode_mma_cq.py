@@ -123,9 +123,7 @@ def cq_mma_reference(q: Tensor, cache, sm_scale: float | None = None) -> Tensor:
     qr = (q16[:, :, :, None] * qc + qp[:, :, :, None] * qs).half().float()[..., kch]  # (B, H, G, n, 128)
     p = torch.softmax(torch.einsum("bhgnk,bhnk->bhgn", qr, kr), -1)
     acc = torch.einsum("bhgn,bhnc->bhgc", p.half().float(), v)
-    out = torch.empty_like(acc)
-    out[..., vch] = acc
-    return out.reshape(b, h * g, 128)
+    return _mma.value_channels(acc, vch)
 
 
 # ----------------------------------------------------------------------------------------------- Gluon program

@@ -99,9 +99,7 @@ def kivi_mma_reference(q: Tensor, cache, sm_scale: float | None = None) -> Tenso
     pf = (p16[..., None] * vs.half()[:, :, None]).float()  # (B, H, G, n, 128): fp16 p' of each column's group
     acc = (pf * vop[:, :, None]).sum(-2)
     out_n = (acc - 1024 * pf.sum(-2)) / (1 << ve).float() + (p16.float()[..., None] * vz[:, :, None]).sum(-2)
-    out = torch.empty_like(out_n)
-    out[..., vch] = out_n
-    return out.reshape(b, h * g, 128)
+    return _mma.value_channels(out_n, vch)
 
 
 if gluon is not None:

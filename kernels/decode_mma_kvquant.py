@@ -172,9 +172,7 @@ def kvq_mma_reference(q: Tensor, cache, sm_scale: float | None = None) -> Tensor
     zv = cache.v_min[:, :, :n].float() + hs
     pf = (p * hs[:, :, None]).half().float()
     out_n = torch.einsum("bhgn,bhnc->bhgc", pf, cache.cv.half().float()[vc]) + (p * zv[:, :, None]).sum(-1)[..., None]
-    out = torch.empty_like(out_n)
-    out[..., vch] = out_n
-    return out.reshape(b, h * g, 128)
+    return _mma.value_channels(out_n, vch)
 
 
 # ----------------------------------------------------------------------------------------------- Gluon program

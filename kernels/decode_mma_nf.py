@@ -67,9 +67,7 @@ def nf_mma_reference(q: Tensor, cache, sm_scale: float | None = None) -> Tensor:
     p = torch.softmax(s, -1)
     pf = (p * cache.v_scale[:, :, None, :n].float()).half().float()
     out_n = torch.einsum("bhgn,bhnc->bhgc", pf, lv[_mma.operand_codes(vw, vch, bits)])
-    out = torch.empty_like(out_n)
-    out[..., vch] = out_n
-    return out.reshape(b, h * g, 128)
+    return _mma.value_channels(out_n, vch)
 
 
 if gluon is not None:

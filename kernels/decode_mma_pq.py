@@ -126,9 +126,7 @@ def pq_mma_reference(q: Tensor, cache, sm_scale: float | None = None) -> Tensor:
     qs = (cache.table_query(q).float() * scale).half().float().view(b, h, g, 128)[..., kch]
     p = torch.softmax(torch.einsum("bhgk,bhnk->bhgn", qs, k), -1)
     acc = torch.einsum("bhgn,bhnc->bhgc", p.half().float(), v)
-    out = torch.empty_like(acc)
-    out[..., vch] = acc
-    return out.reshape(b, h * g, 128)
+    return _mma.value_channels(acc, vch)
 
 
 # ----------------------------------------------------------------------------------------------- Gluon program
