@@ -60,11 +60,14 @@ def main():
     for name, compile_it in VARIANTS:
         c = compile_it()
         warps = 1 if name.endswith("one warp") else decode_mma.WARPS
+        programs = decode_mma.resident(c["registers"], warps)
+        if name.startswith(("pq", "cq")):  # 8 warps; their codebooks' shared memory allows one an SM
+            programs = min(decode_mma.resident(c["registers"], 8), max(1, decode_mma_pq.SMEM_PER_SM //
+                                                                       (c["shared_bytes"] + 1024)))
         rows.append(dict(variant=name, registers=c["registers"], stack_bytes=c["stack_bytes"],
                          sass_loop=c["sass_loop"], mma_loop=c["loop"]["mma.sync"], loop_opcodes=c["loop_opcodes"]))
         print(f"{name:38s} {c['registers']:4d} registers, {c['stack_bytes']} stack bytes, loop {c['sass_loop']} "
-              f"SASS ({c['loop']['mma.sync']} mma.sync), {decode_mma.resident(c['registers'], warps)} "
-              f"programs an SM", flush=True)
+              f"SASS ({c['loop']['mma.sync']} mma.sync), {programs} programs an SM", flush=True)
         if args.opcodes:
             print("    " + ", ".join(f"{op} {n}" for op, n in c["loop_opcodes"].items()), flush=True)
     if args.json:
