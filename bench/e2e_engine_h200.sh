@@ -13,6 +13,8 @@ import json,sys; d=json.load(open(sys.argv[1])); keys=('configuration','time_to_
 print(sys.argv[2], {k: (round(d[k],3) if isinstance(d[k],float) else d[k]) for k in keys if k in d}, d['notes'][:1])" $1 $2; }
 $KVQ calibrate --model random:smollm2-135m --method kvquant --bits 3 --outliers 0.01 --samples 4 --seqlen 1024 --out /tmp/smol-k3.safetensors > $OUT/cal1.txt 2>&1 || tail -5 $OUT/cal1.txt
 $KVQ calibrate --model random:llama-3-8b --method kvquant --bits 2 --outliers 0.01 --samples 2 --seqlen 1024 --out /tmp/l8b-k2.safetensors > $OUT/cal2.txt 2>&1 || tail -5 $OUT/cal2.txt
+$KVQ calibrate --model random:llama-3-8b --method cq:fisher=false,kmeans_iters=4 --samples 2 --seqlen 1024 --out /tmp/l8b-cq.safetensors > $OUT/cal3.txt 2>&1 || tail -5 $OUT/cal3.txt
+$KVQ calibrate --model random:llama-3-8b --method pq:kmeans_iters=4 --samples 2 --seqlen 1024 --out /tmp/l8b-pq.safetensors > $OUT/cal4.txt 2>&1 || tail -5 $OUT/cal4.txt
 run() { name=$1; shift; timeout 240 $KVQ generate "$@" --json > $OUT/$name.json 2>$OUT/err-$name.txt || tail -8 $OUT/err-$name.txt; show $OUT/$name.json $name; }
 run smol-fp16 --model random:smollm2-135m --context 4K --max-new-tokens 256
 run smol-kvq3 --model random:smollm2-135m --artifact /tmp/smol-k3.safetensors --context 4K --max-new-tokens 256
@@ -22,6 +24,8 @@ run smol-kvq3-eager --model random:smollm2-135m --artifact /tmp/smol-k3.safetens
 run l8b-kvq2-128k --model random:llama-3-8b --artifact /tmp/l8b-k2.safetensors --context 128K --max-new-tokens 64 --chunk 8192
 run l8b-kivi2-128k --model random:llama-3-8b --method kivi2 --context 128K --max-new-tokens 64 --chunk 8192
 run l8b-int2-128k --model random:llama-3-8b --method int2 --context 128K --max-new-tokens 64 --chunk 8192
+run l8b-cq-128k --model random:llama-3-8b --artifact /tmp/l8b-cq.safetensors --context 128K --max-new-tokens 64 --chunk 8192
+run l8b-pq-128k --model random:llama-3-8b --artifact /tmp/l8b-pq.safetensors --context 128K --max-new-tokens 64 --chunk 8192
 run l8b-fp16-128k --model random:llama-3-8b --context 128K --max-new-tokens 64 --chunk 8192
 if [ -n "$E2E_1M" ]; then  # 1M: the cache filled with random keys and values (--fill random; no 1M prefill)
   run l8b-kivi2-1m --model random:llama-3-8b --method kivi2 --context 1M --max-new-tokens 32 --chunk 65536 --fill random
