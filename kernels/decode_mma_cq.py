@@ -14,6 +14,8 @@ thread gathers with ``ld.shared.v2`` the entries its ``mma.sync`` fragments hold
 * **Values** (B operand, ``decode_mma_pq.pq_value_map`` order): lane group ``g`` holds channels ``16 g ..``, groups
   ``4 g ..``: word ``g`` of a token's row. Two tokens' entries make four B registers by ``prmt``.
 * Softmax, tiles, outputs and the fp16 segments as ``decode_mma_pq`` (8 warps by 32 tokens, one program an SM).
+* Each tile's code words are loaded a tile ahead (``PREFETCH``): one program an SM leaves no other warps to hide
+  their latency (H200, 128K: 155 -> 121 µs; ``docs/results/kernels-decode-attention.md``, session 16).
 
 ``cq_mma_reference`` is the algebra in PyTorch (operand orders, the two rotations, fp16 operands), checked against
 ``vq_reference`` on the CPU; the CPU tests compile the program for sm_90, the GPU tests run it.
