@@ -11,9 +11,9 @@ codes, shared fp16 codebooks (per-head ones: ``--per-head``), 128 fp16 residual 
 the decode function as the runtime calls it (the packed splits, the fp16-segment split, the merge), replayed from a
 CUDA graph with L2 flushed before every call (``bench_mma.graph_ms``); ``F.scaled_dot_product_attention(enable_gqa=
 True)`` over fp16 K/V of the same context the same way. ``--warps``: the tensor-core program at each warp count
-(``PQ_WARPS`` / ``CQ_WARPS``; the first is the default's row). First the program against the PyTorch reference at 4K
-tokens.
-Results: ``docs/results/kernels-decode-attention.md`` (session 15).
+(``PQ_WARPS`` / ``CQ_WARPS``; the first is the default's row). A program with a ``PREFETCH`` switch (cq's) is also
+timed without it, in the same run. First the program against the PyTorch reference at 4K tokens.
+Results: ``docs/results/kernels-decode-attention.md`` (sessions 15, 16).
 """
 
 from __future__ import annotations
