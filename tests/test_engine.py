@@ -70,7 +70,8 @@ def _calibrated(model, ids, name: str, **options):
 CALIBRATED = {"kvquant-3b-2%": ("kvquant", dict(bits=3, outliers=0.02)),
               "cq-4c6b": ("cq", dict(bits=6, channels=4)),  # pre-RoPE keys, no window: a "flush" of each token
               "cq-2c5b-post": ("cq", dict(bits=5, channels=2, pre_rope=False)),
-              "pq-6b-r4": ("pq", dict(bits=6, residual=4))}
+              "pq-6b-r4": ("pq", dict(bits=6, residual=4)),
+              "pq-5b-r0-heads-pairs": ("pq", dict(bits=5, residual=0, head_codebooks=True, rope_pairs=True))}
 
 
 STEPS = 8  # decode steps: each configuration's prompt puts a "flush" within them (interpreter kernels are slow)
@@ -82,7 +83,8 @@ TOKEN_SPECS = {"int3-r4": "int:bits=3,sink=2,residual=4", "nf4-r0": "nf:bits=4"}
 
 @pytest.mark.parametrize("config, prompt", [("kivi-r40", 70), ("kivi-r32", 94), ("kivi-g16-r20", 45),
                                             ("kvquant-3b-2%", 40), ("int3-r4", 40), ("nf4-r0", 40),
-                                            ("cq-4c6b", 40), ("cq-2c5b-post", 41), ("pq-6b-r4", 40)])
+                                            ("cq-4c6b", 40), ("cq-2c5b-post", 41), ("pq-6b-r4", 40),
+                                            ("pq-5b-r0-heads-pairs", 39)])
 def test_graph_step_semantics_equal_eager(config, prompt):
     """What captured steps do equals the eager steps, with the Triton kernels reading the counts from the device
     and the host's counts catching up afterwards: kivi's "plain" (the token into the residual slot the device
