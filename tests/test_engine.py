@@ -69,7 +69,7 @@ def _calibrated(model, ids, name: str, **options):
 #: the calibrated methods' graph configurations (method, options)
 CALIBRATED = {"kvquant-3b-2%": ("kvquant", dict(bits=3, outliers=0.02)),
               "cq-4c6b": ("cq", dict(bits=6, channels=4)),  # pre-RoPE keys, no window: a "flush" of each token
-              "cq-2c5b-post": ("cq", dict(bits=5, channels=2, pre_rope=False)),
+              "cq-2c5b-post-r3": ("cq", dict(bits=5, channels=2, pre_rope=False, residual=3)),
               "pq-6b-r4": ("pq", dict(bits=6, residual=4)),
               "pq-5b-r0-heads-pairs": ("pq", dict(bits=5, residual=0, head_codebooks=True, rope_pairs=True))}
 
@@ -83,7 +83,7 @@ TOKEN_SPECS = {"int3-r4": "int:bits=3,sink=2,residual=4", "nf4-r0": "nf:bits=4"}
 
 @pytest.mark.parametrize("config, prompt", [("kivi-r40", 70), ("kivi-r32", 94), ("kivi-g16-r20", 45),
                                             ("kvquant-3b-2%", 40), ("int3-r4", 40), ("nf4-r0", 40),
-                                            ("cq-4c6b", 40), ("cq-2c5b-post", 41), ("pq-6b-r4", 40),
+                                            ("cq-4c6b", 40), ("cq-2c5b-post-r3", 41), ("pq-6b-r4", 40),
                                             ("pq-5b-r0-heads-pairs", 39)])
 def test_graph_step_semantics_equal_eager(config, prompt):
     """What captured steps do equals the eager steps, with the Triton kernels reading the counts from the device
@@ -147,6 +147,22 @@ def test_graph_step_semantics_equal_eager(config, prompt):
     assert (logits[0] - logits[1]).abs().max().item() < 1e-4
     for (k1, v1), (k2, v2) in zip(eager, stored, strict=True):  # the same bytes came out of both paths
         assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+@pytest.mark.parametrize("name, options", [("cq", dict(bits=4, residual=2)), ("pq", dict(bits=4, outliers=0.01))])
+def test_vq_graph_steps_refuse_what_their_kernels_do_not_hold(name, options):
+    """No graph step for pre-RoPE cq keys with a residual window, nor for cq / pq with sparse outliers: their
+    layers decode eagerly (``vq_refusal`` names the outliers)."""
+    from kvq_cli.runtime.kernel_path import vq_refusal
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 320, (1, 48), generator=torch.Generator().manual_seed(7))
+    cache = load_cache(_calibrated(model, ids, name, **options), model, max_tokens=120)
+    for layer in cache.layers:
+        layer.use_kernel = True
+        assert not layer.graph_capable()
+        assert (vq_refusal(layer) is not None) == bool(options.get("outliers"))
+    cache.unbind()
 
 
 def test_graphs_refused_on_cpu():
