@@ -101,18 +101,18 @@ def run(contexts, batches, warps, per_head: bool, method: str = "pq") -> dict:
                 pf["no_prefetch_registers_spills"] = mma.COMPILED.get(prog)
             ms = _timed({(wmod, wname): w}, fn, q, cache)
             regs = mma.COMPILED.get(prog)
-            split = next((v for k, v in wmod._SPLIT.items() if k[:3] == (G, w, q.device)), None)
+            split = _timed({(wmod, wname): w}, getattr(wmod, f"{method}_split"), q, cache, lambda f: f())[1]
             row = dict(context=t, batch=b, warps=w, registers_spills=regs, programs_per_sm=split, sdpa_us=sdpa * 1e3,
                        mma_us=ms * 1e3, cores_us=cores * 1e3, x_sdpa=sdpa / ms, cores_x_sdpa=sdpa / cores,
                        bandwidth_share=nbytes / (ms / 1e3) / (res["copy_gbps"] * 1e9), **pf)
             res["rows"].append(row)
             label = "pq-d2x8b" if method == "pq" else "cq-4c8b"
+            no_pf = (f" | no prefetch {pf['mma_no_prefetch_us']:8.1f} us ({pf['no_prefetch_registers_spills']} "
+                     "registers, spills)") if pf else ""
             print(f"{label} {t:8d} tokens, batch {b}, {w} warps ({regs} registers, spills; {split} programs an SM): "
                   f"SDPA {sdpa * 1e3:8.1f} us | tensor cores {ms * 1e3:8.1f} us ({sdpa / ms:.2f}x, "
                   f"{100 * row['bandwidth_share']:.0f}% of copy bandwidth) | CUDA cores {cores * 1e3:8.1f} us "
-                  f"({sdpa / cores:.2f}x)" + (f" | no prefetch {pf['mma_no_prefetch_us']:8.1f} us "
-                                              f"({pf['no_prefetch_registers_spills']} registers, spills)" if pf
-                                              else ""), flush=True)
+                  f"({sdpa / cores:.2f}x){no_pf}", flush=True)
         del cache
     return res
 

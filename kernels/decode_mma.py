@@ -134,15 +134,20 @@ def value_map(n: Tensor, bits: int) -> tuple[Tensor, Tensor]:
 _MAPS: dict = {}
 
 
+def channel_maps(key: tuple, device, rows) -> Tensor:
+    """int32 ``(R, 128)`` on ``device``: the ``R`` rows ``rows(n)`` of operand columns ``n = 0..127`` (channels,
+    shifts), made once per ``key`` and device (every Gluon program's ``MAPS``)."""
+    k = (*key, str(device))
+    if k not in _MAPS:
+        _MAPS[k] = torch.stack(list(rows(torch.arange(128)))).to(device, torch.int32).contiguous()
+    return _MAPS[k]
+
+
 def operand_maps(bits: int, device, values=None) -> Tensor:
     """int32 ``(4, 128)``: key channel, key shift, value channel, value shift (``key_map``; ``values(n)`` ->
     (channel, shift), ``value_map`` when None), made once per device."""
-    key = (bits, str(device), values)
-    if key not in _MAPS:
-        i = torch.arange(128)
-        v = value_map(i, bits) if values is None else values(i)
-        _MAPS[key] = torch.stack([*key_map(i, bits), *v]).to(device, torch.int32).contiguous()
-    return _MAPS[key]
+    return channel_maps(("operand", bits, values), device,
+                        lambda i: [*key_map(i, bits), *(value_map(i, bits) if values is None else values(i))])
 
 
 def operand_codes(words: Tensor, channels: Tensor, bits: int) -> Tensor:

@@ -65,16 +65,9 @@ def cq_tile() -> int:
     return CQ_WARPS * KVQ_BLOCK
 
 
-_MAPS: dict = {}
-
-
 def cq_maps(device) -> Tensor:
     """int32 ``(2, 128)``: key channel (``kvq_key_map``), value channel (``pq_value_map``), made once per device."""
-    key = str(device)
-    if key not in _MAPS:
-        i = torch.arange(128)
-        _MAPS[key] = torch.stack([kvq_key_map(i), pq_value_map(i)]).to(device, torch.int32).contiguous()
-    return _MAPS[key]
+    return _mma.channel_maps(("cq",), device, lambda i: [kvq_key_map(i), pq_value_map(i)])
 
 
 def cq_mma_supported(q: Tensor, cache) -> bool:

@@ -76,16 +76,9 @@ def kvq_key_map(k: Tensor) -> Tensor:
     return 64 * kh + 16 * t + 4 * kl + 2 * hh + e
 
 
-_MAPS: dict = {}
-
-
 def kvq_maps(bits_v: int, device) -> Tensor:
     """int32 ``(2, 128)``: key operand channels (``kvq_key_map``), value operand channels (``decode_mma.value_map``)."""
-    key = (bits_v, str(device))
-    if key not in _MAPS:
-        i = torch.arange(128)
-        _MAPS[key] = torch.stack([kvq_key_map(i), _mma.value_map(i, bits_v)[0]]).to(device, torch.int32).contiguous()
-    return _MAPS[key]
+    return _mma.channel_maps(("kvquant", bits_v), device, lambda i: [kvq_key_map(i), _mma.value_map(i, bits_v)[0]])
 
 
 def lane_table(cb: Tensor, bits: int) -> Tensor:

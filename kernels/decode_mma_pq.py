@@ -87,16 +87,9 @@ def pq_value_map(n: Tensor) -> Tensor:
     return 16 * (n & 7) + (n >> 3)
 
 
-_MAPS: dict = {}
-
-
 def pq_maps(device) -> Tensor:
     """int32 ``(2, 128)``: key channel (``pq_key_map``), value channel (``pq_value_map``), made once per device."""
-    key = str(device)
-    if key not in _MAPS:
-        i = torch.arange(128)
-        _MAPS[key] = torch.stack([pq_key_map(i), pq_value_map(i)]).to(device, torch.int32).contiguous()
-    return _MAPS[key]
+    return _mma.channel_maps(("pq",), device, lambda i: [pq_key_map(i), pq_value_map(i)])
 
 
 # ----------------------------------------------------------------------------------------------- the gate
