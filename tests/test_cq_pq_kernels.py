@@ -46,13 +46,14 @@ def _fill(c, gen, t, n_sink, n_res):
     """Random codes for ``t`` packed tokens (the rest of the rows stay zero) and fp16 sink/residual tokens."""
     n = c.groups if isinstance(c, ref.CQCache) else c.subspaces
     d = c.head_dim
+    b, h = c.k_codes.shape[:2]
     for buf in (c.k_codes, c.v_codes):
-        codes = torch.randint(0, 1 << c.bits, (B, H, t, n), generator=gen)
+        codes = torch.randint(0, 1 << c.bits, (b, h, t, n), generator=gen)
         buf[:, :, :t] = ref.pack_vq_codes(codes, c.bits).to(DEV)
-    c.sink_k.copy_(_randn(gen, B, H, n_sink, d))
-    c.sink_v.copy_(_randn(gen, B, H, n_sink, d))
-    c.res_k[:, :, :n_res] = _randn(gen, B, H, n_res, d).half()
-    c.res_v[:, :, :n_res] = _randn(gen, B, H, n_res, d).half()
+    c.sink_k.copy_(_randn(gen, b, h, n_sink, d))
+    c.sink_v.copy_(_randn(gen, b, h, n_sink, d))
+    c.res_k[:, :, :n_res] = _randn(gen, b, h, n_res, d).half()
+    c.res_v[:, :, :n_res] = _randn(gen, b, h, n_res, d).half()
     c.n_packed, c.n_res = t, n_res
     return c
 
@@ -194,27 +195,13 @@ def test_decode_attention_device_counts(kind, gqa):
 
 
 # ----------------------------------------------------------------------------------------------- pq tensor cores
-def _fill128(c, gen, n, t, n_sink, n_res):
-    """Random 8-bit codes of ``n`` a token for ``t`` packed tokens of a head-dim-128 cache, random fp16 sink and
-    residual tokens."""
-    b, h = c.k_codes.shape[:2]
-    for buf in (c.k_codes, c.v_codes):
-        buf[:, :, :t] = ref.pack_vq_codes(torch.randint(0, 256, (b, h, t, n), generator=gen), 8).to(DEV)
-    c.sink_k.copy_(_randn(gen, b, h, n_sink, 128))
-    c.sink_v.copy_(_randn(gen, b, h, n_sink, 128))
-    c.res_k[:, :, :n_res] = _randn(gen, b, h, n_res, 128).half()
-    c.res_v[:, :, :n_res] = _randn(gen, b, h, n_res, 128).half()
-    c.n_packed, c.n_res = t, n_res
-    return c
-
-
 def pq128_cache(gen, h, t, tmax, n_sink, n_res, per_head=False, permuted=False):
     """A MILLION cache at head dim 128 (64 subspaces of 2 channels, 8-bit codes) with ``h`` KV heads."""
     shape = (h,) * per_head + (64, 256, 2)
     ck, cv = (torch.randn(*shape, generator=gen).to(DEV) for _ in range(2))
     order = torch.randperm(128, generator=gen).to(DEV) if permuted else None
     c = ref.empty_vq_cache("pq", B, h, tmax, 8, ck, cv, n_sink=n_sink, max_res=8, key_order=order)
-    return _fill128(c, gen, 64, t, n_sink, n_res)
+    return _fill(c, gen, t, n_sink, n_res)
 
 
 def _check_both_programs(decode, reference, q, c):
@@ -296,7 +283,7 @@ def cq128_cache(gen, h, t, tmax, n_sink, n_res, pre_rope=True):
     ck, cv = (torch.randn(h, 32, 256, 4, generator=gen).to(DEV) for _ in range(2))
     c = ref.empty_vq_cache("cq", B, h, tmax, 8, ck, cv, n_sink=n_sink, max_res=8, pre_rope=pre_rope,
                            rope_theta=10000.0)
-    return _fill128(c, gen, 32, t, n_sink, n_res)
+    return _fill(c, gen, t, n_sink, n_res)
 
 
 def test_cq_mma_maps_keep_each_group_in_one_thread():
