@@ -15,7 +15,9 @@ and a register cap (``decode_mma.WARPS``, ``BLOCK``, ``PROGRAMS_PER_SM``, ``MAXN
 counts on the device (the variant ``kvq generate``'s graphs run), and the registers and spills each compiled to.
 A ``-bytes`` suffix (``kvq2-bytes``, ``kvq2-1%-bytes``, ``nf2-bytes``) times the Gluon path with
 ``decode_mma_kvquant.VALUE_NIBBLES`` off (2-bit value lookups from byte permutes, the default until session 15), to
-set beside the plain name in the same run; ``-nib`` forces it on.
+set beside the plain name in the same run; ``-nib`` forces it on. ``-pf`` / ``-nopf`` (nf only) time it with every
+variant / no variant of ``decode_mma_nf.PREFETCH`` (each tile's codes loaded a tile ahead; default: nf2 with device
+counts only).
 Results: ``docs/results/kernels-decode-attention.md`` (session 11).
 """
 
@@ -110,12 +112,23 @@ def _rel_err(call, want) -> float:
 
 #: method name suffixes that time the Gluon path with ``decode_mma_kvquant.VALUE_NIBBLES`` on / off (kvq2*, nf2)
 NIB, BYTES = "-nib", "-bytes"
+#: suffixes that time nf's program with every / no variant of ``decode_mma_nf.PREFETCH``
+PF, NOPF = "-pf", "-nopf"
+SUFFIXES = (NIB, BYTES, PF, NOPF)
+
+
+def _base(name: str) -> str:
+    """The method of a name without its suffix."""
+    return next((name.removesuffix(x) for x in SUFFIXES if name.endswith(x)), name)
 
 
 def _extra(name: str) -> dict:
     """Settings a method name's suffix adds to its Gluon path's switch."""
     if name.endswith(NIB) or name.endswith(BYTES):
         return {(qmma, "VALUE_NIBBLES"): name.endswith(NIB)}
+    if name.endswith(PF) or name.endswith(NOPF):
+        every = frozenset((b, d) for b in (2, 4) for d in (False, True))
+        return {(nmma, "PREFETCH"): every if name.endswith(PF) else frozenset()}
     return {}
 
 
@@ -149,7 +162,7 @@ def run(contexts, batches, names, sweep: bool) -> dict:
     print(f"{res['device']}: copy bandwidth {res['copy_gbps']:.0f} GB/s", flush=True)
     table = _methods()
     for name in names:
-        make, fn, switch, _, reference = table[name.removesuffix(NIB).removesuffix(BYTES)]
+        make, fn, switch, _, reference = table[_base(name)]
         small = make(2, 3, D, 1056)  # (kivi packs whole 32-token groups: 1056 - 128 residual tokens)
         q = torch.randn(2, 3 * G, D, device="cuda", dtype=torch.float16)
         want = reference(q.float(), small)
@@ -157,7 +170,7 @@ def run(contexts, batches, names, sweep: bool) -> dict:
         res[f"check_rel_err_{name}"] = err
         print(f"{name} (Gluon path) against the reference: relative error {err:.2e}", flush=True)
     for name, t, b in itertools.product(names, contexts, batches):
-        make, fn, switch, supported, _ = table[name.removesuffix(NIB).removesuffix(BYTES)]
+        make, fn, switch, supported, _ = table[_base(name)]
         on_set = {switch: True, **_extra(name)}
         # its key in ``decode_mma.COMPILED``
         prog = next(p for p in ("kivi", "kvquant", "nf", "int") if name.startswith(p[:3]))

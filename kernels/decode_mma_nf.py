@@ -33,6 +33,13 @@ if gluon is not None:
     from .decode_mma import _mma_layout, _online, _program, _score_tokens, _store_ml, _tile_offsets, _words_layout
     from .decode_mma_kvquant import _half_offsets, _half_words_layout, _keys_lut, _lane_tables, _query16, _values_kvq
 
+#: the variants, as (bits, counts read from the device), that load each tile's codes and scales a tile ahead, in
+#: flight during the previous tile's math. H200, 128K, same run (session 16, ``069d526``): nf2 with device counts (the
+#: variant ``kvq generate``'s graphs run) 76.9 -> 69.2 µs at the same 168 registers; nf2 with host counts 73 -> 87 µs
+#: (192 registers: a program an SM fewer) and nf4 (198-207 registers) slower, so they do not
+PREFETCH = frozenset({(2, True)})
+
+
 def _lut(cache) -> Tensor:
     """The lane table of the cache's levels, made once per levels tensor (its identity and version:
     ``decode_attention._cached``)."""
@@ -72,12 +79,19 @@ def nf_mma_reference(q: Tensor, cache, sm_scale: float | None = None) -> Tensor:
 
 if gluon is not None:
     @gluon.jit
+    def _nf_loads(KW, VW, KS, VS, base, koff, voff, ct, NW: gl.constexpr, NP: gl.constexpr):
+        """One tile's key half-row words, value words and scales, its first token at row ``base``."""
+        return (gl.load(KW + base * NW + koff), gl.load(KW + base * NW + NP + koff), gl.load(VW + base * NW + voff),
+                gl.load(KS + base + ct), gl.load(VS + base + ct))
+
+    @gluon.jit
     def nf_mma_kernel(Q, sqb, sqh, KW, KS, VW, VS, LUT, MAPS, MP, LP, AP, H, Tmax, n_packed, tokens_per_split, NSP,
                       qk_scale, LENS, G: gl.constexpr, BITS: gl.constexpr, W: gl.constexpr, DYN: gl.constexpr,
-                      NIB: gl.constexpr = False):
+                      NIB: gl.constexpr = False, PF: gl.constexpr = False):
         """Program ``(b * H + h, sp)`` over split ``sp`` of the packed tokens (``decode_mma.int_mma_kernel``'s plan
         and outputs) of an ``nf`` cache: ``KW, VW`` the codes as int32 words, ``KS, VS (B*H, Tmax)`` the scales,
-        ``LUT`` the lane table of the levels, ``MAPS`` the ``kvq_maps``."""
+        ``LUT`` the lane table of the levels, ``MAPS`` the ``kvq_maps``; ``PF``: each tile's loads issued a tile
+        ahead (``PREFETCH``)."""
         BN: gl.constexpr = 32
         NW: gl.constexpr = 4 * BITS  # words a row
         NP: gl.constexpr = 2 * BITS  # words a half row
@@ -99,14 +113,15 @@ if gluon is not None:
         m_i = gl.full([W, 16], float("-inf"), gl.float32, rows)
         l_i = gl.zeros([W, 16], gl.float32, rows)
         acc = gl.zeros([W, 16, 128], gl.float32, m3)
+        if PF:
+            nxt = _nf_loads(KW, VW, KS, VS, row + gl.minimum(start, last), koff, voff, ct, NW, NP)
         for t0 in range(start, end, W * BN):
             t0c = gl.minimum(t0, last)
-            base = row + t0c
-            lo = gl.load(KW + base * NW + koff)
-            hi = gl.load(KW + base * NW + NP + koff)
-            vw = gl.load(VW + base * NW + voff)
-            ks = gl.load(KS + base + ct)
-            vs = gl.load(VS + base + ct)
+            if PF:  # this tile's loads were issued a tile ago; the next tile's go in flight now
+                lo, hi, vw, ks, vs = nxt
+                nxt = _nf_loads(KW, VW, KS, VS, row + gl.minimum(t0 + W * BN, last), koff, voff, ct, NW, NP)
+            else:
+                lo, hi, vw, ks, vs = _nf_loads(KW, VW, KS, VS, row + t0c, koff, voff, ct, NW, NP)
             valid = (ct - (t0 - t0c)).to(gl.uint32) < (end - t0).to(gl.uint32)  # t0c + ct in [t0, end)
             s = mma_v2(q16, _keys_lut(lo, hi, ktab, W, BN, BITS, kb), gl.zeros([W, 16, BN], gl.float32, m3))
             s = gl.where(valid[:, None, :], s * ks.to(gl.float32)[:, None, :], float("-inf"))
@@ -124,21 +139,22 @@ if gluon is not None:
 
 
 def nf_compiled_counts(g: int = 4, dyn: bool = True, bits: int = 4, warps: int = 2, sass: bool = False,
-                       nib: bool | None = None) -> dict:
+                       nib: bool | None = None, pf: bool | None = None) -> dict:
     """As ``decode_mma.compiled_counts``, for this program (``nib``: ``decode_mma_kvquant.VALUE_NIBBLES`` when
-    None)."""
+    None; ``pf``: whether ``PREFETCH`` holds the variant when None)."""
     from .decode_mma import _compile_counts
 
     sig = dict(Q="*fp16", KW="*i32", KS="*fp16", VW="*i32", VS="*fp16", LUT="*i32", MAPS="*i32", MP="*fp32",
                LP="*fp32", AP="*fp32", qk_scale="fp32", LENS="*i32")
     aligned = ("Q", "sqb", "sqh", "KW", "KS", "VW", "VS", "LUT", "MAPS", "MP", "LP", "AP", "Tmax", "tokens_per_split")
-    consts = dict(G=g, BITS=bits, W=warps, DYN=dyn, NIB=decode_mma_kvquant.VALUE_NIBBLES if nib is None else nib)
+    consts = dict(G=g, BITS=bits, W=warps, DYN=dyn, NIB=decode_mma_kvquant.VALUE_NIBBLES if nib is None else nib,
+                  PF=(bits, dyn) in PREFETCH if pf is None else pf)
     return _compile_counts(nf_mma_kernel, sig, consts, aligned, warps, sass)
 
 
 def _nf_consts(q: Tensor, cache, lens: Tensor | None) -> dict:
     return dict(G=_mma.query_groups(q, cache), BITS=cache.bits, W=_mma.WARPS, DYN=lens is not None,
-                NIB=decode_mma_kvquant.VALUE_NIBBLES)
+                NIB=decode_mma_kvquant.VALUE_NIBBLES, PF=(cache.bits, lens is not None) in PREFETCH)
 
 
 def _nf_args(q: Tensor, cache, mp, lp, ap, per: int, nsp: int, scale: float, lens: Tensor | None) -> tuple:
@@ -165,4 +181,4 @@ def launch_nf_mma(q: Tensor, cache, mp: Tensor, lp: Tensor, ap: Tensor, per: int
         **_mma.launch_options()))
 
 
-__all__ = ["nf_mma_supported", "nf_split", "launch_nf_mma", "nf_mma_reference", "nf_compiled_counts"]
+__all__ = ["PREFETCH", "nf_mma_supported", "nf_split", "launch_nf_mma", "nf_mma_reference", "nf_compiled_counts"]

@@ -254,7 +254,8 @@ def test_decode_attention_token_nf_mma(h, g, t, tmax, n_sink, n_res, dtype, bits
     """nf 2- and 4-bit GQA at head dim 128 on a GPU through ``decode_mma_nf``'s program (``NF_MMA`` on, with this
     kernel's fp16 segments): the reference's attention, counts on the host and on the device; ``nib``: 2-bit values
     looked up from interleaved nibbles (``decode_mma_kvquant.VALUE_NIBBLES``; its PTX is checked on the CPU by
-    ``test_kernels.test_value_nibbles_look_up_each_code_pair``)."""
+    ``test_kernels.test_value_nibbles_look_up_each_code_pair``). 2-bit with device counts is the variant that loads
+    each tile a tile ahead (``decode_mma_nf.PREFETCH``)."""
     import kvq_kernels.decode_mma_kvquant as km
     import kvq_kernels.decode_token as dtk
     from kvq_kernels.decode_mma_nf import nf_mma_supported
