@@ -7,8 +7,8 @@ statistics differ:
 
 * **keys**: a scale and zero per channel and 32-token group. Each warp's 32 tokens are one group (tiles start at
   multiples of 32), so each warp makes its own query operand ``q' = (q / 2^e) s_g`` (fp16) and score offset
-  ``sum(q z_g)`` once a tile, and the key operand drops its 1024 (``x - 1024 = 2^e c``, exact):
-  ``q . k = mma + offset``.
+  ``sum(q z_g) - 1024 sum(q')`` once a tile (one MMA chain into the same accumulator), so the key operand keeps its
+  1024 (``x = 1024 + 2^e c``) and needs no subtraction: ``q . k = mma + offset``.
 * **values**: a scale and zero per token and 32-channel group, which cannot be folded into the probabilities of an
   MMA whose columns span groups. So the value operand takes another channel order (``kivi_value_map``): thread lane
   ``g`` holds byte ``g + 8 m`` of each of its tokens' rows, so its channels span the 4 groups ``m`` on registers, and
@@ -89,7 +89,7 @@ def kivi_mma_reference(q: Tensor, cache, sm_scale: float | None = None) -> Tenso
     kz = cache.k_zero[:, :, grp][..., kch].float()
     qs = (q.float() * scale).view(b, h, g, 1, 128)[..., kch]
     qp = ((qs / (1 << ke).float()).half() * ks.half()[:, :, None]).float()  # (B, H, G, n, 128): per group
-    scores = (qp * (kop[:, :, None] - 1024)).sum(-1) + (qs.half().float() * kz[:, :, None]).sum(-1)
+    scores = (qp * kop[:, :, None]).sum(-1) - 1024 * qp.sum(-1) + (qs.half().float() * kz[:, :, None]).sum(-1)
     p = torch.softmax(scores, -1)  # (B, H, G, n)
     vop = 1024.0 + _mma.operand_codes(vw, vch, 2).float() * (1 << ve).float()
     m = torch.arange(128, device=q.device) >> 5  # the value group of each operand column
@@ -166,18 +166,13 @@ if gluon is not None:
                                           block_bases=[], shape=[w, bn, 4])
 
     @gluon.jit
-    def _groups4(x, valid, rows_n: gl.constexpr):
-        """``(W, BN, 4)`` fp16 statistics -> the 4 groups' ``(W, BN)`` in layout ``rows_n`` (0 where not valid)."""
+    def _groups4(x, rows_n: gl.constexpr):
+        """``(W, BN, 4)`` fp16 statistics -> the 4 groups' ``(W, BN)`` in layout ``rows_n``."""
         e, o = gl.split(gl.reshape(x, [x.shape[0], x.shape[1], 2, 2]))  # group 2 m1 + m0: split m0, then m1
         g0, g2 = gl.split(e)
         g1, g3 = gl.split(o)
-        return (_valid_only(g0, valid, rows_n), _valid_only(g1, valid, rows_n), _valid_only(g2, valid, rows_n),
-                _valid_only(g3, valid, rows_n))
-
-    @gluon.jit
-    def _valid_only(x, valid, rows_n: gl.constexpr):
-        x = gl.convert_layout(x, rows_n)
-        return gl.where(valid, x, gl.zeros_like(x))
+        return (gl.convert_layout(g0, rows_n), gl.convert_layout(g1, rows_n), gl.convert_layout(g2, rows_n),
+                gl.convert_layout(g3, rows_n))
 
     @gluon.jit
     def _wide(x8, W: gl.constexpr, m3: gl.constexpr):
@@ -234,6 +229,7 @@ if gluon is not None:
         rows_n: gl.constexpr = gl.SliceLayout(1, m3)  # (W, BN): per-token values in the score layout
         gsl: gl.constexpr = _stats_layout(W, BN)
         goff = _tile_offsets(W, BN, 4, 1, gsl)
+        gct = goff // 4  # their tokens
         row = pid.to(gl.int64) * Tmax
         grow = pid.to(gl.int64) * NG
         # tiles start at or before it, so every read is inside the buffers; a multiple of 32, so that each warp's
@@ -250,6 +246,7 @@ if gluon is not None:
         z2 = gl.zeros([W, 16, 8], gl.float32, m3)
         z3 = gl.zeros([W, 16, 8], gl.float32, m3)
         ones = gl.full([W, BN, 8], 1.0, gl.float16, kb)
+        m1024 = gl.full([W, 128, 8], -1024.0, gl.float16, kb)
         a0 = gl.zeros([W, 16, 32], gl.float32, m3)
         a1 = gl.zeros([W, 16, 32], gl.float32, m3)
         a2 = gl.zeros([W, 16, 32], gl.float32, m3)
@@ -266,8 +263,9 @@ if gluon is not None:
             qp = qsf * ks[:, None, :]
             kzb = gl.convert_layout(gl.convert_layout(kz, gl.SliceLayout(2, kb))[:, :, None] +
                                     gl.zeros([W, 128, 8], gl.float16, kb), kb)
-            off = _wide(mma_v2(q16, kzb, gl.zeros([W, 16, 8], gl.float32, m3)), W, m3)  # sum(q z) every column
-            s = mma_v2(qp, _keys(kw, W, BN, 2, kb) - 1024.0, off)
+            # sum(q z) - 1024 sum(q'), every column: the key operand keeps its 1024
+            off = _wide(mma_v2(qp, m1024, mma_v2(q16, kzb, gl.zeros([W, 16, 8], gl.float32, m3))), W, m3)
+            s = mma_v2(qp, _keys(kw, W, BN, 2, kb), off)
             s = gl.where(valid[:, None, :], s, float("-inf"))
             p, alpha, m_i, l_i = _online(s, m_i, l_i)
             # values: one operand, scale and zero per 32-channel group
@@ -275,8 +273,9 @@ if gluon is not None:
             xe, xo = gl.split(x)  # byte groups m = 2 m1 + 0, 2 m1 + 1: [W, BN, 8, 2 (m1)]
             x0, x2 = gl.split(xe)
             x1, x3 = gl.split(xo)
-            vs0, vs1, vs2, vs3 = _groups4(gl.load(VS + base * 4 + goff), valid, rows_n)
-            vz0, vz1, vz2, vz3 = _groups4(gl.load(VZ + base * 4 + goff), valid, rows_n)
+            gvalid = (gct - (t0 - t0c)).to(gl.uint32) < (end - t0).to(gl.uint32)
+            vs0, vs1, vs2, vs3 = _groups4(gl.load(VS + base * 4 + goff, mask=gvalid, other=0.0), rows_n)
+            vz0, vz1, vz2, vz3 = _groups4(gl.load(VZ + base * 4 + goff, mask=gvalid, other=0.0), rows_n)
             p16 = p.to(gl.float16)
             a0, u0, z0 = _group_step(p16, _group_values(x0, W, BN, kb), vs0, vz0, ones, alpha, a0, u0,
                                      z0, qa, kb)

@@ -362,10 +362,10 @@ def test_kivi_mma_reference_is_the_kivi_reference(gqa, t):
 
 
 def test_kivi_mma_program_compiles_without_shared_memory_in_its_loop():
-    """The KIVI Gluon program compiles for sm_90 on any machine; its token loop has its 88 MMAs (32 for the scores, 8
-    for their offsets, and 8 + 2 + 2 for each value group's values, sums and zeros) and no shared-memory instruction,
-    barrier or int-to-float conversion (``conftest.check_gluon_loop``)."""
-    check_gluon_loop("decode_mma_kivi", ["kivi_compiled_counts(3, True)", "kivi_compiled_counts(16, False)"], 88)
+    """The KIVI Gluon program compiles for sm_90 on any machine; its token loop has its 96 MMAs (32 for the scores,
+    8 + 8 for their offsets ``sum(q z) - 1024 sum(q')``, and 8 + 2 + 2 for each value group's values, sums and zeros)
+    and no shared-memory instruction, barrier or int-to-float conversion (``conftest.check_gluon_loop``)."""
+    check_gluon_loop("decode_mma_kivi", ["kivi_compiled_counts(3, True)", "kivi_compiled_counts(16, False)"], 96)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="Gluon has no CPU interpreter (the CPU checks: the two tests above)")
