@@ -20,9 +20,9 @@ RAW = Path(__file__).resolve().parent.parent / "docs" / "results" / "raw"
 SOURCES = {
     "int2": ("session12-mma-h200.json", "int2", 12, None),
     "int4": ("session12-mma-h200.json", "int4", 12, None),
-    "nf2": ("session15-bench-mma-nib.json", "nf2-nib", 15, None),
+    "nf2": ("session17-nf-prefetch-h200.json", "nf2", 17, None),
     "nf4": ("session14-bench-mma-nf-kvq.json", "nf4", 14, None),
-    "kivi-2b": ("session12-mma-h200.json", "kivi2", 12, 3.0),
+    "kivi-2b": ("session17-kivi-ab-new-h200.json", "kivi2", 17, 3.0),
     "kvquant-2b-1%": ("session15-bench-mma-nib.json", "kvq2-1%-nib", 15, 3.0),
     "kvquant-4b-1%": ("session14-bench-mma-kvq-final.json", "kvq4", 14, 2.0),
     "pq-d2x8b": ("session15-bench-pq-mma-final.json", None, 15, 1.5),
