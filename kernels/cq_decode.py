@@ -19,16 +19,13 @@ Public function:
 
 from __future__ import annotations
 
-import math
-
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from . import decode_mma_cq
-from .decode_attention import LOG2E, _finish, check_query, split_plan
+from .decode_attention import _finish, check_query, vq_plan
 from .decode_split import (
-    VQ_PROGRAMS_PER_SM,
     _fp16_segments,
     _init_state,
     _load_query,
@@ -127,9 +124,6 @@ def decode_attention_cq(q: Tensor, cache: CQCache, sm_scale: float | None = None
     d, ng, c = cache.head_dim, cache.groups, cache.ck.shape[-1]
     if not supported(d, c) or nb != row_bytes(ng, cache.bits) or cache.v_codes.shape != cache.k_codes.shape:
         raise ValueError(f"cq layout not supported by the kernel: head_dim {d}, {c} channels per group, rows {nb} B")
-    for x in (cache.k_codes, cache.v_codes, cache.sink_k, cache.sink_v, cache.res_k, cache.res_v):
-        if not x.is_contiguous():
-            raise ValueError("cache buffers must be contiguous")
     g = check_query(q, h, d)
     gp = next_pow2(g)
     mma = CQ_MMA and num_splits is None and block_n is None and decode_mma_cq.cq_mma_supported(q, cache)
@@ -138,10 +132,7 @@ def decode_attention_cq(q: Tensor, cache: CQCache, sm_scale: float | None = None
     if num_warps is None:
         num_warps = 8 if gp * block_n * d >= 16384 else 4
     dyn = lens is not None
-    tile, programs = decode_mma_cq.cq_split(q, cache, lens) if mma else (block_n, VQ_PROGRAMS_PER_SM)
-    per, nsp, partials = split_plan(q, q.shape[0] * h, tmax if dyn else cache.n_packed, tile, num_splits, programs,
-                                    one_wave=mma)
-    scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
+    per, nsp, partials, scale = vq_plan(q, cache, mma, decode_mma_cq.cq_split, block_n, num_splits, sm_scale, lens)
     if mma:
         decode_mma_cq.launch_cq_mma(q, cache, *partials, per, nsp, scale, lens)
     invf = decode_mma_cq.cq_frequencies(cache, q.device)

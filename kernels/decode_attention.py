@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import decode_mma_kivi, decode_mma_kvquant
 from .decode_outliers import _key_outlier_kernel, _value_outlier_kernel
-from .decode_split import _kivi_split_kernel, _kvquant_split_kernel
+from .decode_split import VQ_PROGRAMS_PER_SM, _kivi_split_kernel, _kvquant_split_kernel
 from .pack import _load_codes_half, words_supported
 from .reference import KIVICache, KVQuantCache, cdiv, kivi_group_supported, next_pow2, value_group
 from .token_reference import TokenCache
@@ -243,6 +243,23 @@ def split_plan(q: Tensor, rows: int, n_packed: int, block_n: int, num_splits: in
     mp = torch.empty(b * hq, nsp, dtype=torch.float32, device=q.device)
     ap = torch.empty(b * hq, nsp, d, dtype=torch.float32, device=q.device)
     return per, nsp, (mp, torch.empty_like(mp), ap)
+
+
+def vq_plan(q: Tensor, cache, mma: bool, mma_split, block_n: int, num_splits: int | None, sm_scale: float | None,
+            lens: Tensor | None):
+    """The split plan of a cq or pq decode (``cache.k_codes (B, H, Tmax, row bytes)``): with ``mma`` the packed
+    splits are the Gluon program's, ``mma_split(q, cache, lens)`` its (tokens a tile, programs an SM), in one wave;
+    else ``block_n`` tokens a tile of the ``tl.dot`` split program. Counts on the device (``lens``) plan for the
+    capacity. -> (tokens a split, splits + 1, partial buffers, log2-domain score scale)."""
+    for x in (cache.k_codes, cache.v_codes, cache.sink_k, cache.sink_v, cache.res_k, cache.res_v):
+        if not x.is_contiguous():
+            raise ValueError("cache buffers must be contiguous")
+    b, h, tmax, _ = cache.k_codes.shape
+    tile, programs = mma_split(q, cache, lens) if mma else (block_n, VQ_PROGRAMS_PER_SM)
+    per, nsp, partials = split_plan(q, b * h, tmax if lens is not None else cache.n_packed, tile, num_splits,
+                                    programs, one_wave=mma)
+    scale = (1.0 / math.sqrt(cache.head_dim) if sm_scale is None else sm_scale) * LOG2E
+    return per, nsp, partials, scale
 
 
 def _launch_plan(q: Tensor, cache, sm_scale, num_splits, block_n, num_warps, kivi: bool, dyn: bool = False,

@@ -22,17 +22,14 @@ Public function:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from . import decode_mma_pq
-from .decode_attention import DOT_PRECISION, DOT_PRECISION_16, LOG2E, _finish, check_query, split_plan
+from .decode_attention import DOT_PRECISION, DOT_PRECISION_16, _finish, check_query, vq_plan
 from .decode_split import (
-    VQ_PROGRAMS_PER_SM,
     _fp16_segments,
     _init_state,
     _load_query,
@@ -148,9 +145,6 @@ def decode_attention_pq(q: Tensor, cache: PQCache, sm_scale: float | None = None
         raise ValueError(f"pq layout not supported by the kernel: head_dim {d}, {msub} subspaces, rows {nb} B")
     if cache.ck.dim() != cache.cv.dim() or (cache.ck.dim() == 4 and cache.ck.shape[0] != h):
         raise ValueError(f"pq codebooks {tuple(cache.ck.shape)} / {tuple(cache.cv.shape)} do not fit {h} KV heads")
-    for x in (cache.k_codes, cache.v_codes, cache.sink_k, cache.sink_v, cache.res_k, cache.res_v):
-        if not x.is_contiguous():
-            raise ValueError("cache buffers must be contiguous")
     g = check_query(q, h, d)
     gp = next_pow2(g)
     mma = PQ_MMA and num_splits is None and block_n is None and decode_mma_pq.pq_mma_supported(q, cache)
@@ -159,10 +153,7 @@ def decode_attention_pq(q: Tensor, cache: PQCache, sm_scale: float | None = None
     if num_warps is None:
         num_warps = 8 if gp * block_n * msub >= 8192 else 4
     dyn = lens is not None
-    tile, programs = decode_mma_pq.pq_split(q, cache, lens) if mma else (block_n, VQ_PROGRAMS_PER_SM)
-    per, nsp, partials = split_plan(q, q.shape[0] * h, tmax if dyn else cache.n_packed, tile, num_splits, programs,
-                                    one_wave=mma)
-    scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
+    per, nsp, partials, scale = vq_plan(q, cache, mma, decode_mma_pq.pq_split, block_n, num_splits, sm_scale, lens)
     if mma:
         decode_mma_pq.launch_pq_mma(q, cache, *partials, per, nsp, scale, lens)
         table = q  # not read: the segment split has no packed tokens
