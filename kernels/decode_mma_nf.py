@@ -34,9 +34,10 @@ if gluon is not None:
     from .decode_mma_kvquant import _half_offsets, _half_words_layout, _keys_lut, _lane_tables, _query16, _values_kvq
 
 #: the variants, as (bits, counts read from the device), that load each tile's codes and scales a tile ahead, in
-#: flight during the previous tile's math. H200, 128K, same run (session 16, ``069d526``): nf2 with device counts (the
-#: variant ``kvq generate``'s graphs run) 76.9 -> 69.2 µs at the same 168 registers; nf2 with host counts 73 -> 87 µs
-#: (192 registers: a program an SM fewer) and nf4 (198-207 registers) slower, so they do not
+#: flight during the previous tile's math. H200, same run (session 17): nf2 with device counts (the variant
+#: ``kvq generate``'s graphs run) 76.9 -> 69.5 µs at 128K, 447.8 -> 403.3 at 1M, 168 registers either way; nf2 with
+#: host counts (73 -> 87 µs, 192 registers: a program an SM fewer) and nf4 (198-207 registers) are slower with it
+#: (session 16), so they do not
 PREFETCH = frozenset({(2, True)})
 
 
