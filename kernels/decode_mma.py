@@ -404,6 +404,12 @@ if gluon is not None:
                 gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(1, m3)))[None, :])
 
     @gluon.jit
+    def _in_split(tok, t0, t0c, end):
+        """Which of a tile's token offsets ``tok`` (from its row ``t0c``, any layout) fall in ``[t0, end)``: the tile
+        that starts at ``t0`` may be moved back to ``t0c`` to stay inside the buffers."""
+        return (tok - (t0 - t0c)).to(gl.uint32) < (end - t0).to(gl.uint32)
+
+    @gluon.jit
     def _online(s, m_i, l_i):
         """Online softmax of a tile's scores (-inf where not valid) -> ``p``, the rescale ``alpha``, new ``m, l``."""
         m_new = gl.maximum(m_i, gl.max(s, 2))
@@ -502,7 +508,7 @@ if gluon is not None:
             # the tokens read are t0c + ct: those in [t0, end) count (one unsigned compare: the form the register
             # allocator does best with, 168 registers against 220-255 for two signed compares, Triton 3.6)
             t0c = gl.minimum(t0, last)
-            valid = (ct - (t0 - t0c)).to(gl.uint32) < (end - t0).to(gl.uint32)
+            valid = _in_split(ct, t0, t0c, end)
             vs = gl.where(valid, vs.to(gl.float32), 0.0)
             vz = gl.where(valid, vz.to(gl.float32), 0.0)
             s = mma_v2(qp, _keys(kw, W, BN, BITS, kb), gl.zeros([W, 16, BN], gl.float32, m3))

@@ -38,7 +38,16 @@ if gluon is not None:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-    from .decode_mma import _mma_layout, _online, _program, _score_tokens, _tile_offsets, _token_pairs, _words_layout
+    from .decode_mma import (
+        _in_split,
+        _mma_layout,
+        _online,
+        _program,
+        _score_tokens,
+        _tile_offsets,
+        _token_pairs,
+        _words_layout,
+    )
     from .decode_mma_kvquant import (
         _arrange_keys,
         _half_offsets,
@@ -193,6 +202,11 @@ if gluon is not None:
         return gl.convert_layout(gl.reshape(y, [W, BN, 128]), kb)
 
     @gluon.jit
+    def _cq_words(KC, VC, base, koff, voff):
+        """One tile's key half-row words and value words (8 words a token), its first token at row ``base``."""
+        return gl.load(KC + base * 8 + koff), gl.load(KC + base * 8 + 4 + koff), gl.load(VC + base * 8 + voff)
+
+    @gluon.jit
     def cq_mma_kernel(Q, sqb, sqh, KC, VC, CK, CV, QT, tab_rows, KT, MAPS, MP, LP, AP, H, Tmax, n_packed,
                       tokens_per_split, NSP, qk_scale, zero, LENS, G: gl.constexpr, W: gl.constexpr,
                       PF: gl.constexpr = True, DYN: gl.constexpr = False):
@@ -228,27 +242,19 @@ if gluon is not None:
         l_i = gl.zeros([W, 16], gl.float32, rows)
         acc = gl.zeros([W, 16, 128], gl.float32, m3)
         if PF:  # the first tile's code words in flight during the fill
-            nb = row + gl.minimum(start, last)
-            lo_n = gl.load(KC + nb * 8 + koff)
-            hi_n = gl.load(KC + nb * 8 + 4 + koff)
-            vw_n = gl.load(VC + nb * 8 + voff)
+            nxt = _cq_words(KC, VC, row + gl.minimum(start, last), koff, voff)
         _fill(CK + h * 16384, CV + h * 16384, W)
         for t0 in range(start, end, W * BN):
             t0c = gl.minimum(t0, last)
             base = row + t0c
             if PF:  # this tile's words were loaded a tile ago; the next tile's go in flight now
-                lo, hi, vw = lo_n, hi_n, vw_n
-                nb = row + gl.minimum(t0 + W * BN, last)
-                lo_n = gl.load(KC + nb * 8 + koff)
-                hi_n = gl.load(KC + nb * 8 + 4 + koff)
-                vw_n = gl.load(VC + nb * 8 + voff)
+                lo, hi, vw = nxt
+                nxt = _cq_words(KC, VC, row + gl.minimum(t0 + W * BN, last), koff, voff)
             else:
-                lo = gl.load(KC + base * 8 + koff)
-                hi = gl.load(KC + base * 8 + 4 + koff)
-                vw = gl.load(VC + base * 8 + voff)
+                lo, hi, vw = _cq_words(KC, VC, base, koff, voff)
             qc = _operand_row(gl.load(QT + (t0c // BN) * 128 + qtoff), W, qk_l)
             qs = _operand_row(gl.load(QT + (tab_rows + t0c // BN) * 128 + qtoff), W, qk_l)
-            valid = (ct - (t0 - t0c)).to(gl.uint32) < (end - t0).to(gl.uint32)  # t0c + ct in [t0, end)
+            valid = _in_split(ct, t0, t0c, end)
             qc, _ = gl.broadcast(qc[:, None, :], q16)
             qs, _ = gl.broadcast(qs[:, None, :], q16)
             qr = _rotate(q16, q16p, qc, qs)

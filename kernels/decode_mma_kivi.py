@@ -36,6 +36,7 @@ if gluon is not None:
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     from .decode_mma import (
+        _in_split,
         _keys,
         _mma_layout,
         _online,
@@ -258,7 +259,7 @@ if gluon is not None:
             vb8 = gl.load(VB + base * 32 + voff)
             ks = _key_stats(KS + (grow + t0c // BN) * 128, W, qk_l)  # (W, 128) fp16: the warps' groups
             kz = _key_stats(KZ + (grow + t0c // BN) * 128, W, qk_l)
-            valid = (ct - (t0 - t0c)).to(gl.uint32) < (end - t0).to(gl.uint32)  # t0c + ct in [t0, end)
+            valid = _in_split(ct, t0, t0c, end)
             # scores: each warp's query operand and offset for its group
             qp = qsf * ks[:, None, :]
             kzb = gl.convert_layout(gl.convert_layout(kz, gl.SliceLayout(2, kb))[:, :, None] +
@@ -273,7 +274,7 @@ if gluon is not None:
             xe, xo = gl.split(x)  # byte groups m = 2 m1 + 0, 2 m1 + 1: [W, BN, 8, 2 (m1)]
             x0, x2 = gl.split(xe)
             x1, x3 = gl.split(xo)
-            gvalid = (gct - (t0 - t0c)).to(gl.uint32) < (end - t0).to(gl.uint32)
+            gvalid = _in_split(gct, t0, t0c, end)
             vs0, vs1, vs2, vs3 = _groups4(gl.load(VS + base * 4 + goff, mask=gvalid, other=0.0), rows_n)
             vz0, vz1, vz2, vz3 = _groups4(gl.load(VZ + base * 4 + goff, mask=gvalid, other=0.0), rows_n)
             p16 = p.to(gl.float16)

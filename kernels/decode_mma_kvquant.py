@@ -44,6 +44,7 @@ if gluon is not None:
 
     from .decode_mma import (
         _arrange_values,
+        _in_split,
         _mma_layout,
         _online,
         _program,
@@ -550,7 +551,7 @@ if gluon is not None:
             vsc = gl.load(VSC + base + ct)
             qc = _operand_row(gl.load(QT + (t0c // BN) * 128 + qtoff), W, qk_l)
             qs = _operand_row(gl.load(QT + (tab_rows + t0c // BN) * 128 + qtoff), W, qk_l)
-            valid = (ct - (t0 - t0c)).to(gl.uint32) < (end - t0).to(gl.uint32)  # t0c + ct in [t0, end)
+            valid = _in_split(ct, t0, t0c, end)
             if SPK:  # the key outliers' score corrections, loaded with the codes: the key product's start
                 sidx = soff + (t0c + ct)[:, None, :]
                 sm = smask & valid[:, None, :]

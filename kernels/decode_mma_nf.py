@@ -30,7 +30,16 @@ if gluon is not None:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-    from .decode_mma import _mma_layout, _online, _program, _score_tokens, _store_ml, _tile_offsets, _words_layout
+    from .decode_mma import (
+        _in_split,
+        _mma_layout,
+        _online,
+        _program,
+        _score_tokens,
+        _store_ml,
+        _tile_offsets,
+        _words_layout,
+    )
     from .decode_mma_kvquant import _half_offsets, _half_words_layout, _keys_lut, _lane_tables, _query16, _values_kvq
 
 #: the variants, as (bits, counts read from the device), that load each tile's codes and scales a tile ahead, in
@@ -123,7 +132,7 @@ if gluon is not None:
                 nxt = _nf_loads(KW, VW, KS, VS, row + gl.minimum(t0 + W * BN, last), koff, voff, ct, NW, NP)
             else:
                 lo, hi, vw, ks, vs = _nf_loads(KW, VW, KS, VS, row + t0c, koff, voff, ct, NW, NP)
-            valid = (ct - (t0 - t0c)).to(gl.uint32) < (end - t0).to(gl.uint32)  # t0c + ct in [t0, end)
+            valid = _in_split(ct, t0, t0c, end)
             s = mma_v2(q16, _keys_lut(lo, hi, ktab, W, BN, BITS, kb), gl.zeros([W, 16, BN], gl.float32, m3))
             s = gl.where(valid[:, None, :], s * ks.to(gl.float32)[:, None, :], float("-inf"))
             p, alpha, m_i, l_i = _online(s, m_i, l_i)

@@ -46,6 +46,7 @@ if gluon is not None:
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     from .decode_mma import (
+        _in_split,
         _mma_layout,
         _online,
         _program,
@@ -265,7 +266,7 @@ if gluon is not None:
             kn = gl.load(KC + nb * 16 + koff)
             vn = gl.load(VC + nb * 16 + voff)
             t0c = gl.minimum(t0, last)
-            valid = (ct - (t0 - t0c)).to(gl.uint32) < (end - t0).to(gl.uint32)  # t0c + ct in [t0, end)
+            valid = _in_split(ct, t0, t0c, end)
             s = mma_v2(q16, _pq_keys(kw, kbase, W, BN, kb), gl.zeros([W, 16, BN], gl.float32, m3))
             s = gl.where(valid[:, None, :], s, float("-inf"))
             p, alpha, m_i, l_i = _online(s, m_i, l_i)
