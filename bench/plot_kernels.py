@@ -26,7 +26,7 @@ SOURCES = {
     "kvquant-2b-1%": ("session15-bench-mma-nib.json", "kvq2-1%-nib", 15, 3.0),
     "kvquant-4b-1%": ("session14-bench-mma-kvq-final.json", "kvq4", 14, 2.0),
     "pq-d2x8b": ("session15-bench-pq-mma-final.json", None, 15, 1.5),
-    "cq-4c8b": ("session16-cq-prefetch-h200.json", None, 16, 1.5),
+    "cq-4c8b": ("session17-final-cq-bench-h200.json", None, 17, 1.5),
 }
 CONTEXTS = (131072, 1048576)
 
